@@ -1,0 +1,166 @@
+"""The op boundary: backend choice and the two gated ops every module calls.
+
+Backends
+    "torch"  the pure-PyTorch reference (:mod:`structprune.reference`); always available.
+    "triton" Triton kernels (``kernels/``, installed as ``structprune._kernels``); CUDA tensors, or CPU
+             tensors when ``TRITON_INTERPRET=1`` is set.
+    "cpp"    the compiled extension (``csrc/``, ``structprune._C``); CPU tensors, and CUDA when built with CUDA.
+    "auto"   the fastest available for the tensors at hand: triton then cpp on CUDA, cpp on CPU, else torch.
+
+A kernel backend is a module exposing ``availability(device) -> str | None`` (None when usable, else the
+reason), ``gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias,
+num_heads)`` and ``gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)``. The reference path
+is used for what kernels do not cover (attention-probability dropout in training, non-padding 4D masks),
+and :func:`last_backends` says which backend ran each op.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+from . import reference
+
+BACKENDS = ("torch", "triton", "cpp")
+_PROVIDER_MODULES = {"triton": "structprune._kernels", "cpp": "structprune._extension"}
+_HOW_TO_ENABLE = {
+    "triton": "install triton and use CUDA tensors (or set TRITON_INTERPRET=1 before importing to run on CPU)",
+    "cpp": "install a C++ compiler and ninja so the extension can be JIT-built, or reinstall with "
+           "`pip install --no-build-isolation .`; see `structprune info`",
+}
+
+_requested = "auto"
+_providers: dict[str, object] = {}
+_import_errors: dict[str, str] = {}
+_last: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _provider(name: str):
+    if name in _providers:
+        return _providers[name]
+    if name in _import_errors:
+        return None
+    try:
+        mod = importlib.import_module(_PROVIDER_MODULES[name])
+    except Exception as exc:  # a missing optional dependency or a failed build
+        _import_errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    _providers[name] = mod
+    return mod
+
+
+def availability(name: str, device: torch.device | str = "cpu") -> str | None:
+    """None when backend ``name`` can run on ``device``, else the reason it cannot."""
+    if name == "torch":
+        return None
+    if name not in _PROVIDER_MODULES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+    mod = _provider(name)
+    if mod is None:
+        return f"{name} backend failed to load ({_import_errors[name]})"
+    return mod.availability(torch.device(device))
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    return [b for b in BACKENDS if availability(b, device) is None]
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernel backend: "torch", "triton", "cpp" or "auto" (default).
+
+    An explicit backend that cannot run on CPU or any visible GPU raises at once with the reason.
+    """
+    global _requested
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+    if name not in ("auto", "torch"):
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        reasons = [availability(name, d) for d in devices]
+        if all(r is not None for r in reasons):
+            raise RuntimeError(f"backend {name!r} is not available: {'; '.join(reasons)}. "
+                               f"To enable it: {_HOW_TO_ENABLE[name]}.")
+    _requested = name
+
+
+def get_backend() -> str:
+    """The backend asked for with :func:`set_backend` ("auto" by default)."""
+    return _requested
+
+
+def resolve_backend(device: torch.device | str) -> str:
+    """The backend that runs for tensors on ``device`` under the current choice."""
+    device = torch.device(device)
+    if _requested != "auto":
+        reason = availability(_requested, device)
+        if reason is not None:
+            raise RuntimeError(f"backend {_requested!r} cannot run on {device}: {reason}. "
+                               f"Use sp.set_backend('auto') or 'torch', or {_HOW_TO_ENABLE[_requested]}.")
+        return _requested
+    order = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
+    for name in order:
+        if availability(name, device) is None:
+            return name
+    if "auto" not in _warned and os.environ.get("STRUCTPRUNE_QUIET") != "1":
+        _warned.add("auto")
+        reasons = "; ".join(f"{n}: {availability(n, device)}" for n in order)
+        warnings.warn(f"structprune: no compiled kernel backend for {device}, using the 'torch' reference ({reasons})",
+                      stacklevel=3)
+    return "torch"
+
+
+def last_backends() -> dict[str, str]:
+    """Which backend ran each op last: {"attention": ..., "ffn": ...}."""
+    return dict(_last)
+
+
+def key_bias_from_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """HF 4D padding mask [B, 1, Q|1, K] (bool: True = attend, or additive float) -> [B, K] fp32 additive bias.
+
+    Padding masks of encoders are the same for every query row, so the first row is taken.
+    """
+    if attn_mask is None:
+        return None
+    if attn_mask.dim() == 2:
+        row = attn_mask
+    elif attn_mask.dim() == 4 and attn_mask.shape[1] == 1:
+        row = attn_mask[:, 0, 0, :]
+    else:
+        raise ValueError(f"attention mask must be [B, K] or [B, 1, Q, K], got shape {tuple(attn_mask.shape)}")
+    if row.dtype == torch.bool:
+        neg = torch.finfo(torch.float32).min
+        return torch.zeros(row.shape, dtype=torch.float32, device=row.device).masked_fill(~row, neg)
+    return row.to(torch.float32).clamp_min(torch.finfo(torch.float32).min)
+
+
+def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads: int,
+                    attn_mask=None, dropout_p: float = 0.0, impl: str = "sdpa"):
+    """Gated self-attention output projection (see :func:`structprune.reference.gated_attention`).
+
+    ``active_heads`` lists the heads whose gate is non-zero; kernel backends skip all the others.
+    """
+    backend = resolve_backend(x.device)
+    if backend != "torch" and dropout_p > 0.0:
+        backend = "torch"  # attention-probability dropout only exists in the reference path
+    if backend != "torch":
+        key_bias = key_bias_from_mask(attn_mask)
+        out = _providers[backend].gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
+                                                  key_bias, num_heads)
+    else:
+        out = reference.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads,
+                                         attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
+    _last["attention"] = backend
+    return out
+
+
+def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
+    """Gated feed-forward projection (see :func:`structprune.reference.gated_ffn`)."""
+    backend = resolve_backend(x.device)
+    if backend != "torch":
+        out = _providers[backend].gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+    else:
+        out = reference.gated_ffn(x, w1, b1, w2, b2, unit_gates, activation)
+    _last["ffn"] = backend
+    return out

@@ -1,0 +1,87 @@
+"""Pure-PyTorch reference of every op: the oracle each kernel backend is tested against.
+
+Shapes (nn.Linear layout, ``weight[out, in]``):
+    x: [B, S, E]; wq/wk/wv: [H*D, E]; bq/bk/bv: [H*D]; wo: [E, H*D]; bo: [E]
+    head_gates: [H] gate value per head (0 = pruned); the context of head h is scaled by it before ``wo``
+    key_bias: [B, S] additive float mask over keys (0 = attend, very negative = padding), or None
+    w1: [I, E]; b1: [I]; w2: [E, I]; b2: [E]; unit_gates: [I] gate per FFN unit
+The outputs are the projections *before* the residual add and LayerNorm, bias included.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+def activation_fn(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda t: F.gelu(t, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def key_bias_to_mask(key_bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """[B, S] additive key bias -> [B, 1, 1, S] additive mask broadcastable over heads and queries."""
+    if key_bias is None:
+        return None
+    return key_bias.to(dtype)[:, None, None, :]
+
+
+def attention_context(q, k, v, attn_mask, dropout_p: float = 0.0, impl: str = "sdpa"):
+    """Multi-head attention on [B, H, S, D] tensors; ``attn_mask`` is any mask SDPA accepts."""
+    if impl == "eager":
+        scores = torch.matmul(q, k.transpose(2, 3)) * (q.size(-1) ** -0.5)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+            scores = scores + attn_mask
+        probs = F.softmax(scores, dim=-1)
+        probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+        return torch.matmul(probs, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=q.size(-1) ** -0.5)
+
+
+def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads: int, key_bias=None,
+                    attn_mask=None, dropout_p: float = 0.0, impl: str = "sdpa"):
+    """Self-attention whose per-head context is scaled by ``head_gates`` before the output projection.
+
+    ``attn_mask`` (a 4D HF-style mask) takes precedence over ``key_bias`` when both are given.
+    """
+    B, S, _ = x.shape
+    head_dim = wq.shape[0] // num_heads
+
+    def heads(t):
+        return t.view(B, S, num_heads, head_dim).transpose(1, 2)
+
+    q = heads(F.linear(x, wq, bq))
+    k = heads(F.linear(x, wk, bk))
+    v = heads(F.linear(x, wv, bv))
+    mask = attn_mask if attn_mask is not None else key_bias_to_mask(key_bias, x.dtype)
+    ctx = attention_context(q, k, v, mask, dropout_p, impl)  # [B, H, S, D]
+    ctx = ctx * head_gates.to(ctx.dtype)[None, :, None, None]
+    ctx = ctx.transpose(1, 2).reshape(B, S, num_heads * head_dim)
+    return F.linear(ctx, wo, bo)
+
+
+def gated_ffn(x, w1, b1, w2, b2, unit_gates, activation: str = "gelu"):
+    """``(act(x @ w1.T + b1) * unit_gates) @ w2.T + b2``."""
+    h = activation_fn(activation)(F.linear(x, w1, b1))
+    h = h * unit_gates.to(h.dtype)
+    return F.linear(h, w2, b2)
+
+
+def attention_flops(batch: int, seq: int, hidden: int, heads_kept: int, head_dim: int) -> int:
+    """Multiply-adds x2 of a self-attention block with ``heads_kept`` heads (projections + scores + context)."""
+    inner = heads_kept * head_dim
+    proj = 2 * batch * seq * hidden * inner * 4  # q, k, v and output projections
+    attn = 2 * batch * heads_kept * seq * seq * head_dim * 2
+    return proj + attn
+
+
+def ffn_flops(batch: int, seq: int, hidden: int, units_kept: int) -> int:
+    return 2 * batch * seq * hidden * units_kept * 2
