@@ -1,2 +1,23 @@
-"""structprune: structured pruning of BERT-family models with gated heads and FFN units."""
+"""structprune: structured pruning of BERT-family models with gated heads and FFN units.
+
+    import structprune as sp
+    sp.patch(model); sp.set_masks(model, heads=H, ffn=F); small = sp.compact(model)
+"""
 __version__ = "0.1.0"
+
+from .compaction import compact
+from .gates import HardConcreteGate
+from .io import from_pretrained, save_pretrained
+from .masks import Masks, get_masks, set_masks
+from .modules import GatedAttention, GatedIntermediate, GatedSelfAttention
+from .ops import available_backends, get_backend, last_backends, set_backend
+from .patching import (SUPPORTED_MODEL_TYPES, NotPatchedError, gate_parameters, is_patched, iter_gates, patch,
+                       set_gate_sampling)
+from .summary import Summary, summary
+
+__all__ = [
+    "patch", "is_patched", "set_masks", "get_masks", "Masks", "compact", "save_pretrained", "from_pretrained",
+    "summary", "Summary", "set_backend", "get_backend", "available_backends", "last_backends", "HardConcreteGate",
+    "GatedAttention", "GatedSelfAttention", "GatedIntermediate", "gate_parameters", "iter_gates",
+    "set_gate_sampling", "SUPPORTED_MODEL_TYPES", "NotPatchedError",
+]

@@ -48,6 +48,9 @@ def _provider(name: str):
     except Exception as exc:  # a missing optional dependency or a failed build
         _import_errors[name] = f"{type(exc).__name__}: {exc}"
         return None
+    if not all(hasattr(mod, fn) for fn in ("availability", "gated_attention", "gated_ffn")):
+        _import_errors[name] = f"{mod.__name__} does not implement the backend interface"
+        return None
     _providers[name] = mod
     return mod
 

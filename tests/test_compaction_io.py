@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+
+import structprune as sp
+from models import FAMILIES, HEADS, outputs, tiny_batch, tiny_model
+
+L, H, I = 3, 4, 96
+
+
+def random_masks(seed, p_head=0.5, p_ffn=0.3):
+    g = torch.Generator().manual_seed(seed)
+    heads = torch.rand(L, H, generator=g) < p_head
+    heads[0] = True   # one layer keeps everything
+    heads[1] = False  # one layer loses every head
+    ffn = torch.rand(L, I, generator=g) < p_ffn
+    ffn[2] = False    # one layer loses every FFN unit
+    return heads, ffn
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("head", HEADS)
+def test_compact_does_not_change_outputs(family, head):
+    model = sp.patch(tiny_model(family, head))
+    heads, ffn = random_masks(3)
+    sp.set_masks(model, heads=heads, ffn=ffn)
+    batch = tiny_batch()
+    with torch.no_grad():
+        before = outputs(model, batch)
+    assert sp.compact(model) is model
+    with torch.no_grad():
+        after = outputs(model, batch)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    layers = model.base_model.encoder.layer
+    assert [l.attention.self.num_heads for l in layers] == heads.sum(1).tolist()
+    assert [l.intermediate.dense.out_features for l in layers] == ffn.sum(1).tolist()
+    assert layers[1].attention.self.query.weight.shape == (0, 64)
+
+
+def test_compact_folds_fractional_gates():
+    model = sp.patch(tiny_model())
+    with torch.no_grad():
+        for gate in sp.iter_gates(model):
+            gate.log_alpha.copy_(torch.linspace(-4, 3, gate.n))  # some 0, some fractional, some 1
+    batch = tiny_batch()
+    with torch.no_grad():
+        before = outputs(model, batch)
+    sp.compact(model)
+    with torch.no_grad():
+        after = outputs(model, batch)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert all(g.is_fully_open() for g in sp.iter_gates(model))
+
+
+def test_compact_twice_is_idempotent_and_summary_counts():
+    model = sp.patch(tiny_model())
+    heads, ffn = random_masks(4)
+    sp.set_masks(model, heads=heads, ffn=ffn)
+    s_masked = sp.summary(model)
+    sp.compact(model)
+    sp.compact(model)
+    s = sp.summary(model)
+    assert s.total("heads_kept") == s_masked.total("heads_kept") == int(heads.sum())
+    assert s.total("ffn_kept") == int(ffn.sum())
+    assert s.total("params") == s_masked.total("params")
+    counted = sum(p.numel() for n, p in model.base_model.encoder.layer.named_parameters() if not n.endswith("log_alpha"))
+    assert s.total("params") == counted
+    assert "heads" in str(s) and "all" in str(s)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("compacted", [False, True])
+def test_save_load_round_trip(tmp_path, family, compacted):
+    model = sp.patch(tiny_model(family, "qa"))
+    heads, ffn = random_masks(5)
+    sp.set_masks(model, heads=heads, ffn=ffn)
+    if compacted:
+        sp.compact(model)
+    sp.save_pretrained(model, tmp_path / "m")
+    back = sp.from_pretrained(tmp_path / "m")
+    assert type(back) is type(model) and sp.is_patched(back)
+    batch = tiny_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(back, batch), outputs(model, batch), atol=1e-6, rtol=0)
+    assert sp.get_masks(back).num_heads_kept == int(heads.sum())
+    assert sp.get_masks(back).num_ffn_kept == int(ffn.sum())
+    meta = json.loads((tmp_path / "m" / "structprune_config.json").read_text())
+    expected_heads = heads.sum(1).tolist() if compacted else [H] * L
+    assert meta["heads_per_layer"] == expected_heads
+    assert not list((tmp_path / "m").glob("*.bin"))
+
+
+def test_load_rejects_foreign_directory(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="not a structprune model"):
+        sp.from_pretrained(tmp_path / "hf")
+
+
+def test_save_refuses_to_clobber_a_foreign_directory(tmp_path):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="refusing"):
+        sp.save_pretrained(sp.patch(tiny_model()), target)
+    assert (target / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+
+
+def test_save_over_previous_structprune_save(tmp_path):
+    model = sp.patch(tiny_model())
+    sp.save_pretrained(model, tmp_path / "m")
+    sp.set_masks(model, heads=torch.zeros(L, H))
+    sp.save_pretrained(model, tmp_path / "m")
+    assert sp.get_masks(sp.from_pretrained(tmp_path / "m")).num_heads_kept == 0
