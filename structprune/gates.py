@@ -74,9 +74,9 @@ class HardConcreteGate(nn.Module):
     def forward(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gate values, shape ``[n]``, fp32, on the device of ``log_alpha``."""
         if self.stochastic:
-            u = torch.rand(self.n, device=self.log_alpha.device, generator=generator)
-            u = u.clamp(1e-6, 1.0 - 1e-6)
-            z = hard_concrete_from_uniform(self.log_alpha, u, self.beta)
+            from .ops import hard_concrete_sample
+
+            z = hard_concrete_sample(self.log_alpha, self.beta, generator)
         else:
             z = deterministic_gate(self.log_alpha)
         return z * self.mask

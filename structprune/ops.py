@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from . import reference
+from .gates import hard_concrete_from_uniform
 
 BACKENDS = ("torch", "triton", "cpp")
 _PROVIDER_MODULES = {"triton": "structprune._kernels", "cpp": "structprune._extension"}
@@ -136,6 +137,26 @@ def key_bias_from_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
         neg = torch.finfo(torch.float32).min
         return torch.zeros(row.shape, dtype=torch.float32, device=row.device).masked_fill(~row, neg)
     return row.to(torch.float32).clamp_min(torch.finfo(torch.float32).min)
+
+
+def hard_concrete_sample(log_alpha: torch.Tensor, beta: float, generator: torch.Generator | None = None):
+    """One hard-concrete sample per entry of ``log_alpha``, differentiable in it.
+
+    Kernel backends that provide ``hard_concrete_sample(log_alpha, seed, offset, beta)`` draw the noise
+    with a counter-based generator fused with the stretch and clamp; the seed comes from torch's default
+    generator, so ``torch.manual_seed`` makes runs reproducible on every backend.
+    """
+    backend = resolve_backend(log_alpha.device) if generator is None else "torch"
+    provider = _providers.get(backend)
+    if provider is not None and hasattr(provider, "hard_concrete_sample"):
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        z = provider.hard_concrete_sample(log_alpha, seed, 0, beta)
+    else:
+        backend = "torch"
+        u = torch.rand(log_alpha.shape, device=log_alpha.device, generator=generator).clamp(1e-6, 1.0 - 1e-6)
+        z = hard_concrete_from_uniform(log_alpha, u, beta)
+    _last["gates"] = backend
+    return z
 
 
 def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads: int,
