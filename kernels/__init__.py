@@ -1,0 +1,56 @@
+"""Triton kernel backend of structprune (installed as ``structprune._kernels``).
+
+One file per op, each holding its Triton kernels, its ``torch.library`` custom ops (``structprune::triton_*``,
+with fake and autograd registrations; the backwards are custom ops too) and its input checks:
+
+* :mod:`.attention` -- ``gated_attention``: gathered QKV GEMMs over active heads, flash attention with the
+  gate in the epilogue, gathered output projection; flash backward for dq/dk/dv.
+* :mod:`.ffn` -- ``gated_ffn``: gathered GEMM1 with bias/activation/gate epilogue, gathered GEMM2.
+* :mod:`.hard_concrete` -- ``hard_concrete_sample`` / ``hard_concrete_uniform``: fused Philox sampling.
+* :mod:`._common` -- the gathered GEMM shared by both, launch configs, checks.
+
+Importing this package never fails because triton is missing or broken: :func:`availability` then reports the
+reason and the op functions raise it. Triton builds its kernels for the interpreter when ``TRITON_INTERPRET=1``
+is set at import time; only then can CPU tensors be used.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform"]
+
+try:
+    from . import _common
+    from .attention import gated_attention
+    from .ffn import gated_ffn
+    from .hard_concrete import hard_concrete_sample, hard_concrete_uniform
+    _IMPORT_ERROR: str | None = None
+except Exception as exc:  # triton missing, or an incompatible version
+    _IMPORT_ERROR = f"triton could not be imported ({type(exc).__name__}: {exc})"
+
+    def _unavailable(*args, **kwargs):
+        raise RuntimeError(f"structprune Triton backend unavailable: {_IMPORT_ERROR}")
+
+    gated_attention = gated_ffn = hard_concrete_sample = hard_concrete_uniform = _unavailable
+
+
+def availability(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on tensors of ``device``, else the reason they cannot."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _common.INTERPRET:
+            return None  # the interpreter runs CUDA tensors too (slowly)
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return ("Triton runs on CPU tensors only in interpreter mode: set TRITON_INTERPRET=1 before "
+                    "importing triton")
+        if not _common.INTERPRET:
+            return ("TRITON_INTERPRET=1 was set after structprune._kernels was imported, so its kernels were "
+                    "built for the GPU: set it before importing structprune")
+        return None
+    return f"Triton kernels do not support {device.type} tensors"

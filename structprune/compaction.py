@@ -1,6 +1,8 @@
 """Physical pruning: remove gated-off heads and FFN units from the weights."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -18,7 +20,9 @@ def _select_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
         weight = weight.index_select(1, cols)
     if col_scale is not None:
         weight = weight * col_scale.to(weight.dtype)[None, :]
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op" for emptied layers
+        warnings.simplefilter("ignore", UserWarning)
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
     new.weight = nn.Parameter(weight.contiguous().clone(), requires_grad=linear.weight.requires_grad)
     if bias is not None:
         new.bias = nn.Parameter(bias.contiguous().clone(), requires_grad=linear.bias.requires_grad)

@@ -166,8 +166,10 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
     ``active_heads`` lists the heads whose gate is non-zero; kernel backends skip all the others.
     """
     backend = resolve_backend(x.device)
-    if backend != "torch" and dropout_p > 0.0:
-        backend = "torch"  # attention-probability dropout only exists in the reference path
+    if dropout_p > 0.0 or num_heads == 0:
+        # attention-probability dropout exists only in the reference path; with no head left the layer is
+        # just the output bias, which the reference returns without any attention work
+        backend = "torch"
     if backend != "torch":
         key_bias = key_bias_from_mask(attn_mask)
         out = _providers[backend].gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,

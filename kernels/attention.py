@@ -1,0 +1,408 @@
+"""Gated self-attention over active heads only: gathered QKV GEMMs, flash attention, gated output projection.
+
+Forward:
+  1. ``q/k/v[N, A*D] = x @ w[rows].T + b[rows]`` for the ``A`` active heads: three launches of the gathered
+     GEMM of :mod:`._common` reading the weight rows ``active[c // D] * D + c % D`` by pointer arithmetic
+     (``GATHER_BN`` with ``GROUP = D``); nothing is copied out of the weights. ``N = B * S``; the layout
+     ``[B, S, A, D]`` is used as is by the attention kernels (no transposes).
+  2. :func:`_attn_fwd_kernel`: flash attention (online softmax over key blocks, no ``S x S`` matrix in memory),
+     ``key_bias`` added to the scores of each key, keys past ``S`` masked; the epilogue scales the context of
+     head ``a`` by ``head_gates[active[a]]`` and stores it (plus the ungated context and the softmax row
+     statistics when a backward will need them).
+  3. ``y = ctx @ wo[:, cols].T + bo``: gathered GEMM over the active columns of ``wo`` (``GATHER_BK``).
+Backward (Triton kernels; only bias gradients, the per-head gate sum and the scatter of those small vectors
+are torch ops):
+  * ``dctx = dy @ wo[:, cols]`` (gathered GEMM), ``dwo[:, cols] = dy.T @ ctx`` (scattered store into a
+    zero-filled full-size gradient), ``dbo = dy.sum(0)``;
+  * :func:`_attn_bwd_pre_kernel`: ``D[b, a, s] = <dctx, o>`` (ungated context), so that ``d gate[h] = sum D``
+    and the flash ``Delta = gate * D``;
+  * :func:`_attn_bwd_dq_kernel` and :func:`_attn_bwd_dkdv_kernel`: flash-attention backward (recomputing the
+    probabilities from the saved row max and log-sum), one kernel over query blocks for ``dq`` and one over key
+    blocks for ``dk, dv`` (deterministic, no atomics); ``dO = gate * dctx``;
+  * ``dx = dq @ wq[rows] + dk @ wk[rows] + dv @ wv[rows]`` (three gathered GEMMs summing into one fp32 buffer),
+    ``dw[rows] = d{q,k,v}.T @ x`` (scattered stores), ``db[rows] = d{q,k,v}.sum(0)``.
+``A == 0``: the output is ``bo`` broadcast and no projection or attention runs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+
+
+def _flash_config(device: torch.device, D: int) -> dict:
+    block_d = max(16, triton.next_power_of_2(D))
+    if C.INTERPRET or device.type != "cuda":
+        # Under the interpreter fewer, larger programs are faster; 32 still makes S = 33 or 40 span two key
+        # blocks, so the online-softmax rescaling and the tail masks are exercised by the tests.
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=1, num_stages=1)
+    if block_d <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _scores(q, k, kb_ptrs, mask_n, sm_scale, HAS_KB: tl.constexpr, UPCAST: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 ``q @ k.T * scale + key_bias``; keys past the sequence get -inf."""
+    s = C._dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST) * sm_scale
+    if HAS_KB:
+        s += tl.load(kb_ptrs, mask=mask_n, other=0.0)[None, :]
+    return tl.where(mask_n[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, ctx_ptr, o_ptr, stats_ptr,
+                     S, A, D, sm_scale, stride_row, stride_kbb, stride_kbs, stats_plane,
+                     HAS_KB: tl.constexpr, STORE_O: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // A
+    a = pid_bh % A
+    base = b.to(tl.int64) * S * stride_row + a * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < S
+    mask_d = offs_d < D
+    tile_m = base + offs_m.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+    q = tl.load(q_ptr + tile_m, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    kb_row = kb_ptr + b.to(tl.int64) * stride_kbb
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, S, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < S
+        tile_n = base + offs_n.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + tile_n, mask=mask_nd, other=0.0)
+        v = tl.load(v_ptr + tile_n, mask=mask_nd, other=0.0)
+        s = _scores(q, k, kb_row + offs_n * stride_kbs, mask_n, sm_scale, HAS_KB, UPCAST,
+                    BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = C._dot(C.cast_like(p, v), v, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    g = tl.load(gate_ptr + tl.load(act_ptr + a)).to(tl.float32)
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    tl.store(ctx_ptr + tile_m, C.cast_ptr(o * g, ctx_ptr), mask=mask_md)
+    if STORE_O:
+        tl.store(o_ptr + tile_m, C.cast_ptr(o, o_ptr), mask=mask_md)
+        # Row max and log of the row sum kept apart (not m + log l): with a fully padded row the max is
+        # ~finfo.min and the sum would be absorbed into it.
+        srow = stats_ptr + pid_bh.to(tl.int64) * S + offs_m
+        tl.store(srow, m_i, mask=mask_m)
+        tl.store(srow + stats_plane, tl.log(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_pre_kernel(dctx_ptr, o_ptr, drow_ptr, S, A, D, stride_row,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``drow[b*A + a, s] = sum_d dctx * o`` in fp32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // A
+    a = pid_bh % A
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < S
+    tile = b.to(tl.int64) * S * stride_row + a * D + offs_m.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+    mask = mask_m[:, None] & (offs_d < D)[None, :]
+    dctx = tl.load(dctx_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    tl.store(drow_ptr + pid_bh.to(tl.int64) * S + offs_m, tl.sum(dctx * o, axis=1), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, dctx_ptr, stats_ptr, drow_ptr, dq_ptr,
+                        S, A, D, sm_scale, stride_row, stride_kbb, stride_kbs, stats_plane,
+                        HAS_KB: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // A
+    a = pid_bh % A
+    base = b.to(tl.int64) * S * stride_row + a * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < S
+    mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    tile_m = base + offs_m.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+    q = tl.load(q_ptr + tile_m, mask=mask_md, other=0.0)
+    g = tl.load(gate_ptr + tl.load(act_ptr + a)).to(tl.float32)
+    do = C.cast_like(tl.load(dctx_ptr + tile_m, mask=mask_md, other=0.0).to(tl.float32) * g, q)
+    srow = stats_ptr + pid_bh.to(tl.int64) * S + offs_m
+    m_i = tl.load(srow, mask=mask_m, other=0.0)
+    logl = tl.load(srow + stats_plane, mask=mask_m, other=0.0)
+    delta = g * tl.load(drow_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mask_m, other=0.0)
+    kb_row = kb_ptr + b.to(tl.int64) * stride_kbb
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, S, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < S
+        tile_n = base + offs_n.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + tile_n, mask=mask_nd, other=0.0)
+        v = tl.load(v_ptr + tile_n, mask=mask_nd, other=0.0)
+        s = _scores(q, k, kb_row + offs_n * stride_kbs, mask_n, sm_scale, HAS_KB, UPCAST,
+                    BLOCK_M, BLOCK_N)
+        p = tl.exp((s - m_i[:, None]) - logl[:, None])
+        dp = C._dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = C._dot(C.cast_like(ds, k), k, dq, UPCAST)
+    tl.store(dq_ptr + tile_m, C.cast_ptr(dq * sm_scale, dq_ptr), mask=mask_md)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, dctx_ptr, stats_ptr, drow_ptr,
+                          dk_ptr, dv_ptr,
+                          S, A, D, sm_scale, stride_row, stride_kbb, stride_kbs, stats_plane,
+                          HAS_KB: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // A
+    a = pid_bh % A
+    base = b.to(tl.int64) * S * stride_row + a * D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < S
+    mask_d = offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    tile_n = base + offs_n.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+    k = tl.load(k_ptr + tile_n, mask=mask_nd, other=0.0)
+    v = tl.load(v_ptr + tile_n, mask=mask_nd, other=0.0)
+    g = tl.load(gate_ptr + tl.load(act_ptr + a)).to(tl.float32)
+    kb_row = kb_ptr + b.to(tl.int64) * stride_kbb
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for m0 in range(0, S, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < S
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        tile_m = base + offs_m.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+        q = tl.load(q_ptr + tile_m, mask=mask_md, other=0.0)
+        do = C.cast_like(tl.load(dctx_ptr + tile_m, mask=mask_md, other=0.0).to(tl.float32) * g, k)
+        srow = stats_ptr + pid_bh.to(tl.int64) * S + offs_m
+        m_i = tl.load(srow, mask=mask_m, other=0.0)
+        logl = tl.load(srow + stats_plane, mask=mask_m, other=0.0)
+        delta = g * tl.load(drow_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mask_m, other=0.0)
+        s = _scores(q, k, kb_row + offs_n * stride_kbs, mask_n, sm_scale, HAS_KB, UPCAST,
+                    BLOCK_M, BLOCK_N)
+        p = tl.exp((s - m_i[:, None]) - logl[:, None])
+        p = tl.where(mask_m[:, None], p, 0.0)
+        dv = C._dot(tl.trans(C.cast_like(p, k)), do, dv, UPCAST)
+        dp = C._dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
+        ds = p * (dp - delta[:, None])
+        dk = C._dot(tl.trans(C.cast_like(ds, k)), q, dk, UPCAST)
+    tl.store(dk_ptr + tile_n, C.cast_ptr(dk * sm_scale, dk_ptr), mask=mask_nd)
+    tl.store(dv_ptr + tile_n, C.cast_ptr(dv, dv_ptr), mask=mask_nd)
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _check(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    C.check_tensor("x", x, (None, None, None), C.SUPPORTED_DTYPES, x.device)
+    B, S, E = x.shape
+    dev, dt = x.device, x.dtype
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    C.check_tensor("wq", wq, (None, E), dt, dev)
+    HD = wq.shape[0]
+    if HD % num_heads:
+        raise ValueError(f"wq has {HD} rows, not a multiple of num_heads={num_heads}")
+    for name, t, shape in (("bq", bq, (HD,)), ("wk", wk, (HD, E)), ("bk", bk, (HD,)), ("wv", wv, (HD, E)),
+                           ("bv", bv, (HD,)), ("wo", wo, (E, HD)), ("bo", bo, (E,))):
+        C.check_tensor(name, t, shape, dt, dev)
+    C.check_tensor("head_gates", head_gates, (num_heads,), C.SUPPORTED_DTYPES, dev)
+    C.check_index("active_heads", active_heads, num_heads, dev)
+    if key_bias is not None:
+        C.check_tensor("key_bias", key_bias, (B, S), torch.float32, dev)
+
+
+# ------------------------------------------------------------------------------------------ forward
+@torch.library.custom_op("structprune::triton_gated_attention", mutates_args=())
+def triton_gated_attention(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor,
+                           bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor, wo: torch.Tensor,
+                           bo: torch.Tensor, head_gates: torch.Tensor, active_heads: torch.Tensor,
+                           key_bias: Optional[torch.Tensor], num_heads: int, save_for_backward: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor, torch.Tensor]:
+    """Returns ``(y, q, k, v, ctx, o, stats)``: ``y`` [B, S, E] and the intermediates a backward needs
+    (``q, k, v`` [B*S, A*D], gated ``ctx`` and ungated ``o`` [B*S, A*D], softmax ``stats`` [2, B*A, S] fp32:
+    row max and log row sum), the latter empty unless ``save_for_backward``."""
+    B, S, E = x.shape
+    D = wq.shape[0] // num_heads
+    A = active_heads.numel()
+    N = B * S
+    saved_shapes = _saved_shapes(B, S, A, D, save_for_backward)
+    if A == 0 or N == 0:  # no active head: y is bo broadcast, nothing else runs
+        y = bo.expand(B, S, E).clone()
+        return (y,) + _placeholders(x, saved_shapes, torch.zeros)
+    x2 = x.reshape(N, E)
+    proj = []
+    for w, bias in ((wq, bq), (wk, bk), (wv, bv)):
+        out = torch.empty((N, A * D), dtype=x.dtype, device=x.device)
+        C.gemm(x2, w, out, M=N, N=A * D, K=E, a_strides=x2.stride(), b_strides=(w.stride(1), w.stride(0)),
+               out_strides=out.stride(), idx=active_heads, gather=C.GATHER_BN, group=D, bias=bias)
+        proj.append(out)
+    q, k, v = proj
+    ctx = torch.empty((N, A * D), dtype=x.dtype, device=x.device)
+    o = torch.empty((N, A * D), dtype=x.dtype, device=x.device) if save_for_backward else ctx
+    stats = torch.empty((2, B * A, S), dtype=torch.float32, device=x.device) if save_for_backward else ctx
+    cfg = _flash_config(x.device, D)
+    kb = key_bias if key_bias is not None else ctx
+    _attn_fwd_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * A)](
+        q, k, v, kb, head_gates, active_heads, ctx, o, stats,
+        S, A, D, D ** -0.5, A * D, kb.stride(0) if key_bias is not None else 0,
+        kb.stride(1) if key_bias is not None else 0, B * A * S,
+        HAS_KB=key_bias is not None, STORE_O=save_for_backward, UPCAST=C.upcast_dot(x.dtype), **cfg)
+    y = torch.empty((N, E), dtype=x.dtype, device=x.device)
+    C.gemm(ctx, wo, y, M=N, N=E, K=A * D, a_strides=ctx.stride(), b_strides=(wo.stride(1), wo.stride(0)),
+           out_strides=y.stride(), idx=active_heads, gather=C.GATHER_BK, group=D, bias=bo)
+    y = y.view(B, S, E)
+    if not save_for_backward:
+        return (y,) + _placeholders(x, saved_shapes, torch.empty)
+    return y, q, k, v, ctx, o, stats
+
+
+def _saved_shapes(B, S, A, D, save):
+    """Shapes of (q, k, v, ctx, o, stats); all empty when nothing is saved."""
+    if not save:
+        return [(0,)] * 6
+    return [(B * S, A * D)] * 5 + [(2, B * A, S)]
+
+
+def _placeholders(x, shapes, factory):
+    """Saved-tensor outputs that carry no data (nothing saved, or no active head): x's dtype, stats fp32."""
+    return tuple(factory(s, dtype=torch.float32 if i == 5 else x.dtype, device=x.device) for i, s in enumerate(shapes))
+
+
+@triton_gated_attention.register_fake
+def _(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, save_for_backward):
+    B, S, E = x.shape
+    D = wq.shape[0] // num_heads
+    shapes = _saved_shapes(B, S, active_heads.shape[0], D, save_for_backward)
+    return (x.new_empty((B, S, E)),) + _placeholders(x, shapes, torch.empty)
+
+
+# ----------------------------------------------------------------------------------------- backward
+@torch.library.custom_op("structprune::triton_gated_attention_backward", mutates_args=())
+def triton_gated_attention_backward(dy: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
+                                    wv: torch.Tensor, wo: torch.Tensor, head_gates: torch.Tensor,
+                                    active_heads: torch.Tensor, key_bias: Optional[torch.Tensor],
+                                    num_heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    ctx: torch.Tensor, o: torch.Tensor, stats: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor, torch.Tensor]:
+    """Returns ``(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, d_head_gates)``, full-size, zero for inactive
+    heads."""
+    B, S, E = x.shape
+    H = num_heads
+    HD = wq.shape[0]
+    D = HD // H
+    A = active_heads.numel()
+    N = B * S
+    dy2 = dy.reshape(N, E).to(x.dtype)
+    dws = [torch.zeros((HD, E), dtype=w.dtype, device=x.device) for w in (wq, wk, wv)]
+    dbs = [torch.zeros((HD,), dtype=w.dtype, device=x.device) for w in (wq, wk, wv)]
+    dwo = torch.zeros((E, HD), dtype=wo.dtype, device=x.device)
+    dbo = dy2.sum(0, dtype=torch.float32).to(wo.dtype)
+    dgate = torch.zeros((H,), dtype=head_gates.dtype, device=x.device)
+    if A == 0 or N == 0:
+        dx = torch.zeros((B, S, E), dtype=x.dtype, device=x.device)
+        return dx, dws[0], dbs[0], dws[1], dbs[1], dws[2], dbs[2], dwo, dbo, dgate
+    x2 = x.reshape(N, E)
+    # Output projection.
+    dctx = torch.empty((N, A * D), dtype=x.dtype, device=x.device)
+    C.gemm(dy2, wo, dctx, M=N, N=A * D, K=E, a_strides=dy2.stride(), b_strides=(wo.stride(0), wo.stride(1)),
+           out_strides=dctx.stride(), idx=active_heads, gather=C.GATHER_BN, group=D)
+    C.gemm(dy2, ctx, dwo, M=E, N=A * D, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=ctx.stride(),
+           out_strides=dwo.stride(), idx=active_heads, gather=C.SCATTER_CN, group=D)
+    # Gate gradient and Delta.
+    cfg = _flash_config(x.device, D)
+    drow = torch.empty((B * A, S), dtype=torch.float32, device=x.device)
+    _attn_bwd_pre_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * A)](
+        dctx, o, drow, S, A, D, A * D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    dgate.index_copy_(0, active_heads, drow.view(B, A, S).sum((0, 2)).to(dgate.dtype))
+    # Flash-attention backward.
+    dq, dk, dv = (torch.empty((N, A * D), dtype=x.dtype, device=x.device) for _ in range(3))
+    kb = key_bias if key_bias is not None else drow
+    kb_strides = (kb.stride(0), kb.stride(1)) if key_bias is not None else (0, 0)
+    common = (S, A, D, D ** -0.5, A * D, kb_strides[0], kb_strides[1], B * A * S)
+    meta = dict(HAS_KB=key_bias is not None, UPCAST=C.upcast_dot(x.dtype), **cfg)
+    _attn_bwd_dq_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * A)](
+        q, k, v, kb, head_gates, active_heads, dctx, stats, drow, dq, *common, **meta)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * A)](
+        q, k, v, kb, head_gates, active_heads, dctx, stats, drow, dk, dv, *common, **meta)
+    # Input projections.
+    dx32 = torch.empty((N, E), dtype=torch.float32, device=x.device)
+    for i, (w, dproj) in enumerate(((wq, dq), (wk, dk), (wv, dv))):
+        C.gemm(dproj, w, dx32, M=N, N=E, K=A * D, a_strides=dproj.stride(), b_strides=(w.stride(0), w.stride(1)),
+               out_strides=dx32.stride(), idx=active_heads, gather=C.GATHER_BK, group=D, accumulate=i > 0)
+        C.gemm(dproj, x2, dws[i], M=A * D, N=E, K=N, a_strides=(dproj.stride(1), dproj.stride(0)),
+               b_strides=x2.stride(), out_strides=dws[i].stride(), idx=active_heads, gather=C.SCATTER_CM,
+               group=D)
+        dbs[i].view(H, D).index_copy_(0, active_heads,
+                                      dproj.sum(0, dtype=torch.float32).view(A, D).to(dbs[i].dtype))
+    dx = dx32.to(x.dtype).view(B, S, E)
+    return dx, dws[0], dbs[0], dws[1], dbs[1], dws[2], dbs[2], dwo, dbo, dgate
+
+
+@triton_gated_attention_backward.register_fake
+def _(dy, x, wq, wk, wv, wo, head_gates, active_heads, key_bias, num_heads, q, k, v, ctx, o, stats):
+    HD, E = wq.shape
+    return (x.new_empty(x.shape), wq.new_empty((HD, E)), wq.new_empty((HD,)), wk.new_empty((HD, E)),
+            wk.new_empty((HD,)), wv.new_empty((HD, E)), wv.new_empty((HD,)), wo.new_empty((E, HD)),
+            wo.new_empty((E,)), head_gates.new_empty(head_gates.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, save = inputs
+    ctx.unsaved = not save
+    if not save:
+        return
+    ctx.num_heads = num_heads
+    ctx.has_kb = key_bias is not None
+    saved = [x, wq, wk, wv, wo, head_gates, active_heads, *output[1:]]
+    if key_bias is not None:
+        saved.append(key_bias)
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, dy, *_unused):
+    if ctx.unsaved:
+        raise RuntimeError("structprune::triton_gated_attention was called with save_for_backward=False; "
+                           "call structprune._kernels.gated_attention, which sets it when a gradient is needed")
+    saved = list(ctx.saved_tensors)
+    key_bias = saved.pop() if ctx.has_kb else None
+    x, wq, wk, wv, wo, head_gates, active_heads, q, k, v, c, o, stats = saved
+    dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dg = torch.ops.structprune.triton_gated_attention_backward(
+        dy, x, wq, wk, wv, wo, head_gates, active_heads, key_bias, ctx.num_heads, q, k, v, c, o, stats)
+    return dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dg, None, None, None, None
+
+
+triton_gated_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads: int
+                    ) -> torch.Tensor:
+    """Gated self-attention over the active heads (see the module docstring); same result as
+    ``structprune.reference.gated_attention(x, ..., head_gates, num_heads, key_bias=key_bias)``.
+    Differentiable in x, every weight and bias, and head_gates (not in key_bias)."""
+    _check(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads)
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates))
+    return torch.ops.structprune.triton_gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates,
+                                                        active_heads, key_bias, num_heads, save)[0]

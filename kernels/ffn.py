@@ -1,0 +1,201 @@
+"""Gated FFN: ``(act(x @ w1[kept].T + b1[kept]) * g[kept]) @ w2[:, kept].T + b2`` over kept units only.
+
+Forward (two launches of the gathered GEMM in :mod:`._common`):
+  1. ``h[N, K] = act(x @ w1[kept].T + b1[kept]) * gate[kept]``: the weight rows of kept units are read through
+     the index list (``GATHER_BN``), bias + activation + gate are fused in the epilogue, which also stores the
+     pre-activation when a backward will need it;
+  2. ``y = h @ w2[:, kept].T + b2``: the kept columns of ``w2`` are the gathered reduction rows (``GATHER_BK``).
+Backward (all Triton):
+  * :func:`_ffn_bwd_act_kernel`: ``dh = dy @ w2[:, kept]`` with the epilogue ``da = dh * gate * act'(pre)``,
+    and per-tile partial sums of ``dh * act(pre)`` (gate grad) and ``da`` (``b1`` grad), summed over tiles
+    with ``torch.sum`` (deterministic; no atomics);
+  * ``dx = da @ w1[kept]`` (gathered GEMM); ``dw1[kept] = da.T @ x`` and ``dw2[:, kept] = dy.T @ h`` with a
+    scattered store into zero-filled full-size gradients (pruned rows/columns stay 0);
+  * ``db2 = dy.sum(0)`` and the scatter of the unit-sized partial sums are plain torch ops.
+``K == 0``: the output is ``b2`` broadcast and no GEMM runs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+
+
+@triton.jit
+def _ffn_bwd_act_kernel(dy_ptr, w2_ptr, idx_ptr, pre_ptr, gate_ptr, da_ptr, pg_ptr, pb_ptr,
+                        M, N, E,
+                        stride_dym, stride_dye, stride_w2e, stride_w2i, stride_pm, stride_pn, stride_dam, stride_dan,
+                        ACT: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``dh = dy @ w2[:, kept]`` (M rows x N kept units, reduction over E) and the activation-backward epilogue.
+
+    Writes ``da = dh * gate * act'(pre)`` and, for this row tile, ``sum_rows(dh * act(pre))`` to ``pg[pid_m]``
+    and ``sum_rows(da)`` to ``pb[pid_m]`` (both fp32 [num_row_tiles, N]).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dh = C._gemm_tile(dy_ptr, w2_ptr, idx_ptr, M, N, E, stride_dym, stride_dye, stride_w2e, stride_w2i,
+                      offs_m, offs_n, 2, 1, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+    mask = mask_m[:, None] & mask_n[None, :]
+    units = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
+    g = tl.load(gate_ptr + units, mask=mask_n, other=0.0).to(tl.float32)
+    pre = tl.load(pre_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n.to(tl.int64)[None, :] * stride_pn,
+                  mask=mask, other=0.0).to(tl.float32)
+    act = C._act_fwd(pre, ACT)
+    # Round the activation like the forward stored it, so the gate grad matches h / gate.
+    act = C.cast_ptr(act, da_ptr).to(tl.float32)
+    pg = tl.sum(tl.where(mask, dh * act, 0.0), axis=0)
+    da = dh * g[None, :] * C._act_bwd(pre, ACT)
+    da = tl.where(mask, da, 0.0)
+    da_lo = C.cast_ptr(da, da_ptr)
+    tl.store(da_ptr + offs_m.to(tl.int64)[:, None] * stride_dam + offs_n.to(tl.int64)[None, :] * stride_dan,
+             da_lo, mask=mask)
+    pb = tl.sum(da, axis=0)
+    tl.store(pg_ptr + pid_m * N + offs_n, pg, mask=mask_n)
+    tl.store(pb_ptr + pid_m * N + offs_n, pb, mask=mask_n)
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _check(x, w1, b1, w2, b2, unit_gates, kept_units, activation):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    C.check_tensor("x", x, None, C.SUPPORTED_DTYPES, x.device)
+    if x.dim() < 1:
+        raise ValueError("x must be [..., E], got a 0-d tensor")
+    E = x.shape[-1]
+    dev, dt = x.device, x.dtype
+    C.check_tensor("w1", w1, (None, E), dt, dev)
+    I = w1.shape[0]
+    C.check_tensor("b1", b1, (I,), dt, dev)
+    C.check_tensor("w2", w2, (E, I), dt, dev)
+    C.check_tensor("b2", b2, (E,), dt, dev)
+    C.check_tensor("unit_gates", unit_gates, (I,), C.SUPPORTED_DTYPES, dev)
+    C.check_index("kept_units", kept_units, I, dev)
+    if activation not in C.ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {tuple(C.ACTIVATION_CODES)}, got {activation!r}")
+
+
+# ------------------------------------------------------------------------------------------ forward
+@torch.library.custom_op("structprune::triton_gated_ffn", mutates_args=())
+def triton_gated_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                     unit_gates: torch.Tensor, kept_units: torch.Tensor, activation: str,
+                     save_for_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(y, pre, h)``; ``pre`` [N, K] (pre-activation) and ``h`` [N, K] (gated activation) are the
+    saved intermediates, empty unless ``save_for_backward``."""
+    E = x.shape[-1]
+    x2 = x.reshape(-1, E)
+    N, K = x2.shape[0], kept_units.numel()
+    if K == 0 or N == 0:  # nothing kept: y is b2 broadcast, no GEMM
+        y = b2.expand(N, E).clone()
+        pre = x.new_zeros((N, K)) if save_for_backward else x.new_empty((0,))
+        h = x.new_zeros((N, K)) if save_for_backward else x.new_empty((0,))
+        return y.reshape(x.shape), pre, h
+    act = C.ACTIVATION_CODES[activation]
+    h = torch.empty((N, K), dtype=x.dtype, device=x.device)
+    pre = torch.empty((N, K), dtype=x.dtype, device=x.device) if save_for_backward else None
+    C.gemm(x2, w1, h, M=N, N=K, K=E, a_strides=x2.stride(), b_strides=(w1.stride(1), w1.stride(0)),
+           out_strides=h.stride(), idx=kept_units, gather=C.GATHER_BN, bias=b1, gate=unit_gates, act=act, pre=pre)
+    y = torch.empty((N, E), dtype=x.dtype, device=x.device)
+    C.gemm(h, w2, y, M=N, N=E, K=K, a_strides=h.stride(), b_strides=(w2.stride(1), w2.stride(0)),
+           out_strides=y.stride(), idx=kept_units, gather=C.GATHER_BK, bias=b2)
+    if not save_for_backward:
+        return y.reshape(x.shape), x.new_empty((0,)), x.new_empty((0,))
+    return y.reshape(x.shape), pre, h
+
+
+@triton_gated_ffn.register_fake
+def _(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save_for_backward):
+    E = x.shape[-1]
+    N = x.numel() // E if E else 0
+    K = kept_units.shape[0]
+    if save_for_backward:
+        return x.new_empty(x.shape), x.new_empty((N, K)), x.new_empty((N, K))
+    return x.new_empty(x.shape), x.new_empty((0,)), x.new_empty((0,))
+
+
+# ----------------------------------------------------------------------------------------- backward
+@torch.library.custom_op("structprune::triton_gated_ffn_backward", mutates_args=())
+def triton_gated_ffn_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                              unit_gates: torch.Tensor, kept_units: torch.Tensor, pre: torch.Tensor,
+                              h: torch.Tensor, activation: str
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
+    """Returns ``(dx, dw1, db1, dw2, db2, d_unit_gates)``, full-size, zero for pruned units."""
+    E = x.shape[-1]
+    I = w1.shape[0]
+    x2 = x.reshape(-1, E)
+    dy2 = dy.reshape(-1, E).to(x.dtype)
+    N, K = x2.shape[0], kept_units.numel()
+    dw1 = torch.zeros_like(w1, memory_format=torch.contiguous_format)
+    dw2 = torch.zeros_like(w2, memory_format=torch.contiguous_format)
+    db1 = torch.zeros((I,), dtype=w1.dtype, device=x.device)
+    db2 = dy2.sum(0, dtype=torch.float32).to(w2.dtype)
+    dgate = torch.zeros((I,), dtype=unit_gates.dtype, device=x.device)
+    if K == 0 or N == 0:
+        return torch.zeros_like(x, memory_format=torch.contiguous_format), dw1, db1, dw2, db2, dgate
+    cfg = C.gemm_config(x.device, N, K, E)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tiles_m = triton.cdiv(N, bm)
+    da = torch.empty((N, K), dtype=x.dtype, device=x.device)
+    pg = torch.empty((tiles_m, K), dtype=torch.float32, device=x.device)
+    pb = torch.empty((tiles_m, K), dtype=torch.float32, device=x.device)
+    _ffn_bwd_act_kernel[(tiles_m, triton.cdiv(K, bn))](
+        dy2, w2, kept_units, pre, unit_gates, da, pg, pb, N, K, E,
+        dy2.stride(0), dy2.stride(1), w2.stride(0), w2.stride(1), pre.stride(0), pre.stride(1),
+        da.stride(0), da.stride(1), ACT=C.ACTIVATION_CODES[activation], UPCAST=C.upcast_dot(x.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dgate.index_copy_(0, kept_units, pg.sum(0).to(dgate.dtype))
+    db1.index_copy_(0, kept_units, pb.sum(0).to(db1.dtype))
+    dx = torch.empty((N, E), dtype=x.dtype, device=x.device)
+    C.gemm(da, w1, dx, M=N, N=E, K=K, a_strides=da.stride(), b_strides=(w1.stride(0), w1.stride(1)),
+           out_strides=dx.stride(), idx=kept_units, gather=C.GATHER_BK)
+    C.gemm(da, x2, dw1, M=K, N=E, K=N, a_strides=(da.stride(1), da.stride(0)), b_strides=x2.stride(),
+           out_strides=dw1.stride(), idx=kept_units, gather=C.SCATTER_CM)
+    C.gemm(dy2, h, dw2, M=E, N=K, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=h.stride(),
+           out_strides=dw2.stride(), idx=kept_units, gather=C.SCATTER_CN)
+    return dx.reshape(x.shape), dw1, db1, dw2, db2, dgate
+
+
+@triton_gated_ffn_backward.register_fake
+def _(dy, x, w1, w2, unit_gates, kept_units, pre, h, activation):
+    I = w1.shape[0]
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((I,)), w2.new_empty(w2.shape),
+            w2.new_empty((w2.shape[0],)), unit_gates.new_empty((I,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, unit_gates, kept_units, activation, save = inputs
+    _, pre, h = output
+    if not save:
+        ctx.unsaved = True
+        return
+    ctx.unsaved = False
+    ctx.activation = activation
+    ctx.save_for_backward(x, w1, w2, unit_gates, kept_units, pre, h)
+
+
+def _backward(ctx, dy, _dpre, _dh):
+    if ctx.unsaved:
+        raise RuntimeError("structprune::triton_gated_ffn was called with save_for_backward=False; "
+                           "call structprune._kernels.gated_ffn, which sets it when a gradient is needed")
+    x, w1, w2, unit_gates, kept_units, pre, h = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2, dg = torch.ops.structprune.triton_gated_ffn_backward(
+        dy, x, w1, w2, unit_gates, kept_units, pre, h, ctx.activation)
+    return dx, dw1, db1, dw2, db2, dg, None, None, None
+
+
+triton_gated_ffn.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu") -> torch.Tensor:
+    """Gated FFN over kept units (see the module docstring); same result as
+    :func:`structprune.reference.gated_ffn`. Differentiable in x, w1, b1, w2, b2 and unit_gates."""
+    _check(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2, unit_gates))
+    return torch.ops.structprune.triton_gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save)[0]

@@ -1,0 +1,255 @@
+"""Triton gated attention (structprune._kernels) against structprune.reference, forward and every gradient.
+
+Runs on CPU under the Triton interpreter (conftest sets TRITON_INTERPRET=1 when there is no CUDA) and on CUDA
+when present. Shapes are tiny because the interpreter runs each program in Python.
+Tolerances: fp32 absolute/relative 1e-4; fp16/bf16 follow the rule "error of the kernel against the fp32
+reference <= 2x the error of the plain PyTorch computation in that dtype against the same reference, + eps"
+with eps = 1 ulp of the dtype at max(1, largest |reference|).
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from structprune import ops, reference  # noqa: E402
+import structprune._kernels as K  # noqa: E402
+
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
+    ["cuda"] if torch.cuda.is_available() else [])
+if not DEVICES or K.availability(torch.device(DEVICES[0])) is not None:
+    pytest.skip("Triton backend unavailable: " + str(K.availability(torch.device("cpu"))), allow_module_level=True)
+
+NEG = torch.finfo(torch.float32).min
+NAMES = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "head_gates")
+
+
+def check_close(name, got, ref32, plain, dtype):
+    """fp32: tight; half: the 2x-plain-PyTorch rule (see the module docstring)."""
+    got, ref32 = got.detach().float(), ref32.detach().float()
+    assert got.shape == ref32.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref32.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref32, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        return
+    err = (got - ref32).abs().max().item()
+    base = (plain.detach().float() - ref32).abs().max().item()
+    eps = torch.finfo(dtype).eps * max(1.0, ref32.abs().max().item())
+    assert err <= 2 * base + eps, f"{name}: kernel error {err:.3g} > 2 x plain {dtype} error {base:.3g} + {eps:.2g}"
+
+
+def make_inputs(B, S, E, H, D, kept, device, pad=False, seed=0):
+    """fp32 leaf tensors (x, weights, biases, gates), active-head index and key_bias."""
+    g = torch.Generator().manual_seed(seed)
+    HD = H * D
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    x = rnd(B, S, E, scale=1.0)
+    w = [rnd(HD, E, scale=E ** -0.5), rnd(HD, scale=0.1), rnd(HD, E, scale=E ** -0.5), rnd(HD, scale=0.1),
+         rnd(HD, E, scale=E ** -0.5), rnd(HD, scale=0.1), rnd(E, HD, scale=HD ** -0.5), rnd(E, scale=0.1)]
+    gates = torch.rand(H, generator=g) * 0.9 + 0.1
+    if kept == "none":
+        gates.zero_()
+    elif kept == "random":
+        keep = torch.randperm(H, generator=g)[: max(1, H // 2)]
+        mask = torch.zeros(H, dtype=torch.bool)
+        mask[keep] = True
+        gates[~mask] = 0.0
+    elif kept == "one":
+        gates[1:] = 0.0
+    gates = gates.to(device)
+    active = torch.nonzero(gates != 0).flatten()
+    key_bias = None
+    if pad:
+        key_bias = torch.zeros(B, S)
+        for b in range(B):
+            valid = max(1, S - 3 * b - (S // 3 if b else 0))  # row 0 unpadded, later rows more and more padded
+            key_bias[b, valid:] = NEG
+        key_bias = key_bias.to(device)
+    return [x, *w, gates], active, key_bias
+
+
+def run_and_grads(fn, leaves, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, dy.to(out.dtype))
+    return out, grads
+
+
+def kernel_fn(active, key_bias, H):
+    return lambda x, wq, bq, wk, bk, wv, bv, wo, bo, g: K.gated_attention(
+        x, wq, bq, wk, bk, wv, bv, wo, bo, g, active, key_bias, H)
+
+
+def reference_fn(key_bias, H, impl="sdpa"):
+    return lambda x, wq, bq, wk, bk, wv, bv, wo, bo, g: reference.gated_attention(
+        x, wq, bq, wk, bk, wv, bv, wo, bo, g, H, key_bias=key_bias, impl=impl)
+
+
+def cast(leaves, dtype):
+    # Gates stay fp32 (as the modules pass them); everything else in the compute dtype.
+    return [t.to(dtype) for t in leaves[:-1]] + [leaves[-1]]
+
+
+def compare(leaves, active, key_bias, H, dtype, impl="sdpa"):
+    B, S, E = leaves[0].shape
+    dy = torch.randn(B, S, E, generator=torch.Generator().manual_seed(1)).to(leaves[0].device)
+    out, grads = run_and_grads(kernel_fn(active, key_bias, H), cast(leaves, dtype), dy)
+    ref, ref_grads = run_and_grads(reference_fn(key_bias, H, impl), leaves, dy)
+    if dtype == torch.float32:
+        plain, plain_grads = ref, ref_grads
+    else:
+        plain, plain_grads = run_and_grads(reference_fn(key_bias, H, impl), cast(leaves, dtype), dy)
+    assert out.dtype == dtype and out.shape == (B, S, E)
+    check_close("out", out, ref, plain, dtype)
+    inactive = torch.ones(H, dtype=torch.bool, device=out.device)
+    inactive[active] = False
+    for name, got, r, p in zip(NAMES, grads, ref_grads, plain_grads):
+        assert got.dtype == (torch.float32 if name == "head_gates" else dtype), name
+        if name == "head_gates":
+            # The reference also differentiates pruned gates; the kernel skips those heads: zero there.
+            assert torch.all(got[inactive] == 0), "head_gates grad must be 0 for inactive heads"
+            got, r, p = got[active], r[active], p[active]
+        check_close(f"grad {name}", got, r, p, dtype)
+
+
+# B, S, E, H, D, kept, pad, dtype
+CASES = [
+    pytest.param(1, 7, 64, 2, 32, "all", False, torch.float32, id="b1-s7-d32-all"),
+    pytest.param(3, 33, 96, 4, 32, "random", True, torch.float32, id="b3-s33-d32-random-pad"),
+    pytest.param(2, 1, 64, 2, 32, "one", False, torch.float32, id="s1-one-head"),
+    pytest.param(2, 40, 128, 2, 64, "all", True, torch.float32, id="s40-d64-all-pad"),
+    pytest.param(1, 9, 128, 1, 128, "all", False, torch.float32, id="d128"),
+    pytest.param(2, 12, 72, 3, 24, "random", True, torch.float32, id="d24-masked-headdim"),
+    pytest.param(3, 33, 64, 4, 16, "random", True, torch.float16, id="fp16-b3-s33-pad"),
+    pytest.param(3, 33, 64, 4, 16, "random", True, torch.bfloat16, id="bf16-b3-s33-pad"),
+    pytest.param(2, 17, 128, 2, 64, "all", False, torch.float16, id="fp16-d64"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,S,E,H,D,kept,pad,dtype", CASES)
+def test_matches_reference(device, B, S, E, H, D, kept, pad, dtype):
+    leaves, active, key_bias = make_inputs(B, S, E, H, D, kept, device, pad)
+    compare(leaves, active, key_bias, H, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_active_head_is_bias(device):
+    leaves, active, key_bias = make_inputs(2, 5, 32, 2, 16, "none", device, pad=True)
+    assert active.numel() == 0
+    out = K.gated_attention(*leaves, active, key_bias, 2)
+    assert torch.equal(out, leaves[8].expand(2, 5, 32))
+    compare(leaves, active, key_bias, 2, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_padded_row_and_noncontiguous_x(device):
+    leaves, active, key_bias = make_inputs(3, 11, 32, 2, 16, "all", device, pad=True)
+    key_bias[1] = NEG  # every key padded: the softmax is uniform, as in the eager reference
+    x = leaves[0]
+    leaves[0] = torch.empty(11, 3, 32, device=device).transpose(0, 1).copy_(x)  # [B, S, E] view, strided
+    assert not leaves[0].is_contiguous()
+    # The eager reference: torch's CPU SDPA backward (2.13) differs from its own forward on fully masked rows.
+    compare(leaves, active, key_bias, 2, torch.float32, impl="eager")
+    # The same with a non-contiguous weight (transposed storage).
+    leaves[7] = leaves[7].t().contiguous().t()
+    out = K.gated_attention(*leaves, active, key_bias, 2)
+    torch.testing.assert_close(out, reference.gated_attention(*leaves, 2, key_bias=key_bias, impl="eager"),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_broadcast_key_bias(device):
+    """A key_bias with batch stride 0 (one padding row expanded over the batch)."""
+    leaves, active, _ = make_inputs(3, 10, 32, 2, 16, "all", device)
+    row = torch.zeros(1, 10, device=device)
+    row[0, 6:] = NEG
+    compare(leaves, active, row.expand(3, 10), 2, torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_larger_shapes(device):
+    """Several query and key blocks per head and several GEMM tiles per dimension."""
+    leaves, active, key_bias = make_inputs(2, 130, 256, 4, 64, "random", device, pad=True)
+    compare(leaves, active, key_bias, 4, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_saves_nothing(device):
+    leaves, active, key_bias = make_inputs(1, 6, 32, 2, 16, "all", device)
+    with torch.no_grad():
+        res = torch.ops.structprune.triton_gated_attention(*leaves, active, key_bias, 2, False)
+    assert all(t.numel() == 0 for t in res[1:])
+    torch.testing.assert_close(res[0], reference.gated_attention(*leaves, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck():
+    device = DEVICES[0]
+    leaves, active, key_bias = make_inputs(1, 5, 32, 2, 16, "one", device, pad=False)
+    leaves[0].requires_grad_()
+    args = (*leaves, active, None, 2, True)
+    torch.library.opcheck(torch.ops.structprune.triton_gated_attention, args)
+    key_bias = torch.zeros(1, 5, device=device)
+    key_bias[0, 3:] = NEG
+    res = torch.ops.structprune.triton_gated_attention(*leaves, active, key_bias, 2, True)
+    dy = torch.randn(1, 5, 32, device=device)
+    bargs = (dy, leaves[0].detach(), leaves[1], leaves[3], leaves[5], leaves[7], leaves[9], active, key_bias, 2,
+             *(t.detach() for t in res[1:]))
+    torch.library.opcheck(torch.ops.structprune.triton_gated_attention_backward, bargs,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph():
+    """aot_eager: the graph (forward and the backward op) is traced through the fake registrations and run
+    eagerly; inductor would also work on GPU but is slow to compile around interpreted kernels on CPU."""
+    device = DEVICES[0]
+    leaves, active, key_bias = make_inputs(2, 9, 32, 2, 16, "one", device, pad=True)
+    fn = kernel_fn(active, key_bias, 2)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    dy = torch.randn(2, 9, 32, device=device)
+    out_c, grads_c = run_and_grads(compiled, leaves, dy)
+    out_e, grads_e = run_and_grads(fn, leaves, dy)
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_backend_dispatch():
+    device = DEVICES[0]
+    leaves, active, _ = make_inputs(1, 4, 32, 2, 16, "all", device)
+    mask = torch.ones(1, 4, dtype=torch.bool, device=device)
+    mask[0, 3] = False
+    ops.set_backend("triton")
+    out = ops.gated_attention(*leaves, active, 2, attn_mask=mask[:, None, None, :])
+    assert ops.last_backends()["attention"] == "triton"
+    ref = reference.gated_attention(*leaves, 2, attn_mask=torch.where(mask, 0.0, NEG)[:, None, None, :])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_input_errors():
+    device = DEVICES[0]
+    leaves, active, key_bias = make_inputs(1, 4, 32, 2, 16, "all", device)
+    with pytest.raises(ValueError, match=r"wq must have shape \[\*, 32\]"):
+        K.gated_attention(leaves[0], leaves[1][:, :16], *leaves[2:], active, None, 2)
+    with pytest.raises(ValueError, match="wo must have dtype float32"):
+        K.gated_attention(*leaves[:7], leaves[7].half(), *leaves[8:], active, None, 2)
+    with pytest.raises(ValueError, match="active_heads must have dtype int64"):
+        K.gated_attention(*leaves, active.int(), None, 2)
+    with pytest.raises(ValueError, match=r"key_bias must have shape \[1, 4\]"):
+        K.gated_attention(*leaves, active, torch.zeros(1, 5, device=device), 2)
+    with pytest.raises(ValueError, match="active_heads must hold indices"):
+        K.gated_attention(*leaves, torch.tensor([0, 2], device=device), None, 2)
+    with pytest.raises(ValueError, match="not a multiple of num_heads"):
+        K.gated_attention(*leaves[:9], torch.ones(3, device=device), active, None, 3)
+
+
+def test_availability_reason(monkeypatch):
+    assert K.availability(torch.device(DEVICES[0])) is None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = K.availability(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason

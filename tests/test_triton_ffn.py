@@ -1,0 +1,202 @@
+"""Triton gated FFN (structprune._kernels) against structprune.reference, forward and every gradient.
+
+Runs on CPU under the Triton interpreter (conftest sets TRITON_INTERPRET=1 when there is no CUDA) and on CUDA
+when present. Tolerances: fp32 absolute/relative 1e-4; fp16/bf16 follow the rule "error of the kernel against
+the fp32 reference <= 2x the error of the plain PyTorch computation in that dtype against the same reference,
++ eps" with eps = 1 ulp of the dtype at max(1, largest |reference|).
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from structprune import ops, reference  # noqa: E402
+import structprune._kernels as K  # noqa: E402
+
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
+    ["cuda"] if torch.cuda.is_available() else [])
+if not DEVICES or K.availability(torch.device(DEVICES[0])) is not None:
+    pytest.skip("Triton backend unavailable: " + str(K.availability(torch.device("cpu"))), allow_module_level=True)
+
+NAMES = ("x", "w1", "b1", "w2", "b2", "unit_gates")
+
+
+def check_close(name, got, ref32, plain, dtype):
+    """fp32: tight; half: the 2x-plain-PyTorch rule (see the module docstring)."""
+    got, ref32 = got.detach().float(), ref32.detach().float()
+    assert got.shape == ref32.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref32.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref32, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        return
+    err = (got - ref32).abs().max().item()
+    base = (plain.detach().float() - ref32).abs().max().item()
+    eps = torch.finfo(dtype).eps * max(1.0, ref32.abs().max().item())
+    assert err <= 2 * base + eps, f"{name}: kernel error {err:.3g} > 2 x plain {dtype} error {base:.3g} + {eps:.2g}"
+
+
+def make_inputs(lead, E, I, kept, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    x = rnd(*lead, E, scale=1.0)
+    w1, b1, w2, b2 = rnd(I, E, scale=E ** -0.5), rnd(I, scale=0.5), rnd(E, I, scale=I ** -0.5), rnd(E, scale=0.1)
+    gates = torch.rand(I, generator=g) * 0.9 + 0.1
+    if kept == "none":
+        gates.zero_()
+    elif kept == "one":
+        gates[torch.arange(I) != I // 2] = 0.0
+    elif kept == "random":
+        gates[torch.rand(I, generator=g) < 0.6] = 0.0
+    gates = gates.to(device)
+    return [x, w1, b1, w2, b2, gates], torch.nonzero(gates != 0).flatten()
+
+
+def run_and_grads(fn, leaves, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, dy.to(out.dtype))
+
+
+def cast(leaves, dtype):
+    return [t.to(dtype) for t in leaves[:-1]] + [leaves[-1]]  # gates stay fp32
+
+
+def compare(leaves, kept_units, activation, dtype):
+    dy = torch.randn(leaves[0].shape, generator=torch.Generator().manual_seed(1)).to(leaves[0].device)
+
+    def kern(*t):
+        return K.gated_ffn(*t, kept_units, activation)
+
+    def ref(*t):
+        return reference.gated_ffn(*t, activation)
+
+    out, grads = run_and_grads(kern, cast(leaves, dtype), dy)
+    r, r_grads = run_and_grads(ref, leaves, dy)
+    p, p_grads = (r, r_grads) if dtype == torch.float32 else run_and_grads(ref, cast(leaves, dtype), dy)
+    assert out.dtype == dtype and out.shape == leaves[0].shape
+    check_close("out", out, r, p, dtype)
+    pruned = torch.ones(leaves[1].shape[0], dtype=torch.bool, device=out.device)
+    pruned[kept_units] = False
+    for name, got, rg, pg in zip(NAMES, grads, r_grads, p_grads):
+        assert got.dtype == (torch.float32 if name == "unit_gates" else dtype), name
+        if name == "unit_gates":
+            # The reference also differentiates pruned gates; the kernel skips those units: zero there.
+            assert torch.all(got[pruned] == 0), "unit_gates grad must be 0 for pruned units"
+            got, rg, pg = got[kept_units], rg[kept_units], pg[kept_units]
+        check_close(f"grad {name}", got, rg, pg, dtype)
+
+
+# lead dims, E, I, kept, activation, dtype
+CASES = [
+    pytest.param((2, 7), 32, 48, "random", "gelu", torch.float32, id="gelu-random"),
+    pytest.param((3, 5), 64, 96, "all", "gelu_tanh", torch.float32, id="gelu_tanh-all"),
+    pytest.param((1, 33), 64, 96, "random", "relu", torch.float32, id="relu-random-b1"),
+    pytest.param((40,), 48, 80, "one", "gelu", torch.float32, id="2d-x-one-unit"),
+    pytest.param((2, 3, 5), 32, 40, "random", "gelu", torch.float32, id="4d-x"),
+    pytest.param((3, 11), 64, 96, "random", "gelu", torch.float16, id="fp16-gelu"),
+    pytest.param((3, 11), 64, 96, "all", "gelu_tanh", torch.float16, id="fp16-gelu_tanh"),
+    pytest.param((3, 11), 64, 96, "random", "gelu", torch.bfloat16, id="bf16-gelu"),
+    pytest.param((2, 9), 64, 96, "random", "relu", torch.bfloat16, id="bf16-relu"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,E,I,kept,activation,dtype", CASES)
+def test_matches_reference(device, lead, E, I, kept, activation, dtype):
+    leaves, kept_units = make_inputs(lead, E, I, kept, device)
+    compare(leaves, kept_units, activation, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_kept_unit_is_bias(device):
+    leaves, kept_units = make_inputs((2, 5), 32, 48, "none", device)
+    assert kept_units.numel() == 0
+    out = K.gated_ffn(*leaves, kept_units, "gelu")
+    assert torch.equal(out, leaves[4].expand(2, 5, 32))
+    compare(leaves, kept_units, "gelu", torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_inputs(device):
+    leaves, kept_units = make_inputs((3, 7), 32, 48, "random", device)
+    leaves[0] = torch.empty(7, 3, 32, device=device).transpose(0, 1).copy_(leaves[0])
+    leaves[1] = leaves[1].t().contiguous().t()  # w1 with transposed storage
+    leaves[3] = leaves[3].t().contiguous().t()
+    assert not (leaves[0].is_contiguous() or leaves[1].is_contiguous() or leaves[3].is_contiguous())
+    compare(leaves, kept_units, "gelu", torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_larger_shapes(device):
+    """Several GEMM tiles along every dimension."""
+    leaves, kept_units = make_inputs((2, 130), 256, 512, "random", device)
+    compare(leaves, kept_units, "gelu", torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_saves_nothing(device):
+    leaves, kept_units = make_inputs((2, 4), 32, 48, "random", device)
+    with torch.no_grad():
+        y, pre, h = torch.ops.structprune.triton_gated_ffn(*leaves, kept_units, "relu", False)
+    assert pre.numel() == 0 and h.numel() == 0
+    torch.testing.assert_close(y, reference.gated_ffn(*leaves, "relu"), atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck():
+    device = DEVICES[0]
+    leaves, kept_units = make_inputs((2, 3), 32, 40, "random", device)
+    leaves[0].requires_grad_()
+    torch.library.opcheck(torch.ops.structprune.triton_gated_ffn, (*leaves, kept_units, "gelu", True))
+    _, pre, h = torch.ops.structprune.triton_gated_ffn(*[t.detach() for t in leaves], kept_units, "gelu", True)
+    dy = torch.randn(2, 3, 32, device=device)
+    args = (dy, leaves[0].detach(), leaves[1], leaves[3], leaves[5], kept_units, pre, h, "gelu")
+    torch.library.opcheck(torch.ops.structprune.triton_gated_ffn_backward, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph():
+    """aot_eager: traced through the fake registrations (forward and backward ops), run eagerly."""
+    device = DEVICES[0]
+    leaves, kept_units = make_inputs((2, 5), 32, 48, "random", device)
+
+    def fn(*t):
+        return K.gated_ffn(*t, kept_units, "gelu_tanh")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    dy = torch.randn(2, 5, 32, device=device)
+    out_c, grads_c = run_and_grads(compiled, leaves, dy)
+    out_e, grads_e = run_and_grads(fn, leaves, dy)
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_backend_dispatch():
+    device = DEVICES[0]
+    leaves, kept_units = make_inputs((1, 4), 32, 48, "random", device)
+    ops.set_backend("triton")
+    out = ops.gated_ffn(*leaves, kept_units, "gelu")
+    assert ops.last_backends()["ffn"] == "triton"
+    torch.testing.assert_close(out, reference.gated_ffn(*leaves, "gelu"), atol=1e-5, rtol=1e-5)
+
+
+def test_input_errors():
+    device = DEVICES[0]
+    leaves, kept_units = make_inputs((1, 4), 32, 48, "all", device)
+    with pytest.raises(ValueError, match=r"w2 must have shape \[32, 48\]"):
+        K.gated_ffn(*leaves[:3], leaves[3][:, :40], *leaves[4:], kept_units, "gelu")
+    with pytest.raises(ValueError, match="b1 must have dtype float16"):
+        K.gated_ffn(leaves[0].half(), leaves[1].half(), leaves[2], leaves[3].half(),
+                    leaves[4].half(), leaves[5], kept_units, "gelu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        K.gated_ffn(*leaves, kept_units, "swish")
+    with pytest.raises(ValueError, match="kept_units must have dtype int64"):
+        K.gated_ffn(*leaves, kept_units.int(), "gelu")
+    with pytest.raises(ValueError, match="x must have dtype"):
+        K.gated_ffn(leaves[0].double(), *leaves[1:], kept_units, "gelu")
