@@ -5,6 +5,7 @@
 """
 __version__ = "0.1.0"
 
+from . import distill, strategies
 from .compaction import compact
 from .gates import HardConcreteGate
 from .io import from_pretrained, save_pretrained

@@ -9,8 +9,7 @@ from torch import nn
 from .patching import gated_layers
 
 
-def _select_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-                   col_scale: torch.Tensor | None = None) -> nn.Linear:
+def _select_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
     if rows is not None:
@@ -18,8 +17,6 @@ def _select_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
         bias = bias.index_select(0, rows) if bias is not None else None
     if cols is not None:
         weight = weight.index_select(1, cols)
-    if col_scale is not None:
-        weight = weight * col_scale.to(weight.dtype)[None, :]
     with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op" for emptied layers
         warnings.simplefilter("ignore", UserWarning)
         new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
@@ -29,11 +26,20 @@ def _select_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
     return new
 
 
-def _fold_scale(values: torch.Tensor, repeat: int) -> torch.Tensor | None:
-    """Per-column scale for the output projection; None when every kept gate is exactly 1."""
-    if bool(torch.all(values == 1.0)):
-        return None
-    return values.repeat_interleave(repeat)
+@torch.no_grad()
+def fold_gate_values(layer: nn.Module) -> None:
+    """Fold each kept gate's deterministic value into the output projection (attention output dense for
+    heads, FFN output dense for units) and reset ``log_alpha`` to fully open; masks stay. Eval outputs do
+    not change (up to rounding); nothing is touched where every kept gate is exactly 1."""
+    attn = layer.attention.self
+    for gate, dense, repeat in ((attn.head_gate, layer.attention.output.dense, attn.head_dim),
+                                (layer.intermediate.unit_gate, layer.output.dense, 1)):
+        values = gate.deterministic()
+        kept = gate.mask != 0
+        if not bool(torch.all(values[kept] == 1.0)):
+            scale = torch.where(kept, values, torch.ones_like(values))
+            dense.weight.mul_(scale.repeat_interleave(repeat).to(dense.weight)[None, :])
+        gate.open_()
 
 
 @torch.no_grad()
@@ -41,29 +47,26 @@ def compact_layer(layer: nn.Module) -> None:
     """Physically remove the pruned heads and FFN units of one patched layer, in place.
 
     A kept gate whose deterministic value is fractional (after L0 training) is folded into the output
-    projection, so outputs do not change; the remaining gates are reset to fully open.
+    projection first (:func:`fold_gate_values`), so outputs do not change.
     """
     attn = layer.attention.self
-    head_values = attn.head_gate.deterministic()
-    heads = torch.nonzero(head_values != 0, as_tuple=False).flatten()
+    heads = attn.head_gate.kept_index()
+    units = layer.intermediate.unit_gate.kept_index()
+    fold_gate_values(layer)
     dim = attn.head_dim
     rows = (heads[:, None] * dim + torch.arange(dim, device=heads.device)[None, :]).flatten()
     attn.query = _select_linear(attn.query, rows=rows)
     attn.key = _select_linear(attn.key, rows=rows)
     attn.value = _select_linear(attn.value, rows=rows)
     out = layer.attention.output
-    out.dense = _select_linear(out.dense, cols=rows, col_scale=_fold_scale(head_values[heads], dim))
+    out.dense = _select_linear(out.dense, cols=rows)
     attn.num_heads = int(heads.numel())
     attn.head_gate.keep_only_(heads)
-    attn.head_gate.open_()
 
     inter = layer.intermediate
-    unit_values = inter.unit_gate.deterministic()
-    units = torch.nonzero(unit_values != 0, as_tuple=False).flatten()
     inter.dense = _select_linear(inter.dense, rows=units)
-    layer.output.dense = _select_linear(layer.output.dense, cols=units, col_scale=_fold_scale(unit_values[units], 1))
+    layer.output.dense = _select_linear(layer.output.dense, cols=units)
     inter.unit_gate.keep_only_(units)
-    inter.unit_gate.open_()
 
 
 def compact(model: nn.Module) -> nn.Module:

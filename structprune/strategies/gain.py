@@ -1,0 +1,183 @@
+"""Gradient-based importance ("gain") pruning, after Michel, Levy & Neubig (2019), "Are Sixteen Heads
+Really Better than One?", applied to heads and FFN units as in McCarley et al. (2019).
+
+The importance of a unit with gate value ``xi`` is ``E |dL/dxi|``: the absolute gradient of the loss with
+respect to the gate VALUE the :class:`~structprune.HardConcreteGate` produced in the forward pass, averaged
+over batches (as in Michel et al.'s reference code the absolute value is taken per batch, the gate being
+shared by the batch). Gradients are taken with respect to the gate value and not ``log_alpha``: the
+deterministic gate is clamped at 1, so ``d/dlog_alpha`` is zero. Importances are then divided by their L2
+norm within each layer (separately for heads and for FFN units), as Michel et al. do, and the least
+important units are pruned.
+
+Estimation runs the model in eval mode (no dropout, deterministic gates) and uses
+``torch.autograd.grad`` on the gate values only, so no parameter's ``.grad`` is touched.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..masks import Masks
+from ..patching import gated_layers
+from .targets import (STRUCTURES, PruneTarget, as_target, current_masks, gate_sizes, layer_gates, select_top,
+                      to_masks)
+
+LossFn = Callable[[nn.Module, Mapping], torch.Tensor]
+
+
+@dataclass
+class Importance:
+    """Per-layer importance vectors. ``heads[l]`` has one entry per head of layer ``l``, ``ffn[l]`` one per
+    FFN unit; pruned units are 0. ``raw_*`` are the un-normalised mean ``|dL/dgate|``."""
+
+    heads: list[torch.Tensor]
+    ffn: list[torch.Tensor]
+    raw_heads: list[torch.Tensor]
+    raw_ffn: list[torch.Tensor]
+    num_batches: int
+
+    def __getitem__(self, structure: str) -> list[torch.Tensor]:
+        if structure not in STRUCTURES:
+            raise KeyError(structure)
+        return getattr(self, structure)
+
+
+def default_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """``model(**batch).loss``: the batch must carry the labels (``start_positions``/``end_positions`` for QA)."""
+    loss = model(**batch).loss
+    if loss is None:
+        raise ValueError("model(**batch).loss is None: give batches with labels (for QA: start_positions and "
+                         "end_positions) or pass loss_fn(model, batch)")
+    return loss
+
+
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def gain_importance(model: nn.Module, batches: Iterable[Mapping], loss_fn: LossFn | None = None,
+                    max_batches: int | None = None, normalize: bool = True) -> Importance:
+    """Mean ``|dL/dgate value|`` of every head and FFN unit over ``batches`` (dicts of tensors).
+
+    ``loss_fn(model, batch) -> scalar`` defaults to ``model(**batch).loss``. With ``normalize`` each layer's
+    head vector (and FFN vector) is divided by its L2 norm (Michel et al.); units already pruned get 0.
+    """
+    loss_fn = loss_fn or default_loss
+    gated_layers(model)  # a clear error when the model is not patched
+    gates = {s: layer_gates(model, s) for s in STRUCTURES}
+    index = {id(g): (s, i) for s in STRUCTURES for i, g in enumerate(gates[s])}
+    sums = {s: [torch.zeros(g.n, dtype=torch.float64) for g in gates[s]] for s in STRUCTURES}
+    kept = current_masks(model)
+    captured: list[tuple[str, int, torch.Tensor]] = []
+
+    def hook(module, args, output):
+        value = output.detach().clone().requires_grad_(True)  # a leaf: d loss / d gate value
+        captured.append((*index[id(module)], value))
+        return value
+
+    handles = [g.register_forward_hook(hook) for s in STRUCTURES for g in gates[s]]
+    was_training = model.training
+    device = _model_device(model)
+    n = 0
+    model.eval()
+    try:
+        for batch in itertools.islice(batches, max_batches):
+            captured.clear()
+            with torch.enable_grad():
+                loss = loss_fn(model, _to_device(batch, device))
+                if not captured:
+                    raise RuntimeError("no gate was evaluated in the forward pass; is the model patched?")
+                grads = torch.autograd.grad(loss, [c[2] for c in captured], allow_unused=True)
+            for (s, i, _), grad in zip(captured, grads):
+                if grad is not None:
+                    sums[s][i] += grad.detach().abs().double().cpu()
+            n += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        captured.clear()
+    if n == 0:
+        raise ValueError("gain_importance got no batches")
+    raw = {s: [(v / n).float() * kept[s][i] for i, v in enumerate(sums[s])] for s in STRUCTURES}
+    norm = {s: [_l2_normalize(v) if normalize else v.clone() for v in raw[s]] for s in STRUCTURES}
+    return Importance(heads=norm["heads"], ffn=norm["ffn"], raw_heads=raw["heads"], raw_ffn=raw["ffn"], num_batches=n)
+
+
+def _l2_normalize(v: torch.Tensor) -> torch.Tensor:
+    return v / (v.norm(p=2) + 1e-20)
+
+
+def _reiterable(batches: Iterable, max_batches: int | None) -> Iterable:
+    """A one-shot iterator (generator) is materialised so iterative pruning can pass over it again."""
+    if iter(batches) is batches:
+        return list(itertools.islice(batches, max_batches))
+    return batches
+
+
+def _interpolate(start: int | list[int], final: int | list[int], k: int, steps: int) -> int | list[int]:
+    if isinstance(final, int):
+        return start - round((start - final) * k / steps)
+    return [s - round((s - f) * k / steps) for s, f in zip(start, final)]
+
+
+def gain_masks(model: nn.Module, batches: Iterable[Mapping], target: PruneTarget, loss_fn: LossFn | None = None,
+               steps: int = 1, max_batches: int | None = None, normalize: bool = True) -> Masks:
+    """Masks keeping the most important heads and FFN units (Michel et al. gain), exactly ``target`` many.
+
+    Args:
+        model: a patched model; its current masks are the starting point (pruned units stay pruned).
+        batches: an iterable of dicts of tensors (a DataLoader, a list); moved to the model's device.
+        target: what to keep (:class:`PruneTarget`), ranked globally or per layer.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
+        steps: ``1`` prunes in one shot; ``n > 1`` prunes iteratively in ``n`` equal steps, re-estimating
+            importance on the partially pruned model after each (Michel et al.'s iterative procedure).
+        max_batches: use at most this many batches per estimate.
+
+    The model's masks are restored before returning (apply the result with
+    :func:`~structprune.strategies.apply_masks` or ``sp.set_masks``).
+    """
+    target = as_target(target)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps > 1:
+        batches = _reiterable(batches, max_batches)
+    sizes = gate_sizes(model)
+    start = current_masks(model)
+    finals = {s: target.counts(s, sizes[s]) for s in STRUCTURES}
+    start_counts = {}
+    for s in STRUCTURES:
+        if isinstance(finals[s], int):
+            start_counts[s] = int(sum(int(m.sum()) for m in start[s]))
+        elif finals[s] is not None:
+            start_counts[s] = [int(m.sum()) for m in start[s]]
+    saved = [g.mask.clone() for s in STRUCTURES for g in layer_gates(model, s)]
+    masks = start
+    try:
+        for k in range(1, steps + 1):
+            imp = gain_importance(model, batches, loss_fn, max_batches, normalize)
+            new = {}
+            for s in STRUCTURES:
+                if finals[s] is None:
+                    new[s] = masks[s]
+                else:
+                    count = _interpolate(start_counts[s], finals[s], k, steps)
+                    new[s] = select_top(imp[s], masks[s], count, s)
+            masks = new
+            if k < steps:
+                for s in STRUCTURES:
+                    for gate, m in zip(layer_gates(model, s), masks[s]):
+                        gate.set_mask(m.to(gate.mask.device) & (gate.mask != 0))
+    finally:
+        gates = [g for s in STRUCTURES for g in layer_gates(model, s)]
+        for gate, m in zip(gates, saved):
+            gate.set_mask(m)
+    return to_masks(masks["heads"], masks["ffn"])

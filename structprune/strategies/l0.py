@@ -1,0 +1,275 @@
+"""L0 pruning: train the hard-concrete gates (Louizos et al. 2018) toward a size target under a Lagrangian
+constraint, as in CoFi pruning (Xia, Zhong & Chen 2022), then make an exact, deterministic decision.
+
+Usage (plain PyTorch)::
+
+    ctl = L0Controller(model, PruneTarget(heads=0.5, ffn=0.3), warmup_steps=1000)
+    opt = torch.optim.AdamW(ctl.param_groups(model, lr=3e-5, gate_lr=0.01, lambda_lr=0.01))
+    for step, batch in enumerate(loader):
+        loss = model(**batch).loss + ctl.penalty(step)
+        loss.backward(); opt.step(); opt.zero_grad()
+    masks = ctl.finalize()          # exact counts, masks set, sampling off, fractional gates folded
+
+The constraint, for each structure s (heads, FFN units) and each group g (the whole model, or each layer
+when the target is per layer), works on fractions of the group's original size N::
+
+    e = E[kept] / N   (sum of the gates' expected L0),   tau = t(step) / N
+    penalty = lambda1 * (e - tau) + lambda2 * (e - tau) ** 2
+
+CoFi writes the same constraint on expected sparsity (a fraction), which keeps the penalty on the scale of
+the task loss whatever the model size. ``t(step)`` goes linearly from the size still present at the start
+to the final target over ``warmup_steps``. The lambdas are learnt by gradient ASCENT: :meth:`penalty` passes
+them through a gradient-reversal, so an ordinary minimising optimizer (any of them, with a positive lr) pushes
+each lambda in the direction that increases the penalty, while the model and ``log_alpha`` see the penalty
+unchanged. This is CoFi's "negative learning rate" without needing an optimizer that accepts one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..compaction import fold_gate_values
+from ..masks import Masks
+from ..patching import gate_parameters, gated_layers, set_gate_sampling
+from .targets import STRUCTURES, PruneTarget, as_target, gate_sizes, layer_gates, masks_for_scores
+
+DEFAULT_INIT_LOG_ALPHA = 2.5
+LAGRANGIAN_FILE = "structprune_lagrangian.safetensors"
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class Lagrangian(nn.Module):
+    """The multipliers: ``lambda1``/``lambda2`` per structure, one entry per constraint group."""
+
+    def __init__(self, groups: dict[str, int], init: float = 0.0):
+        super().__init__()
+        self.groups = dict(groups)
+        for s, g in self.groups.items():
+            self.register_parameter(f"{s}_lambda1", nn.Parameter(torch.full((g,), float(init))))
+            self.register_parameter(f"{s}_lambda2", nn.Parameter(torch.full((g,), float(init))))
+
+    def lambdas(self, structure: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return getattr(self, f"{structure}_lambda1"), getattr(self, f"{structure}_lambda2")
+
+
+def _is_no_decay(name: str, param: nn.Parameter) -> bool:
+    lowered = name.lower()
+    return param.ndim < 2 or lowered.endswith("bias") or "layernorm" in lowered or "layer_norm" in lowered
+
+
+def weight_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
+                        exclude: set[int] | None = None) -> list[dict]:
+    """The model's trainable weights (minus ``exclude`` ids, e.g. the gates), decayed except biases,
+    norms and other 1-D parameters."""
+    exclude = exclude or set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in exclude:
+            continue
+        (no_decay if _is_no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "weights"},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "weights_no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+class L0Controller:
+    """Hard-concrete training of the gates of a patched ``model`` toward ``target`` (fractions KEPT).
+
+    Args:
+        model: a patched model (``sp.patch``); its current masks are respected (pruned stays pruned).
+        target: a :class:`PruneTarget`. Per-layer targets get one constraint (and lambda pair) per layer;
+            global ones a single constraint per structure. A structure whose target is None is not gated.
+        warmup_steps: steps over which the target goes linearly from the present size to ``target``.
+        init_log_alpha: initial ``log_alpha`` of the unmasked gates (None: leave them). The default 2.5
+            keeps the deterministic gate at exactly 1 (it is clamped for log_alpha >= 2.4), so at eval the
+            model starts as the fine-tuned model it was, while in training ~29% of the samples fall in the gate's linear,
+            gradient-carrying region and E[L0] = 0.98. (CoFi's 0.0, i.e. droprate 0.5, would halve every
+            gate at the start.)
+        init_noise: std of Gaussian noise added to ``init_log_alpha`` (seeded with ``seed``, identical on
+            every rank) to break ties, as CoFi does.
+        lambda_init: initial value of every lambda.
+    """
+
+    def __init__(self, model: nn.Module, target: PruneTarget, warmup_steps: int = 0,
+                 init_log_alpha: float | None = DEFAULT_INIT_LOG_ALPHA, init_noise: float = 0.01,
+                 lambda_init: float = 0.0, seed: int = 0):
+        gated_layers(model)
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.model = model
+        self.target = as_target(target)
+        self.warmup_steps = int(warmup_steps)
+        self.finalized = False
+        self.last_step = 0
+        sizes = gate_sizes(model)
+        self.structures = [s for s in STRUCTURES if getattr(self.target, s) is not None]
+        # per structure: list of groups, each a list of layer indices; original size; start and final counts
+        self._groups, self._size, self._start, self._final = {}, {}, {}, {}
+        for s in self.structures:
+            count = self.target.counts(s, sizes[s])
+            gates = layer_gates(model, s)
+            groups = [[i] for i in range(len(gates))] if isinstance(count, list) else [list(range(len(gates)))]
+            finals = count if isinstance(count, list) else [count]
+            self._groups[s] = groups
+            self._size[s] = torch.tensor([float(sum(sizes[s][i] for i in g)) for g in groups])
+            self._start[s] = torch.tensor([float(sum(int((gates[i].mask != 0).sum()) for i in g)) for g in groups])
+            self._final[s] = torch.tensor([float(c) for c in finals])
+            bad = self._final[s] > self._start[s]
+            if bool(bad.any()):
+                raise ValueError(f"target keeps more {s} than are still unpruned "
+                                 f"({self._final[s].tolist()} > {self._start[s].tolist()})")
+        device = next(model.parameters()).device
+        self.lagrangian = Lagrangian({s: len(self._groups[s]) for s in self.structures}, lambda_init).to(device)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for s in self.structures:
+                for gate in layer_gates(model, s):
+                    if init_log_alpha is not None:
+                        noise = torch.randn(gate.n, generator=gen) * init_noise
+                        value = (init_log_alpha + noise).to(gate.log_alpha)
+                        gate.log_alpha.copy_(torch.where(gate.mask != 0, value, gate.log_alpha))
+                    gate.sampling = True
+
+    # ---- the constraint -------------------------------------------------------------------------
+    def expected(self, structure: str) -> torch.Tensor:
+        """Expected number of kept units per constraint group (differentiable), shape ``[groups]``."""
+        gates = layer_gates(self.model, structure)
+        return torch.stack([sum(gates[i].expected_l0() for i in g) for g in self._groups[structure]])
+
+    def target_counts(self, structure: str, step: int) -> torch.Tensor:
+        """``t(step)`` per constraint group: linear from the start size to the final target."""
+        frac = 1.0 if self.warmup_steps == 0 else min(1.0, max(0, step) / self.warmup_steps)
+        return self._start[structure] + (self._final[structure] - self._start[structure]) * frac
+
+    def penalty(self, step: int) -> torch.Tensor:
+        """The Lagrangian term to add to the loss at optimizer step ``step`` (0 after :meth:`finalize`)."""
+        self.last_step = int(step)
+        device = next(self.model.parameters()).device  # computed where the gates are
+        total = torch.zeros((), device=device)
+        if self.finalized:
+            return total
+        for s in self.structures:
+            size = self._size[s].to(device)
+            gap = (self.expected(s) - self.target_counts(s, step).to(device)) / size
+            l1, l2 = (_GradReverse.apply(lam).to(device) for lam in self.lagrangian.lambdas(s))
+            total = total + (l1 * gap + l2 * gap * gap).sum()
+        return total
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    def lagrangian_parameters(self) -> list[nn.Parameter]:
+        return list(self.lagrangian.parameters())
+
+    def param_groups(self, model: nn.Module | None = None, lr: float = 3e-5, gate_lr: float = 0.01,
+                     lambda_lr: float = 0.01, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: weights (``lr``, decayed except biases/norms), gates' ``log_alpha`` (``gate_lr``,
+        no decay) and lambdas (``lambda_lr``, no decay; ascent comes from the gradient reversal in
+        :meth:`penalty`). Each group carries a ``"name"``. The 0.01 defaults are CoFi's ``reg_learning_rate``."""
+        model = self.model if model is None else model
+        gates = gate_parameters(self.model)
+        groups = weight_param_groups(model, lr, weight_decay, exclude={id(p) for p in gates})
+        groups.append({"params": gates, "lr": gate_lr, "weight_decay": 0.0, "name": "gates"})
+        groups.append({"params": self.lagrangian_parameters(), "lr": lambda_lr, "weight_decay": 0.0,
+                       "name": "lagrangian"})
+        return groups
+
+    # ---- logging --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stats(self, step: int | None = None) -> dict[str, float]:
+        """Expected and actual (deterministic) kept counts, sparsities and lambdas, for logging."""
+        step = self.last_step if step is None else step
+        out: dict[str, float] = {}
+        for s in STRUCTURES:
+            gates = layer_gates(self.model, s)
+            total = float(sum(g.n for g in gates))
+            kept = float(sum(int((g.deterministic() != 0).sum()) for g in gates))
+            out[f"kept_{s}"] = kept
+            out[f"{s}_sparsity"] = 1.0 - kept / total if total else 0.0
+            if s in self.structures and not self.finalized:
+                expected = float(self.expected(s).sum())
+                out[f"expected_{s}"] = expected
+                out[f"expected_{s}_sparsity"] = 1.0 - expected / total if total else 0.0
+                out[f"target_{s}"] = float(self.target_counts(s, step).sum())
+                l1, l2 = self.lagrangian.lambdas(s)
+                out[f"lambda1_{s}"] = float(l1.mean())
+                out[f"lambda2_{s}"] = float(l2.mean())
+        return out
+
+    # ---- the decision ---------------------------------------------------------------------------
+    def finalize(self, target: PruneTarget | None = None, fold: bool = True) -> Masks:
+        """Keep exactly ``target`` (default: the controller's) by ``log_alpha``; see :func:`finalize_l0`."""
+        masks = finalize_l0(self.model, self.target if target is None else target, fold=fold)
+        self.finalized = True
+        return masks
+
+    # ---- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().cpu().clone() for k, v in self.lagrangian.state_dict().items()}
+        state["finalized"] = torch.tensor(int(self.finalized))
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        self.finalized = bool(int(state.pop("finalized", torch.tensor(0))))
+        self.lagrangian.load_state_dict(state)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the lambdas to ``path`` (a directory gets :data:`LAGRANGIAN_FILE`)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / LAGRANGIAN_FILE
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
+                  metadata={"structures": ",".join(self.structures), "warmup_steps": str(self.warmup_steps)})
+        return path
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / LAGRANGIAN_FILE
+        self.load_state_dict(load_file(str(path)))
+
+
+@torch.no_grad()
+def fold_gates(model: nn.Module) -> None:
+    """Fold every gate's deterministic value into the output projections and reopen the gates
+    (:func:`structprune.compaction.fold_gate_values` on each layer)."""
+    for layer in gated_layers(model):
+        fold_gate_values(layer)
+
+
+@torch.no_grad()
+def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True) -> Masks:
+    """The deterministic end of L0 training: keep exactly ``target`` heads/units, ranked by ``log_alpha``
+    (globally or per layer), among those not masked already; set the masks; turn sampling off; and, with
+    ``fold``, fold the kept gates' fractional deterministic values into the output projections and reset
+    the gates to open, so the eval model computes what the L0 model computed deterministically with the
+    same units. Units ranked in but with deterministic value 0 (when training ended below target) fold to
+    zero. Returns the :class:`~structprune.Masks`.
+    """
+    target = as_target(target)
+    scores = {s: [g.log_alpha.detach() for g in layer_gates(model, s)] for s in STRUCTURES}
+    start = {s: [(g.mask != 0).cpu() for g in layer_gates(model, s)] for s in STRUCTURES}
+    masks = masks_for_scores(model, target, scores, start=start)
+    kept = {"heads": masks.heads_per_layer(), "ffn": masks.ffn}
+    for s in STRUCTURES:
+        for gate, m in zip(layer_gates(model, s), kept[s]):
+            gate.set_mask(m.to(gate.mask.device))
+    if fold:
+        fold_gates(model)
+    set_gate_sampling(model, False)
+    return masks
+
+
+__all__ = ["L0Controller", "Lagrangian", "finalize_l0", "fold_gates", "weight_param_groups", "LAGRANGIAN_FILE",
+           "DEFAULT_INIT_LOG_ALPHA"]

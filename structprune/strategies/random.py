@@ -1,0 +1,26 @@
+"""Random pruning: keep a uniformly random subset of the heads / FFN units still present (the baseline of
+McCarley et al. 2019)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..masks import Masks
+from .targets import STRUCTURES, PruneTarget, as_target, gate_sizes, masks_for_scores
+
+
+def random_masks(model: nn.Module, target: PruneTarget, seed: int = 0,
+                 generator: torch.Generator | None = None) -> Masks:
+    """Masks keeping a uniformly random set of heads and FFN units of exactly the ``target`` size.
+
+    Globally (``target.per_layer=False``: every still-present unit of the model is equally likely, so
+    layer sizes vary) or per layer. Already pruned units stay pruned. Reproducible: the draw comes from
+    ``generator`` or, when None, from a CPU ``torch.Generator`` seeded with ``seed``; the global RNG is
+    untouched. Apply with :func:`~structprune.strategies.apply_masks` or ``sp.set_masks``.
+    """
+    target = as_target(target)
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
+    sizes = gate_sizes(model)
+    scores = {s: [torch.rand(n, generator=generator) for n in sizes[s]] for s in STRUCTURES}
+    return masks_for_scores(model, target, scores)

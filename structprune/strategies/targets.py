@@ -1,0 +1,187 @@
+"""Pruning targets and the exact top-k selection every strategy shares.
+
+A :class:`PruneTarget` says how much of the model to KEEP (not how much to remove). Counts always refer to
+the original sizes of the gates (``gate.n``: heads per layer, FFN units per layer), whatever is already
+pruned, so strategies compose: a second call with a smaller target prunes further from where the first
+one stopped and never revives a pruned head or unit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+from ..masks import Masks, get_masks, set_masks
+from ..patching import gated_layers
+
+Amount = Union[float, int, Sequence[Union[float, int]], None]
+STRUCTURES = ("heads", "ffn")
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    """How many attention heads and FFN units to KEEP.
+
+    Each of ``heads`` / ``ffn`` is one of:
+
+    * a ``float`` in [0, 1]: the fraction KEPT, of the model's total (``per_layer=False``) or of each
+      layer (``per_layer=True``). ``PruneTarget(heads=0.5, ffn=0.3)`` keeps half the heads and 30% of the
+      FFN units; ``1.0`` keeps everything.
+    * an ``int``: an absolute number KEPT, in the whole model (``per_layer=False``) or in every layer
+      (``per_layer=True``). Note ``1`` (one head) differs from ``1.0`` (all heads).
+    * a list with one ``int`` or ``float`` per layer: per-layer counts/fractions (implies per-layer selection).
+    * ``None``: leave this structure as it is.
+
+    ``per_layer=False`` ranks units globally across layers (layers may end up with different sizes, or
+    with none left); ``per_layer=True`` ranks within each layer. Fractions are rounded to the nearest count.
+    """
+
+    heads: Amount = 1.0
+    ffn: Amount = 1.0
+    per_layer: bool = False
+
+    def __post_init__(self):
+        for name in STRUCTURES:
+            _check_amount(name, getattr(self, name))
+
+    def is_per_layer(self, structure: str) -> bool:
+        return self.per_layer or isinstance(getattr(self, structure), (list, tuple))
+
+    def counts(self, structure: str, sizes: Sequence[int]) -> int | list[int] | None:
+        """Kept count for ``structure`` given the original per-layer ``sizes``: one total (global ranking)
+        or a list with one count per layer (per-layer ranking); None when the structure is left as is."""
+        amount = getattr(self, structure)
+        if amount is None:
+            return None
+        sizes = list(sizes)
+        if isinstance(amount, (list, tuple)):
+            if len(amount) != len(sizes):
+                raise ValueError(f"PruneTarget.{structure} lists {len(amount)} per-layer amounts, "
+                                 f"but the model has {len(sizes)} layers")
+            return [_count(structure, a, n) for a, n in zip(amount, sizes)]
+        if self.per_layer:
+            return [_count(structure, amount, n) for n in sizes]
+        return _count(structure, amount, sum(sizes))
+
+
+def _check_amount(name: str, amount: Amount) -> None:
+    if amount is None:
+        return
+    items = amount if isinstance(amount, (list, tuple)) else [amount]
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            raise TypeError(f"PruneTarget.{name} must be a float fraction kept, an int count kept, a list of "
+                            f"those per layer, or None; got {a!r}")
+        if isinstance(a, float) and not (0.0 <= a <= 1.0):
+            raise ValueError(f"PruneTarget.{name} fraction kept must be in [0, 1], got {a}")
+        if isinstance(a, int) and a < 0:
+            raise ValueError(f"PruneTarget.{name} count kept must be >= 0, got {a}")
+
+
+def _count(structure: str, amount: float | int, size: int) -> int:
+    if isinstance(amount, float):
+        return int(math.floor(amount * size + 0.5))
+    if amount > size:
+        raise ValueError(f"PruneTarget.{structure} asks to keep {amount}, but there are only {size}")
+    return int(amount)
+
+
+def as_target(target: PruneTarget | dict | float) -> PruneTarget:
+    """Accept a PruneTarget, a dict of its fields, or one fraction kept for both structures."""
+    if isinstance(target, PruneTarget):
+        return target
+    if isinstance(target, dict):
+        return PruneTarget(**target)
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        return PruneTarget(heads=float(target), ffn=float(target))
+    raise TypeError(f"target must be a PruneTarget, a dict of its fields or a float fraction kept, got {target!r}")
+
+
+def gate_sizes(model: nn.Module) -> dict[str, list[int]]:
+    """Original per-layer sizes: {"heads": [H_l], "ffn": [I_l]}."""
+    layers = gated_layers(model)
+    return {"heads": [layer.attention.self.head_gate.n for layer in layers],
+            "ffn": [layer.intermediate.unit_gate.n for layer in layers]}
+
+
+def layer_gates(model: nn.Module, structure: str) -> list:
+    """The per-layer HardConcreteGate of ``structure`` ("heads" or "ffn")."""
+    layers = gated_layers(model)
+    if structure == "heads":
+        return [layer.attention.self.head_gate for layer in layers]
+    if structure == "ffn":
+        return [layer.intermediate.unit_gate for layer in layers]
+    raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+
+
+def current_masks(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """What is still kept, per structure and layer (bool vectors on the CPU)."""
+    masks = get_masks(model)
+    return {"heads": [h.clone() for h in masks.heads_per_layer()], "ffn": [f.clone() for f in masks.ffn]}
+
+
+def select_top(scores: Sequence[torch.Tensor], available: Sequence[torch.Tensor], count: int | Sequence[int],
+               structure: str = "units") -> list[torch.Tensor]:
+    """Keep exactly ``count`` of the ``available`` units with the highest ``scores``.
+
+    ``count`` an int: one global ranking over all layers; a list: ``count[l]`` units in layer ``l``.
+    Ties are broken by position (earlier layer, lower index first), so results are deterministic.
+    Returns per-layer bool masks (CPU).
+    """
+    scores = [s.detach().float().cpu().flatten() for s in scores]
+    available = [a.detach().bool().cpu().flatten() for a in available]
+    if len(scores) != len(available) or any(s.shape != a.shape for s, a in zip(scores, available)):
+        raise ValueError("scores and available masks must have the same per-layer shapes")
+    if isinstance(count, int):
+        groups, counts = [list(range(len(scores)))], [count]
+    else:
+        if len(count) != len(scores):
+            raise ValueError(f"{len(count)} per-layer counts for {len(scores)} layers")
+        groups, counts = [[i] for i in range(len(scores))], list(count)
+    out = [torch.zeros_like(a) for a in available]
+    for layers, k in zip(groups, counts):
+        flat_scores = torch.cat([scores[i] for i in layers])
+        flat_avail = torch.cat([available[i] for i in layers])
+        n_avail = int(flat_avail.sum())
+        if k > n_avail:
+            where = "in total" if len(layers) > 1 else f"in layer {layers[0]}"
+            raise ValueError(f"cannot keep {k} {structure} {where}: only {n_avail} are not pruned already "
+                             "(targets count the original sizes, and pruned units stay pruned)")
+        flat_scores = torch.where(flat_avail, flat_scores, torch.full_like(flat_scores, -math.inf))
+        order = torch.sort(flat_scores, descending=True, stable=True).indices[:k]
+        keep = torch.zeros_like(flat_avail)
+        keep[order] = True
+        for i, part in zip(layers, keep.split([scores[i].numel() for i in layers])):
+            out[i] = part
+    return out
+
+
+def to_masks(heads: list[torch.Tensor], ffn: list[torch.Tensor]) -> Masks:
+    """Per-layer bool lists as a :class:`~structprune.Masks` (heads stacked ``[L, H]`` when sizes agree)."""
+    same = len({h.numel() for h in heads}) == 1
+    return Masks(heads=torch.stack(heads) if same else list(heads), ffn=list(ffn))
+
+
+def apply_masks(model: nn.Module, masks: Masks) -> nn.Module:
+    """``sp.set_masks(model, heads=masks.heads, ffn=masks.ffn)``; returns ``model``."""
+    return set_masks(model, heads=masks.heads, ffn=masks.ffn)
+
+
+def masks_for_scores(model: nn.Module, target: PruneTarget, scores: dict[str, Sequence[torch.Tensor]],
+                     start: dict[str, list[torch.Tensor]] | None = None) -> Masks:
+    """Masks keeping the top-scoring units per ``target``, starting from ``start`` (default: what the
+    model keeps now). A structure whose target is None keeps ``start`` unchanged."""
+    target = as_target(target)
+    sizes = gate_sizes(model)
+    start = current_masks(model) if start is None else start
+    result = {}
+    for structure in STRUCTURES:
+        count = target.counts(structure, sizes[structure])
+        if count is None:
+            result[structure] = [m.clone() for m in start[structure]]
+        else:
+            result[structure] = select_top(scores[structure], start[structure], count, structure)
+    return to_masks(result["heads"], result["ffn"])
