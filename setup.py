@@ -1,9 +1,82 @@
 """Build script: the Python package, the Triton kernels mapped to ``structprune._kernels``, and the optional
-C++/CUDA extension ``structprune._C`` (see csrc/ and the README's "Building the extension")."""
+C++/CUDA extension ``structprune._C`` (see csrc/ and the README's "Building the extension").
+
+The extension is built only when torch is importable while building (``pip install --no-build-isolation .``);
+pyproject.toml deliberately does not list torch as a build requirement, so a plain (isolated) ``pip install .``
+gives a pure-Python install and structprune JIT-builds csrc/ on first use instead. Knobs (csrc/README.md):
+
+    STRUCTPRUNE_SKIP_EXT=1          do not build structprune._C at all
+    STRUCTPRUNE_SKIP_CUDA_BUILD=1   build the CPU kernels only, even with a CUDA torch
+    STRUCTPRUNE_CUDA_ARCH_LIST      CUDA archs (TORCH_CUDA_ARCH_LIST syntax), default "8.0;9.0a"
+    MAX_JOBS                        parallel ninja jobs (default: from the cores and memory)
+    STRUCTPRUNE_EXT_REQUIRED=1      fail the install if the extension fails to build (default: warn, JIT later)
+"""
+import os
+
 from setuptools import setup
 
+CSRC = "csrc"
+CPU_SOURCES = ["register.cpp", "gated_core.cpp", "cpu/ops_cpu.cpp"]
+CUDA_SOURCES = ["cuda/kernels.cu", "cuda/ops_cuda.cpp"]
+
+
+def _default_max_jobs() -> str:
+    cores = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 8.0
+    return str(max(1, min(cores, int(mem_gib // 3))))  # ~3 GiB per compiler process including nvcc
+
+
+def _extension_kwargs() -> dict:
+    if os.environ.get("STRUCTPRUNE_SKIP_EXT") == "1":
+        print("structprune: STRUCTPRUNE_SKIP_EXT=1, not building structprune._C")
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("structprune: torch is not importable at build time (isolated build); not building structprune._C, "
+              "it will be JIT-built on first use. Use `pip install --no-build-isolation .` to prebuild it.")
+        return {}
+
+    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+                 and os.environ.get("STRUCTPRUNE_SKIP_CUDA_BUILD") != "1")
+    sources = [f"{CSRC}/{s}" for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+    cflags = ["-O3", "-DSTRUCTPRUNE_PYTHON_MODULE"] + (["-DSTRUCTPRUNE_WITH_CUDA"] if with_cuda else [])
+    include_dirs = [os.path.abspath(CSRC)]
+    if with_cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("STRUCTPRUNE_CUDA_ARCH_LIST", "8.0;9.0a")
+        ext = cpp_extension.CUDAExtension("structprune._C", sources, include_dirs=include_dirs,
+                                          extra_compile_args={"cxx": cflags, "nvcc": ["-O3"]})
+    else:
+        ext = cpp_extension.CppExtension("structprune._C", sources, include_dirs=include_dirs,
+                                         extra_compile_args={"cxx": cflags})
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension (ninja), but a failed build only warns unless STRUCTPRUNE_EXT_REQUIRED=1."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as exc:
+                if os.environ.get("STRUCTPRUNE_EXT_REQUIRED") == "1":
+                    raise
+                print(f"structprune: WARNING: building {extension.name} failed ({exc}); installing without it, "
+                      "structprune will try a JIT build on first use")
+
+    print(f"structprune: building structprune._C ({'CPU + CUDA' if with_cuda else 'CPU'}, "
+          f"MAX_JOBS={os.environ['MAX_JOBS']})")
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
 setup(
-    packages=["structprune", "structprune._kernels", "structprune.qa", "structprune.strategies"],
-    package_dir={"structprune": "structprune", "structprune._kernels": "kernels"},
-    package_data={"structprune": ["csrc/**/*"]},
+    # kernels/ installs as structprune._kernels and csrc/ as structprune/csrc (sources for the JIT build)
+    packages=["structprune", "structprune._kernels", "structprune.qa", "structprune.strategies", "structprune.csrc"],
+    package_dir={"structprune": "structprune", "structprune._kernels": "kernels", "structprune.csrc": CSRC},
+    package_data={"structprune.csrc": ["*.cpp", "*.h", "*.md", "*.sh", "cpu/*.cpp", "cuda/*.cu", "cuda/*.h",
+                                       "cuda/*.cpp"]},
+    **_extension_kwargs(),
 )

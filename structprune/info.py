@@ -31,7 +31,16 @@ def collect() -> dict:
         "requested_backend": ops.get_backend(),
         "backends": {d: {b: ops.availability(b, d) or "available" for b in ops.BACKENDS} for d in devices},
         "auto_picks": {d: ops.resolve_backend(d) for d in devices},
+        "cpp_extension": _cpp_build_info(),
     }
+
+
+def _cpp_build_info():
+    try:
+        from . import _extension
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__}: {exc})"
+    return _extension.build_info() if _extension.load_error() is None else _extension.load_error()
 
 
 def run(args) -> int:

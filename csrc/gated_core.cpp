@@ -1,0 +1,539 @@
+// Device-generic gated attention / FFN on packed weights, plus the pack cache. See gated_core.h.
+#include "gated_core.h"
+
+#include <c10/core/Storage.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+#include <vector>
+
+namespace structprune {
+
+Act parse_activation(const std::string& name) {
+  if (name == "gelu") return Act::Gelu;
+  if (name == "gelu_tanh") return Act::GeluTanh;
+  if (name == "relu") return Act::Relu;
+  TORCH_CHECK(false, "structprune: activation must be one of 'gelu', 'gelu_tanh', 'relu', got '", name, "'");
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pack cache. An entry holds, for one layer, the kept rows of the input projection(s) stacked into one matrix
+// (wq|wk|wv rows of the active heads, or w1 rows of the kept units) and the kept columns of the output projection
+// (wo / w2), optionally pre-multiplied by the gates. An entry is reused only while every weight it was built from
+// is the same live storage at the same data pointer, shape, strides and version counter (so in-place updates made
+// under autograd's view of the tensor, e.g. optimizer steps, `with torch.no_grad(): w.add_(...)`, `w.copy_(...)`,
+// load_state_dict, invalidate it), the kept index has the same content (CPU) or is the same unmodified tensor
+// (CUDA), and the folded gate values are equal. Writes through `w.data` bypass PyTorch's version counter and are
+// NOT seen: call pack_cache_clear() after them (structprune._extension.clear_cache()).
+// ---------------------------------------------------------------------------------------------------------------
+
+struct Stamp {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data;
+  int64_t version;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  at::Device device;
+
+  explicit Stamp(const at::Tensor& t)
+      : storage(t.storage().getWeakStorageImpl()),
+        data(t.data_ptr()),
+        version(version_of(t)),
+        sizes(t.sizes().vec()),
+        strides(t.strides().vec()),
+        dtype(t.scalar_type()),
+        device(t.device()) {}
+
+  static int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : t._version(); }
+  bool alive() const { return !storage.expired(); }
+  bool same_tensor(const at::Tensor& t) const {
+    return alive() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() && data == t.data_ptr();
+  }
+  bool matches(const at::Tensor& t) const {
+    return same_tensor(t) && version == version_of(t) && t.sizes().equals(sizes) && t.strides().equals(strides) &&
+           dtype == t.scalar_type() && device == t.device();
+  }
+};
+
+enum class Kind { Attention, Ffn };
+
+struct Entry {
+  Kind kind;
+  std::vector<Stamp> in_stamps;  // wq, bq, wk, bk, wv, bv | w1, b1
+  std::vector<Stamp> out_stamps;  // wo | w2
+  std::vector<int64_t> index_content;  // CPU index
+  std::vector<Stamp> index_stamp;  // CUDA index (0 or 1 element)
+  int64_t block = 1;  // rows per kept index (head_dim for attention)
+  std::vector<float> gate_values;  // folded gates (empty when not folded)
+  bool folded = false;
+  at::Tensor rows, w_in, b_in, w_out;  // w_in / b_in / w_out undefined when "identity" (use the live weight)
+  uint64_t tick = 0;
+};
+
+struct Cache {
+  std::mutex mu;
+  std::vector<Entry> entries;
+  uint64_t clock = 0;
+};
+
+Cache& cache() {
+  static Cache c;
+  return c;
+}
+
+size_t cache_capacity() {
+  static const size_t cap = [] {
+    const char* s = std::getenv("STRUCTPRUNE_PACK_CACHE_SIZE");
+    return s ? static_cast<size_t>(std::strtoull(s, nullptr, 10)) : static_cast<size_t>(256);
+  }();
+  return cap;
+}
+
+bool stamps_match(const std::vector<Stamp>& stamps, const std::vector<at::Tensor>& ts) {
+  if (stamps.size() != ts.size()) return false;
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (!stamps[i].matches(ts[i])) return false;
+  return true;
+}
+
+std::vector<Stamp> make_stamps(const std::vector<at::Tensor>& ts) {
+  std::vector<Stamp> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.emplace_back(t);
+  return out;
+}
+
+std::vector<int64_t> index_content(const at::Tensor& index) {
+  auto c = index.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + c.numel());
+}
+
+bool index_matches(const Entry& e, const at::Tensor& index) {
+  if (index.is_cpu()) {
+    if (static_cast<int64_t>(e.index_content.size()) != index.numel() || !e.index_stamp.empty()) return false;
+    auto c = index.contiguous();
+    return std::equal(e.index_content.begin(), e.index_content.end(), c.data_ptr<int64_t>());
+  }
+  return e.index_stamp.size() == 1 && e.index_stamp[0].matches(index);
+}
+
+}  // namespace
+
+void pack_cache_clear() {
+  auto& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.entries.clear();
+}
+
+int64_t pack_cache_size() {
+  auto& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return static_cast<int64_t>(c.entries.size());
+}
+
+namespace {
+
+struct Pack {
+  at::Tensor rows;  // int64 [R] rows of the input projection kept (block-expanded index)
+  at::Tensor w_in, b_in;  // [P * R, E], [P * R]  (P = 3 for attention, 1 for the FFN)
+  at::Tensor w_out;  // [E, R], gated when folded
+  at::Tensor gcols;  // [R] gate per kept column, in the dtype of x
+  bool folded;
+};
+
+// ins: the P input weights followed by their P biases interleaved (w, b, w, b, ...); out: the output weight.
+Pack get_pack(Kind kind, const DeviceHooks& hooks, const std::vector<at::Tensor>& ins, const at::Tensor& w_out_full,
+              const at::Tensor& gates, const at::Tensor& index, int64_t block, int64_t full_rows,
+              at::ScalarType dtype) {
+  const int64_t P = static_cast<int64_t>(ins.size()) / 2;
+  const int64_t n_idx = index.numel();
+  const int64_t R = n_idx * block;
+  const auto dev = ins[0].device();
+  Pack pk;
+  pk.folded = hooks.fold_gates;
+
+  at::Tensor idx_dev = index.to(dev, at::kLong);
+  at::Tensor gates_kept = gates.to(dev).index_select(0, idx_dev);
+  pk.gcols = (block == 1 ? gates_kept : gates_kept.repeat_interleave(block)).to(dtype);
+  pk.rows = block == 1 ? idx_dev
+                       : (idx_dev.view({n_idx, 1}) * block + at::arange(block, idx_dev.options()).view({1, block}))
+                             .reshape({R});
+
+  std::vector<float> gate_values;
+  if (pk.folded) {
+    auto g = gates_kept.to(at::kCPU, at::kFloat).contiguous();
+    gate_values.assign(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
+  }
+  const bool identity_rows = R == full_rows;  // sorted unique indices covering everything
+  const bool gates_one =
+      pk.folded && std::all_of(gate_values.begin(), gate_values.end(), [](float v) { return v == 1.0f; });
+  const bool identity_in = identity_rows && P == 1;
+  const bool identity_out = identity_rows && (!pk.folded || gates_one);
+
+  auto build_in = [&](Entry& e) {
+    if (identity_in) {
+      e.w_in = at::Tensor();
+      e.b_in = at::Tensor();
+      return;
+    }
+    const int64_t E = ins[0].size(1);
+    e.w_in = at::empty({P * R, E}, ins[0].options().memory_format(at::MemoryFormat::Contiguous));
+    e.b_in = at::empty({P * R}, ins[1].options());
+    for (int64_t p = 0; p < P; ++p) {
+      auto wdst = e.w_in.narrow(0, p * R, R);
+      auto bdst = e.b_in.narrow(0, p * R, R);
+      at::index_select_out(wdst, ins[2 * p], 0, pk.rows);
+      at::index_select_out(bdst, ins[2 * p + 1], 0, pk.rows);
+    }
+  };
+  auto build_out = [&](Entry& e) {
+    if (identity_out) {
+      e.w_out = at::Tensor();
+    } else {
+      e.w_out = w_out_full.index_select(1, pk.rows);
+      if (pk.folded) e.w_out.mul_(pk.gcols);
+    }
+    e.gate_values = gate_values;
+    e.folded = pk.folded;
+  };
+  auto fill = [&](const Entry& e) {
+    if (identity_in) {
+      pk.w_in = ins[0];
+      pk.b_in = ins[1];
+    } else {
+      pk.w_in = e.w_in;
+      pk.b_in = e.b_in;
+    }
+    pk.w_out = identity_out ? w_out_full : e.w_out;
+  };
+
+  std::vector<at::Tensor> in_tensors(ins.begin(), ins.end());
+  const size_t cap = cache_capacity();
+  if (cap == 0) {
+    Entry e;
+    build_in(e);
+    build_out(e);
+    fill(e);
+    return pk;
+  }
+
+  auto& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  Entry* hit = nullptr;
+  for (auto& e : c.entries) {
+    if (e.kind == kind && e.block == block && !e.in_stamps.empty() && e.in_stamps[0].same_tensor(ins[0]) &&
+        !e.out_stamps.empty() && e.out_stamps[0].same_tensor(w_out_full)) {
+      hit = &e;
+      break;
+    }
+  }
+  if (hit == nullptr) {
+    // Drop entries of freed layers, then the least recently used ones beyond capacity.
+    c.entries.erase(std::remove_if(c.entries.begin(), c.entries.end(),
+                                   [](const Entry& e) {
+                                     for (const auto& s : e.in_stamps)
+                                       if (!s.alive()) return true;
+                                     for (const auto& s : e.out_stamps)
+                                       if (!s.alive()) return true;
+                                     return false;
+                                   }),
+                    c.entries.end());
+    while (c.entries.size() >= cap) {
+      auto oldest = std::min_element(c.entries.begin(), c.entries.end(),
+                                     [](const Entry& a, const Entry& b) { return a.tick < b.tick; });
+      c.entries.erase(oldest);
+    }
+    c.entries.emplace_back();
+    hit = &c.entries.back();
+    hit->kind = kind;
+    hit->block = block;
+  }
+  Entry& e = *hit;
+  e.tick = ++c.clock;
+  const bool same_index = index_matches(e, index);
+  const bool in_ok = same_index && stamps_match(e.in_stamps, in_tensors) && e.rows.defined();
+  const bool out_ok = same_index && stamps_match(e.out_stamps, {w_out_full}) && e.folded == pk.folded &&
+                      e.gate_values == gate_values && e.rows.defined();
+  if (!in_ok) {
+    build_in(e);
+    e.in_stamps = make_stamps(in_tensors);
+  }
+  if (!out_ok) {
+    build_out(e);
+    e.out_stamps = make_stamps({w_out_full});
+  }
+  if (!same_index || !e.rows.defined()) {
+    if (index.is_cpu()) {
+      e.index_content = index_content(index);
+      e.index_stamp.clear();
+    } else {
+      e.index_content.clear();
+      e.index_stamp = make_stamps({index});
+    }
+  }
+  e.rows = pk.rows;
+  fill(e);
+  return pk;
+}
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& x, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.device() == x.device(), "structprune: ", name, " must be on ", x.device(), " like x, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "structprune: ", name, " must have dtype ", x.scalar_type(),
+              " like x, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), "structprune: ", name, " must have shape ", at::IntArrayRef(shape), ", got ",
+              t.sizes());
+}
+
+void check_index(const at::Tensor& index, const char* name, int64_t n, const at::Tensor& gates, const at::Tensor& x) {
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, "structprune: ", name,
+              " must be a 1-D int64 tensor, got ", index.scalar_type(), " of shape ", index.sizes());
+  TORCH_CHECK(index.numel() <= n, "structprune: ", name, " has ", index.numel(), " entries for ", n, " gates");
+  TORCH_CHECK(index.device() == x.device() || index.is_cpu(), "structprune: ", name, " must be on ", x.device(),
+              " or the CPU, got ", index.device());
+  TORCH_CHECK(gates.dim() == 1 && gates.size(0) == n && at::isFloatingType(gates.scalar_type()),
+              "structprune: gates must be a floating 1-D tensor of ", n, " entries, got ", gates.scalar_type(),
+              " of shape ", gates.sizes());
+  if (index.is_cpu() && index.numel() > 0) {
+    auto c = index.contiguous();
+    const int64_t* p = c.data_ptr<int64_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      TORCH_CHECK(p[i] >= 0 && p[i] < n && (i == 0 || p[i] > p[i - 1]), "structprune: ", name,
+                  " must hold sorted unique indices in [0, ", n, "), got ", p[i], " at position ", i);
+    }
+  }
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3, "structprune: x must be [B, S, E], got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "structprune: x must be float32, bfloat16 or float16, got ", dt);
+}
+
+at::Tensor broadcast_bias(const at::Tensor& bias, int64_t B, int64_t S) {
+  auto out = at::empty({B, S, bias.size(0)}, bias.options());
+  out.copy_(bias.view({1, 1, bias.size(0)}).expand({B, S, bias.size(0)}));
+  return out;
+}
+
+struct AttnShapes {
+  int64_t B, S, E, H, D, A, R;
+};
+
+AttnShapes check_attention(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk,
+                           const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo,
+                           const at::Tensor& bo, const at::Tensor& head_gates, const at::Tensor& active_heads,
+                           const std::optional<at::Tensor>& key_bias, int64_t num_heads) {
+  check_x(x);
+  AttnShapes s;
+  s.B = x.size(0);
+  s.S = x.size(1);
+  s.E = x.size(2);
+  s.H = num_heads;
+  TORCH_CHECK(num_heads > 0 && wq.dim() == 2 && wq.size(0) % num_heads == 0,
+              "structprune: wq must be [num_heads * head_dim, E] with num_heads = ", num_heads, ", got ", wq.sizes());
+  const int64_t HD = wq.size(0);
+  s.D = HD / num_heads;
+  check_same(wq, "wq", x, {HD, s.E});
+  check_same(wk, "wk", x, {HD, s.E});
+  check_same(wv, "wv", x, {HD, s.E});
+  check_same(bq, "bq", x, {HD});
+  check_same(bk, "bk", x, {HD});
+  check_same(bv, "bv", x, {HD});
+  check_same(wo, "wo", x, {s.E, HD});
+  check_same(bo, "bo", x, {s.E});
+  check_index(active_heads, "active_heads", num_heads, head_gates, x);
+  if (key_bias.has_value()) {
+    TORCH_CHECK(key_bias->sizes().equals({s.B, s.S}) && key_bias->device() == x.device(),
+                "structprune: key_bias must be [B, S] = [", s.B, ", ", s.S, "] on ", x.device(), ", got ",
+                key_bias->sizes(), " on ", key_bias->device());
+  }
+  s.A = active_heads.numel();
+  s.R = s.A * s.D;
+  return s;
+}
+
+std::optional<at::Tensor> make_mask(const std::optional<at::Tensor>& key_bias, const at::Tensor& x) {
+  if (!key_bias.has_value()) return std::nullopt;
+  return key_bias->to(x.scalar_type()).view({x.size(0), 1, 1, x.size(1)});
+}
+
+at::Tensor rows_2d(const at::Tensor& t) {
+  auto r = t.reshape({-1, t.size(-1)});
+  return r.is_contiguous() ? r : r.contiguous();
+}
+
+}  // namespace
+
+at::Tensor attention_forward(const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& wq,
+                             const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv,
+                             const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
+                             const at::Tensor& head_gates, const at::Tensor& active_heads,
+                             const std::optional<at::Tensor>& key_bias, int64_t num_heads) {
+  const auto s = check_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads);
+  if (s.A == 0 || s.B * s.S == 0) return broadcast_bias(bo, s.B, s.S);
+  const Pack pk = get_pack(Kind::Attention, hooks, {wq, bq, wk, bk, wv, bv}, wo, head_gates, active_heads, s.D,
+                           s.H * s.D, x.scalar_type());
+  const auto x2 = rows_2d(x);
+  const auto qkv = at::addmm(pk.b_in, x2, pk.w_in.t()).view({s.B, s.S, 3, s.A, s.D});
+  const auto q = qkv.select(2, 0).transpose(1, 2);
+  const auto k = qkv.select(2, 1).transpose(1, 2);
+  const auto v = qkv.select(2, 2).transpose(1, 2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
+  auto [ctx, aux] = hooks.attn_fwd(q, k, v, make_mask(key_bias, x), scale);
+  auto ctx2 = ctx.transpose(1, 2).reshape({s.B * s.S, s.R});
+  if (!pk.folded) {
+    if (!ctx2.is_contiguous()) ctx2 = ctx2.contiguous();
+    hooks.scale_cols(ctx2, pk.gcols);
+  }
+  return at::addmm(bo, ctx2, pk.w_out.t()).view({s.B, s.S, s.E});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wq,
+                   const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv,
+                   const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& head_gates,
+                   const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias, int64_t num_heads) {
+  const auto s = check_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads);
+  check_same(grad_out, "grad_out", x, {s.B, s.S, s.E});
+  const auto go2 = rows_2d(grad_out);
+  auto dbo = go2.sum(0);
+  auto dx = at::zeros_like(x, at::MemoryFormat::Contiguous);
+  auto dwq = at::zeros(wq.sizes(), wq.options());
+  auto dwk = at::zeros(wk.sizes(), wk.options());
+  auto dwv = at::zeros(wv.sizes(), wv.options());
+  auto dbq = at::zeros(bq.sizes(), bq.options());
+  auto dbk = at::zeros(bk.sizes(), bk.options());
+  auto dbv = at::zeros(bv.sizes(), bv.options());
+  auto dwo = at::zeros(wo.sizes(), wo.options());
+  auto dgates = at::zeros(head_gates.sizes(), head_gates.options());
+  if (s.A == 0 || s.B * s.S == 0) return {dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dgates};
+
+  const Pack pk = get_pack(Kind::Attention, hooks, {wq, bq, wk, bk, wv, bv}, wo, head_gates, active_heads, s.D,
+                           s.H * s.D, x.scalar_type());
+  const int64_t N = s.B * s.S, R = s.R;
+  const auto x2 = rows_2d(x);
+  // Recompute the forward up to the (ungated) context.
+  const auto qkv = at::addmm(pk.b_in, x2, pk.w_in.t()).view({s.B, s.S, 3, s.A, s.D});
+  const auto q = qkv.select(2, 0).transpose(1, 2);
+  const auto k = qkv.select(2, 1).transpose(1, 2);
+  const auto v = qkv.select(2, 2).transpose(1, 2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
+  const auto mask = make_mask(key_bias, x);
+  auto [ctx, aux] = hooks.attn_fwd(q, k, v, mask, scale);
+  const auto ctx2 = ctx.transpose(1, 2).reshape({N, R}).contiguous();  // [N, R] ungated
+
+  // out = (ctx * g) @ wo_sel^T + bo. With M = grad^T @ ctx: dwo_sel = M * g, dg_a = sum(M * wo_sel) over head a.
+  const auto M = at::mm(go2.t(), ctx2);  // [E, R]
+  const auto wo_sel = pk.folded ? wo.index_select(1, pk.rows) : pk.w_out;
+  const auto dg = (M.to(at::kFloat) * wo_sel.to(at::kFloat)).view({s.E, s.A, s.D}).sum(at::IntArrayRef{0, 2});
+  dgates.index_copy_(0, active_heads.to(x.device()), dg.to(head_gates.scalar_type()));
+  dwo.index_copy_(1, pk.rows, M * pk.gcols);
+  auto dctx2 = at::mm(go2, pk.w_out);  // gated when folded
+  if (!pk.folded) hooks.scale_cols(dctx2, pk.gcols);
+  const auto dctx = dctx2.view({s.B, s.S, s.A, s.D}).transpose(1, 2);
+  auto [dq, dk, dv] = hooks.attn_bwd(dctx, q, k, v, ctx, aux, mask, scale);
+
+  auto dqkv = at::empty({s.B, s.S, 3, s.A, s.D}, x.options());
+  dqkv.select(2, 0).copy_(dq.transpose(1, 2));
+  dqkv.select(2, 1).copy_(dk.transpose(1, 2));
+  dqkv.select(2, 2).copy_(dv.transpose(1, 2));
+  const auto dqkv2 = dqkv.view({N, 3 * R});
+  const auto dw_in = at::mm(dqkv2.t(), x2);  // [3R, E]
+  const auto db_in = dqkv2.sum(0);
+  auto dx2 = dx.view({N, s.E});
+  at::mm_out(dx2, dqkv2, pk.w_in);
+  dwq.index_copy_(0, pk.rows, dw_in.narrow(0, 0, R));
+  dwk.index_copy_(0, pk.rows, dw_in.narrow(0, R, R));
+  dwv.index_copy_(0, pk.rows, dw_in.narrow(0, 2 * R, R));
+  dbq.index_copy_(0, pk.rows, db_in.narrow(0, 0, R));
+  dbk.index_copy_(0, pk.rows, db_in.narrow(0, R, R));
+  dbv.index_copy_(0, pk.rows, db_in.narrow(0, 2 * R, R));
+  return {dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dgates};
+}
+
+namespace {
+
+struct FfnShapes {
+  int64_t B, S, E, I, K;
+};
+
+FfnShapes check_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                    const at::Tensor& b2, const at::Tensor& unit_gates, const at::Tensor& kept_units) {
+  check_x(x);
+  FfnShapes s;
+  s.B = x.size(0);
+  s.S = x.size(1);
+  s.E = x.size(2);
+  TORCH_CHECK(w1.dim() == 2, "structprune: w1 must be [I, E], got ", w1.sizes());
+  s.I = w1.size(0);
+  check_same(w1, "w1", x, {s.I, s.E});
+  check_same(b1, "b1", x, {s.I});
+  check_same(w2, "w2", x, {s.E, s.I});
+  check_same(b2, "b2", x, {s.E});
+  check_index(kept_units, "kept_units", s.I, unit_gates, x);
+  s.K = kept_units.numel();
+  return s;
+}
+
+}  // namespace
+
+at::Tensor ffn_forward(const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                       const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
+                       const at::Tensor& kept_units, const std::string& activation) {
+  const Act act = parse_activation(activation);
+  const auto s = check_ffn(x, w1, b1, w2, b2, unit_gates, kept_units);
+  if (s.K == 0 || s.B * s.S == 0) return broadcast_bias(b2, s.B, s.S);
+  const Pack pk = get_pack(Kind::Ffn, hooks, {w1, b1}, w2, unit_gates, kept_units, 1, s.I, x.scalar_type());
+  auto a = at::addmm(pk.b_in, rows_2d(x), pk.w_in.t());  // [N, K], bias in the GEMM (as F.linear)
+  hooks.bias_act(a, at::Tensor(), pk.folded ? at::Tensor() : pk.gcols, act, nullptr);
+  return at::addmm(b2, a, pk.w_out.t()).view({s.B, s.S, s.E});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ffn_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+             const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
+             const at::Tensor& kept_units, const std::string& activation) {
+  const Act act = parse_activation(activation);
+  const auto s = check_ffn(x, w1, b1, w2, b2, unit_gates, kept_units);
+  check_same(grad_out, "grad_out", x, {s.B, s.S, s.E});
+  const auto go2 = rows_2d(grad_out);
+  auto db2 = go2.sum(0);
+  auto dx = at::zeros_like(x, at::MemoryFormat::Contiguous);
+  auto dw1 = at::zeros(w1.sizes(), w1.options());
+  auto db1 = at::zeros(b1.sizes(), b1.options());
+  auto dw2 = at::zeros(w2.sizes(), w2.options());
+  auto dgates = at::zeros(unit_gates.sizes(), unit_gates.options());
+  if (s.K == 0 || s.B * s.S == 0) return {dx, dw1, db1, dw2, db2, dgates};
+
+  const Pack pk = get_pack(Kind::Ffn, hooks, {w1, b1}, w2, unit_gates, kept_units, 1, s.I, x.scalar_type());
+  const auto x2 = rows_2d(x);
+  // Recompute the pre-activation with the bias inside the GEMM (one rounding, as F.linear: in bf16 the sign of
+  // near-zero values, hence relu's derivative, then matches the reference).
+  auto pre = at::addmm(pk.b_in, x2, pk.w_in.t());
+  auto h = at::empty_like(pre);
+  hooks.bias_act(pre, at::Tensor(), at::Tensor(), act, &h);  // h = act(pre), ungated
+
+  const auto M = at::mm(go2.t(), h);  // [E, K]
+  const auto w2_sel = pk.folded ? w2.index_select(1, pk.rows) : pk.w_out;
+  const auto dg = (M.to(at::kFloat) * w2_sel.to(at::kFloat)).sum(0);
+  dgates.index_copy_(0, kept_units.to(x.device()), dg.to(unit_gates.scalar_type()));
+  dw2.index_copy_(1, pk.rows, M * pk.gcols);
+  auto dh = at::mm(go2, pk.w_out);  // [N, K], gated when folded
+  if (!pk.folded) hooks.scale_cols(dh, pk.gcols);
+  hooks.act_backward(dh, pre, act);  // dh <- d pre
+  dw1.index_copy_(0, pk.rows, at::mm(dh.t(), x2));
+  db1.index_copy_(0, pk.rows, dh.sum(0));
+  auto dx2 = dx.view({s.B * s.S, s.E});
+  at::mm_out(dx2, dh, pk.w_in);
+  return {dx, dw1, db1, dw2, db2, dgates};
+}
+
+}  // namespace structprune

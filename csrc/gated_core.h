@@ -1,0 +1,65 @@
+// Device-generic forward/backward of the two gated ops, written with ATen calls on packed weights.
+// Each device (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp) supplies the few pieces that differ: the attention core,
+// the bias + activation (+ gate) epilogue and its backward, and whether gates are folded into the packed
+// output weights (CPU: yes, keyed on the gate values; CUDA: no, so nothing is read back to the host).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace structprune {
+
+enum class Act { Gelu, GeluTanh, Relu };
+Act parse_activation(const std::string& name);
+
+struct DeviceHooks {
+  // Attention on [B, A, S, D] views; mask is [B, 1, 1, S] in the dtype of q (or undefined).
+  // Returns the context [B, A, S, D] and whatever the backward needs (e.g. the log-sum-exp).
+  std::tuple<at::Tensor, at::Tensor> (*attn_fwd)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& mask, double scale);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*attn_bwd)(const at::Tensor& dctx, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& ctx, const at::Tensor& aux,
+                                                             const std::optional<at::Tensor>& mask, double scale);
+  // a [N, K] (contiguous) <- act(a + bias) * col_scale (bias and col_scale may be undefined). With h_out (backward
+  // recompute; a tensor like a): a <- a + bias (the pre-activation) and *h_out <- act(a + bias), ungated.
+  void (*bias_act)(at::Tensor& a, const at::Tensor& bias, const at::Tensor& col_scale, Act act, at::Tensor* h_out);
+  // dh [N, K] (contiguous) <- dh * act'(pre), in place or by rebinding dh to a new tensor
+  void (*act_backward)(at::Tensor& dh, const at::Tensor& pre, Act act);
+  // Scale columns: t [N, C] (contiguous) <- t * col_scale[C] (used when gates are not folded).
+  void (*scale_cols)(at::Tensor& t, const at::Tensor& col_scale);
+  bool fold_gates;  // fold the gates into the packed wo / w2 columns (needs the gate values on the host)
+};
+
+at::Tensor attention_forward(const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& wq,
+                             const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv,
+                             const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
+                             const at::Tensor& head_gates, const at::Tensor& active_heads,
+                             const std::optional<at::Tensor>& key_bias, int64_t num_heads);
+
+// Returns dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dhead_gates (zero rows/columns/entries for pruned heads).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wq,
+                   const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv,
+                   const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& head_gates,
+                   const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias, int64_t num_heads);
+
+at::Tensor ffn_forward(const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                       const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
+                       const at::Tensor& kept_units, const std::string& activation);
+
+// Returns dx, dw1, db1, dw2, db2, dunit_gates.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ffn_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+             const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
+             const at::Tensor& kept_units, const std::string& activation);
+
+// Pack cache (shared by all devices): drop every entry / number of live entries.
+void pack_cache_clear();
+int64_t pack_cache_size();
+
+}  // namespace structprune

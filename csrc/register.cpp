@@ -1,0 +1,73 @@
+// Schemas of the structprune ops (torch.ops.structprune.*) and device-independent helper ops.
+// Kernels: cpu/ops_cpu.cpp (CPU), cuda/ops_cuda.cpp (CUDA, built only with a CUDA torch).
+// Fake (meta) kernels and autograd formulas are registered from Python in structprune/_extension.py.
+#ifdef STRUCTPRUNE_PYTHON_MODULE
+#include <Python.h>  // only for the module init of the setup.py build (structprune._C)
+#endif
+
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "gated_core.h"
+#include "philox.h"
+
+namespace {
+
+std::string build_info() {
+  std::string s = "structprune._C ops; cuda=";
+#ifdef STRUCTPRUNE_WITH_CUDA
+  s += "1";
+#else
+  s += "0";
+#endif
+#if defined(__clang__)
+  s += "; compiler=clang " __clang_version__;
+#elif defined(__GNUC__)
+  s += "; compiler=gcc " __VERSION__;
+#endif
+  return s;
+}
+
+std::vector<int64_t> philox4x32_10_op(std::vector<int64_t> counter, std::vector<int64_t> key) {
+  TORCH_CHECK(counter.size() == 4 && key.size() == 2, "structprune: philox4x32_10 needs 4 counter and 2 key words");
+  structprune::Philox4 c;
+  for (int i = 0; i < 4; ++i) c.v[i] = static_cast<uint32_t>(counter[i]);
+  const auto r = structprune::philox4x32_10(c, static_cast<uint32_t>(key[0]), static_cast<uint32_t>(key[1]));
+  return {r.v[0], r.v[1], r.v[2], r.v[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(structprune, m) {
+  m.def(
+      "cpp_gated_attention(Tensor x, Tensor wq, Tensor bq, Tensor wk, Tensor bk, Tensor wv, Tensor bv, Tensor wo, "
+      "Tensor bo, Tensor head_gates, Tensor active_heads, Tensor? key_bias, int num_heads) -> Tensor");
+  m.def(
+      "cpp_gated_attention_backward(Tensor grad_out, Tensor x, Tensor wq, Tensor bq, Tensor wk, Tensor bk, "
+      "Tensor wv, Tensor bv, Tensor wo, Tensor bo, Tensor head_gates, Tensor active_heads, Tensor? key_bias, "
+      "int num_heads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpp_gated_ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor unit_gates, Tensor kept_units, "
+      "str activation) -> Tensor");
+  m.def(
+      "cpp_gated_ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor unit_gates, Tensor kept_units, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("hard_concrete_sample(Tensor log_alpha, int seed, int offset, float beta, Tensor? mask=None) -> Tensor");
+  m.def(
+      "hard_concrete_sample_backward(Tensor grad, Tensor log_alpha, int seed, int offset, float beta, "
+      "Tensor? mask=None) -> Tensor");
+  m.def("pack_cache_clear() -> ()", &structprune::pack_cache_clear);
+  m.def("pack_cache_size() -> int", &structprune::pack_cache_size);
+  m.def("build_info() -> str", &build_info);
+  m.def("philox4x32_10(int[] counter, int[] key) -> int[]", &philox4x32_10_op);
+}
+
+#ifdef STRUCTPRUNE_PYTHON_MODULE
+// `import structprune._C` loads this library, whose static initializers register the ops above.
+static struct PyModuleDef structprune_c_module = {PyModuleDef_HEAD_INIT, "_C",
+                                                  "structprune compiled ops, registered in torch.ops.structprune",
+                                                  -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&structprune_c_module); }
+#endif

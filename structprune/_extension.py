@@ -1,0 +1,275 @@
+"""The "cpp" kernel backend: the compiled extension (``csrc/``) behind ``torch.ops.structprune``.
+
+Loading, in order (importing this module never fails because the extension is missing):
+
+1. ``structprune._C``, built by ``setup.py`` at install time (``pip install --no-build-isolation .``);
+2. a JIT build of ``csrc/`` with :func:`torch.utils.cpp_extension.load` (ninja), cached under
+   ``$STRUCTPRUNE_BUILD_DIR`` or torch's default extensions directory (``$TORCH_EXTENSIONS_DIR``); the CUDA
+   sources are compiled only when torch itself has CUDA (and fall back to a CPU-only build if that fails);
+3. otherwise the reason is recorded: :func:`availability` returns it (``structprune.ops`` reports it) and it is
+   logged once.
+
+Ops (``torch.ops.structprune.*``): ``cpp_gated_attention``, ``cpp_gated_attention_backward``, ``cpp_gated_ffn``,
+``cpp_gated_ffn_backward``, ``hard_concrete_sample``, ``hard_concrete_sample_backward`` and helpers
+``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``philox4x32_10``. Fake kernels and autograd formulas
+(calling the C++ backward ops) are registered here.
+
+Packed-weight cache: the kept rows/columns of each layer's weights are packed once and reused while the weights
+are unchanged (same storage, data pointer, shape and ``_version``), the kept index has the same content and the
+gate values folded into the packed output weights are equal. In-place updates PyTorch tracks (optimizer steps,
+``with torch.no_grad(): w.add_(...)``, ``copy_``, ``load_state_dict``) invalidate it; writes through ``w.data``
+bypass the version counter, so call :func:`clear_cache` after them (or set ``STRUCTPRUNE_PACK_CACHE_SIZE=0``).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "clear_cache", "cache_size",
+           "build_info", "load_error"]
+
+_log = logging.getLogger("structprune")
+
+_OPS = ("cpp_gated_attention", "cpp_gated_attention_backward", "cpp_gated_ffn", "cpp_gated_ffn_backward",
+        "hard_concrete_sample", "hard_concrete_sample_backward")
+_CPU_SOURCES = ("register.cpp", "gated_core.cpp", "cpu/ops_cpu.cpp")
+_CUDA_SOURCES = ("cuda/kernels.cu", "cuda/ops_cuda.cpp")
+
+_error: str | None = None  # why the extension could not be loaded (None when loaded)
+_origin: str = ""  # how it was loaded: "prebuilt structprune._C" or "JIT build in <dir>"
+_build_seconds: float | None = None
+
+
+def _ops_registered() -> bool:
+    try:
+        return hasattr(torch.ops.structprune, "cpp_gated_ffn")
+    except Exception:
+        return False
+
+
+def _csrc_dir() -> Path | None:
+    here = Path(__file__).resolve().parent
+    for cand in (here / "csrc", here.parent / "csrc"):
+        if (cand / "register.cpp").is_file():
+            return cand
+    return None
+
+
+def _jit_build() -> str:
+    """JIT-build csrc/ with ninja; returns where it was built. Raises with the reason when it cannot."""
+    from torch.utils import cpp_extension
+
+    src = _csrc_dir()
+    if src is None:
+        raise RuntimeError("the csrc/ sources are not shipped with this install (reinstall from a source checkout "
+                           "or with `pip install --no-build-isolation .` to prebuild structprune._C)")
+    cpp_extension.verify_ninja_availability()  # raises RuntimeError("Ninja is required to load C++ extensions")
+    attempts = []
+    if torch.version.cuda is not None and os.environ.get("STRUCTPRUNE_SKIP_CUDA_BUILD") != "1":
+        attempts.append(True)
+    attempts.append(False)
+    verbose = os.environ.get("STRUCTPRUNE_BUILD_VERBOSE") == "1"
+    errors = []
+    for with_cuda in attempts:
+        name = "structprune_ext_cuda" if with_cuda else "structprune_ext_cpu"
+        sources = [str(src / s) for s in _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())]
+        cflags = ["-O3"] + (["-DSTRUCTPRUNE_WITH_CUDA"] if with_cuda else [])
+        kwargs = {}
+        root = os.environ.get("STRUCTPRUNE_BUILD_DIR")
+        if root:
+            kwargs["build_directory"] = str(Path(root, name))
+            Path(kwargs["build_directory"]).mkdir(parents=True, exist_ok=True)
+        try:
+            cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_cuda_cflags=["-O3"],
+                               extra_include_paths=[str(src)], is_python_module=False, verbose=verbose, **kwargs)
+            return kwargs.get("build_directory") or str(Path(cpp_extension._get_build_directory(name, verbose)))
+        except Exception as exc:  # compiler missing, compile error, CUDA toolkit missing, ...
+            errors.append(f"{'CUDA' if with_cuda else 'CPU'} build: {type(exc).__name__}: {str(exc)[-2000:]}")
+    raise RuntimeError("JIT build of csrc/ failed; " + " | ".join(errors))
+
+
+def _load() -> None:
+    global _error, _origin, _build_seconds
+    if os.environ.get("STRUCTPRUNE_DISABLE_EXT") == "1":
+        _error = "disabled by STRUCTPRUNE_DISABLE_EXT=1"
+        return
+    if _ops_registered():
+        _origin = "already registered in torch.ops.structprune"
+        return
+    prebuilt_error = None
+    try:
+        importlib.import_module("structprune._C")
+        _origin = "prebuilt structprune._C"
+        return
+    except ModuleNotFoundError:
+        pass
+    except Exception as exc:  # built against another torch, missing symbols, ...
+        prebuilt_error = f"structprune._C failed to load ({type(exc).__name__}: {exc})"
+    if _ops_registered():
+        return
+    t0 = time.perf_counter()
+    try:
+        where = _jit_build()
+        _origin = f"JIT build in {where}"
+        _build_seconds = time.perf_counter() - t0
+    except Exception as exc:
+        _error = (prebuilt_error + "; " if prebuilt_error else "") + f"{type(exc).__name__}: {exc}"
+        _log.warning("structprune: the C++ extension is unavailable: %s", _error)
+
+
+_load()
+
+
+def load_error() -> str | None:
+    """Why the extension could not be loaded, or None."""
+    return _error
+
+
+def availability(device: torch.device) -> str | None:
+    """None when the extension can run ops on ``device``, else the reason."""
+    if _error is not None:
+        return f"C++ extension not loaded: {_error}"
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("structprune::cpp_gated_ffn", "CUDA"):
+            return ("the C++ extension was built without CUDA (torch without CUDA, STRUCTPRUNE_SKIP_CUDA_BUILD=1, "
+                    "or the CUDA build failed)")
+        return None
+    return f"the C++ extension has no kernels for {device.type} tensors"
+
+
+def build_info() -> dict:
+    """How the extension was obtained (for ``structprune info``)."""
+    info = {"loaded": _error is None, "origin": _origin, "error": _error, "jit_build_seconds": _build_seconds}
+    if _error is None:
+        info["build"] = torch.ops.structprune.build_info()
+        info["cuda_kernels"] = availability(torch.device("cuda")) is None
+    return info
+
+
+def _require() -> None:
+    if _error is not None:
+        raise RuntimeError(f"structprune C++ extension not loaded: {_error}")
+
+
+def clear_cache() -> None:
+    """Drop every packed-weight cache entry (needed only after writes through ``tensor.data``)."""
+    _require()
+    torch.ops.structprune.pack_cache_clear()
+
+
+def cache_size() -> int:
+    _require()
+    return int(torch.ops.structprune.pack_cache_size())
+
+
+def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads: int):
+    """Gated self-attention projection, equal to :func:`structprune.reference.gated_attention` (the gate gradient
+    of pruned heads, which the reference computes from contexts this op never forms, is returned as 0)."""
+    _require()
+    return torch.ops.structprune.cpp_gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
+                                                     key_bias, int(num_heads))
+
+
+def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
+    """Gated FFN projection, equal to :func:`structprune.reference.gated_ffn` (pruned units' gate gradient: 0)."""
+    _require()
+    return torch.ops.structprune.cpp_gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+
+
+def hard_concrete_sample(log_alpha, seed: int, offset: int, beta: float = 2.0 / 3.0, mask=None):
+    """Hard-concrete gates with Philox4x32-10 noise, reproducible for (seed, offset) and identical on CPU and CUDA.
+
+    Element i uses uniform noise u_i (clamped to [1e-6, 1 - 1e-6] like :class:`structprune.gates.HardConcreteGate`)
+    and returns ``hard_concrete_from_uniform(log_alpha, u, beta) * mask``; differentiable in ``log_alpha``.
+    """
+    _require()
+    return torch.ops.structprune.hard_concrete_sample(log_alpha, int(seed), int(offset), float(beta), mask)
+
+
+# --- fake kernels and autograd --------------------------------------------------------------------------------------
+
+def _empty(t):
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _register_python_parts() -> None:
+    lib = "structprune::"
+
+    @torch.library.register_fake(lib + "cpp_gated_attention")
+    def _attn_fake(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads):
+        return _empty(x)
+
+    @torch.library.register_fake(lib + "cpp_gated_attention_backward")
+    def _attn_bwd_fake(grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads):
+        return tuple(_empty(t) for t in (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates))
+
+    @torch.library.register_fake(lib + "cpp_gated_ffn")
+    def _ffn_fake(x, w1, b1, w2, b2, unit_gates, kept_units, activation):
+        return _empty(x)
+
+    @torch.library.register_fake(lib + "cpp_gated_ffn_backward")
+    def _ffn_bwd_fake(grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, activation):
+        return tuple(_empty(t) for t in (x, w1, b1, w2, b2, unit_gates))
+
+    @torch.library.register_fake(lib + "hard_concrete_sample")
+    def _hc_fake(log_alpha, seed, offset, beta, mask=None):
+        return _empty(log_alpha)
+
+    @torch.library.register_fake(lib + "hard_concrete_sample_backward")
+    def _hc_bwd_fake(grad, log_alpha, seed, offset, beta, mask=None):
+        return _empty(log_alpha)
+
+    def _attn_setup(ctx, inputs, output):
+        *tensors, num_heads = inputs
+        ctx.num_heads = num_heads
+        ctx.save_for_backward(*tensors)  # x, weights, biases, head_gates, active_heads, key_bias (may be None)
+
+    def _attn_backward(ctx, grad):
+        grads = torch.ops.structprune.cpp_gated_attention_backward(grad.contiguous(), *ctx.saved_tensors,
+                                                                   ctx.num_heads)
+        return (*grads, None, None, None)  # no grad for active_heads, key_bias, num_heads
+
+    torch.library.register_autograd(lib + "cpp_gated_attention", _attn_backward, setup_context=_attn_setup)
+
+    def _ffn_setup(ctx, inputs, output):
+        *tensors, activation = inputs
+        ctx.activation = activation
+        ctx.save_for_backward(*tensors)
+
+    def _ffn_backward(ctx, grad):
+        grads = torch.ops.structprune.cpp_gated_ffn_backward(grad.contiguous(), *ctx.saved_tensors, ctx.activation)
+        return (*grads, None, None)  # no grad for kept_units, activation
+
+    torch.library.register_autograd(lib + "cpp_gated_ffn", _ffn_backward, setup_context=_ffn_setup)
+
+    def _hc_setup(ctx, inputs, output):
+        log_alpha, seed, offset, beta, mask = inputs
+        ctx.args = (seed, offset, beta)
+        ctx.save_for_backward(log_alpha, mask)
+
+    def _hc_backward(ctx, grad):
+        log_alpha, mask = ctx.saved_tensors
+        seed, offset, beta = ctx.args
+        g = torch.ops.structprune.hard_concrete_sample_backward(grad, log_alpha, seed, offset, beta, mask)
+        return g, None, None, None, None
+
+    torch.library.register_autograd(lib + "hard_concrete_sample", _hc_backward, setup_context=_hc_setup)
+
+
+if _error is None:
+    try:
+        _register_python_parts()
+    except Exception as exc:  # e.g. an incompatible torch.library
+        if "already" in str(exc):  # this module was reloaded: the registrations from the first import stand
+            pass
+        else:
+            _error = f"registering fake/autograd kernels failed ({type(exc).__name__}: {exc})"
+            _log.warning("structprune: the C++ extension is unavailable: %s", _error)

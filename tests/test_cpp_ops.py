@@ -1,0 +1,385 @@
+"""The compiled CPU ops (structprune._extension, csrc/) against the pure-PyTorch reference.
+
+Forward and every gradient, fp32 (tight) and bf16 (tolerance from the dtype: at most ~2x the error of the
+reference computed in bf16), odd shapes, 0 / some / all heads and units kept, padding, the packed-weight cache
+(mask, gate and in-place weight changes between calls), opcheck, and the Philox hard-concrete sampler.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import structprune._extension as ext
+from structprune import gates as gates_mod
+from structprune import reference
+
+if ext.load_error() is not None:
+    pytest.skip(f"C++ extension unavailable: {ext.load_error()}", allow_module_level=True)
+
+NEG = torch.finfo(torch.float32).min
+TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5)}
+
+
+def _kept_index(n: int, kept: str, gen: torch.Generator) -> torch.Tensor:
+    if kept == "none":
+        return torch.zeros(0, dtype=torch.long)
+    if kept == "all":
+        return torch.arange(n)
+    k = max(1, n // 2) if n > 1 else 1
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+def _gates(n: int, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    g = torch.zeros(n)
+    g[index] = 0.25 + torch.rand(index.numel(), generator=gen)  # non-zero, not all 1 (gate folding is exercised)
+    return g
+
+
+def _attention_case(B, S, H, D, kept, padding, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    E = 48 if D == 32 else 80
+
+    def p(*shape, scale=0.2):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).requires_grad_()
+
+    HD = H * D
+    params = dict(x=p(B, S, E, scale=1.0), wq=p(HD, E), bq=p(HD), wk=p(HD, E), bk=p(HD), wv=p(HD, E), bv=p(HD),
+                  wo=p(E, HD), bo=p(E))
+    active = _kept_index(H, kept, gen)
+    head_gates = _gates(H, active, gen).requires_grad_()
+    key_bias = None
+    if padding:
+        key_bias = torch.zeros(B, S)
+        for b in range(B):
+            n_pad = (b * 3) % S  # row 0 unpadded, others padded at the end; never all keys
+            if n_pad:
+                key_bias[b, S - n_pad:] = NEG
+    return params, head_gates, active, key_bias
+
+
+def _ffn_case(B, S, E, I, kept, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def p(*shape, scale=0.2):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).requires_grad_()
+
+    params = dict(x=p(B, S, E, scale=1.0), w1=p(I, E), b1=p(I), w2=p(E, I), b2=p(E))
+    kept_units = _kept_index(I, kept, gen)
+    unit_gates = _gates(I, kept_units, gen).requires_grad_()
+    return params, unit_gates, kept_units
+
+
+def _run_attention(fn, params, head_gates, active, key_bias, H, grad_out):
+    names = list(params)
+    inputs = [params[n] for n in names] + [head_gates]
+    if fn == "cpp":
+        out = ext.gated_attention(*[params[n] for n in names], head_gates, active, key_bias, H)
+    else:
+        out = reference.gated_attention(*[params[n] for n in names], head_gates, H, key_bias=key_bias)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out, dict(zip(names + ["gates"], grads))
+
+
+def _run_ffn(fn, params, unit_gates, kept, activation, grad_out):
+    names = list(params)
+    inputs = [params[n] for n in names] + [unit_gates]
+    if fn == "cpp":
+        out = ext.gated_ffn(*[params[n] for n in names], unit_gates, kept, activation)
+    else:
+        out = reference.gated_ffn(*[params[n] for n in names], unit_gates, activation)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out, dict(zip(names + ["gates"], grads))
+
+
+def _check_gate_grad(got, want, index, **tol):
+    """Kept gates match the reference; pruned gates get 0 (the op never forms their contexts/activations)."""
+    torch.testing.assert_close(got[index], want[index], **tol)
+    pruned = torch.ones(got.numel(), dtype=torch.bool)
+    pruned[index] = False
+    assert torch.all(got[pruned] == 0)
+
+
+def _close_fp32(got, want, name):
+    """fp32: 1e-4 relative, plus 2e-5 of the tensor's scale absolute (accumulation order differs from the reference)."""
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * scale, msg=lambda m: f"d{name}: {m}")
+
+
+def _to_fp32(params, gates):
+    return ({k: v.detach().float().requires_grad_() for k, v in params.items()},
+            gates.detach().float().requires_grad_())
+
+
+def _max_err(a, b):
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+# --- attention ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B,S,H,D", [(1, 1, 4, 32), (3, 7, 2, 64), (2, 33, 4, 32), (1, 16, 3, 64)])
+@pytest.mark.parametrize("kept", ["none", "some", "all"])
+@pytest.mark.parametrize("padding", [False, True])
+def test_attention_fp32_matches_reference(B, S, H, D, kept, padding):
+    params, hg, active, kb = _attention_case(B, S, H, D, kept, padding)
+    grad_out = torch.randn(B, S, params["x"].shape[-1])
+    out, grads = _run_attention("cpp", params, hg, active, kb, H, grad_out)
+    ref, ref_grads = _run_attention("ref", params, hg, active, kb, H, grad_out)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    for name, g in grads.items():
+        if name == "gates":
+            _check_gate_grad(g, ref_grads[name], active, rtol=1e-4, atol=1e-4)
+        else:
+            _close_fp32(g, ref_grads[name], name)
+
+
+def test_attention_no_active_heads_is_bias():
+    params, hg, active, kb = _attention_case(2, 5, 4, 32, "none", True)
+    out = ext.gated_attention(*params.values(), hg, active, kb, 4)
+    torch.testing.assert_close(out, params["bo"].detach().expand(2, 5, -1))
+
+
+@pytest.mark.parametrize("B,S,H,D", [(2, 33, 4, 32), (3, 7, 2, 64)])
+@pytest.mark.parametrize("kept", ["some", "all"])
+def test_attention_bf16_within_dtype_tolerance(B, S, H, D, kept):
+    params, hg, active, kb = _attention_case(B, S, H, D, kept, True, dtype=torch.bfloat16, seed=1)
+    grad_out = torch.randn(B, S, params["x"].shape[-1]).bfloat16()
+    out, grads = _run_attention("cpp", params, hg, active, kb, H, grad_out)
+    ref_bf16, ref_bf16_grads = _run_attention("ref", params, hg, active, kb, H, grad_out)
+    p32, g32 = _to_fp32(params, hg)
+    ref, ref_grads = _run_attention("ref", p32, g32, active, kb, H, grad_out.float())
+    assert out.dtype == torch.bfloat16
+    assert _max_err(out, ref) <= 2 * _max_err(ref_bf16, ref) + 1e-2
+    for name, g in grads.items():
+        idx = active if name == "gates" else slice(None)
+        err, base = _max_err(g[idx], ref_grads[name][idx]), _max_err(ref_bf16_grads[name][idx], ref_grads[name][idx])
+        scale = ref_grads[name][idx].abs().max().item() if g[idx].numel() else 0.0
+        assert err <= 2 * base + 1e-2 * max(scale, 1.0), f"d{name}: err {err} vs bf16 reference {base}"
+
+
+# --- FFN ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B,S,E,I", [(1, 1, 32, 64), (3, 7, 48, 96), (2, 33, 64, 130)])
+@pytest.mark.parametrize("kept", ["none", "some", "all"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_ffn_fp32_matches_reference(B, S, E, I, kept, activation):
+    params, ug, kept_units = _ffn_case(B, S, E, I, kept)
+    grad_out = torch.randn(B, S, E)
+    out, grads = _run_ffn("cpp", params, ug, kept_units, activation, grad_out)
+    ref, ref_grads = _run_ffn("ref", params, ug, kept_units, activation, grad_out)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    for name, g in grads.items():
+        if name == "gates":
+            _check_gate_grad(g, ref_grads[name], kept_units, rtol=1e-4, atol=1e-4)
+        else:
+            _close_fp32(g, ref_grads[name], name)
+
+
+def test_ffn_no_kept_units_is_bias():
+    params, ug, kept = _ffn_case(2, 3, 32, 64, "none")
+    out = ext.gated_ffn(*params.values(), ug, kept, "gelu")
+    torch.testing.assert_close(out, params["b2"].detach().expand(2, 3, -1))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("kept", ["some", "all"])
+def test_ffn_bf16_within_dtype_tolerance(activation, kept):
+    params, ug, kept_units = _ffn_case(2, 33, 64, 130, kept, dtype=torch.bfloat16, seed=2)
+    grad_out = torch.randn(2, 33, 64).bfloat16()
+    out, grads = _run_ffn("cpp", params, ug, kept_units, activation, grad_out)
+    ref_bf16, ref_bf16_grads = _run_ffn("ref", params, ug, kept_units, activation, grad_out)
+    p32, g32 = _to_fp32(params, ug)
+    ref, ref_grads = _run_ffn("ref", p32, g32, kept_units, activation, grad_out.float())
+    assert out.dtype == torch.bfloat16
+    assert _max_err(out, ref) <= 2 * _max_err(ref_bf16, ref) + 1e-2
+    for name, g in grads.items():
+        idx = kept_units if name == "gates" else slice(None)
+        err, base = _max_err(g[idx], ref_grads[name][idx]), _max_err(ref_bf16_grads[name][idx], ref_grads[name][idx])
+        scale = ref_grads[name][idx].abs().max().item()
+        assert err <= 2 * base + 1e-2 * max(scale, 1.0), f"d{name}: err {err} vs bf16 reference {base}"
+
+
+# --- the packed-weight cache ----------------------------------------------------------------------------------------
+
+def _attn_fwd_check(params, hg, active, kb, H):
+    with torch.no_grad():
+        out = ext.gated_attention(*params.values(), hg, active, kb, H)
+        ref = reference.gated_attention(*params.values(), hg, H, key_bias=kb)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def _ffn_fwd_check(params, ug, kept, activation="gelu"):
+    with torch.no_grad():
+        out = ext.gated_ffn(*params.values(), ug, kept, activation)
+        ref = reference.gated_ffn(*params.values(), ug, activation)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_cache_follows_mask_and_gate_changes():
+    H = 4
+    params, hg, active, kb = _attention_case(2, 9, H, 32, "some", True)
+    fparams, ug, kept = _ffn_case(2, 9, 48, 96, "some")
+    for step in range(4):
+        gen = torch.Generator().manual_seed(100 + step)
+        active = _kept_index(H, ["some", "all", "some", "none"][step], gen)
+        hg = _gates(H, active, gen)
+        _attn_fwd_check(params, hg, active, kb, H)
+        _attn_fwd_check(params, hg * 0.5, active, kb, H)  # same index, new gate values
+        kept = _kept_index(96, ["some", "all", "some", "none"][step], gen)
+        ug = _gates(96, kept, gen)
+        _ffn_fwd_check(fparams, ug, kept)
+        _ffn_fwd_check(fparams, ug * 2.0, kept)
+    hg_module = gates_mod.HardConcreteGate(H, sampling=False)  # index tensor cached by the gate, mask changed in place
+    hg_module.set_mask(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    _attn_fwd_check(params, hg_module(), hg_module.kept_index(), kb, H)
+    hg_module.set_mask(torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    _attn_fwd_check(params, hg_module(), hg_module.kept_index(), kb, H)
+
+
+@pytest.mark.parametrize("how", ["no_grad_add_", "copy_", "optimizer_step", "load_state_dict", "data_add_then_clear"])
+def test_cache_sees_in_place_weight_updates(how):
+    H = 4
+    params, hg, active, kb = _attention_case(2, 9, H, 32, "some", False)
+    fparams, ug, kept = _ffn_case(2, 9, 48, 96, "some")
+    weights = [v for k, v in params.items() if k != "x"] + [v for k, v in fparams.items() if k != "x"]
+    opt = torch.optim.SGD(weights, lr=0.5)
+    for _ in range(3):
+        _attn_fwd_check(params, hg, active, kb, H)
+        _ffn_fwd_check(fparams, ug, kept)
+        if how == "no_grad_add_":
+            with torch.no_grad():
+                for w in weights:
+                    w.add_(torch.randn_like(w) * 0.1)
+        elif how == "copy_":
+            with torch.no_grad():
+                for w in weights:
+                    w.copy_(torch.randn_like(w) * 0.2)
+        elif how == "optimizer_step":
+            opt.zero_grad()
+            loss = ext.gated_attention(*params.values(), hg, active, kb, H).square().sum() + \
+                ext.gated_ffn(*fparams.values(), ug, kept, "gelu").square().sum()
+            loss.backward()
+            opt.step()
+        elif how == "load_state_dict":
+            module = torch.nn.ParameterList(weights)
+            module.load_state_dict({k: torch.randn_like(v) * 0.2 for k, v in module.state_dict().items()})
+        else:  # writes through .data bypass the version counter: the documented remedy is clear_cache()
+            for w in weights:
+                w.data.add_(torch.randn_like(w) * 0.1)
+            ext.clear_cache()
+
+
+def test_cache_not_fooled_by_reused_memory():
+    """New weights allocated where freed ones lived (same address, version 0) must not hit a stale entry."""
+    for seed in range(4):
+        fparams, ug, kept = _ffn_case(2, 5, 32, 64, "some", seed=seed)
+        _ffn_fwd_check(fparams, ug, kept)
+        params, hg, active, kb = _attention_case(1, 5, 4, 32, "some", False, seed=seed)
+        _attn_fwd_check(params, hg, active, kb, 4)
+        del fparams, params
+    ext.clear_cache()
+    assert ext.cache_size() == 0
+
+
+def test_input_errors_name_the_tensor():
+    params, hg, active, kb = _attention_case(2, 5, 4, 32, "some", False)
+    args = list(params.values())
+    args[1] = args[1][:-1]  # wq one row short
+    with pytest.raises(RuntimeError, match="wq"):
+        ext.gated_attention(*args, hg, active, kb, 4)
+    fparams, ug, kept = _ffn_case(2, 3, 32, 64, "some")
+    with pytest.raises(RuntimeError, match="activation"):
+        ext.gated_ffn(*fparams.values(), ug, kept, "swish")
+    with pytest.raises(RuntimeError, match="kept_units"):
+        ext.gated_ffn(*fparams.values(), ug, kept.flip(0), "gelu")
+
+
+# --- torch.library integration --------------------------------------------------------------------------------------
+
+def test_opcheck_attention():
+    params, hg, active, kb = _attention_case(1, 3, 2, 32, "some", True)
+    torch.library.opcheck(torch.ops.structprune.cpp_gated_attention.default,
+                          (*params.values(), hg, active, kb, 2))
+
+
+def test_opcheck_ffn():
+    params, ug, kept = _ffn_case(1, 3, 32, 16, "some")
+    torch.library.opcheck(torch.ops.structprune.cpp_gated_ffn.default, (*params.values(), ug, kept, "gelu_tanh"))
+
+
+def test_opcheck_hard_concrete():
+    la = torch.randn(7, requires_grad=True)
+    torch.library.opcheck(torch.ops.structprune.hard_concrete_sample.default, (la, 3, 5, 2.0 / 3.0, None))
+
+
+def test_compiles_fullgraph():
+    params, ug, kept = _ffn_case(2, 3, 32, 16, "some")
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(x, w1, b1, w2, b2, g):
+        return ext.gated_ffn(x, w1, b1, w2, b2, g, kept, "gelu").sum()
+
+    f(*params.values(), ug).backward()
+    ref = reference.gated_ffn(*params.values(), ug, "gelu").sum()
+    torch.testing.assert_close(f(*params.values(), ug), ref, **TOL[torch.float32])
+
+
+# --- Philox hard-concrete sampler -----------------------------------------------------------------------------------
+
+def _philox_py(ctr, key):
+    M0, M1, W0, W1, mask = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85, 0xFFFFFFFF
+    c, k0, k1 = list(ctr), key[0], key[1]
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + W0) & mask, (k1 + W1) & mask
+        p0, p1 = M0 * c[0], M1 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & mask, p1 & mask, ((p0 >> 32) ^ c[3] ^ k1) & mask, p0 & mask]
+    return c
+
+
+def _uniforms_py(n, seed, offset):
+    out = []
+    for i in range(n):
+        blk = i // 4
+        w = _philox_py([blk & 0xFFFFFFFF, blk >> 32, offset & 0xFFFFFFFF, offset >> 32],
+                       [seed & 0xFFFFFFFF, seed >> 32])[i % 4]
+        out.append(((w >> 9) + 0.5) / 2**23)
+    return torch.tensor(out, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
+
+
+def test_philox_known_answers():
+    # Random123 known-answer vectors for philox4x32-10.
+    assert torch.ops.structprune.philox4x32_10([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C,
+                                                                          0x9B00DBD8]
+    ones = 0xFFFFFFFF
+    assert torch.ops.structprune.philox4x32_10([ones] * 4, [ones, ones]) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6,
+                                                                             0x6D5451FD]
+    ctr, key = [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]
+    assert torch.ops.structprune.philox4x32_10(ctr, key) == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    assert torch.ops.structprune.philox4x32_10(ctr, key) == _philox_py(ctr, key)
+
+
+@pytest.mark.parametrize("n", [1, 7, 13])
+def test_hard_concrete_sample_matches_reference(n):
+    seed, offset = 1234567890123, 42
+    log_alpha = torch.randn(n, requires_grad=True)
+    mask = (torch.arange(n) % 3 != 1).float()
+    z = ext.hard_concrete_sample(log_alpha, seed, offset, mask=mask)
+    la_ref = log_alpha.detach().clone().requires_grad_()
+    z_ref = gates_mod.hard_concrete_from_uniform(la_ref, _uniforms_py(n, seed, offset)) * mask
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ext.hard_concrete_sample(log_alpha, seed, offset, mask=mask), z)  # reproducible
+    assert not torch.equal(ext.hard_concrete_sample(log_alpha, seed, offset + 1, mask=mask), z) or n == 1
+    w = torch.randn(n)
+    (g,) = torch.autograd.grad((z * w).sum(), log_alpha)
+    (g_ref,) = torch.autograd.grad((z_ref * w).sum(), la_ref)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_hard_concrete_sample_is_roughly_uniform_driven():
+    la = torch.zeros(20000)
+    z = ext.hard_concrete_sample(la, 7, 0)
+    # log_alpha = 0: P(z = 0) = P(z = 1) = sigmoid(beta * log(-gamma / (zeta - 1))) ... symmetric around 1/2
+    assert abs(z.mean().item() - 0.5) < 0.02
+    assert math.isclose((z == 0).float().mean().item(), (z == 1).float().mean().item(), abs_tol=0.02)
