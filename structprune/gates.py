@@ -94,7 +94,8 @@ class HardConcreteGate(nn.Module):
 
     def kept_index(self) -> torch.Tensor:
         """Indices of gates that are non-zero at eval, cached until ``mask`` or ``log_alpha`` change."""
-        if self.mask.is_inference() or self.log_alpha.is_inference():  # no version counter to key a cache on
+        if torch.compiler.is_compiling() or self.mask.is_inference() or self.log_alpha.is_inference():
+            # traced, or no version counter to key a cache on
             return torch.nonzero(self.deterministic() != 0, as_tuple=False).flatten()
         key = (self.mask._version, self.log_alpha._version, self.mask.data_ptr(), self.log_alpha.data_ptr())
         if self._index_cache is None or self._index_cache[0] != key:

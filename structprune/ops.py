@@ -120,6 +120,11 @@ def last_backends() -> dict[str, str]:
     return dict(_last)
 
 
+def reset_last_backends() -> None:
+    """Forget which backends ran (e.g. between benchmark cases)."""
+    _last.clear()
+
+
 def key_bias_from_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     """HF 4D padding mask [B, 1, Q|1, K] (bool: True = attend, or additive float) -> [B, K] fp32 additive bias.
 

@@ -1,0 +1,65 @@
+"""Run the McCarley et al. (2019) protocol on real SQuAD 2.0 data with MiniLM-L6-H384, resumably.
+
+    python bench/qa/reproduce.py --runs runs/qa            # teacher, then every pruning run, in order
+    python bench/qa/report.py --runs runs/qa --out bench/results/qa
+
+Each step is one `structprune` command (printed and stored in commands.txt); a step whose metrics.json exists
+is skipped, so re-running the script continues where it stopped. The settings are reduced to fit a 2-core CPU
+(see SETTINGS and bench/results/qa/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+SETTINGS = ["--max-length", "192", "--doc-stride", "64", "--batch-size", "16", "--dev-limit", "400"]
+TEACHER = ["--lr", "1e-4", "--max-steps", "250"]
+PRUNE = ["--lr", "5e-5", "--max-steps", "40", "--l0-warmup-steps", "20", "--gain-examples", "128"]
+# kept fractions (heads, ffn); the first is the paper's operating point (~50% heads, ~70% FFN removed)
+LEVELS = [(0.5, 0.3), (0.75, 0.5), (0.25, 0.1)]
+METHODS = ["random", "gain", "l0"]
+
+
+def commands(runs: Path, threads: int) -> list[tuple[Path, list[str]]]:
+    common = SETTINGS + ["--threads", str(threads)]
+    teacher = runs / "teacher"
+    out = [(teacher, ["structprune", "finetune", "--out", str(teacher)] + common + TEACHER)]
+    for heads, ffn in LEVELS:
+        for method in METHODS:
+            for distill in (False, True):
+                name = f"{method}-h{heads}-f{ffn}" + ("-distill" if distill else "")
+                cmd = ["structprune", "prune", "--model", str(teacher / "model"), "--method", method,
+                       "--heads", str(heads), "--ffn", str(ffn), "--out", str(runs / name)] + common + PRUNE
+                out.append((runs / name, cmd + (["--distill"] if distill else [])))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default="runs/qa")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args()
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    plan = commands(runs, args.threads)
+    (runs / "commands.txt").write_text("\n".join(shlex.join(c) for _, c in plan) + "\n")
+    for run_dir, cmd in plan:
+        if (run_dir / "metrics.json").is_file():
+            continue
+        print("+", shlex.join(cmd), flush=True)
+        if args.dry_run:
+            continue
+        with open(runs / f"{run_dir.name}.log", "a") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if rc != 0 or not (run_dir / "metrics.json").is_file():
+            print(f"step failed or paused (rc {rc}); see {runs / (run_dir.name + '.log')}", file=sys.stderr)
+            return rc or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Named ranges for profilers: ``torch.profiler`` (Chrome traces) and NVTX (Nsight Systems / Nsight Compute).
+
+    with profiling.annotate("pruned[triton]|h0.50|f0.30"):      # one range, both profilers
+        layer(x)
+    handle = profiling.annotate_layer(layer, "pruned[triton]")   # ranges ".../attention" and ".../ffn"
+    ...
+    handle.remove()
+
+``annotate_layer`` works on plain Hugging Face BERT layers and on patched ones alike: it times
+``layer.attention`` (a module) with forward hooks and the feed-forward half by wrapping the layer's
+``feed_forward_chunk`` method on the instance. Annotate eager modules only; ranges opened in hooks do not
+belong inside a ``torch.compile``d graph.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def nvtx_enabled() -> bool:
+    return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def annotate(name: str, nvtx: bool | None = None):
+    """A ``record_function`` range (visible in torch.profiler traces) and, on CUDA, an NVTX range of the same name."""
+    use_nvtx = nvtx_enabled() if nvtx is None else (nvtx and nvtx_enabled())
+    if use_nvtx:
+        torch.cuda.nvtx.range_push(name)
+    try:
+        with torch.autograd.profiler.record_function(name):
+            yield
+    finally:
+        if use_nvtx:
+            torch.cuda.nvtx.range_pop()
+
+
+class _Range:
+    """An open/close pair usable from two hooks (a context manager cannot span them)."""
+
+    def __init__(self, name: str, nvtx: bool):
+        self.name = name
+        self.nvtx = nvtx
+        self._stack: list[contextlib.ExitStack] = []
+
+    def open(self, *_args, **_kwargs):
+        stack = contextlib.ExitStack()
+        stack.enter_context(annotate(self.name, self.nvtx))
+        self._stack.append(stack)
+
+    def close(self, *_args, **_kwargs):
+        if self._stack:
+            self._stack.pop().close()
+
+
+class LayerAnnotation:
+    """Returned by :func:`annotate_layer`; ``remove()`` restores the layer."""
+
+    def __init__(self, layer: nn.Module, handles: list, wrapped_ffn: bool):
+        self._layer = layer
+        self._handles = handles
+        self._wrapped_ffn = wrapped_ffn
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._wrapped_ffn and "feed_forward_chunk" in self._layer.__dict__:
+            del self._layer.feed_forward_chunk
+        self._wrapped_ffn = False
+
+
+def annotate_layer(layer: nn.Module, prefix: str, nvtx: bool = False) -> LayerAnnotation:
+    """Add ranges ``{prefix}/attention`` and ``{prefix}/ffn`` around the two halves of a BERT encoder layer."""
+    handles = []
+    attention = getattr(layer, "attention", None)
+    if isinstance(attention, nn.Module):
+        rng = _Range(f"{prefix}/attention", nvtx)
+        handles.append(attention.register_forward_pre_hook(rng.open))
+        handles.append(attention.register_forward_hook(rng.close))
+    wrapped = False
+    ffn = getattr(layer, "feed_forward_chunk", None)
+    if callable(ffn) and "feed_forward_chunk" not in layer.__dict__:
+        name = f"{prefix}/ffn"
+
+        # HF's apply_chunking_to_forward counts the parameters of this function: keep exactly one.
+        def feed_forward_chunk(attention_output):
+            with annotate(name, nvtx):
+                return ffn(attention_output)
+
+        layer.feed_forward_chunk = feed_forward_chunk
+        wrapped = True
+    return LayerAnnotation(layer, handles, wrapped)
