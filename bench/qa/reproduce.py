@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 SETTINGS = ["--max-length", "192", "--doc-stride", "64", "--batch-size", "16", "--dev-limit", "400"]
-TEACHER = ["--lr", "1e-4", "--max-steps", "250"]
+# the teacher is fine-tuned in two resumable stages: 250 steps from MiniLM, then 750 more from that model
+TEACHER_STAGE1 = ["--lr", "1e-4", "--max-steps", "250"]
+TEACHER = ["--lr", "5e-5", "--max-steps", "750"]
 PRUNE = ["--lr", "5e-5", "--max-steps", "40", "--l0-warmup-steps", "20", "--gain-examples", "128"]
 # kept fractions (heads, ffn); the first is the paper's operating point (~50% heads, ~70% FFN removed)
 LEVELS = [(0.5, 0.3), (0.75, 0.5), (0.25, 0.1)]
@@ -25,8 +27,10 @@ METHODS = ["random", "gain", "l0"]
 
 def commands(runs: Path, threads: int) -> list[tuple[Path, list[str]]]:
     common = SETTINGS + ["--threads", str(threads)]
-    teacher = runs / "teacher"
-    out = [(teacher, ["structprune", "finetune", "--out", str(teacher)] + common + TEACHER)]
+    stage1, teacher = runs / "teacher-stage1", runs / "teacher"
+    out = [(stage1, ["structprune", "finetune", "--out", str(stage1)] + common + TEACHER_STAGE1),
+           (teacher, ["structprune", "finetune", "--model", str(stage1 / "model"), "--out", str(teacher)]
+            + common + TEACHER)]
     for heads, ffn in LEVELS:
         for method in METHODS:
             for distill in (False, True):
