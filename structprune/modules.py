@@ -15,9 +15,14 @@ from .gates import HardConcreteGate
 from .reference import ACTIVATIONS
 
 
-def _gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate values [n], indices of non-zero gates); a fresh sample in training with sampling on."""
+def _gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(gate values [n], indices of non-zero gates); a fresh sample in training with sampling on.
+
+    Under ``torch.compile`` with the reference backend no index is needed, and none is computed (its size
+    depends on the data, which would break the graph)."""
     values = gate()
+    if torch.compiler.is_compiling() and ops.resolve_backend(values.device) == "torch":
+        return values, None
     if gate.stochastic:
         return values, torch.nonzero(values.detach() != 0, as_tuple=False).flatten()
     return values, gate.kept_index()

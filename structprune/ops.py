@@ -151,7 +151,8 @@ def hard_concrete_sample(log_alpha: torch.Tensor, beta: float, generator: torch.
     with a counter-based generator fused with the stretch and clamp; the seed comes from torch's default
     generator, so ``torch.manual_seed`` makes runs reproducible on every backend.
     """
-    backend = resolve_backend(log_alpha.device) if generator is None else "torch"
+    traced = torch.compiler.is_compiling()  # a host-side seed would break the graph: sample with torch.rand
+    backend = resolve_backend(log_alpha.device) if generator is None and not traced else "torch"
     provider = _providers.get(backend)
     if provider is not None and hasattr(provider, "hard_concrete_sample"):
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
