@@ -1,6 +1,7 @@
 """Small random BERT/RoBERTa models shared by the tests."""
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -40,3 +41,19 @@ def outputs(model, batch):
     if hasattr(out, "logits"):
         return out.logits
     return out.last_hidden_state
+
+
+@pytest.fixture(autouse=True)
+def one_thread_reference_backend():
+    """Tiny models on one thread (threads only add contention on a 2-core machine) and the reference
+    backend (compiled backends are checked separately); conftest restores the backend afterwards."""
+    import warnings
+
+    import structprune as sp
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="structprune: no compiled kernel backend")
+    sp.set_backend("torch")
+    yield
+    torch.set_num_threads(n)

@@ -1,5 +1,4 @@
 """Distillation loss, teacher logits on the fly and cached, and the combined PruningLoss."""
-import warnings
 
 import pytest
 import torch
@@ -10,18 +9,11 @@ import structprune as sp
 from structprune.distill import TeacherCache, distillation_loss, qa_distill_loss, teacher_logits
 from structprune.strategies import L0Controller, PruneTarget
 from structprune.trainer import PruningLoss
+from models import one_thread_reference_backend  # noqa: F401  (autouse fixture)
 
 SEQ, VOCAB = 12, 50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="structprune: no compiled kernel backend")
-    sp.set_backend("torch")  # tiny models: the reference path; compiled backends are checked separately
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_model(seed=0, patch=True):

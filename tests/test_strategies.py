@@ -1,6 +1,5 @@
 """Pruning strategies: exact target sizes (global / per layer), composition, gain importance, L0 training."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -9,19 +8,11 @@ from transformers import BertConfig, BertForQuestionAnswering
 import structprune as sp
 from structprune.strategies import (L0Controller, PruneTarget, apply_masks, finalize_l0, gain_importance, gain_masks,
                                     random_masks)
+from models import one_thread_reference_backend  # noqa: F401  (autouse fixture)
 
 L, H, I, D, SEQ, VOCAB = 3, 4, 96, 16, 16, 100
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: threads only add contention on a shared 2-core machine (conftest restores the backend)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="structprune: no compiled kernel backend")
-    sp.set_backend("torch")  # tiny models: the reference path; compiled backends are checked separately
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_model(seed=0):

@@ -1,5 +1,4 @@
 """PruningTrainer: L0 + distillation through the HF Trainer, sparsity logs, checkpoint and resume."""
-import warnings
 
 import pytest
 import torch
@@ -10,18 +9,11 @@ import structprune as sp
 from structprune.distill import TeacherCache
 from structprune.strategies import LAGRANGIAN_FILE, L0Controller, PruneTarget, apply_masks, random_masks
 from structprune.trainer import PruningTrainer
+from models import one_thread_reference_backend  # noqa: F401  (autouse fixture)
 
 SEQ, VOCAB = 16, 60
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="structprune: no compiled kernel backend")
-    sp.set_backend("torch")  # tiny models: the reference path; compiled backends are checked separately
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_model(seed=0, patch=True):

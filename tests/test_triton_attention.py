@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from tolerances import check_close
+
 triton = pytest.importorskip("triton")
 
 from structprune import ops, reference  # noqa: E402
@@ -23,20 +25,6 @@ if not DEVICES or K.availability(torch.device(DEVICES[0])) is not None:
 
 NEG = torch.finfo(torch.float32).min
 NAMES = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "head_gates")
-
-
-def check_close(name, got, ref32, plain, dtype):
-    """fp32: tight; half: the 2x-plain-PyTorch rule (see the module docstring)."""
-    got, ref32 = got.detach().float(), ref32.detach().float()
-    assert got.shape == ref32.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref32.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, ref32, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-        return
-    err = (got - ref32).abs().max().item()
-    base = (plain.detach().float() - ref32).abs().max().item()
-    eps = torch.finfo(dtype).eps * max(1.0, ref32.abs().max().item())
-    assert err <= 2 * base + eps, f"{name}: kernel error {err:.3g} > 2 x plain {dtype} error {base:.3g} + {eps:.2g}"
 
 
 def make_inputs(B, S, E, H, D, kept, device, pad=False, seed=0):
