@@ -33,8 +33,8 @@ def _write_json(path: Path, obj) -> None:
 def _start_run(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    config["command_line"] = "structprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    config["command_line"] = "structprune " + shlex.join(getattr(args, "argv", sys.argv[1:]))
     _write_json(out / "config.json", config)
     return out
 
