@@ -142,14 +142,17 @@ struct Pack {
   at::Tensor rows;  // int64 [R] rows of the input projection kept (block-expanded index)
   at::Tensor w_in, b_in;  // [P * R, E], [P * R]  (P = 3 for attention, 1 for the FFN)
   at::Tensor w_out;  // [E, R], gated when folded
+  at::Tensor w_out_raw;  // [E, R] ungated kept columns (only with want_raw)
   at::Tensor gcols;  // [R] gate per kept column, in the dtype of x
   bool folded;
+  bool identity_rows;  // every row kept (R == full_rows)
 };
 
 // ins: the P input weights followed by their P biases interleaved (w, b, w, b, ...); out: the output weight.
+// want_raw: also give the ungated kept output columns (backward without a fused out_proj_grad hook).
 Pack get_pack(Kind kind, const DeviceHooks& hooks, const std::vector<at::Tensor>& ins, const at::Tensor& w_out_full,
               const at::Tensor& gates, const at::Tensor& index, int64_t block, int64_t full_rows,
-              at::ScalarType dtype) {
+              at::ScalarType dtype, bool want_raw) {
   const int64_t P = static_cast<int64_t>(ins.size()) / 2;
   const int64_t n_idx = index.numel();
   const int64_t R = n_idx * block;
@@ -170,6 +173,7 @@ Pack get_pack(Kind kind, const DeviceHooks& hooks, const std::vector<at::Tensor>
     gate_values.assign(g.data_ptr<float>(), g.data_ptr<float>() + g.numel());
   }
   const bool identity_rows = R == full_rows;  // sorted unique indices covering everything
+  pk.identity_rows = identity_rows;
   const bool gates_one =
       pk.folded && std::all_of(gate_values.begin(), gate_values.end(), [](float v) { return v == 1.0f; });
   const bool identity_in = identity_rows && P == 1;
@@ -191,12 +195,21 @@ Pack get_pack(Kind kind, const DeviceHooks& hooks, const std::vector<at::Tensor>
       at::index_select_out(bdst, ins[2 * p + 1], 0, pk.rows);
     }
   };
+  auto gather_raw = [&]() {
+    return hooks.gather_cols ? hooks.gather_cols(w_out_full, pk.rows, at::Tensor())
+                             : w_out_full.index_select(1, pk.rows);
+  };
   auto build_out = [&](Entry& e) {
     if (identity_out) {
       e.w_out = at::Tensor();
+    } else if (!pk.folded) {
+      e.w_out = gather_raw();
+    } else if (identity_rows) {
+      e.w_out = w_out_full * pk.gcols;
+    } else if (hooks.gather_cols) {
+      e.w_out = hooks.gather_cols(w_out_full, pk.rows, pk.gcols);
     } else {
-      e.w_out = w_out_full.index_select(1, pk.rows);
-      if (pk.folded) e.w_out.mul_(pk.gcols);
+      e.w_out = w_out_full.index_select(1, pk.rows).mul_(pk.gcols);
     }
     e.gate_values = gate_values;
     e.folded = pk.folded;
@@ -210,6 +223,7 @@ Pack get_pack(Kind kind, const DeviceHooks& hooks, const std::vector<at::Tensor>
       pk.b_in = e.b_in;
     }
     pk.w_out = identity_out ? w_out_full : e.w_out;
+    if (want_raw) pk.w_out_raw = !pk.folded ? pk.w_out : identity_rows ? w_out_full : gather_raw();
   };
 
   std::vector<at::Tensor> in_tensors(ins.begin(), ins.end());
@@ -371,28 +385,104 @@ at::Tensor rows_2d(const at::Tensor& t) {
 
 }  // namespace
 
-at::Tensor attention_forward(const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& wq,
-                             const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv,
-                             const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
-                             const at::Tensor& head_gates, const at::Tensor& active_heads,
-                             const std::optional<at::Tensor>& key_bias, int64_t num_heads) {
-  const auto s = check_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads);
-  if (s.A == 0 || s.B * s.S == 0) return broadcast_bias(bo, s.B, s.S);
-  const Pack pk = get_pack(Kind::Attention, hooks, {wq, bq, wk, bk, wv, bv}, wo, head_gates, active_heads, s.D,
-                           s.H * s.D, x.scalar_type());
-  const auto x2 = rows_2d(x);
-  const auto qkv = at::addmm(pk.b_in, x2, pk.w_in.t()).view({s.B, s.S, 3, s.A, s.D});
-  const auto q = qkv.select(2, 0).transpose(1, 2);
-  const auto k = qkv.select(2, 1).transpose(1, 2);
-  const auto v = qkv.select(2, 2).transpose(1, 2);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
-  auto [ctx, aux] = hooks.attn_fwd(q, k, v, make_mask(key_bias, x), scale);
-  auto ctx2 = ctx.transpose(1, 2).reshape({s.B * s.S, s.R});
-  if (!pk.folded) {
-    if (!ctx2.is_contiguous()) ctx2 = ctx2.contiguous();
-    hooks.scale_cols(ctx2, pk.gcols);
+namespace {
+
+// A saved tensor handed back to a backward: defined, on x's device, of the given shape and dtype.
+bool check_saved(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, at::ScalarType dtype,
+                 std::initializer_list<int64_t> shape) {
+  if (!t.has_value() || !t->defined()) return false;
+  TORCH_CHECK(t->device() == x.device() && t->scalar_type() == dtype && t->sizes().equals(shape),
+              "structprune: saved ", name, " must be ", dtype, " of shape ", at::IntArrayRef(shape), " on ",
+              x.device(), ", got ", t->scalar_type(), " of shape ", t->sizes(), " on ", t->device());
+  return true;
+}
+
+at::Tensor contiguous_2d(const at::Tensor& t, int64_t rows, int64_t cols) {
+  auto r = t.reshape({rows, cols});
+  return r.is_contiguous() ? r : r.contiguous();
+}
+
+// Full-size tensors of `full_rows` rows with srcs[i] [R, ...] in the kept rows, zero elsewhere.
+std::vector<at::Tensor> scatter_rows(const DeviceHooks& hooks, const std::vector<at::Tensor>& srcs,
+                                     const at::Tensor& rows, int64_t full_rows) {
+  if (hooks.scatter_rows) return hooks.scatter_rows(srcs, rows, full_rows);
+  std::vector<at::Tensor> out;
+  for (const auto& g : srcs) {
+    auto shape = g.sizes().vec();
+    shape[0] = full_rows;
+    out.push_back(at::zeros(shape, g.options()));
+    out.back().index_copy_(0, rows, g);
   }
-  return at::addmm(bo, ctx2, pk.w_out.t()).view({s.B, s.S, s.E});
+  return out;
+}
+
+// Output-projection gradients: (dw_out [E, C] full-size, dg per kept column [R] fp32). M [E, R] is consumed.
+std::tuple<at::Tensor, at::Tensor> out_proj_grad(const DeviceHooks& hooks, at::Tensor M, const at::Tensor& w_full,
+                                                 const Pack& pk) {
+  if (hooks.out_proj_grad) return hooks.out_proj_grad(M, w_full, pk.rows, pk.gcols);
+  auto dg = (M.to(at::kFloat) * pk.w_out_raw.to(at::kFloat)).sum(0);
+  M.mul_(pk.gcols);
+  if (pk.identity_rows) return {M, dg};
+  auto dw = at::zeros(w_full.sizes(), w_full.options());
+  dw.index_copy_(1, pk.rows, M);
+  return {dw, dg};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk,
+    const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
+    const at::Tensor& head_gates, const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
+    int64_t num_heads, bool save_for_backward) {
+  const auto s = check_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads);
+  const int64_t N = s.B * s.S, R = s.R;
+  const auto fopts = x.options().dtype(at::kFloat);
+  if (s.A == 0 || N == 0) {  // only the output bias; saved outputs have their shapes but hold nothing
+    auto y = broadcast_bias(bo, s.B, s.S);
+    if (!save_for_backward) return {y, at::empty({0}, x.options()), at::empty({0}, x.options()), at::empty({0}, fopts)};
+    return {y, at::empty({N, 3 * R}, x.options()), at::empty({N, R}, x.options()), at::empty({s.B, s.S, s.A}, fopts)};
+  }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
+  if (!save_for_backward) {  // inference: nothing kept, the context is gated in place when gates are not folded
+    const Pack pk = get_pack(Kind::Attention, hooks, {wq, bq, wk, bk, wv, bv}, wo, head_gates, active_heads, s.D,
+                             s.H * s.D, x.scalar_type(), /*want_raw=*/false);
+    const auto qkv = at::addmm(pk.b_in, rows_2d(x), pk.w_in.t()).view({s.B, s.S, 3, s.A, s.D});
+    auto [ctx, aux] = hooks.attn_fwd(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
+                                     qkv.select(2, 2).transpose(1, 2), make_mask(key_bias, x), scale);
+    auto ctx2 = ctx.transpose(1, 2).reshape({N, R});
+    if (!pk.folded) {
+      if (!ctx2.is_contiguous()) ctx2 = ctx2.contiguous();
+      hooks.scale_cols(ctx2, pk.gcols);
+    }
+    return {at::addmm(bo, ctx2, pk.w_out.t()).view({s.B, s.S, s.E}), at::empty({0}, x.options()),
+            at::empty({0}, x.options()), at::empty({0}, fopts)};
+  }
+  // Training: keep q|k|v, the ungated context and the log-sum-exp for the backward.
+  const Pack pk = get_pack(Kind::Attention, hooks, {wq, bq, wk, bk, wv, bv}, wo, head_gates, active_heads, s.D,
+                           s.H * s.D, x.scalar_type(), /*want_raw=*/false);
+  auto qkv2 = at::addmm(pk.b_in, rows_2d(x), pk.w_in.t());  // [N, 3R]
+  const auto qkv = qkv2.view({s.B, s.S, 3, s.A, s.D});
+  auto [ctx, aux] = hooks.attn_fwd(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
+                                   qkv.select(2, 2).transpose(1, 2), make_mask(key_bias, x), scale);
+  auto ctx2 = contiguous_2d(ctx.transpose(1, 2), N, R);  // a view for the CPU flash kernel ([B, S, A, D] memory)
+  at::Tensor lse;
+  if (aux.defined()) {
+    lse = aux.transpose(1, 2);  // [B, S, A]
+    if (!lse.is_contiguous()) lse = lse.contiguous();
+    if (lse.scalar_type() != at::kFloat) lse = lse.to(at::kFloat);
+  } else {
+    lse = at::zeros({s.B, s.S, s.A}, fopts);
+  }
+  at::Tensor y;
+  if (pk.folded) {
+    y = at::addmm(bo, ctx2, pk.w_out.t());
+  } else {
+    auto ctx_g = ctx2.clone();
+    hooks.scale_cols(ctx_g, pk.gcols);
+    y = at::addmm(bo, ctx_g, pk.w_out.t());
+  }
+  return {y.view({s.B, s.S, s.E}), qkv2, ctx2, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -400,63 +490,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wq,
                    const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv,
                    const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& head_gates,
-                   const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias, int64_t num_heads) {
+                   const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias, int64_t num_heads,
+                   const std::optional<at::Tensor>& saved_qkv, const std::optional<at::Tensor>& saved_ctx,
+                   const std::optional<at::Tensor>& saved_lse) {
   const auto s = check_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads);
   check_same(grad_out, "grad_out", x, {s.B, s.S, s.E});
+  const int64_t N = s.B * s.S, R = s.R;
+  const bool has_qkv = check_saved(saved_qkv, "qkv", x, x.scalar_type(), {N, 3 * R});
+  const bool has_ctx = check_saved(saved_ctx, "ctx", x, x.scalar_type(), {N, R});
+  const bool has_lse = check_saved(saved_lse, "lse", x, at::kFloat, {s.B, s.S, s.A});
+  TORCH_CHECK(has_qkv == has_ctx && has_ctx == has_lse,
+              "structprune: pass all of the saved qkv, ctx and lse to cpp_gated_attention_backward, or none");
   const auto go2 = rows_2d(grad_out);
   auto dbo = go2.sum(0);
-  auto dx = at::zeros_like(x, at::MemoryFormat::Contiguous);
-  auto dwq = at::zeros(wq.sizes(), wq.options());
-  auto dwk = at::zeros(wk.sizes(), wk.options());
-  auto dwv = at::zeros(wv.sizes(), wv.options());
-  auto dbq = at::zeros(bq.sizes(), bq.options());
-  auto dbk = at::zeros(bk.sizes(), bk.options());
-  auto dbv = at::zeros(bv.sizes(), bv.options());
-  auto dwo = at::zeros(wo.sizes(), wo.options());
-  auto dgates = at::zeros(head_gates.sizes(), head_gates.options());
-  if (s.A == 0 || s.B * s.S == 0) return {dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dgates};
+  if (s.A == 0 || N == 0) {
+    return {at::zeros_like(x, at::MemoryFormat::Contiguous), at::zeros(wq.sizes(), wq.options()),
+            at::zeros(bq.sizes(), bq.options()), at::zeros(wk.sizes(), wk.options()),
+            at::zeros(bk.sizes(), bk.options()), at::zeros(wv.sizes(), wv.options()),
+            at::zeros(bv.sizes(), bv.options()), at::zeros(wo.sizes(), wo.options()), dbo,
+            at::zeros(head_gates.sizes(), head_gates.options())};
+  }
 
   const Pack pk = get_pack(Kind::Attention, hooks, {wq, bq, wk, bk, wv, bv}, wo, head_gates, active_heads, s.D,
-                           s.H * s.D, x.scalar_type());
-  const int64_t N = s.B * s.S, R = s.R;
+                           s.H * s.D, x.scalar_type(), /*want_raw=*/hooks.out_proj_grad == nullptr);
   const auto x2 = rows_2d(x);
-  // Recompute the forward up to the (ungated) context.
-  const auto qkv = at::addmm(pk.b_in, x2, pk.w_in.t()).view({s.B, s.S, 3, s.A, s.D});
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
+  const auto mask = make_mask(key_bias, x);
+  at::Tensor qkv, ctx, aux, ctx2;
+  if (has_qkv) {
+    qkv = saved_qkv->view({s.B, s.S, 3, s.A, s.D});
+    ctx2 = saved_ctx->is_contiguous() ? *saved_ctx : saved_ctx->contiguous();
+    ctx = ctx2.view({s.B, s.S, s.A, s.D}).transpose(1, 2);
+    aux = saved_lse->transpose(1, 2);  // [B, A, S]
+  } else {  // recompute the forward up to the (ungated) context
+    qkv = at::addmm(pk.b_in, x2, pk.w_in.t()).view({s.B, s.S, 3, s.A, s.D});
+    std::tie(ctx, aux) = hooks.attn_fwd(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
+                                        qkv.select(2, 2).transpose(1, 2), mask, scale);
+    ctx2 = contiguous_2d(ctx.transpose(1, 2), N, R);  // [N, R] ungated
+  }
   const auto q = qkv.select(2, 0).transpose(1, 2);
   const auto k = qkv.select(2, 1).transpose(1, 2);
   const auto v = qkv.select(2, 2).transpose(1, 2);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
-  const auto mask = make_mask(key_bias, x);
-  auto [ctx, aux] = hooks.attn_fwd(q, k, v, mask, scale);
-  const auto ctx2 = ctx.transpose(1, 2).reshape({N, R}).contiguous();  // [N, R] ungated
 
   // out = (ctx * g) @ wo_sel^T + bo. With M = grad^T @ ctx: dwo_sel = M * g, dg_a = sum(M * wo_sel) over head a.
-  const auto M = at::mm(go2.t(), ctx2);  // [E, R]
-  const auto wo_sel = pk.folded ? wo.index_select(1, pk.rows) : pk.w_out;
-  const auto dg = (M.to(at::kFloat) * wo_sel.to(at::kFloat)).view({s.E, s.A, s.D}).sum(at::IntArrayRef{0, 2});
-  dgates.index_copy_(0, active_heads.to(x.device()), dg.to(head_gates.scalar_type()));
-  dwo.index_copy_(1, pk.rows, M * pk.gcols);
+  auto [dwo, dg_cols] = out_proj_grad(hooks, at::mm(go2.t(), ctx2), wo, pk);  // M = grad^T @ ctx [E, R]
+  auto dgates = at::zeros(head_gates.sizes(), head_gates.options());
+  dgates.index_copy_(0, active_heads.to(x.device()), dg_cols.view({s.A, s.D}).sum(1).to(head_gates.scalar_type()));
   auto dctx2 = at::mm(go2, pk.w_out);  // gated when folded
   if (!pk.folded) hooks.scale_cols(dctx2, pk.gcols);
   const auto dctx = dctx2.view({s.B, s.S, s.A, s.D}).transpose(1, 2);
   auto [dq, dk, dv] = hooks.attn_bwd(dctx, q, k, v, ctx, aux, mask, scale);
 
-  auto dqkv = at::empty({s.B, s.S, 3, s.A, s.D}, x.options());
-  dqkv.select(2, 0).copy_(dq.transpose(1, 2));
-  dqkv.select(2, 1).copy_(dk.transpose(1, 2));
-  dqkv.select(2, 2).copy_(dv.transpose(1, 2));
-  const auto dqkv2 = dqkv.view({N, 3 * R});
-  const auto dw_in = at::mm(dqkv2.t(), x2);  // [3R, E]
-  const auto db_in = dqkv2.sum(0);
+  // Input projections, one per q / k / v (the CPU flash backward gives [B, S, A, D] memory: [N, R] views).
+  const at::Tensor dproj[3] = {contiguous_2d(dq.transpose(1, 2), N, R), contiguous_2d(dk.transpose(1, 2), N, R),
+                               contiguous_2d(dv.transpose(1, 2), N, R)};
+  std::vector<at::Tensor> dw(3), db(3);
+  auto dx = at::empty({s.B, s.S, s.E}, x.options());
   auto dx2 = dx.view({N, s.E});
-  at::mm_out(dx2, dqkv2, pk.w_in);
-  dwq.index_copy_(0, pk.rows, dw_in.narrow(0, 0, R));
-  dwk.index_copy_(0, pk.rows, dw_in.narrow(0, R, R));
-  dwv.index_copy_(0, pk.rows, dw_in.narrow(0, 2 * R, R));
-  dbq.index_copy_(0, pk.rows, db_in.narrow(0, 0, R));
-  dbk.index_copy_(0, pk.rows, db_in.narrow(0, R, R));
-  dbv.index_copy_(0, pk.rows, db_in.narrow(0, 2 * R, R));
-  return {dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dgates};
+  for (int p = 0; p < 3; ++p) {
+    const auto w_sel = pk.w_in.narrow(0, p * R, R);
+    if (p == 0) {
+      at::mm_out(dx2, dproj[p], w_sel);
+    } else {
+      dx2.addmm_(dproj[p], w_sel);
+    }
+    dw[p] = at::mm(dproj[p].t(), x2);
+    db[p] = dproj[p].sum(0);
+  }
+  if (!pk.identity_rows) {
+    dw = scatter_rows(hooks, dw, pk.rows, s.H * s.D);
+    db = scatter_rows(hooks, db, pk.rows, s.H * s.D);
+  }
+  return {dx, dw[0], db[0], dw[1], db[1], dw[2], db[2], dwo, dbo, dgates};
 }
 
 namespace {
@@ -485,55 +590,88 @@ FfnShapes check_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
 
 }  // namespace
 
-at::Tensor ffn_forward(const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                       const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
-                       const at::Tensor& kept_units, const std::string& activation) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(const DeviceHooks& hooks, const at::Tensor& x,
+                                                           const at::Tensor& w1, const at::Tensor& b1,
+                                                           const at::Tensor& w2, const at::Tensor& b2,
+                                                           const at::Tensor& unit_gates, const at::Tensor& kept_units,
+                                                           const std::string& activation, bool save_for_backward) {
   const Act act = parse_activation(activation);
   const auto s = check_ffn(x, w1, b1, w2, b2, unit_gates, kept_units);
-  if (s.K == 0 || s.B * s.S == 0) return broadcast_bias(b2, s.B, s.S);
-  const Pack pk = get_pack(Kind::Ffn, hooks, {w1, b1}, w2, unit_gates, kept_units, 1, s.I, x.scalar_type());
+  const int64_t N = s.B * s.S;
+  if (s.K == 0 || N == 0) {
+    auto y = broadcast_bias(b2, s.B, s.S);
+    if (!save_for_backward) return {y, at::empty({0}, x.options()), at::empty({0}, x.options())};
+    return {y, at::empty({N, s.K}, x.options()), at::empty({N, s.K}, x.options())};
+  }
+  const Pack pk = get_pack(Kind::Ffn, hooks, {w1, b1}, w2, unit_gates, kept_units, 1, s.I, x.scalar_type(),
+                           /*want_raw=*/false);
   auto a = at::addmm(pk.b_in, rows_2d(x), pk.w_in.t());  // [N, K], bias in the GEMM (as F.linear)
-  hooks.bias_act(a, at::Tensor(), pk.folded ? at::Tensor() : pk.gcols, act, nullptr);
-  return at::addmm(b2, a, pk.w_out.t()).view({s.B, s.S, s.E});
+  if (!save_for_backward) {  // inference: activation (and gate) in place
+    hooks.bias_act(a, at::Tensor(), pk.folded ? at::Tensor() : pk.gcols, act, nullptr);
+    return {at::addmm(b2, a, pk.w_out.t()).view({s.B, s.S, s.E}), at::empty({0}, x.options()),
+            at::empty({0}, x.options())};
+  }
+  // Training: keep the pre-activation and the ungated activation for the backward.
+  auto h = at::empty_like(a);
+  hooks.bias_act(a, at::Tensor(), at::Tensor(), act, &h);  // h = act(a), ungated; a unchanged (no bias)
+  at::Tensor y;
+  if (pk.folded) {
+    y = at::addmm(b2, h, pk.w_out.t());
+  } else {
+    auto h_g = h.clone();
+    hooks.scale_cols(h_g, pk.gcols);
+    y = at::addmm(b2, h_g, pk.w_out.t());
+  }
+  return {y.view({s.B, s.S, s.E}), a, h};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 ffn_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
-             const at::Tensor& kept_units, const std::string& activation) {
+             const at::Tensor& kept_units, const std::string& activation, const std::optional<at::Tensor>& saved_pre,
+             const std::optional<at::Tensor>& saved_h) {
   const Act act = parse_activation(activation);
   const auto s = check_ffn(x, w1, b1, w2, b2, unit_gates, kept_units);
   check_same(grad_out, "grad_out", x, {s.B, s.S, s.E});
+  const int64_t N = s.B * s.S;
+  const bool has_pre = check_saved(saved_pre, "pre", x, x.scalar_type(), {N, s.K});
+  const bool has_h = check_saved(saved_h, "h", x, x.scalar_type(), {N, s.K});
+  TORCH_CHECK(has_pre == has_h, "structprune: pass both of the saved pre and h to cpp_gated_ffn_backward, or none");
   const auto go2 = rows_2d(grad_out);
   auto db2 = go2.sum(0);
-  auto dx = at::zeros_like(x, at::MemoryFormat::Contiguous);
-  auto dw1 = at::zeros(w1.sizes(), w1.options());
-  auto db1 = at::zeros(b1.sizes(), b1.options());
-  auto dw2 = at::zeros(w2.sizes(), w2.options());
-  auto dgates = at::zeros(unit_gates.sizes(), unit_gates.options());
-  if (s.K == 0 || s.B * s.S == 0) return {dx, dw1, db1, dw2, db2, dgates};
+  if (s.K == 0 || N == 0) {
+    return {at::zeros_like(x, at::MemoryFormat::Contiguous), at::zeros(w1.sizes(), w1.options()),
+            at::zeros(b1.sizes(), b1.options()), at::zeros(w2.sizes(), w2.options()), db2,
+            at::zeros(unit_gates.sizes(), unit_gates.options())};
+  }
 
-  const Pack pk = get_pack(Kind::Ffn, hooks, {w1, b1}, w2, unit_gates, kept_units, 1, s.I, x.scalar_type());
+  const Pack pk = get_pack(Kind::Ffn, hooks, {w1, b1}, w2, unit_gates, kept_units, 1, s.I, x.scalar_type(),
+                           /*want_raw=*/hooks.out_proj_grad == nullptr);
   const auto x2 = rows_2d(x);
-  // Recompute the pre-activation with the bias inside the GEMM (one rounding, as F.linear: in bf16 the sign of
-  // near-zero values, hence relu's derivative, then matches the reference).
-  auto pre = at::addmm(pk.b_in, x2, pk.w_in.t());
-  auto h = at::empty_like(pre);
-  hooks.bias_act(pre, at::Tensor(), at::Tensor(), act, &h);  // h = act(pre), ungated
+  at::Tensor pre, h;
+  if (has_pre) {
+    pre = saved_pre->is_contiguous() ? *saved_pre : saved_pre->contiguous();
+    h = saved_h->is_contiguous() ? *saved_h : saved_h->contiguous();
+  } else {
+    // Recompute the pre-activation with the bias inside the GEMM (one rounding, as F.linear: in bf16 the sign of
+    // near-zero values, hence relu's derivative, then matches the reference).
+    pre = at::addmm(pk.b_in, x2, pk.w_in.t());
+    h = at::empty_like(pre);
+    hooks.bias_act(pre, at::Tensor(), at::Tensor(), act, &h);  // h = act(pre), ungated
+  }
 
-  const auto M = at::mm(go2.t(), h);  // [E, K]
-  const auto w2_sel = pk.folded ? w2.index_select(1, pk.rows) : pk.w_out;
-  const auto dg = (M.to(at::kFloat) * w2_sel.to(at::kFloat)).sum(0);
+  auto [dw2, dg] = out_proj_grad(hooks, at::mm(go2.t(), h), w2, pk);  // M = grad^T @ h [E, K]
+  auto dgates = at::zeros(unit_gates.sizes(), unit_gates.options());
   dgates.index_copy_(0, kept_units.to(x.device()), dg.to(unit_gates.scalar_type()));
-  dw2.index_copy_(1, pk.rows, M * pk.gcols);
   auto dh = at::mm(go2, pk.w_out);  // [N, K], gated when folded
   if (!pk.folded) hooks.scale_cols(dh, pk.gcols);
   hooks.act_backward(dh, pre, act);  // dh <- d pre
-  dw1.index_copy_(0, pk.rows, at::mm(dh.t(), x2));
-  db1.index_copy_(0, pk.rows, dh.sum(0));
-  auto dx2 = dx.view({s.B * s.S, s.E});
+  auto dx = at::empty({s.B, s.S, s.E}, x.options());
+  auto dx2 = dx.view({N, s.E});
   at::mm_out(dx2, dh, pk.w_in);
-  return {dx, dw1, db1, dw2, db2, dgates};
+  std::vector<at::Tensor> dw1_db1 = {at::mm(dh.t(), x2), dh.sum(0)};
+  if (!pk.identity_rows) dw1_db1 = scatter_rows(hooks, dw1_db1, pk.rows, s.I);
+  return {dx, dw1_db1[0], dw1_db1[1], dw2, db2, dgates};
 }
 
 }  // namespace structprune

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace structprune {
 
@@ -24,39 +25,60 @@ struct DeviceHooks {
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& ctx, const at::Tensor& aux,
                                                              const std::optional<at::Tensor>& mask, double scale);
-  // a [N, K] (contiguous) <- act(a + bias) * col_scale (bias and col_scale may be undefined). With h_out (backward
-  // recompute; a tensor like a): a <- a + bias (the pre-activation) and *h_out <- act(a + bias), ungated.
+  // a [N, K] (contiguous) <- act(a + bias) * col_scale (bias and col_scale may be undefined). With h_out (training
+  // forward, backward recompute; a tensor like a): a <- a + bias (the pre-activation), *h_out <- act(a + bias), ungated.
   void (*bias_act)(at::Tensor& a, const at::Tensor& bias, const at::Tensor& col_scale, Act act, at::Tensor* h_out);
   // dh [N, K] (contiguous) <- dh * act'(pre), in place or by rebinding dh to a new tensor
   void (*act_backward)(at::Tensor& dh, const at::Tensor& pre, Act act);
   // Scale columns: t [N, C] (contiguous) <- t * col_scale[C] (used when gates are not folded).
   void (*scale_cols)(at::Tensor& t, const at::Tensor& col_scale);
   bool fold_gates;  // fold the gates into the packed wo / w2 columns (needs the gate values on the host)
+  // Optional fused kernels (nullptr: generic ATen code). rows [R] int64: sorted kept columns / rows.
+  // w_full [E, C] -> [E, R] with out[:, r] = w_full[:, rows[r]] * col_scale[r] (col_scale may be undefined).
+  at::Tensor (*gather_cols)(const at::Tensor& w_full, const at::Tensor& rows, const at::Tensor& col_scale);
+  // Output-projection gradients from M = grad^T @ context [E, R]: (dw [E, C] full-size, dw[:, rows[r]] =
+  // M[:, r] * col_scale[r], zero elsewhere; dg [R] fp32, dg[r] = sum_e M[e, r] * w_full[e, rows[r]]).
+  std::tuple<at::Tensor, at::Tensor> (*out_proj_grad)(const at::Tensor& M, const at::Tensor& w_full,
+                                                      const at::Tensor& rows, const at::Tensor& col_scale);
+  // Full-size tensors [F, ...] with srcs[i] [R, ...] (contiguous) in rows `rows`, zero elsewhere.
+  std::vector<at::Tensor> (*scatter_rows)(const std::vector<at::Tensor>& srcs, const at::Tensor& rows,
+                                          int64_t full_rows);
 };
 
-at::Tensor attention_forward(const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& wq,
-                             const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv,
-                             const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
-                             const at::Tensor& head_gates, const at::Tensor& active_heads,
-                             const std::optional<at::Tensor>& key_bias, int64_t num_heads);
+// Forward ops return (y, saved...). With save_for_backward the saved tensors are what the backward needs, so it
+// recomputes nothing: attention (qkv [B*S, 3*A*D] packed q|k|v rows of the active heads, ctx [B*S, A*D] the ungated
+// attention context, lse [B, S, A] fp32 the softmax log-sum-exp of the CPU flash kernel; zeros on CUDA, whose
+// backward recomputes the probabilities); FFN (pre [B*S, K] the pre-activation with bias, h [B*S, K] = act(pre),
+// ungated). Without it they are empty ([0]) tensors: inference keeps nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk,
+    const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
+    const at::Tensor& head_gates, const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
+    int64_t num_heads, bool save_for_backward);
 
 // Returns dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dhead_gates (zero rows/columns/entries for pruned heads).
+// qkv / ctx / lse: the tensors saved by attention_forward(save_for_backward=true), or all absent (recompute).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wq,
                    const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv,
                    const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& head_gates,
-                   const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias, int64_t num_heads);
+                   const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias, int64_t num_heads,
+                   const std::optional<at::Tensor>& qkv, const std::optional<at::Tensor>& ctx,
+                   const std::optional<at::Tensor>& lse);
 
-at::Tensor ffn_forward(const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                       const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
-                       const at::Tensor& kept_units, const std::string& activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(const DeviceHooks& hooks, const at::Tensor& x,
+                                                           const at::Tensor& w1, const at::Tensor& b1,
+                                                           const at::Tensor& w2, const at::Tensor& b2,
+                                                           const at::Tensor& unit_gates, const at::Tensor& kept_units,
+                                                           const std::string& activation, bool save_for_backward);
 
-// Returns dx, dw1, db1, dw2, db2, dunit_gates.
+// Returns dx, dw1, db1, dw2, db2, dunit_gates. pre / h: saved by ffn_forward(save_for_backward=true), or absent.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 ffn_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
-             const at::Tensor& kept_units, const std::string& activation);
+             const at::Tensor& kept_units, const std::string& activation, const std::optional<at::Tensor>& pre,
+             const std::optional<at::Tensor>& h);
 
 // Pack cache (shared by all devices): drop every entry / number of live entries.
 void pack_cache_clear();

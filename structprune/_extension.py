@@ -14,6 +14,11 @@ Ops (``torch.ops.structprune.*``): ``cpp_gated_attention``, ``cpp_gated_attentio
 ``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``philox4x32_10``. Fake kernels and autograd formulas
 (calling the C++ backward ops) are registered here.
 
+Saved tensors: the forward ops take ``save_for_backward`` (set by :func:`gated_attention` / :func:`gated_ffn` when a
+gradient is needed) and then also return what their backward needs (attention: packed q|k|v, the ungated
+context, the softmax log-sum-exp; FFN: pre-activation and activation), so the backward recomputes nothing and
+reuses the cached packed weights; under ``no_grad`` these outputs are empty.
+
 Packed-weight cache: the kept rows/columns of each layer's weights are packed once and reused while the weights
 are unchanged (same storage, data pointer, shape and ``_version``), the kept index has the same content and the
 gate values folded into the packed output weights are equal. In-place updates PyTorch tracks (optimizer steps,
@@ -170,18 +175,28 @@ def cache_size() -> int:
     return int(torch.ops.structprune.pack_cache_size())
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads: int):
     """Gated self-attention projection, equal to :func:`structprune.reference.gated_attention` (the gate gradient
-    of pruned heads, which the reference computes from contexts this op never forms, is returned as 0)."""
+    of pruned heads, which the reference computes from contexts this op never forms, is returned as 0).
+
+    When a gradient is needed the op keeps q|k|v, the context and the softmax log-sum-exp for the backward
+    (``save_for_backward``), which then recomputes nothing; under ``no_grad`` it keeps nothing."""
     _require()
+    save = _needs_grad(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates)
     return torch.ops.structprune.cpp_gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                                                     key_bias, int(num_heads))
+                                                     key_bias, int(num_heads), save)[0]
 
 
 def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
-    """Gated FFN projection, equal to :func:`structprune.reference.gated_ffn` (pruned units' gate gradient: 0)."""
+    """Gated FFN projection, equal to :func:`structprune.reference.gated_ffn` (pruned units' gate gradient: 0).
+    Keeps the pre-activation and the activation for the backward when a gradient is needed."""
     _require()
-    return torch.ops.structprune.cpp_gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+    save = _needs_grad(x, w1, b1, w2, b2, unit_gates)
+    return torch.ops.structprune.cpp_gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save)[0]
 
 
 def hard_concrete_sample(log_alpha, seed: int, offset: int, beta: float = 2.0 / 3.0, mask=None):
@@ -200,23 +215,36 @@ def _empty(t):
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
+def _attention_saved_shapes(x, wq, active_heads, num_heads, save):
+    """Shapes of the saved outputs (qkv, ctx, lse) of cpp_gated_attention; [0] each when not saving."""
+    if not save:
+        return (0,), (0,), (0,)
+    B, S, _ = x.shape
+    R = active_heads.shape[0] * (wq.shape[0] // num_heads)
+    return (B * S, 3 * R), (B * S, R), (B, S, active_heads.shape[0])
+
+
 def _register_python_parts() -> None:
     lib = "structprune::"
 
     @torch.library.register_fake(lib + "cpp_gated_attention")
-    def _attn_fake(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads):
-        return _empty(x)
+    def _attn_fake(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads,
+                   save_for_backward=False):
+        qkv, ctx, lse = _attention_saved_shapes(x, wq, active_heads, num_heads, save_for_backward)
+        return (_empty(x), x.new_empty(qkv), x.new_empty(ctx), x.new_empty(lse, dtype=torch.float32))
 
     @torch.library.register_fake(lib + "cpp_gated_attention_backward")
-    def _attn_bwd_fake(grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads):
+    def _attn_bwd_fake(grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads,
+                       qkv=None, ctx=None, lse=None):
         return tuple(_empty(t) for t in (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates))
 
     @torch.library.register_fake(lib + "cpp_gated_ffn")
-    def _ffn_fake(x, w1, b1, w2, b2, unit_gates, kept_units, activation):
-        return _empty(x)
+    def _ffn_fake(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save_for_backward=False):
+        shape = (x.shape[0] * x.shape[1], kept_units.shape[0]) if save_for_backward else (0,)
+        return _empty(x), x.new_empty(shape), x.new_empty(shape)
 
     @torch.library.register_fake(lib + "cpp_gated_ffn_backward")
-    def _ffn_bwd_fake(grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, activation):
+    def _ffn_bwd_fake(grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, activation, pre=None, h=None):
         return tuple(_empty(t) for t in (x, w1, b1, w2, b2, unit_gates))
 
     @torch.library.register_fake(lib + "hard_concrete_sample")
@@ -227,26 +255,51 @@ def _register_python_parts() -> None:
     def _hc_bwd_fake(grad, log_alpha, seed, offset, beta, mask=None):
         return _empty(log_alpha)
 
+    # Forward ops called with save_for_backward=True return what their backward needs (saved here, beside the
+    # inputs); called without it (directly, e.g. by opcheck) the backward recomputes the forward. The saved
+    # outputs are not differentiable, and no zero gradients are materialized for them (grad is None when the
+    # output itself was not used).
     def _attn_setup(ctx, inputs, output):
-        *tensors, num_heads = inputs
+        *tensors, num_heads, save = inputs
         ctx.num_heads = num_heads
-        ctx.save_for_backward(*tensors)  # x, weights, biases, head_gates, active_heads, key_bias (may be None)
+        ctx.saved_outputs = bool(save)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        # x, weights, biases, head_gates, active_heads, key_bias (may be None) [, qkv, ctx, lse]
+        ctx.save_for_backward(*tensors, *(output[1:] if save else ()))
 
-    def _attn_backward(ctx, grad):
-        grads = torch.ops.structprune.cpp_gated_attention_backward(grad.contiguous(), *ctx.saved_tensors,
-                                                                   ctx.num_heads)
-        return (*grads, None, None, None)  # no grad for active_heads, key_bias, num_heads
+    def _attn_backward(ctx, grad, *_unused):
+        if grad is None:
+            return (None,) * 14
+        saved = ctx.saved_tensors
+        if ctx.saved_outputs:
+            *tensors, qkv, c, lse = saved
+            grads = torch.ops.structprune.cpp_gated_attention_backward(grad.contiguous(), *tensors, ctx.num_heads,
+                                                                       qkv, c, lse)
+        else:
+            grads = torch.ops.structprune.cpp_gated_attention_backward(grad.contiguous(), *saved, ctx.num_heads)
+        return (*grads, None, None, None, None)  # no grad for active_heads, key_bias, num_heads, save
 
     torch.library.register_autograd(lib + "cpp_gated_attention", _attn_backward, setup_context=_attn_setup)
 
     def _ffn_setup(ctx, inputs, output):
-        *tensors, activation = inputs
+        *tensors, activation, save = inputs
         ctx.activation = activation
-        ctx.save_for_backward(*tensors)
+        ctx.saved_outputs = bool(save)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*tensors, *(output[1:] if save else ()))  # ..., kept_units [, pre, h]
 
-    def _ffn_backward(ctx, grad):
-        grads = torch.ops.structprune.cpp_gated_ffn_backward(grad.contiguous(), *ctx.saved_tensors, ctx.activation)
-        return (*grads, None, None)  # no grad for kept_units, activation
+    def _ffn_backward(ctx, grad, *_unused):
+        if grad is None:
+            return (None,) * 9
+        saved = ctx.saved_tensors
+        if ctx.saved_outputs:
+            *tensors, pre, h = saved
+            grads = torch.ops.structprune.cpp_gated_ffn_backward(grad.contiguous(), *tensors, ctx.activation, pre, h)
+        else:
+            grads = torch.ops.structprune.cpp_gated_ffn_backward(grad.contiguous(), *saved, ctx.activation)
+        return (*grads, None, None, None)  # no grad for kept_units, activation, save
 
     torch.library.register_autograd(lib + "cpp_gated_ffn", _ffn_backward, setup_context=_ffn_setup)
 

@@ -200,6 +200,174 @@ def test_ffn_bf16_within_dtype_tolerance(activation, kept):
         assert err <= 2 * base + 1e-2 * max(scale, 1.0), f"d{name}: err {err} vs bf16 reference {base}"
 
 
+# --- saved tensors (save_for_backward) ------------------------------------------------------------------------------
+
+def _attn_args(params, hg, active, kb, H):
+    return (*params.values(), hg, active, kb, H)
+
+
+def _grads(outputs, inputs, grad_out):
+    return torch.autograd.grad(outputs, inputs, grad_out)
+
+
+@pytest.mark.parametrize("kept", ["none", "some", "all"])
+@pytest.mark.parametrize("padding", [False, True])
+def test_attention_saved_tensors_and_both_backward_paths(kept, padding):
+    """save_for_backward=True: same y as without, saved q|k|v / context / log-sum-exp match the reference, and the
+    backward from the saved tensors equals the recomputing backward and the reference gradients."""
+    H, D, B, S = 4, 32, 2, 9
+    params, hg, active, kb = _attention_case(B, S, H, D, kept, padding, seed=3)
+    args = _attn_args(params, hg, active, kb, H)
+    inputs = list(params.values()) + [hg]
+    grad_out = torch.randn(B, S, params["x"].shape[-1])
+    op = torch.ops.structprune.cpp_gated_attention
+    y0, *unsaved = op(*args, False)
+    assert all(t.shape == (0,) for t in unsaved) and unsaved[2].dtype == torch.float32
+    y1, qkv, ctx, lse = op(*args, True)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    A, R = active.numel(), active.numel() * D
+    assert qkv.shape == (B * S, 3 * R) and ctx.shape == (B * S, R) and lse.shape == (B, S, A)
+    assert lse.dtype == torch.float32 and not (qkv.requires_grad or ctx.requires_grad or lse.requires_grad)
+    if A:
+        with torch.no_grad():
+            rows = (active[:, None] * D + torch.arange(D)).reshape(-1)
+            x, E = params["x"], params["x"].shape[-1]
+            q, k, v = (torch.nn.functional.linear(x, params[w][rows], params[b][rows])
+                       for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
+            torch.testing.assert_close(qkv, torch.cat([q, k, v], -1).reshape(B * S, 3 * R), **TOL[torch.float32])
+            heads = [t.view(B, S, A, D).transpose(1, 2) for t in (q, k, v)]
+            scores = heads[0] @ heads[1].transpose(-1, -2) / math.sqrt(D)
+            if kb is not None:
+                scores = scores + kb[:, None, None, :]
+            ref_ctx = torch.softmax(scores, -1) @ heads[2]
+            torch.testing.assert_close(ctx, ref_ctx.transpose(1, 2).reshape(B * S, R), **TOL[torch.float32])
+            torch.testing.assert_close(lse, scores.logsumexp(-1).transpose(1, 2), **TOL[torch.float32])
+    g_saved = _grads(y1, inputs, grad_out)
+    g_recomputed = _grads(y0, inputs, grad_out)
+    _, ref_grads = _run_attention("ref", params, hg, active, kb, H, grad_out)
+    for name, a, b in zip(list(params) + ["gates"], g_saved, g_recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"d{name}: {m}")
+        if name == "gates":
+            _check_gate_grad(a, ref_grads[name], active, rtol=1e-4, atol=1e-4)
+        else:
+            _close_fp32(a, ref_grads[name], name)
+
+
+@pytest.mark.parametrize("kept", ["none", "some", "all"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_ffn_saved_tensors_and_both_backward_paths(kept, activation):
+    B, S, E, I = 2, 7, 48, 96
+    params, ug, kept_units = _ffn_case(B, S, E, I, kept, seed=4)
+    args = (*params.values(), ug, kept_units, activation)
+    inputs = list(params.values()) + [ug]
+    grad_out = torch.randn(B, S, E)
+    op = torch.ops.structprune.cpp_gated_ffn
+    y0, *unsaved = op(*args, False)
+    assert all(t.shape == (0,) for t in unsaved)
+    y1, pre, h = op(*args, True)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    K = kept_units.numel()
+    assert pre.shape == (B * S, K) and h.shape == (B * S, K) and not (pre.requires_grad or h.requires_grad)
+    with torch.no_grad():
+        ref_pre = torch.nn.functional.linear(params["x"], params["w1"][kept_units], params["b1"][kept_units])
+        torch.testing.assert_close(pre, ref_pre.reshape(B * S, K), **TOL[torch.float32])
+        torch.testing.assert_close(h, reference.activation_fn(activation)(pre), **TOL[torch.float32])
+    g_saved = _grads(y1, inputs, grad_out)
+    g_recomputed = _grads(y0, inputs, grad_out)
+    _, ref_grads = _run_ffn("ref", params, ug, kept_units, activation, grad_out)
+    for name, a, b in zip(list(params) + ["gates"], g_saved, g_recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"d{name}: {m}")
+        if name == "gates":
+            _check_gate_grad(a, ref_grads[name], kept_units, rtol=1e-4, atol=1e-4)
+        else:
+            _close_fp32(a, ref_grads[name], name)
+
+
+def test_wrappers_save_only_when_a_gradient_is_needed(monkeypatch):
+    params, hg, active, kb = _attention_case(1, 5, 4, 32, "some", False)
+    fparams, ug, kept = _ffn_case(1, 5, 32, 64, "some")
+    calls = []
+    real_attn, real_ffn = torch.ops.structprune.cpp_gated_attention, torch.ops.structprune.cpp_gated_ffn
+
+    class Spy:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *args):
+            calls.append(args[-1])
+            return self.fn(*args)
+
+    monkeypatch.setattr(torch.ops.structprune, "cpp_gated_attention", Spy(real_attn))
+    monkeypatch.setattr(torch.ops.structprune, "cpp_gated_ffn", Spy(real_ffn))
+    with torch.no_grad():
+        ext.gated_attention(*params.values(), hg, active, kb, 4)
+        ext.gated_ffn(*fparams.values(), ug, kept, "gelu")
+    assert calls == [False, False]
+    calls.clear()
+    ext.gated_attention(*params.values(), hg, active, kb, 4)
+    ext.gated_ffn(*fparams.values(), ug, kept, "gelu")
+    assert calls == [True, True]
+    calls.clear()
+    detached = {k: v.detach() for k, v in fparams.items()}
+    ext.gated_ffn(*detached.values(), ug.detach(), kept, "gelu")  # nothing requires grad
+    assert calls == [False]
+
+
+def test_training_steps_follow_gate_and_weight_changes():
+    """Several steps as in L0 training: gates resampled each step (refolded from the cached ungated columns),
+    weights updated by an optimizer; every step's gradients equal the reference."""
+    H = 4
+    params, hg, active, kb = _attention_case(2, 9, H, 32, "some", True, seed=5)
+    fparams, ug, kept = _ffn_case(2, 9, 48, 96, "some", seed=5)
+    weights = [v for v in params.values()] + [v for v in fparams.values()]
+    opt = torch.optim.SGD(weights, lr=0.01)
+    gen = torch.Generator().manual_seed(6)
+    for step in range(4):
+        if step == 2:  # new kept sets
+            active = _kept_index(H, "some", gen)
+            kept = _kept_index(96, "some", gen)
+        hg = _gates(H, active, gen).requires_grad_()
+        ug = _gates(96, kept, gen).requires_grad_()
+        g_out = torch.randn(2, 9, params["x"].shape[-1], generator=gen)
+        out, grads = _run_attention("cpp", params, hg, active, kb, H, g_out)
+        _, ref_grads = _run_attention("ref", params, hg, active, kb, H, g_out)
+        for name, g in grads.items():
+            if name == "gates":
+                _check_gate_grad(g, ref_grads[name], active, rtol=1e-4, atol=1e-4)
+            else:
+                _close_fp32(g, ref_grads[name], name)
+        f_out = torch.randn(2, 9, 48, generator=gen)
+        _, grads = _run_ffn("cpp", fparams, ug, kept, "gelu", f_out)
+        _, ref_grads = _run_ffn("ref", fparams, ug, kept, "gelu", f_out)
+        for name, g in grads.items():
+            if name == "gates":
+                _check_gate_grad(g, ref_grads[name], kept, rtol=1e-4, atol=1e-4)
+            else:
+                _close_fp32(g, ref_grads[name], name)
+        opt.zero_grad()
+        loss = (ext.gated_attention(*params.values(), hg, active, kb, H) * g_out).sum() + \
+            (ext.gated_ffn(*fparams.values(), ug, kept, "gelu") * f_out).sum()
+        loss.backward()
+        opt.step()
+
+
+def test_backward_rejects_mismatched_saved_tensors():
+    params, hg, active, kb = _attention_case(1, 5, 4, 32, "some", False)
+    args = _attn_args(params, hg, active, kb, 4)
+    with torch.no_grad():
+        y, qkv, ctx, lse = torch.ops.structprune.cpp_gated_attention(*args, True)
+        bwd = torch.ops.structprune.cpp_gated_attention_backward
+        with pytest.raises(RuntimeError, match="qkv"):
+            bwd(torch.ones_like(y), *args, qkv[:-1], ctx, lse)
+        with pytest.raises(RuntimeError, match="or none"):
+            bwd(torch.ones_like(y), *args, qkv, None, None)
+        fparams, ug, kept = _ffn_case(1, 5, 32, 64, "some")
+        y, pre, h = torch.ops.structprune.cpp_gated_ffn(*fparams.values(), ug, kept, "gelu", True)
+        with pytest.raises(RuntimeError, match="pre"):
+            torch.ops.structprune.cpp_gated_ffn_backward(torch.ones_like(y), *fparams.values(), ug, kept, "gelu",
+                                                         pre.t(), h)
+
+
 # --- the packed-weight cache ----------------------------------------------------------------------------------------
 
 def _attn_fwd_check(params, hg, active, kb, H):
@@ -297,15 +465,32 @@ def test_input_errors_name_the_tensor():
 
 # --- torch.library integration --------------------------------------------------------------------------------------
 
-def test_opcheck_attention():
+@pytest.mark.parametrize("save", [False, True])
+def test_opcheck_attention(save):
     params, hg, active, kb = _attention_case(1, 3, 2, 32, "some", True)
     torch.library.opcheck(torch.ops.structprune.cpp_gated_attention.default,
-                          (*params.values(), hg, active, kb, 2))
+                          (*params.values(), hg, active, kb, 2, save))
 
 
-def test_opcheck_ffn():
+@pytest.mark.parametrize("save", [False, True])
+def test_opcheck_ffn(save):
     params, ug, kept = _ffn_case(1, 3, 32, 16, "some")
-    torch.library.opcheck(torch.ops.structprune.cpp_gated_ffn.default, (*params.values(), ug, kept, "gelu_tanh"))
+    torch.library.opcheck(torch.ops.structprune.cpp_gated_ffn.default,
+                          (*params.values(), ug, kept, "gelu_tanh", save))
+
+
+def test_opcheck_backward_ops_with_saved_tensors():
+    params, hg, active, kb = _attention_case(1, 3, 2, 32, "some", True)
+    args = (*params.values(), hg, active, kb, 2)
+    with torch.no_grad():
+        y, *saved = torch.ops.structprune.cpp_gated_attention(*args, True)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.structprune.cpp_gated_attention_backward.default,
+                          (torch.randn_like(y), *args, *saved))
+    fparams, ug, kept = _ffn_case(1, 3, 32, 16, "some")
+    fargs = (*[v.detach() for v in fparams.values()], ug.detach(), kept, "relu")
+    y, pre, h = torch.ops.structprune.cpp_gated_ffn(*fargs, True)
+    torch.library.opcheck(torch.ops.structprune.cpp_gated_ffn_backward.default, (torch.randn_like(y), *fargs, pre, h))
 
 
 def test_opcheck_hard_concrete():

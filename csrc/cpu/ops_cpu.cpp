@@ -6,7 +6,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "../gated_core.h"
 #include "../philox.h"
@@ -153,6 +156,148 @@ void cpu_act_backward(at::Tensor& dh, const at::Tensor& pre, Act act) {
 
 void cpu_scale_cols(at::Tensor& t, const at::Tensor& col_scale) { t.mul_(col_scale); }
 
+// --- packing and output-projection gradients (one pass each over the full-size tensor) ---------------------------
+
+std::vector<int64_t> index_vec(const at::Tensor& rows) {
+  auto r = rows.to(at::kCPU, at::kLong).contiguous();
+  return std::vector<int64_t>(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + r.numel());
+}
+
+// Maximal runs of consecutive kept columns [j, j + len) <- [r, r + len) (rows sorted, unique), with the pruned
+// gaps between them as runs with r = -1; they cover [0, C).
+struct Run {
+  int64_t j, r, len;
+};
+std::vector<Run> column_runs(const std::vector<int64_t>& rows, int64_t C) {
+  std::vector<Run> runs;
+  int64_t j = 0;
+  for (size_t i = 0; i < rows.size();) {
+    size_t k = i + 1;
+    while (k < rows.size() && rows[k] == rows[k - 1] + 1) ++k;
+    if (rows[i] > j) runs.push_back({j, -1, rows[i] - j});
+    runs.push_back({rows[i], static_cast<int64_t>(i), static_cast<int64_t>(k - i)});
+    j = rows[k - 1] + 1;
+    i = k;
+  }
+  if (j < C) runs.push_back({j, -1, C - j});
+  return runs;
+}
+
+template <typename T>
+void gather_cols_impl(const T* w, int64_t C, const int64_t* rows, int64_t R, const T* scale, T* out, int64_t E) {
+  at::parallel_for(0, E, grain_rows(R), [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const T* we = w + e * C;
+      T* oe = out + e * R;
+      if (scale) {
+        for (int64_t r = 0; r < R; ++r) oe[r] = static_cast<T>(static_cast<float>(we[rows[r]]) * static_cast<float>(scale[r]));
+      } else {
+        for (int64_t r = 0; r < R; ++r) oe[r] = we[rows[r]];
+      }
+    }
+  });
+}
+
+at::Tensor cpu_gather_cols(const at::Tensor& w_full, const at::Tensor& rows, const at::Tensor& col_scale) {
+  const auto w = w_full.contiguous();
+  const auto idx = rows.to(at::kLong).contiguous();
+  const auto sc = col_scale.defined() ? col_scale.to(w.scalar_type()).contiguous() : col_scale;
+  const int64_t E = w.size(0), C = w.size(1), R = idx.numel();
+  auto out = at::empty({E, R}, w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "structprune_gather_cols", [&] {
+    gather_cols_impl<scalar_t>(w.data_ptr<scalar_t>(), C, idx.data_ptr<int64_t>(), R,
+                               sc.defined() ? sc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), E);
+  });
+  return out;
+}
+
+// dw [E, C]: dw[:, rows[r]] = M[:, r] * scale[r], 0 elsewhere; dg[r] = sum_e M[e, r] * w[e, rows[r]] (double sums).
+// Parallel over column ranges: each kept column's dg belongs to one thread.
+template <typename T>
+void out_proj_grad_impl(const T* M, const T* w, const T* scale, const std::vector<Run>& runs, int64_t E, int64_t C,
+                        int64_t R, T* dw, double* dg) {
+  at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(E, 1)), [&](int64_t c0, int64_t c1) {
+    // runs intersecting [c0, c1)
+    auto it = std::upper_bound(runs.begin(), runs.end(), c0, [](int64_t c, const Run& u) { return c < u.j; });
+    if (it != runs.begin()) --it;
+    std::vector<Run> mine;
+    for (; it != runs.end() && it->j < c1; ++it) {
+      const int64_t lo = std::max(c0, it->j), hi = std::min(c1, it->j + it->len);
+      if (hi > lo) mine.push_back({lo, it->r < 0 ? -1 : it->r + (lo - it->j), hi - lo});
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      const T* me = M + e * R;
+      const T* we = w + e * C;
+      T* de = dw + e * C;
+      for (const Run& u : mine) {
+        if (u.r < 0) {
+          std::fill(de + u.j, de + u.j + u.len, static_cast<T>(0));
+          continue;
+        }
+        const T* mr = me + u.r;
+        const T* sr = scale + u.r;
+        const T* wr = we + u.j;
+        T* dr = de + u.j;
+        double* gr = dg + u.r;
+        for (int64_t i = 0; i < u.len; ++i) {
+          const float m = static_cast<float>(mr[i]);
+          dr[i] = static_cast<T>(m * static_cast<float>(sr[i]));
+          gr[i] += static_cast<double>(m) * static_cast<double>(static_cast<float>(wr[i]));
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> cpu_out_proj_grad(const at::Tensor& M_in, const at::Tensor& w_full,
+                                                     const at::Tensor& rows, const at::Tensor& col_scale) {
+  const auto w = w_full.contiguous();
+  const auto M = M_in.to(w.scalar_type()).contiguous();
+  const auto sc = col_scale.to(w.scalar_type()).contiguous();
+  const int64_t E = w.size(0), C = w.size(1), R = M.size(1);
+  TORCH_INTERNAL_ASSERT(M.size(0) == E && sc.numel() == R && rows.numel() == R);
+  const auto runs = column_runs(index_vec(rows), C);
+  auto dw = at::empty({E, C}, w.options());
+  auto dg = at::zeros({R}, w.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "structprune_out_proj_grad", [&] {
+    out_proj_grad_impl<scalar_t>(M.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), runs, E, C,
+                                 R, dw.data_ptr<scalar_t>(), dg.data_ptr<double>());
+  });
+  return {dw, dg.to(at::kFloat)};
+}
+
+// Full-size copies of srcs (rows `rows` of the result), zero rows elsewhere; one parallel pass over all of them.
+std::vector<at::Tensor> cpu_scatter_rows(const std::vector<at::Tensor>& srcs, const at::Tensor& rows,
+                                         int64_t full_rows) {
+  const auto idx = index_vec(rows);
+  std::vector<int64_t> pos(full_rows, -1);
+  for (size_t r = 0; r < idx.size(); ++r) pos[idx[r]] = static_cast<int64_t>(r);
+  std::vector<at::Tensor> src(srcs.size()), out(srcs.size());
+  std::vector<int64_t> row_bytes(srcs.size());
+  int64_t max_bytes = 1;
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    src[i] = srcs[i].contiguous();
+    auto shape = src[i].sizes().vec();
+    shape[0] = full_rows;
+    out[i] = at::empty(shape, src[i].options());
+    row_bytes[i] = src[i].dim() > 1 ? src[i].stride(0) * src[i].element_size() : src[i].element_size();
+    max_bytes = std::max(max_bytes, row_bytes[i]);
+  }
+  const int64_t n = full_rows * static_cast<int64_t>(srcs.size());
+  at::parallel_for(0, n, std::max<int64_t>(1, (1 << 17) / max_bytes), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / full_rows, f = i % full_rows, rb = row_bytes[t];
+      char* dst = static_cast<char*>(out[t].data_ptr()) + f * rb;
+      if (pos[f] < 0) {
+        std::memset(dst, 0, rb);
+      } else {
+        std::memcpy(dst, static_cast<const char*>(src[t].data_ptr()) + pos[f] * rb, rb);
+      }
+    }
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> cpu_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const std::optional<at::Tensor>& mask, double scale) {
   return at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, mask, scale);
@@ -166,38 +311,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_attn_bwd(const at::Tensor& dc
 }
 
 const DeviceHooks& cpu_hooks() {
-  static const DeviceHooks h{cpu_attn_fwd, cpu_attn_bwd, cpu_bias_act, cpu_act_backward, cpu_scale_cols,
-                             /*fold_gates=*/true};
+  static const DeviceHooks h{cpu_attn_fwd,     cpu_attn_bwd,      cpu_bias_act,
+                             cpu_act_backward, cpu_scale_cols,    /*fold_gates=*/true,
+                             cpu_gather_cols,  cpu_out_proj_grad, cpu_scatter_rows};
   return h;
 }
 
-at::Tensor gated_attention_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk,
-                               const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo,
-                               const at::Tensor& bo, const at::Tensor& head_gates, const at::Tensor& active_heads,
-                               const std::optional<at::Tensor>& key_bias, int64_t num_heads) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_attention_cpu(
+    const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
+    const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
+    const at::Tensor& head_gates, const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
+    int64_t num_heads, bool save_for_backward) {
   return attention_forward(cpu_hooks(), x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias,
-                           num_heads);
+                           num_heads, save_for_backward);
 }
 
 auto gated_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wq,
                                   const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
                                   const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo,
                                   const at::Tensor& bo, const at::Tensor& head_gates, const at::Tensor& active_heads,
-                                  const std::optional<at::Tensor>& key_bias, int64_t num_heads) {
+                                  const std::optional<at::Tensor>& key_bias, int64_t num_heads,
+                                  const std::optional<at::Tensor>& qkv, const std::optional<at::Tensor>& ctx,
+                                  const std::optional<at::Tensor>& lse) {
   return attention_backward(cpu_hooks(), grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                            key_bias, num_heads);
+                            key_bias, num_heads, qkv, ctx, lse);
 }
 
-at::Tensor gated_ffn_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                         const at::Tensor& b2, const at::Tensor& unit_gates, const at::Tensor& kept_units,
-                         c10::string_view activation) {
-  return ffn_forward(cpu_hooks(), x, w1, b1, w2, b2, unit_gates, kept_units, std::string(activation));
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_cpu(const at::Tensor& x, const at::Tensor& w1,
+                                                             const at::Tensor& b1, const at::Tensor& w2,
+                                                             const at::Tensor& b2, const at::Tensor& unit_gates,
+                                                             const at::Tensor& kept_units,
+                                                             c10::string_view activation, bool save_for_backward) {
+  return ffn_forward(cpu_hooks(), x, w1, b1, w2, b2, unit_gates, kept_units, std::string(activation),
+                     save_for_backward);
 }
 
 auto gated_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
                             const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                            const at::Tensor& unit_gates, const at::Tensor& kept_units, c10::string_view activation) {
-  return ffn_backward(cpu_hooks(), grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, std::string(activation));
+                            const at::Tensor& unit_gates, const at::Tensor& kept_units, c10::string_view activation,
+                            const std::optional<at::Tensor>& pre, const std::optional<at::Tensor>& h) {
+  return ffn_backward(cpu_hooks(), grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, std::string(activation),
+                      pre, h);
 }
 
 // Hard-concrete sample z (and, for the backward, grad * dz/dlog_alpha) with Philox noise; see philox.h.

@@ -66,8 +66,9 @@ void cuda_scale_cols(at::Tensor& t, const at::Tensor& col_scale) {
                "scale_cols");
 }
 
-// Forward: SDPA (flash / memory-efficient kernels as torch picks). The backward recomputes the probabilities
-// with the math formulation (fp32 softmax) on the packed heads.
+// Forward: SDPA (flash / memory-efficient kernels as torch picks), no log-sum-exp (the saved lse of a training
+// forward is zeros). The backward recomputes the probabilities with the math formulation (fp32 softmax) on the
+// packed heads (from the saved q|k|v of a training forward).
 std::tuple<at::Tensor, at::Tensor> cuda_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const std::optional<at::Tensor>& mask, double scale) {
   return {at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale), at::Tensor()};
@@ -95,14 +96,14 @@ const DeviceHooks& cuda_hooks() {
   return h;
 }
 
-at::Tensor gated_attention_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk,
-                                const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv,
-                                const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& head_gates,
-                                const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
-                                int64_t num_heads) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_attention_cuda(
+    const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
+    const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
+    const at::Tensor& head_gates, const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
+    int64_t num_heads, bool save_for_backward) {
   const c10::cuda::CUDAGuard guard(x.device());
   return attention_forward(cuda_hooks(), x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias,
-                           num_heads);
+                           num_heads, save_for_backward);
 }
 
 auto gated_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wq,
@@ -110,25 +111,31 @@ auto gated_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
                                    const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo,
                                    const at::Tensor& bo, const at::Tensor& head_gates,
                                    const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
-                                   int64_t num_heads) {
+                                   int64_t num_heads, const std::optional<at::Tensor>& qkv,
+                                   const std::optional<at::Tensor>& ctx, const std::optional<at::Tensor>& lse) {
   const c10::cuda::CUDAGuard guard(x.device());
   return attention_backward(cuda_hooks(), grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                            key_bias, num_heads);
+                            key_bias, num_heads, qkv, ctx, lse);
 }
 
-at::Tensor gated_ffn_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                          const at::Tensor& b2, const at::Tensor& unit_gates, const at::Tensor& kept_units,
-                          c10::string_view activation) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_cuda(const at::Tensor& x, const at::Tensor& w1,
+                                                              const at::Tensor& b1, const at::Tensor& w2,
+                                                              const at::Tensor& b2, const at::Tensor& unit_gates,
+                                                              const at::Tensor& kept_units,
+                                                              c10::string_view activation, bool save_for_backward) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return ffn_forward(cuda_hooks(), x, w1, b1, w2, b2, unit_gates, kept_units, std::string(activation));
+  return ffn_forward(cuda_hooks(), x, w1, b1, w2, b2, unit_gates, kept_units, std::string(activation),
+                     save_for_backward);
 }
 
 auto gated_ffn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
                              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                              const at::Tensor& unit_gates, const at::Tensor& kept_units,
-                             c10::string_view activation) {
+                             c10::string_view activation, const std::optional<at::Tensor>& pre,
+                             const std::optional<at::Tensor>& h) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return ffn_backward(cuda_hooks(), grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, std::string(activation));
+  return ffn_backward(cuda_hooks(), grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, std::string(activation),
+                      pre, h);
 }
 
 at::Tensor hard_concrete_cuda(const at::Tensor& log_alpha, int64_t seed, int64_t offset, double beta,
