@@ -5,7 +5,7 @@
 """
 __version__ = "0.1.0"
 
-from . import distill, strategies
+from . import distill, strategies  # noqa: F401  (sp.strategies, sp.distill)
 from .compaction import compact
 from .gates import HardConcreteGate
 from .io import from_pretrained, save_pretrained

@@ -1050,13 +1050,12 @@ def command(args: argparse.Namespace) -> int:
         prof_txt = Path(cfg.profile_dir) / "profile.txt"
         if prof_txt.exists():
             prof_txt.unlink()
-    checkpoint = None
-    if args.out:
-        def checkpoint(partial: BenchResult) -> None:  # results so far, replaced by the full files at the end
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            path = Path(args.out) / "results.partial.json"
-            path.write_text(json.dumps({**partial.to_json(), "partial": True}, indent=1, default=str) + "\n")
-    result = run_benchmark(cfg, checkpoint)
+    def checkpoint(partial: BenchResult) -> None:  # results so far, replaced by the full files at the end
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        path = Path(args.out) / "results.partial.json"
+        path.write_text(json.dumps({**partial.to_json(), "partial": True}, indent=1, default=str) + "\n")
+
+    result = run_benchmark(cfg, checkpoint if args.out else None)
     if args.out and (Path(args.out) / "results.partial.json").exists():
         (Path(args.out) / "results.partial.json").unlink()
     print(result.table())

@@ -231,7 +231,7 @@ def test_attention_saved_tensors_and_both_backward_paths(kept, padding):
     if A:
         with torch.no_grad():
             rows = (active[:, None] * D + torch.arange(D)).reshape(-1)
-            x, E = params["x"], params["x"].shape[-1]
+            x = params["x"]
             q, k, v = (torch.nn.functional.linear(x, params[w][rows], params[b][rows])
                        for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
             torch.testing.assert_close(qkv, torch.cat([q, k, v], -1).reshape(B * S, 3 * R), **TOL[torch.float32])

@@ -1,6 +1,5 @@
 """PruningTrainer: L0 + distillation through the HF Trainer, sparsity logs, checkpoint and resume."""
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForQuestionAnswering, TrainerCallback, TrainingArguments
