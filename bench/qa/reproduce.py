@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 SETTINGS = ["--max-length", "192", "--doc-stride", "64", "--batch-size", "16", "--dev-limit", "400"]
-# the teacher is fine-tuned in two resumable stages: 250 steps from MiniLM, then 750 more from that model
-TEACHER_STAGE1 = ["--lr", "1e-4", "--max-steps", "250"]
-TEACHER = ["--lr", "5e-5", "--max-steps", "750"]
+# The teacher is fine-tuned in resumable stages, each continuing from the previous model:
+# (name, lr, steps); stage 1 starts from MiniLM.
+TEACHER_STAGES = [("teacher-stage1", "1e-4", "250"), ("teacher-stage2", "5e-5", "750"), ("teacher", "1e-4", "700")]
 PRUNE = ["--lr", "5e-5", "--max-steps", "40", "--l0-warmup-steps", "20", "--gain-examples", "128"]
 # kept fractions (heads, ffn); the first is the paper's operating point (~50% heads, ~70% FFN removed)
 LEVELS = [(0.5, 0.3), (0.75, 0.5), (0.25, 0.1)]
@@ -27,10 +27,12 @@ METHODS = ["random", "gain", "l0"]
 
 def commands(runs: Path, threads: int) -> list[tuple[Path, list[str]]]:
     common = SETTINGS + ["--threads", str(threads)]
-    stage1, teacher = runs / "teacher-stage1", runs / "teacher"
-    out = [(stage1, ["structprune", "finetune", "--out", str(stage1)] + common + TEACHER_STAGE1),
-           (teacher, ["structprune", "finetune", "--model", str(stage1 / "model"), "--out", str(teacher)]
-            + common + TEACHER)]
+    out, previous = [], None
+    for name, lr, steps in TEACHER_STAGES:
+        cmd = ["structprune", "finetune"] + (["--model", str(previous / "model")] if previous else [])
+        out.append((runs / name, cmd + ["--out", str(runs / name)] + common + ["--lr", lr, "--max-steps", steps]))
+        previous = runs / name
+    teacher = previous
     for heads, ffn in LEVELS:
         for method in METHODS:
             for distill in (False, True):
