@@ -18,7 +18,7 @@ def load_runs(runs: Path) -> tuple[dict, list[dict]]:
     teacher = json.loads((runs / "teacher" / "metrics.json").read_text())
     rows = []
     for path in sorted(runs.glob("*/metrics.json")):
-        if path.parent.name == "teacher":
+        if path.parent.name.startswith("teacher"):
             continue
         m = json.loads(path.read_text())
         m["run"] = path.parent.name
@@ -93,7 +93,9 @@ def main() -> int:
     for name in ["commands.txt"]:
         if (runs / name).is_file():
             shutil.copy(runs / name, out / name)
-    for run in [runs / "teacher"] + [runs / r["run"] for r in rows]:
+    for run in sorted(runs.glob("teacher*")) + [runs / r["run"] for r in rows]:
+        if not run.is_dir():
+            continue
         dest = out / "runs" / run.name
         dest.mkdir(parents=True, exist_ok=True)
         for f in ("config.json", "metrics.json", "summary.txt", "masks.json", "l0_log.jsonl", "log.jsonl"):
