@@ -19,7 +19,9 @@ SETTINGS = ["--max-length", "192", "--doc-stride", "64", "--batch-size", "16", "
 # The teacher is fine-tuned in resumable stages, each continuing from the previous model:
 # (name, lr, steps); stage 1 starts from MiniLM.
 TEACHER_STAGES = [("teacher-stage1", "1e-4", "250"), ("teacher-stage2", "5e-5", "750"), ("teacher", "1e-4", "700")]
-PRUNE = ["--lr", "5e-5", "--max-steps", "40", "--l0-warmup-steps", "20", "--gain-examples", "128"]
+# continued training of the survivors: 80 steps; L0 reaches its target after 40 of them, so its gates and
+# multipliers need a learning rate far above CoFi's 0.01 (which assumes thousands of steps)
+PRUNE = ["--lr", "5e-5", "--max-steps", "80", "--l0-warmup-steps", "40", "--gate-lr", "0.2", "--gain-examples", "128"]
 # kept fractions (heads, ffn); the first is the paper's operating point (~50% heads, ~70% FFN removed)
 LEVELS = [(0.5, 0.3), (0.75, 0.5), (0.25, 0.1)]
 METHODS = ["random", "gain", "l0"]
