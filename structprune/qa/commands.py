@@ -240,8 +240,7 @@ def _save_masks(model, path: Path) -> None:
 @torch.inference_mode()
 def measure_speedup(dense, pruned, tokenizer, args, repeats: int = 5) -> dict:
     """Median forward time of the dense teacher and the pruned model on the same real dev batch."""
-    import statistics
-
+    from ..demo import _median_ms
     from .features import build_eval_features, collate
 
     torch.set_num_threads(args.threads)
@@ -252,13 +251,7 @@ def measure_speedup(dense, pruned, tokenizer, args, repeats: int = 5) -> dict:
     times = {}
     for name, model in (("dense", dense), ("pruned", pruned)):
         model.eval()
-        model(**batch)
-        runs = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(**batch)
-            runs.append(time.perf_counter() - t0)
-        times[name] = statistics.median(runs)
+        times[name] = _median_ms(lambda: model(**batch), repeats, warmup=1) / 1e3
     return {"dense_forward_s": times["dense"], "pruned_forward_s": times["pruned"],
             "speedup": times["dense"] / times["pruned"], "speed_batch": int(batch["input_ids"].shape[0]),
             "speed_seq": int(batch["input_ids"].shape[1])}
