@@ -57,3 +57,30 @@ def test_prune_hits_the_target_compacts_and_evaluates(teacher, tmp_path, method,
     assert main(["eval", "--model", str(out / "model"), "--out", str(tmp_path / "eval")] + EVAL) == 0
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["f1"] == pytest.approx(metrics["f1"])
+
+
+def test_prune_l0_selection_phase_freezes_weights_then_continues_training(teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "l0"
+    args = ["prune", "--model", str(teacher / "model"), "--method", "l0", "--heads", "0.5", "--ffn", "0.25",
+            "--out", str(out), "--max-steps", "2", "--l0-steps", "3", "--l0-warmup-steps", "2"] + SMALL
+    assert main(args) == 0
+    decided = load_file(str(out / "l0" / "decided.safetensors"))
+    original = load_file(str(teacher / "model" / "model.safetensors"))
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(decided[name], original[name])  # frozen while the gates learned
+    phases = {d: [json.loads(line) for line in (out / d / "log.jsonl").read_text().splitlines()] for d in ("l0", "train")}
+    assert [r["total_steps"] for r in (phases["l0"][0], phases["train"][0])] == [3, 2]
+    assert phases["train"][-1]["event"] == "done"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["heads_kept"] == 4 and metrics["ffn_kept"] == 32
+    assert main(args) == 0  # a finished run re-runs from its saved decision and checkpoint
+    assert json.loads((out / "metrics.json").read_text())["f1"] == pytest.approx(metrics["f1"])
+
+
+def test_prune_l0_warmup_longer_than_selection_is_refused(teacher, tmp_path):
+    args = ["prune", "--model", str(teacher / "model"), "--method", "l0", "--heads", "0.5", "--ffn", "0.25",
+            "--out", str(tmp_path / "bad"), "--l0-steps", "2", "--l0-warmup-steps", "5"] + SMALL
+    with pytest.raises(ValueError, match="--l0-warmup-steps"):
+        main(args)

@@ -19,9 +19,16 @@ SETTINGS = ["--max-length", "192", "--doc-stride", "64", "--batch-size", "16", "
 # The teacher is fine-tuned in resumable stages, each continuing from the previous model:
 # (name, lr, steps); stage 1 starts from MiniLM.
 TEACHER_STAGES = [("teacher-stage1", "1e-4", "250"), ("teacher-stage2", "5e-5", "750"), ("teacher", "1e-4", "700")]
-# continued training of the survivors: 80 steps; L0 reaches its target after 40 of them, so its gates and
-# multipliers need a learning rate far above CoFi's 0.01 (which assumes thousands of steps)
-PRUNE = ["--lr", "5e-5", "--max-steps", "80", "--l0-warmup-steps", "40", "--gate-lr", "0.2", "--gain-examples", "128"]
+# continued training of the survivors, the same for every method: 80 steps at lr 5e-5
+PRUNE = ["--lr", "5e-5", "--max-steps", "80"]
+METHOD_FLAGS = {
+    "random": [],
+    "gain": ["--gain-examples", "128"],
+    # a 60-step selection phase (weights frozen; the target reached after 30), then the decision. So short a
+    # phase needs learning rates far above CoFi's 0.01, which assumes thousands of steps; these were chosen
+    # on the stage-1 teacher (bench/results/qa/README.md, "L0 selection settings")
+    "l0": ["--l0-steps", "60", "--l0-warmup-steps", "30", "--gate-lr", "1.0", "--lambda-lr", "3"],
+}
 # kept fractions (heads, ffn); the first is the paper's operating point (~50% heads, ~70% FFN removed)
 LEVELS = [(0.5, 0.3), (0.75, 0.5), (0.25, 0.1)]
 METHODS = ["random", "gain", "l0"]
@@ -40,7 +47,8 @@ def commands(runs: Path, threads: int) -> list[tuple[Path, list[str]]]:
             for distill in (False, True):
                 name = f"{method}-h{heads}-f{ffn}" + ("-distill" if distill else "")
                 cmd = ["structprune", "prune", "--model", str(teacher / "model"), "--method", method,
-                       "--heads", str(heads), "--ffn", str(ffn), "--out", str(runs / name)] + common + PRUNE
+                       "--heads", str(heads), "--ffn", str(ffn), "--out", str(runs / name)] + common + PRUNE \
+                    + METHOD_FLAGS[method]
                 out.append((runs / name, cmd + (["--distill"] if distill else [])))
     return out
 
@@ -50,12 +58,17 @@ def main() -> int:
     parser.add_argument("--runs", default="runs/qa")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--only", nargs="+", metavar="RUN",
+                        help="run just these pruning runs (by run name); the teacher stages always run if missing")
     args = parser.parse_args()
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     plan = commands(runs, args.threads)
     (runs / "commands.txt").write_text("\n".join(shlex.join(c) for _, c in plan) + "\n")
+    teacher_stages = {name for name, _, _ in TEACHER_STAGES}
     for run_dir, cmd in plan:
+        if args.only and run_dir.name not in teacher_stages and run_dir.name not in args.only:
+            continue
         if (run_dir / "metrics.json").is_file():
             continue
         print("+", shlex.join(cmd), flush=True)

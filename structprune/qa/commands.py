@@ -138,8 +138,7 @@ def _gain_batches(model, tokenizer, args):
 def prune(args) -> int:
     """Choose masks with a strategy, train the survivors (optionally distilled), compact, save, evaluate."""
     import structprune as sp
-    from structprune.strategies import LAGRANGIAN_FILE, L0Controller, PruneTarget, gain_masks, random_masks
-    from structprune.trainer import PruningLoss
+    from structprune.strategies import PruneTarget, gain_masks, random_masks
 
     from .train import train_qa
 
@@ -151,9 +150,14 @@ def prune(args) -> int:
     target = PruneTarget(heads=args.heads, ffn=args.ffn, per_layer=args.per_layer)
     train = _data(args.train, "train", args.train_limit)
     masks_file = out / "masks.json"
+    distill = dict(teacher=teacher if args.distill else None, alpha=args.distill_alpha, temperature=args.temperature)
     controller = None
-    if args.method == "l0":
-        controller = L0Controller(student, target, warmup_steps=args.l0_warmup_steps, seed=args.seed)
+    if args.method == "l0" and args.l0_steps:
+        if not _select_l0(student, tokenizer, train, target, args, out, distill):
+            print(f"paused; re-run the same command to resume from {out}")
+            return 0
+    elif args.method == "l0":
+        controller, groups = _l0_controller(student, target, args, out / "train")
     elif masks_file.is_file():  # resumed run: the decision is already made
         saved = json.loads(masks_file.read_text())
         sp.set_masks(student, heads=saved["heads"], ffn=saved["ffn"])
@@ -167,20 +171,11 @@ def prune(args) -> int:
         print(f"{args.method} masks chosen in {time.perf_counter() - t0:.1f}s")
         _save_masks(student, masks_file)
 
-    loss = PruningLoss(controller=controller, teacher=teacher if args.distill else None, alpha=args.distill_alpha,
-                       temperature=args.temperature)
-    groups = controller.param_groups(student, lr=args.lr, gate_lr=args.gate_lr, lambda_lr=args.gate_lr) \
-        if controller is not None else None
-    from .train import checkpoint_state
-
     run_dir = out / "train"
-    resumed_step = (checkpoint_state(run_dir) or {}).get("step", 0)
-    if controller is not None and (run_dir / LAGRANGIAN_FILE).is_file():
-        controller.load(run_dir)  # the multipliers are not model parameters: kept beside the checkpoint
     kwargs = _train_kwargs(args)
-    if args.method == "l0" or args.distill:
-        kwargs["extra_loss_fn"] = _logged(loss.extra_loss_fn(start_step=resumed_step), controller, out, resumed_step)
-    if groups is not None:
+    if controller is not None or args.distill:
+        kwargs["extra_loss_fn"] = _pruning_loss_fn(controller, distill, out, run_dir)
+    if controller is not None:
         kwargs["param_groups"] = groups
     train_qa(student, tokenizer, train, run_dir, **kwargs)
     if controller is not None:
@@ -212,7 +207,77 @@ def prune(args) -> int:
     return 0
 
 
-def _logged(fn, controller, out: Path, step: int, every: int = 20):
+def _l0_controller(student, target, args, run_dir: Path):
+    """An L0 controller for ``student`` with its multipliers restored from ``run_dir`` (they are not model
+    parameters, so they are kept beside the checkpoint), and its optimizer groups."""
+    from structprune.strategies import LAGRANGIAN_FILE, L0Controller
+
+    controller = L0Controller(student, target, warmup_steps=args.l0_warmup_steps, seed=args.seed)
+    if (run_dir / LAGRANGIAN_FILE).is_file():
+        controller.load(run_dir)
+    lambda_lr = args.gate_lr if args.lambda_lr is None else args.lambda_lr
+    return controller, controller.param_groups(student, lr=args.lr, gate_lr=args.gate_lr, lambda_lr=lambda_lr)
+
+
+def _pruning_loss_fn(controller, distill: dict, out: Path, run_dir: Path):
+    """The ``extra_loss_fn`` of a training phase in ``run_dir``: distillation and the L0 penalty, counting
+    steps from the phase's checkpoint, with the controller's sparsity logged to ``out/l0_log.jsonl``."""
+    from structprune.trainer import PruningLoss
+
+    from .train import checkpoint_state
+
+    step = (checkpoint_state(run_dir) or {}).get("step", 0)
+    loss = PruningLoss(controller=controller, **distill)
+    return _logged(loss.extra_loss_fn(start_step=step), controller, out, step)
+
+
+DECIDED_FILE = "decided.safetensors"
+
+
+def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict) -> bool:
+    """The L0 selection phase of ``prune --l0-steps N``, in ``out/l0``: N steps of hard-concrete gate training
+    toward ``target`` (the weights frozen unless ``--l0-train-weights``), then the deterministic decision, whose
+    masks and folded weights are saved so that a resumed run starts the continued training from them.
+    Returns False when the phase paused before its end."""
+    import safetensors.torch
+
+    from structprune.patching import gate_parameters
+
+    from .train import train_qa
+
+    run_dir = out / "l0"
+    if (run_dir / DECIDED_FILE).is_file():
+        safetensors.torch.load_model(student, str(run_dir / DECIDED_FILE), strict=True)
+        return True
+    if args.l0_warmup_steps > args.l0_steps:
+        raise ValueError(f"--l0-warmup-steps ({args.l0_warmup_steps}) must not exceed --l0-steps ({args.l0_steps}): "
+                         "the target must be reached before the decision")
+    controller, groups = _l0_controller(student, target, args, run_dir)
+    frozen = []
+    if not args.l0_train_weights:
+        gates = {id(p) for p in gate_parameters(student)}
+        frozen = [p for p in student.parameters() if p.requires_grad and id(p) not in gates]
+        groups = [g for g in groups if g["name"] in ("gates", "lagrangian")]
+    kwargs = {**_train_kwargs(args), "max_steps": args.l0_steps, "param_groups": groups,
+              "extra_loss_fn": _pruning_loss_fn(controller, distill, out, run_dir)}
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        train_qa(student, tokenizer, train, run_dir, **kwargs)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    controller.save(run_dir)
+    _write_json(out / "l0_stats.json", controller.stats())
+    if not _finished(run_dir):
+        return False
+    controller.finalize(target)
+    _save_masks(student, out / "masks.json")
+    safetensors.torch.save_model(student, str(run_dir / DECIDED_FILE))
+    return True
+
+
+def _logged(fn, controller, out: Path, step: int, every: int = 10):
     """Append the L0 controller's expected and actual sparsity to ``l0_log.jsonl`` every ``every`` steps."""
     if controller is None:
         return fn
@@ -295,8 +360,17 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--gain-examples", type=int, default=256, help="questions used to estimate gain importance")
     p.add_argument("--gain-steps", type=int, default=1, help="iterative gain pruning steps")
-    p.add_argument("--gate-lr", type=float, default=0.01, help="learning rate of log_alpha and the multipliers")
+    p.add_argument("--gate-lr", type=float, default=0.01, help="learning rate of the gates' log_alpha")
+    p.add_argument("--lambda-lr", type=float, default=None,
+                   help="learning rate of the Lagrange multipliers (default: --gate-lr); short runs need it "
+                        "large, since Adam moves a multiplier by about its learning rate per step")
     p.add_argument("--l0-warmup-steps", type=int, default=100, help="steps over which the L0 target is reached")
+    p.add_argument("--l0-steps", type=int, default=0,
+                   help="L0 only: a selection phase of this many gate-training steps, then the decision, then "
+                        "--max-steps of continued training as for the other methods (0: gates and weights are "
+                        "trained together for the whole run and the decision comes at its end)")
+    p.add_argument("--l0-train-weights", action="store_true",
+                   help="with --l0-steps: train the weights during the selection phase too (default: frozen)")
     _common(p, train=True)
     p.set_defaults(func=prune, epochs=1.0)
 
