@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 COLUMNS = ["run", "method", "distill", "heads_kept", "ffn_kept", "encoder_params", "f1", "HasAns_f1", "NoAns_f1",
-           "best_f1", "speedup", "carried"]
+           "best_f1", "speedup"]
 
 
 def load_runs(runs: Path) -> tuple[dict, list[dict]]:
@@ -22,30 +22,11 @@ def load_runs(runs: Path) -> tuple[dict, list[dict]]:
             continue
         m = json.loads(path.read_text())
         m["run"] = path.parent.name
+        speed = path.parent / "speed.json"  # re-measured alone by bench/qa/speed.py
+        if speed.is_file():
+            m.update(json.loads(speed.read_text()), speed_remeasured=True)
         rows.append(m)
     return teacher, rows
-
-
-def carried_over(csv_path: Path, rows: list[dict], teacher: dict) -> list[dict]:
-    """Rows of an earlier ``results.csv`` (same commands and teacher) for runs not in ``rows``, marked
-    ``carried``; their totals are taken from the runs of this collection."""
-    if not rows:
-        raise ValueError("carried-over rows need at least one run of this collection for the model's totals")
-    totals = {k: rows[0][k] for k in ("heads_total", "ffn_total", "encoder_params_original")}
-    have = {r["run"] for r in rows}
-    out = []
-    with open(csv_path, newline="") as f:
-        for r in csv.DictReader(f):
-            if r["run"] == "teacher" or r["run"] in have:
-                continue
-            row = {"run": r["run"], "method": r["method"], "distill": r["distill"] == "True", "carried": True,
-                   **totals}
-            for k in ("heads_kept", "ffn_kept", "encoder_params"):
-                row[k] = int(r[k])
-            for k in ("f1", "HasAns_f1", "NoAns_f1", "best_f1", "speedup"):
-                row[k] = float(r[k])
-            out.append(row)
-    return out
 
 
 def table(teacher: dict, rows: list[dict]) -> str:
@@ -55,7 +36,7 @@ def table(teacher: dict, rows: list[dict]) -> str:
                  f"{teacher['NoAns_f1']:.2f} | {teacher['best_f1']:.2f} | 1.00x |")
     for r in sorted(rows, key=lambda r: (-r["heads_kept"], -r["ffn_kept"], r["method"], r["distill"])):
         lines.append(
-            f"| {r['run']}{' †' if r.get('carried') else ''} | {r['method']} | {'yes' if r['distill'] else 'no'} | {r['heads_kept']}/{r['heads_total']} | "
+            f"| {r['run']} | {r['method']} | {'yes' if r['distill'] else 'no'} | {r['heads_kept']}/{r['heads_total']} | "
             f"{r['ffn_kept']}/{r['ffn_total']} | {r['encoder_params'] / r['encoder_params_original']:.0%} | "
             f"{r['f1']:.2f} | {r['HasAns_f1']:.2f} | {r['NoAns_f1']:.2f} | {r['best_f1']:.2f} | {r['speedup']:.2f}x |")
     return "\n".join(lines)
@@ -96,18 +77,39 @@ def plot(teacher: dict, rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def structure_plot(rows: list[dict], path: Path) -> None:
+    """Fraction of heads and FFN units kept in each layer, for every L0 run (the paper: middle layers keep more)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    l0 = sorted((r for r in rows if r["method"] == "l0"), key=lambda r: (-r["heads_kept"], r["distill"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for r in l0:
+        layers = range(len(r["heads_per_layer"]))
+        heads_per_layer = r["heads_total"] // len(r["heads_per_layer"])
+        ffn_per_layer = r["ffn_total"] // len(r["ffn_per_layer"])
+        style = "-o" if r["distill"] else "--s"
+        axes[0].plot(layers, [h / heads_per_layer for h in r["heads_per_layer"]], style, label=r["run"])
+        axes[1].plot(layers, [f / ffn_per_layer for f in r["ffn_per_layer"]], style, label=r["run"])
+    for ax, what in zip(axes, ("attention heads", "FFN units")):
+        ax.set_xlabel("layer")
+        ax.set_title(f"{what} kept per layer (L0)")
+    axes[0].set_ylabel("fraction kept")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", default="runs/qa")
     parser.add_argument("--out", default="bench/results/qa")
-    parser.add_argument("--previous", type=Path, default=None,
-                        help="an earlier results.csv whose runs (same commands, same teacher) are not re-run here")
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher, rows = load_runs(runs)
-    if args.previous is not None:
-        rows += carried_over(args.previous, rows, teacher)
     md = table(teacher, rows)
     (out / "table.md").write_text(md + "\n")
     with open(out / "results.csv", "w", newline="") as f:
@@ -122,6 +124,7 @@ def main() -> int:
         structure = {"run": best["run"], "heads_per_layer": best["heads_per_layer"],
                      "ffn_per_layer": best["ffn_per_layer"]}
         (out / "l0_best_structure.json").write_text(json.dumps(structure, indent=2) + "\n")
+        structure_plot(rows, out / "l0_structure.png")
     for name in ["commands.txt"]:
         if (runs / name).is_file():
             shutil.copy(runs / name, out / name)
@@ -130,11 +133,13 @@ def main() -> int:
             continue
         dest = out / "runs" / run.name
         dest.mkdir(parents=True, exist_ok=True)
-        for f in ("config.json", "metrics.json", "summary.txt", "masks.json", "l0_log.jsonl", "log.jsonl"):
-            for phase in ("", "train", "l0"):  # the run, its continued training, its L0 selection phase
+        for f in ("config.json", "metrics.json", "speed.json", "summary.txt", "masks.json", "l0_log.jsonl",
+                  "log.jsonl"):
+            # the run, its continued training, its L0 selection phase
+            for phase, prefix in (("", ""), ("train", "train_"), ("l0", "selection_")):
                 src = run / phase / f
                 if src.is_file():
-                    shutil.copy(src, dest / (f"{phase}_{f}" if phase else f))
+                    shutil.copy(src, dest / (prefix + f))
     print(md)
     return 0
 

@@ -4,7 +4,8 @@
     python bench/qa/report.py --runs runs/qa --out bench/results/qa
 
 Each step is one `structprune` command (printed and stored in commands.txt); a step whose metrics.json exists
-is skipped, so re-running the script continues where it stopped. The settings are reduced to fit a 2-core CPU
+is skipped, so re-running the script continues where it stopped; ``--workers 2`` runs two pruning runs at once
+(one thread each), ``--only`` a subset in a chosen order. The settings are reduced to fit a 2-core CPU
 (see SETTINGS and bench/results/qa/README.md).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SETTINGS = ["--max-length", "192", "--doc-stride", "64", "--batch-size", "16", "--dev-limit", "400"]
@@ -34,13 +36,14 @@ LEVELS = [(0.5, 0.3), (0.75, 0.5), (0.25, 0.1)]
 METHODS = ["random", "gain", "l0"]
 
 
-def commands(runs: Path, threads: int) -> list[tuple[Path, list[str]]]:
-    common = SETTINGS + ["--threads", str(threads)]
+def commands(runs: Path, threads: int, prune_threads: int) -> list[tuple[Path, list[str]]]:
     out, previous = [], None
     for name, lr, steps in TEACHER_STAGES:
         cmd = ["structprune", "finetune"] + (["--model", str(previous / "model")] if previous else [])
-        out.append((runs / name, cmd + ["--out", str(runs / name)] + common + ["--lr", lr, "--max-steps", steps]))
+        out.append((runs / name, cmd + ["--out", str(runs / name)] + SETTINGS + ["--threads", str(threads)]
+                    + ["--lr", lr, "--max-steps", steps]))
         previous = runs / name
+    common = SETTINGS + ["--threads", str(prune_threads)]
     teacher = previous
     for heads, ffn in LEVELS:
         for method in METHODS:
@@ -57,28 +60,46 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs/qa")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="pruning runs at once, each with threads // workers threads (the teacher stages run "
+                             "one at a time with all threads)")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--only", nargs="+", metavar="RUN",
                         help="run just these pruning runs (by run name); the teacher stages always run if missing")
     args = parser.parse_args()
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    plan = commands(runs, args.threads)
+    plan = commands(runs, args.threads, max(1, args.threads // args.workers))
     (runs / "commands.txt").write_text("\n".join(shlex.join(c) for _, c in plan) + "\n")
-    teacher_stages = {name for name, _, _ in TEACHER_STAGES}
-    for run_dir, cmd in plan:
-        if args.only and run_dir.name not in teacher_stages and run_dir.name not in args.only:
-            continue
-        if (run_dir / "metrics.json").is_file():
-            continue
+    stages = [name for name, _, _ in TEACHER_STAGES]
+    if args.only:  # the teacher stages, then the named runs in the order given
+        order = {name: i for i, name in enumerate(stages + args.only)}
+        unknown = set(args.only) - {run_dir.name for run_dir, _ in plan}
+        if unknown:
+            parser.error(f"--only: no run named {sorted(unknown)}")
+        plan = sorted((step for step in plan if step[0].name in order), key=lambda step: order[step[0].name])
+    todo = [(run_dir, cmd) for run_dir, cmd in plan if not (run_dir / "metrics.json").is_file()]
+    for run_dir, cmd in todo:
         print("+", shlex.join(cmd), flush=True)
-        if args.dry_run:
-            continue
-        with open(runs / f"{run_dir.name}.log", "a") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if rc != 0 or not (run_dir / "metrics.json").is_file():
-            print(f"step failed or paused (rc {rc}); see {runs / (run_dir.name + '.log')}", file=sys.stderr)
-            return rc or 1
+    if args.dry_run:
+        return 0
+    for step in [step for step in todo if step[0].name in stages]:  # each stage continues the previous one
+        if run(runs, *step) != 0:
+            return 1
+    with ThreadPoolExecutor(args.workers) as pool:
+        failed = sum(rc != 0 for rc in pool.map(lambda step: run(runs, *step),
+                                               [step for step in todo if step[0].name not in stages]))
+    return 1 if failed else 0
+
+
+def run(runs: Path, run_dir: Path, cmd: list[str]) -> int:
+    """One step, its output appended to ``runs/<name>.log``; non-zero when it failed or paused."""
+    with open(runs / f"{run_dir.name}.log", "a") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0 or not (run_dir / "metrics.json").is_file():
+        print(f"step failed or paused (rc {rc}); see {runs / (run_dir.name + '.log')}", file=sys.stderr, flush=True)
+        return rc or 1
+    print(f"done: {run_dir.name}", flush=True)
     return 0
 
 
