@@ -70,7 +70,8 @@ def test_prune_l0_selection_phase_freezes_weights_then_continues_training(teache
     original = load_file(str(teacher / "model" / "model.safetensors"))
     name = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.equal(decided[name], original[name])  # frozen while the gates learned
-    phases = {d: [json.loads(line) for line in (out / d / "log.jsonl").read_text().splitlines()] for d in ("l0", "train")}
+    phases = {d: [json.loads(line) for line in (out / d / "log.jsonl").read_text().splitlines()]
+              for d in ("l0", "train")}
     assert [r["total_steps"] for r in (phases["l0"][0], phases["train"][0])] == [3, 2]
     assert phases["train"][-1]["event"] == "done"
     metrics = json.loads((out / "metrics.json").read_text())

@@ -24,7 +24,7 @@ def load_runs(runs: Path) -> tuple[dict, list[dict]]:
         m["run"] = path.parent.name
         speed = path.parent / "speed.json"  # re-measured alone by bench/qa/speed.py
         if speed.is_file():
-            m.update(json.loads(speed.read_text()), speed_remeasured=True)
+            m.update(json.loads(speed.read_text()))
         rows.append(m)
     return teacher, rows
 
