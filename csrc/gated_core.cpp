@@ -416,16 +416,34 @@ std::vector<at::Tensor> scatter_rows(const DeviceHooks& hooks, const std::vector
   return out;
 }
 
-// Output-projection gradients: (dw_out [E, C] full-size, dg per kept column [R] fp32). M [E, R] is consumed.
+// Output-projection gradients: (dw_out [E, C] full-size, dg per kept column [R] fp32), each only when wanted
+// (undefined otherwise; dg needs pk.w_out_raw without a fused hook). M [E, R] is consumed.
 std::tuple<at::Tensor, at::Tensor> out_proj_grad(const DeviceHooks& hooks, at::Tensor M, const at::Tensor& w_full,
-                                                 const Pack& pk) {
-  if (hooks.out_proj_grad) return hooks.out_proj_grad(M, w_full, pk.rows, pk.gcols);
-  auto dg = (M.to(at::kFloat) * pk.w_out_raw.to(at::kFloat)).sum(0);
+                                                 const Pack& pk, bool want_dw, bool want_dg) {
+  if (hooks.out_proj_grad) return hooks.out_proj_grad(M, w_full, pk.rows, pk.gcols, want_dw, want_dg);
+  at::Tensor dg;
+  if (want_dg) dg = (M.to(at::kFloat) * pk.w_out_raw.to(at::kFloat)).sum(0);
+  if (!want_dw) return {at::Tensor(), dg};
   M.mul_(pk.gcols);
   if (pk.identity_rows) return {M, dg};
   auto dw = at::zeros(w_full.sizes(), w_full.options());
   dw.index_copy_(1, pk.rows, M);
   return {dw, dg};
+}
+
+// The placeholder of a gradient masked out by the output mask: an empty [0] tensor with t's options.
+at::Tensor skipped(const at::Tensor& t) { return at::empty({0}, t.options()); }
+
+// A gradient that is zero everywhere (nothing to compute), or the placeholder when masked out.
+at::Tensor zero_grad_or_skip(bool wanted, const at::Tensor& t) {
+  return wanted ? at::zeros(t.sizes(), t.options()) : skipped(t);
+}
+
+// The per-gate gradient [n] from the gradient of the kept entries (`index`), zero for the others.
+at::Tensor scatter_gate_grad(const at::Tensor& gates, const at::Tensor& index, const at::Tensor& kept_grad) {
+  auto dgates = at::zeros(gates.sizes(), gates.options());
+  dgates.index_copy_(0, index.to(gates.device()), kept_grad.to(gates.scalar_type()));
+  return dgates;
 }
 
 }  // namespace
@@ -492,7 +510,7 @@ attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const a
                    const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& head_gates,
                    const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias, int64_t num_heads,
                    const std::optional<at::Tensor>& saved_qkv, const std::optional<at::Tensor>& saved_ctx,
-                   const std::optional<at::Tensor>& saved_lse) {
+                   const std::optional<at::Tensor>& saved_lse, OutputMask output_mask) {
   const auto s = check_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads);
   check_same(grad_out, "grad_out", x, {s.B, s.S, s.E});
   const int64_t N = s.B * s.S, R = s.R;
@@ -501,18 +519,18 @@ attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const a
   const bool has_lse = check_saved(saved_lse, "lse", x, at::kFloat, {s.B, s.S, s.A});
   TORCH_CHECK(has_qkv == has_ctx && has_ctx == has_lse,
               "structprune: pass all of the saved qkv, ctx and lse to cpp_gated_attention_backward, or none");
+  const auto [need_x, need_w, need_g] = output_mask;
   const auto go2 = rows_2d(grad_out);
-  auto dbo = go2.sum(0);
-  if (s.A == 0 || N == 0) {
-    return {at::zeros_like(x, at::MemoryFormat::Contiguous), at::zeros(wq.sizes(), wq.options()),
-            at::zeros(bq.sizes(), bq.options()), at::zeros(wk.sizes(), wk.options()),
-            at::zeros(bk.sizes(), bk.options()), at::zeros(wv.sizes(), wv.options()),
-            at::zeros(bv.sizes(), bv.options()), at::zeros(wo.sizes(), wo.options()), dbo,
-            at::zeros(head_gates.sizes(), head_gates.options())};
+  auto dbo = need_w ? go2.sum(0) : skipped(bo);
+  if (s.A == 0 || N == 0 || !(need_x || need_w || need_g)) {
+    return {zero_grad_or_skip(need_x, x), zero_grad_or_skip(need_w, wq), zero_grad_or_skip(need_w, bq),
+            zero_grad_or_skip(need_w, wk), zero_grad_or_skip(need_w, bk), zero_grad_or_skip(need_w, wv),
+            zero_grad_or_skip(need_w, bv), zero_grad_or_skip(need_w, wo), dbo,
+            zero_grad_or_skip(need_g, head_gates)};
   }
 
   const Pack pk = get_pack(Kind::Attention, hooks, {wq, bq, wk, bk, wv, bv}, wo, head_gates, active_heads, s.D,
-                           s.H * s.D, x.scalar_type(), /*want_raw=*/hooks.out_proj_grad == nullptr);
+                           s.H * s.D, x.scalar_type(), /*want_raw=*/need_g && hooks.out_proj_grad == nullptr);
   const auto x2 = rows_2d(x);
   const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
   const auto mask = make_mask(key_bias, x);
@@ -528,14 +546,21 @@ attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const a
                                         qkv.select(2, 2).transpose(1, 2), mask, scale);
     ctx2 = contiguous_2d(ctx.transpose(1, 2), N, R);  // [N, R] ungated
   }
+
+  // out = (ctx * g) @ wo_sel^T + bo. With M = grad^T @ ctx: dwo_sel = M * g, dg_a = sum(M * wo_sel) over head a.
+  at::Tensor dwo = skipped(wo), dgates = skipped(head_gates);
+  if (need_w || need_g) {
+    auto [dw_out, dg_cols] = out_proj_grad(hooks, at::mm(go2.t(), ctx2), wo, pk, need_w, need_g);  // M [E, R]
+    if (need_w) dwo = dw_out;
+    if (need_g) dgates = scatter_gate_grad(head_gates, active_heads, dg_cols.view({s.A, s.D}).sum(1));
+  }
+  std::vector<at::Tensor> dw = {skipped(wq), skipped(wk), skipped(wv)}, db = {skipped(bq), skipped(bk), skipped(bv)};
+  at::Tensor dx = skipped(x);
+  if (!(need_x || need_w)) return {dx, dw[0], db[0], dw[1], db[1], dw[2], db[2], dwo, dbo, dgates};
+
   const auto q = qkv.select(2, 0).transpose(1, 2);
   const auto k = qkv.select(2, 1).transpose(1, 2);
   const auto v = qkv.select(2, 2).transpose(1, 2);
-
-  // out = (ctx * g) @ wo_sel^T + bo. With M = grad^T @ ctx: dwo_sel = M * g, dg_a = sum(M * wo_sel) over head a.
-  auto [dwo, dg_cols] = out_proj_grad(hooks, at::mm(go2.t(), ctx2), wo, pk);  // M = grad^T @ ctx [E, R]
-  auto dgates = at::zeros(head_gates.sizes(), head_gates.options());
-  dgates.index_copy_(0, active_heads.to(x.device()), dg_cols.view({s.A, s.D}).sum(1).to(head_gates.scalar_type()));
   auto dctx2 = at::mm(go2, pk.w_out);  // gated when folded
   if (!pk.folded) hooks.scale_cols(dctx2, pk.gcols);
   const auto dctx = dctx2.view({s.B, s.S, s.A, s.D}).transpose(1, 2);
@@ -544,22 +569,27 @@ attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const a
   // Input projections, one per q / k / v (the CPU flash backward gives [B, S, A, D] memory: [N, R] views).
   const at::Tensor dproj[3] = {contiguous_2d(dq.transpose(1, 2), N, R), contiguous_2d(dk.transpose(1, 2), N, R),
                                contiguous_2d(dv.transpose(1, 2), N, R)};
-  std::vector<at::Tensor> dw(3), db(3);
-  auto dx = at::empty({s.B, s.S, s.E}, x.options());
-  auto dx2 = dx.view({N, s.E});
-  for (int p = 0; p < 3; ++p) {
-    const auto w_sel = pk.w_in.narrow(0, p * R, R);
-    if (p == 0) {
-      at::mm_out(dx2, dproj[p], w_sel);
-    } else {
-      dx2.addmm_(dproj[p], w_sel);
+  if (need_x) {
+    dx = at::empty({s.B, s.S, s.E}, x.options());
+    auto dx2 = dx.view({N, s.E});
+    for (int p = 0; p < 3; ++p) {
+      const auto w_sel = pk.w_in.narrow(0, p * R, R);
+      if (p == 0) {
+        at::mm_out(dx2, dproj[p], w_sel);
+      } else {
+        dx2.addmm_(dproj[p], w_sel);
+      }
     }
-    dw[p] = at::mm(dproj[p].t(), x2);
-    db[p] = dproj[p].sum(0);
   }
-  if (!pk.identity_rows) {
-    dw = scatter_rows(hooks, dw, pk.rows, s.H * s.D);
-    db = scatter_rows(hooks, db, pk.rows, s.H * s.D);
+  if (need_w) {
+    for (int p = 0; p < 3; ++p) {
+      dw[p] = at::mm(dproj[p].t(), x2);
+      db[p] = dproj[p].sum(0);
+    }
+    if (!pk.identity_rows) {
+      dw = scatter_rows(hooks, dw, pk.rows, s.H * s.D);
+      db = scatter_rows(hooks, db, pk.rows, s.H * s.D);
+    }
   }
   return {dx, dw[0], db[0], dw[1], db[1], dw[2], db[2], dwo, dbo, dgates};
 }
@@ -629,7 +659,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 ffn_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
              const at::Tensor& kept_units, const std::string& activation, const std::optional<at::Tensor>& saved_pre,
-             const std::optional<at::Tensor>& saved_h) {
+             const std::optional<at::Tensor>& saved_h, OutputMask output_mask) {
   const Act act = parse_activation(activation);
   const auto s = check_ffn(x, w1, b1, w2, b2, unit_gates, kept_units);
   check_same(grad_out, "grad_out", x, {s.B, s.S, s.E});
@@ -637,16 +667,16 @@ ffn_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Ten
   const bool has_pre = check_saved(saved_pre, "pre", x, x.scalar_type(), {N, s.K});
   const bool has_h = check_saved(saved_h, "h", x, x.scalar_type(), {N, s.K});
   TORCH_CHECK(has_pre == has_h, "structprune: pass both of the saved pre and h to cpp_gated_ffn_backward, or none");
+  const auto [need_x, need_w, need_g] = output_mask;
   const auto go2 = rows_2d(grad_out);
-  auto db2 = go2.sum(0);
-  if (s.K == 0 || N == 0) {
-    return {at::zeros_like(x, at::MemoryFormat::Contiguous), at::zeros(w1.sizes(), w1.options()),
-            at::zeros(b1.sizes(), b1.options()), at::zeros(w2.sizes(), w2.options()), db2,
-            at::zeros(unit_gates.sizes(), unit_gates.options())};
+  auto db2 = need_w ? go2.sum(0) : skipped(b2);
+  if (s.K == 0 || N == 0 || !(need_x || need_w || need_g)) {
+    return {zero_grad_or_skip(need_x, x), zero_grad_or_skip(need_w, w1), zero_grad_or_skip(need_w, b1),
+            zero_grad_or_skip(need_w, w2), db2, zero_grad_or_skip(need_g, unit_gates)};
   }
 
   const Pack pk = get_pack(Kind::Ffn, hooks, {w1, b1}, w2, unit_gates, kept_units, 1, s.I, x.scalar_type(),
-                           /*want_raw=*/hooks.out_proj_grad == nullptr);
+                           /*want_raw=*/need_g && hooks.out_proj_grad == nullptr);
   const auto x2 = rows_2d(x);
   at::Tensor pre, h;
   if (has_pre) {
@@ -660,17 +690,28 @@ ffn_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Ten
     hooks.bias_act(pre, at::Tensor(), at::Tensor(), act, &h);  // h = act(pre), ungated
   }
 
-  auto [dw2, dg] = out_proj_grad(hooks, at::mm(go2.t(), h), w2, pk);  // M = grad^T @ h [E, K]
-  auto dgates = at::zeros(unit_gates.sizes(), unit_gates.options());
-  dgates.index_copy_(0, kept_units.to(x.device()), dg.to(unit_gates.scalar_type()));
+  at::Tensor dw2 = skipped(w2), dgates = skipped(unit_gates);
+  if (need_w || need_g) {
+    auto [dw_out, dg] = out_proj_grad(hooks, at::mm(go2.t(), h), w2, pk, need_w, need_g);  // M = grad^T @ h [E, K]
+    if (need_w) dw2 = dw_out;
+    if (need_g) dgates = scatter_gate_grad(unit_gates, kept_units, dg);
+  }
+  at::Tensor dx = skipped(x);
+  std::vector<at::Tensor> dw1_db1 = {skipped(w1), skipped(b1)};
+  if (!(need_x || need_w)) return {dx, dw1_db1[0], dw1_db1[1], dw2, db2, dgates};
+
   auto dh = at::mm(go2, pk.w_out);  // [N, K], gated when folded
   if (!pk.folded) hooks.scale_cols(dh, pk.gcols);
   hooks.act_backward(dh, pre, act);  // dh <- d pre
-  auto dx = at::empty({s.B, s.S, s.E}, x.options());
-  auto dx2 = dx.view({N, s.E});
-  at::mm_out(dx2, dh, pk.w_in);
-  std::vector<at::Tensor> dw1_db1 = {at::mm(dh.t(), x2), dh.sum(0)};
-  if (!pk.identity_rows) dw1_db1 = scatter_rows(hooks, dw1_db1, pk.rows, s.I);
+  if (need_x) {
+    dx = at::empty({s.B, s.S, s.E}, x.options());
+    auto dx2 = dx.view({N, s.E});
+    at::mm_out(dx2, dh, pk.w_in);
+  }
+  if (need_w) {
+    dw1_db1 = {at::mm(dh.t(), x2), dh.sum(0)};
+    if (!pk.identity_rows) dw1_db1 = scatter_rows(hooks, dw1_db1, pk.rows, s.I);
+  }
   return {dx, dw1_db1[0], dw1_db1[1], dw2, db2, dgates};
 }
 

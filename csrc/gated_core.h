@@ -5,6 +5,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -37,9 +38,11 @@ struct DeviceHooks {
   // w_full [E, C] -> [E, R] with out[:, r] = w_full[:, rows[r]] * col_scale[r] (col_scale may be undefined).
   at::Tensor (*gather_cols)(const at::Tensor& w_full, const at::Tensor& rows, const at::Tensor& col_scale);
   // Output-projection gradients from M = grad^T @ context [E, R]: (dw [E, C] full-size, dw[:, rows[r]] =
-  // M[:, r] * col_scale[r], zero elsewhere; dg [R] fp32, dg[r] = sum_e M[e, r] * w_full[e, rows[r]]).
+  // M[:, r] * col_scale[r], zero elsewhere; dg [R] fp32, dg[r] = sum_e M[e, r] * w_full[e, rows[r]]), each
+  // only when wanted (undefined otherwise).
   std::tuple<at::Tensor, at::Tensor> (*out_proj_grad)(const at::Tensor& M, const at::Tensor& w_full,
-                                                      const at::Tensor& rows, const at::Tensor& col_scale);
+                                                      const at::Tensor& rows, const at::Tensor& col_scale,
+                                                      bool want_dw, bool want_dg);
   // Full-size tensors [F, ...] with srcs[i] [R, ...] (contiguous) in rows `rows`, zero elsewhere.
   std::vector<at::Tensor> (*scatter_rows)(const std::vector<at::Tensor>& srcs, const at::Tensor& rows,
                                           int64_t full_rows);
@@ -56,6 +59,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& head_gates, const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
     int64_t num_heads, bool save_for_backward);
 
+// Which gradients a backward computes: {dx, every weight and bias gradient, the gate gradient}. The work that
+// serves only masked-out gradients is skipped, and those outputs are empty [0] tensors (options of the input).
+using OutputMask = std::array<bool, 3>;
+
 // Returns dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dhead_gates (zero rows/columns/entries for pruned heads).
 // qkv / ctx / lse: the tensors saved by attention_forward(save_for_backward=true), or all absent (recompute).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -65,7 +72,7 @@ attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const a
                    const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& head_gates,
                    const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias, int64_t num_heads,
                    const std::optional<at::Tensor>& qkv, const std::optional<at::Tensor>& ctx,
-                   const std::optional<at::Tensor>& lse);
+                   const std::optional<at::Tensor>& lse, OutputMask output_mask);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(const DeviceHooks& hooks, const at::Tensor& x,
                                                            const at::Tensor& w1, const at::Tensor& b1,
@@ -73,12 +80,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(const DeviceHooks& ho
                                                            const at::Tensor& unit_gates, const at::Tensor& kept_units,
                                                            const std::string& activation, bool save_for_backward);
 
-// Returns dx, dw1, db1, dw2, db2, dunit_gates. pre / h: saved by ffn_forward(save_for_backward=true), or absent.
+// Returns dx, dw1, db1, dw2, db2, dunit_gates (masked as in attention_backward). pre / h: saved by
+// ffn_forward(save_for_backward=true), or absent.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 ffn_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
              const at::Tensor& kept_units, const std::string& activation, const std::optional<at::Tensor>& pre,
-             const std::optional<at::Tensor>& h);
+             const std::optional<at::Tensor>& h, OutputMask output_mask);
 
 // Pack cache (shared by all devices): drop every entry / number of live entries.
 void pack_cache_clear();

@@ -43,6 +43,9 @@ std::vector<int64_t> philox4x32_10_op(std::vector<int64_t> counter, std::vector<
 // Forward ops return (y, saved tensors...): with save_for_backward=True what the backward op takes so that it
 // recomputes nothing (attention: qkv [B*S, 3*A*D], ctx [B*S, A*D], lse [B, S, A] fp32; FFN: pre, h [B*S, K]),
 // otherwise empty [0] tensors. The backward ops recompute the forward when the saved tensors are not passed.
+// Backward ops: output_mask = (grad of x, grads of every weight and bias, grad of the gates), as aten's
+// convolution_backward; the work serving only masked-out gradients is skipped and those outputs are empty [0]
+// tensors (dtype and device of the matching input). The default computes everything.
 TORCH_LIBRARY(structprune, m) {
   m.def(
       "cpp_gated_attention(Tensor x, Tensor wq, Tensor bq, Tensor wk, Tensor bk, Tensor wv, Tensor bv, Tensor wo, "
@@ -51,14 +54,16 @@ TORCH_LIBRARY(structprune, m) {
   m.def(
       "cpp_gated_attention_backward(Tensor grad_out, Tensor x, Tensor wq, Tensor bq, Tensor wk, Tensor bk, "
       "Tensor wv, Tensor bv, Tensor wo, Tensor bo, Tensor head_gates, Tensor active_heads, Tensor? key_bias, "
-      "int num_heads, Tensor? qkv=None, Tensor? ctx=None, Tensor? lse=None) -> "
+      "int num_heads, Tensor? qkv=None, Tensor? ctx=None, Tensor? lse=None, "
+      "bool[3] output_mask=[True, True, True]) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpp_gated_ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor unit_gates, Tensor kept_units, "
       "str activation, bool save_for_backward=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cpp_gated_ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
-      "Tensor unit_gates, Tensor kept_units, str activation, Tensor? pre=None, Tensor? h=None) -> "
+      "Tensor unit_gates, Tensor kept_units, str activation, Tensor? pre=None, Tensor? h=None, "
+      "bool[3] output_mask=[True, True, True]) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("hard_concrete_sample(Tensor log_alpha, int seed, int offset, float beta, Tensor? mask=None) -> Tensor");
   m.def(

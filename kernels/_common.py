@@ -90,6 +90,16 @@ def check_index(name: str, idx, n: int, device: torch.device):
                          f"got values in [{int(idx.min())}, {int(idx.max())}]")
 
 
+def unpack_output_mask(output_mask) -> tuple[bool, bool, bool]:
+    """A backward op's ``output_mask`` as (x, weights and biases, gates); None means all three."""
+    if output_mask is None:
+        return True, True, True
+    if len(output_mask) != 3:
+        raise ValueError("output_mask must have 3 entries (x, weights and biases, gates), "
+                         f"got {list(output_mask)}")
+    return tuple(bool(m) for m in output_mask)
+
+
 # ------------------------------------------------------------------------------------ Triton helpers
 # The interpreter (triton 3.x) converts fp32 -> bf16 by truncation, where the GPU rounds to nearest even;
 # under the interpreter the kernels round by hand so that bf16 results match what the GPU computes.

@@ -22,14 +22,19 @@ are torch ops):
   * ``dx = dq @ wq[rows] + dk @ wk[rows] + dv @ wv[rows]`` (three gathered GEMMs summing into one fp32 buffer),
     ``dw[rows] = d{q,k,v}.T @ x`` (scattered stores), ``db[rows] = d{q,k,v}.sum(0)``.
 ``A == 0``: the output is ``bo`` broadcast and no projection or attention runs.
+The backward op's ``output_mask`` (x, weights and biases, gates) skips what only masked-out gradients need: the
+``dwo`` and ``dw``/``db`` GEMMs without weights, the flash backward with neither x nor weights; those outputs
+are empty ``[0]`` tensors.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from structprune.ops import grad_output_mask, masked_grads
 
 from . import _common as C
 
@@ -302,12 +307,14 @@ def triton_gated_attention_backward(dy: torch.Tensor, x: torch.Tensor, wq: torch
                                     wv: torch.Tensor, wo: torch.Tensor, head_gates: torch.Tensor,
                                     active_heads: torch.Tensor, key_bias: Optional[torch.Tensor],
                                     num_heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                    ctx: torch.Tensor, o: torch.Tensor, stats: torch.Tensor
+                                    ctx: torch.Tensor, o: torch.Tensor, stats: torch.Tensor,
+                                    output_mask: Optional[Sequence[bool]] = None
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                torch.Tensor, torch.Tensor]:
     """Returns ``(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, d_head_gates)``, full-size, zero for inactive
-    heads."""
+    heads; those left out by ``output_mask`` (x, weights and biases, gates; None: all) are empty ``[0]``."""
+    need_x, need_w, need_g = C.unpack_output_mask(output_mask)
     B, S, E = x.shape
     H = num_heads
     HD = wq.shape[0]
@@ -315,27 +322,30 @@ def triton_gated_attention_backward(dy: torch.Tensor, x: torch.Tensor, wq: torch
     A = active_heads.numel()
     N = B * S
     dy2 = dy.reshape(N, E).to(x.dtype)
-    dws = [torch.zeros((HD, E), dtype=w.dtype, device=x.device) for w in (wq, wk, wv)]
-    dbs = [torch.zeros((HD,), dtype=w.dtype, device=x.device) for w in (wq, wk, wv)]
-    dwo = torch.zeros((E, HD), dtype=wo.dtype, device=x.device)
-    dbo = dy2.sum(0, dtype=torch.float32).to(wo.dtype)
-    dgate = torch.zeros((H,), dtype=head_gates.dtype, device=x.device)
-    if A == 0 or N == 0:
-        dx = torch.zeros((B, S, E), dtype=x.dtype, device=x.device)
-        return dx, dws[0], dbs[0], dws[1], dbs[1], dws[2], dbs[2], dwo, dbo, dgate
+    # Zero-filled (scattered stores leave inactive heads at 0); dx is written later.
+    dx, *dws, dgate = _grads_like((False, need_w, need_g), x, wq, wk, wv, wo, head_gates, torch.zeros)
+    if need_w:
+        dws[7] = dy2.sum(0, dtype=torch.float32).to(wo.dtype)
+    if A == 0 or N == 0 or not (need_x or need_w or need_g):
+        return (x.new_zeros((B, S, E)) if need_x else dx), *dws, dgate
     x2 = x.reshape(N, E)
     # Output projection.
     dctx = torch.empty((N, A * D), dtype=x.dtype, device=x.device)
     C.gemm(dy2, wo, dctx, M=N, N=A * D, K=E, a_strides=dy2.stride(), b_strides=(wo.stride(0), wo.stride(1)),
            out_strides=dctx.stride(), idx=active_heads, gather=C.GATHER_BN, group=D)
-    C.gemm(dy2, ctx, dwo, M=E, N=A * D, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=ctx.stride(),
-           out_strides=dwo.stride(), idx=active_heads, gather=C.SCATTER_CN, group=D)
+    if need_w:
+        dwo = dws[6]
+        C.gemm(dy2, ctx, dwo, M=E, N=A * D, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=ctx.stride(),
+               out_strides=dwo.stride(), idx=active_heads, gather=C.SCATTER_CN, group=D)
     # Gate gradient and Delta.
     cfg = _flash_config(x.device, D)
     drow = torch.empty((B * A, S), dtype=torch.float32, device=x.device)
     _attn_bwd_pre_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * A)](
         dctx, o, drow, S, A, D, A * D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
-    dgate.index_copy_(0, active_heads, drow.view(B, A, S).sum((0, 2)).to(dgate.dtype))
+    if need_g:
+        dgate.index_copy_(0, active_heads, drow.view(B, A, S).sum((0, 2)).to(dgate.dtype))
+    if not (need_x or need_w):
+        return dx, *dws, dgate
     # Flash-attention backward.
     dq, dk, dv = (torch.empty((N, A * D), dtype=x.dtype, device=x.device) for _ in range(3))
     kb = key_bias if key_bias is not None else drow
@@ -347,25 +357,38 @@ def triton_gated_attention_backward(dy: torch.Tensor, x: torch.Tensor, wq: torch
     _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * A)](
         q, k, v, kb, head_gates, active_heads, dctx, stats, drow, dk, dv, *common, **meta)
     # Input projections.
-    dx32 = torch.empty((N, E), dtype=torch.float32, device=x.device)
+    dx32 = torch.empty((N, E), dtype=torch.float32, device=x.device) if need_x else None
     for i, (w, dproj) in enumerate(((wq, dq), (wk, dk), (wv, dv))):
-        C.gemm(dproj, w, dx32, M=N, N=E, K=A * D, a_strides=dproj.stride(), b_strides=(w.stride(0), w.stride(1)),
-               out_strides=dx32.stride(), idx=active_heads, gather=C.GATHER_BK, group=D, accumulate=i > 0)
-        C.gemm(dproj, x2, dws[i], M=A * D, N=E, K=N, a_strides=(dproj.stride(1), dproj.stride(0)),
-               b_strides=x2.stride(), out_strides=dws[i].stride(), idx=active_heads, gather=C.SCATTER_CM,
-               group=D)
-        dbs[i].view(H, D).index_copy_(0, active_heads,
-                                      dproj.sum(0, dtype=torch.float32).view(A, D).to(dbs[i].dtype))
-    dx = dx32.to(x.dtype).view(B, S, E)
-    return dx, dws[0], dbs[0], dws[1], dbs[1], dws[2], dbs[2], dwo, dbo, dgate
+        if need_x:
+            C.gemm(dproj, w, dx32, M=N, N=E, K=A * D, a_strides=dproj.stride(),
+                   b_strides=(w.stride(0), w.stride(1)), out_strides=dx32.stride(), idx=active_heads,
+                   gather=C.GATHER_BK, group=D, accumulate=i > 0)
+        if need_w:
+            dw, db = dws[2 * i], dws[2 * i + 1]
+            C.gemm(dproj, x2, dw, M=A * D, N=E, K=N, a_strides=(dproj.stride(1), dproj.stride(0)),
+                   b_strides=x2.stride(), out_strides=dw.stride(), idx=active_heads, gather=C.SCATTER_CM,
+                   group=D)
+            db.view(H, D).index_copy_(0, active_heads, dproj.sum(0, dtype=torch.float32).view(A, D).to(db.dtype))
+    if need_x:
+        dx = dx32.to(x.dtype).view(B, S, E)
+    return dx, *dws, dgate
+
+
+def _grads_like(mask, x, wq, wk, wv, wo, head_gates, factory):
+    """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, d_head_gates) made by ``factory`` (dtype and device of the
+    matching input; bias gradients those of their weight), [0] where ``mask`` (x, weights, gates) leaves them out."""
+    need_x, need_w, need_g = mask
+    HD, E = wq.shape
+    specs = [(x, x.shape, need_x)]
+    specs += [(w, shape, need_w) for w in (wq, wk, wv) for shape in ((HD, E), (HD,))]
+    specs += [(wo, (E, HD), need_w), (wo, (E,), need_w), (head_gates, head_gates.shape, need_g)]
+    return [factory(shape if need else (0,), dtype=t.dtype, device=t.device) for t, shape, need in specs]
 
 
 @triton_gated_attention_backward.register_fake
-def _(dy, x, wq, wk, wv, wo, head_gates, active_heads, key_bias, num_heads, q, k, v, ctx, o, stats):
-    HD, E = wq.shape
-    return (x.new_empty(x.shape), wq.new_empty((HD, E)), wq.new_empty((HD,)), wk.new_empty((HD, E)),
-            wk.new_empty((HD,)), wv.new_empty((HD, E)), wv.new_empty((HD,)), wo.new_empty((E, HD)),
-            wo.new_empty((E,)), head_gates.new_empty(head_gates.shape))
+def _(dy, x, wq, wk, wv, wo, head_gates, active_heads, key_bias, num_heads, q, k, v, ctx, o, stats,
+      output_mask=None):
+    return tuple(_grads_like(C.unpack_output_mask(output_mask), x, wq, wk, wv, wo, head_gates, torch.empty))
 
 
 def _setup_context(ctx, inputs, output):
@@ -388,9 +411,10 @@ def _backward(ctx, dy, *_unused):
     saved = list(ctx.saved_tensors)
     key_bias = saved.pop() if ctx.has_kb else None
     x, wq, wk, wv, wo, head_gates, active_heads, q, k, v, c, o, stats = saved
-    dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dg = torch.ops.structprune.triton_gated_attention_backward(
-        dy, x, wq, wk, wv, wo, head_gates, active_heads, key_bias, ctx.num_heads, q, k, v, c, o, stats)
-    return dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dg, None, None, None, None
+    grads = torch.ops.structprune.triton_gated_attention_backward(
+        dy, x, wq, wk, wv, wo, head_gates, active_heads, key_bias, ctx.num_heads, q, k, v, c, o, stats,
+        grad_output_mask(ctx.needs_input_grad, 8))
+    return masked_grads(grads, ctx.needs_input_grad)
 
 
 triton_gated_attention.register_autograd(_backward, setup_context=_setup_context)

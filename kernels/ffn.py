@@ -13,12 +13,19 @@ Backward (all Triton):
     scattered store into zero-filled full-size gradients (pruned rows/columns stay 0);
   * ``db2 = dy.sum(0)`` and the scatter of the unit-sized partial sums are plain torch ops.
 ``K == 0``: the output is ``b2`` broadcast and no GEMM runs.
+The backward op's ``output_mask`` (x, weights and biases, gates) skips what only masked-out gradients need:
+``dw1``, ``dw2`` and the ``b1`` partial sums without weights, ``da`` without x and weights, the gate partial
+sums without gates; those outputs are empty ``[0]`` tensors.
 """
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from structprune.ops import grad_output_mask, masked_grads
 
 from . import _common as C
 
@@ -28,11 +35,12 @@ def _ffn_bwd_act_kernel(dy_ptr, w2_ptr, idx_ptr, pre_ptr, gate_ptr, da_ptr, pg_p
                         M, N, E,
                         stride_dym, stride_dye, stride_w2e, stride_w2i, stride_pm, stride_pn, stride_dam, stride_dan,
                         ACT: tl.constexpr, UPCAST: tl.constexpr,
+                        STORE_DA: tl.constexpr, STORE_PG: tl.constexpr, STORE_PB: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dh = dy @ w2[:, kept]`` (M rows x N kept units, reduction over E) and the activation-backward epilogue.
 
     Writes ``da = dh * gate * act'(pre)`` and, for this row tile, ``sum_rows(dh * act(pre))`` to ``pg[pid_m]``
-    and ``sum_rows(da)`` to ``pb[pid_m]`` (both fp32 [num_row_tiles, N]).
+    and ``sum_rows(da)`` to ``pb[pid_m]`` (both fp32 [num_row_tiles, N]); each only when its ``STORE_*`` is set.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -47,18 +55,21 @@ def _ffn_bwd_act_kernel(dy_ptr, w2_ptr, idx_ptr, pre_ptr, gate_ptr, da_ptr, pg_p
     g = tl.load(gate_ptr + units, mask=mask_n, other=0.0).to(tl.float32)
     pre = tl.load(pre_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n.to(tl.int64)[None, :] * stride_pn,
                   mask=mask, other=0.0).to(tl.float32)
-    act = C._act_fwd(pre, ACT)
-    # Round the activation like the forward stored it, so the gate grad matches h / gate.
-    act = C.cast_ptr(act, da_ptr).to(tl.float32)
-    pg = tl.sum(tl.where(mask, dh * act, 0.0), axis=0)
-    da = dh * g[None, :] * C._act_bwd(pre, ACT)
-    da = tl.where(mask, da, 0.0)
-    da_lo = C.cast_ptr(da, da_ptr)
-    tl.store(da_ptr + offs_m.to(tl.int64)[:, None] * stride_dam + offs_n.to(tl.int64)[None, :] * stride_dan,
-             da_lo, mask=mask)
-    pb = tl.sum(da, axis=0)
-    tl.store(pg_ptr + pid_m * N + offs_n, pg, mask=mask_n)
-    tl.store(pb_ptr + pid_m * N + offs_n, pb, mask=mask_n)
+    if STORE_PG:
+        act = C._act_fwd(pre, ACT)
+        # Round the activation like the forward stored it, so the gate grad matches h / gate.
+        act = C.cast_ptr(act, da_ptr).to(tl.float32)
+        pg = tl.sum(tl.where(mask, dh * act, 0.0), axis=0)
+        tl.store(pg_ptr + pid_m * N + offs_n, pg, mask=mask_n)
+    if STORE_DA:
+        da = dh * g[None, :] * C._act_bwd(pre, ACT)
+        da = tl.where(mask, da, 0.0)
+        da_lo = C.cast_ptr(da, da_ptr)
+        tl.store(da_ptr + offs_m.to(tl.int64)[:, None] * stride_dam + offs_n.to(tl.int64)[None, :] * stride_dan,
+                 da_lo, mask=mask)
+        if STORE_PB:
+            pb = tl.sum(da, axis=0)
+            tl.store(pb_ptr + pid_m * N + offs_n, pb, mask=mask_n)
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -123,50 +134,67 @@ def _(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save_for_backward):
 @torch.library.custom_op("structprune::triton_gated_ffn_backward", mutates_args=())
 def triton_gated_ffn_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                               unit_gates: torch.Tensor, kept_units: torch.Tensor, pre: torch.Tensor,
-                              h: torch.Tensor, activation: str
+                              h: torch.Tensor, activation: str, output_mask: Optional[Sequence[bool]] = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor]:
-    """Returns ``(dx, dw1, db1, dw2, db2, d_unit_gates)``, full-size, zero for pruned units."""
+    """Returns ``(dx, dw1, db1, dw2, db2, d_unit_gates)``, full-size, zero for pruned units; those left out by
+    ``output_mask`` (x, weights and biases, gates; None: all) are empty ``[0]``."""
+    need_x, need_w, need_g = C.unpack_output_mask(output_mask)
     E = x.shape[-1]
-    I = w1.shape[0]
     x2 = x.reshape(-1, E)
     dy2 = dy.reshape(-1, E).to(x.dtype)
     N, K = x2.shape[0], kept_units.numel()
-    dw1 = torch.zeros_like(w1, memory_format=torch.contiguous_format)
-    dw2 = torch.zeros_like(w2, memory_format=torch.contiguous_format)
-    db1 = torch.zeros((I,), dtype=w1.dtype, device=x.device)
-    db2 = dy2.sum(0, dtype=torch.float32).to(w2.dtype)
-    dgate = torch.zeros((I,), dtype=unit_gates.dtype, device=x.device)
-    if K == 0 or N == 0:
-        return torch.zeros_like(x, memory_format=torch.contiguous_format), dw1, db1, dw2, db2, dgate
+    # Zero-filled (scattered stores leave pruned units at 0); dx is written later.
+    dx, dw1, db1, dw2, db2, dgate = _grads_like((False, need_w, need_g), x, w1, w2, unit_gates, torch.zeros)
+    if need_w:
+        db2 = dy2.sum(0, dtype=torch.float32).to(w2.dtype)
+    if K == 0 or N == 0 or not (need_x or need_w or need_g):
+        if need_x:
+            dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        return dx, dw1, db1, dw2, db2, dgate
     cfg = C.gemm_config(x.device, N, K, E)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles_m = triton.cdiv(N, bm)
-    da = torch.empty((N, K), dtype=x.dtype, device=x.device)
-    pg = torch.empty((tiles_m, K), dtype=torch.float32, device=x.device)
-    pb = torch.empty((tiles_m, K), dtype=torch.float32, device=x.device)
+    need_da = need_x or need_w
+    dummy = dy2  # stands for the buffers the kernel does not write (their STORE_* off); x's dtype, as da's
+    da = torch.empty((N, K), dtype=x.dtype, device=x.device) if need_da else dummy
+    da_strides = (K, 1)
+    pg = torch.empty((tiles_m, K), dtype=torch.float32, device=x.device) if need_g else dummy
+    pb = torch.empty((tiles_m, K), dtype=torch.float32, device=x.device) if need_w else dummy
     _ffn_bwd_act_kernel[(tiles_m, triton.cdiv(K, bn))](
         dy2, w2, kept_units, pre, unit_gates, da, pg, pb, N, K, E,
         dy2.stride(0), dy2.stride(1), w2.stride(0), w2.stride(1), pre.stride(0), pre.stride(1),
-        da.stride(0), da.stride(1), ACT=C.ACTIVATION_CODES[activation], UPCAST=C.upcast_dot(x.dtype),
+        *da_strides, ACT=C.ACTIVATION_CODES[activation], UPCAST=C.upcast_dot(x.dtype),
+        STORE_DA=need_da, STORE_PG=need_g, STORE_PB=need_w,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    dgate.index_copy_(0, kept_units, pg.sum(0).to(dgate.dtype))
-    db1.index_copy_(0, kept_units, pb.sum(0).to(db1.dtype))
-    dx = torch.empty((N, E), dtype=x.dtype, device=x.device)
-    C.gemm(da, w1, dx, M=N, N=E, K=K, a_strides=da.stride(), b_strides=(w1.stride(0), w1.stride(1)),
-           out_strides=dx.stride(), idx=kept_units, gather=C.GATHER_BK)
-    C.gemm(da, x2, dw1, M=K, N=E, K=N, a_strides=(da.stride(1), da.stride(0)), b_strides=x2.stride(),
-           out_strides=dw1.stride(), idx=kept_units, gather=C.SCATTER_CM)
-    C.gemm(dy2, h, dw2, M=E, N=K, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=h.stride(),
-           out_strides=dw2.stride(), idx=kept_units, gather=C.SCATTER_CN)
-    return dx.reshape(x.shape), dw1, db1, dw2, db2, dgate
+    if need_g:
+        dgate.index_copy_(0, kept_units, pg.sum(0).to(dgate.dtype))
+    if need_x:
+        dx = torch.empty((N, E), dtype=x.dtype, device=x.device)
+        C.gemm(da, w1, dx, M=N, N=E, K=K, a_strides=da_strides, b_strides=(w1.stride(0), w1.stride(1)),
+               out_strides=dx.stride(), idx=kept_units, gather=C.GATHER_BK)
+        dx = dx.reshape(x.shape)
+    if need_w:
+        db1.index_copy_(0, kept_units, pb.sum(0).to(db1.dtype))
+        C.gemm(da, x2, dw1, M=K, N=E, K=N, a_strides=da_strides[::-1], b_strides=x2.stride(),
+               out_strides=dw1.stride(), idx=kept_units, gather=C.SCATTER_CM)
+        C.gemm(dy2, h, dw2, M=E, N=K, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=h.stride(),
+               out_strides=dw2.stride(), idx=kept_units, gather=C.SCATTER_CN)
+    return dx, dw1, db1, dw2, db2, dgate
+
+
+def _grads_like(mask, x, w1, w2, unit_gates, factory):
+    """(dx, dw1, db1, dw2, db2, d_unit_gates) made by ``factory`` (dtype and device of the matching input; bias
+    gradients those of their weight), [0] where ``mask`` (x, weights, gates) leaves them out."""
+    need_x, need_w, need_g = mask
+    specs = [(x, x.shape, need_x), (w1, w1.shape, need_w), (w1, w1.shape[:1], need_w), (w2, w2.shape, need_w),
+             (w2, w2.shape[:1], need_w), (unit_gates, unit_gates.shape, need_g)]
+    return [factory(shape if need else (0,), dtype=t.dtype, device=t.device) for t, shape, need in specs]
 
 
 @triton_gated_ffn_backward.register_fake
-def _(dy, x, w1, w2, unit_gates, kept_units, pre, h, activation):
-    I = w1.shape[0]
-    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((I,)), w2.new_empty(w2.shape),
-            w2.new_empty((w2.shape[0],)), unit_gates.new_empty((I,)))
+def _(dy, x, w1, w2, unit_gates, kept_units, pre, h, activation, output_mask=None):
+    return tuple(_grads_like(C.unpack_output_mask(output_mask), x, w1, w2, unit_gates, torch.empty))
 
 
 def _setup_context(ctx, inputs, output):
@@ -185,9 +213,9 @@ def _backward(ctx, dy, _dpre, _dh):
         raise RuntimeError("structprune::triton_gated_ffn was called with save_for_backward=False; "
                            "call structprune._kernels.gated_ffn, which sets it when a gradient is needed")
     x, w1, w2, unit_gates, kept_units, pre, h = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2, dg = torch.ops.structprune.triton_gated_ffn_backward(
-        dy, x, w1, w2, unit_gates, kept_units, pre, h, ctx.activation)
-    return dx, dw1, db1, dw2, db2, dg, None, None, None
+    grads = torch.ops.structprune.triton_gated_ffn_backward(
+        dy, x, w1, w2, unit_gates, kept_units, pre, h, ctx.activation, grad_output_mask(ctx.needs_input_grad, 4))
+    return masked_grads(grads, ctx.needs_input_grad)
 
 
 triton_gated_ffn.register_autograd(_backward, setup_context=_setup_context)

@@ -14,6 +14,10 @@ Ops (``torch.ops.structprune.*``): ``cpp_gated_attention``, ``cpp_gated_attentio
 ``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``philox4x32_10``. Fake kernels and autograd formulas
 (calling the C++ backward ops) are registered here.
 
+The backward ops take ``output_mask`` = (x, all weights and biases, gates): the autograd formulas build it from
+``ctx.needs_input_grad``, so frozen weights (e.g. an L0 selection phase training only the gates) cost no weight
+gradient GEMMs. Masked-out outputs are empty ``[0]`` tensors, returned to autograd as None.
+
 Saved tensors: the forward ops take ``save_for_backward`` (set by :func:`gated_attention` / :func:`gated_ffn` when a
 gradient is needed) and then also return what their backward needs (attention: packed q|k|v, the ungated
 context, the softmax log-sum-exp; FFN: pre-activation and activation), so the backward recomputes nothing and
@@ -34,6 +38,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .ops import grad_output_mask, masked_grads
 
 __all__ = ["availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "clear_cache", "cache_size",
            "build_info", "load_error"]
@@ -215,6 +221,16 @@ def _empty(t):
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
+def _masked_grads_fake(output_mask, x, weights, gates):
+    """Gradients shaped like (x, *weights, gates), or [0] where ``output_mask`` leaves them out."""
+    need_x, need_w, need_g = output_mask
+
+    def grad(t, need):
+        return _empty(t) if need else t.new_empty((0,))
+
+    return (grad(x, need_x), *(grad(w, need_w) for w in weights), grad(gates, need_g))
+
+
 def _attention_saved_shapes(x, wq, active_heads, num_heads, save):
     """Shapes of the saved outputs (qkv, ctx, lse) of cpp_gated_attention; [0] each when not saving."""
     if not save:
@@ -235,8 +251,8 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake(lib + "cpp_gated_attention_backward")
     def _attn_bwd_fake(grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads,
-                       qkv=None, ctx=None, lse=None):
-        return tuple(_empty(t) for t in (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates))
+                       qkv=None, ctx=None, lse=None, output_mask=(True, True, True)):
+        return _masked_grads_fake(output_mask, x, (wq, bq, wk, bk, wv, bv, wo, bo), head_gates)
 
     @torch.library.register_fake(lib + "cpp_gated_ffn")
     def _ffn_fake(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save_for_backward=False):
@@ -244,8 +260,9 @@ def _register_python_parts() -> None:
         return _empty(x), x.new_empty(shape), x.new_empty(shape)
 
     @torch.library.register_fake(lib + "cpp_gated_ffn_backward")
-    def _ffn_bwd_fake(grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, activation, pre=None, h=None):
-        return tuple(_empty(t) for t in (x, w1, b1, w2, b2, unit_gates))
+    def _ffn_bwd_fake(grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, activation, pre=None, h=None,
+                      output_mask=(True, True, True)):
+        return _masked_grads_fake(output_mask, x, (w1, b1, w2, b2), unit_gates)
 
     @torch.library.register_fake(lib + "hard_concrete_sample")
     def _hc_fake(log_alpha, seed, offset, beta, mask=None):
@@ -272,13 +289,11 @@ def _register_python_parts() -> None:
         if grad is None:
             return (None,) * 14
         saved = ctx.saved_tensors
-        if ctx.saved_outputs:
-            *tensors, qkv, c, lse = saved
-            grads = torch.ops.structprune.cpp_gated_attention_backward(grad.contiguous(), *tensors, ctx.num_heads,
-                                                                       qkv, c, lse)
-        else:
-            grads = torch.ops.structprune.cpp_gated_attention_backward(grad.contiguous(), *saved, ctx.num_heads)
-        return (*grads, None, None, None, None)  # no grad for active_heads, key_bias, num_heads, save
+        *tensors, qkv, c, lse = saved if ctx.saved_outputs else (*saved, None, None, None)
+        grads = torch.ops.structprune.cpp_gated_attention_backward(
+            grad.contiguous(), *tensors, ctx.num_heads, qkv, c, lse,
+            output_mask=grad_output_mask(ctx.needs_input_grad, 8))
+        return masked_grads(grads, ctx.needs_input_grad)  # None for active_heads, key_bias, num_heads, save
 
     torch.library.register_autograd(lib + "cpp_gated_attention", _attn_backward, setup_context=_attn_setup)
 
@@ -294,12 +309,11 @@ def _register_python_parts() -> None:
         if grad is None:
             return (None,) * 9
         saved = ctx.saved_tensors
-        if ctx.saved_outputs:
-            *tensors, pre, h = saved
-            grads = torch.ops.structprune.cpp_gated_ffn_backward(grad.contiguous(), *tensors, ctx.activation, pre, h)
-        else:
-            grads = torch.ops.structprune.cpp_gated_ffn_backward(grad.contiguous(), *saved, ctx.activation)
-        return (*grads, None, None, None)  # no grad for kept_units, activation, save
+        *tensors, pre, h = saved if ctx.saved_outputs else (*saved, None, None)
+        grads = torch.ops.structprune.cpp_gated_ffn_backward(
+            grad.contiguous(), *tensors, ctx.activation, pre, h,
+            output_mask=grad_output_mask(ctx.needs_input_grad, 4))
+        return masked_grads(grads, ctx.needs_input_grad)  # None for kept_units, activation, save
 
     torch.library.register_autograd(lib + "cpp_gated_ffn", _ffn_backward, setup_context=_ffn_setup)
 

@@ -9,7 +9,8 @@ Backends
 
 A kernel backend is a module exposing ``availability(device) -> str | None`` (None when usable, else the
 reason), ``gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias,
-num_heads)`` and ``gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)``. The reference path
+num_heads)`` and ``gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)``; their backward ops take
+an ``output_mask`` (:func:`grad_output_mask`) and skip the gradients nobody asked for. The reference path
 is used for what kernels do not cover (attention-probability dropout in training, non-padding 4D masks),
 and :func:`last_backends` says which backend ran each op.
 """
@@ -123,6 +124,20 @@ def last_backends() -> dict[str, str]:
 def reset_last_backends() -> None:
     """Forget which backends ran (e.g. between benchmark cases)."""
     _last.clear()
+
+
+def grad_output_mask(needs_input_grad, num_weights: int) -> list[bool]:
+    """The ``output_mask`` of a kernel backward op, from ``ctx.needs_input_grad`` of a forward taking
+    ``(x, <num_weights weights and biases>, gates, ...)``: [x, any weight or bias, gates]. The weights share
+    one flag: when any of them needs a gradient, all are computed."""
+    return [bool(needs_input_grad[0]), any(needs_input_grad[1:1 + num_weights]),
+            bool(needs_input_grad[1 + num_weights])]
+
+
+def masked_grads(grads, needs_input_grad) -> tuple:
+    """One gradient per forward input for an autograd formula: the backward op's ``grads`` (x, weights and
+    biases, gates, in input order), None for every input that needs no gradient and for the inputs after them."""
+    return tuple(grads[i] if i < len(grads) and need else None for i, need in enumerate(needs_input_grad))
 
 
 def key_bias_from_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -53,9 +53,11 @@ def test_compacted_model_same_logits_as_torch(backend):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("selection_phase", [False, True], ids=["all-trainable", "frozen-weights"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_training_step_gradients_match_torch(backend):
-    """Sampled gates, no dropout: every parameter gradient (log_alpha included) equals the reference's."""
+def test_training_step_gradients_match_torch(backend, selection_phase):
+    """Sampled gates, no dropout: every parameter gradient (log_alpha included) equals the reference's. In the
+    selection phase only the gates train (the first layer's input then needs no gradient either)."""
     grads = {}
     batch = dict(tiny_batch(batch=2, seq=9, pad_from=6), start_positions=torch.tensor([1, 2]),
                  end_positions=torch.tensor([3, 4]))
@@ -66,6 +68,10 @@ def test_training_step_gradients_match_torch(backend):
             layer.attention.attention_dropout = 0.0
         sp.set_gate_sampling(model, True)
         model.train()
+        if selection_phase:
+            model.requires_grad_(False)
+            for p in sp.gate_parameters(model):
+                p.requires_grad_(True)
         sp.set_backend(name)
         gen = torch.Generator().manual_seed(7)
         for gate in sp.iter_gates(model):  # the same sampled gates on both backends
@@ -74,8 +80,21 @@ def test_training_step_gradients_match_torch(backend):
         model(**batch).loss.backward()
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads["torch"].keys() == grads[backend].keys()
+    if selection_phase:
+        assert len(grads["torch"]) == len(sp.gate_parameters(model)) == L * 2
     for n, g in grads["torch"].items():
         torch.testing.assert_close(grads[backend][n], g, atol=2e-4, rtol=2e-3, msg=n)
+
+
+def test_grad_output_mask_and_masked_grads():
+    """needs_input_grad of (x, 4 weights, gates, 2 non-tensors) -> output_mask, and the backward's 6 gradients
+    -> one per input, None where no gradient is needed."""
+    needs = (False, False, True, False, False, True, False, False)
+    assert ops.grad_output_mask(needs, 4) == [False, True, True]
+    assert ops.grad_output_mask((True, False, False, False, False, False, False), 4) == [True, False, False]
+    grads = tuple(torch.full((1,), float(i)) for i in range(6))
+    got = ops.masked_grads(grads, needs)
+    assert [None if g is None else int(g) for g in got] == [None, None, 2, None, None, 5, None, None]
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():

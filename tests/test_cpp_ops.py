@@ -2,10 +2,12 @@
 
 Forward and every gradient, fp32 (tight) and bf16 (tolerance from the dtype: at most ~2x the error of the
 reference computed in bf16), odd shapes, 0 / some / all heads and units kept, padding, the packed-weight cache
-(mask, gate and in-place weight changes between calls), opcheck, and the Philox hard-concrete sampler.
+(mask, gate and in-place weight changes between calls), the backward ops' output_mask (frozen weights, gates or
+x), opcheck, and the Philox hard-concrete sampler.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -368,6 +370,142 @@ def test_backward_rejects_mismatched_saved_tensors():
                                                          pre.t(), h)
 
 
+# --- output_mask: only the gradients that are needed ---------------------------------------------------------------
+
+# Leaves frozen with requires_grad_(False): "weights" is every weight and bias, "w0" only the first weight.
+FROZEN = ["weights", "gates", "x", "x+weights", "x+gates", "weights+gates", "w0"]
+
+
+def _freeze(params, gates, frozen):
+    """Detached copies of the leaves, requiring grad except the frozen ones; and the expected output_mask."""
+    parts = frozen.split("+")
+    names = list(params)
+    leaves = {n: params[n].detach().clone().requires_grad_() for n in names}
+    leaves["gates"] = gates.detach().clone().requires_grad_()
+    off = set()
+    if "x" in parts:
+        off.add("x")
+    if "weights" in parts:
+        off.update(names[1:])
+    if "w0" in parts:
+        off.add(names[1])
+    if "gates" in parts:
+        off.add("gates")
+    for n in off:
+        leaves[n].requires_grad_(False)
+    mask = ["x" not in off, any(n not in off for n in names[1:]), "gates" not in off]
+    return leaves, off, mask
+
+
+def _spy_backward(monkeypatch, op_name):
+    """Record (output_mask, output shapes) of every call of torch.ops.structprune.<op_name>."""
+    calls = []
+    real = getattr(torch.ops.structprune, op_name)
+
+    def spy(*args, **kwargs):
+        grads = real(*args, **kwargs)
+        calls.append((list(kwargs["output_mask"]), [tuple(g.shape) for g in grads]))
+        return grads
+
+    monkeypatch.setattr(torch.ops.structprune, op_name, spy)
+    return calls
+
+
+def _check_masked_outputs(shapes, mask, leaves):
+    """The op left the masked-out gradients empty and computed the others full-size."""
+    wanted = [mask[0]] + [mask[1]] * (len(leaves) - 2) + [mask[2]]
+    for (name, t), shape, want in zip(leaves.items(), shapes, wanted):
+        assert shape == (tuple(t.shape) if want else (0,)), f"d{name}: shape {shape} with output_mask {mask}"
+
+
+def _check_frozen_grads(leaves, off, ref_grads, kept):
+    for name, t in leaves.items():
+        if name in off:
+            assert t.grad is None, f"{name} is frozen but got a gradient"
+        elif name == "gates":
+            _check_gate_grad(t.grad, ref_grads[name], kept, rtol=1e-4, atol=1e-4)
+        else:
+            _close_fp32(t.grad, ref_grads[name], name)
+
+
+@pytest.mark.parametrize("frozen", FROZEN)
+@pytest.mark.parametrize("save", [True, False], ids=["saved", "recompute"])
+def test_attention_frozen_inputs_get_no_gradient(frozen, save, monkeypatch):
+    """Gradients of the leaves requiring grad match the reference; frozen leaves get None, and the backward op
+    was asked (output_mask) for no more than needed and returned empty tensors for the rest."""
+    H = 4
+    params, hg, active, kb = _attention_case(2, 9, H, 32, "some", True, seed=8)
+    grad_out = torch.randn(2, 9, params["x"].shape[-1])
+    ref_out, ref_grads = _run_attention("ref", params, hg, active, kb, H, grad_out)
+    leaves, off, mask = _freeze(params, hg, frozen)
+    calls = _spy_backward(monkeypatch, "cpp_gated_attention_backward")
+    out = torch.ops.structprune.cpp_gated_attention(*leaves.values(), active, kb, H, save)[0]
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    out.backward(grad_out)
+    assert [c[0] for c in calls] == [mask]
+    _check_masked_outputs(calls[0][1], mask, leaves)
+    _check_frozen_grads(leaves, off, ref_grads, active)
+
+
+@pytest.mark.parametrize("frozen", FROZEN)
+@pytest.mark.parametrize("save", [True, False], ids=["saved", "recompute"])
+def test_ffn_frozen_inputs_get_no_gradient(frozen, save, monkeypatch):
+    params, ug, kept = _ffn_case(2, 7, 48, 96, "some", seed=8)
+    grad_out = torch.randn(2, 7, 48)
+    ref_out, ref_grads = _run_ffn("ref", params, ug, kept, "gelu", grad_out)
+    leaves, off, mask = _freeze(params, ug, frozen)
+    calls = _spy_backward(monkeypatch, "cpp_gated_ffn_backward")
+    out = torch.ops.structprune.cpp_gated_ffn(*leaves.values(), kept, "gelu", save)[0]
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    out.backward(grad_out)
+    assert [c[0] for c in calls] == [mask]
+    _check_masked_outputs(calls[0][1], mask, leaves)
+    _check_frozen_grads(leaves, off, ref_grads, kept)
+
+
+MASKS = [list(m) for m in itertools.product([True, False], repeat=3)]
+
+
+def _check_against_unmasked(got, full, mask, names):
+    wanted = [mask[0]] + [mask[1]] * (len(names) - 2) + [mask[2]]
+    for name, g, f, want in zip(names, got, full, wanted):
+        assert g.dtype == f.dtype and g.device == f.device, name
+        if want:
+            assert torch.equal(g, f), f"d{name} differs from the unmasked call with output_mask {mask}"
+        else:
+            assert g.shape == (0,), f"d{name} must be empty with output_mask {mask}, got shape {tuple(g.shape)}"
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("1" if v else "0" for v in m))
+@pytest.mark.parametrize("kept", ["none", "some", "all"])
+def test_attention_backward_output_mask_direct(mask, kept):
+    """Called directly: masked-out gradients are empty, the others equal the default (all) call's, with the saved
+    tensors and recomputing."""
+    params, hg, active, kb = _attention_case(2, 9, 4, 32, kept, True, seed=9)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _attn_args(params, hg, active, kb, 4))
+    y, *saved = torch.ops.structprune.cpp_gated_attention(*args, True)
+    grad_out = torch.randn_like(y)
+    bwd = torch.ops.structprune.cpp_gated_attention_backward
+    for extra in (saved, [None, None, None]):
+        full = bwd(grad_out, *args, *extra)
+        got = bwd(grad_out, *args, *extra, output_mask=mask)
+        _check_against_unmasked(got, full, mask, list(params) + ["gates"])
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("1" if v else "0" for v in m))
+@pytest.mark.parametrize("kept", ["none", "some", "all"])
+def test_ffn_backward_output_mask_direct(mask, kept):
+    params, ug, kept_units = _ffn_case(2, 7, 48, 96, kept, seed=9)
+    args = (*[v.detach() for v in params.values()], ug.detach(), kept_units, "gelu_tanh")
+    y, pre, h = torch.ops.structprune.cpp_gated_ffn(*args, True)
+    grad_out = torch.randn_like(y)
+    bwd = torch.ops.structprune.cpp_gated_ffn_backward
+    for extra in ((pre, h), (None, None)):
+        full = bwd(grad_out, *args, *extra)
+        got = bwd(grad_out, *args, *extra, output_mask=mask)
+        _check_against_unmasked(got, full, mask, list(params) + ["gates"])
+
+
 # --- the packed-weight cache ----------------------------------------------------------------------------------------
 
 def _attn_fwd_check(params, hg, active, kb, H):
@@ -479,18 +617,33 @@ def test_opcheck_ffn(save):
                           (*params.values(), ug, kept, "gelu_tanh", save))
 
 
-def test_opcheck_backward_ops_with_saved_tensors():
+@pytest.mark.parametrize("mask", [None, [True, False, True], [False, False, True], [True, True, False]],
+                         ids=["default", "frozen-weights", "gates-only", "frozen-gates"])
+def test_opcheck_backward_ops_with_saved_tensors(mask):
+    kwargs = {} if mask is None else {"output_mask": mask}
     params, hg, active, kb = _attention_case(1, 3, 2, 32, "some", True)
     args = (*params.values(), hg, active, kb, 2)
     with torch.no_grad():
         y, *saved = torch.ops.structprune.cpp_gated_attention(*args, True)
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(torch.ops.structprune.cpp_gated_attention_backward.default,
-                          (torch.randn_like(y), *args, *saved))
+                          (torch.randn_like(y), *args, *saved), kwargs)
     fparams, ug, kept = _ffn_case(1, 3, 32, 16, "some")
     fargs = (*[v.detach() for v in fparams.values()], ug.detach(), kept, "relu")
     y, pre, h = torch.ops.structprune.cpp_gated_ffn(*fargs, True)
-    torch.library.opcheck(torch.ops.structprune.cpp_gated_ffn_backward.default, (torch.randn_like(y), *fargs, pre, h))
+    torch.library.opcheck(torch.ops.structprune.cpp_gated_ffn_backward.default, (torch.randn_like(y), *fargs, pre, h),
+                          kwargs)
+
+
+def test_opcheck_backward_ops_recomputing_with_mask():
+    params, hg, active, kb = _attention_case(1, 3, 2, 32, "some", True)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _attn_args(params, hg, active, kb, 2))
+    torch.library.opcheck(torch.ops.structprune.cpp_gated_attention_backward.default,
+                          (torch.randn(1, 3, params["x"].shape[-1]), *args), {"output_mask": [False, True, False]})
+    fparams, ug, kept = _ffn_case(1, 3, 32, 16, "some")
+    fargs = (*[v.detach() for v in fparams.values()], ug.detach(), kept, "gelu")
+    torch.library.opcheck(torch.ops.structprune.cpp_gated_ffn_backward.default, (torch.randn(1, 3, 32), *fargs),
+                          {"output_mask": [False, True, False]})
 
 
 def test_opcheck_hard_concrete():
@@ -498,16 +651,28 @@ def test_opcheck_hard_concrete():
     torch.library.opcheck(torch.ops.structprune.hard_concrete_sample.default, (la, 3, 5, 2.0 / 3.0, None))
 
 
-def test_compiles_fullgraph():
+@pytest.mark.parametrize("frozen", [None, "weights", "x+weights"])
+def test_compiles_fullgraph(frozen):
+    """Traced through the fake kernels, the masked backward (frozen leaves) included; gradients as the reference's."""
+    torch._dynamo.reset()
     params, ug, kept = _ffn_case(2, 3, 32, 16, "some")
+    hparams, hg, active, kb = _attention_case(2, 3, 2, 32, "some", True)
+    leaves, off, _ = _freeze(params, ug, frozen or "none")
+    hleaves, hoff, _ = _freeze(hparams, hg, frozen or "none")
 
     @torch.compile(backend="aot_eager", fullgraph=True)
-    def f(x, w1, b1, w2, b2, g):
-        return ext.gated_ffn(x, w1, b1, w2, b2, g, kept, "gelu").sum()
+    def f(ffn_args, attn_args):
+        return (ext.gated_ffn(*ffn_args, kept, "gelu").sum() +
+                ext.gated_attention(*attn_args, active, kb, 2).square().sum())
 
-    f(*params.values(), ug).backward()
+    loss = f(list(leaves.values()), list(hleaves.values()))
+    loss.backward()
     ref = reference.gated_ffn(*params.values(), ug, "gelu").sum()
-    torch.testing.assert_close(f(*params.values(), ug), ref, **TOL[torch.float32])
+    ref = ref + reference.gated_attention(*hparams.values(), hg, 2, key_bias=kb).square().sum()
+    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+    ref.backward()
+    for ls, fz, ps, g, kept_idx in ((leaves, off, params, ug, kept), (hleaves, hoff, hparams, hg, active)):
+        _check_frozen_grads(ls, fz, {**{n: t.grad for n, t in ps.items()}, "gates": g.grad}, kept_idx)
 
 
 # --- Philox hard-concrete sampler -----------------------------------------------------------------------------------

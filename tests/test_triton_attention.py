@@ -192,6 +192,117 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+# --- output_mask: only the gradients that are needed -----------------------------------------------------------------
+# Leaves frozen with requires_grad_(False) -> the output_mask (x, weights and biases, gates) the backward gets.
+FROZEN = {"weights": [True, False, True], "gates": [True, True, False], "x": [False, True, True],
+          "x+weights": [False, False, True], "wq": [True, True, True]}
+
+
+def _frozen_names(frozen):
+    parts = frozen.split("+")
+    return {n for n in NAMES if n in parts or ("weights" in parts and n not in ("x", "head_gates"))
+            or (n == "head_gates" and "gates" in parts)}
+
+
+def _spy_backward(monkeypatch, op_name):
+    """Record (output_mask, output shapes) of every call of torch.ops.structprune.<op_name>."""
+    calls = []
+    real = getattr(torch.ops.structprune, op_name)
+
+    def spy(*args):
+        grads = real(*args)
+        calls.append((list(args[-1]), [tuple(g.shape) for g in grads]))
+        return grads
+
+    monkeypatch.setattr(torch.ops.structprune, op_name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("frozen", list(FROZEN))
+def test_frozen_inputs_get_no_gradient(frozen, monkeypatch):
+    """Leaves requiring grad get the reference gradients; frozen ones get None, and the backward op was asked for
+    no more than needed (output_mask), returning empty tensors for the rest."""
+    device = DEVICES[0]
+    H = 4
+    leaves, active, key_bias = make_inputs(2, 9, 64, H, 16, "random", device, pad=True, seed=3)
+    dy = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1)).to(device)
+    ref, ref_grads = run_and_grads(reference_fn(key_bias, H), leaves, dy)
+    off = _frozen_names(frozen)
+    mine = [t.detach().clone().requires_grad_(name not in off) for name, t in zip(NAMES, leaves)]
+    calls = _spy_backward(monkeypatch, "triton_gated_attention_backward")
+    out = kernel_fn(active, key_bias, H)(*mine)
+    check_close("out", out, ref, ref, torch.float32)
+    out.backward(dy)
+    mask = FROZEN[frozen]
+    assert [c[0] for c in calls] == [mask]
+    wanted = [mask[0]] + [mask[1]] * 8 + [mask[2]]
+    inactive = torch.ones(H, dtype=torch.bool, device=device)
+    inactive[active] = False
+    for name, t, r, shape, want in zip(NAMES, mine, ref_grads, calls[0][1], wanted):
+        assert shape == (tuple(t.shape) if want else (0,)), f"grad {name}: shape {shape} with output_mask {mask}"
+        if name in off:
+            assert t.grad is None, f"{name} is frozen but got a gradient"
+            continue
+        got = t.grad
+        if name == "head_gates":
+            assert torch.all(got[inactive] == 0)
+            got, r = got[active], r[active]
+        check_close(f"grad {name}", got, r, r, torch.float32)
+
+
+def _backward_args(device, pad=True):
+    leaves, active, key_bias = make_inputs(2, 9, 64, 4, 16, "random", device, pad=pad, seed=4)
+    res = torch.ops.structprune.triton_gated_attention(*leaves, active, key_bias, 4, True)
+    dy = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(2)).to(device)
+    x, wq, _, wk, _, wv, _, wo, _, gates = leaves
+    return (dy, x, wq, wk, wv, wo, gates, active, key_bias, 4, *res[1:])
+
+
+@pytest.mark.parametrize("mask", [[True, False, True], [False, False, True], [False, True, False], [False] * 3],
+                         ids=["frozen-weights", "gates-only", "weights-only", "nothing"])
+def test_backward_output_mask_direct(mask):
+    """Called directly: masked-out gradients are empty, the others equal the default (all) call's."""
+    args = _backward_args(DEVICES[0])
+    op = torch.ops.structprune.triton_gated_attention_backward
+    full, got = op(*args), op(*args, mask)
+    wanted = [mask[0]] + [mask[1]] * 8 + [mask[2]]
+    for name, g, f, want in zip(NAMES, got, full, wanted):
+        assert g.dtype == f.dtype, name
+        if want:
+            assert torch.equal(g, f), f"grad {name} differs from the unmasked call with output_mask {mask}"
+        else:
+            assert g.shape == (0,), f"grad {name} must be empty with output_mask {mask}, got {tuple(g.shape)}"
+
+
+def test_backward_output_mask_must_have_three_entries():
+    with pytest.raises(ValueError, match="output_mask must have 3 entries"):
+        torch.ops.structprune.triton_gated_attention_backward(*_backward_args(DEVICES[0]), [True, False])
+
+
+def test_opcheck_backward_with_output_mask():
+    args = _backward_args(DEVICES[0])
+    torch.library.opcheck(torch.ops.structprune.triton_gated_attention_backward, (*args, [True, False, True]),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph_frozen_weights():
+    """aot_eager with frozen weights: the masked backward is traced through its fake kernel."""
+    device = DEVICES[0]
+    leaves, active, key_bias = make_inputs(2, 9, 32, 2, 16, "one", device, pad=True)
+    fn = kernel_fn(active, key_bias, 2)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    dy = torch.randn(2, 9, 32, device=device)
+    results = []
+    for f in (compiled, fn):
+        mine = [t.detach().clone().requires_grad_(name in ("x", "head_gates")) for name, t in zip(NAMES, leaves)]
+        f(*mine).backward(dy)
+        results.append([t.grad for t in mine])
+    for name, a, b in zip(NAMES, *results):
+        assert (a is None) == (b is None) == (name not in ("x", "head_gates")), name
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
 def test_torch_compile_fullgraph():
     """aot_eager: the graph (forward and the backward op) is traced through the fake registrations and run
     eagerly; inductor would also work on GPU but is slow to compile around interpreted kernels on CPU."""

@@ -148,6 +148,116 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+# --- output_mask: only the gradients that are needed -----------------------------------------------------------------
+# Leaves frozen with requires_grad_(False) -> the output_mask (x, weights and biases, gates) the backward gets.
+FROZEN = {"weights": [True, False, True], "gates": [True, True, False], "x": [False, True, True],
+          "x+weights": [False, False, True], "w1": [True, True, True]}
+
+
+def _frozen_names(frozen):
+    parts = frozen.split("+")
+    return {n for n in NAMES if n in parts or ("weights" in parts and n not in ("x", "unit_gates"))
+            or (n == "unit_gates" and "gates" in parts)}
+
+
+def _spy_backward(monkeypatch, op_name):
+    """Record (output_mask, output shapes) of every call of torch.ops.structprune.<op_name>."""
+    calls = []
+    real = getattr(torch.ops.structprune, op_name)
+
+    def spy(*args):
+        grads = real(*args)
+        calls.append((list(args[-1]), [tuple(g.shape) for g in grads]))
+        return grads
+
+    monkeypatch.setattr(torch.ops.structprune, op_name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("frozen", list(FROZEN))
+def test_frozen_inputs_get_no_gradient(frozen, activation, monkeypatch):
+    """Leaves requiring grad get the reference gradients; frozen ones get None, and the backward op was asked for
+    no more than needed (output_mask), returning empty tensors for the rest."""
+    device = DEVICES[0]
+    leaves, kept_units = make_inputs((2, 7), 32, 48, "random", device, seed=3)
+    dy = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    ref, ref_grads = run_and_grads(lambda *t: reference.gated_ffn(*t, activation), leaves, dy)
+    off = _frozen_names(frozen)
+    mine = [t.detach().clone().requires_grad_(name not in off) for name, t in zip(NAMES, leaves)]
+    calls = _spy_backward(monkeypatch, "triton_gated_ffn_backward")
+    out = K.gated_ffn(*mine, kept_units, activation)
+    check_close("out", out, ref, ref, torch.float32)
+    out.backward(dy)
+    mask = FROZEN[frozen]
+    assert [c[0] for c in calls] == [mask]
+    wanted = [mask[0]] + [mask[1]] * 4 + [mask[2]]
+    pruned = torch.ones(48, dtype=torch.bool, device=device)
+    pruned[kept_units] = False
+    for name, t, r, shape, want in zip(NAMES, mine, ref_grads, calls[0][1], wanted):
+        assert shape == (tuple(t.shape) if want else (0,)), f"grad {name}: shape {shape} with output_mask {mask}"
+        if name in off:
+            assert t.grad is None, f"{name} is frozen but got a gradient"
+            continue
+        got = t.grad
+        if name == "unit_gates":
+            assert torch.all(got[pruned] == 0)
+            got, r = got[kept_units], r[kept_units]
+        check_close(f"grad {name}", got, r, r, torch.float32)
+
+
+def _backward_args(device, activation="gelu"):
+    leaves, kept_units = make_inputs((2, 7), 32, 48, "random", device, seed=4)
+    _, pre, h = torch.ops.structprune.triton_gated_ffn(*leaves, kept_units, activation, True)
+    dy = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2)).to(device)
+    x, w1, _, w2, _, gates = leaves
+    return (dy, x, w1, w2, gates, kept_units, pre, h, activation)
+
+
+@pytest.mark.parametrize("mask", [[True, False, True], [False, False, True], [False, True, False],
+                                  [True, False, False], [False] * 3],
+                         ids=["frozen-weights", "gates-only", "weights-only", "x-only", "nothing"])
+def test_backward_output_mask_direct(mask):
+    """Called directly: masked-out gradients are empty, the others equal the default (all) call's."""
+    args = _backward_args(DEVICES[0])
+    op = torch.ops.structprune.triton_gated_ffn_backward
+    full, got = op(*args), op(*args, mask)
+    wanted = [mask[0]] + [mask[1]] * 4 + [mask[2]]
+    for name, g, f, want in zip(NAMES, got, full, wanted):
+        assert g.dtype == f.dtype, name
+        if want:
+            assert torch.equal(g, f), f"grad {name} differs from the unmasked call with output_mask {mask}"
+        else:
+            assert g.shape == (0,), f"grad {name} must be empty with output_mask {mask}, got {tuple(g.shape)}"
+
+
+def test_opcheck_backward_with_output_mask():
+    args = _backward_args(DEVICES[0], "relu")
+    torch.library.opcheck(torch.ops.structprune.triton_gated_ffn_backward, (*args, [False, False, True]),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph_frozen_weights():
+    """aot_eager with frozen weights: the masked backward is traced through its fake kernel."""
+    device = DEVICES[0]
+    leaves, kept_units = make_inputs((2, 5), 32, 48, "random", device)
+
+    def fn(*t):
+        return K.gated_ffn(*t, kept_units, "gelu")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    dy = torch.randn(2, 5, 32, device=device)
+    results = []
+    for f in (compiled, fn):
+        mine = [t.detach().clone().requires_grad_(name in ("x", "unit_gates")) for name, t in zip(NAMES, leaves)]
+        f(*mine).backward(dy)
+        results.append([t.grad for t in mine])
+    for name, a, b in zip(NAMES, *results):
+        assert (a is None) == (b is None) == (name not in ("x", "unit_gates")), name
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
 def test_torch_compile_fullgraph():
     """aot_eager: traced through the fake registrations (forward and backward ops), run eagerly."""
     device = DEVICES[0]

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -212,7 +213,7 @@ at::Tensor cpu_gather_cols(const at::Tensor& w_full, const at::Tensor& rows, con
 }
 
 // dw [E, C]: dw[:, rows[r]] = M[:, r] * scale[r], 0 elsewhere; dg[r] = sum_e M[e, r] * w[e, rows[r]] (double sums).
-// Parallel over column ranges: each kept column's dg belongs to one thread.
+// Either output may be skipped (nullptr). Parallel over column ranges: each kept column's dg belongs to one thread.
 template <typename T>
 void out_proj_grad_impl(const T* M, const T* w, const T* scale, const std::vector<Run>& runs, int64_t E, int64_t C,
                         int64_t R, T* dw, double* dg) {
@@ -228,21 +229,23 @@ void out_proj_grad_impl(const T* M, const T* w, const T* scale, const std::vecto
     for (int64_t e = 0; e < E; ++e) {
       const T* me = M + e * R;
       const T* we = w + e * C;
-      T* de = dw + e * C;
       for (const Run& u : mine) {
         if (u.r < 0) {
-          std::fill(de + u.j, de + u.j + u.len, static_cast<T>(0));
+          if (dw) std::fill(dw + e * C + u.j, dw + e * C + u.j + u.len, static_cast<T>(0));
           continue;
         }
         const T* mr = me + u.r;
-        const T* sr = scale + u.r;
-        const T* wr = we + u.j;
-        T* dr = de + u.j;
-        double* gr = dg + u.r;
-        for (int64_t i = 0; i < u.len; ++i) {
-          const float m = static_cast<float>(mr[i]);
-          dr[i] = static_cast<T>(m * static_cast<float>(sr[i]));
-          gr[i] += static_cast<double>(m) * static_cast<double>(static_cast<float>(wr[i]));
+        if (dw) {
+          const T* sr = scale + u.r;
+          T* dr = dw + e * C + u.j;
+          for (int64_t i = 0; i < u.len; ++i)
+            dr[i] = static_cast<T>(static_cast<float>(mr[i]) * static_cast<float>(sr[i]));
+        }
+        if (dg) {
+          const T* wr = we + u.j;
+          double* gr = dg + u.r;
+          for (int64_t i = 0; i < u.len; ++i)
+            gr[i] += static_cast<double>(static_cast<float>(mr[i])) * static_cast<double>(static_cast<float>(wr[i]));
         }
       }
     }
@@ -250,20 +253,23 @@ void out_proj_grad_impl(const T* M, const T* w, const T* scale, const std::vecto
 }
 
 std::tuple<at::Tensor, at::Tensor> cpu_out_proj_grad(const at::Tensor& M_in, const at::Tensor& w_full,
-                                                     const at::Tensor& rows, const at::Tensor& col_scale) {
+                                                     const at::Tensor& rows, const at::Tensor& col_scale,
+                                                     bool want_dw, bool want_dg) {
   const auto w = w_full.contiguous();
   const auto M = M_in.to(w.scalar_type()).contiguous();
   const auto sc = col_scale.to(w.scalar_type()).contiguous();
   const int64_t E = w.size(0), C = w.size(1), R = M.size(1);
   TORCH_INTERNAL_ASSERT(M.size(0) == E && sc.numel() == R && rows.numel() == R);
   const auto runs = column_runs(index_vec(rows), C);
-  auto dw = at::empty({E, C}, w.options());
-  auto dg = at::zeros({R}, w.options().dtype(at::kDouble));
+  at::Tensor dw, dg;
+  if (want_dw) dw = at::empty({E, C}, w.options());
+  if (want_dg) dg = at::zeros({R}, w.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "structprune_out_proj_grad", [&] {
     out_proj_grad_impl<scalar_t>(M.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), runs, E, C,
-                                 R, dw.data_ptr<scalar_t>(), dg.data_ptr<double>());
+                                 R, want_dw ? dw.data_ptr<scalar_t>() : nullptr,
+                                 want_dg ? dg.data_ptr<double>() : nullptr);
   });
-  return {dw, dg.to(at::kFloat)};
+  return {dw, want_dg ? dg.to(at::kFloat) : dg};
 }
 
 // Full-size copies of srcs (rows `rows` of the result), zero rows elsewhere; one parallel pass over all of them.
@@ -332,9 +338,9 @@ auto gated_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& bo, const at::Tensor& head_gates, const at::Tensor& active_heads,
                                   const std::optional<at::Tensor>& key_bias, int64_t num_heads,
                                   const std::optional<at::Tensor>& qkv, const std::optional<at::Tensor>& ctx,
-                                  const std::optional<at::Tensor>& lse) {
+                                  const std::optional<at::Tensor>& lse, std::array<bool, 3> output_mask) {
   return attention_backward(cpu_hooks(), grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                            key_bias, num_heads, qkv, ctx, lse);
+                            key_bias, num_heads, qkv, ctx, lse, output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_cpu(const at::Tensor& x, const at::Tensor& w1,
@@ -349,9 +355,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_cpu(const at::Tensor& x
 auto gated_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
                             const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                             const at::Tensor& unit_gates, const at::Tensor& kept_units, c10::string_view activation,
-                            const std::optional<at::Tensor>& pre, const std::optional<at::Tensor>& h) {
+                            const std::optional<at::Tensor>& pre, const std::optional<at::Tensor>& h,
+                            std::array<bool, 3> output_mask) {
   return ffn_backward(cpu_hooks(), grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, std::string(activation),
-                      pre, h);
+                      pre, h, output_mask);
 }
 
 // Hard-concrete sample z (and, for the backward, grad * dz/dlog_alpha) with Philox noise; see philox.h.

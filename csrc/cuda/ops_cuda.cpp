@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
+
 #include "../gated_core.h"
 #include "kernels.h"
 
@@ -112,10 +114,11 @@ auto gated_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
                                    const at::Tensor& bo, const at::Tensor& head_gates,
                                    const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
                                    int64_t num_heads, const std::optional<at::Tensor>& qkv,
-                                   const std::optional<at::Tensor>& ctx, const std::optional<at::Tensor>& lse) {
+                                   const std::optional<at::Tensor>& ctx, const std::optional<at::Tensor>& lse,
+                                   std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
   return attention_backward(cuda_hooks(), grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                            key_bias, num_heads, qkv, ctx, lse);
+                            key_bias, num_heads, qkv, ctx, lse, output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_cuda(const at::Tensor& x, const at::Tensor& w1,
@@ -132,10 +135,10 @@ auto gated_ffn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, co
                              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                              const at::Tensor& unit_gates, const at::Tensor& kept_units,
                              c10::string_view activation, const std::optional<at::Tensor>& pre,
-                             const std::optional<at::Tensor>& h) {
+                             const std::optional<at::Tensor>& h, std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
   return ffn_backward(cuda_hooks(), grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, std::string(activation),
-                      pre, h);
+                      pre, h, output_mask);
 }
 
 at::Tensor hard_concrete_cuda(const at::Tensor& log_alpha, int64_t seed, int64_t offset, double beta,
