@@ -6,7 +6,9 @@
 Each step is one `structprune` command (printed and stored in commands.txt); a step whose metrics.json exists
 is skipped, so re-running the script continues where it stopped; ``--workers 2`` runs two pruning runs at once
 (one thread each), ``--only`` a subset in a chosen order. The settings are reduced to fit a 2-core CPU
-(see SETTINGS and bench/results/qa/README.md).
+(see SETTINGS and bench/results/qa/README.md). ``--prune-steps N`` (other than the default 80) plans the same
+runs with N steps of continued training, named ``<run>-sN``, plus ``teacher-sN``: the teacher fine-tuned N steps
+more with the same settings, the reference those runs are compared to.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ SETTINGS = ["--max-length", "192", "--doc-stride", "64", "--batch-size", "16", "
 # (name, lr, steps); stage 1 starts from MiniLM.
 TEACHER_STAGES = [("teacher-stage1", "1e-4", "250"), ("teacher-stage2", "5e-5", "750"), ("teacher", "1e-4", "700")]
 # continued training of the survivors, the same for every method: 80 steps at lr 5e-5
-PRUNE = ["--lr", "5e-5", "--max-steps", "80"]
+PRUNE_LR, PRUNE_STEPS = "5e-5", 80
 METHOD_FLAGS = {
     "random": [],
     "gain": ["--gain-examples", "128"],
@@ -36,23 +38,33 @@ LEVELS = [(0.5, 0.3), (0.75, 0.5), (0.25, 0.1)]
 METHODS = ["random", "gain", "l0"]
 
 
-def commands(runs: Path, threads: int, prune_threads: int) -> list[tuple[Path, list[str]]]:
+def steps_suffix(steps: int) -> str:
+    """What the names of runs with ``steps`` of continued training end with ("" for the default)."""
+    return "" if steps == PRUNE_STEPS else f"-s{steps}"
+
+
+def commands(runs: Path, threads: int, prune_threads: int, steps: int = PRUNE_STEPS) -> list[tuple[Path, list[str]]]:
     out, previous = [], None
-    for name, lr, steps in TEACHER_STAGES:
+    for name, lr, stage_steps in TEACHER_STAGES:
         cmd = ["structprune", "finetune"] + (["--model", str(previous / "model")] if previous else [])
         out.append((runs / name, cmd + ["--out", str(runs / name)] + SETTINGS + ["--threads", str(threads)]
-                    + ["--lr", lr, "--max-steps", steps]))
+                    + ["--lr", lr, "--max-steps", stage_steps]))
         previous = runs / name
     common = SETTINGS + ["--threads", str(prune_threads)]
     teacher = previous
+    suffix = steps_suffix(steps)
+    prune = ["--lr", PRUNE_LR, "--max-steps", str(steps)]
     for heads, ffn in LEVELS:
         for method in METHODS:
             for distill in (False, True):
-                name = f"{method}-h{heads}-f{ffn}" + ("-distill" if distill else "")
+                name = f"{method}-h{heads}-f{ffn}" + ("-distill" if distill else "") + suffix
                 cmd = ["structprune", "prune", "--model", str(teacher / "model"), "--method", method,
-                       "--heads", str(heads), "--ffn", str(ffn), "--out", str(runs / name)] + common + PRUNE \
+                       "--heads", str(heads), "--ffn", str(ffn), "--out", str(runs / name)] + common + prune \
                     + METHOD_FLAGS[method]
                 out.append((runs / name, cmd + (["--distill"] if distill else [])))
+    if suffix:
+        out.append((runs / f"teacher{suffix}", ["structprune", "finetune", "--model", str(teacher / "model"), "--out",
+                                                str(runs / f"teacher{suffix}")] + common + prune))
     return out
 
 
@@ -63,14 +75,16 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="pruning runs at once, each with threads // workers threads (the teacher stages run "
                              "one at a time with all threads)")
+    parser.add_argument("--prune-steps", type=int, default=PRUNE_STEPS,
+                        help="continued-training steps of every pruning run (default %(default)s); other values name "
+                             "the runs <run>-s<N> and add teacher-s<N>")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--only", nargs="+", metavar="RUN",
                         help="run just these pruning runs (by run name); the teacher stages always run if missing")
     args = parser.parse_args()
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    plan = commands(runs, args.threads, max(1, args.threads // args.workers))
-    (runs / "commands.txt").write_text("\n".join(shlex.join(c) for _, c in plan) + "\n")
+    plan = full_plan = commands(runs, args.threads, max(1, args.threads // args.workers), args.prune_steps)
     stages = [name for name, _, _ in TEACHER_STAGES]
     if args.only:  # the teacher stages, then the named runs in the order given
         order = {name: i for i, name in enumerate(stages + args.only)}
@@ -83,6 +97,7 @@ def main() -> int:
         print("+", shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
+    (runs / f"commands{steps_suffix(args.prune_steps)}.txt").write_text("\n".join(shlex.join(c) for _, c in full_plan) + "\n")
     for step in [step for step in todo if step[0].name in stages]:  # each stage continues the previous one
         if run(runs, *step) != 0:
             return 1

@@ -22,6 +22,7 @@ def main() -> int:
     parser.add_argument("--runs", default="runs/qa")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--missing", action="store_true", help="only the runs that have no speed.json yet")
     args = parser.parse_args()
     runs = Path(args.runs)
     teacher = load_qa_model(str(runs / "teacher" / "model"))
@@ -29,6 +30,8 @@ def main() -> int:
     for metrics_file in sorted(runs.glob("*/metrics.json")):
         run = metrics_file.parent
         if run.name.startswith("teacher") or not (run / "model").is_dir():
+            continue
+        if args.missing and (run / "speed.json").is_file():
             continue
         config = json.loads((run / "config.json").read_text())
         settings = argparse.Namespace(threads=args.threads, dev=config["dev"], max_length=config["max_length"],
