@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from grad_masks import spy_backward
 
 import structprune._extension as ext
 from structprune import gates as gates_mod
@@ -397,20 +398,6 @@ def _freeze(params, gates, frozen):
     return leaves, off, mask
 
 
-def _spy_backward(monkeypatch, op_name):
-    """Record (output_mask, output shapes) of every call of torch.ops.structprune.<op_name>."""
-    calls = []
-    real = getattr(torch.ops.structprune, op_name)
-
-    def spy(*args, **kwargs):
-        grads = real(*args, **kwargs)
-        calls.append((list(kwargs["output_mask"]), [tuple(g.shape) for g in grads]))
-        return grads
-
-    monkeypatch.setattr(torch.ops.structprune, op_name, spy)
-    return calls
-
-
 def _check_masked_outputs(shapes, mask, leaves):
     """The op left the masked-out gradients empty and computed the others full-size."""
     wanted = [mask[0]] + [mask[1]] * (len(leaves) - 2) + [mask[2]]
@@ -438,7 +425,7 @@ def test_attention_frozen_inputs_get_no_gradient(frozen, save, monkeypatch):
     grad_out = torch.randn(2, 9, params["x"].shape[-1])
     ref_out, ref_grads = _run_attention("ref", params, hg, active, kb, H, grad_out)
     leaves, off, mask = _freeze(params, hg, frozen)
-    calls = _spy_backward(monkeypatch, "cpp_gated_attention_backward")
+    calls = spy_backward(monkeypatch, "cpp_gated_attention_backward")
     out = torch.ops.structprune.cpp_gated_attention(*leaves.values(), active, kb, H, save)[0]
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
     out.backward(grad_out)
@@ -454,7 +441,7 @@ def test_ffn_frozen_inputs_get_no_gradient(frozen, save, monkeypatch):
     grad_out = torch.randn(2, 7, 48)
     ref_out, ref_grads = _run_ffn("ref", params, ug, kept, "gelu", grad_out)
     leaves, off, mask = _freeze(params, ug, frozen)
-    calls = _spy_backward(monkeypatch, "cpp_gated_ffn_backward")
+    calls = spy_backward(monkeypatch, "cpp_gated_ffn_backward")
     out = torch.ops.structprune.cpp_gated_ffn(*leaves.values(), kept, "gelu", save)[0]
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
     out.backward(grad_out)

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from grad_masks import frozen_names, spy_backward
 from tolerances import check_close
 
 triton = pytest.importorskip("triton")
@@ -198,26 +199,6 @@ FROZEN = {"weights": [True, False, True], "gates": [True, True, False], "x": [Fa
           "x+weights": [False, False, True], "wq": [True, True, True]}
 
 
-def _frozen_names(frozen):
-    parts = frozen.split("+")
-    return {n for n in NAMES if n in parts or ("weights" in parts and n not in ("x", "head_gates"))
-            or (n == "head_gates" and "gates" in parts)}
-
-
-def _spy_backward(monkeypatch, op_name):
-    """Record (output_mask, output shapes) of every call of torch.ops.structprune.<op_name>."""
-    calls = []
-    real = getattr(torch.ops.structprune, op_name)
-
-    def spy(*args):
-        grads = real(*args)
-        calls.append((list(args[-1]), [tuple(g.shape) for g in grads]))
-        return grads
-
-    monkeypatch.setattr(torch.ops.structprune, op_name, spy)
-    return calls
-
-
 @pytest.mark.parametrize("frozen", list(FROZEN))
 def test_frozen_inputs_get_no_gradient(frozen, monkeypatch):
     """Leaves requiring grad get the reference gradients; frozen ones get None, and the backward op was asked for
@@ -227,9 +208,9 @@ def test_frozen_inputs_get_no_gradient(frozen, monkeypatch):
     leaves, active, key_bias = make_inputs(2, 9, 64, H, 16, "random", device, pad=True, seed=3)
     dy = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1)).to(device)
     ref, ref_grads = run_and_grads(reference_fn(key_bias, H), leaves, dy)
-    off = _frozen_names(frozen)
+    off = frozen_names(frozen, NAMES)
     mine = [t.detach().clone().requires_grad_(name not in off) for name, t in zip(NAMES, leaves)]
-    calls = _spy_backward(monkeypatch, "triton_gated_attention_backward")
+    calls = spy_backward(monkeypatch, "triton_gated_attention_backward")
     out = kernel_fn(active, key_bias, H)(*mine)
     check_close("out", out, ref, ref, torch.float32)
     out.backward(dy)

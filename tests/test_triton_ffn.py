@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from grad_masks import frozen_names, spy_backward
 from tolerances import check_close
 
 triton = pytest.importorskip("triton")
@@ -154,26 +155,6 @@ FROZEN = {"weights": [True, False, True], "gates": [True, True, False], "x": [Fa
           "x+weights": [False, False, True], "w1": [True, True, True]}
 
 
-def _frozen_names(frozen):
-    parts = frozen.split("+")
-    return {n for n in NAMES if n in parts or ("weights" in parts and n not in ("x", "unit_gates"))
-            or (n == "unit_gates" and "gates" in parts)}
-
-
-def _spy_backward(monkeypatch, op_name):
-    """Record (output_mask, output shapes) of every call of torch.ops.structprune.<op_name>."""
-    calls = []
-    real = getattr(torch.ops.structprune, op_name)
-
-    def spy(*args):
-        grads = real(*args)
-        calls.append((list(args[-1]), [tuple(g.shape) for g in grads]))
-        return grads
-
-    monkeypatch.setattr(torch.ops.structprune, op_name, spy)
-    return calls
-
-
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 @pytest.mark.parametrize("frozen", list(FROZEN))
 def test_frozen_inputs_get_no_gradient(frozen, activation, monkeypatch):
@@ -183,9 +164,9 @@ def test_frozen_inputs_get_no_gradient(frozen, activation, monkeypatch):
     leaves, kept_units = make_inputs((2, 7), 32, 48, "random", device, seed=3)
     dy = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1)).to(device)
     ref, ref_grads = run_and_grads(lambda *t: reference.gated_ffn(*t, activation), leaves, dy)
-    off = _frozen_names(frozen)
+    off = frozen_names(frozen, NAMES)
     mine = [t.detach().clone().requires_grad_(name not in off) for name, t in zip(NAMES, leaves)]
-    calls = _spy_backward(monkeypatch, "triton_gated_ffn_backward")
+    calls = spy_backward(monkeypatch, "triton_gated_ffn_backward")
     out = K.gated_ffn(*mine, kept_units, activation)
     check_close("out", out, ref, ref, torch.float32)
     out.backward(dy)
