@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def load_runs(runs: Path) -> tuple[dict[int, dict], list[dict]]:
         m = json.loads(path.read_text())
         m["run"] = path.parent.name
         m["steps"] = json.loads((path.parent / "config.json").read_text())["max_steps"]
-        if m["run"] == "teacher" or m["run"].startswith("teacher-s"):
+        if m["run"] == "teacher" or re.fullmatch(r"teacher-s\d+", m["run"]):
             teachers[0 if m["run"] == "teacher" else m["steps"]] = m
             continue
         if m["run"].startswith("teacher"):  # the earlier stages
@@ -143,7 +144,8 @@ def main() -> int:
     plot(teachers, rows, out / "f1_vs_pruning.png")
     l0 = [r for r in grid if r["method"] == "l0"]
     if l0:
-        best = max(l0, key=lambda r: r["HasAns_f1"])  # overall F1 rewards collapsing to "no answer"
+        # of every L0 run, longer ones included; by HasAns F1, as overall F1 rewards collapsing to "no answer"
+        best = max((r for r in rows if r["method"] == "l0"), key=lambda r: r["HasAns_f1"])
         structure = {"run": best["run"], "heads_per_layer": best["heads_per_layer"],
                      "ffn_per_layer": best["ffn_per_layer"]}
         (out / "l0_best_structure.json").write_text(json.dumps(structure, indent=2) + "\n")

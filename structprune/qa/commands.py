@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -304,8 +305,8 @@ def _save_masks(model, path: Path) -> None:
 
 @torch.inference_mode()
 def measure_speedup(dense, pruned, tokenizer, args, repeats: int = 5) -> dict:
-    """Median forward time of the dense teacher and the pruned model on the same real dev batch."""
-    from ..demo import _median_ms
+    """Median forward time of the dense teacher and the pruned model on the same real dev batch, the two timed
+    in turn within each repeat so that load from elsewhere falls on both."""
     from .features import build_eval_features, collate
 
     torch.set_num_threads(args.threads)
@@ -313,10 +314,17 @@ def measure_speedup(dense, pruned, tokenizer, args, repeats: int = 5) -> dict:
     feats = build_eval_features(dev, tokenizer, args.max_length, args.doc_stride)
     cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in feats.column_names]
     batch = collate(feats[: args.eval_batch_size], tokenizer, cols)
-    times = {}
-    for name, model in (("dense", dense), ("pruned", pruned)):
+    models = {"dense": dense, "pruned": pruned}
+    samples = {name: [] for name in models}
+    for model in models.values():
         model.eval()
-        times[name] = _median_ms(lambda: model(**batch), repeats, warmup=1) / 1e3
+        model(**batch)  # warm-up
+    for _ in range(repeats):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(**batch)
+            samples[name].append(time.perf_counter() - t0)
+    times = {name: statistics.median(s) for name, s in samples.items()}
     return {"dense_forward_s": times["dense"], "pruned_forward_s": times["pruned"],
             "speedup": times["dense"] / times["pruned"], "speed_batch": int(batch["input_ids"].shape[0]),
             "speed_seq": int(batch["input_ids"].shape[1])}
