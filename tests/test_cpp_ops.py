@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from grad_masks import spy_backward
+from grad_masks import check_against_unmasked, check_masked_shapes, spy_backward
 
 import structprune._extension as ext
 from structprune import gates as gates_mod
@@ -398,13 +398,6 @@ def _freeze(params, gates, frozen):
     return leaves, off, mask
 
 
-def _check_masked_outputs(shapes, mask, leaves):
-    """The op left the masked-out gradients empty and computed the others full-size."""
-    wanted = [mask[0]] + [mask[1]] * (len(leaves) - 2) + [mask[2]]
-    for (name, t), shape, want in zip(leaves.items(), shapes, wanted):
-        assert shape == (tuple(t.shape) if want else (0,)), f"d{name}: shape {shape} with output_mask {mask}"
-
-
 def _check_frozen_grads(leaves, off, ref_grads, kept):
     for name, t in leaves.items():
         if name in off:
@@ -430,7 +423,7 @@ def test_attention_frozen_inputs_get_no_gradient(frozen, save, monkeypatch):
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
     out.backward(grad_out)
     assert [c[0] for c in calls] == [mask]
-    _check_masked_outputs(calls[0][1], mask, leaves)
+    check_masked_shapes(calls[0][1], mask, leaves)
     _check_frozen_grads(leaves, off, ref_grads, active)
 
 
@@ -446,21 +439,11 @@ def test_ffn_frozen_inputs_get_no_gradient(frozen, save, monkeypatch):
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
     out.backward(grad_out)
     assert [c[0] for c in calls] == [mask]
-    _check_masked_outputs(calls[0][1], mask, leaves)
+    check_masked_shapes(calls[0][1], mask, leaves)
     _check_frozen_grads(leaves, off, ref_grads, kept)
 
 
 MASKS = [list(m) for m in itertools.product([True, False], repeat=3)]
-
-
-def _check_against_unmasked(got, full, mask, names):
-    wanted = [mask[0]] + [mask[1]] * (len(names) - 2) + [mask[2]]
-    for name, g, f, want in zip(names, got, full, wanted):
-        assert g.dtype == f.dtype and g.device == f.device, name
-        if want:
-            assert torch.equal(g, f), f"d{name} differs from the unmasked call with output_mask {mask}"
-        else:
-            assert g.shape == (0,), f"d{name} must be empty with output_mask {mask}, got shape {tuple(g.shape)}"
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("1" if v else "0" for v in m))
@@ -476,7 +459,7 @@ def test_attention_backward_output_mask_direct(mask, kept):
     for extra in (saved, [None, None, None]):
         full = bwd(grad_out, *args, *extra)
         got = bwd(grad_out, *args, *extra, output_mask=mask)
-        _check_against_unmasked(got, full, mask, list(params) + ["gates"])
+        check_against_unmasked(got, full, mask, list(params) + ["gates"])
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("1" if v else "0" for v in m))
@@ -490,7 +473,7 @@ def test_ffn_backward_output_mask_direct(mask, kept):
     for extra in ((pre, h), (None, None)):
         full = bwd(grad_out, *args, *extra)
         got = bwd(grad_out, *args, *extra, output_mask=mask)
-        _check_against_unmasked(got, full, mask, list(params) + ["gates"])
+        check_against_unmasked(got, full, mask, list(params) + ["gates"])
 
 
 # --- the packed-weight cache ----------------------------------------------------------------------------------------
