@@ -230,8 +230,8 @@ def test_frozen_inputs_get_no_gradient(frozen, monkeypatch):
         check_close(f"grad {name}", got, r, r, torch.float32)
 
 
-def _backward_args(device, pad=True):
-    leaves, active, key_bias = make_inputs(2, 9, 64, 4, 16, "random", device, pad=pad, seed=4)
+def _backward_args(device, pad=True, kept="random"):
+    leaves, active, key_bias = make_inputs(2, 9, 64, 4, 16, kept, device, pad=pad, seed=4)
     res = torch.ops.structprune.triton_gated_attention(*leaves, active, key_bias, 4, True)
     dy = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(2)).to(device)
     x, wq, _, wk, _, wv, _, wo, _, gates = leaves
@@ -240,9 +240,10 @@ def _backward_args(device, pad=True):
 
 @pytest.mark.parametrize("mask", [[True, False, True], [False, False, True], [False, True, False], [False] * 3],
                          ids=["frozen-weights", "gates-only", "weights-only", "nothing"])
-def test_backward_output_mask_direct(mask):
+@pytest.mark.parametrize("kept", ["none", "random", "all"])
+def test_backward_output_mask_direct(mask, kept):
     """Called directly: masked-out gradients are empty, the others equal the default (all) call's."""
-    args = _backward_args(DEVICES[0])
+    args = _backward_args(DEVICES[0], kept=kept)
     op = torch.ops.structprune.triton_gated_attention_backward
     full, got = op(*args), op(*args, mask)
     check_against_unmasked(got, full, mask, NAMES)

@@ -186,8 +186,8 @@ def test_frozen_inputs_get_no_gradient(frozen, activation, monkeypatch):
         check_close(f"grad {name}", got, r, r, torch.float32)
 
 
-def _backward_args(device, activation="gelu"):
-    leaves, kept_units = make_inputs((2, 7), 32, 48, "random", device, seed=4)
+def _backward_args(device, activation="gelu", kept="random"):
+    leaves, kept_units = make_inputs((2, 7), 32, 48, kept, device, seed=4)
     _, pre, h = torch.ops.structprune.triton_gated_ffn(*leaves, kept_units, activation, True)
     dy = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2)).to(device)
     x, w1, _, w2, _, gates = leaves
@@ -197,9 +197,10 @@ def _backward_args(device, activation="gelu"):
 @pytest.mark.parametrize("mask", [[True, False, True], [False, False, True], [False, True, False],
                                   [True, False, False], [False] * 3],
                          ids=["frozen-weights", "gates-only", "weights-only", "x-only", "nothing"])
-def test_backward_output_mask_direct(mask):
+@pytest.mark.parametrize("kept", ["none", "random", "all"])
+def test_backward_output_mask_direct(mask, kept):
     """Called directly: masked-out gradients are empty, the others equal the default (all) call's."""
-    args = _backward_args(DEVICES[0])
+    args = _backward_args(DEVICES[0], kept=kept)
     op = torch.ops.structprune.triton_gated_ffn_backward
     full, got = op(*args), op(*args, mask)
     check_against_unmasked(got, full, mask, NAMES)
