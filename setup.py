@@ -7,7 +7,9 @@ gives a pure-Python install and structprune JIT-builds csrc/ on first use instea
 
     STRUCTPRUNE_SKIP_EXT=1          do not build structprune._C at all
     STRUCTPRUNE_SKIP_CUDA_BUILD=1   build the CPU kernels only, even with a CUDA torch
-    STRUCTPRUNE_CUDA_ARCH_LIST      CUDA archs (TORCH_CUDA_ARCH_LIST syntax), default "8.0;9.0a"
+    STRUCTPRUNE_CUDA_ARCH_LIST      CUDA archs (TORCH_CUDA_ARCH_LIST syntax); else the user's TORCH_CUDA_ARCH_LIST;
+                                    else the default "8.0;9.0a;9.0+PTX" (sm_80, sm_90a, and compute_90 PTX that
+                                    the driver JIT-compiles for newer GPUs such as sm_100 / sm_120)
     MAX_JOBS                        parallel ninja jobs (default: from the cores and memory)
     STRUCTPRUNE_EXT_REQUIRED=1      fail the install if the extension fails to build (default: warn, JIT later)
 """
@@ -29,6 +31,18 @@ def _default_max_jobs() -> str:
     return str(max(1, min(cores, int(mem_gib // 3))))  # ~3 GiB per compiler process including nvcc
 
 
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a;9.0+PTX"  # PTX of compute_90, not 90a: arch-specific PTX runs on sm_90 only
+
+
+def cuda_arch_list(env) -> str:
+    """The CUDA arch list to build for: STRUCTPRUNE_CUDA_ARCH_LIST, else the user's TORCH_CUDA_ARCH_LIST, else
+    DEFAULT_CUDA_ARCH_LIST."""
+    for var in ("STRUCTPRUNE_CUDA_ARCH_LIST", "TORCH_CUDA_ARCH_LIST"):
+        if env.get(var, "").strip():
+            return env[var].strip()
+    return DEFAULT_CUDA_ARCH_LIST
+
+
 def _extension_kwargs() -> dict:
     if os.environ.get("STRUCTPRUNE_SKIP_EXT") == "1":
         print("structprune: STRUCTPRUNE_SKIP_EXT=1, not building structprune._C")
@@ -48,7 +62,7 @@ def _extension_kwargs() -> dict:
     cflags = ["-O3", "-DSTRUCTPRUNE_PYTHON_MODULE"] + (["-DSTRUCTPRUNE_WITH_CUDA"] if with_cuda else [])
     include_dirs = [os.path.abspath(CSRC)]
     if with_cuda:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("STRUCTPRUNE_CUDA_ARCH_LIST", "8.0;9.0a")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(os.environ)
         ext = cpp_extension.CUDAExtension("structprune._C", sources, include_dirs=include_dirs,
                                           extra_compile_args={"cxx": cflags, "nvcc": ["-O3"]})
     else:
@@ -76,7 +90,8 @@ setup(
     # kernels/ installs as structprune._kernels and csrc/ as structprune/csrc (sources for the JIT build)
     packages=["structprune", "structprune._kernels", "structprune.qa", "structprune.strategies", "structprune.csrc"],
     package_dir={"structprune": "structprune", "structprune._kernels": "kernels", "structprune.csrc": CSRC},
-    package_data={"structprune.csrc": ["*.cpp", "*.h", "*.md", "*.sh", "cpu/*.cpp", "cuda/*.cu", "cuda/*.h",
+    package_data={"structprune": ["templates/*.py"],  # the modeling file save_pretrained writes
+                  "structprune.csrc": ["*.cpp", "*.h", "*.md", "*.sh", "cpu/*.cpp", "cuda/*.cu", "cuda/*.h",
                                        "cuda/*.cpp"]},
     **_extension_kwargs(),
 )

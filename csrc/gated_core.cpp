@@ -1,13 +1,19 @@
 // Device-generic gated attention / FFN on packed weights, plus the pack cache. See gated_core.h.
 #include "gated_core.h"
 
+#include <ATen/Parallel.h>
+
 #include <c10/core/Storage.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <vector>
+
+#include "philox.h"
 
 namespace structprune {
 
@@ -27,9 +33,39 @@ namespace {
 // is the same live storage at the same data pointer, shape, strides and version counter (so in-place updates made
 // under autograd's view of the tensor, e.g. optimizer steps, `with torch.no_grad(): w.add_(...)`, `w.copy_(...)`,
 // load_state_dict, invalidate it), the kept index has the same content (CPU) or is the same unmodified tensor
-// (CUDA), and the folded gate values are equal. Writes through `w.data` bypass PyTorch's version counter and are
-// NOT seen: call pack_cache_clear() after them (structprune._extension.clear_cache()).
+// (CUDA), and the folded gate values are equal. Writes through `w.data` bypass PyTorch's version counter: on CPU
+// each stamp also keeps the bits of kFingerprint elements spread evenly over the tensor (first and last
+// included), so rewriting a whole weight through `.data` (re-initialisation, `w.data.copy_(other)`, scaling) is
+// seen at the cost of a few loads per call; a write through `.data` that misses every sampled element is not:
+// call pack_cache_clear() after those (structprune.clear_cache()). CUDA tensors are not sampled (a device sync).
 // ---------------------------------------------------------------------------------------------------------------
+
+constexpr int64_t kFingerprint = 32;
+
+// The bits of up to kFingerprint elements of a CPU tensor at evenly spaced logical positions; empty otherwise.
+std::vector<uint64_t> fingerprint(const at::Tensor& t) {
+  std::vector<uint64_t> out;
+  const int64_t n = t.numel();
+  if (!t.is_cpu() || n == 0) return out;
+  const int64_t k = std::min(n, kFingerprint);
+  const size_t esize = t.element_size();
+  const auto* base = static_cast<const unsigned char*>(t.data_ptr());
+  const auto sizes = t.sizes();
+  const auto strides = t.strides();
+  out.reserve(k);
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t p = k == 1 ? 0 : j * (n - 1) / (k - 1);  // logical (row-major) position
+    int64_t offset = 0;
+    for (int64_t d = t.dim() - 1; d >= 0; --d) {
+      offset += (p % sizes[d]) * strides[d];
+      p /= sizes[d];
+    }
+    uint64_t bits = 0;
+    std::memcpy(&bits, base + offset * static_cast<int64_t>(esize), std::min(esize, sizeof(bits)));
+    out.push_back(bits);
+  }
+  return out;
+}
 
 struct Stamp {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
@@ -38,6 +74,7 @@ struct Stamp {
   std::vector<int64_t> sizes, strides;
   at::ScalarType dtype;
   at::Device device;
+  std::vector<uint64_t> sample;  // fingerprint() of the tensor when stamped
 
   explicit Stamp(const at::Tensor& t)
       : storage(t.storage().getWeakStorageImpl()),
@@ -46,7 +83,8 @@ struct Stamp {
         sizes(t.sizes().vec()),
         strides(t.strides().vec()),
         dtype(t.scalar_type()),
-        device(t.device()) {}
+        device(t.device()),
+        sample(fingerprint(t)) {}
 
   static int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : t._version(); }
   bool alive() const { return !storage.expired(); }
@@ -55,7 +93,7 @@ struct Stamp {
   }
   bool matches(const at::Tensor& t) const {
     return same_tensor(t) && version == version_of(t) && t.sizes().equals(sizes) && t.strides().equals(strides) &&
-           dtype == t.scalar_type() && device == t.device();
+           dtype == t.scalar_type() && device == t.device() && sample == fingerprint(t);
   }
 };
 
@@ -375,7 +413,11 @@ AttnShapes check_attention(const at::Tensor& x, const at::Tensor& wq, const at::
 
 std::optional<at::Tensor> make_mask(const std::optional<at::Tensor>& key_bias, const at::Tensor& x) {
   if (!key_bias.has_value()) return std::nullopt;
-  return key_bias->to(x.scalar_type()).view({x.size(0), 1, 1, x.size(1)});
+  // Clamped to the dtype's finite range first: finfo(float32).min would round to -inf in fp16 / bf16, and a fully
+  // padded row of -inf gives NaN.
+  const double lo = x.scalar_type() == at::kHalf ? -65504.0 : x.scalar_type() == at::kBFloat16 ? -3.3895313892515355e38
+                                                                                                 : -3.4028234663852886e38;
+  return key_bias->clamp_min(lo).to(x.scalar_type()).view({x.size(0), 1, 1, x.size(1)});
 }
 
 at::Tensor rows_2d(const at::Tensor& t) {
@@ -384,6 +426,82 @@ at::Tensor rows_2d(const at::Tensor& t) {
 }
 
 }  // namespace
+
+namespace {
+
+// Attention with probability dropout, in fp32 on materialised [B, A, S, S] scores (generic ATen code for any
+// device; the flash hooks have no dropout). Returns the context [B, A, S, D] (dtype of q) and the log-sum-exp
+// [B, A, S] fp32 of the scaled, masked scores.
+std::tuple<at::Tensor, at::Tensor> dropout_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& key_bias,
+                                                    const at::Tensor& heads, int64_t num_heads, double scale,
+                                                    const AttnDropout& drop) {
+  auto s = at::matmul(q.to(at::kFloat), k.to(at::kFloat).transpose(-2, -1)).mul_(scale);
+  if (key_bias.has_value()) s.add_(key_bias->to(at::kFloat).view({q.size(0), 1, 1, q.size(2)}));
+  auto lse = at::logsumexp(s, -1, /*keepdim=*/true);
+  auto p = s.sub_(lse).exp_().mul_(attention_dropout_scale(q.size(0), num_heads, q.size(2), heads, drop, q.device()));
+  return {at::matmul(p.to(q.scalar_type()), v), lse.squeeze(-1)};
+}
+
+// Its backward from the saved log-sum-exp, the mask regenerated: dv = Pd^T dO, dPd = dO V^T, dP = dPd * m,
+// dS = P * (dP - rowsum(P * dP)), dq = dS K * scale, dk = dS^T Q * scale (Pd = P * m, m the dropout scale).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_attn_bwd(const at::Tensor& dctx, const at::Tensor& q,
+                                                                const at::Tensor& k, const at::Tensor& v,
+                                                                const at::Tensor& lse,
+                                                                const std::optional<at::Tensor>& key_bias,
+                                                                const at::Tensor& heads, int64_t num_heads,
+                                                                double scale, const AttnDropout& drop) {
+  const auto qf = q.to(at::kFloat), kf = k.to(at::kFloat), vf = v.to(at::kFloat), dof = dctx.to(at::kFloat);
+  auto s = at::matmul(qf, kf.transpose(-2, -1)).mul_(scale);
+  if (key_bias.has_value()) s.add_(key_bias->to(at::kFloat).view({q.size(0), 1, 1, q.size(2)}));
+  const auto p = s.sub_(lse.to(at::kFloat).unsqueeze(-1)).exp_();
+  const auto m = attention_dropout_scale(q.size(0), num_heads, q.size(2), heads, drop, q.device());
+  const auto dv = at::matmul((p * m).to(q.scalar_type()).to(at::kFloat).transpose(-2, -1), dof);
+  auto dp = at::matmul(dof, vf.transpose(-2, -1)).mul_(m);
+  const auto delta = (dp * p).sum(-1, /*keepdim=*/true);
+  const auto ds = dp.sub_(delta).mul_(p);
+  const auto dq = at::matmul(ds, kf).mul_(scale);
+  const auto dk = at::matmul(ds.transpose(-2, -1), qf).mul_(scale);
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+void check_dropout(const AttnDropout& drop) {
+  TORCH_CHECK(drop.p >= 0.0 && drop.p < 1.0, "structprune: dropout_p must be in [0, 1), got ", drop.p);
+  TORCH_CHECK(drop.seed >= 0 && drop.offset >= 0, "structprune: dropout seed and offset must be >= 0, got seed ",
+              drop.seed, ", offset ", drop.offset);
+}
+
+}  // namespace
+
+at::Tensor attention_dropout_scale(int64_t B, int64_t num_heads, int64_t S, const at::Tensor& heads,
+                                   const AttnDropout& drop, at::Device device) {
+  check_dropout(drop);
+  const auto h = heads.to(at::kCPU, at::kLong).contiguous();
+  const int64_t A = h.numel();
+  const int64_t* hp = h.data_ptr<int64_t>();
+  auto out = at::empty({B, A, S, S}, at::TensorOptions().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const float p = static_cast<float>(drop.p), keep = static_cast<float>(1.0 / (1.0 - drop.p));
+  const uint64_t seed = static_cast<uint64_t>(drop.seed), offset = static_cast<uint64_t>(drop.offset);
+  at::parallel_for(0, B * A * S, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {  // row r = (b, a, i): elements base .. base + S - 1 of the stream
+      const int64_t i = r % S, a = (r / S) % A, b = r / (S * A);
+      const uint64_t base = static_cast<uint64_t>(((b * num_heads + hp[a]) * S + i) * S);
+      float* out_row = op + r * S;
+      // one Philox call per 4 consecutive elements (a block); the row may start and end inside a block
+      for (uint64_t block = base >> 2; block <= (base + static_cast<uint64_t>(S) - 1) >> 2; ++block) {
+        const Philox4 words = philox_block(seed, offset, block);
+        for (int w = 0; w < 4; ++w) {
+          const uint64_t n = (block << 2) + static_cast<uint64_t>(w);
+          if (n < base || n >= base + static_cast<uint64_t>(S)) continue;
+          out_row[n - base] = philox_to_uniform(words.v[w]) >= p ? keep : 0.0f;
+        }
+      }
+    }
+  });
+  return out.to(device);
+}
 
 namespace {
 
@@ -452,8 +570,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk,
     const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
     const at::Tensor& head_gates, const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
-    int64_t num_heads, bool save_for_backward) {
+    int64_t num_heads, bool save_for_backward, const AttnDropout& drop) {
   const auto s = check_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads);
+  check_dropout(drop);
   const int64_t N = s.B * s.S, R = s.R;
   const auto fopts = x.options().dtype(at::kFloat);
   if (s.A == 0 || N == 0) {  // only the output bias; saved outputs have their shapes but hold nothing
@@ -462,12 +581,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward(
     return {y, at::empty({N, 3 * R}, x.options()), at::empty({N, R}, x.options()), at::empty({s.B, s.S, s.A}, fopts)};
   }
   const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
+  auto attn_core = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    return drop.p > 0.0 ? dropout_attn_fwd(q, k, v, key_bias, active_heads, num_heads, scale, drop)
+                        : hooks.attn_fwd(q, k, v, make_mask(key_bias, x), scale);
+  };
   if (!save_for_backward) {  // inference: nothing kept, the context is gated in place when gates are not folded
     const Pack pk = get_pack(Kind::Attention, hooks, {wq, bq, wk, bk, wv, bv}, wo, head_gates, active_heads, s.D,
                              s.H * s.D, x.scalar_type(), /*want_raw=*/false);
     const auto qkv = at::addmm(pk.b_in, rows_2d(x), pk.w_in.t()).view({s.B, s.S, 3, s.A, s.D});
-    auto [ctx, aux] = hooks.attn_fwd(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
-                                     qkv.select(2, 2).transpose(1, 2), make_mask(key_bias, x), scale);
+    auto [ctx, aux] = attn_core(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
+                                qkv.select(2, 2).transpose(1, 2));
     auto ctx2 = ctx.transpose(1, 2).reshape({N, R});
     if (!pk.folded) {
       if (!ctx2.is_contiguous()) ctx2 = ctx2.contiguous();
@@ -481,8 +604,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward(
                            s.H * s.D, x.scalar_type(), /*want_raw=*/false);
   auto qkv2 = at::addmm(pk.b_in, rows_2d(x), pk.w_in.t());  // [N, 3R]
   const auto qkv = qkv2.view({s.B, s.S, 3, s.A, s.D});
-  auto [ctx, aux] = hooks.attn_fwd(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
-                                   qkv.select(2, 2).transpose(1, 2), make_mask(key_bias, x), scale);
+  auto [ctx, aux] = attn_core(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
+                              qkv.select(2, 2).transpose(1, 2));
   auto ctx2 = contiguous_2d(ctx.transpose(1, 2), N, R);  // a view for the CPU flash kernel ([B, S, A, D] memory)
   at::Tensor lse;
   if (aux.defined()) {
@@ -510,8 +633,9 @@ attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const a
                    const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& head_gates,
                    const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias, int64_t num_heads,
                    const std::optional<at::Tensor>& saved_qkv, const std::optional<at::Tensor>& saved_ctx,
-                   const std::optional<at::Tensor>& saved_lse, OutputMask output_mask) {
+                   const std::optional<at::Tensor>& saved_lse, OutputMask output_mask, const AttnDropout& drop) {
   const auto s = check_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads);
+  check_dropout(drop);
   check_same(grad_out, "grad_out", x, {s.B, s.S, s.E});
   const int64_t N = s.B * s.S, R = s.R;
   const bool has_qkv = check_saved(saved_qkv, "qkv", x, x.scalar_type(), {N, 3 * R});
@@ -542,8 +666,10 @@ attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const a
     aux = saved_lse->transpose(1, 2);  // [B, A, S]
   } else {  // recompute the forward up to the (ungated) context
     qkv = at::addmm(pk.b_in, x2, pk.w_in.t()).view({s.B, s.S, 3, s.A, s.D});
-    std::tie(ctx, aux) = hooks.attn_fwd(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
-                                        qkv.select(2, 2).transpose(1, 2), mask, scale);
+    const auto q = qkv.select(2, 0).transpose(1, 2), k = qkv.select(2, 1).transpose(1, 2),
+               v = qkv.select(2, 2).transpose(1, 2);
+    std::tie(ctx, aux) = drop.p > 0.0 ? dropout_attn_fwd(q, k, v, key_bias, active_heads, num_heads, scale, drop)
+                                      : hooks.attn_fwd(q, k, v, mask, scale);
     ctx2 = contiguous_2d(ctx.transpose(1, 2), N, R);  // [N, R] ungated
   }
 
@@ -564,7 +690,9 @@ attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const a
   auto dctx2 = at::mm(go2, pk.w_out);  // gated when folded
   if (!pk.folded) hooks.scale_cols(dctx2, pk.gcols);
   const auto dctx = dctx2.view({s.B, s.S, s.A, s.D}).transpose(1, 2);
-  auto [dq, dk, dv] = hooks.attn_bwd(dctx, q, k, v, ctx, aux, mask, scale);
+  auto [dq, dk, dv] = drop.p > 0.0
+                         ? dropout_attn_bwd(dctx, q, k, v, aux, key_bias, active_heads, num_heads, scale, drop)
+                         : hooks.attn_bwd(dctx, q, k, v, ctx, aux, mask, scale);
 
   // Input projections, one per q / k / v (the CPU flash backward gives [B, S, A, D] memory: [N, R] views).
   const at::Tensor dproj[3] = {contiguous_2d(dq.transpose(1, 2), N, R), contiguous_2d(dk.transpose(1, 2), N, R),

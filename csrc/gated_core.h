@@ -53,11 +53,26 @@ struct DeviceHooks {
 // attention context, lse [B, S, A] fp32 the softmax log-sum-exp of the CPU flash kernel; zeros on CUDA, whose
 // backward recomputes the probabilities); FFN (pre [B*S, K] the pre-activation with bias, h [B*S, K] = act(pre),
 // ungated). Without it they are empty ([0]) tensors: inference keeps nothing.
+// Attention-probability dropout (training): probability p, Philox stream (seed, offset). Element (b, h, i, j) of the
+// [B, H, S, S] probabilities of the full layer (h: the head's index among all num_heads, so a head's mask does not
+// depend on which other heads are pruned) has linear index ((b * H + h) * S + i) * S + j = n and is kept when
+// philox_to_uniform(word n % 4 of philox_block(seed, offset, n / 4)) >= p; kept values are scaled by 1 / (1 - p).
+// The backward regenerates the mask from (seed, offset); nothing is stored.
+struct AttnDropout {
+  double p = 0.0;
+  int64_t seed = 0, offset = 0;
+};
+
+// The dropout multipliers [B, A, S, S] fp32 (0 or 1 / (1 - p)) for the active heads `heads` (int64 [A], any
+// device) of a layer with num_heads heads, on `device` (generated on the CPU).
+at::Tensor attention_dropout_scale(int64_t B, int64_t num_heads, int64_t S, const at::Tensor& heads,
+                                   const AttnDropout& drop, at::Device device);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const DeviceHooks& hooks, const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk,
     const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
     const at::Tensor& head_gates, const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
-    int64_t num_heads, bool save_for_backward);
+    int64_t num_heads, bool save_for_backward, const AttnDropout& drop = {});
 
 // Which gradients a backward computes: {dx, every weight and bias gradient, the gate gradient}. The work that
 // serves only masked-out gradients is skipped, and those outputs are empty [0] tensors (options of the input).
@@ -72,7 +87,7 @@ attention_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const a
                    const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& head_gates,
                    const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias, int64_t num_heads,
                    const std::optional<at::Tensor>& qkv, const std::optional<at::Tensor>& ctx,
-                   const std::optional<at::Tensor>& lse, OutputMask output_mask);
+                   const std::optional<at::Tensor>& lse, OutputMask output_mask, const AttnDropout& drop = {});
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(const DeviceHooks& hooks, const at::Tensor& x,
                                                            const at::Tensor& w1, const at::Tensor& b1,

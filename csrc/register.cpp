@@ -38,6 +38,13 @@ std::vector<int64_t> philox4x32_10_op(std::vector<int64_t> counter, std::vector<
   return {r.v[0], r.v[1], r.v[2], r.v[3]};
 }
 
+// The dropout multipliers (0 or 1 / (1 - p)) [B, A, S, S] fp32 that cpp_gated_attention applies (see gated_core.h),
+// on the device of `heads`: the oracle for the tests.
+at::Tensor attention_dropout_scale_op(int64_t batch, int64_t num_heads, int64_t seq, const at::Tensor& heads,
+                                      double p, int64_t seed, int64_t offset) {
+  return structprune::attention_dropout_scale(batch, num_heads, seq, heads, {p, seed, offset}, heads.device());
+}
+
 }  // namespace
 
 // Forward ops return (y, saved tensors...): with save_for_backward=True what the backward op takes so that it
@@ -50,12 +57,12 @@ TORCH_LIBRARY(structprune, m) {
   m.def(
       "cpp_gated_attention(Tensor x, Tensor wq, Tensor bq, Tensor wk, Tensor bk, Tensor wv, Tensor bv, Tensor wo, "
       "Tensor bo, Tensor head_gates, Tensor active_heads, Tensor? key_bias, int num_heads, "
-      "bool save_for_backward=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool save_for_backward=False, float dropout_p=0.0, int seed=0, int offset=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpp_gated_attention_backward(Tensor grad_out, Tensor x, Tensor wq, Tensor bq, Tensor wk, Tensor bk, "
       "Tensor wv, Tensor bv, Tensor wo, Tensor bo, Tensor head_gates, Tensor active_heads, Tensor? key_bias, "
       "int num_heads, Tensor? qkv=None, Tensor? ctx=None, Tensor? lse=None, "
-      "bool[3] output_mask=[True, True, True]) -> "
+      "bool[3] output_mask=[True, True, True], float dropout_p=0.0, int seed=0, int offset=0) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpp_gated_ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor unit_gates, Tensor kept_units, "
@@ -69,6 +76,8 @@ TORCH_LIBRARY(structprune, m) {
   m.def(
       "hard_concrete_sample_backward(Tensor grad, Tensor log_alpha, int seed, int offset, float beta, "
       "Tensor? mask=None) -> Tensor");
+  m.def("attention_dropout_scale(int batch, int num_heads, int seq, Tensor heads, float p, int seed, int offset) -> "
+        "Tensor", &attention_dropout_scale_op);
   m.def("pack_cache_clear() -> ()", &structprune::pack_cache_clear);
   m.def("pack_cache_size() -> int", &structprune::pack_cache_size);
   m.def("build_info() -> str", &build_info);

@@ -19,11 +19,12 @@ import os
 
 import torch
 
-__all__ = ["availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform"]
+__all__ = ["availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
+           "supports_attention_dropout", "attention_dropout_scale"]
 
 try:
     from . import _common
-    from .attention import gated_attention
+    from .attention import attention_dropout_scale, gated_attention, supports_attention_dropout
     from .ffn import gated_ffn
     from .hard_concrete import hard_concrete_sample, hard_concrete_uniform
     _IMPORT_ERROR: str | None = None
@@ -34,6 +35,10 @@ except Exception as exc:  # triton missing, or an incompatible version
         raise RuntimeError(f"structprune Triton backend unavailable: {_IMPORT_ERROR}")
 
     gated_attention = gated_ffn = hard_concrete_sample = hard_concrete_uniform = _unavailable
+    attention_dropout_scale = _unavailable
+
+    def supports_attention_dropout(device) -> bool:
+        return False
 
 
 def availability(device: torch.device) -> str | None:

@@ -10,11 +10,16 @@ copy of any weight) is ever built.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _configs
 
 # Which dimension of the GEMM goes through the index list.
 NO_GATHER, GATHER_BK, GATHER_BN, SCATTER_CM, SCATTER_CN = 0, 1, 2, 3, 4
@@ -30,27 +35,71 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gemm_config(device: torch.device, M: int, N: int, K: int) -> dict:
-    """Block sizes of the gathered GEMM.
+def gemm_config(device: torch.device, M: int, N: int, K: int, dtype: torch.dtype = torch.float32) -> dict:
+    """Block sizes of the gathered GEMM (and of the FFN backward's GEMM + epilogue kernel) for operands of
+    ``dtype``.
 
     Under the interpreter each program is run one after another by numpy, so fewer, larger tiles are faster;
-    32 keeps the masking paths exercised by the tiny test shapes. On GPU a standard 64/128 tile.
+    32 keeps the masking paths exercised by the tiny test shapes. On GPU the largest 64/128 tile whose shared
+    memory fits the target (:mod:`._configs`).
     """
-    if INTERPRET or device.type != "cuda":
+    cc = _configs.capability(device, INTERPRET)
+    if cc is None:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
-    bm = 128 if M >= 128 else 64
-    bn = 128 if N >= 128 else 64
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+    return _configs.gemm_config(cc, M, N, dtype)
 
 
-def upcast_dot(dtype: torch.dtype) -> bool:
-    """The interpreter's ``tl.dot`` multiplies bf16 bit patterns as integers (triton 3.x), so bf16 tiles are
-    widened to fp32 before ``tl.dot`` there (exact: bf16 products fit in fp32). Native bf16 on GPU."""
-    return INTERPRET and dtype == torch.bfloat16
+def flash_config(device: torch.device, D: int, dtype: torch.dtype, backward: bool) -> dict:
+    """Block sizes of the flash-attention forward, or of its backward kernels (dq, dk/dv and the ``Delta``
+    pre-pass share one config), for head_dim ``D`` and operands of ``dtype``: under the interpreter 32 x 32
+    (fewer, larger programs are faster, and S = 33 or 40 still spans two key blocks, so the online-softmax
+    rescaling and the tail masks are exercised by the tests); on GPU the largest tile that fits the target."""
+    cc = _configs.capability(device, INTERPRET)
+    if cc is None:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=1, num_stages=1)
+    fma = dtype == torch.float32 and dot_mode(dtype) == DOT_IEEE  # fp32 dots on CUDA cores
+    return _configs.flash_config(cc, D, dtype, backward, fma=fma)
+
+
+# How the kernels' ``tl.dot`` multiplies (the ``DOT`` constexpr of every kernel, see :func:`dot_mode`).
+DOT_IEEE, DOT_UPCAST, DOT_TF32 = 0, 1, 2
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """``DOT`` mode of the kernels for inputs of ``dtype``.
+
+    fp32 follows :func:`torch.get_float32_matmul_precision` as torch's own matmuls do: ``"highest"`` (the
+    default) multiplies in full fp32 (``input_precision="ieee"``), ``"high"`` / ``"medium"`` allow TF32
+    tensor cores (``"tf32"``). fp16/bf16 multiply natively with fp32 accumulation, except that the
+    interpreter's ``tl.dot`` multiplies bf16 bit patterns as integers (triton 3.x), so there bf16 tiles are
+    widened to fp32 first (exact: bf16 products fit in fp32).
+    """
+    if dtype == torch.float32:
+        return DOT_IEEE if torch.get_float32_matmul_precision() == "highest" else DOT_TF32
+    return DOT_UPCAST if INTERPRET and dtype == torch.bfloat16 else DOT_IEEE
 
 
 def tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+# ------------------------------------------------------------------------------------------ launching
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for CUDA tensors (Triton launches on the current device), else nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_device_of_first_arg(fn):
+    """Run the launcher ``fn`` with the current CUDA device set to that of its first (tensor) argument, so a
+    tensor on ``cuda:1`` is not launched on ``cuda:0``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with device_guard(args[0].device):
+            return fn(*args, **kwargs)
+
+    # annotations resolved in fn's module, for torch.library.custom_op's schema inference
+    wrapper.__signature__ = inspect.signature(fn, eval_str=True)
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -131,10 +180,12 @@ def cast_ptr(x, ptr):
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """``acc + a @ b`` in fp32 (``ieee`` so fp32 inputs are not rounded to tf32 on GPU)."""
-    if UPCAST:
+def _dot(a, b, acc, DOT: tl.constexpr):
+    """``acc + a @ b`` in fp32; ``DOT`` from :func:`dot_mode` (fp32 inputs in IEEE fp32 or TF32)."""
+    if DOT == 1:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT == 2:
+        return tl.dot(a, b.to(a.dtype), acc, input_precision="tf32")
     else:
         return tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")
 
@@ -194,7 +245,7 @@ def _mapped(idx_ptr, p, mask, GROUP: tl.constexpr):
 def _gemm_tile(a_ptr, b_ptr, idx_ptr, M, N, K,
                stride_am, stride_ak, stride_bk, stride_bn,
                offs_m, offs_n, GATHER: tl.constexpr, GROUP: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
     """fp32 tile ``A[offs_m, :] @ B[:, offs_n]`` with the gather of ``GATHER`` applied."""
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -216,7 +267,7 @@ def _gemm_tile(a_ptr, b_ptr, idx_ptr, M, N, K,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + rows_b[:, None] * stride_bk + b_cols,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _dot(a, b, acc, UPCAST)
+        acc = _dot(a, b, acc, DOT)
     return acc
 
 
@@ -226,7 +277,7 @@ def gemm_kernel(a_ptr, b_ptr, c_ptr, idx_ptr, bias_ptr, gate_ptr, pre_ptr,
                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_pm, stride_pn,
                 GATHER: tl.constexpr, GROUP: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, ACT: tl.constexpr,
-                STORE_PRE: tl.constexpr, ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr,
+                STORE_PRE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``C = epilogue(A @ B)`` with one gathered/scattered dimension (see the module docstring).
 
@@ -241,7 +292,7 @@ def gemm_kernel(a_ptr, b_ptr, c_ptr, idx_ptr, bias_ptr, gate_ptr, pre_ptr,
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = _gemm_tile(a_ptr, b_ptr, idx_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                     offs_m, offs_n, GATHER, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+                     offs_m, offs_n, GATHER, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
     if GATHER == 2:
         cols = _mapped(idx_ptr, offs_n, mask_n, GROUP)
     else:
@@ -277,7 +328,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, M: int, N: int,
     ``(stride_m, stride_n)`` for ``out`` (and ``pre``, which must have out's logical layout [M, N])."""
     if M == 0 or N == 0:
         return out
-    cfg = gemm_config(out.device, M, N, K)
+    cfg = gemm_config(out.device, M, N, K, a.dtype)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     dummy = out
@@ -288,6 +339,6 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, M: int, N: int,
         M, N, K, a_strides[0], a_strides[1], b_strides[0], b_strides[1], out_strides[0], out_strides[1],
         pre_strides[0], pre_strides[1],
         GATHER=gather, GROUP=group, HAS_BIAS=bias is not None, HAS_GATE=gate is not None, ACT=act,
-        STORE_PRE=pre is not None, ACCUMULATE=accumulate, UPCAST=upcast_dot(a.dtype),
+        STORE_PRE=pre is not None, ACCUMULATE=accumulate, DOT=dot_mode(a.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

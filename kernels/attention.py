@@ -34,39 +34,64 @@ import torch
 import triton
 import triton.language as tl
 
-from structprune.ops import grad_output_mask, masked_grads
+from structprune.ops import grad_output_mask, masked_grads, register_autocast
 
 from . import _common as C
 
 
-def _flash_config(device: torch.device, D: int) -> dict:
-    block_d = max(16, triton.next_power_of_2(D))
-    if C.INTERPRET or device.type != "cuda":
-        # Under the interpreter fewer, larger programs are faster; 32 still makes S = 33 or 40 span two key
-        # blocks, so the online-softmax rescaling and the tail masks are exercised by the tests.
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=1, num_stages=1)
-    if block_d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
-
-
 @triton.jit
-def _scores(q, k, kb_ptrs, mask_n, sm_scale, HAS_KB: tl.constexpr, UPCAST: tl.constexpr,
+def _scores(q, k, kb_ptrs, mask_n, sm_scale, HAS_KB: tl.constexpr, DOT: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """fp32 ``q @ k.T * scale + key_bias``; keys past the sequence get -inf."""
-    s = C._dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST) * sm_scale
+    s = C._dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT) * sm_scale
     if HAS_KB:
         s += tl.load(kb_ptrs, mask=mask_n, other=0.0)[None, :]
     return tl.where(mask_n[None, :], s, float("-inf"))
 
 
 @triton.jit
+def _dropout_scale(seed, offset, n, drop_p, inv_keep):
+    """Dropout multiplier (0 or ``inv_keep`` = 1 / (1 - p)) of the probabilities with linear index ``n`` (int64
+    block, see :func:`_dropout_index`): uniform ``u`` from word ``n % 4`` of Philox4x32-10 at counter
+    ``(n // 4, offset)`` and key ``seed``, kept when ``u >= p``; the stream of ``csrc/philox.h`` (``philox_block``,
+    ``philox_to_uniform``), so the ``cpp`` backend draws the same mask."""
+    blk = n >> 2
+    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (blk >> 32).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + offset, zero)
+    w = n & 3
+    word = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    u = ((word >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    return tl.where(u >= drop_p, inv_keep, 0.0)
+
+
+@triton.jit
+def _dropout_index(b, h, H, S, offs_m, offs_n):
+    """Linear index ``((b * H + h) * S + i) * S + j`` of the probabilities of rows ``offs_m``, keys ``offs_n``
+    of head ``h`` (among all ``H``) in sequence ``b``."""
+    rows = ((b.to(tl.int64) * H + h) * S + offs_m.to(tl.int64)) * S
+    return rows[:, None] + offs_n.to(tl.int64)[None, :]
+
+
+@triton.jit
+def _dropout_tile(seed, offset, b, h, H, S, offs_m, n_start, drop_p, inv_keep, BLOCK_N: tl.constexpr):
+    """Dropout multipliers of the tile of rows ``offs_m`` and keys ``n_start + arange(BLOCK_N)``, one Philox call
+    per element. (Sharing one call between 4 consecutive keys when S % 4 == 0 was tried: a quarter of the Philox
+    arithmetic, but interleaving the words back into the tile raised register use and spills in the compiled
+    sm_80/sm_90 kernels, so it is not used without a GPU measurement.)"""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    return _dropout_scale(seed, offset, _dropout_index(b, h, H, S, offs_m, offs_n), drop_p, inv_keep)
+
+
+@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, ctx_ptr, o_ptr, stats_ptr,
                      S, A, D, sm_scale, stride_row, stride_kbb, stride_kbs, stats_plane,
-                     HAS_KB: tl.constexpr, STORE_O: tl.constexpr, UPCAST: tl.constexpr,
+                     H, seed, drop_offset, drop_p, inv_keep,
+                     HAS_KB: tl.constexpr, STORE_O: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch x heads on grid axis 0 (axes 1 and 2 allow only 65,535 programs)
+    pid_m = tl.program_id(1)
     b = pid_bh // A
     a = pid_bh % A
     base = b.to(tl.int64) * S * stride_row + a * D
@@ -87,13 +112,16 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, ctx_ptr, o_
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + tile_n, mask=mask_nd, other=0.0)
         v = tl.load(v_ptr + tile_n, mask=mask_nd, other=0.0)
-        s = _scores(q, k, kb_row + offs_n * stride_kbs, mask_n, sm_scale, HAS_KB, UPCAST,
+        s = _scores(q, k, kb_row + offs_n * stride_kbs, mask_n, sm_scale, HAS_KB, DOT,
                     BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = C._dot(C.cast_like(p, v), v, acc * alpha[:, None], UPCAST)
+        l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax normaliser sees every probability
+        if DROPOUT:
+            h = tl.load(act_ptr + a)
+            p = p * _dropout_tile(seed, drop_offset, b, h, H, S, offs_m, n0, drop_p, inv_keep, BLOCK_N)
+        acc = C._dot(C.cast_like(p, v), v, acc * alpha[:, None], DOT)
         m_i = m_new
     o = acc / l_i[:, None]
     g = tl.load(gate_ptr + tl.load(act_ptr + a)).to(tl.float32)
@@ -112,8 +140,8 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, ctx_ptr, o_
 def _attn_bwd_pre_kernel(dctx_ptr, o_ptr, drow_ptr, S, A, D, stride_row,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``drow[b*A + a, s] = sum_d dctx * o`` in fp32."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch x heads on grid axis 0 (axes 1 and 2 allow only 65,535 programs)
+    pid_m = tl.program_id(1)
     b = pid_bh // A
     a = pid_bh % A
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -129,10 +157,11 @@ def _attn_bwd_pre_kernel(dctx_ptr, o_ptr, drow_ptr, S, A, D, stride_row,
 @triton.jit
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, dctx_ptr, stats_ptr, drow_ptr, dq_ptr,
                         S, A, D, sm_scale, stride_row, stride_kbb, stride_kbs, stats_plane,
-                        HAS_KB: tl.constexpr, UPCAST: tl.constexpr,
+                        H, seed, drop_offset, drop_p, inv_keep,
+                        HAS_KB: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch x heads on grid axis 0 (axes 1 and 2 allow only 65,535 programs)
+    pid_m = tl.program_id(1)
     b = pid_bh // A
     a = pid_bh % A
     base = b.to(tl.int64) * S * stride_row + a * D
@@ -158,12 +187,15 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, dctx_ptr
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + tile_n, mask=mask_nd, other=0.0)
         v = tl.load(v_ptr + tile_n, mask=mask_nd, other=0.0)
-        s = _scores(q, k, kb_row + offs_n * stride_kbs, mask_n, sm_scale, HAS_KB, UPCAST,
+        s = _scores(q, k, kb_row + offs_n * stride_kbs, mask_n, sm_scale, HAS_KB, DOT,
                     BLOCK_M, BLOCK_N)
         p = tl.exp((s - m_i[:, None]) - logl[:, None])
-        dp = C._dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
+        dp = C._dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
+        if DROPOUT:  # the forward's mask, regenerated: d(probability) = d(dropped probability) * multiplier
+            h = tl.load(act_ptr + a)
+            dp = dp * _dropout_tile(seed, drop_offset, b, h, H, S, offs_m, n0, drop_p, inv_keep, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq = C._dot(C.cast_like(ds, k), k, dq, UPCAST)
+        dq = C._dot(C.cast_like(ds, k), k, dq, DOT)
     tl.store(dq_ptr + tile_m, C.cast_ptr(dq * sm_scale, dq_ptr), mask=mask_md)
 
 
@@ -171,10 +203,11 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, dctx_ptr
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, dctx_ptr, stats_ptr, drow_ptr,
                           dk_ptr, dv_ptr,
                           S, A, D, sm_scale, stride_row, stride_kbb, stride_kbs, stats_plane,
-                          HAS_KB: tl.constexpr, UPCAST: tl.constexpr,
+                          H, seed, drop_offset, drop_p, inv_keep,
+                          HAS_KB: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = pid_bh // A
     a = pid_bh % A
     base = b.to(tl.int64) * S * stride_row + a * D
@@ -201,14 +234,20 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, dctx_p
         m_i = tl.load(srow, mask=mask_m, other=0.0)
         logl = tl.load(srow + stats_plane, mask=mask_m, other=0.0)
         delta = g * tl.load(drow_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mask_m, other=0.0)
-        s = _scores(q, k, kb_row + offs_n * stride_kbs, mask_n, sm_scale, HAS_KB, UPCAST,
+        s = _scores(q, k, kb_row + offs_n * stride_kbs, mask_n, sm_scale, HAS_KB, DOT,
                     BLOCK_M, BLOCK_N)
         p = tl.exp((s - m_i[:, None]) - logl[:, None])
         p = tl.where(mask_m[:, None], p, 0.0)
-        dv = C._dot(tl.trans(C.cast_like(p, k)), do, dv, UPCAST)
-        dp = C._dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
+        dp = C._dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
+        if DROPOUT:
+            h = tl.load(act_ptr + a)
+            scale = _dropout_tile(seed, drop_offset, b, h, H, S, offs_m, pid_n * BLOCK_N, drop_p, inv_keep, BLOCK_N)
+            dv = C._dot(tl.trans(C.cast_like(p * scale, k)), do, dv, DOT)
+            dp = dp * scale
+        else:
+            dv = C._dot(tl.trans(C.cast_like(p, k)), do, dv, DOT)
         ds = p * (dp - delta[:, None])
-        dk = C._dot(tl.trans(C.cast_like(ds, k)), q, dk, UPCAST)
+        dk = C._dot(tl.trans(C.cast_like(ds, k)), q, dk, DOT)
     tl.store(dk_ptr + tile_n, C.cast_ptr(dk * sm_scale, dk_ptr), mask=mask_nd)
     tl.store(dv_ptr + tile_n, C.cast_ptr(dv, dv_ptr), mask=mask_nd)
 
@@ -237,15 +276,18 @@ def _check(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias
 
 # ------------------------------------------------------------------------------------------ forward
 @torch.library.custom_op("structprune::triton_gated_attention", mutates_args=())
+@C.on_device_of_first_arg
 def triton_gated_attention(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor,
                            bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor, wo: torch.Tensor,
                            bo: torch.Tensor, head_gates: torch.Tensor, active_heads: torch.Tensor,
-                           key_bias: Optional[torch.Tensor], num_heads: int, save_for_backward: bool
+                           key_bias: Optional[torch.Tensor], num_heads: int, save_for_backward: bool,
+                           dropout_p: float = 0.0, seed: int = 0
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor, torch.Tensor]:
     """Returns ``(y, q, k, v, ctx, o, stats)``: ``y`` [B, S, E] and the intermediates a backward needs
     (``q, k, v`` [B*S, A*D], gated ``ctx`` and ungated ``o`` [B*S, A*D], softmax ``stats`` [2, B*A, S] fp32:
-    row max and log row sum), the latter empty unless ``save_for_backward``."""
+    row max and log row sum), the latter empty unless ``save_for_backward``. ``dropout_p > 0``: dropout on the
+    attention probabilities with the Philox stream of ``seed`` (see :func:`attention_dropout_scale`)."""
     B, S, E = x.shape
     D = wq.shape[0] // num_heads
     A = active_heads.numel()
@@ -265,13 +307,14 @@ def triton_gated_attention(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, 
     ctx = torch.empty((N, A * D), dtype=x.dtype, device=x.device)
     o = torch.empty((N, A * D), dtype=x.dtype, device=x.device) if save_for_backward else ctx
     stats = torch.empty((2, B * A, S), dtype=torch.float32, device=x.device) if save_for_backward else ctx
-    cfg = _flash_config(x.device, D)
+    cfg = C.flash_config(x.device, D, x.dtype, backward=False)
     kb = key_bias if key_bias is not None else ctx
-    _attn_fwd_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * A)](
+    _attn_fwd_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_M"]))](
         q, k, v, kb, head_gates, active_heads, ctx, o, stats,
         S, A, D, D ** -0.5, A * D, kb.stride(0) if key_bias is not None else 0,
-        kb.stride(1) if key_bias is not None else 0, B * A * S,
-        HAS_KB=key_bias is not None, STORE_O=save_for_backward, UPCAST=C.upcast_dot(x.dtype), **cfg)
+        kb.stride(1) if key_bias is not None else 0, B * A * S, *_dropout_args(num_heads, dropout_p, seed),
+        HAS_KB=key_bias is not None, STORE_O=save_for_backward, DOT=C.dot_mode(x.dtype),
+        DROPOUT=dropout_p > 0, **cfg)
     y = torch.empty((N, E), dtype=x.dtype, device=x.device)
     C.gemm(ctx, wo, y, M=N, N=E, K=A * D, a_strides=ctx.stride(), b_strides=(wo.stride(1), wo.stride(0)),
            out_strides=y.stride(), idx=active_heads, gather=C.GATHER_BK, group=D, bias=bo)
@@ -279,6 +322,11 @@ def triton_gated_attention(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, 
     if not save_for_backward:
         return (y,) + _placeholders(x, saved_shapes, torch.empty)
     return y, q, k, v, ctx, o, stats
+
+
+def _dropout_args(num_heads, dropout_p, seed):
+    """The kernels' (H, seed, drop_offset, drop_p, inv_keep) arguments."""
+    return num_heads, seed, 0, float(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def _saved_shapes(B, S, A, D, save):
@@ -294,7 +342,8 @@ def _placeholders(x, shapes, factory):
 
 
 @triton_gated_attention.register_fake
-def _(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, save_for_backward):
+def _(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, save_for_backward,
+      dropout_p=0.0, seed=0):
     B, S, E = x.shape
     D = wq.shape[0] // num_heads
     shapes = _saved_shapes(B, S, active_heads.shape[0], D, save_for_backward)
@@ -303,12 +352,14 @@ def _(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num
 
 # ----------------------------------------------------------------------------------------- backward
 @torch.library.custom_op("structprune::triton_gated_attention_backward", mutates_args=())
+@C.on_device_of_first_arg
 def triton_gated_attention_backward(dy: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
                                     wv: torch.Tensor, wo: torch.Tensor, head_gates: torch.Tensor,
                                     active_heads: torch.Tensor, key_bias: Optional[torch.Tensor],
                                     num_heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     ctx: torch.Tensor, o: torch.Tensor, stats: torch.Tensor,
-                                    output_mask: Optional[Sequence[bool]] = None
+                                    output_mask: Optional[Sequence[bool]] = None, dropout_p: float = 0.0,
+                                    seed: int = 0
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                torch.Tensor, torch.Tensor]:
@@ -338,9 +389,9 @@ def triton_gated_attention_backward(dy: torch.Tensor, x: torch.Tensor, wq: torch
         C.gemm(dy2, ctx, dwo, M=E, N=A * D, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=ctx.stride(),
                out_strides=dwo.stride(), idx=active_heads, gather=C.SCATTER_CN, group=D)
     # Gate gradient and Delta.
-    cfg = _flash_config(x.device, D)
+    cfg = C.flash_config(x.device, D, x.dtype, backward=True)
     drow = torch.empty((B * A, S), dtype=torch.float32, device=x.device)
-    _attn_bwd_pre_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * A)](
+    _attn_bwd_pre_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_M"]))](
         dctx, o, drow, S, A, D, A * D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     if need_g:
         dgate.index_copy_(0, active_heads, drow.view(B, A, S).sum((0, 2)).to(dgate.dtype))
@@ -350,11 +401,12 @@ def triton_gated_attention_backward(dy: torch.Tensor, x: torch.Tensor, wq: torch
     dq, dk, dv = (torch.empty((N, A * D), dtype=x.dtype, device=x.device) for _ in range(3))
     kb = key_bias if key_bias is not None else drow
     kb_strides = (kb.stride(0), kb.stride(1)) if key_bias is not None else (0, 0)
-    common = (S, A, D, D ** -0.5, A * D, kb_strides[0], kb_strides[1], B * A * S)
-    meta = dict(HAS_KB=key_bias is not None, UPCAST=C.upcast_dot(x.dtype), **cfg)
-    _attn_bwd_dq_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * A)](
+    common = (S, A, D, D ** -0.5, A * D, kb_strides[0], kb_strides[1], B * A * S,
+              *_dropout_args(num_heads, dropout_p, seed))
+    meta = dict(HAS_KB=key_bias is not None, DOT=C.dot_mode(x.dtype), DROPOUT=dropout_p > 0, **cfg)
+    _attn_bwd_dq_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_M"]))](
         q, k, v, kb, head_gates, active_heads, dctx, stats, drow, dq, *common, **meta)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * A)](
+    _attn_bwd_dkdv_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_N"]))](
         q, k, v, kb, head_gates, active_heads, dctx, stats, drow, dk, dv, *common, **meta)
     # Input projections.
     dx32 = torch.empty((N, E), dtype=torch.float32, device=x.device) if need_x else None
@@ -387,16 +439,17 @@ def _grads_like(mask, x, wq, wk, wv, wo, head_gates, factory):
 
 @triton_gated_attention_backward.register_fake
 def _(dy, x, wq, wk, wv, wo, head_gates, active_heads, key_bias, num_heads, q, k, v, ctx, o, stats,
-      output_mask=None):
+      output_mask=None, dropout_p=0.0, seed=0):
     return tuple(_grads_like(C.unpack_output_mask(output_mask), x, wq, wk, wv, wo, head_gates, torch.empty))
 
 
 def _setup_context(ctx, inputs, output):
-    x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, save = inputs
+    x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, save, dropout_p, seed = inputs
     ctx.unsaved = not save
     if not save:
         return
     ctx.num_heads = num_heads
+    ctx.dropout = (dropout_p, seed)
     ctx.has_kb = key_bias is not None
     saved = [x, wq, wk, wv, wo, head_gates, active_heads, *output[1:]]
     if key_bias is not None:
@@ -413,20 +466,71 @@ def _backward(ctx, dy, *_unused):
     x, wq, wk, wv, wo, head_gates, active_heads, q, k, v, c, o, stats = saved
     grads = torch.ops.structprune.triton_gated_attention_backward(
         dy, x, wq, wk, wv, wo, head_gates, active_heads, key_bias, ctx.num_heads, q, k, v, c, o, stats,
-        grad_output_mask(ctx.needs_input_grad, 8))
+        output_mask=grad_output_mask(ctx.needs_input_grad, 8), dropout_p=ctx.dropout[0], seed=ctx.dropout[1])
     return masked_grads(grads, ctx.needs_input_grad)
 
 
 triton_gated_attention.register_autograd(_backward, setup_context=_setup_context)
+register_autocast("structprune::triton_gated_attention", keep=("head_gates", "key_bias"))
 
 
-def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads: int
-                    ) -> torch.Tensor:
+def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads: int,
+                    dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """Gated self-attention over the active heads (see the module docstring); same result as
     ``structprune.reference.gated_attention(x, ..., head_gates, num_heads, key_bias=key_bias)``.
-    Differentiable in x, every weight and bias, and head_gates (not in key_bias)."""
+    Differentiable in x, every weight and bias, and head_gates (not in key_bias). ``dropout_p > 0``: dropout
+    on the attention probabilities, mask :func:`attention_dropout_scale` of ``seed``, regenerated in the backward."""
     _check(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads)
+    _check_dropout(dropout_p, seed)
+    # the kernels read 1-D vectors with unit stride: give them that (a no-op for the usual contiguous ones)
+    bq, bk, bv, bo, head_gates, active_heads = (t.contiguous() for t in (bq, bk, bv, bo, head_gates, active_heads))
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates))
     return torch.ops.structprune.triton_gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates,
-                                                        active_heads, key_bias, num_heads, save)[0]
+                                                        active_heads, key_bias, num_heads, save,
+                                                        float(dropout_p), int(seed))[0]
+
+
+def supports_attention_dropout(device: torch.device) -> bool:
+    """:func:`gated_attention` takes ``dropout_p > 0`` (Philox dropout fused in the flash kernels)."""
+    return True
+
+
+def _check_dropout(dropout_p, seed):
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"dropout seed must be an int in [0, 2**63), got {seed!r}")
+
+
+@triton.jit
+def _dropout_scale_kernel(out_ptr, act_ptr, total, A, S, H, seed, drop_offset, drop_p, inv_keep,
+                          BLOCK: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < total
+    j = e % S
+    i = (e // S) % S
+    a = (e // (S * S)) % A
+    b = e // (S * S * A)
+    h = tl.load(act_ptr + a, mask=mask, other=0)
+    n = ((b * H + h) * S + i) * S + j
+    tl.store(out_ptr + e, _dropout_scale(seed, drop_offset, n, drop_p, inv_keep), mask=mask)
+
+
+def attention_dropout_scale(batch: int, num_heads: int, seq: int, heads: torch.Tensor, p: float, seed: int,
+                            offset: int = 0) -> torch.Tensor:
+    """The dropout multipliers [B, A, S, S] fp32 (0 or 1 / (1 - p)) that :func:`gated_attention` applies to the
+    probabilities of the active ``heads`` for ``seed``: the oracle of the tests. Element (b, h, i, j) of the
+    layer's [B, H, S, S] probabilities uses the Philox stream of ``csrc/philox.h`` at index
+    ``((b * H + h) * S + i) * S + j``, so this equals the ``cpp`` backend's mask."""
+    _check_dropout(p, seed)
+    if offset != 0:
+        raise ValueError("the Triton attention dropout uses offset 0")
+    A = heads.numel()
+    out = torch.empty((batch, A, seq, seq), dtype=torch.float32, device=heads.device)
+    total = out.numel()
+    if total:
+        with C.device_guard(heads.device):
+            _dropout_scale_kernel[(triton.cdiv(total, 1024),)](
+                out, heads, total, A, seq, *_dropout_args(num_heads, p, seed), BLOCK=1024)
+    return out

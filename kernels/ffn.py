@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from structprune.ops import grad_output_mask, masked_grads
+from structprune.ops import grad_output_mask, masked_grads, register_autocast
 
 from . import _common as C
 
@@ -34,7 +34,7 @@ from . import _common as C
 def _ffn_bwd_act_kernel(dy_ptr, w2_ptr, idx_ptr, pre_ptr, gate_ptr, da_ptr, pg_ptr, pb_ptr,
                         M, N, E,
                         stride_dym, stride_dye, stride_w2e, stride_w2i, stride_pm, stride_pn, stride_dam, stride_dan,
-                        ACT: tl.constexpr, UPCAST: tl.constexpr,
+                        ACT: tl.constexpr, DOT: tl.constexpr,
                         STORE_DA: tl.constexpr, STORE_PG: tl.constexpr, STORE_PB: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dh = dy @ w2[:, kept]`` (M rows x N kept units, reduction over E) and the activation-backward epilogue.
@@ -49,7 +49,7 @@ def _ffn_bwd_act_kernel(dy_ptr, w2_ptr, idx_ptr, pre_ptr, gate_ptr, da_ptr, pg_p
     mask_m = offs_m < M
     mask_n = offs_n < N
     dh = C._gemm_tile(dy_ptr, w2_ptr, idx_ptr, M, N, E, stride_dym, stride_dye, stride_w2e, stride_w2i,
-                      offs_m, offs_n, 2, 1, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+                      offs_m, offs_n, 2, 1, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
     mask = mask_m[:, None] & mask_n[None, :]
     units = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
     g = tl.load(gate_ptr + units, mask=mask_n, other=0.0).to(tl.float32)
@@ -94,6 +94,7 @@ def _check(x, w1, b1, w2, b2, unit_gates, kept_units, activation):
 
 # ------------------------------------------------------------------------------------------ forward
 @torch.library.custom_op("structprune::triton_gated_ffn", mutates_args=())
+@C.on_device_of_first_arg
 def triton_gated_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                      unit_gates: torch.Tensor, kept_units: torch.Tensor, activation: str,
                      save_for_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,6 +133,7 @@ def _(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save_for_backward):
 
 # ----------------------------------------------------------------------------------------- backward
 @torch.library.custom_op("structprune::triton_gated_ffn_backward", mutates_args=())
+@C.on_device_of_first_arg
 def triton_gated_ffn_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                               unit_gates: torch.Tensor, kept_units: torch.Tensor, pre: torch.Tensor,
                               h: torch.Tensor, activation: str, output_mask: Optional[Sequence[bool]] = None
@@ -152,7 +154,7 @@ def triton_gated_ffn_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tenso
         if need_x:
             dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
         return dx, dw1, db1, dw2, db2, dgate
-    cfg = C.gemm_config(x.device, N, K, E)
+    cfg = C.gemm_config(x.device, N, K, E, x.dtype)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles_m = triton.cdiv(N, bm)
     need_da = need_x or need_w
@@ -164,7 +166,7 @@ def triton_gated_ffn_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tenso
     _ffn_bwd_act_kernel[(tiles_m, triton.cdiv(K, bn))](
         dy2, w2, kept_units, pre, unit_gates, da, pg, pb, N, K, E,
         dy2.stride(0), dy2.stride(1), w2.stride(0), w2.stride(1), pre.stride(0), pre.stride(1),
-        *da_strides, ACT=C.ACTIVATION_CODES[activation], UPCAST=C.upcast_dot(x.dtype),
+        *da_strides, ACT=C.ACTIVATION_CODES[activation], DOT=C.dot_mode(x.dtype),
         STORE_DA=need_da, STORE_PG=need_g, STORE_PB=need_w,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if need_g:
@@ -219,11 +221,14 @@ def _backward(ctx, dy, _dpre, _dh):
 
 
 triton_gated_ffn.register_autograd(_backward, setup_context=_setup_context)
+register_autocast("structprune::triton_gated_ffn", keep=("unit_gates",))
 
 
 def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu") -> torch.Tensor:
     """Gated FFN over kept units (see the module docstring); same result as
     :func:`structprune.reference.gated_ffn`. Differentiable in x, w1, b1, w2, b2 and unit_gates."""
     _check(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+    # the kernels read 1-D vectors with unit stride: give them that (a no-op for the usual contiguous ones)
+    b1, b2, unit_gates, kept_units = (t.contiguous() for t in (b1, b2, unit_gates, kept_units))
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2, unit_gates))
     return torch.ops.structprune.triton_gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save)[0]

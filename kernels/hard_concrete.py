@@ -62,10 +62,11 @@ def _launch(mode, n, seed, offset, beta, la=None, out=None, grad=None, dla=None)
     if n == 0:
         return
     dummy = out if out is not None else dla
-    _hc_kernel[(triton.cdiv(n, _BLOCK),)](
-        la if la is not None else dummy, out if out is not None else dummy, grad if grad is not None else dummy,
-        dla if dla is not None else dummy, n, seed, offset, 1.0 / beta,
-        GAMMA_=GAMMA, ZETA_=ZETA, U_LO=U_EPS, U_HI=1.0 - U_EPS, MODE=mode, BLOCK=_BLOCK)
+    with C.device_guard(dummy.device):
+        _hc_kernel[(triton.cdiv(n, _BLOCK),)](
+            la if la is not None else dummy, out if out is not None else dummy, grad if grad is not None else dummy,
+            dla if dla is not None else dummy, n, seed, offset, 1.0 / beta,
+            GAMMA_=GAMMA, ZETA_=ZETA, U_LO=U_EPS, U_HI=1.0 - U_EPS, MODE=mode, BLOCK=_BLOCK)
 
 
 @torch.library.custom_op("structprune::triton_hard_concrete", mutates_args=())

@@ -11,7 +11,7 @@ from .gates import HardConcreteGate
 from .io import from_pretrained, save_pretrained
 from .masks import Masks, get_masks, set_masks
 from .modules import GatedAttention, GatedIntermediate, GatedSelfAttention
-from .ops import available_backends, get_backend, last_backends, set_backend
+from .ops import available_backends, clear_cache, get_backend, last_backends, set_backend
 from .patching import (SUPPORTED_MODEL_TYPES, NotPatchedError, gate_parameters, is_patched, iter_gates, patch,
                        set_gate_sampling)
 from .summary import Summary, summary
@@ -19,6 +19,6 @@ from .summary import Summary, summary
 __all__ = [
     "patch", "is_patched", "set_masks", "get_masks", "Masks", "compact", "save_pretrained", "from_pretrained",
     "summary", "Summary", "set_backend", "get_backend", "available_backends", "last_backends", "HardConcreteGate",
-    "GatedAttention", "GatedSelfAttention", "GatedIntermediate", "gate_parameters", "iter_gates",
+    "clear_cache", "GatedAttention", "GatedSelfAttention", "GatedIntermediate", "gate_parameters", "iter_gates",
     "set_gate_sampling", "SUPPORTED_MODEL_TYPES", "NotPatchedError",
 ]

@@ -11,8 +11,8 @@ Loading, in order (importing this module never fails because the extension is mi
 
 Ops (``torch.ops.structprune.*``): ``cpp_gated_attention``, ``cpp_gated_attention_backward``, ``cpp_gated_ffn``,
 ``cpp_gated_ffn_backward``, ``hard_concrete_sample``, ``hard_concrete_sample_backward`` and helpers
-``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``philox4x32_10``. Fake kernels and autograd formulas
-(calling the C++ backward ops) are registered here.
+``attention_dropout_scale``, ``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``philox4x32_10``. Fake
+kernels, autograd formulas (calling the C++ backward ops) and autocast rules are registered here.
 
 The backward ops take ``output_mask`` = (x, all weights and biases, gates): the autograd formulas build it from
 ``ctx.needs_input_grad``, so frozen weights (e.g. an L0 selection phase training only the gates) cost no weight
@@ -24,10 +24,15 @@ context, the softmax log-sum-exp; FFN: pre-activation and activation), so the ba
 reuses the cached packed weights; under ``no_grad`` these outputs are empty.
 
 Packed-weight cache: the kept rows/columns of each layer's weights are packed once and reused while the weights
-are unchanged (same storage, data pointer, shape and ``_version``), the kept index has the same content and the
-gate values folded into the packed output weights are equal. In-place updates PyTorch tracks (optimizer steps,
-``with torch.no_grad(): w.add_(...)``, ``copy_``, ``load_state_dict``) invalidate it; writes through ``w.data``
-bypass the version counter, so call :func:`clear_cache` after them (or set ``STRUCTPRUNE_PACK_CACHE_SIZE=0``).
+are unchanged (same storage, data pointer, shape and ``_version``, and on CPU the same values at 32 sampled
+positions), the kept index has the same content and the gate values folded into the packed output weights are
+equal. In-place updates PyTorch tracks (optimizer steps, ``with torch.no_grad(): w.add_(...)``, ``copy_``,
+``load_state_dict``) invalidate it, and so, on CPU, does rewriting a whole weight through ``w.data`` (which
+bypasses the version counter); after writing only part of a weight through ``.data`` call
+``structprune.clear_cache()`` (or set ``STRUCTPRUNE_PACK_CACHE_SIZE=0``). One entry per layer (at most
+``STRUCTPRUNE_PACK_CACHE_SIZE``, default 256, least recently used dropped; entries of freed weights dropped), so
+mask changes rebuild an entry instead of adding one. The cache is guarded by a mutex: threads may run the same
+patched model at once.
 """
 from __future__ import annotations
 
@@ -35,14 +40,15 @@ import importlib
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from .ops import grad_output_mask, masked_grads
+from .ops import grad_output_mask, masked_grads, register_autocast
 
 __all__ = ["availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "clear_cache", "cache_size",
-           "build_info", "load_error"]
+           "build_info", "load_error", "supports_attention_dropout", "attention_dropout_scale"]
 
 _log = logging.getLogger("structprune")
 
@@ -80,8 +86,9 @@ def _jit_build() -> str:
         raise RuntimeError("the csrc/ sources are not shipped with this install (reinstall from a source checkout "
                            "or with `pip install --no-build-isolation .` to prebuild structprune._C)")
     cpp_extension.verify_ninja_availability()  # raises RuntimeError("Ninja is required to load C++ extensions")
+    sanitizers = sanitize_flags()
     attempts = []
-    if torch.version.cuda is not None and os.environ.get("STRUCTPRUNE_SKIP_CUDA_BUILD") != "1":
+    if torch.version.cuda is not None and os.environ.get("STRUCTPRUNE_SKIP_CUDA_BUILD") != "1" and not sanitizers:
         attempts.append(True)
     attempts.append(False)
     verbose = os.environ.get("STRUCTPRUNE_BUILD_VERBOSE") == "1"
@@ -91,6 +98,10 @@ def _jit_build() -> str:
         sources = [str(src / s) for s in _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())]
         cflags = ["-O3"] + (["-DSTRUCTPRUNE_WITH_CUDA"] if with_cuda else [])
         kwargs = {}
+        if sanitizers:  # its own name (and so its own build directory): never mixed with the optimized build
+            name += "_" + "_".join(sanitizers)
+            cflags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=" + ",".join(sanitizers)]
+            kwargs["extra_ldflags"] = ["-fsanitize=" + ",".join(sanitizers)]
         root = os.environ.get("STRUCTPRUNE_BUILD_DIR")
         if root:
             kwargs["build_directory"] = str(Path(root, name))
@@ -98,10 +109,40 @@ def _jit_build() -> str:
         try:
             cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_cuda_cflags=["-O3"],
                                extra_include_paths=[str(src)], is_python_module=False, verbose=verbose, **kwargs)
+            if errors:  # the CUDA build failed and this CPU-only build stands in: say so, don't drop it silently
+                _record_cuda_build_error(errors[0])
             return kwargs.get("build_directory") or str(Path(cpp_extension._get_build_directory(name, verbose)))
         except Exception as exc:  # compiler missing, compile error, CUDA toolkit missing, ...
             errors.append(f"{'CUDA' if with_cuda else 'CPU'} build: {type(exc).__name__}: {str(exc)[-2000:]}")
     raise RuntimeError("JIT build of csrc/ failed; " + " | ".join(errors))
+
+
+_cuda_build_error: str | None = None  # why the CUDA JIT build failed when a CPU-only build was used instead
+
+
+def _record_cuda_build_error(message: str) -> None:
+    global _cuda_build_error
+    _cuda_build_error = message
+    warnings.warn(f"structprune: the CUDA build of the C++ extension failed, using a CPU-only build (the 'cpp' "
+                  f"backend has no CUDA kernels; see `structprune info`): {message}", RuntimeWarning, stacklevel=2)
+
+
+_SANITIZERS = ("address", "undefined")
+
+
+def sanitize_flags() -> list[str]:
+    """The sanitizers asked for by ``STRUCTPRUNE_SANITIZE`` (comma-separated, from "address", "undefined"); the
+    JIT build then compiles the CPU sources with them (-O1 -g) under its own name. Python must then run with the
+    sanitizer runtime preloaded: see ``csrc/run_sanitized_tests.sh``."""
+    text = os.environ.get("STRUCTPRUNE_SANITIZE", "").strip()
+    if not text:
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in _SANITIZERS]
+    if bad:
+        raise ValueError(f"STRUCTPRUNE_SANITIZE={text!r}: unknown sanitizer(s) {bad}; expected a comma-separated "
+                         f"subset of {list(_SANITIZERS)}")
+    return sorted(set(names), key=_SANITIZERS.index)
 
 
 def _load() -> None:
@@ -114,6 +155,8 @@ def _load() -> None:
         return
     prebuilt_error = None
     try:
+        if sanitize_flags():  # the prebuilt module is not instrumented: JIT-build the sanitized one
+            raise ModuleNotFoundError("structprune._C", name="structprune._C")
         importlib.import_module("structprune._C")
         _origin = "prebuilt structprune._C"
         return
@@ -150,6 +193,8 @@ def availability(device: torch.device) -> str | None:
         return None
     if device.type == "cuda":
         if not torch._C._dispatch_has_kernel_for_dispatch_key("structprune::cpp_gated_ffn", "CUDA"):
+            if _cuda_build_error is not None:
+                return f"the CUDA build of the C++ extension failed ({_cuda_build_error})"
             return ("the C++ extension was built without CUDA (torch without CUDA, STRUCTPRUNE_SKIP_CUDA_BUILD=1, "
                     "or the CUDA build failed)")
         return None
@@ -158,7 +203,8 @@ def availability(device: torch.device) -> str | None:
 
 def build_info() -> dict:
     """How the extension was obtained (for ``structprune info``)."""
-    info = {"loaded": _error is None, "origin": _origin, "error": _error, "jit_build_seconds": _build_seconds}
+    info = {"loaded": _error is None, "origin": _origin, "error": _error, "jit_build_seconds": _build_seconds,
+            "cuda_build_error": _cuda_build_error}
     if _error is None:
         info["build"] = torch.ops.structprune.build_info()
         info["cuda_kernels"] = availability(torch.device("cuda")) is None
@@ -185,16 +231,35 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads: int):
+def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads: int,
+                    dropout_p: float = 0.0, seed: int = 0, offset: int = 0):
     """Gated self-attention projection, equal to :func:`structprune.reference.gated_attention` (the gate gradient
     of pruned heads, which the reference computes from contexts this op never forms, is returned as 0).
 
     When a gradient is needed the op keeps q|k|v, the context and the softmax log-sum-exp for the backward
-    (``save_for_backward``), which then recomputes nothing; under ``no_grad`` it keeps nothing."""
+    (``save_for_backward``), which then recomputes nothing; under ``no_grad`` it keeps nothing.
+    ``dropout_p > 0``: attention-probability dropout with the Philox stream ``(seed, offset)`` (the mask is
+    :func:`attention_dropout_scale`; the backward regenerates it)."""
     _require()
     save = _needs_grad(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates)
     return torch.ops.structprune.cpp_gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                                                     key_bias, int(num_heads), save)[0]
+                                                     key_bias, int(num_heads), save, float(dropout_p), int(seed),
+                                                     int(offset))[0]
+
+
+def supports_attention_dropout(device: torch.device) -> bool:
+    """Whether :func:`gated_attention` takes ``dropout_p > 0`` on ``device`` (CPU and CUDA: yes)."""
+    return availability(device) is None
+
+
+def attention_dropout_scale(batch: int, num_heads: int, seq: int, heads: torch.Tensor, p: float, seed: int,
+                            offset: int = 0) -> torch.Tensor:
+    """The dropout multipliers [B, A, S, S] fp32 (0 or 1 / (1 - p)) that :func:`gated_attention` applies to the
+    softmax probabilities of the active ``heads`` for ``(seed, offset)``; element (b, h, i, j) of the layer's
+    [B, H, S, S] probabilities uses Philox4x32-10 output ``n = ((b * H + h) * S + i) * S + j`` (csrc/gated_core.h)."""
+    _require()
+    return torch.ops.structprune.attention_dropout_scale(batch, num_heads, seq, heads, float(p), int(seed),
+                                                         int(offset))
 
 
 def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
@@ -245,13 +310,14 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake(lib + "cpp_gated_attention")
     def _attn_fake(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads,
-                   save_for_backward=False):
+                   save_for_backward=False, dropout_p=0.0, seed=0, offset=0):
         qkv, ctx, lse = _attention_saved_shapes(x, wq, active_heads, num_heads, save_for_backward)
         return (_empty(x), x.new_empty(qkv), x.new_empty(ctx), x.new_empty(lse, dtype=torch.float32))
 
     @torch.library.register_fake(lib + "cpp_gated_attention_backward")
     def _attn_bwd_fake(grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads,
-                       qkv=None, ctx=None, lse=None, output_mask=(True, True, True)):
+                       qkv=None, ctx=None, lse=None, output_mask=(True, True, True), dropout_p=0.0, seed=0,
+                       offset=0):
         return _masked_grads_fake(output_mask, x, (wq, bq, wk, bk, wv, bv, wo, bo), head_gates)
 
     @torch.library.register_fake(lib + "cpp_gated_ffn")
@@ -277,8 +343,9 @@ def _register_python_parts() -> None:
     # outputs are not differentiable, and no zero gradients are materialized for them (grad is None when the
     # output itself was not used).
     def _attn_setup(ctx, inputs, output):
-        *tensors, num_heads, save = inputs
+        *tensors, num_heads, save, dropout_p, seed, offset = inputs
         ctx.num_heads = num_heads
+        ctx.dropout = (dropout_p, seed, offset)
         ctx.saved_outputs = bool(save)
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
@@ -287,13 +354,14 @@ def _register_python_parts() -> None:
 
     def _attn_backward(ctx, grad, *_unused):
         if grad is None:
-            return (None,) * 14
+            return (None,) * 17
         saved = ctx.saved_tensors
         *tensors, qkv, c, lse = saved if ctx.saved_outputs else (*saved, None, None, None)
         grads = torch.ops.structprune.cpp_gated_attention_backward(
-            grad.contiguous(), *tensors, ctx.num_heads, qkv, c, lse,
-            output_mask=grad_output_mask(ctx.needs_input_grad, 8))
-        return masked_grads(grads, ctx.needs_input_grad)  # None for active_heads, key_bias, num_heads, save
+            grad.to(tensors[0].dtype).contiguous(), *tensors, ctx.num_heads, qkv, c, lse,
+            output_mask=grad_output_mask(ctx.needs_input_grad, 8), dropout_p=ctx.dropout[0], seed=ctx.dropout[1],
+            offset=ctx.dropout[2])
+        return masked_grads(grads, ctx.needs_input_grad)  # None for active_heads, key_bias, num_heads, save, ...
 
     torch.library.register_autograd(lib + "cpp_gated_attention", _attn_backward, setup_context=_attn_setup)
 
@@ -311,7 +379,7 @@ def _register_python_parts() -> None:
         saved = ctx.saved_tensors
         *tensors, pre, h = saved if ctx.saved_outputs else (*saved, None, None)
         grads = torch.ops.structprune.cpp_gated_ffn_backward(
-            grad.contiguous(), *tensors, ctx.activation, pre, h,
+            grad.to(tensors[0].dtype).contiguous(), *tensors, ctx.activation, pre, h,
             output_mask=grad_output_mask(ctx.needs_input_grad, 4))
         return masked_grads(grads, ctx.needs_input_grad)  # None for kept_units, activation, save
 
@@ -329,6 +397,11 @@ def _register_python_parts() -> None:
         return g, None, None, None, None
 
     torch.library.register_autograd(lib + "hard_concrete_sample", _hc_backward, setup_context=_hc_setup)
+
+    # Autocast: x, weights and biases in the region's dtype; gates and the fp32 key bias as they are. The gate
+    # sampler has no rule: it runs in fp32 under autocast, like the reference's elementwise math.
+    register_autocast(lib + "cpp_gated_attention", keep=("head_gates", "key_bias"))
+    register_autocast(lib + "cpp_gated_ffn", keep=("unit_gates",))
 
 
 if _error is None:

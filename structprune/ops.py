@@ -10,15 +10,18 @@ Backends
 A kernel backend is a module exposing ``availability(device) -> str | None`` (None when usable, else the
 reason), ``gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias,
 num_heads)`` and ``gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)``; their backward ops take
-an ``output_mask`` (:func:`grad_output_mask`) and skip the gradients nobody asked for. The reference path
-is used for what kernels do not cover (attention-probability dropout in training, non-padding 4D masks),
-and :func:`last_backends` says which backend ran each op.
+an ``output_mask`` (:func:`grad_output_mask`) and skip the gradients nobody asked for. A backend that also has
+``supports_attention_dropout(device) -> bool`` takes ``dropout_p``, ``seed`` (attention-probability dropout with
+its own counter-based mask, seeded from torch's default generator); otherwise dropout runs on the reference
+path. Non-padding 4D masks are refused by the kernel backends. :func:`last_backends` says which backend ran
+each op.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -126,6 +129,21 @@ def reset_last_backends() -> None:
     _last.clear()
 
 
+def clear_cache() -> None:
+    """Drop every cached packed weight of the kernel backends (``sp.clear_cache()``).
+
+    The ``cpp`` backend packs the kept rows/columns of each layer's weights once and reuses them while the
+    weights are unchanged; in-place updates PyTorch tracks (optimizer steps, ``copy_`` / ``add_`` under
+    ``no_grad``, ``load_state_dict``) and, on CPU, rewrites of a whole weight through ``.data`` are detected.
+    Call this after writing *part* of a weight through ``.data`` (e.g. ``w.data[rows] = 0``), which may not
+    be. A no-op when no backend has cached anything."""
+    import sys
+
+    ext = sys.modules.get("structprune._extension")
+    if ext is not None and ext.load_error() is None:
+        ext.clear_cache()
+
+
 def grad_output_mask(needs_input_grad, num_weights: int) -> list[bool]:
     """The ``output_mask`` of a kernel backward op, from ``ctx.needs_input_grad`` of a forward taking
     ``(x, <num_weights weights and biases>, gates, ...)``: [x, any weight or bias, gates]. The weights share
@@ -140,23 +158,130 @@ def masked_grads(grads, needs_input_grad) -> tuple:
     return tuple(grads[i] if i < len(grads) and need else None for i, need in enumerate(needs_input_grad))
 
 
-def key_bias_from_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """HF 4D padding mask [B, 1, Q|1, K] (bool: True = attend, or additive float) -> [B, K] fp32 additive bias.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
-    Padding masks of encoders are the same for every query row, so the first row is taken.
+
+def register_autocast(qualname: str, keep: tuple[str, ...] = (), lib=None) -> None:
+    """Autocast rule for the kernel op ``qualname`` (e.g. ``"structprune::cpp_gated_ffn"``), as
+    :func:`torch.library.register_autocast` but following the autocast dtype of the region (bf16 or fp16)
+    instead of one fixed dtype, and leaving the tensor arguments named in ``keep`` as they are (gates and the
+    fp32 key bias, which the reference also keeps in fp32).
+
+    In a ``torch.autocast(device, dtype)`` region the other floating tensors on ``device`` are cast to
+    ``dtype`` (differentiable casts: the gradients of fp32 parameters come back in fp32), and the op runs with
+    autocast off, computing in ``dtype`` with fp32 accumulation; it returns ``dtype`` like the reference's
+    ``F.linear`` does under autocast. Outside autocast nothing changes.
     """
+    op = torch._library.utils.lookup_op(qualname)
+    names = [a.name for a in op._schema.arguments]
+    unknown = set(keep) - set(names)
+    if unknown:
+        raise ValueError(f"{qualname} has no argument(s) {sorted(unknown)}; its arguments are {names}")
+    keep_idx = {names.index(n) for n in keep}
+    namespace, opname = qualname.split("::")
+    lib = lib if lib is not None else _autocast_lib(namespace)
+    for device_type in _AUTOCAST_DEVICES:
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        with warnings.catch_warnings():  # torch.library.custom_op ops come with a pass-through autocast kernel
+            warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+            lib.impl(opname, _autocast_kernel(op, device_type, getattr(torch._C.DispatchKey, key), keep_idx), key,
+                     with_keyset=True)
+
+
+_autocast_libs: dict[str, object] = {}
+
+
+def _autocast_lib(namespace: str):
+    if namespace not in _autocast_libs:
+        _autocast_libs[namespace] = torch.library.Library(namespace, "IMPL")
+    return _autocast_libs[namespace]
+
+
+def _autocast_kernel(op, device_type: str, dispatch_key, keep_idx: set[int]):
+    names = [a.name for a in op._schema.arguments]
+
+    def cast(i, a):
+        if (i in keep_idx or not isinstance(a, torch.Tensor) or not a.is_floating_point()
+                or a.dtype == torch.float64 or a.device.type != device_type):
+            return a
+        return a.to(torch.get_autocast_dtype(device_type))
+
+    def kernel(_keyset, *args, **kwargs):
+        args = [cast(i, a) for i, a in enumerate(args)]
+        kwargs = {k: cast(names.index(k), v) for k, v in kwargs.items()}
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
+            return op(*args, **kwargs)
+
+    return kernel
+
+
+_checked_mask: list = []  # [(weakref to the last 4D mask checked, its version)]: every layer gets the same mask
+
+
+def _mask_row(attn_mask: torch.Tensor) -> torch.Tensor:
+    """The [B, K] key row of an HF padding mask [B, K] or [B, 1, Q|1, K]; refuses masks that vary over queries.
+
+    HF materialises [B, 1, Q, K]; the check (a pass over the mask and a host sync) is done once per mask, not
+    once per layer."""
+    if attn_mask.dim() == 2:
+        return attn_mask
+    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
+        raise ValueError(f"attention mask must be a padding mask [B, K] or [B, 1, Q, K], got shape "
+                         f"{tuple(attn_mask.shape)}")
+    row = attn_mask[:, 0, 0, :]
+    if attn_mask.shape[2] > 1 and attn_mask.stride(2) != 0 and not torch.compiler.is_compiling():
+        if _checked_mask and _checked_mask[0][0]() is attn_mask and _checked_mask[0][1] == attn_mask._version:
+            return row
+        if not bool((attn_mask == row[:, None, None, :]).all()):
+            raise ValueError("the kernel backends take padding masks only (the same key mask for every query); "
+                             "this [B, 1, Q, K] attention mask varies over the query axis. Use "
+                             "sp.set_backend('torch') for causal or other per-query masks")
+        if not attn_mask.is_inference():
+            _checked_mask[:] = [(weakref.ref(attn_mask), attn_mask._version)]
+    return row
+
+
+def key_bias_from_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """HF padding mask [B, K] or [B, 1, Q|1, K] (bool: True = attend, or additive float) -> [B, K] fp32 additive
+    bias (0 = attend, ``finfo(float32).min`` = padding). A mask that varies over the query axis is refused."""
     if attn_mask is None:
         return None
-    if attn_mask.dim() == 2:
-        row = attn_mask
-    elif attn_mask.dim() == 4 and attn_mask.shape[1] == 1:
-        row = attn_mask[:, 0, 0, :]
-    else:
-        raise ValueError(f"attention mask must be [B, K] or [B, 1, Q, K], got shape {tuple(attn_mask.shape)}")
+    row = _mask_row(attn_mask)
     if row.dtype == torch.bool:
         neg = torch.finfo(torch.float32).min
         return torch.zeros(row.shape, dtype=torch.float32, device=row.device).masked_fill(~row, neg)
     return row.to(torch.float32).clamp_min(torch.finfo(torch.float32).min)
+
+
+def _fully_padded(attn_mask: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the sequences whose every key is masked out (no host sync)."""
+    row = _mask_row(attn_mask)
+    if row.dtype == torch.bool:
+        return ~row.any(-1)
+    # HF writes finfo(dtype).min for padding in additive masks; anything below half of it counts as masked
+    return (row.float() <= torch.finfo(row.dtype).min / 2).all(-1)
+
+
+def _padded_sequence_output(y, args, num_heads, attn_mask, dropout_p, impl):
+    """Give fully padded sequences what the reference (and HF's attention) gives them.
+
+    Boolean masks (HF's SDPA layers): SDPA returns a zero context for a query with no key to attend to, so
+    the output is the bias ``bo``. Additive masks (HF's eager layers): every score is ``finfo.min`` after the
+    add, the softmax is uniform and the context is the mean of the values; these sequences (rare: they cost
+    one host sync to find) run through the reference, so that gradients match too. The kernels got a zero key
+    bias for them (finite in every dtype) and their rows of ``y`` are replaced here.
+    """
+    dead = _fully_padded(attn_mask).expand(y.shape[0])  # a mask may have batch 1, broadcast over the batch
+    bo = args[8]
+    if _mask_row(attn_mask).dtype == torch.bool:
+        return torch.where(dead[:, None, None], bo.to(y.dtype).expand_as(y), y)
+    if torch.compiler.is_compiling() or not bool(dead.any()):
+        return y
+    idx = torch.nonzero(dead).flatten()
+    mask = attn_mask[idx] if attn_mask.shape[0] == y.shape[0] else attn_mask
+    y_dead = reference.gated_attention(args[0][idx], *args[1:], num_heads, attn_mask=mask, dropout_p=dropout_p,
+                                       impl=impl)
+    return y.index_put((idx,), y_dead.to(y.dtype))
 
 
 def hard_concrete_sample(log_alpha: torch.Tensor, beta: float, generator: torch.Generator | None = None):
@@ -180,21 +305,128 @@ def hard_concrete_sample(log_alpha: torch.Tensor, beta: float, generator: torch.
     return z
 
 
+# --- input checks: once, above every backend, so the same bad input gets the same error everywhere ---------------
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_tensor(name: str, t, shape: tuple, x: torch.Tensor, same_dtype: bool = True) -> None:
+    """``t`` must be a tensor on x's device of ``shape`` (None entries free), floating, and of x's dtype when
+    ``same_dtype`` (not under autocast, whose rule casts the parameters)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if same_dtype and t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+
+
+_checked_index: dict[int, tuple] = {}  # id -> (weakref, version, n) of index tensors found valid
+
+
+def _check_index(name: str, idx, n: int, x: torch.Tensor) -> None:
+    """Sorted unique int64 indices into range(n), on the CPU or x's device (values checked on the CPU only:
+    no device sync)."""
+    if idx is None:
+        return
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
+        raise ValueError(f"{name} must be a 1-D int64 tensor, got "
+                         f"{getattr(idx, 'dtype', type(idx).__name__)} of shape {list(getattr(idx, 'shape', []))}")
+    if idx.device != x.device and idx.device.type != "cpu":
+        raise ValueError(f"{name} must be on {x.device} or the CPU, got {idx.device}")
+    if idx.numel() > n:
+        raise ValueError(f"{name} has {idx.numel()} entries for {n} gates")
+    if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
+        key = id(idx)
+        hit = _checked_index.get(key)
+        if hit is not None and hit[0]() is idx and hit[1:] == (idx._version, n):
+            return  # the gates' cached index: checked on an earlier call and unchanged since
+        if int(idx.min()) < 0 or int(idx.max()) >= n or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
+            raise ValueError(f"{name} must hold sorted unique indices in [0, {n}), got {idx.tolist()[:8]}...")
+        if not idx.is_inference():
+            if len(_checked_index) >= 512:
+                _checked_index.clear()
+            _checked_index[key] = (weakref.ref(idx), idx._version, n)
+
+
+def check_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads,
+                           attn_mask=None, dropout_p=0.0) -> None:
+    """Raise a ValueError/TypeError saying what was expected unless the inputs of :func:`gated_attention` fit."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be a float32, float16 or bfloat16 tensor [B, S, E], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {list(getattr(x, 'shape', []))}")
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 0:
+        raise ValueError(f"num_heads must be an int >= 0, got {num_heads!r}")
+    B, S, E = x.shape
+    _check_tensor("wq", wq, (None, E), x)
+    HD = wq.shape[0]
+    if (num_heads == 0) != (HD == 0) or (num_heads and HD % num_heads):
+        raise ValueError(f"wq has {HD} rows, not num_heads * head_dim with num_heads = {num_heads}")
+    for name, t, shape in (("bq", bq, (HD,)), ("wk", wk, (HD, E)), ("bk", bk, (HD,)), ("wv", wv, (HD, E)),
+                           ("bv", bv, (HD,)), ("wo", wo, (E, HD)), ("bo", bo, (E,))):
+        _check_tensor(name, t, shape, x)
+    _check_tensor("head_gates", head_gates, (num_heads,), x, same_dtype=False)
+    _check_index("active_heads", active_heads, num_heads, x)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.device != x.device:
+            raise ValueError(f"attention mask must be a tensor on {x.device}, got "
+                             f"{getattr(attn_mask, 'device', type(attn_mask).__name__)}")
+        if attn_mask.shape[0] not in (1, B) or attn_mask.shape[-1] != S:
+            raise ValueError(f"attention mask must be [B, K] or [B, 1, Q, K] with B = {B}, K = {S}, got shape "
+                             f"{tuple(attn_mask.shape)}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def check_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation) -> None:
+    """Raise a ValueError/TypeError saying what was expected unless the inputs of :func:`gated_ffn` fit."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be a float32, float16 or bfloat16 tensor [B, S, E], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {list(getattr(x, 'shape', []))}")
+    E = x.shape[-1]
+    _check_tensor("w1", w1, (None, E), x)
+    n = w1.shape[0]
+    for name, t, shape in (("b1", b1, (n,)), ("w2", w2, (E, n)), ("b2", b2, (E,))):
+        _check_tensor(name, t, shape, x)
+    _check_tensor("unit_gates", unit_gates, (n,), x, same_dtype=False)
+    _check_index("kept_units", kept_units, n, x)
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+
+
 def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads: int,
                     attn_mask=None, dropout_p: float = 0.0, impl: str = "sdpa"):
     """Gated self-attention output projection (see :func:`structprune.reference.gated_attention`).
 
-    ``active_heads`` lists the heads whose gate is non-zero; kernel backends skip all the others.
+    ``active_heads`` lists the heads whose gate is non-zero; kernel backends skip all the others. Inputs are
+    checked here, for every backend (:func:`check_attention_inputs`).
     """
+    check_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads, attn_mask,
+                           dropout_p)
     backend = resolve_backend(x.device)
-    if dropout_p > 0.0 or num_heads == 0:
-        # attention-probability dropout exists only in the reference path; with no head left the layer is
-        # just the output bias, which the reference returns without any attention work
+    if num_heads == 0:  # no head left: the layer is just the output bias, which the reference returns as is
         backend = "torch"
+    provider = _providers.get(backend)
+    dropout = {}
+    if dropout_p > 0.0 and backend != "torch":
+        supports = getattr(provider, "supports_attention_dropout", None)
+        if torch.compiler.is_compiling() or supports is None or not supports(x.device):
+            backend = "torch"  # traced (a host-side seed would break the graph), or no fused dropout here
+        else:  # the seed comes from torch's default generator, as for the gate sampling: manual_seed reproduces
+            dropout = dict(dropout_p=float(dropout_p), seed=int(torch.randint(0, 2**31 - 1, (1,)).item()))
     if backend != "torch":
         key_bias = key_bias_from_mask(attn_mask)
-        out = _providers[backend].gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                                                  key_bias, num_heads)
+        if key_bias is not None:  # fully padded sequences: finite scores here, their output is set below
+            key_bias = key_bias.expand(x.shape[0], -1).masked_fill(_fully_padded(attn_mask)[:, None], 0.0)
+        out = provider.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias,
+                                       num_heads, **dropout)
+        if attn_mask is not None:
+            out = _padded_sequence_output(out, (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates), num_heads,
+                                          attn_mask, dropout_p, impl)
     else:
         out = reference.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads,
                                          attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
@@ -203,7 +435,9 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
 
 
 def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
-    """Gated feed-forward projection (see :func:`structprune.reference.gated_ffn`)."""
+    """Gated feed-forward projection (see :func:`structprune.reference.gated_ffn`); inputs checked here for
+    every backend (:func:`check_ffn_inputs`)."""
+    check_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
     backend = resolve_backend(x.device)
     if backend != "torch":
         out = _providers[backend].gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)

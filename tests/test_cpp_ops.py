@@ -293,15 +293,15 @@ def test_wrappers_save_only_when_a_gradient_is_needed(monkeypatch):
     real_attn, real_ffn = torch.ops.structprune.cpp_gated_attention, torch.ops.structprune.cpp_gated_ffn
 
     class Spy:
-        def __init__(self, fn):
-            self.fn = fn
+        def __init__(self, fn, save_position):
+            self.fn, self.save_position = fn, save_position
 
         def __call__(self, *args):
-            calls.append(args[-1])
+            calls.append(args[self.save_position])
             return self.fn(*args)
 
-    monkeypatch.setattr(torch.ops.structprune, "cpp_gated_attention", Spy(real_attn))
-    monkeypatch.setattr(torch.ops.structprune, "cpp_gated_ffn", Spy(real_ffn))
+    monkeypatch.setattr(torch.ops.structprune, "cpp_gated_attention", Spy(real_attn, 13))
+    monkeypatch.setattr(torch.ops.structprune, "cpp_gated_ffn", Spy(real_ffn, 8))
     with torch.no_grad():
         ext.gated_attention(*params.values(), hg, active, kb, 4)
         ext.gated_ffn(*fparams.values(), ug, kept, "gelu")
@@ -703,3 +703,43 @@ def test_hard_concrete_sample_is_roughly_uniform_driven():
     # log_alpha = 0: P(z = 0) = P(z = 1) = sigmoid(beta * log(-gamma / (zeta - 1))) ... symmetric around 1/2
     assert abs(z.mean().item() - 0.5) < 0.02
     assert math.isclose((z == 0).float().mean().item(), (z == 1).float().mean().item(), abs_tol=0.02)
+
+
+def test_failed_cuda_jit_build_is_reported(monkeypatch, tmp_path):
+    """A CUDA JIT build that fails and leaves a CPU-only build warns, and says why in build_info / availability."""
+    from torch.utils import cpp_extension
+
+    built = []
+
+    def fake_load(name, **kwargs):
+        if "cuda" in name:
+            raise RuntimeError("nvcc fatal: unsupported gpu architecture 'compute_999'")
+        built.append(name)
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    monkeypatch.setenv("STRUCTPRUNE_BUILD_DIR", str(tmp_path))
+    monkeypatch.delenv("STRUCTPRUNE_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.setattr(ext, "_cuda_build_error", None)
+    with pytest.warns(RuntimeWarning, match="CUDA build of the C\\+\\+ extension failed"):
+        ext._jit_build()
+    assert built == ["structprune_ext_cpu"]
+    assert "compute_999" in ext.build_info()["cuda_build_error"]
+    assert "compute_999" in ext.availability(torch.device("cuda"))
+
+
+def test_setup_honours_the_users_cuda_arch_list():
+    """setup.py builds for STRUCTPRUNE_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else sm_80 + sm_90a + PTX."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
+    wanted = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name == "cuda_arch_list")
+              or (isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "DEFAULT_CUDA_ARCH_LIST")]
+    ns: dict = {}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), "setup.py", "exec"), ns)
+    arch = ns["cuda_arch_list"]
+    assert arch({}) == "8.0;9.0a;9.0+PTX"
+    assert arch({"TORCH_CUDA_ARCH_LIST": "8.6"}) == "8.6"
+    assert arch({"TORCH_CUDA_ARCH_LIST": "8.6", "STRUCTPRUNE_CUDA_ARCH_LIST": "12.0"}) == "12.0"

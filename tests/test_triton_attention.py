@@ -327,3 +327,62 @@ def test_availability_reason(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     reason = K.availability(torch.device("cpu"))
     assert reason is not None and "TRITON_INTERPRET=1" in reason
+
+
+def test_launch_grid_puts_batch_times_heads_on_axis_0(monkeypatch):
+    """B*A above CUDA's 65,535 limit of grid axes 1 and 2 must go on axis 0 (meta tensors: nothing runs)."""
+    from structprune._kernels import _common as C
+
+    grids = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids.setdefault(self.name, []).append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    for name in ("_attn_fwd_kernel", "_attn_bwd_pre_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
+        monkeypatch.setattr(K.attention, name, Recorder(name))
+    monkeypatch.setattr(C, "gemm_kernel", Recorder("gemm"))
+    B, S, E, H, D = 6000, 8, 24, 12, 2  # B * H = 72,000
+    meta = lambda *s: torch.empty(s, device="meta")  # noqa: E731
+    w = [meta(H * D, E), meta(H * D), meta(H * D, E), meta(H * D), meta(H * D, E), meta(H * D), meta(E, H * D),
+         meta(E)]
+    active = torch.empty(H, dtype=torch.int64, device="meta")
+    y, *saved = K.attention.triton_gated_attention._init_fn(meta(B, S, E), *w, meta(H), active, None, H, True,
+                                                             0.1, 1)
+    K.attention.triton_gated_attention_backward._init_fn(meta(B, S, E), meta(B, S, E), w[0], w[2], w[4], w[6],
+                                                         meta(H), active, None, H, *saved, None, 0.1, 1)
+    for name in ("_attn_fwd_kernel", "_attn_bwd_pre_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
+        (grid,) = grids[name]
+        assert grid[0] == B * H and max(grid[1:]) <= 65535, (name, grid)
+
+
+def test_launches_run_under_a_guard_for_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every op sets it to its inputs' device first."""
+    import types
+
+    from structprune._kernels import _common as C
+
+    entered = []
+
+    class FakeGuard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeGuard)
+    launcher = C.on_device_of_first_arg(lambda t, n=1: n)
+    assert launcher(torch.empty(2), n=3) == 3 and entered == []  # CPU tensors: no guard
+    launcher(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert entered == [torch.device("cuda", 1)]
+    ops_ = (K.attention.triton_gated_attention, K.attention.triton_gated_attention_backward,
+            K.ffn.triton_gated_ffn, K.ffn.triton_gated_ffn_backward)
+    assert all(hasattr(op._init_fn, "__wrapped__") for op in ops_), "every launching op runs under the guard"

@@ -273,3 +273,23 @@ def test_input_errors():
         K.gated_ffn(*leaves, kept_units.int(), "gelu")
     with pytest.raises(ValueError, match="x must have dtype"):
         K.gated_ffn(leaves[0].double(), *leaves[1:], kept_units, "gelu")
+
+
+def test_fp32_matmuls_follow_torch_matmul_precision():
+    """fp32 ``tl.dot`` uses TF32 when torch allows it ("high"/"medium"), full IEEE fp32 for "highest"."""
+    from structprune._kernels import _common as C
+
+    old = torch.get_float32_matmul_precision()
+    try:
+        for precision, mode in (("highest", C.DOT_IEEE), ("high", C.DOT_TF32), ("medium", C.DOT_TF32)):
+            torch.set_float32_matmul_precision(precision)
+            assert C.dot_mode(torch.float32) == mode, precision
+            assert C.dot_mode(torch.float16) == C.DOT_IEEE
+        # a TF32 launch runs and stays within TF32 accuracy (10-bit mantissa) of the fp32 reference
+        leaves, kept = make_inputs((2, 5), 32, 40, "random", DEVICES[0])
+        x, w1, b1, w2, b2, gates = leaves
+        y = K.gated_ffn(x, w1, b1, w2, b2, gates, kept, "gelu")
+    finally:
+        torch.set_float32_matmul_precision(old)
+    ref = reference.gated_ffn(x, w1, b1, w2, b2, gates, "gelu")
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)

@@ -327,9 +327,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_attention_cpu(
     const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
     const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
     const at::Tensor& head_gates, const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
-    int64_t num_heads, bool save_for_backward) {
+    int64_t num_heads, bool save_for_backward, double dropout_p, int64_t seed, int64_t offset) {
   return attention_forward(cpu_hooks(), x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias,
-                           num_heads, save_for_backward);
+                           num_heads, save_for_backward, {dropout_p, seed, offset});
 }
 
 auto gated_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wq,
@@ -338,9 +338,10 @@ auto gated_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& bo, const at::Tensor& head_gates, const at::Tensor& active_heads,
                                   const std::optional<at::Tensor>& key_bias, int64_t num_heads,
                                   const std::optional<at::Tensor>& qkv, const std::optional<at::Tensor>& ctx,
-                                  const std::optional<at::Tensor>& lse, std::array<bool, 3> output_mask) {
+                                  const std::optional<at::Tensor>& lse, std::array<bool, 3> output_mask,
+                                  double dropout_p, int64_t seed, int64_t offset) {
   return attention_backward(cpu_hooks(), grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                            key_bias, num_heads, qkv, ctx, lse, output_mask);
+                            key_bias, num_heads, qkv, ctx, lse, output_mask, {dropout_p, seed, offset});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_cpu(const at::Tensor& x, const at::Tensor& w1,

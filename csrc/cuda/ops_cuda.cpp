@@ -102,10 +102,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_attention_cuda(
     const at::Tensor& x, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
     const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
     const at::Tensor& head_gates, const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
-    int64_t num_heads, bool save_for_backward) {
+    int64_t num_heads, bool save_for_backward, double dropout_p, int64_t seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(x.device());
   return attention_forward(cuda_hooks(), x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias,
-                           num_heads, save_for_backward);
+                           num_heads, save_for_backward, {dropout_p, seed, offset});
 }
 
 auto gated_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wq,
@@ -115,10 +115,11 @@ auto gated_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
                                    const at::Tensor& active_heads, const std::optional<at::Tensor>& key_bias,
                                    int64_t num_heads, const std::optional<at::Tensor>& qkv,
                                    const std::optional<at::Tensor>& ctx, const std::optional<at::Tensor>& lse,
-                                   std::array<bool, 3> output_mask) {
+                                   std::array<bool, 3> output_mask, double dropout_p, int64_t seed,
+                                   int64_t offset) {
   const c10::cuda::CUDAGuard guard(x.device());
   return attention_backward(cuda_hooks(), grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                            key_bias, num_heads, qkv, ctx, lse, output_mask);
+                            key_bias, num_heads, qkv, ctx, lse, output_mask, {dropout_p, seed, offset});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_cuda(const at::Tensor& x, const at::Tensor& w1,
