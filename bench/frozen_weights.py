@@ -4,22 +4,21 @@ gates): how much the backward ops' ``output_mask`` saves.
     python bench/frozen_weights.py                      # MiniLM-sized layer, cpp backend, CPU
     python bench/frozen_weights.py --shape tiny --batch 2 --seq 16 --repeats 3   # smoke
 
-Cases, timed in turn within each repeat (so that load from other jobs spreads over all of them): every parameter
-trainable; weights frozen, gates trainable, input requiring grad (a middle layer); the same with an input that
-needs no gradient (the first layer). Prints the median and IQR per call and the ratio to "trainable".
+Cases, alternated call by call (structprune.timing.compare, so that load from other jobs spreads over all of them):
+every parameter trainable; weights frozen, gates trainable, input requiring grad (a middle layer); the same with an
+input that needs no gradient (the first layer). Prints the median and IQR per call and the time relative to
+"trainable" (the median of the per-round ratios, with its IQR).
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import statistics
-import time
 
 import torch
 
 from structprune import benchmark as bm
 from structprune.gates import HardConcreteGate
+from structprune.timing import compare
 
 CASES = ("trainable", "frozen weights", "frozen weights, x no grad")
 
@@ -53,29 +52,19 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    samples: dict[str, list[float]] = {c: [] for c in CASES}
     with bm.use_backend(args.backend):
         steps = {c: build(args, c)[0] for c in CASES}
-        for step in steps.values():
-            for _ in range(args.warmup):
-                step()
-        gc.disable()
-        for _ in range(args.repeats):
-            for case, step in steps.items():
-                t0 = time.perf_counter()
-                step()
-                samples[case].append(time.perf_counter() - t0)
-        gc.enable()
+        t = compare(steps, warmup=args.warmup, repeats=args.repeats,
+                    shapes=f"{args.shape} layer, batch {args.batch} x seq {args.seq}")
     info = bm.machine_info(torch.device("cpu"))
     print(f"{args.shape} layer, batch {args.batch}, seq {args.seq}, heads kept {args.heads_kept:g}, FFN kept "
-          f"{args.ffn_kept:g}, backend {args.backend}, fp32, {args.threads} threads, {args.repeats} repeats; "
+          f"{args.ffn_kept:g}, backend {args.backend}, fp32, {t.threads} threads, {args.repeats} alternated rounds; "
           f"{info.get('cpu', '')}, torch {torch.__version__}")
-    base = statistics.median(samples["trainable"])
-    print(f"{'case':<28}{'median ms':>10}{'IQR ms':>9}{'vs trainable':>14}")
-    for case, ts in samples.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-        med = statistics.median(ts)
-        print(f"{case:<28}{med * 1e3:>10.1f}{(q[2] - q[0]) * 1e3:>9.1f}{med / base:>14.2f}")
+    print(f"{'case':<28}{'median ms':>10}{'IQR ms':>9}{'vs trainable':>14}{'(IQR)':>16}")
+    for case in CASES:
+        ts, r = t.time(case), t.speedup(case)
+        print(f"{case:<28}{ts.median * 1e3:>10.1f}{ts.iqr * 1e3:>9.1f}{1 / r.median:>14.2f}"
+              f"{f'({1 / r.q3:.2f}-{1 / r.q1:.2f})':>16}")
     return 0
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ops, profiling
+from . import atomic, ops, profiling, timing
 from .compaction import compact
 from .masks import set_masks
 from .patching import patch, set_gate_sampling
@@ -375,28 +375,9 @@ def _sync(device: torch.device) -> None:
 
 
 def time_cpu(fn: Callable, warmup: int, repeats: int, min_time: float = 0.0) -> tuple[list[float], int]:
-    """Per-call seconds of ``repeats`` samples (perf_counter, gc off), after ``warmup`` calls; (samples, calls/sample)."""
-    for _ in range(warmup):
-        fn()
-    number = 1
-    if min_time > 0:
-        t0 = time.perf_counter()
-        fn()
-        one = max(time.perf_counter() - t0, 1e-9)
-        number = max(1, math.ceil(min_time / one))
-    samples = []
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            samples.append((time.perf_counter() - t0) / number)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return samples, number
+    """Per-call seconds of ``repeats`` samples (perf_counter, gc off), after ``warmup`` calls; (samples, calls/sample).
+    See :func:`structprune.timing.sample` (and :func:`structprune.timing.compare` to alternate two sides)."""
+    return timing.sample(fn, warmup=warmup, repeats=repeats, min_time=min_time)
 
 
 def time_cuda(fn: Callable, warmup: int, repeats: int, timer: str = "auto", grad_to_none=None) -> tuple[list[float], int]:
@@ -1052,8 +1033,7 @@ def command(args: argparse.Namespace) -> int:
             prof_txt.unlink()
     def checkpoint(partial: BenchResult) -> None:  # results so far, replaced by the full files at the end
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        path = Path(args.out) / "results.partial.json"
-        path.write_text(json.dumps({**partial.to_json(), "partial": True}, indent=1, default=str) + "\n")
+        atomic.write_json(Path(args.out) / "results.partial.json", {**partial.to_json(), "partial": True}, indent=1)
 
     result = run_benchmark(cfg, checkpoint if args.out else None)
     if args.out and (Path(args.out) / "results.partial.json").exists():

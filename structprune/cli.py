@@ -6,12 +6,53 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("structprune.demo", "structprune.info", "structprune.qa.commands", "structprune.benchmark")
+COMMAND_MODULES = ("structprune.demo", "structprune.info", "structprune.qa.commands", "structprune.qa.predict", "structprune.benchmark",
+                   "structprune.kernel_report", "structprune.latency.command", "structprune.export")
+
+
+class UsageError(ValueError):
+    """Bad input from the command line (a wrong path, a run directory of another command, ...): the CLI prints
+    its message as one line and exits with status 2."""
+
+
+# Exceptions that, reaching the top of a command, mean bad input rather than a bug: one line, exit 2.
+_INPUT_ERRORS = (UsageError, ValueError, TypeError, OSError, KeyError)
+EXIT_USAGE = 2
+
+
+def fraction(text: str) -> float:
+    """argparse ``type=``: a float in (0, 1] (a kept fraction)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] (the share kept), got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: what is wrong and where to look, no usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="structprune", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="structprune", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -20,18 +61,39 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    for command in sub.choices.values():  # --debug after the command too; SUPPRESS keeps a leading one
+        if "--debug" not in command._option_string_actions:
+            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help="show the full traceback of an error")
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = f"missing key {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv``; bad input ends with one line on stderr and status 2 (a traceback with
+    ``--debug``)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv  # so that run directories can record the exact command
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except _INPUT_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"structprune {args.command}: error: {_one_line(exc)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

