@@ -1,0 +1,105 @@
+"""Plain-PyTorch modeling code for a BERT/RoBERTa model compacted by structprune (per-layer head and FFN sizes).
+
+Written next to the weights by ``structprune.save_pretrained``; it needs only ``torch`` and ``transformers``
+(not structprune). Load with ``AutoModelFor<Task>.from_pretrained(directory, trust_remote_code=True)``.
+
+The model is the Hugging Face one with each encoder layer's attention and FFN resized to the sizes in
+``config.structprune_heads_per_layer`` / ``config.structprune_ffn_units_per_layer``; a layer with 0 heads (or
+0 FFN units) adds only its output bias, residual and LayerNorm. The gate tensors structprune keeps in the
+checkpoint are ignored: this file is written only for models whose kept gates are all exactly 1.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import transformers
+from torch import nn
+
+STRUCTPRUNE_MODELING_VERSION = "1"
+
+
+class PrunedSelfAttention(nn.Module):
+    """Multi-head self-attention with ``num_heads`` heads of ``head_dim`` (any number, 0 included)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.query = nn.Linear(hidden_size, num_heads * head_dim)
+        self.key = nn.Linear(hidden_size, num_heads * head_dim)
+        self.value = nn.Linear(hidden_size, num_heads * head_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        batch, seq = hidden_states.shape[:2]
+        if self.num_heads == 0:
+            return hidden_states.new_zeros(batch, seq, 0), None
+        shape = (batch, seq, self.num_heads, self.head_dim)
+        q = self.query(hidden_states).view(shape).transpose(1, 2)
+        k = self.key(hidden_states).view(shape).transpose(1, 2)
+        v = self.value(hidden_states).view(shape).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:  # True = attend
+                attention_mask = torch.zeros_like(attention_mask, dtype=scores.dtype).masked_fill(
+                    ~attention_mask, torch.finfo(scores.dtype).min)
+            scores = scores + attention_mask.to(scores.dtype)
+        probs = self.dropout(torch.softmax(scores, dim=-1))
+        context = torch.matmul(probs, v).transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return context, None
+
+
+class PrunedOutput(nn.Module):
+    """``LayerNorm(dropout(dense(x)) + residual)``; with 0 inputs (all heads / units pruned) ``dense(x)`` is its bias."""
+
+    def __init__(self, in_features: int, hidden_size: int, eps: float, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(in_features, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states, input_tensor):
+        if self.dense.in_features == 0:
+            hidden_states = self.dense.bias.to(input_tensor.dtype).expand_as(input_tensor)
+        else:
+            hidden_states = self.dense(hidden_states)
+        return self.LayerNorm(self.dropout(hidden_states) + input_tensor)
+
+
+def _resize_encoder(model: nn.Module, config) -> None:
+    heads = list(config.structprune_heads_per_layer)
+    units = list(config.structprune_ffn_units_per_layer)
+    layers = model.base_model.encoder.layer
+    if not len(heads) == len(units) == len(layers):
+        raise ValueError(f"config has {len(layers)} layers but structprune sizes for {len(heads)} / {len(units)}")
+    hidden = config.hidden_size
+    head_dim = hidden // config.num_attention_heads
+    for layer, h, u in zip(layers, heads, units):
+        layer.attention.self = PrunedSelfAttention(hidden, h, head_dim, config.attention_probs_dropout_prob)
+        layer.attention.output = PrunedOutput(h * head_dim, hidden, config.layer_norm_eps, config.hidden_dropout_prob)
+        layer.intermediate.dense = nn.Linear(hidden, u)
+        layer.output = PrunedOutput(u, hidden, config.layer_norm_eps, config.hidden_dropout_prob)
+
+
+def _pruned_class(base: type) -> type:
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op" for emptied layers
+            warnings.simplefilter("ignore", UserWarning)
+            _resize_encoder(self, config)
+
+    return type(f"Pruned{base.__name__}", (base,), {
+        "__init__": __init__, "__module__": __name__,
+        "__doc__": f"``{base.__name__}`` with structprune's per-layer head and FFN sizes.",
+        # structprune's gate state, all ones in a model this file is written for
+        "_keys_to_ignore_on_load_unexpected": [r"\.head_gate\.", r"\.unit_gate\."],
+    })
+
+
+_BASES = ("BertModel", "BertForQuestionAnswering", "BertForSequenceClassification", "BertForTokenClassification",
+          "BertForMaskedLM", "BertForMultipleChoice", "BertForPreTraining", "BertForNextSentencePrediction",
+          "RobertaModel", "RobertaForQuestionAnswering", "RobertaForSequenceClassification",
+          "RobertaForTokenClassification", "RobertaForMaskedLM", "RobertaForMultipleChoice")
+for _name in _BASES:
+    globals()[f"Pruned{_name}"] = _pruned_class(getattr(transformers, _name))
