@@ -27,6 +27,7 @@ class Summary:
 
     seq_len: int
     layers: list[LayerSummary] = field(default_factory=list)
+    latency: dict | None = None  # predicted (and measured) end-to-end latency, when a table was given
 
     def total(self, attr: str) -> int:
         return sum(getattr(row, attr) for row in self.layers)
@@ -53,6 +54,15 @@ class Summary:
         total = LayerSummary(*(self.total(a) for a in LayerSummary.__dataclass_fields__))
         lines.append("-" * len(head))
         lines.append(row("all", total))
+        if self.latency:
+            lat = self.latency
+            lines.append(f"latency at {lat['at']} predicted: {lat['predicted_ms']:.2f} ms vs {lat['dense_ms']:.2f} "
+                         f"ms dense ({lat['predicted_speedup']:.2f}x; {lat['conditions']})")
+            if "measured_ms" in lat:
+                lines.append(f"latency at {lat['at']} measured: {lat['measured_ms']:.2f} ms vs "
+                             f"{lat['measured_dense_ms']:.2f} ms dense ({lat['measured_speedup']:.2f}x, IQR "
+                             f"{lat['measured_speedup_q1']:.2f}-{lat['measured_speedup_q3']:.2f}; "
+                             f"{lat['repeats']} alternated rounds)")
         return "\n".join(lines)
 
 
@@ -62,11 +72,16 @@ def _layer_params(hidden: int, inner: int, units: int) -> int:
     return attention + ffn
 
 
-def summary(model: nn.Module, seq_len: int = 128) -> Summary:
+def summary(model: nn.Module, seq_len: int = 128, latency=None, measure: bool = False, repeats: int = 10) -> Summary:
     """Heads and FFN units kept per layer, with encoder-layer parameters and FLOPs vs the unpruned model.
 
     Kept counts are what the gates keep now (mask and deterministic gate), whether or not the model was
     compacted; parameters and FLOPs are those of the compacted layer.
+
+    ``latency``: a :class:`structprune.latency.LatencyTable` of this model's shape; the summary then gives the
+    predicted end-to-end latency and speed-up at the table's batch x sequence length, and, with ``measure``,
+    the measured ones (the model and a dense model of its config timed alternated, ``repeats`` rounds, on the
+    table's backend and the current threads).
     """
     config = model.config
     hidden, heads_total, ffn_total = config.hidden_size, config.num_attention_heads, config.intermediate_size
@@ -83,4 +98,47 @@ def summary(model: nn.Module, seq_len: int = 128) -> Summary:
             flops_original=attention_flops(1, seq_len, hidden, heads_total, head_dim)
             + ffn_flops(1, seq_len, hidden, ffn_total),
         ))
+    if latency is not None:
+        out.latency = _latency(model, out, latency, measure, repeats)
     return out
+
+
+def _latency(model: nn.Module, report: Summary, table, measure: bool, repeats: int) -> dict:
+    heads = [r.heads_kept for r in report.layers]
+    units = [r.ffn_kept for r in report.layers]
+    k = table.key
+    lat = {"at": table.at, "predicted_ms": float(table.predict(heads, units)), "dense_ms": table.dense_ms,
+           "predicted_speedup": table.speedup(heads, units),
+           "conditions": f"{k.backend}, {k.dtype}, {k.threads} thread(s)"}
+    if measure:
+        lat.update(_measure(model, table, repeats))
+    return lat
+
+
+def _measure(model: nn.Module, table, repeats: int) -> dict:
+    import torch
+
+    from . import ops
+    from .latency.cost_model import DTYPES, compacted_copy, fresh_model, model_inputs
+    from .timing import compare
+
+    k = table.key
+    fresh = fresh_model(model, DTYPES[k.dtype])
+    dense = compacted_copy(fresh, [table.num_heads] * table.num_layers, [table.intermediate] * table.num_layers)
+    device = next(model.parameters()).device
+    inputs = {n: v.to(device) for n, v in model_inputs(fresh, k.batch, k.seq_len).items()}
+    dense.to(device)
+    was_training = model.training
+    model.eval()
+    saved = ops.get_backend()
+    ops.set_backend(k.backend)
+    try:
+        with torch.inference_mode():
+            t = compare({"dense": lambda: dense(**inputs), "model": lambda: model(**inputs)}, warmup=2, repeats=repeats)
+    finally:
+        ops.set_backend(saved)
+        model.train(was_training)
+    r = t.speedup("model")
+    return {"measured_ms": t.time("model").median * 1e3, "measured_dense_ms": t.time("dense").median * 1e3,
+            "measured_speedup": r.median, "measured_speedup_q1": r.q1, "measured_speedup_q3": r.q3,
+            "repeats": repeats, "measured_threads": t.threads}

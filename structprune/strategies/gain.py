@@ -144,12 +144,18 @@ def gain_masks(model: nn.Module, batches: Iterable[Mapping], target: PruneTarget
 
     The model's masks are restored before returning (apply the result with
     :func:`~structprune.strategies.apply_masks` or ``sp.set_masks``).
+
+    With a budget target (speed-up, latency, parameters) the un-normalised importances (``raw_*``, comparable
+    between heads and FFN units) go to the latency planner, which chooses the per-layer counts; iterative steps
+    then tighten the budget linearly from what the model predicts now to the target.
     """
     target = as_target(target)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if steps > 1:
         batches = _reiterable(batches, max_batches)
+    if target.has_budget:
+        return _gain_budget_masks(model, batches, target, loss_fn, steps, max_batches)
     sizes = gate_sizes(model)
     start = current_masks(model)
     finals = {s: target.counts(s, sizes[s]) for s in STRUCTURES}
@@ -173,11 +179,62 @@ def gain_masks(model: nn.Module, batches: Iterable[Mapping], target: PruneTarget
                     new[s] = select_top(imp[s], masks[s], count, s)
             masks = new
             if k < steps:
-                for s in STRUCTURES:
-                    for gate, m in zip(layer_gates(model, s), masks[s]):
-                        gate.set_mask(m.to(gate.mask.device) & (gate.mask != 0))
+                _narrow_masks(model, masks)
     finally:
-        gates = [g for s in STRUCTURES for g in layer_gates(model, s)]
-        for gate, m in zip(gates, saved):
-            gate.set_mask(m)
+        _restore_masks(model, saved)
+    return to_masks(masks["heads"], masks["ffn"])
+
+
+def _narrow_masks(model: nn.Module, masks: dict) -> None:
+    """Mask what an intermediate step of iterative gain pruning removed (never reviving a pruned unit)."""
+    for s in STRUCTURES:
+        for gate, m in zip(layer_gates(model, s), masks[s]):
+            gate.set_mask(m.to(gate.mask.device) & (gate.mask != 0))
+
+
+def _restore_masks(model: nn.Module, saved: list) -> None:
+    """Put back the masks every gate had before iterative gain pruning (``saved``: per gate, heads then FFN)."""
+    for gate, m in zip([g for s in STRUCTURES for g in layer_gates(model, s)], saved):
+        gate.set_mask(m)
+
+
+def _gain_budget_masks(model: nn.Module, batches, target: PruneTarget, loss_fn, steps: int,
+                       max_batches: int | None) -> Masks:
+    """gain_masks for a budget target: ``steps`` budgets from the present prediction down to the target."""
+    import dataclasses
+
+    from ..latency.plan import budget_of, table_for, unit_params
+    from .targets import masks_for_scores
+
+    table = table_for(model, target) if target.has_latency else None
+    final = budget_of(model, target, table)
+    start = current_masks(model)
+    now_ms = None
+    if table is not None:
+        now_ms = table.predict([int(m.sum()) for m in start["heads"]], [int(m.sum()) for m in start["ffn"]])
+    c = model.config
+    unit = unit_params(c.hidden_size, c.hidden_size // c.num_attention_heads)
+    now_params = sum(int(m.sum()) * unit[s] for s in STRUCTURES for m in start[s])
+    total_params = sum(m.numel() * unit[s] for s in STRUCTURES for m in start[s])
+    saved = [g.mask.clone() for s in STRUCTURES for g in layer_gates(model, s)]
+    masks = start
+    try:
+        for k in range(1, steps + 1):
+            imp = gain_importance(model, batches, loss_fn, max_batches, normalize=False)
+            step_target = target
+            if k < steps:
+                frac = k / steps
+                ms = None if now_ms is None else now_ms + (final.latency_ms - now_ms) * frac
+                params = (None if final.params is None
+                          else (now_params + (final.params - now_params) * frac) / total_params)
+                step_target = dataclasses.replace(target, speedup=None, latency_ms=ms, params=params,
+                                                  heads=1.0, ffn=1.0, table=table)
+            elif table is not None:
+                step_target = dataclasses.replace(target, table=table)
+            result = masks_for_scores(model, step_target, {"heads": imp.raw_heads, "ffn": imp.raw_ffn}, start=masks)
+            masks = {"heads": result.heads_per_layer(), "ffn": list(result.ffn)}
+            if k < steps:
+                _narrow_masks(model, masks)
+    finally:
+        _restore_masks(model, saved)
     return to_masks(masks["heads"], masks["ffn"])

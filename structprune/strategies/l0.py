@@ -22,6 +22,13 @@ to the final target over ``warmup_steps``. The lambdas are learnt by gradient AS
 them through a gradient-reversal, so an ordinary minimising optimizer (any of them, with a positive lr) pushes
 each lambda in the direction that increases the penalty, while the model and ``log_alpha`` see the penalty
 unchanged. This is CoFi's "negative learning rate" without needing an optimizer that accepts one.
+
+With a budget target (``PruneTarget(speedup=2.0, at=(8, 128))``, ``latency_ms``, ``params``) the constraint is on
+the expected LATENCY instead: the expected kept counts of every layer go through the cost table
+(:class:`structprune.latency.LatencyTable`, piecewise linear, so differentiable), ``e`` and ``tau`` are in ms over the
+dense model's ms, and ``t(step)`` goes from the present prediction to the budget; a ``params`` budget adds a
+constraint on the expected parameters. Heads and FFN units are gated together, and :meth:`L0Controller.finalize`
+plans exact counts meeting the budget with each gate's probability of being non-zero as its importance.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..compaction import fold_gate_values
+from ..gates import expected_l0
 from ..masks import Masks
 from ..patching import gate_parameters, gated_layers, set_gate_sampling
 from .targets import STRUCTURES, PruneTarget, as_target, gate_sizes, layer_gates, masks_for_scores
@@ -114,10 +122,16 @@ class L0Controller:
         self.finalized = False
         self.last_step = 0
         sizes = gate_sizes(model)
-        self.structures = [s for s in STRUCTURES if getattr(self.target, s) is not None]
-        # per structure: list of groups, each a list of layer indices; original size; start and final counts
+        self.table = None
+        # per constraint: list of groups, each a list of layer indices; original size; start and final values
         self._groups, self._size, self._start, self._final = {}, {}, {}, {}
-        for s in self.structures:
+        if self.target.has_budget:
+            self.structures = self._budget_constraints(model)
+            gated = list(STRUCTURES)
+        else:
+            self.structures = [s for s in STRUCTURES if getattr(self.target, s) is not None]
+            gated = self.structures
+        for s in [] if self.target.has_budget else self.structures:
             count = self.target.counts(s, sizes[s])
             gates = layer_gates(model, s)
             groups = [[i] for i in range(len(gates))] if isinstance(count, list) else [list(range(len(gates)))]
@@ -134,7 +148,7 @@ class L0Controller:
         self.lagrangian = Lagrangian({s: len(self._groups[s]) for s in self.structures}, lambda_init).to(device)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for s in self.structures:
+            for s in gated:
                 for gate in layer_gates(model, s):
                     if init_log_alpha is not None:
                         noise = torch.randn(gate.n, generator=gen) * init_noise
@@ -142,9 +156,60 @@ class L0Controller:
                         gate.log_alpha.copy_(torch.where(gate.mask != 0, value, gate.log_alpha))
                     gate.sampling = True
 
+    def _budget_constraints(self, model: nn.Module) -> list[str]:
+        """Set up the "latency" (expected ms through the cost table) and "params" constraints of a budget target;
+        one group for the model or, per layer, one per layer. Returns the constraint names."""
+        from ..latency.plan import budget_of, table_for, unit_params
+
+        t = self.target
+        self.table = table_for(model, t) if t.has_latency else None
+        budget = budget_of(model, t, self.table)
+        layers = len(layer_gates(model, "heads"))
+        groups = [[i] for i in range(layers)] if t.per_layer else [list(range(layers))]
+        kept = {s: torch.tensor([float((g.mask != 0).sum()) for g in layer_gates(model, s)]) for s in STRUCTURES}
+        full = {s: torch.tensor([float(g.n) for g in layer_gates(model, s)]) for s in STRUCTURES}
+        c = model.config
+        self._unit = unit_params(c.hidden_size, c.hidden_size // c.num_attention_heads)
+        names = []
+        if self.table is not None:
+            names.append("latency")
+            self._groups["latency"] = groups
+            self._size["latency"] = self._cost("latency", full)
+            self._start["latency"] = self._cost("latency", kept)
+            if t.per_layer:  # every layer gets the same share of what the budget leaves over the emptied model
+                final = torch.full((len(groups),), (budget.latency_ms - self.table.empty_ms) / layers)
+            else:
+                final = torch.tensor([float(budget.latency_ms)])
+            self._final["latency"] = torch.minimum(final, self._start["latency"])
+        if budget.params is not None:
+            names.append("params")
+            self._groups["params"] = groups
+            self._size["params"] = self._cost("params", full)
+            self._start["params"] = self._cost("params", kept)
+            final = torch.full((len(groups),), budget.params / len(groups))
+            self._final["params"] = torch.minimum(final, self._start["params"])
+        return names
+
+    def _cost(self, name: str, counts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-group latency (ms: the whole model for one group, a layer's added ms per layer) or parameters of
+        per-layer ``counts`` (tensors ``[L]``, differentiable)."""
+        groups = self._groups[name]
+        if name == "latency":
+            if not self.target.per_layer:
+                return torch.stack([self.table.predict(counts["heads"], counts["ffn"])]).float()
+            return torch.stack([self.table.layer_ms(counts["heads"][g[0]], counts["ffn"][g[0]])
+                                for g in groups]).float()
+        per_layer = counts["heads"] * self._unit["heads"] + counts["ffn"] * self._unit["ffn"]
+        return torch.stack([per_layer[g].sum() for g in groups]).float()
+
     # ---- the constraint -------------------------------------------------------------------------
     def expected(self, structure: str) -> torch.Tensor:
-        """Expected number of kept units per constraint group (differentiable), shape ``[groups]``."""
+        """Expected value per constraint group (differentiable), shape ``[groups]``: kept units for "heads" /
+        "ffn"; for a budget target, ms through the cost table ("latency") or parameters ("params") of the
+        expected kept counts."""
+        if structure in ("latency", "params"):
+            counts = {s: torch.stack([g.expected_l0() for g in layer_gates(self.model, s)]) for s in STRUCTURES}
+            return self._cost(structure, counts)
         gates = layer_gates(self.model, structure)
         return torch.stack([sum(gates[i].expected_l0() for i in g) for g in self._groups[structure]])
 
@@ -161,7 +226,7 @@ class L0Controller:
         if self.finalized:
             return total
         for s in self.structures:
-            size = self._size[s].to(device)
+            size = self._size[s].to(device)  # the penalty works on fractions of the dense size
             gap = (self.expected(s) - self.target_counts(s, step).to(device)) / size
             l1, l2 = (_GradReverse.apply(lam).to(device) for lam in self.lagrangian.lambdas(s))
             total = total + (l1 * gap + l2 * gap * gap).sum()
@@ -196,7 +261,7 @@ class L0Controller:
             kept = float(sum(int((g.deterministic() != 0).sum()) for g in gates))
             out[f"kept_{s}"] = kept
             out[f"{s}_sparsity"] = 1.0 - kept / total if total else 0.0
-            if s in self.structures and not self.finalized:
+            if s in self.structures and not self.finalized and not self.target.has_budget:
                 expected = float(self.expected(s).sum())
                 out[f"expected_{s}"] = expected
                 out[f"expected_{s}_sparsity"] = 1.0 - expected / total if total else 0.0
@@ -204,6 +269,16 @@ class L0Controller:
                 l1, l2 = self.lagrangian.lambdas(s)
                 out[f"lambda1_{s}"] = float(l1.mean())
                 out[f"lambda2_{s}"] = float(l2.mean())
+        for name in (self.structures if self.target.has_budget and not self.finalized else []):
+            unit = "ms" if name == "latency" else "params"
+            out[f"expected_{name}_{unit}"] = float(self.expected(name).sum())
+            out[f"target_{name}_{unit}"] = float(self.target_counts(name, step).sum())
+            l1, l2 = self.lagrangian.lambdas(name)
+            out[f"lambda1_{name}"] = float(l1.mean())
+            out[f"lambda2_{name}"] = float(l2.mean())
+        if self.table is not None:
+            kept = {s: [int((g.deterministic() != 0).sum()) for g in layer_gates(self.model, s)] for s in STRUCTURES}
+            out["predicted_speedup"] = self.table.speedup(kept["heads"], kept["ffn"])
         return out
 
     # ---- the decision ---------------------------------------------------------------------------
@@ -258,7 +333,10 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True) -> Mas
     zero. Returns the :class:`~structprune.Masks`.
     """
     target = as_target(target)
-    scores = {s: [g.log_alpha.detach() for g in layer_gates(model, s)] for s in STRUCTURES}
+    if target.has_budget:  # commensurate across heads and units: each gate's probability of being non-zero
+        scores = {s: [expected_l0(g.log_alpha.detach(), g.beta) for g in layer_gates(model, s)] for s in STRUCTURES}
+    else:
+        scores = {s: [g.log_alpha.detach() for g in layer_gates(model, s)] for s in STRUCTURES}
     start = {s: [(g.mask != 0).cpu() for g in layer_gates(model, s)] for s in STRUCTURES}
     masks = masks_for_scores(model, target, scores, start=start)
     kept = {"heads": masks.heads_per_layer(), "ffn": masks.ffn}

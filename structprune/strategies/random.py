@@ -17,10 +17,20 @@ def random_masks(model: nn.Module, target: PruneTarget, seed: int = 0,
     layer sizes vary) or per layer. Already pruned units stay pruned. Reproducible: the draw comes from
     ``generator`` or, when None, from a CPU ``torch.Generator`` seeded with ``seed``; the global RNG is
     untouched. Apply with :func:`~structprune.strategies.apply_masks` or ``sp.set_masks``.
+
+    With a budget target (speed-up, latency, parameters) every unit gets a random importance proportional to
+    its parameter count, and the per-layer counts are planned on the cost table
+    (:func:`structprune.latency.plan.plan_masks`).
     """
     target = as_target(target)
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
     sizes = gate_sizes(model)
     scores = {s: [torch.rand(n, generator=generator) for n in sizes[s]] for s in STRUCTURES}
+    if target.has_budget:  # random importance per parameter, so a head is not worth one FFN unit
+        from ..latency.plan import unit_params
+
+        c = model.config
+        unit = unit_params(c.hidden_size, c.hidden_size // c.num_attention_heads)
+        scores = {s: [v * unit[s] for v in scores[s]] for s in STRUCTURES}
     return masks_for_scores(model, target, scores)

@@ -8,8 +8,8 @@ one stopped and never revives a pruned head or unit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Sequence, Union
 
 import torch
 from torch import nn
@@ -37,15 +37,43 @@ class PruneTarget:
 
     ``per_layer=False`` ranks units globally across layers (layers may end up with different sizes, or
     with none left); ``per_layer=True`` ranks within each layer. Fractions are rounded to the nearest count.
+
+    Budget targets (:mod:`structprune.latency`) say how fast or how small instead, and let the strategy choose
+    the per-layer counts at the least importance lost:
+
+    * ``speedup``: predicted end-to-end speed-up over the dense model (>= 1), or ``latency_ms``: predicted ms,
+      both at ``at=(batch, seq_len)`` with ``backend`` and ``dtype``, from the machine's cost table (``table``,
+      else measured or read from the cache by :func:`structprune.latency.get_table`);
+    * ``params``: at most this fraction of the heads' and FFN units' encoder parameters kept (alone or with a
+      speed target: ``PruneTarget(speedup=2.0, params=0.4)``);
+    * with a budget, ``heads``/``ffn`` are caps (at most that many kept; 1.0: no cap) and ``per_layer=True``
+      gives every layer the same share of the budget.
     """
 
     heads: Amount = 1.0
     ffn: Amount = 1.0
     per_layer: bool = False
+    speedup: float | None = None
+    latency_ms: float | None = None
+    params: float | None = None
+    at: tuple[int, int] | None = None
+    backend: str = "cpp"
+    dtype: str = "fp32"
+    table: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         for name in STRUCTURES:
             _check_amount(name, getattr(self, name))
+        _check_budget(self)
+
+    @property
+    def has_budget(self) -> bool:
+        """True for a speed, latency or parameter target (planned on the cost table), False for counts."""
+        return self.speedup is not None or self.latency_ms is not None or self.params is not None
+
+    @property
+    def has_latency(self) -> bool:
+        return self.speedup is not None or self.latency_ms is not None
 
     def is_per_layer(self, structure: str) -> bool:
         return self.per_layer or isinstance(getattr(self, structure), (list, tuple))
@@ -79,6 +107,40 @@ def _check_amount(name: str, amount: Amount) -> None:
             raise ValueError(f"PruneTarget.{name} fraction kept must be in [0, 1], got {a}")
         if isinstance(a, int) and a < 0:
             raise ValueError(f"PruneTarget.{name} count kept must be >= 0, got {a}")
+
+
+def _check_budget(t: PruneTarget) -> None:
+    if t.speedup is not None and t.latency_ms is not None:
+        raise ValueError("give PruneTarget.speedup or PruneTarget.latency_ms, not both")
+    if t.speedup is not None and not (isinstance(t.speedup, (int, float)) and t.speedup >= 1.0):
+        raise ValueError(f"PruneTarget.speedup must be a number >= 1 (a speed-up over the dense model), "
+                         f"got {t.speedup!r}")
+    if t.latency_ms is not None and not (isinstance(t.latency_ms, (int, float)) and t.latency_ms > 0):
+        raise ValueError(f"PruneTarget.latency_ms must be > 0 milliseconds, got {t.latency_ms!r}")
+    if t.params is not None and not (isinstance(t.params, (int, float)) and 0.0 <= t.params <= 1.0):
+        raise ValueError(f"PruneTarget.params must be a fraction of parameters kept in [0, 1], got {t.params!r}")
+    if t.speedup is None and t.latency_ms is None:
+        return
+    if t.at is None and t.table is None:
+        raise ValueError("a speed target needs the input shape it refers to: at=(batch, seq_len), or a table")
+    if t.at is not None:
+        if (not isinstance(t.at, (tuple, list)) or len(t.at) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in t.at)):
+            raise ValueError(f"PruneTarget.at must be (batch, seq_len), two ints >= 1, got {t.at!r}")
+        if t.table is not None and (t.table.key.batch, t.table.key.seq_len) != tuple(t.at):
+            raise ValueError(f"PruneTarget.at={tuple(t.at)} but the table was measured at {t.table.at}")
+
+
+def parse_at(text: str) -> tuple[int, int]:
+    """``"8x128"`` -> ``(8, 128)`` (batch x sequence length)."""
+    parts = str(text).lower().replace("×", "x").split("x")
+    try:
+        batch, seq = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"expected BATCHxSEQ_LEN such as 8x128, got {text!r}") from None
+    if batch < 1 or seq < 1:
+        raise ValueError(f"expected BATCHxSEQ_LEN with both >= 1, got {text!r}")
+    return batch, seq
 
 
 def _count(structure: str, amount: float | int, size: int) -> int:
@@ -173,10 +235,17 @@ def apply_masks(model: nn.Module, masks: Masks) -> nn.Module:
 def masks_for_scores(model: nn.Module, target: PruneTarget, scores: dict[str, Sequence[torch.Tensor]],
                      start: dict[str, list[torch.Tensor]] | None = None) -> Masks:
     """Masks keeping the top-scoring units per ``target``, starting from ``start`` (default: what the
-    model keeps now). A structure whose target is None keeps ``start`` unchanged."""
+    model keeps now). A structure whose target is None keeps ``start`` unchanged. For a budget target
+    (speed-up, latency, parameters) the scores must be commensurate across heads and FFN units: the per-layer
+    counts are planned by :func:`structprune.latency.plan.budget_masks`."""
     target = as_target(target)
     sizes = gate_sizes(model)
     start = current_masks(model) if start is None else start
+    if target.has_budget:  # speed / latency / parameter budget: per-layer counts planned on the cost table
+        from ..latency.plan import budget_masks
+
+        planned = budget_masks(model, target, scores, start)
+        return to_masks(planned["heads"], planned["ffn"])
     result = {}
     for structure in STRUCTURES:
         count = target.counts(structure, sizes[structure])

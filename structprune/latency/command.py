@@ -1,0 +1,100 @@
+"""``structprune latency-table``: measure (or read from the cache) the latency table of a model on this machine,
+print it, and optionally write it as JSON and plot it."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def plot_table(table, path: Path) -> Path:
+    """Attention ms against kept heads and FFN ms against kept units (measured medians and the monotone fit)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    d = table.to_dict()["derived"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    heads = list(range(table.num_heads + 1))
+    a.plot(heads, table.attention_ms, "o", label="measured (median)")
+    a.plot(heads, d["attention_fit_ms"], "-", label="monotone fit")
+    a.set_xlabel("heads kept in the layer")
+    a.set_ylabel("attention block (ms)")
+    b.plot(table.ffn_grid, table.ffn_ms, "o", label="measured (median)")
+    b.plot(table.ffn_grid, d["ffn_fit_ms"], "-", label="monotone fit")
+    b.set_xlabel("FFN units kept in the layer")
+    b.set_ylabel("FFN block (ms)")
+    a.legend()
+    fig.suptitle(f"one compacted layer, {table.describe()}; model {table.empty_ms:.1f} ms emptied, "
+                 f"{table.dense_measured_ms:.1f} ms dense", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_table(table) -> str:
+    d = table.to_dict()["derived"]
+    lines = [f"latency table: {table.key.model['architecture']} ({table.num_layers} layers, {table.num_heads} heads, "
+             f"{table.intermediate} FFN units), {table.describe()}",
+             f"whole model: {table.dense_measured_ms:.2f} ms dense, {table.empty_ms:.2f} ms with every head and unit "
+             f"removed (at most {table.max_speedup:.1f}x); blocks scaled by {d['scale']:.3f} to match",
+             "heads kept   " + " ".join(f"{h:>6}" for h in range(table.num_heads + 1)),
+             "attention ms " + " ".join(f"{v:6.2f}" for v in table.attention_ms)]
+    for i in range(0, len(table.ffn_grid), 13):
+        lines.append("FFN units    " + " ".join(f"{u:>6}" for u in table.ffn_grid[i:i + 13]))
+        lines.append("FFN ms       " + " ".join(f"{v:6.2f}" for v in table.ffn_ms[i:i + 13]))
+    return "\n".join(lines)
+
+
+def command(args: argparse.Namespace) -> int:
+    import transformers
+
+    from ..strategies.targets import parse_at
+    from .cost_model import compare_timer, get_table
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        path = args.model
+    else:
+        from ..demo import default_model_path
+
+        path = default_model_path()
+    model = transformers.AutoModelForQuestionAnswering.from_pretrained(path)
+    batch, seq = parse_at(args.at)
+    table = get_table(model, batch, seq, backend=args.backend, dtype=args.dtype, cache_dir=args.cache_dir,
+                      refresh=args.refresh, timer=compare_timer(2, args.repeats), ffn_points=args.ffn_points)
+    print(format_table(table))
+    if args.out:
+        table.save(args.out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        print(f"wrote {plot_table(table, Path(args.plot))}")
+    if args.json:
+        print(json.dumps(table.to_dict()["derived"]))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("latency-table", help="measure a model's per-layer latency table on this machine "
+                                                    "(cached; used by prune --speedup)")
+    p.add_argument("--model", default=None, help="HF model directory (default: the bundled MiniLM); only its "
+                                                 "class and config matter")
+    p.add_argument("--at", default="8x128", metavar="BxL", help="batch x sequence length (default 8x128)")
+    p.add_argument("--backend", default="cpp", choices=["torch", "triton", "cpp"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds over every probe")
+    p.add_argument("--ffn-points", type=int, default=24, help="FFN kept-unit grid points (plus 0)")
+    p.add_argument("--cache-dir", default=None, help="default: $STRUCTPRUNE_CACHE_DIR/latency or "
+                                                     "~/.cache/structprune/latency")
+    p.add_argument("--refresh", action="store_true", help="measure again even when the cache holds a table")
+    p.add_argument("--out", default=None, metavar="JSON", help="also write the table here")
+    p.add_argument("--plot", default=None, metavar="PNG", help="plot the curves here")
+    p.add_argument("--json", action="store_true", help="print the derived numbers as JSON")
+    p.set_defaults(func=command)

@@ -1,0 +1,270 @@
+"""Measure a :class:`~structprune.latency.LatencyTable` on this machine, cache it, and check its predictions.
+
+Timings do not depend on the weights' values, so the table is measured on a freshly initialised model of the
+same class and config (seeded), never touching the caller's model. Every probe is a COMPACTED block (what
+will be served): for each kept-head count one attention block, for each point of the FFN grid one FFN block,
+plus the whole model emptied and the whole dense model; all of them are timed interleaved in the same rounds
+(:func:`structprune.timing.compare`), and the median per probe is kept.
+
+    table = get_table(model, batch=8, seq_len=128, backend="cpp")   # cached per machine/shape/backend/threads
+    table.predict([12] * 6, [1536] * 6)                            # ms, end to end
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..compaction import compact, compact_layer
+from ..patching import gated_layers, patch
+from .table import LatencyTable, TableKey
+
+Timer = Callable[[Mapping[str, Callable[[], object]]], Mapping[str, list[float]]]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_cache_dir() -> Path:
+    """``$STRUCTPRUNE_CACHE_DIR/latency``, else ``~/.cache/structprune/latency``."""
+    root = os.environ.get("STRUCTPRUNE_CACHE_DIR")
+    return Path(root) / "latency" if root else Path.home() / ".cache" / "structprune" / "latency"
+
+
+def machine() -> dict:
+    """What a table depends on besides the model and the inputs: the CPU model, its cores, torch."""
+    from ..benchmark import _cpu_model
+
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__}
+
+
+def model_key(model: nn.Module) -> dict:
+    """The original shape of ``model`` (its config: compaction does not change it)."""
+    c = model.config
+    return {"architecture": type(model).__name__, "model_type": c.model_type, "hidden": c.hidden_size,
+            "heads": c.num_attention_heads, "head_dim": c.hidden_size // c.num_attention_heads,
+            "intermediate": c.intermediate_size, "layers": c.num_hidden_layers, "activation": c.hidden_act}
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch dtype, got {dtype!r}")
+        return dtype
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"dtype must be one of {list(DTYPES.values())}, got {dtype}")
+
+
+def table_key(model: nn.Module, batch: int, seq_len: int, backend: str = "cpp", dtype="fp32",
+              threads: int | None = None, machine_info: dict | None = None) -> TableKey:
+    """The key a table for these settings is stored and looked up under."""
+    if batch < 1 or seq_len < 1:
+        raise ValueError(f"batch and seq_len must be >= 1, got {batch}x{seq_len}")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len is not None and seq_len > max_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_len}")
+    return TableKey(model=model_key(model), backend=backend, dtype=_dtype_name(dtype), batch=int(batch),
+                    seq_len=int(seq_len), threads=int(threads or torch.get_num_threads()),
+                    machine=machine_info if machine_info is not None else machine())
+
+
+def ffn_grid(units: int, points: int = 24) -> list[int]:
+    """0 and ``points`` kept-unit counts evenly spaced up to ``units`` (rounded to whole units)."""
+    if points < 1:
+        raise ValueError(f"points must be >= 1, got {points}")
+    return sorted({0, units, *(round(units * k / points) for k in range(1, points + 1))})
+
+
+def compare_timer(warmup: int = 2, repeats: int = 15) -> Timer:
+    """The default timer: every probe once per round, rounds alternating order, ``repeats`` samples each."""
+    from ..timing import compare
+
+    def timer(fns):
+        return compare(dict(fns), warmup=warmup, repeats=repeats).seconds
+
+    return timer
+
+
+def fresh_model(model: nn.Module, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A newly initialised, patched, eval-mode model of ``model``'s class and config (same speed, new weights)."""
+    config = copy.deepcopy(model.config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = type(model)(config)
+    return patch(new.to(dtype).eval())
+
+
+def model_inputs(model: nn.Module, batch: int, seq_len: int, seed: int = 0) -> dict:
+    """Random token ids, no padding (``attention_mask`` of ones), segment ids 0."""
+    gen = torch.Generator().manual_seed(seed)
+    c = model.config
+    inputs = {"input_ids": torch.randint(0, c.vocab_size, (batch, seq_len), generator=gen),
+              "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+    if getattr(c, "type_vocab_size", 0):
+        inputs["token_type_ids"] = torch.zeros(batch, seq_len, dtype=torch.long)
+    return inputs
+
+
+def keep_first(model: nn.Module, heads: list[int], units: list[int]) -> nn.Module:
+    """Set masks keeping the first ``heads[l]`` heads and ``units[l]`` FFN units of each layer; returns ``model``."""
+    for layer, h, u in zip(gated_layers(model), heads, units):
+        for gate, k in ((layer.attention.self.head_gate, h), (layer.intermediate.unit_gate, u)):
+            mask = torch.zeros(gate.n)
+            mask[: int(k)] = 1.0
+            gate.set_mask(mask)
+    return model
+
+
+def compacted_copy(model: nn.Module, heads: list[int], units: list[int]) -> nn.Module:
+    """A compacted deep copy of a (fresh, patched) model with the given per-layer kept counts."""
+    return compact(keep_first(copy.deepcopy(model), heads, units))
+
+
+def _layer_inputs(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, object]:
+    """What the model passes to its first encoder layer: (hidden states, attention mask)."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["x"] = args[0]
+        seen["mask"] = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+
+    handle = gated_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return seen["x"], seen["mask"]
+
+
+def _probe_layer(base: nn.Module, heads: int, units: int) -> nn.Module:
+    layer = copy.deepcopy(base)
+    for gate, k in ((layer.attention.self.head_gate, heads), (layer.intermediate.unit_gate, units)):
+        mask = torch.zeros(gate.n)
+        mask[:k] = 1.0
+        gate.set_mask(mask)
+    compact_layer(layer)
+    return layer
+
+
+@torch.no_grad()
+def measure_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cpp", dtype="fp32",
+                  ffn_points: int = 24, timer: Timer | None = None, machine_info: dict | None = None,
+                  seed: int = 0) -> LatencyTable:
+    """Time the blocks of ``model``'s shape on this machine and return the :class:`LatencyTable`.
+
+    Args:
+        model: any supported HF model (patched or not, compacted or not); only its class and config are used.
+        batch, seq_len: the input shape the latency refers to.
+        backend: the kernel backend (``sp.set_backend`` name) to time; restored afterwards.
+        dtype: "fp32", "fp16", "bf16" or the torch dtype.
+        ffn_points: FFN kept-unit grid size (plus 0); linear interpolation in between.
+        timer: ``timer({name: fn}) -> {name: [per-call seconds, ...]}``; default :func:`compare_timer`.
+            Probe names are ``"attention/<heads>"``, ``"ffn/<units>"``, ``"model/empty"``, ``"model/dense"``.
+        machine_info: what to record as the machine (default :func:`machine`).
+
+    Uses the current ``torch.get_num_threads()`` and records it.
+    """
+    key = table_key(model, batch, seq_len, backend, dtype, machine_info=machine_info)
+    torch_dtype = DTYPES[key.dtype]
+    timer = timer or compare_timer()
+    fresh = fresh_model(model, torch_dtype, seed)
+    inputs = model_inputs(fresh, batch, seq_len, seed)
+    heads, units, layers = key.model["heads"], key.model["intermediate"], key.model["layers"]
+    grid = ffn_grid(units, ffn_points)
+    saved = ops.get_backend()
+    ops.set_backend(backend)
+    try:
+        x, mask = _layer_inputs(fresh, inputs)
+        base = gated_layers(fresh)[0]
+        fns: dict[str, Callable[[], object]] = {}
+        for h in range(heads + 1):
+            attn = _probe_layer(base, h, 0).attention
+            fns[f"attention/{h}"] = lambda m=attn: m(x, mask)
+        for u in grid:
+            layer = _probe_layer(base, 0, u)
+            fns[f"ffn/{u}"] = lambda m=layer: m.feed_forward_chunk(x)
+        empty = compacted_copy(fresh, [0] * layers, [0] * layers)
+        dense = compacted_copy(fresh, [heads] * layers, [units] * layers)
+        fns["model/empty"] = lambda: empty(**inputs)
+        fns["model/dense"] = lambda: dense(**inputs)
+        with torch.inference_mode():  # built outside it (weights keep their version counters), served inside it
+            seconds = timer(fns)
+    finally:
+        ops.set_backend(saved)
+    from ..timing import Spread
+
+    ms = {name: Spread.of([s * 1e3 for s in seconds[name]]) for name in fns}
+    spread = {name: round(s.rel_halfwidth, 4) for name, s in ms.items() if len(seconds[name]) > 1}
+    return LatencyTable(key=key, attention_ms=[ms[f"attention/{h}"].median for h in range(heads + 1)],
+                        ffn_grid=grid, ffn_ms=[ms[f"ffn/{u}"].median for u in grid],
+                        empty_ms=ms["model/empty"].median, dense_measured_ms=ms["model/dense"].median,
+                        spread=spread, notes={"samples": len(seconds["model/dense"]), "seed": seed})
+
+
+def get_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cpp", dtype="fp32",
+              cache_dir: str | Path | None = None, refresh: bool = False, verbose: bool = True,
+              **measure_kwargs) -> LatencyTable:
+    """The cached table for these settings when one exists for this machine (same CPU, cores, torch, shape,
+    backend, dtype, batch, sequence length and threads), else a fresh measurement, cached for next time.
+    ``refresh`` measures again whatever the cache holds."""
+    key = table_key(model, batch, seq_len, backend, dtype, machine_info=measure_kwargs.get("machine_info"))
+    path = Path(cache_dir or default_cache_dir()) / key.filename()
+    if path.is_file() and not refresh:
+        try:
+            table = LatencyTable.load(path)
+        except (ValueError, TypeError, KeyError) as exc:
+            warnings.warn(f"ignoring unreadable latency table {path}: {exc}", stacklevel=2)
+        else:
+            differ = table.key.differences(key)
+            if not differ:
+                return table
+            if verbose:
+                print(f"latency table {path} was measured for other settings {differ}; measuring again")
+    if verbose:
+        print(f"measuring the latency table for {key.model['architecture']} at B{batch}xL{seq_len}, "
+              f"{backend}, {key.dtype}, {key.threads} thread(s) -> {path}")
+    table = measure_table(model, batch, seq_len, backend, dtype, **measure_kwargs)
+    table.save(path)
+    return table
+
+
+@torch.no_grad()
+def check_predictions(model: nn.Module, table: LatencyTable, counts: list[tuple[list[int], list[int]]],
+                      timer: Timer | None = None, seed: int = 0) -> list[dict]:
+    """Measure compacted models with the given per-layer ``(heads, units)`` counts against the dense model
+    (alternated in the same rounds) and set the measured speed-ups beside the table's predictions."""
+    timer = timer or compare_timer()
+    key = table.key
+    fresh = fresh_model(model, DTYPES[key.dtype], seed)
+    inputs = model_inputs(fresh, key.batch, key.seq_len, seed)
+    layers = table.num_layers
+    fns = {"dense": (lambda m=compacted_copy(fresh, [table.num_heads] * layers, [table.intermediate] * layers):
+                     m(**inputs))}
+    for i, (h, u) in enumerate(counts):
+        fns[f"case/{i}"] = lambda m=compacted_copy(fresh, h, u): m(**inputs)
+    saved = ops.get_backend()
+    ops.set_backend(key.backend)
+    try:
+        with torch.inference_mode():
+            seconds = timer(fns)
+    finally:
+        ops.set_backend(saved)
+    from ..timing import Spread
+
+    rows = []
+    dense = seconds["dense"]
+    for i, (h, u) in enumerate(counts):
+        ratios = Spread.of([d / max(s, 1e-12) for d, s in zip(dense, seconds[f"case/{i}"])])
+        t = Spread.of([s * 1e3 for s in seconds[f"case/{i}"]])
+        rows.append({"heads": list(h), "ffn": list(u), "predicted_ms": float(table.predict(h, u)),
+                     "measured_ms": t.median, "predicted_speedup": table.speedup(h, u),
+                     "measured_speedup": ratios.median, "speedup_q1": ratios.q1, "speedup_q3": ratios.q3})
+    return rows

@@ -1,0 +1,74 @@
+"""L0 with a latency budget: the Lagrangian on the expected latency through the cost table, its gradient, and the
+exact decision meeting the budget."""
+import pytest
+import torch
+
+import structprune as sp
+from structprune.gates import expected_l0
+from structprune.strategies import L0Controller, PruneTarget
+from structprune.strategies.targets import layer_gates
+from models import one_thread_reference_backend, tiny_model  # noqa: F401  (autouse fixture)
+from test_latency import HEADS, LAYERS, UNITS, counts, synthetic_table
+
+
+@pytest.fixture
+def model():
+    return sp.patch(tiny_model(layers=LAYERS, hidden=64, heads=HEADS, ffn=UNITS))
+
+
+def test_latency_penalty_gradient(model):
+    table = synthetic_table(model)
+    ctl = L0Controller(model, PruneTarget(speedup=2.0, table=table), warmup_steps=0, init_noise=0.5, seed=1)
+    assert ctl.structures == ["latency"]
+    with torch.no_grad():
+        l1, l2 = ctl.lagrangian.lambdas("latency")
+        l1.fill_(1.0)
+        l2.fill_(0.0)
+    ctl.penalty(0).backward()
+    dense = table.dense_ms
+    for s, slope in (("heads", lambda n: table.attention(n + 1) - table.attention(n)),
+                     ("ffn", lambda n: (table.ffn(72) - table.ffn(48)) / 24)):
+        for layer, gate in enumerate(layer_gates(model, s)):
+            p = expected_l0(gate.log_alpha.detach())
+            n = float(p.sum())
+            # d penalty / d log_alpha_i = lambda1 / dense_ms * scale * curve slope at E[count] * p_i (1 - p_i)
+            want = table.scale * slope(int(n)) * p * (1 - p) / dense
+            assert torch.allclose(gate.log_alpha.grad, want.float(), rtol=1e-4, atol=1e-9), (s, layer)
+    lam = ctl.lagrangian.lambdas("latency")[0]
+    assert lam.grad is not None and float(lam.grad) < 0  # gradient reversal: ascent on the multiplier when over budget
+
+
+def test_latency_penalty_pulls_expected_latency_down(model):
+    table = synthetic_table(model)
+    ctl = L0Controller(model, PruneTarget(speedup=2.0, table=table), warmup_steps=0, seed=0)
+    opt = torch.optim.Adam(ctl.param_groups(model, lr=0.0, gate_lr=0.1, lambda_lr=0.5))
+    start = float(ctl.expected("latency").detach())
+    for step in range(30):
+        opt.zero_grad()
+        ctl.penalty(step).backward()
+        opt.step()
+    stats = ctl.stats()
+    assert stats["expected_latency_ms"] < 0.8 * start  # no task loss here: only the direction is checked
+    assert stats["lambda1_latency"] != 0.0
+    masks = ctl.finalize()
+    h, u = counts(masks)
+    assert table.speedup(h, u) >= 2.0 and ctl.stats()["predicted_speedup"] == pytest.approx(table.speedup(h, u))
+
+
+def test_latency_and_params_per_layer(model):
+    table = synthetic_table(model)
+    ctl = L0Controller(model, PruneTarget(speedup=1.5, params=0.5, per_layer=True, table=table), seed=0)
+    assert ctl.structures == ["latency", "params"]
+    assert ctl.expected("latency").shape == (LAYERS,) and ctl.expected("params").shape == (LAYERS,)
+    state = ctl.state_dict()
+    assert {"latency_lambda1", "params_lambda2"} <= set(state)
+    masks = ctl.finalize()
+    h, u = counts(masks)
+    share = (table.dense_ms / 1.5 - table.empty_ms) / LAYERS
+    assert all(table.layer_ms(a, b) <= share + 1e-9 for a, b in zip(h, u))
+
+
+def test_impossible_latency_target(model):
+    table = synthetic_table(model)
+    with pytest.raises(ValueError, match="out of reach"):
+        L0Controller(model, PruneTarget(speedup=40.0, table=table))
