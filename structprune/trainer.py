@@ -34,21 +34,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from .distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, TeacherCache, distillation_loss, teacher_logits
+from .losses import qa_task_loss
 from .patching import gate_parameters
 from .strategies.l0 import LAGRANGIAN_FILE, L0Controller
 
 logger = logging.get_logger(__name__)
 DEFAULT_INDEX_KEY = "feature_index"
-
-
-def qa_task_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor,
-                 end_positions: torch.Tensor) -> torch.Tensor:
-    """Mean of the start and end cross-entropies, positions outside the sequence ignored (HF's QA loss)."""
-    n = start_logits.size(-1)
-    ce = nn.CrossEntropyLoss(ignore_index=n)
-    start = ce(start_logits.float(), start_positions.reshape(-1).clamp(0, n))
-    end = ce(end_logits.float(), end_positions.reshape(-1).clamp(0, n))
-    return (start + end) / 2
 
 
 class PruningLoss:

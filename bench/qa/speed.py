@@ -1,6 +1,6 @@
 """Re-measure the end-to-end inference speed-up of every pruned run against its teacher, one run at a time.
 
-    python bench/qa/speed.py --runs runs/qa          # writes runs/qa/<run>/speed.json; report.py prefers it
+    python bench/qa/speed.py --runs runs/qa2         # writes runs/qa/<run>/speed.json; report.py prefers it
 
 `prune` measures its speed-up right after training, which is noisy when other jobs share the CPU (for example
 ``reproduce.py --workers 2``); this measures every pair again, alone, with the same batch and timer.
@@ -19,7 +19,7 @@ from structprune.qa.commands import load_qa_model, measure_speedup
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", default="runs/qa")
+    parser.add_argument("--runs", default="runs/qa2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--missing", action="store_true", help="only the runs that have no speed.json yet")

@@ -22,7 +22,7 @@ from .features import (
 )
 from .metric import compute_exact, compute_f1, normalize_answer, references_from, squad_v2_metric
 from .postprocess import postprocess_qa_predictions
-from .train import checkpoint_state, default_param_groups, load_checkpoint_weights, qa_loss, train_qa
+from .train import checkpoint_state, default_param_groups, load_checkpoint_weights, train_qa
 
 __all__ = [
     "build_eval_features",
@@ -40,7 +40,6 @@ __all__ = [
     "predict_logits",
     "prepare_eval_features",
     "prepare_train_features",
-    "qa_loss",
     "references_from",
     "squad_json_to_records",
     "squad_v2_metric",

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
+from .. import atomic
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad2"
 
@@ -25,27 +28,72 @@ def _default_model() -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    """Write a result file atomically (temp file, fsync, rename): a crash leaves the previous version."""
+    atomic.write_json(path, obj)
+
+
+def _check_inputs(args) -> None:
+    """Fail fast, before any work, on input paths that do not exist (one clear line at the CLI)."""
+    from structprune.cli import UsageError
+
+    model = getattr(args, "model", None)
+    if model is not None and not Path(model).is_dir() and not (str(model).endswith(".onnx") and Path(model).is_file()):
+        raise UsageError(f"--model {model}: no such directory; pass a local model directory (a HF model or the "
+                         "'model' folder of a finetune/prune run)")
+    for flag in ("train", "dev"):
+        path = getattr(args, flag, None)
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"--{flag} {path}: no such file; pass a SQuAD-format JSON file")
 
 
 def _start_run(args) -> Path:
+    """Check the inputs, create (or re-open) the run directory ``--out`` and record the arguments in its
+    ``config.json``. A directory holding another command's run, or a ``config.json`` that is not a run's (a model
+    directory), is refused."""
+    from structprune.cli import UsageError
+
+    _check_inputs(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    command = getattr(args, "command", None)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the run directory ({exc.strerror or exc}); pass a "
+                         "writable directory") from exc
+    if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: not a writable directory; pass a writable directory")
+    if (out / "config.json").is_file():
+        try:
+            previous = atomic.read_json(out / "config.json", "run config")
+        except ValueError as exc:
+            raise UsageError(f"{exc}; delete it or pass a new --out") from exc
+        line = previous.get("command_line", "")
+        if not line.startswith("structprune "):
+            raise UsageError(f"--out {out} holds a config.json that is not a structprune run's (a model "
+                             "directory?); pass a new --out")
+        before = previous.get("command") or line.split()[1]
+        if command is not None and before != command:
+            raise UsageError(f"--out {out} is the run directory of 'structprune {before}', not of '{command}'; "
+                             "pass a new --out (or re-run the same command there to resume it)")
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "argv", "debug")}
     config["command_line"] = "structprune " + shlex.join(getattr(args, "argv", sys.argv[1:]))
     _write_json(out / "config.json", config)
     return out
 
 
 def load_qa_model(path: str):
-    """A QA model from a local directory: a structprune save (pruned shapes kept) or a HF directory."""
+    """A QA model from a local directory: a structprune save (pruned shapes kept) or a HF directory; or an
+    exported ``.onnx`` file, run by ONNX Runtime on the CPU (its tokenizer is the one saved beside it)."""
     import transformers
 
     import structprune as sp
 
+    if str(path).endswith(".onnx"):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} does not exist (export one with: structprune export --format onnx)")
+        from structprune.export import OrtQAModel
+
+        return OrtQAModel(path)
     if (Path(path) / "structprune_config.json").is_file():
         model = sp.from_pretrained(path)
     else:
@@ -56,6 +104,8 @@ def load_qa_model(path: str):
 def _tokenizer(path: str):
     import transformers
 
+    if str(path).endswith(".onnx"):  # an exported model: structprune export saves the tokenizer beside it
+        path = str(Path(path).parent)
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
@@ -69,7 +119,7 @@ def _data(path: str | None, split: str, limit: int | None):
 def _train_kwargs(args) -> dict:
     return dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                 doc_stride=args.doc_stride, seed=args.seed, max_steps=args.max_steps,
-                stop_after_seconds=args.stop_after_seconds)
+                stop_after_seconds=args.stop_after_seconds, save_every_seconds=args.save_every_seconds)
 
 
 def evaluate_into(model, tokenizer, args, out: Path, name: str = "metrics.json", extra: dict | None = None) -> dict:
@@ -99,15 +149,65 @@ def finetune(args) -> int:
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(model_path)
     tokenizer = _tokenizer(model_path)
     train = _data(args.train, "train", args.train_limit)
-    train_qa(model, tokenizer, train, out, **_train_kwargs(args))
+    kwargs = _train_kwargs(args)
+    if args.eval_every:
+        kwargs.update(eval_fn=_dev_eval_fn(tokenizer, args), eval_every=args.eval_every, patience=args.patience,
+                      min_steps=_min_steps(train, tokenizer, args), select_metric=args.select_metric)
+    train_qa(model, tokenizer, train, out, **kwargs)
     if not _finished(out):
         print(f"paused; re-run the same command to resume from {out}")
         return 0
+    if args.eval_every:
+        from .train import load_best_weights
+
+        best = load_best_weights(model, out)
+        print(f"keeping the best evaluated weights: step {best['step']}, {args.select_metric} "
+              f"{best['metrics'][args.select_metric]:.2f}")
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     if not args.no_eval:
-        evaluate_into(model, tokenizer, args, out)
+        metrics = evaluate_into(model, tokenizer, args, out)
+        save_null_threshold(out / "model", metrics, args)
     return 0
+
+
+def _dev_eval_fn(tokenizer, args):
+    """``eval_fn`` for :func:`train_qa`: the SQuAD 2.0 metrics of the model on the dev set."""
+    from .evaluate import evaluate_qa
+
+    dev = _data(args.dev, "dev", args.dev_limit)
+
+    def eval_fn(model) -> dict:
+        metrics, _ = evaluate_qa(model, tokenizer, dev, max_length=args.max_length, doc_stride=args.doc_stride,
+                                 batch_size=args.eval_batch_size, progress=False)
+        print(json.dumps({k: round(metrics[k], 2) for k in ("f1", "HasAns_f1", "NoAns_f1", "best_f1")}), flush=True)
+        return metrics
+
+    return eval_fn
+
+
+def _min_steps(train, tokenizer, args) -> int:
+    """``--min-epochs`` in optimizer steps (the same feature count train_qa builds)."""
+    if not args.min_epochs:
+        return 0
+    from .features import build_train_features
+
+    feats = build_train_features(train, tokenizer, args.max_length, args.doc_stride, progress=False)
+    return int(args.min_epochs * -(-len(feats) // args.batch_size))
+
+
+THRESHOLD_FILE = "null_threshold.json"
+
+
+def save_null_threshold(model_dir: Path, metrics: dict, args) -> None:
+    """Store the dev-chosen null-score threshold (the one of ``best_f1``) beside the model, for ``predict``."""
+    if "best_f1_thresh" not in metrics or not Path(model_dir).is_dir():
+        return
+    _write_json(Path(model_dir) / THRESHOLD_FILE, {
+        "null_threshold": float(metrics["best_f1_thresh"]), "best_f1": metrics["best_f1"],
+        "chosen_on": args.dev or str(DEFAULT_DATA / "dev.json"), "dev_limit": args.dev_limit,
+        "max_length": args.max_length, "doc_stride": args.doc_stride,
+    })
 
 
 def _finished(run_dir: Path) -> bool:
@@ -120,7 +220,9 @@ def _finished(run_dir: Path) -> bool:
 def evaluate_cmd(args) -> int:
     out = _start_run(args)
     model = load_qa_model(args.model)
-    evaluate_into(model, _tokenizer(args.model), args, out)
+    metrics = evaluate_into(model, _tokenizer(args.model), args, out)
+    if not args.no_save_threshold:
+        save_null_threshold(Path(args.model), metrics, args)
     return 0
 
 
@@ -139,7 +241,7 @@ def _gain_batches(model, tokenizer, args):
 def prune(args) -> int:
     """Choose masks with a strategy, train the survivors (optionally distilled), compact, save, evaluate."""
     import structprune as sp
-    from structprune.strategies import PruneTarget, gain_masks, random_masks
+    from structprune.strategies import gain_masks, random_masks
 
     from .train import train_qa
 
@@ -148,10 +250,14 @@ def prune(args) -> int:
     teacher = load_qa_model(args.model)
     tokenizer = _tokenizer(args.model)
     student = sp.patch(copy.deepcopy(teacher))
-    target = PruneTarget(heads=args.heads, ffn=args.ffn, per_layer=args.per_layer)
+    target = prune_target(args, teacher)
     train = _data(args.train, "train", args.train_limit)
     masks_file = out / "masks.json"
-    distill = dict(teacher=teacher if args.distill else None, alpha=args.distill_alpha, temperature=args.temperature)
+    distill = dict(alpha=args.distill_alpha, temperature=args.temperature)
+    if args.distill and args.teacher_logits:
+        distill["teacher_cache"] = cached_teacher_logits(teacher, tokenizer, train, args, Path(args.teacher_logits))
+    else:
+        distill["teacher"] = teacher if args.distill else None
     controller = None
     if args.method == "l0" and args.l0_steps:
         if not _select_l0(student, tokenizer, train, target, args, out, distill):
@@ -171,6 +277,8 @@ def prune(args) -> int:
         sp.set_masks(student, heads=masks.heads, ffn=masks.ffn)
         print(f"{args.method} masks chosen in {time.perf_counter() - t0:.1f}s")
         _save_masks(student, masks_file)
+    if args.max_steps == 0:  # decide, compact and save only
+        return _decided_only(student, tokenizer, target, args, out)
 
     run_dir = out / "train"
     kwargs = _train_kwargs(args)
@@ -188,13 +296,10 @@ def prune(args) -> int:
     if controller is not None:
         controller.finalize(target)
         _save_masks(student, masks_file)
-    layers_kept = sp.get_masks(student)
-    sp.compact(student)
-    sp.save_pretrained(student, out / "model", tokenizer=tokenizer)
-    report = sp.summary(student, seq_len=args.max_length)
-    (out / "summary.txt").write_text(str(report) + "\n")
-    print(report)
+    layers_kept, report = _compact_and_save(student, tokenizer, target, args, out)
     speed = measure_speedup(teacher, student, tokenizer, args)
+    if report.latency:
+        speed["predicted_speedup"] = report.latency["predicted_speedup"]
     extra = {
         "method": args.method, "distill": args.distill,
         "heads_kept": layers_kept.num_heads_kept, "heads_total": report.total("heads_total"),
@@ -204,8 +309,108 @@ def prune(args) -> int:
         "encoder_params": report.total("params"), "encoder_params_original": report.total("params_original"),
         **speed,
     }
-    evaluate_into(student, tokenizer, args, out, extra=extra)
+    metrics = evaluate_into(student, tokenizer, args, out, extra=extra)
+    save_null_threshold(out / "model", metrics, args)
     return 0
+
+
+def prune_target(args, model):
+    """The :class:`PruneTarget` of ``prune``'s arguments: fractions kept (``--heads``/``--ffn``), or a speed target
+    (``--speedup``/``--latency-ms`` at ``--at BxL``, optionally with ``--max-params``; ``--heads``/``--ffn`` then cap),
+    whose latency table is read from ``--latency-table`` or the per-machine cache (measured when missing)."""
+    from structprune.cli import UsageError
+    from structprune.latency import LatencyTable, get_table
+    from structprune.strategies import PruneTarget
+    from structprune.strategies.targets import parse_at
+
+    if args.max_steps == 0 and args.method == "l0" and not args.l0_steps:
+        raise UsageError("--max-steps 0 with --method l0 needs --l0-steps N (the selection phase that decides)")
+    speed = args.speedup is not None or args.latency_ms is not None
+    if not speed and args.max_params is None:
+        if args.heads is None or args.ffn is None:
+            raise UsageError("prune needs --heads and --ffn (fractions kept), or a budget: --speedup / --latency-ms "
+                             "with --at BATCHxSEQ_LEN, or --max-params")
+        return PruneTarget(heads=args.heads, ffn=args.ffn, per_layer=args.per_layer)
+    table, at = None, None
+    if speed:
+        if args.latency_table:
+            table = LatencyTable.load(args.latency_table)
+            at = (table.key.batch, table.key.seq_len)
+        elif args.at is None:
+            raise UsageError("--speedup / --latency-ms need --at BATCHxSEQ_LEN (the input shape the latency refers to)")
+        else:
+            at = parse_at(args.at)
+            table = get_table(model, *at, backend=args.latency_backend, cache_dir=args.latency_cache,
+                              refresh=args.refresh_latency)
+    return PruneTarget(heads=1.0 if args.heads is None else args.heads, ffn=1.0 if args.ffn is None else args.ffn,
+                       per_layer=args.per_layer, speedup=args.speedup, latency_ms=args.latency_ms,
+                       params=args.max_params, at=at, backend=args.latency_backend, table=table)
+
+
+def _compact_and_save(student, tokenizer, target, args, out: Path):
+    """Compact the decided student, save it to ``out/model`` and its summary to ``out/summary.txt``; returns the
+    masks it was compacted from and the summary (with the predicted latency for a speed target)."""
+    import structprune as sp
+
+    kept = sp.get_masks(student)
+    sp.compact(student)
+    sp.save_pretrained(student, out / "model", tokenizer=tokenizer)
+    report = sp.summary(student, seq_len=args.max_length, latency=target.table)
+    (out / "summary.txt").write_text(str(report) + "\n")
+    print(report)
+    return kept, report
+
+
+def _decided_only(student, tokenizer, target, args, out: Path) -> int:
+    """``prune --max-steps 0``: compact and save the decided model, with its summary (and predicted latency)."""
+    kept, report = _compact_and_save(student, tokenizer, target, args, out)
+    _write_json(out / "metrics.json", {
+        "method": args.method, "trained_steps": 0,
+        "heads_kept": kept.num_heads_kept, "ffn_kept": kept.num_ffn_kept,
+        "heads_per_layer": [r.heads_kept for r in report.layers], "ffn_per_layer": [r.ffn_kept for r in report.layers],
+        "encoder_params": report.total("params"), "encoder_params_original": report.total("params_original"),
+        "latency": report.latency})
+    return 0
+
+
+def cached_teacher_logits(teacher, tokenizer, train, args, path: Path):
+    """The teacher's start/end logits on every train feature, computed once and stored at ``path`` (a
+    safetensors :class:`~structprune.distill.TeacherCache` plus ``<path>.json`` saying what it was built from), so
+    that distilled students train without a teacher forward. An existing cache is reused only when it was built
+    for the same teacher, data and window settings."""
+    from structprune.distill import TeacherCache
+
+    from .features import build_train_features, collate
+
+    features = build_train_features(train, tokenizer, args.max_length, args.doc_stride)
+    meta = {"teacher": str(Path(args.model).resolve()), "train": str(Path(args.train or DEFAULT_DATA / "train.json").resolve()),
+            "train_limit": args.train_limit, "max_length": args.max_length, "doc_stride": args.doc_stride,
+            "num_features": len(features)}
+    meta_path = path.with_name(path.name + ".json")
+    if path.is_file() and meta_path.is_file():
+        saved = json.loads(meta_path.read_text())
+        if saved != meta:
+            differ = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+            raise ValueError(f"{path} holds teacher logits built for other settings ({{name: (cache, now)}}: "
+                             f"{differ}); pass another --teacher-logits path or delete it")
+        return TeacherCache.load(path)
+    names = [n for n in tokenizer.model_input_names if n in features.column_names]
+    inputs = features.select_columns(names)
+
+    def batches():
+        for begin in tqdm(range(0, len(features), args.eval_batch_size), desc="teacher logits", unit="batch"):
+            batch = collate(inputs[begin:begin + args.eval_batch_size], tokenizer, names)
+            batch["feature_index"] = torch.arange(begin, min(begin + args.eval_batch_size, len(features)))
+            yield batch
+
+    t0 = time.perf_counter()
+    cache = TeacherCache.build(teacher, batches())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.replacing(path) as tmp:  # the metadata first: a cache without it is rebuilt, never trusted
+        cache.save(tmp)
+        _write_json(meta_path, meta)
+    print(f"teacher logits of {len(features)} train features cached in {path} ({time.perf_counter() - t0:.0f}s)")
+    return cache
 
 
 def _l0_controller(student, target, args, run_dir: Path):
@@ -274,7 +479,8 @@ def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict
         return False
     controller.finalize(target)
     _save_masks(student, out / "masks.json")
-    safetensors.torch.save_model(student, str(run_dir / DECIDED_FILE))
+    with atomic.replacing(run_dir / DECIDED_FILE) as tmp:  # a resumed run trusts this file: all or nothing
+        safetensors.torch.save_model(student, str(tmp))
     return True
 
 
@@ -305,8 +511,11 @@ def _save_masks(model, path: Path) -> None:
 
 @torch.inference_mode()
 def measure_speedup(dense, pruned, tokenizer, args, repeats: int = 5) -> dict:
-    """Median forward time of the dense teacher and the pruned model on the same real dev batch, the two timed
-    in turn within each repeat so that load from elsewhere falls on both."""
+    """Forward time of the dense teacher and the pruned model on the same real dev batch, the two alternated
+    call by call (:func:`structprune.timing.compare`); the speed-up is the median of the per-pair ratios,
+    reported with its quartiles."""
+    from structprune.timing import compare
+
     from .features import build_eval_features, collate
 
     torch.set_num_threads(args.threads)
@@ -314,20 +523,16 @@ def measure_speedup(dense, pruned, tokenizer, args, repeats: int = 5) -> dict:
     feats = build_eval_features(dev, tokenizer, args.max_length, args.doc_stride)
     cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in feats.column_names]
     batch = collate(feats[: args.eval_batch_size], tokenizer, cols)
-    models = {"dense": dense, "pruned": pruned}
-    samples = {name: [] for name in models}
-    for model in models.values():
-        model.eval()
-        model(**batch)  # warm-up
-    for _ in range(repeats):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            model(**batch)
-            samples[name].append(time.perf_counter() - t0)
-    times = {name: statistics.median(s) for name, s in samples.items()}
-    return {"dense_forward_s": times["dense"], "pruned_forward_s": times["pruned"],
-            "speedup": times["dense"] / times["pruned"], "speed_batch": int(batch["input_ids"].shape[0]),
-            "speed_seq": int(batch["input_ids"].shape[1])}
+    dense.eval()
+    pruned.eval()
+    shape = tuple(batch["input_ids"].shape)
+    timing = compare({"dense": lambda: dense(**batch), "pruned": lambda: pruned(**batch)}, warmup=1,
+                     repeats=repeats, shapes=f"batch {shape[0]} x seq {shape[1]}")
+    ratio = timing.speedup("pruned")
+    return {"dense_forward_s": timing.time("dense").median, "pruned_forward_s": timing.time("pruned").median,
+            "speedup": ratio.median, "speedup_q1": ratio.q1, "speedup_q3": ratio.q3,
+            "speed_repeats": repeats, "speed_threads": timing.threads,
+            "speed_batch": int(shape[0]), "speed_seq": int(shape[1])}
 
 
 def _common(p, train: bool) -> None:
@@ -348,22 +553,51 @@ def _common(p, train: bool) -> None:
         p.add_argument("--seed", type=int, default=42)
         p.add_argument("--stop-after-seconds", type=float, default=None,
                        help="pause cleanly after this long; re-run the same command to resume")
+        p.add_argument("--save-every-seconds", type=float, default=180.0,
+                       help="seconds between training checkpoints (0: after every step)")
 
 
 def register(subparsers) -> None:
+    from structprune.cli import fraction
+
     p = subparsers.add_parser("finetune", help="fine-tune a QA model (the teacher) on SQuAD 2.0-format data")
     p.add_argument("--model", default=None, help="local HF model directory (default: the bundled MiniLM)")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate on dev every N steps, keep the best weights (by --select-metric) as the model")
+    p.add_argument("--patience", type=int, default=None,
+                   help="with --eval-every: stop once N evaluations in a row have not improved on the best")
+    p.add_argument("--min-epochs", type=float, default=0.0, help="with --patience: never stop before this")
+    p.add_argument("--select-metric", default="best_f1", choices=["best_f1", "f1", "HasAns_f1"])
     _common(p, train=True)
     p.set_defaults(func=finetune)
 
     p = subparsers.add_parser("prune", help="prune a fine-tuned QA model, train the survivors, compact, evaluate")
     p.add_argument("--model", required=True, help="the fine-tuned (teacher) model directory")
     p.add_argument("--method", choices=["random", "gain", "l0"], required=True)
-    p.add_argument("--heads", type=float, required=True, help="fraction of heads KEPT (e.g. 0.5)")
-    p.add_argument("--ffn", type=float, required=True, help="fraction of FFN units KEPT (e.g. 0.3)")
+    p.add_argument("--heads", type=fraction, default=None,
+                   help="fraction of heads KEPT, in (0, 1] (e.g. 0.5); with a speed target: at most this fraction")
+    p.add_argument("--ffn", type=fraction, default=None,
+                   help="fraction of FFN units KEPT, in (0, 1] (e.g. 0.3); with a speed target: at most this fraction")
     p.add_argument("--per-layer", action="store_true", help="the target holds in every layer (default: global)")
+    p.add_argument("--speedup", type=float, default=None,
+                   help="prune to this predicted end-to-end speed-up over the dense model (>= 1), at --at")
+    p.add_argument("--latency-ms", type=float, default=None, help="prune to this predicted latency (ms), at --at")
+    p.add_argument("--at", default=None, metavar="BxL", help="input shape of the speed target, e.g. 8x128")
+    p.add_argument("--max-params", type=fraction, default=None,
+                   help="keep at most this fraction of the heads' and FFN units' parameters (alone or with a speed "
+                        "target)")
+    p.add_argument("--latency-backend", default="cpp", choices=["torch", "triton", "cpp"],
+                   help="backend the latency table is measured on")
+    p.add_argument("--latency-table", default=None, metavar="JSON",
+                   help="use this latency table (structprune latency-table) instead of the per-machine cache")
+    p.add_argument("--latency-cache", default=None, metavar="DIR", help="latency table cache directory")
+    p.add_argument("--refresh-latency", action="store_true", help="measure the latency table again")
     p.add_argument("--distill", action="store_true", help="distil from the unpruned model while training")
+    p.add_argument("--teacher-logits", default=None, metavar="FILE",
+                   help="with --distill: the teacher's logits on the train features, cached once in FILE (built "
+                        "there when missing, reused by every student with the same data and settings), so the "
+                        "students train without a teacher forward")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--gain-examples", type=int, default=256, help="questions used to estimate gain importance")
@@ -384,5 +618,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="evaluate a QA model (HF or structprune directory) on SQuAD 2.0")
     p.add_argument("--model", required=True)
+    p.add_argument("--no-save-threshold", action="store_true",
+                   help=f"do not store the dev-chosen null threshold ({THRESHOLD_FILE}) beside the model")
     _common(p, train=False)
     p.set_defaults(func=evaluate_cmd)

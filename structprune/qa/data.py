@@ -7,7 +7,9 @@ Every loader returns a :class:`datasets.Dataset` with the columns of the Hugging
 
 Accepted inputs (:func:`load_squad`):
 
-* a path to an official SQuAD JSON file (``{"version": "v2.0", "data": [articles]}``; v1.1 works too);
+* a path to an official SQuAD JSON file (``{"version": "v2.0", "data": [articles]}``; v1.1 works too), with or
+  without answers (a file without them, such as a blind test set, gives empty answer lists);
+* a path to a plain JSON list of questions ``[{"id", "question", "context"[, "title"]}, ...]`` (for prediction);
 * a :class:`datasets.Dataset` already in that schema, or a :class:`datasets.DatasetDict` plus ``split``;
 * a path to a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
 """
@@ -36,7 +38,8 @@ SQUAD_FEATURES = datasets.Features(
 )
 
 _EXPECTED = (
-    "a path to an official SQuAD JSON file ({'version': ..., 'data': [articles]}), a path to a directory "
+    "a path to an official SQuAD JSON file ({'version': ..., 'data': [articles]}) or to a JSON list of "
+    "{'id', 'question', 'context'} objects, a path to a directory "
     "saved with Dataset.save_to_disk, a datasets.Dataset with columns "
     f"{list(SQUAD_COLUMNS)}, or a datasets.DatasetDict plus split="
 )
@@ -72,6 +75,20 @@ def squad_json_to_records(squad: dict[str, Any]) -> list[dict[str, Any]]:
                         },
                     }
                 )
+    return records
+
+
+def question_list_to_records(items: list) -> list[dict[str, Any]]:
+    """Records (no answers) from a plain list of ``{"id", "question", "context"[, "title"]}`` objects."""
+    records = []
+    for i, item in enumerate(items):
+        missing = [k for k in ("id", "question", "context") if not isinstance(item, dict) or k not in item]
+        if missing:
+            got = sorted(item) if isinstance(item, dict) else type(item).__name__
+            raise ValueError(f"question {i} of the list lacks {missing} (got {got}); expected objects with "
+                             "'id', 'question' and 'context'")
+        records.append({"id": str(item["id"]), "title": str(item.get("title", "")), "context": item["context"],
+                        "question": item["question"], "answers": {"text": [], "answer_start": []}})
     return records
 
 
@@ -145,7 +162,7 @@ def load_squad(
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise ValueError(f"{path} is not a JSON file ({err}); expected {_EXPECTED}") from err
             try:
-                records = squad_json_to_records(squad)
+                records = question_list_to_records(squad) if isinstance(squad, list) else squad_json_to_records(squad)
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from err
             if limit is not None:
