@@ -50,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="structprune", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="structprune", description="Structured pruning (gated heads and FFN units) of BERT-family QA models.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
