@@ -6,8 +6,9 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("structprune.demo", "structprune.info", "structprune.qa.commands", "structprune.qa.predict", "structprune.benchmark",
-                   "structprune.kernel_report", "structprune.latency.command", "structprune.export")
+COMMAND_MODULES = ("structprune.demo", "structprune.info", "structprune.qa.commands", "structprune.qa.predict",
+                   "structprune.benchmark", "structprune.kernel_report", "structprune.latency.command",
+                   "structprune.export")
 
 
 class UsageError(ValueError):
@@ -50,7 +51,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="structprune", description="Structured pruning (gated heads and FFN units) of BERT-family QA models.")
+    parser = _Parser(prog="structprune",
+                     description="Structured pruning (gated heads and FFN units) of BERT-family QA models.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
