@@ -78,11 +78,15 @@ def test_torch_export_matches(tmp_path):
         torch.testing.assert_close(torch.cat([start, end], -1), logits(model(**inputs)), atol=1e-5, rtol=0)
 
 
-def test_int8_quantized_graph_runs_close(tmp_path):
+def _pruned_onnx(path):
+    """A pruned tiny BERT and its fp32 ONNX export at ``path``."""
     model = pruned()
-    names = names_for("bert")
     example = tiny_batch(2, 9) | {"token_type_ids": torch.zeros(2, 9, dtype=torch.long)}
-    fp32 = spx.export_onnx(spx.to_plain(model), names, example, tmp_path / "m.onnx")
+    return model, spx.export_onnx(spx.to_plain(model), names_for("bert"), example, path)
+
+
+def test_int8_quantized_graph_runs_close(tmp_path):
+    model, fp32 = _pruned_onnx(tmp_path / "m.onnx")
     int8 = spx.quantize_int8(fp32, tmp_path / "m.int8.onnx")
     assert int8.stat().st_size < fp32.stat().st_size
     inputs = tiny_batch() | {"token_type_ids": torch.zeros(3, 11, dtype=torch.long)}
@@ -95,10 +99,7 @@ def test_int8_quantized_graph_runs_close(tmp_path):
 
 def test_optimized_graph_keeps_outputs(tmp_path):
     """ORT transformer fusions read per-layer head counts from the graph: outputs unchanged."""
-    model = pruned()
-    names = names_for("bert")
-    example = tiny_batch(2, 9) | {"token_type_ids": torch.zeros(2, 9, dtype=torch.long)}
-    fp32 = spx.export_onnx(spx.to_plain(model), names, example, tmp_path / "m.onnx")
+    model, fp32 = _pruned_onnx(tmp_path / "m.onnx")
     opt = spx.optimize_onnx(fp32, tmp_path / "m.opt.onnx")
     inputs = tiny_batch() | {"token_type_ids": torch.zeros(3, 11, dtype=torch.long)}
     with torch.no_grad():

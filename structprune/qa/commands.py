@@ -152,7 +152,7 @@ def finetune(args) -> int:
     kwargs = _train_kwargs(args)
     if args.eval_every:
         kwargs.update(eval_fn=_dev_eval_fn(tokenizer, args), eval_every=args.eval_every, patience=args.patience,
-                      min_steps=_min_steps(train, tokenizer, args), select_metric=args.select_metric)
+                      min_epochs=args.min_epochs, select_metric=args.select_metric)
     train_qa(model, tokenizer, train, out, **kwargs)
     if not _finished(out):
         print(f"paused; re-run the same command to resume from {out}")
@@ -184,16 +184,6 @@ def _dev_eval_fn(tokenizer, args):
         return metrics
 
     return eval_fn
-
-
-def _min_steps(train, tokenizer, args) -> int:
-    """``--min-epochs`` in optimizer steps (the same feature count train_qa builds)."""
-    if not args.min_epochs:
-        return 0
-    from .features import build_train_features
-
-    feats = build_train_features(train, tokenizer, args.max_length, args.doc_stride, progress=False)
-    return int(args.min_epochs * -(-len(feats) // args.batch_size))
 
 
 THRESHOLD_FILE = "null_threshold.json"

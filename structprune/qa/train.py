@@ -21,7 +21,7 @@ learning rate, gradient norm, elapsed seconds) and one per event (start, resume,
 With ``eval_fn`` and ``eval_every``, the model is evaluated every ``eval_every`` steps and at the end; every
 evaluation is logged (``"event": "eval"``) and kept in ``state.json``, the best one's weights are kept in
 ``output_dir/best/`` (by ``select_metric``, higher is better), and with ``patience`` the run ends early once
-that many evaluations in a row have not improved on the best (never before ``min_steps``). A checkpoint is
+that many evaluations in a row have not improved on the best (never before ``min_epochs``). A checkpoint is
 written right after each evaluation, so a resumed run neither repeats nor skips one.
 """
 from __future__ import annotations
@@ -309,7 +309,7 @@ def train_qa(
     eval_every: int | None = None,
     select_metric: str = "best_f1",
     patience: int | None = None,
-    min_steps: int = 0,
+    min_epochs: float = 0.0,
 ) -> torch.nn.Module:
     """Fine-tune ``model`` on SQuAD-style data, resuming from ``output_dir`` when it holds a checkpoint.
 
@@ -343,8 +343,8 @@ def train_qa(
             ``eval_every`` steps and at the end of training.
         select_metric: the key of ``eval_fn``'s result that decides the best evaluation (higher is better);
             the best weights are kept in ``output_dir/best/`` (see :func:`load_best_weights`).
-        patience, min_steps: end the run (finished, ``stopped_early`` in ``state.json``) once ``patience``
-            evaluations in a row have not improved on the best, but not before ``min_steps`` steps.
+        patience, min_epochs: end the run (finished, ``stopped_early`` in ``state.json``) once ``patience``
+            evaluations in a row have not improved on the best, but not before ``min_epochs`` epochs.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -446,7 +446,7 @@ def train_qa(
         if metrics[select_metric] > best:
             _save_best(output_dir, model, record)
         since_best = len(evals) - 1 - max(range(len(evals)), key=lambda i: evals[i]["metrics"][select_metric])
-        return patience is not None and since_best >= patience and step >= min_steps
+        return patience is not None and since_best >= patience and step >= min_epochs * steps_per_epoch
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress, unit="step")
