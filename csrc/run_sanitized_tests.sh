@@ -59,12 +59,13 @@ EOF
 if [ "${1:-}" = "--quick" ]; then
   shift
   # One case per op family and every code path of the cache; the full file runs in the nightly/manual mode.
-  set -- tests/test_cpp_ops.py tests/test_cache.py tests/test_threads.py -k \
-    "not opcheck and not compiles and (fp32_matches or bf16 or cache or thread or data or entries or output_mask_direct or saved_tensors or hard_concrete or training_steps)" "$@"
+  # (the contract suite's cpp cases cover the forward/backward-against-reference paths)
+  set -- tests/test_op_contract.py tests/test_cpp_ops.py tests/test_cache.py tests/test_threads.py -k \
+    "not opcheck and not compiles and not triton and not torch- and (cpp or cache or thread or data or entries or output_mask_direct or saved_tensors or hard_concrete or training_steps)" "$@"
 elif [ $# -eq 0 ]; then
   # (the CUDA-build fallback test expects a CUDA JIT attempt, which a sanitized build never makes)
-  set -- tests/test_cpp_ops.py tests/test_cache.py tests/test_threads.py \
-    --deselect tests/test_cpp_ops.py::test_failed_cuda_jit_build_is_reported
+  set -- tests/test_op_contract.py tests/test_cpp_ops.py tests/test_cache.py tests/test_threads.py \
+    -k "not triton" --deselect tests/test_cpp_ops.py::test_failed_cuda_jit_build_is_reported
 fi
 
 show_reports

@@ -9,17 +9,21 @@ with fake and autograd registrations; the backwards are custom ops too) and its 
 * :mod:`.hard_concrete` -- ``hard_concrete_sample`` / ``hard_concrete_uniform``: fused Philox sampling.
 * :mod:`._common` -- the gathered GEMM shared by both, launch configs, checks.
 
-Importing this package never fails because triton is missing or broken: :func:`availability` then reports the
-reason and the op functions raise it. Triton builds its kernels for the interpreter when ``TRITON_INTERPRET=1``
-is set at import time; only then can CPU tensors be used.
+``BACKEND`` is the :class:`structprune._op_support.Backend` the dispatcher runs (registered in
+:mod:`structprune.backends`). Importing this package never fails because triton is missing or broken:
+:func:`availability` then reports the reason and the op functions raise it. Triton builds its kernels for the
+interpreter when ``TRITON_INTERPRET=1`` is set at import time; only then can CPU tensors be used.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
-__all__ = ["availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
+from structprune._op_support import Backend, OpInputs, kernel_not_supported_reasons
+
+__all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
            "supports_attention_dropout", "attention_dropout_scale"]
 
 try:
@@ -59,3 +63,13 @@ def availability(device: torch.device) -> str | None:
                     "built for the GPU: set it before importing structprune")
         return None
     return f"Triton kernels do not support {device.type} tensors"
+
+
+def not_supported_reasons(inputs: OpInputs) -> list[str]:
+    """Why this backend cannot run a call (empty: it can); see :class:`structprune._op_support.Backend`."""
+    return kernel_not_supported_reasons(inputs, attention_dropout=supports_attention_dropout(inputs.device))
+
+
+BACKEND = Backend(name="triton", availability=availability, not_supported_reasons=not_supported_reasons,
+                  gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
+                  hard_concrete_uniform=hard_concrete_uniform, module=sys.modules[__name__])

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from structprune.ops import grad_output_mask, masked_grads, register_autocast
+from structprune._op_support import grad_output_mask, masked_grads, register_autocast
 
 from . import _common as C
 

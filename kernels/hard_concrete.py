@@ -1,7 +1,7 @@
 """Fused hard-concrete sampling: counter-based uniform noise, stretch and clamp in one kernel.
 
 ``u_i = clamp(tl.rand(seed, offset + i), 1e-6, 1 - 1e-6)`` (Philox, so equal ``(seed, offset)`` give equal
-noise on any device and launch configuration), then, as :func:`structprune.gates.hard_concrete_from_uniform`,
+noise on any device and launch configuration), then, as :func:`structprune.reference.hard_concrete_from_uniform`,
 ``z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta) * (ZETA - GAMMA) + GAMMA, 0, 1)``. The noise is
 clamped like :class:`structprune.gates.HardConcreteGate` clamps ``torch.rand``. The backward kernel draws
 the same noise again from ``(seed, offset)`` instead of saving it: ``dz/dlog_alpha = (ZETA - GAMMA) * s (1 - s)
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from structprune.gates import BETA, GAMMA, ZETA
+from structprune.reference import BETA, GAMMA, ZETA
 
 from . import _common as C
 
@@ -127,7 +127,7 @@ def hard_concrete_sample(log_alpha: torch.Tensor, seed: int, offset: int, beta: 
 
 def hard_concrete_uniform(n: int, seed: int, offset: int, device: torch.device | str) -> torch.Tensor:
     """The fp32 uniform noise [n] that :func:`hard_concrete_sample` uses for ``(seed, offset)`` (already
-    clamped to ``[1e-6, 1 - 1e-6]``), for comparing with ``gates.hard_concrete_from_uniform``."""
+    clamped to ``[1e-6, 1 - 1e-6]``), for comparing with ``reference.hard_concrete_from_uniform``."""
     _check_counter(seed, offset, n)
     u = torch.empty((n,), dtype=torch.float32, device=device)
     _launch(2, n, seed, offset, 1.0, out=u)

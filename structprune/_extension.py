@@ -39,16 +39,19 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from .ops import grad_output_mask, masked_grads, register_autocast
+from ._op_support import (Backend, OpInputs, grad_output_mask, kernel_not_supported_reasons, masked_grads,
+                          register_autocast)
 
-__all__ = ["availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "clear_cache", "cache_size",
-           "build_info", "load_error", "supports_attention_dropout", "attention_dropout_scale"]
+__all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
+           "clear_cache", "cache_size", "build_info", "load_error", "supports_attention_dropout",
+           "attention_dropout_scale"]
 
 _log = logging.getLogger("structprune")
 
@@ -280,6 +283,20 @@ def hard_concrete_sample(log_alpha, seed: int, offset: int, beta: float = 2.0 / 
     return torch.ops.structprune.hard_concrete_sample(log_alpha, int(seed), int(offset), float(beta), mask)
 
 
+def hard_concrete_uniform(n: int, seed: int, offset: int, device) -> torch.Tensor:
+    """The fp32 uniform noise [n] (clamped to [1e-6, 1 - 1e-6]) that :func:`hard_concrete_sample` uses for
+    ``(seed, offset)``: element i is word ``i % 4`` of Philox4x32-10 block ``(i // 4, offset)`` under key ``seed``,
+    ``((word >> 9) + 0.5) / 2**23``. One op call per block: for tests and small ``n``."""
+    _require()
+    m = 0xFFFFFFFF
+    words = []
+    for blk in range((n + 3) // 4):
+        words += torch.ops.structprune.philox4x32_10([blk & m, blk >> 32, offset & m, offset >> 32],
+                                                     [seed & m, seed >> 32])
+    w = torch.tensor(words[:n], dtype=torch.int64)
+    return (((w >> 9).double() + 0.5) / 2**23).float().clamp(1e-6, 1 - 1e-6).to(device)
+
+
 # --- fake kernels and autograd --------------------------------------------------------------------------------------
 
 def _empty(t):
@@ -413,3 +430,13 @@ if _error is None:
         else:
             _error = f"registering fake/autograd kernels failed ({type(exc).__name__}: {exc})"
             _log.warning("structprune: the C++ extension is unavailable: %s", _error)
+
+
+def not_supported_reasons(inputs: OpInputs) -> list[str]:
+    """Why this backend cannot run a call (empty: it can); see :class:`structprune._op_support.Backend`."""
+    return kernel_not_supported_reasons(inputs, attention_dropout=supports_attention_dropout(inputs.device))
+
+
+BACKEND = Backend(name="cpp", availability=availability, not_supported_reasons=not_supported_reasons,
+                  gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
+                  hard_concrete_uniform=hard_concrete_uniform, module=sys.modules[__name__])

@@ -16,9 +16,9 @@ import math
 import torch
 from torch import nn
 
-BETA = 2.0 / 3.0
-GAMMA = -0.1
-ZETA = 1.1
+from . import ops
+from .reference import BETA, GAMMA, ZETA, hard_concrete_from_uniform  # noqa: F401  (re-exported)
+
 # sigmoid(OPEN_LOG_ALPHA) * (ZETA - GAMMA) + GAMMA > 1, so the deterministic gate starts at exactly 1.
 OPEN_LOG_ALPHA = 3.0
 
@@ -26,15 +26,6 @@ OPEN_LOG_ALPHA = 3.0
 def deterministic_gate(log_alpha: torch.Tensor) -> torch.Tensor:
     """The eval-time gate value of each entry of ``log_alpha``."""
     return torch.clamp(torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-
-
-def hard_concrete_from_uniform(log_alpha: torch.Tensor, u: torch.Tensor, beta: float = BETA) -> torch.Tensor:
-    """A hard-concrete sample given uniform noise ``u`` in (0, 1); differentiable in ``log_alpha``.
-
-    This is the pure-PyTorch reference of the fused sampling kernels.
-    """
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
-    return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
 def expected_l0(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
@@ -74,9 +65,7 @@ class HardConcreteGate(nn.Module):
     def forward(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gate values, shape ``[n]``, fp32, on the device of ``log_alpha``."""
         if self.stochastic:
-            from .ops import hard_concrete_sample
-
-            z = hard_concrete_sample(self.log_alpha, self.beta, generator)
+            z = ops.hard_concrete_sample(self.log_alpha, self.beta, generator)
         else:
             z = deterministic_gate(self.log_alpha)
         return z * self.mask

@@ -5,7 +5,8 @@ Shapes (nn.Linear layout, ``weight[out, in]``):
     head_gates: [H] gate value per head (0 = pruned); the context of head h is scaled by it before ``wo``
     key_bias: [B, S] additive float mask over keys (0 = attend, very negative = padding), or None
     w1: [I, E]; b1: [I]; w2: [E, I]; b2: [E]; unit_gates: [I] gate per FFN unit
-The outputs are the projections *before* the residual add and LayerNorm, bias included.
+The outputs are the projections *before* the residual add and LayerNorm, bias included. Hard-concrete
+sampling (Louizos, Welling & Kingma, 2018): :func:`hard_concrete_from_uniform`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+# The hard-concrete distribution: temperature and stretch interval (gamma, zeta).
+BETA = 2.0 / 3.0
+GAMMA = -0.1
+ZETA = 1.1
 
 
 def activation_fn(name: str):
@@ -75,6 +81,15 @@ def gated_ffn(x, w1, b1, w2, b2, unit_gates, activation: str = "gelu"):
     h = activation_fn(activation)(F.linear(x, w1, b1))
     h = h * unit_gates.to(h.dtype)
     return F.linear(h, w2, b2)
+
+
+def hard_concrete_from_uniform(log_alpha: torch.Tensor, u: torch.Tensor, beta: float = BETA) -> torch.Tensor:
+    """A hard-concrete sample given uniform noise ``u`` in (0, 1); differentiable in ``log_alpha``.
+
+    This is the pure-PyTorch reference of the fused sampling kernels.
+    """
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
+    return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
 def attention_flops(batch: int, seq: int, hidden: int, heads_kept: int, head_dim: int) -> int:

@@ -13,7 +13,7 @@ from models import tiny_batch, tiny_model
 from tolerances import check_close
 
 import structprune as sp
-from structprune import ops, reference
+from structprune import _op_support, ops, reference
 
 KERNELS = [b for b in ("cpp", "triton") if ops.availability(b, "cpu") is None]
 DTYPES = (torch.bfloat16, torch.float16)
@@ -85,7 +85,7 @@ def test_ops_return_the_reference_dtype_under_autocast(backend):
     w1, b1, w2, b2 = (torch.randn(*s, generator=g).requires_grad_() for s in ((24, 32), (24,), (32, 24), (32,)))
     unit_gates = torch.rand(24, generator=g).requires_grad_()
     ops.set_backend(backend)
-    provider = ops._providers[backend]
+    provider = ops._provider(backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = reference.gated_attention(x, *w, gates, H, key_bias=key_bias)
         got = provider.gated_attention(x, *w, gates, active, key_bias, H)
@@ -100,4 +100,4 @@ def test_ops_return_the_reference_dtype_under_autocast(backend):
 
 def test_autocast_rule_rejects_unknown_argument_names():
     with pytest.raises(ValueError, match="has no argument"):
-        ops.register_autocast("structprune::triton_gated_ffn", keep=("gates",))
+        _op_support.register_autocast("structprune::triton_gated_ffn", keep=("gates",))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from models import tiny_batch, tiny_model
+from tolerances import check_close
 
 import structprune as sp
 import structprune._extension as ext
@@ -16,7 +17,6 @@ from structprune import reference
 if ext.load_error() is not None:
     pytest.skip(f"C++ extension unavailable: {ext.load_error()}", allow_module_level=True)
 
-TOL = dict(rtol=1e-4, atol=2e-5)
 
 
 def _model():
@@ -34,7 +34,7 @@ def _check_against_reference(model, batch):
         assert sp.last_backends()["attention"] == "cpp" and sp.last_backends()["ffn"] == "cpp"
         sp.set_backend("torch")
         want = model(**batch).last_hidden_state
-    torch.testing.assert_close(got, want, **TOL)
+    check_close("out", got, want, None, torch.float32)
 
 
 def test_clear_cache_is_public_and_empties_the_cache():
@@ -106,6 +106,6 @@ def test_entries_of_freed_weights_are_dropped():
         kept = torch.arange(0, 32, 2)
         gates[1::2] = 0
         out = ext.gated_ffn(x, w1, b1, w2, b2, gates, kept, "gelu")
-        torch.testing.assert_close(out, reference.gated_ffn(x, w1, b1, w2, b2, gates, "gelu"), **TOL)
+        check_close("out", out, reference.gated_ffn(x, w1, b1, w2, b2, gates, "gelu"), None, torch.float32)
         del w1, b1, w2, b2
         assert ext.cache_size() <= 2

@@ -1,9 +1,11 @@
-"""The compiled CPU ops (structprune._extension, csrc/) against the pure-PyTorch reference.
+"""What is specific to the compiled ops (structprune._extension, csrc/); the op contract every backend meets
+(forward and gradients against the reference over shapes, kept fractions, dtypes and frozen inputs, opcheck of
+a training call, the sampler's noise) is tests/test_op_contract.py.
 
-Forward and every gradient, fp32 (tight) and bf16 (tolerance from the dtype: at most ~2x the error of the
-reference computed in bf16), odd shapes, 0 / some / all heads and units kept, padding, the packed-weight cache
-(mask, gate and in-place weight changes between calls), the backward ops' output_mask (frozen weights, gates or
-x), opcheck, and the Philox hard-concrete sampler.
+Here: the saved tensors and both backward paths (saved / recomputing), the packed-weight cache (mask, gate and
+in-place weight changes between calls), the output_mask the backward ops get and honour, the C++ input checks,
+torch.compile, Philox known answers, the sampler's mask argument and the JIT build. Tolerances:
+tests/tolerances.py.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import math
 import pytest
 import torch
 from grad_masks import check_against_unmasked, check_masked_shapes, spy_backward
+from tolerances import check_close
 
 import structprune._extension as ext
 from structprune import gates as gates_mod
@@ -22,7 +25,6 @@ if ext.load_error() is not None:
     pytest.skip(f"C++ extension unavailable: {ext.load_error()}", allow_module_level=True)
 
 NEG = torch.finfo(torch.float32).min
-TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5)}
 
 
 def _kept_index(n: int, kept: str, gen: torch.Generator) -> torch.Tensor:
@@ -96,111 +98,16 @@ def _run_ffn(fn, params, unit_gates, kept, activation, grad_out):
     return out, dict(zip(names + ["gates"], grads))
 
 
-def _check_gate_grad(got, want, index, **tol):
+def _check_gate_grad(got, want, index):
     """Kept gates match the reference; pruned gates get 0 (the op never forms their contexts/activations)."""
-    torch.testing.assert_close(got[index], want[index], **tol)
+    check_close("dgates", got[index], want[index], None, torch.float32)
     pruned = torch.ones(got.numel(), dtype=torch.bool)
     pruned[index] = False
     assert torch.all(got[pruned] == 0)
 
 
 def _close_fp32(got, want, name):
-    """fp32: 1e-4 relative, plus 2e-5 of the tensor's scale absolute (accumulation order differs from the reference)."""
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * scale, msg=lambda m: f"d{name}: {m}")
-
-
-def _to_fp32(params, gates):
-    return ({k: v.detach().float().requires_grad_() for k, v in params.items()},
-            gates.detach().float().requires_grad_())
-
-
-def _max_err(a, b):
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-
-
-# --- attention ------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("B,S,H,D", [(1, 1, 4, 32), (3, 7, 2, 64), (2, 33, 4, 32), (1, 16, 3, 64)])
-@pytest.mark.parametrize("kept", ["none", "some", "all"])
-@pytest.mark.parametrize("padding", [False, True])
-def test_attention_fp32_matches_reference(B, S, H, D, kept, padding):
-    params, hg, active, kb = _attention_case(B, S, H, D, kept, padding)
-    grad_out = torch.randn(B, S, params["x"].shape[-1])
-    out, grads = _run_attention("cpp", params, hg, active, kb, H, grad_out)
-    ref, ref_grads = _run_attention("ref", params, hg, active, kb, H, grad_out)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    for name, g in grads.items():
-        if name == "gates":
-            _check_gate_grad(g, ref_grads[name], active, rtol=1e-4, atol=1e-4)
-        else:
-            _close_fp32(g, ref_grads[name], name)
-
-
-def test_attention_no_active_heads_is_bias():
-    params, hg, active, kb = _attention_case(2, 5, 4, 32, "none", True)
-    out = ext.gated_attention(*params.values(), hg, active, kb, 4)
-    torch.testing.assert_close(out, params["bo"].detach().expand(2, 5, -1))
-
-
-@pytest.mark.parametrize("B,S,H,D", [(2, 33, 4, 32), (3, 7, 2, 64)])
-@pytest.mark.parametrize("kept", ["some", "all"])
-def test_attention_bf16_within_dtype_tolerance(B, S, H, D, kept):
-    params, hg, active, kb = _attention_case(B, S, H, D, kept, True, dtype=torch.bfloat16, seed=1)
-    grad_out = torch.randn(B, S, params["x"].shape[-1]).bfloat16()
-    out, grads = _run_attention("cpp", params, hg, active, kb, H, grad_out)
-    ref_bf16, ref_bf16_grads = _run_attention("ref", params, hg, active, kb, H, grad_out)
-    p32, g32 = _to_fp32(params, hg)
-    ref, ref_grads = _run_attention("ref", p32, g32, active, kb, H, grad_out.float())
-    assert out.dtype == torch.bfloat16
-    assert _max_err(out, ref) <= 2 * _max_err(ref_bf16, ref) + 1e-2
-    for name, g in grads.items():
-        idx = active if name == "gates" else slice(None)
-        err, base = _max_err(g[idx], ref_grads[name][idx]), _max_err(ref_bf16_grads[name][idx], ref_grads[name][idx])
-        scale = ref_grads[name][idx].abs().max().item() if g[idx].numel() else 0.0
-        assert err <= 2 * base + 1e-2 * max(scale, 1.0), f"d{name}: err {err} vs bf16 reference {base}"
-
-
-# --- FFN ------------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("B,S,E,I", [(1, 1, 32, 64), (3, 7, 48, 96), (2, 33, 64, 130)])
-@pytest.mark.parametrize("kept", ["none", "some", "all"])
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
-def test_ffn_fp32_matches_reference(B, S, E, I, kept, activation):
-    params, ug, kept_units = _ffn_case(B, S, E, I, kept)
-    grad_out = torch.randn(B, S, E)
-    out, grads = _run_ffn("cpp", params, ug, kept_units, activation, grad_out)
-    ref, ref_grads = _run_ffn("ref", params, ug, kept_units, activation, grad_out)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    for name, g in grads.items():
-        if name == "gates":
-            _check_gate_grad(g, ref_grads[name], kept_units, rtol=1e-4, atol=1e-4)
-        else:
-            _close_fp32(g, ref_grads[name], name)
-
-
-def test_ffn_no_kept_units_is_bias():
-    params, ug, kept = _ffn_case(2, 3, 32, 64, "none")
-    out = ext.gated_ffn(*params.values(), ug, kept, "gelu")
-    torch.testing.assert_close(out, params["b2"].detach().expand(2, 3, -1))
-
-
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
-@pytest.mark.parametrize("kept", ["some", "all"])
-def test_ffn_bf16_within_dtype_tolerance(activation, kept):
-    params, ug, kept_units = _ffn_case(2, 33, 64, 130, kept, dtype=torch.bfloat16, seed=2)
-    grad_out = torch.randn(2, 33, 64).bfloat16()
-    out, grads = _run_ffn("cpp", params, ug, kept_units, activation, grad_out)
-    ref_bf16, ref_bf16_grads = _run_ffn("ref", params, ug, kept_units, activation, grad_out)
-    p32, g32 = _to_fp32(params, ug)
-    ref, ref_grads = _run_ffn("ref", p32, g32, kept_units, activation, grad_out.float())
-    assert out.dtype == torch.bfloat16
-    assert _max_err(out, ref) <= 2 * _max_err(ref_bf16, ref) + 1e-2
-    for name, g in grads.items():
-        idx = kept_units if name == "gates" else slice(None)
-        err, base = _max_err(g[idx], ref_grads[name][idx]), _max_err(ref_bf16_grads[name][idx], ref_grads[name][idx])
-        scale = ref_grads[name][idx].abs().max().item()
-        assert err <= 2 * base + 1e-2 * max(scale, 1.0), f"d{name}: err {err} vs bf16 reference {base}"
+    check_close(name, got, want, None, torch.float32)
 
 
 # --- saved tensors (save_for_backward) ------------------------------------------------------------------------------
@@ -237,23 +144,24 @@ def test_attention_saved_tensors_and_both_backward_paths(kept, padding):
             x = params["x"]
             q, k, v = (torch.nn.functional.linear(x, params[w][rows], params[b][rows])
                        for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
-            torch.testing.assert_close(qkv, torch.cat([q, k, v], -1).reshape(B * S, 3 * R), **TOL[torch.float32])
+            _close_fp32(qkv, torch.cat([q, k, v], -1).reshape(B * S, 3 * R), "qkv")
             heads = [t.view(B, S, A, D).transpose(1, 2) for t in (q, k, v)]
             scores = heads[0] @ heads[1].transpose(-1, -2) / math.sqrt(D)
             if kb is not None:
                 scores = scores + kb[:, None, None, :]
             ref_ctx = torch.softmax(scores, -1) @ heads[2]
-            torch.testing.assert_close(ctx, ref_ctx.transpose(1, 2).reshape(B * S, R), **TOL[torch.float32])
-            torch.testing.assert_close(lse, scores.logsumexp(-1).transpose(1, 2), **TOL[torch.float32])
+            _close_fp32(ctx, ref_ctx.transpose(1, 2).reshape(B * S, R), "ctx")
+            _close_fp32(lse, scores.logsumexp(-1).transpose(1, 2), "lse")
     g_saved = _grads(y1, inputs, grad_out)
     g_recomputed = _grads(y0, inputs, grad_out)
     _, ref_grads = _run_attention("ref", params, hg, active, kb, H, grad_out)
     for name, a, b in zip(list(params) + ["gates"], g_saved, g_recomputed):
+        # the two backward paths of one kernel: equal up to the order of a few sums, tighter than the rule
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"d{name}: {m}")
         if name == "gates":
-            _check_gate_grad(a, ref_grads[name], active, rtol=1e-4, atol=1e-4)
+            _check_gate_grad(a, ref_grads[name], active)
         else:
-            _close_fp32(a, ref_grads[name], name)
+            _close_fp32(a, ref_grads[name], f"d{name}")
 
 
 @pytest.mark.parametrize("kept", ["none", "some", "all"])
@@ -273,17 +181,18 @@ def test_ffn_saved_tensors_and_both_backward_paths(kept, activation):
     assert pre.shape == (B * S, K) and h.shape == (B * S, K) and not (pre.requires_grad or h.requires_grad)
     with torch.no_grad():
         ref_pre = torch.nn.functional.linear(params["x"], params["w1"][kept_units], params["b1"][kept_units])
-        torch.testing.assert_close(pre, ref_pre.reshape(B * S, K), **TOL[torch.float32])
-        torch.testing.assert_close(h, reference.activation_fn(activation)(pre), **TOL[torch.float32])
+        _close_fp32(pre, ref_pre.reshape(B * S, K), "pre")
+        _close_fp32(h, reference.activation_fn(activation)(pre), "h")
     g_saved = _grads(y1, inputs, grad_out)
     g_recomputed = _grads(y0, inputs, grad_out)
     _, ref_grads = _run_ffn("ref", params, ug, kept_units, activation, grad_out)
     for name, a, b in zip(list(params) + ["gates"], g_saved, g_recomputed):
+        # the two backward paths of one kernel: equal up to the order of a few sums, tighter than the rule
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"d{name}: {m}")
         if name == "gates":
-            _check_gate_grad(a, ref_grads[name], kept_units, rtol=1e-4, atol=1e-4)
+            _check_gate_grad(a, ref_grads[name], kept_units)
         else:
-            _close_fp32(a, ref_grads[name], name)
+            _close_fp32(a, ref_grads[name], f"d{name}")
 
 
 def test_wrappers_save_only_when_a_gradient_is_needed(monkeypatch):
@@ -336,17 +245,17 @@ def test_training_steps_follow_gate_and_weight_changes():
         _, ref_grads = _run_attention("ref", params, hg, active, kb, H, g_out)
         for name, g in grads.items():
             if name == "gates":
-                _check_gate_grad(g, ref_grads[name], active, rtol=1e-4, atol=1e-4)
+                _check_gate_grad(g, ref_grads[name], active)
             else:
-                _close_fp32(g, ref_grads[name], name)
+                _close_fp32(g, ref_grads[name], f"d{name}")
         f_out = torch.randn(2, 9, 48, generator=gen)
         _, grads = _run_ffn("cpp", fparams, ug, kept, "gelu", f_out)
         _, ref_grads = _run_ffn("ref", fparams, ug, kept, "gelu", f_out)
         for name, g in grads.items():
             if name == "gates":
-                _check_gate_grad(g, ref_grads[name], kept, rtol=1e-4, atol=1e-4)
+                _check_gate_grad(g, ref_grads[name], kept)
             else:
-                _close_fp32(g, ref_grads[name], name)
+                _close_fp32(g, ref_grads[name], f"d{name}")
         opt.zero_grad()
         loss = (ext.gated_attention(*params.values(), hg, active, kb, H) * g_out).sum() + \
             (ext.gated_ffn(*fparams.values(), ug, kept, "gelu") * f_out).sum()
@@ -403,9 +312,9 @@ def _check_frozen_grads(leaves, off, ref_grads, kept):
         if name in off:
             assert t.grad is None, f"{name} is frozen but got a gradient"
         elif name == "gates":
-            _check_gate_grad(t.grad, ref_grads[name], kept, rtol=1e-4, atol=1e-4)
+            _check_gate_grad(t.grad, ref_grads[name], kept)
         else:
-            _close_fp32(t.grad, ref_grads[name], name)
+            _close_fp32(t.grad, ref_grads[name], f"d{name}")
 
 
 @pytest.mark.parametrize("frozen", FROZEN)
@@ -420,7 +329,7 @@ def test_attention_frozen_inputs_get_no_gradient(frozen, save, monkeypatch):
     leaves, off, mask = _freeze(params, hg, frozen)
     calls = spy_backward(monkeypatch, "cpp_gated_attention_backward")
     out = torch.ops.structprune.cpp_gated_attention(*leaves.values(), active, kb, H, save)[0]
-    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    _close_fp32(out, ref_out, "out")
     out.backward(grad_out)
     assert [c[0] for c in calls] == [mask]
     check_masked_shapes(calls[0][1], mask, leaves)
@@ -436,7 +345,7 @@ def test_ffn_frozen_inputs_get_no_gradient(frozen, save, monkeypatch):
     leaves, off, mask = _freeze(params, ug, frozen)
     calls = spy_backward(monkeypatch, "cpp_gated_ffn_backward")
     out = torch.ops.structprune.cpp_gated_ffn(*leaves.values(), kept, "gelu", save)[0]
-    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    _close_fp32(out, ref_out, "out")
     out.backward(grad_out)
     assert [c[0] for c in calls] == [mask]
     check_masked_shapes(calls[0][1], mask, leaves)
@@ -482,14 +391,14 @@ def _attn_fwd_check(params, hg, active, kb, H):
     with torch.no_grad():
         out = ext.gated_attention(*params.values(), hg, active, kb, H)
         ref = reference.gated_attention(*params.values(), hg, H, key_bias=kb)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    _close_fp32(out, ref, "out")
 
 
 def _ffn_fwd_check(params, ug, kept, activation="gelu"):
     with torch.no_grad():
         out = ext.gated_ffn(*params.values(), ug, kept, activation)
         ref = reference.gated_ffn(*params.values(), ug, activation)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    _close_fp32(out, ref, "out")
 
 
 def test_cache_follows_mask_and_gate_changes():
@@ -573,24 +482,22 @@ def test_input_errors_name_the_tensor():
 
 # --- torch.library integration --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("save", [False, True])
-def test_opcheck_attention(save):
+# The op contract (test_op_contract.py) opchecks the ops as a training call reaches them (forward saving its
+# tensors, backward with them and every gradient); here the forward that saves nothing and masked backwards.
+
+def test_opcheck_forward_ops_saving_nothing():
     params, hg, active, kb = _attention_case(1, 3, 2, 32, "some", True)
     torch.library.opcheck(torch.ops.structprune.cpp_gated_attention.default,
-                          (*params.values(), hg, active, kb, 2, save))
-
-
-@pytest.mark.parametrize("save", [False, True])
-def test_opcheck_ffn(save):
+                          (*params.values(), hg, active, kb, 2, False))
     params, ug, kept = _ffn_case(1, 3, 32, 16, "some")
     torch.library.opcheck(torch.ops.structprune.cpp_gated_ffn.default,
-                          (*params.values(), ug, kept, "gelu_tanh", save))
+                          (*params.values(), ug, kept, "gelu_tanh", False))
 
 
-@pytest.mark.parametrize("mask", [None, [True, False, True], [False, False, True], [True, True, False]],
-                         ids=["default", "frozen-weights", "gates-only", "frozen-gates"])
+@pytest.mark.parametrize("mask", [[True, False, True], [False, False, True], [True, True, False]],
+                         ids=["frozen-weights", "gates-only", "frozen-gates"])
 def test_opcheck_backward_ops_with_saved_tensors(mask):
-    kwargs = {} if mask is None else {"output_mask": mask}
+    kwargs = {"output_mask": mask}
     params, hg, active, kb = _attention_case(1, 3, 2, 32, "some", True)
     args = (*params.values(), hg, active, kb, 2)
     with torch.no_grad():
@@ -616,11 +523,6 @@ def test_opcheck_backward_ops_recomputing_with_mask():
                           {"output_mask": [False, True, False]})
 
 
-def test_opcheck_hard_concrete():
-    la = torch.randn(7, requires_grad=True)
-    torch.library.opcheck(torch.ops.structprune.hard_concrete_sample.default, (la, 3, 5, 2.0 / 3.0, None))
-
-
 @pytest.mark.parametrize("frozen", [None, "weights", "x+weights"])
 def test_compiles_fullgraph(frozen):
     """Traced through the fake kernels, the masked backward (frozen leaves) included; gradients as the reference's."""
@@ -639,7 +541,7 @@ def test_compiles_fullgraph(frozen):
     loss.backward()
     ref = reference.gated_ffn(*params.values(), ug, "gelu").sum()
     ref = ref + reference.gated_attention(*hparams.values(), hg, 2, key_bias=kb).square().sum()
-    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+    _close_fp32(loss, ref, "loss")
     ref.backward()
     for ls, fz, ps, g, kept_idx in ((leaves, off, params, ug, kept), (hleaves, hoff, hparams, hg, active)):
         _check_frozen_grads(ls, fz, {**{n: t.grad for n, t in ps.items()}, "gates": g.grad}, kept_idx)
@@ -680,29 +582,21 @@ def test_philox_known_answers():
     assert torch.ops.structprune.philox4x32_10(ctr, key) == _philox_py(ctr, key)
 
 
-@pytest.mark.parametrize("n", [1, 7, 13])
-def test_hard_concrete_sample_matches_reference(n):
-    seed, offset = 1234567890123, 42
+def test_hard_concrete_sample_mask_and_64_bit_seed():
+    """The cpp sampler's own extras: a ``mask`` multiplied in, and seeds above 2**32 (both key words used)."""
+    n, seed, offset = 13, 1234567890123, 42
     log_alpha = torch.randn(n, requires_grad=True)
     mask = (torch.arange(n) % 3 != 1).float()
     z = ext.hard_concrete_sample(log_alpha, seed, offset, mask=mask)
     la_ref = log_alpha.detach().clone().requires_grad_()
-    z_ref = gates_mod.hard_concrete_from_uniform(la_ref, _uniforms_py(n, seed, offset)) * mask
-    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-6)
+    z_ref = reference.hard_concrete_from_uniform(la_ref, _uniforms_py(n, seed, offset)) * mask
+    check_close("z", z, z_ref, None, torch.float32)
     torch.testing.assert_close(ext.hard_concrete_sample(log_alpha, seed, offset, mask=mask), z)  # reproducible
-    assert not torch.equal(ext.hard_concrete_sample(log_alpha, seed, offset + 1, mask=mask), z) or n == 1
+    assert not torch.equal(ext.hard_concrete_sample(log_alpha, seed, offset + 1, mask=mask), z)
     w = torch.randn(n)
     (g,) = torch.autograd.grad((z * w).sum(), log_alpha)
     (g_ref,) = torch.autograd.grad((z_ref * w).sum(), la_ref)
-    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
-
-
-def test_hard_concrete_sample_is_roughly_uniform_driven():
-    la = torch.zeros(20000)
-    z = ext.hard_concrete_sample(la, 7, 0)
-    # log_alpha = 0: P(z = 0) = P(z = 1) = sigmoid(beta * log(-gamma / (zeta - 1))) ... symmetric around 1/2
-    assert abs(z.mean().item() - 0.5) < 0.02
-    assert math.isclose((z == 0).float().mean().item(), (z == 1).float().mean().item(), abs_tol=0.02)
+    check_close("dlog_alpha", g, g_ref, None, torch.float32)
 
 
 def test_failed_cuda_jit_build_is_reported(monkeypatch, tmp_path):

@@ -24,6 +24,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from tolerances import check_close as _close
+
 from structprune import ops, reference
 
 settings.register_profile("structprune-ci", max_examples=20, deadline=None, derandomize=True, database=None,
@@ -114,23 +116,6 @@ def _run(fn, leaves, dy):
 
 def _amax(t) -> float:
     return t.detach().abs().max().item() if t.numel() else 0.0
-
-
-def _close(name, got, ref32, plain, dtype, scale=None):
-    """``scale``: the magnitude the absolute tolerance follows (default: the reference's largest value)."""
-    got, ref32, plain = got.detach().float(), ref32.detach().float(), plain.detach().float()
-    assert got.shape == ref32.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref32.shape)}"
-    if got.numel() == 0:
-        return
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    scale = max(1.0, _amax(ref32), scale or 0.0)
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, ref32, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
-        return
-    err = (got - ref32).abs().max().item()
-    base = (plain - ref32).abs().max().item()
-    eps = torch.finfo(dtype).eps * scale
-    assert err <= 2 * base + eps, f"{name}: kernel error {err:.3g} > 2 x plain {dtype} error {base:.3g} + {eps:.2g}"
 
 
 def _compare(kernel, ref, leaves, dtype, names, gate_index, dy):
@@ -353,11 +338,10 @@ def check_model(backend: str, case: dict) -> None:
         got, grads = run(backend)
     finally:
         sp.set_backend("torch")
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    _close("logits", got, expected, None, torch.float32)
     assert grads.keys() == expected_grads.keys()
     for name, g in grads.items():
-        want = expected_grads[name]
-        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4 * max(1.0, _amax(want)), msg=lambda m: f"{name}: {m}")
+        _close(name, g, expected_grads[name], None, torch.float32)
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension unavailable")

@@ -1,6 +1,9 @@
-"""Triton gated attention (structprune._kernels) against structprune.reference, forward and every gradient.
+"""What is specific to the Triton gated attention (structprune._kernels); the op contract every backend meets
+(shapes, kept heads, dtypes, frozen inputs, opcheck) is tests/test_op_contract.py.
 
-Runs on CPU under the Triton interpreter (conftest sets TRITON_INTERPRET=1 when there is no CUDA) and on CUDA
+Here: the flash kernels' tile sizes (head_dim 64 and 128, two key blocks), strided inputs, a batch-broadcast key
+bias, the saved tensors, the backward op's output_mask, torch.compile, the kernels' own input checks and launch
+grid. Runs on CPU under the Triton interpreter (conftest sets TRITON_INTERPRET=1 when there is no CUDA) and on CUDA
 when present. Shapes are tiny because the interpreter runs each program in Python.
 Tolerances: fp32 absolute/relative 1e-4; fp16/bf16 follow the rule "error of the kernel against the fp32
 reference <= 2x the error of the plain PyTorch computation in that dtype against the same reference, + eps"
@@ -16,7 +19,7 @@ from tolerances import check_close
 
 triton = pytest.importorskip("triton")
 
-from structprune import ops, reference  # noqa: E402
+from structprune import reference  # noqa: E402
 import structprune._kernels as K  # noqa: E402
 
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
@@ -105,16 +108,10 @@ def compare(leaves, active, key_bias, H, dtype, impl="sdpa"):
         check_close(f"grad {name}", got, r, p, dtype)
 
 
-# B, S, E, H, D, kept, pad, dtype
+# B, S, E, H, D, kept, pad, dtype: the tile sizes of the flash kernels (test_op_contract.py runs the common grid)
 CASES = [
-    pytest.param(1, 7, 64, 2, 32, "all", False, torch.float32, id="b1-s7-d32-all"),
-    pytest.param(3, 33, 96, 4, 32, "random", True, torch.float32, id="b3-s33-d32-random-pad"),
-    pytest.param(2, 1, 64, 2, 32, "one", False, torch.float32, id="s1-one-head"),
     pytest.param(2, 40, 128, 2, 64, "all", True, torch.float32, id="s40-d64-all-pad"),
     pytest.param(1, 9, 128, 1, 128, "all", False, torch.float32, id="d128"),
-    pytest.param(2, 12, 72, 3, 24, "random", True, torch.float32, id="d24-masked-headdim"),
-    pytest.param(3, 33, 64, 4, 16, "random", True, torch.float16, id="fp16-b3-s33-pad"),
-    pytest.param(3, 33, 64, 4, 16, "random", True, torch.bfloat16, id="bf16-b3-s33-pad"),
     pytest.param(2, 17, 128, 2, 64, "all", False, torch.float16, id="fp16-d64"),
 ]
 
@@ -124,15 +121,6 @@ CASES = [
 def test_matches_reference(device, B, S, E, H, D, kept, pad, dtype):
     leaves, active, key_bias = make_inputs(B, S, E, H, D, kept, device, pad)
     compare(leaves, active, key_bias, H, dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_no_active_head_is_bias(device):
-    leaves, active, key_bias = make_inputs(2, 5, 32, 2, 16, "none", device, pad=True)
-    assert active.numel() == 0
-    out = K.gated_attention(*leaves, active, key_bias, 2)
-    assert torch.equal(out, leaves[8].expand(2, 5, 32))
-    compare(leaves, active, key_bias, 2, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -147,8 +135,8 @@ def test_fully_padded_row_and_noncontiguous_x(device):
     # The same with a non-contiguous weight (transposed storage).
     leaves[7] = leaves[7].t().contiguous().t()
     out = K.gated_attention(*leaves, active, key_bias, 2)
-    torch.testing.assert_close(out, reference.gated_attention(*leaves, 2, key_bias=key_bias, impl="eager"),
-                               atol=1e-5, rtol=1e-5)
+    check_close("out", out, reference.gated_attention(*leaves, 2, key_bias=key_bias, impl="eager"), None,
+                torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,23 +162,7 @@ def test_no_grad_saves_nothing(device):
     with torch.no_grad():
         res = torch.ops.structprune.triton_gated_attention(*leaves, active, key_bias, 2, False)
     assert all(t.numel() == 0 for t in res[1:])
-    torch.testing.assert_close(res[0], reference.gated_attention(*leaves, 2), atol=1e-5, rtol=1e-5)
-
-
-def test_opcheck():
-    device = DEVICES[0]
-    leaves, active, key_bias = make_inputs(1, 5, 32, 2, 16, "one", device, pad=False)
-    leaves[0].requires_grad_()
-    args = (*leaves, active, None, 2, True)
-    torch.library.opcheck(torch.ops.structprune.triton_gated_attention, args)
-    key_bias = torch.zeros(1, 5, device=device)
-    key_bias[0, 3:] = NEG
-    res = torch.ops.structprune.triton_gated_attention(*leaves, active, key_bias, 2, True)
-    dy = torch.randn(1, 5, 32, device=device)
-    bargs = (dy, leaves[0].detach(), leaves[1], leaves[3], leaves[5], leaves[7], leaves[9], active, key_bias, 2,
-             *(t.detach() for t in res[1:]))
-    torch.library.opcheck(torch.ops.structprune.triton_gated_attention_backward, bargs,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    check_close("out", res[0], reference.gated_attention(*leaves, 2), None, torch.float32)
 
 
 # --- output_mask: only the gradients that are needed -----------------------------------------------------------------
@@ -291,18 +263,6 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out_c, out_e)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b)
-
-
-def test_backend_dispatch():
-    device = DEVICES[0]
-    leaves, active, _ = make_inputs(1, 4, 32, 2, 16, "all", device)
-    mask = torch.ones(1, 4, dtype=torch.bool, device=device)
-    mask[0, 3] = False
-    ops.set_backend("triton")
-    out = ops.gated_attention(*leaves, active, 2, attn_mask=mask[:, None, None, :])
-    assert ops.last_backends()["attention"] == "triton"
-    ref = reference.gated_attention(*leaves, 2, attn_mask=torch.where(mask, 0.0, NEG)[:, None, None, :])
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_input_errors():

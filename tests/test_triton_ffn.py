@@ -1,9 +1,9 @@
-"""Triton gated FFN (structprune._kernels) against structprune.reference, forward and every gradient.
+"""What is specific to the Triton gated FFN (structprune._kernels); the op contract every backend meets (shapes,
+kept units, activations, dtypes, frozen inputs, opcheck) is tests/test_op_contract.py.
 
-Runs on CPU under the Triton interpreter (conftest sets TRITON_INTERPRET=1 when there is no CUDA) and on CUDA
-when present. Tolerances: fp32 absolute/relative 1e-4; fp16/bf16 follow the rule "error of the kernel against
-the fp32 reference <= 2x the error of the plain PyTorch computation in that dtype against the same reference,
-+ eps" with eps = 1 ulp of the dtype at max(1, largest |reference|).
+Here: x with other than three dimensions, strided inputs, the saved tensors, the backward op's output_mask,
+torch.compile, the kernels' own input checks and TF32. Runs on CPU under the Triton interpreter (conftest sets
+TRITON_INTERPRET=1 when there is no CUDA) and on CUDA when present; tolerances from tests/tolerances.py.
 """
 import os
 
@@ -15,7 +15,7 @@ from tolerances import check_close
 
 triton = pytest.importorskip("triton")
 
-from structprune import ops, reference  # noqa: E402
+from structprune import reference  # noqa: E402
 import structprune._kernels as K  # noqa: E402
 
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
@@ -81,16 +81,10 @@ def compare(leaves, kept_units, activation, dtype):
 
 
 # lead dims, E, I, kept, activation, dtype
+# x of two and four dimensions (the op contract covers [B, S, E])
 CASES = [
-    pytest.param((2, 7), 32, 48, "random", "gelu", torch.float32, id="gelu-random"),
-    pytest.param((3, 5), 64, 96, "all", "gelu_tanh", torch.float32, id="gelu_tanh-all"),
-    pytest.param((1, 33), 64, 96, "random", "relu", torch.float32, id="relu-random-b1"),
     pytest.param((40,), 48, 80, "one", "gelu", torch.float32, id="2d-x-one-unit"),
     pytest.param((2, 3, 5), 32, 40, "random", "gelu", torch.float32, id="4d-x"),
-    pytest.param((3, 11), 64, 96, "random", "gelu", torch.float16, id="fp16-gelu"),
-    pytest.param((3, 11), 64, 96, "all", "gelu_tanh", torch.float16, id="fp16-gelu_tanh"),
-    pytest.param((3, 11), 64, 96, "random", "gelu", torch.bfloat16, id="bf16-gelu"),
-    pytest.param((2, 9), 64, 96, "random", "relu", torch.bfloat16, id="bf16-relu"),
 ]
 
 
@@ -99,15 +93,6 @@ CASES = [
 def test_matches_reference(device, lead, E, I, kept, activation, dtype):
     leaves, kept_units = make_inputs(lead, E, I, kept, device)
     compare(leaves, kept_units, activation, dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_no_kept_unit_is_bias(device):
-    leaves, kept_units = make_inputs((2, 5), 32, 48, "none", device)
-    assert kept_units.numel() == 0
-    out = K.gated_ffn(*leaves, kept_units, "gelu")
-    assert torch.equal(out, leaves[4].expand(2, 5, 32))
-    compare(leaves, kept_units, "gelu", torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -134,19 +119,7 @@ def test_no_grad_saves_nothing(device):
     with torch.no_grad():
         y, pre, h = torch.ops.structprune.triton_gated_ffn(*leaves, kept_units, "relu", False)
     assert pre.numel() == 0 and h.numel() == 0
-    torch.testing.assert_close(y, reference.gated_ffn(*leaves, "relu"), atol=1e-5, rtol=1e-5)
-
-
-def test_opcheck():
-    device = DEVICES[0]
-    leaves, kept_units = make_inputs((2, 3), 32, 40, "random", device)
-    leaves[0].requires_grad_()
-    torch.library.opcheck(torch.ops.structprune.triton_gated_ffn, (*leaves, kept_units, "gelu", True))
-    _, pre, h = torch.ops.structprune.triton_gated_ffn(*[t.detach() for t in leaves], kept_units, "gelu", True)
-    dy = torch.randn(2, 3, 32, device=device)
-    args = (dy, leaves[0].detach(), leaves[1], leaves[3], leaves[5], kept_units, pre, h, "gelu")
-    torch.library.opcheck(torch.ops.structprune.triton_gated_ffn_backward, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    check_close("y", y, reference.gated_ffn(*leaves, "relu"), None, torch.float32)
 
 
 # --- output_mask: only the gradients that are needed -----------------------------------------------------------------
@@ -250,15 +223,6 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-def test_backend_dispatch():
-    device = DEVICES[0]
-    leaves, kept_units = make_inputs((1, 4), 32, 48, "random", device)
-    ops.set_backend("triton")
-    out = ops.gated_ffn(*leaves, kept_units, "gelu")
-    assert ops.last_backends()["ffn"] == "triton"
-    torch.testing.assert_close(out, reference.gated_ffn(*leaves, "gelu"), atol=1e-5, rtol=1e-5)
-
-
 def test_input_errors():
     device = DEVICES[0]
     leaves, kept_units = make_inputs((1, 4), 32, 48, "all", device)
@@ -292,4 +256,4 @@ def test_fp32_matmuls_follow_torch_matmul_precision():
     finally:
         torch.set_float32_matmul_precision(old)
     ref = reference.gated_ffn(x, w1, b1, w2, b2, gates, "gelu")
-    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)  # TF32's 10-bit mantissa, not a dtype of its own
