@@ -5,8 +5,9 @@
 Every model is exported with ``structprune export``'s code path (plain operators), optionally optimized with
 ``onnxruntime.transformers.optimizer`` (SkipLayerNormalization / BiasGelu fusions) and quantized (dynamic
 int8). Timing: sessions with ``intra_op_num_threads=--threads``, sequential execution; rounds interleave all
-models (order rotated each round), each round times ``--iters`` calls per model after a warm-up; the speed-up
-of a student is the per-round ratio teacher/student, reported as median and [min, max] over rounds.
+models (``structprune.timing.compare``: order reversed every other round), each round times ``--iters`` calls
+per model (their mean) after a warm-up; the speed-up of a student is the per-round ratio teacher/student,
+reported as median and [min, max] over rounds.
 
 Without ``--student``, students are built from the teacher with ``structprune.strategies.random_masks``
 (global, seed 0) at 75%/50% and 50%/30% heads/FFN kept: the speed does not depend on which units are kept,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import platform
@@ -23,7 +25,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ import transformers
 import structprune as sp
 from structprune import export as spx
 from structprune.strategies import PruneTarget, apply_masks, random_masks
+from structprune.timing import compare, sample
 
 SHAPES = ((1, 384), (8, 128))
 DEFAULT_STUDENTS = ((0.75, 0.5), (0.5, 0.3))
@@ -117,23 +119,14 @@ def feed(sess, batch: int, seq: int) -> dict:
 
 
 def time_interleaved(sessions: dict, batch: int, seq: int, rounds: int, iters: int) -> dict[str, list[float]]:
-    """Per model, the median seconds per call of each round; the rounds interleave the models."""
+    """Per model, the mean seconds per call of each round (``iters`` calls); the rounds alternate the models call
+    by call (:func:`structprune.timing.compare`, after 3 warm-up rounds)."""
     feeds = {k: feed(s, batch, seq) for k, s in sessions.items()}
-    for k, s in sessions.items():  # warm-up
-        for _ in range(3):
-            s.run(None, feeds[k])
-    names = list(sessions)
-    times = {k: [] for k in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            calls = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                sessions[k].run(None, feeds[k])
-                calls.append(time.perf_counter() - t0)
-            times[k].append(statistics.median(calls))
-    return times
+    fns = {k: functools.partial(s.run, None, feeds[k]) for k, s in sessions.items()}
+    if len(fns) == 1:  # nothing to alternate with
+        (k, fn), = fns.items()
+        return {k: sample(fn, warmup=3, repeats=rounds, number=iters)[0]}
+    return compare(fns, warmup=3, repeats=rounds, number=iters).seconds
 
 
 def f1_on_dev(path: Path, tokenizer_dir: Path, limit: int, threads: int) -> float:

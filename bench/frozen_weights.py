@@ -17,6 +17,7 @@ import os
 import torch
 
 from structprune import benchmark as bm
+from structprune import ops
 from structprune.gates import HardConcreteGate
 from structprune.timing import compare
 
@@ -52,7 +53,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with bm.use_backend(args.backend):
+    with ops.use_backend(args.backend):
         steps = {c: build(args, c)[0] for c in CASES}
         t = compare(steps, warmup=args.warmup, repeats=args.repeats,
                     shapes=f"{args.shape} layer, batch {args.batch} x seq {args.seq}")

@@ -9,6 +9,7 @@ pytest-benchmark's comparison inside a group is the speedup. FLOPs and bytes of 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -53,7 +54,7 @@ def test_layer(benchmark, settings, variant, fracs, mode):
     shape, dtype, training = settings.shape, bm.DTYPES[settings.dtype], mode == "training"
     benchmark.group = f"{shape.name}-{settings.dtype}-{mode}-heads{head_frac:g}-ffn{ffn_frac:g}"
 
-    with bm.use_backend(backend):
+    with ops.use_backend(backend) if backend else contextlib.nullcontext():
         layer = bm.build_layer(shape, kind, _state(), head_frac=head_frac, ffn_frac=ffn_frac, mode=mode,
                                dtype=dtype, device=settings.device)
         module = layer

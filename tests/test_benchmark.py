@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from structprune import benchmark as bm
+from structprune import ops
 
 FRACS = (1.0, 0.5)
 
@@ -105,7 +106,7 @@ def test_unavailable_backend_is_skipped_with_reason(monkeypatch):
             raise AttributeError("half-written backend")
         return None if name == "torch" else "not built"
 
-    monkeypatch.setattr(bm.ops, "availability", availability)
+    monkeypatch.setattr(ops, "availability", availability)
     cases, skipped = bm.plan(_tiny_config(backends=None, modes=("inference",)))
     reasons = {s["variant"]: s["reason"] for s in skipped}
     assert "half-written backend" in reasons["pruned[cpp]"]

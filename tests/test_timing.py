@@ -55,6 +55,19 @@ def test_min_time_repeats_calls_within_a_sample():
     assert number == 4 and samples == pytest.approx([0.1] * 3)
 
 
+def test_number_fixes_the_calls_per_sample():
+    clock = FakeClock()
+    t = compare({"x": clock.callable("x", 0.5), "y": clock.callable("y", 0.25)}, warmup=1, repeats=2, number=3,
+                clock=clock)
+    assert t.calls_per_sample == 3 and t.seconds["x"] == [0.5, 0.5] and clock.calls.count("x") == 1 + 2 * 3
+    samples, number = sample(clock.callable("z", 0.1), warmup=0, repeats=2, number=5, clock=clock)
+    assert number == 5 and samples == pytest.approx([0.1] * 2)
+    with pytest.raises(ValueError, match="not both"):
+        sample(lambda: None, min_time=0.1, number=2)
+    with pytest.raises(ValueError, match="number must be an int >= 1"):
+        compare({"a": lambda: None, "b": lambda: None}, number=0)
+
+
 def test_spread():
     s = Spread.of([1.0, 2.0, 3.0, 4.0, 100.0])
     assert s.median == 3.0 and s.q1 == 2.0 and s.q3 == 4.0 and s.iqr == 2.0
