@@ -88,7 +88,8 @@ def _extension_kwargs() -> dict:
 
 setup(
     # kernels/ installs as structprune._kernels and csrc/ as structprune/csrc (sources for the JIT build)
-    packages=["structprune", "structprune._kernels", "structprune.qa", "structprune.strategies", "structprune.csrc"],
+    packages=["structprune", "structprune._kernels", "structprune.qa", "structprune.strategies", "structprune.csrc",
+              "structprune.benchmark", "structprune.latency", "structprune.families"],
     package_dir={"structprune": "structprune", "structprune._kernels": "kernels", "structprune.csrc": CSRC},
     package_data={"structprune": ["templates/*.py"],  # the modeling file save_pretrained writes
                   "structprune.csrc": ["*.cpp", "*.h", "*.md", "*.sh", "cpu/*.cpp", "cuda/*.cu", "cuda/*.h",

@@ -6,7 +6,8 @@ import warnings
 import torch
 from torch import nn
 
-from .patching import gated_layers
+from .families import LayerParts
+from .patching import NotPatchedError, layer_parts
 
 
 def _select_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -26,14 +27,24 @@ def _select_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
     return new
 
 
+def parts_of(layer) -> LayerParts:
+    """The :class:`LayerParts` of a patched layer (its class records its family), or the parts themselves."""
+    if isinstance(layer, LayerParts):
+        return layer
+    family = getattr(type(layer), "_structprune_family", None)
+    if family is None:
+        raise NotPatchedError(f"{type(layer).__name__} is not a patched layer: call structprune.patch(model) first")
+    return family.parts(layer)
+
+
 @torch.no_grad()
-def fold_gate_values(layer: nn.Module) -> None:
-    """Fold each kept gate's deterministic value into the output projection (attention output dense for
-    heads, FFN output dense for units) and reset ``log_alpha`` to fully open; masks stay. Eval outputs do
-    not change (up to rounding); nothing is touched where every kept gate is exactly 1."""
-    attn = layer.attention.self
-    for gate, dense, repeat in ((attn.head_gate, layer.attention.output.dense, attn.head_dim),
-                                (layer.intermediate.unit_gate, layer.output.dense, 1)):
+def fold_gate_values(layer) -> None:
+    """Fold each kept gate's deterministic value into the output projection (attention output for heads, FFN
+    output for units) and reset ``log_alpha`` to fully open; masks stay. Eval outputs do not change (up to
+    rounding); nothing is touched where every kept gate is exactly 1. ``layer``: a patched layer or its parts."""
+    parts = parts_of(layer)
+    for gate, dense, repeat in ((parts.head_gate, parts["attn_out"], parts.head_dim),
+                                (parts.unit_gate, parts["ffn_out"], 1)):
         values = gate.deterministic()
         kept = gate.mask != 0
         if not bool(torch.all(values[kept] == 1.0)):
@@ -43,30 +54,59 @@ def fold_gate_values(layer: nn.Module) -> None:
 
 
 @torch.no_grad()
-def compact_layer(layer: nn.Module) -> None:
-    """Physically remove the pruned heads and FFN units of one patched layer, in place.
+def slice_layer(layer, heads: torch.Tensor, units: torch.Tensor) -> None:
+    """Keep only the heads ``heads`` and FFN units ``units`` (indices) of a patched layer, in place: the
+    projections are sliced and the gates shrunk. Compaction and loading a compacted model both use it."""
+    parts = parts_of(layer)
+    dim = parts.head_dim
+    rows = (heads[:, None] * dim + torch.arange(dim, device=heads.device)[None, :]).flatten()
+    for role in ("query", "key", "value"):
+        parts.replace(role, _select_linear(parts[role], rows=rows))
+    parts.replace("attn_out", _select_linear(parts["attn_out"], cols=rows))
+    parts.attention.num_heads = int(heads.numel())
+    parts.head_gate.keep_only_(heads)
+    parts.replace("ffn_in", _select_linear(parts["ffn_in"], rows=units))
+    parts.replace("ffn_out", _select_linear(parts["ffn_out"], cols=units))
+    parts.unit_gate.keep_only_(units)
+
+
+@torch.no_grad()
+def compact_layer(layer) -> None:
+    """Physically remove the pruned heads and FFN units of one patched layer (or its parts), in place.
 
     A kept gate whose deterministic value is fractional (after L0 training) is folded into the output
     projection first (:func:`fold_gate_values`), so outputs do not change.
     """
-    attn = layer.attention.self
-    heads = attn.head_gate.kept_index()
-    units = layer.intermediate.unit_gate.kept_index()
-    fold_gate_values(layer)
-    dim = attn.head_dim
-    rows = (heads[:, None] * dim + torch.arange(dim, device=heads.device)[None, :]).flatten()
-    attn.query = _select_linear(attn.query, rows=rows)
-    attn.key = _select_linear(attn.key, rows=rows)
-    attn.value = _select_linear(attn.value, rows=rows)
-    out = layer.attention.output
-    out.dense = _select_linear(out.dense, cols=rows)
-    attn.num_heads = int(heads.numel())
-    attn.head_gate.keep_only_(heads)
+    parts = parts_of(layer)
+    heads, units = parts.head_gate.kept_index(), parts.unit_gate.kept_index()
+    fold_gate_values(parts)
+    slice_layer(parts, heads, units)
 
-    inter = layer.intermediate
-    inter.dense = _select_linear(inter.dense, rows=units)
-    layer.output.dense = _select_linear(layer.output.dense, cols=units)
-    inter.unit_gate.keep_only_(units)
+
+@torch.no_grad()
+def zeroed_slot(layer) -> None:
+    """Give a compacted layer with no head (no FFN unit) one head (unit) whose output weights are zero: it
+    adds nothing, and plain HF modules, which cannot hold zero heads, can then run the layer."""
+    parts = parts_of(layer)
+    like = parts["query"].weight
+    if parts.num_heads == 0:
+        hidden, dim = parts["query"].in_features, parts.head_dim
+        for role in ("query", "key", "value"):
+            parts.replace(role, _zero_linear(hidden, dim, like))
+        parts.replace("attn_out", _zero_linear(dim, hidden, like, bias=parts["attn_out"].bias))
+        parts.attention.num_heads = 1
+    if parts.unit_gate.n == 0:
+        hidden = parts["ffn_in"].in_features
+        parts.replace("ffn_in", _zero_linear(hidden, 1, like))
+        parts.replace("ffn_out", _zero_linear(1, hidden, like, bias=parts["ffn_out"].bias))
+
+
+def _zero_linear(in_features: int, out_features: int, like: torch.Tensor, bias: torch.Tensor | None = None):
+    new = nn.Linear(in_features, out_features, device=like.device, dtype=like.dtype)
+    nn.init.zeros_(new.weight)
+    with torch.no_grad():
+        new.bias.copy_(bias if bias is not None else torch.zeros_like(new.bias))
+    return new
 
 
 def compact(model: nn.Module) -> nn.Module:
@@ -75,6 +115,6 @@ def compact(model: nn.Module) -> nn.Module:
     Outputs are unchanged (up to float rounding where fractional gates were folded). Layers may end with
     different numbers of heads and units; :func:`structprune.save_pretrained` records the shapes.
     """
-    for layer in gated_layers(model):
-        compact_layer(layer)
+    for parts in layer_parts(model):
+        compact_layer(parts)
     return model

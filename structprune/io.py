@@ -18,8 +18,9 @@ from torch import nn
 
 from . import __version__, atomic
 from .atomic import CorruptFileError
-from .compaction import _select_linear
-from .patching import gated_layers, patch
+from .compaction import slice_layer
+from .families import Family, family_for_type, family_of
+from .patching import layer_parts, patch
 
 STRUCTPRUNE_CONFIG = "structprune_config.json"
 WEIGHTS = "model.safetensors"
@@ -47,8 +48,7 @@ def is_standalone_exportable(model: nn.Module) -> bool:
     """True when every kept gate is exactly 1 and nothing is masked (a compacted model, or one with nothing
     pruned): the model then computes what plain Hugging Face layers of its per-layer sizes compute."""
     return all(bool(torch.all(gate.mask == 1)) and gate.is_fully_open()
-               for layer in gated_layers(model)
-               for gate in (layer.attention.self.head_gate, layer.intermediate.unit_gate))
+               for parts in layer_parts(model) for gate in parts.gates)
 
 
 def _standalone_config(model: nn.Module, structure: dict):
@@ -60,7 +60,7 @@ def _standalone_config(model: nn.Module, structure: dict):
             delattr(config, key)
     if not is_standalone_exportable(model):
         return config, False
-    family = {"bert": "Bert", "roberta": "Roberta"}[structure["model_type"]]
+    family = family_of(model).class_prefixes[structure["model_type"]]
     config.auto_map = {auto: f"{MODELING_FILE[:-3]}.Pruned{family}{suffix}"
                        for suffix, auto in _AUTO_CLASSES.items() if hasattr(transformers, family + suffix)}
     config.structprune_heads_per_layer = structure["heads_per_layer"]
@@ -70,15 +70,15 @@ def _standalone_config(model: nn.Module, structure: dict):
 
 
 def _structure(model: nn.Module) -> dict:
-    layers = gated_layers(model)
+    parts = layer_parts(model)
     return {
         "format_version": FORMAT_VERSION,
         "structprune_version": __version__,
         "architecture": type(model).__name__,
         "model_type": model.config.model_type,
-        "heads_per_layer": [layer.attention.self.num_heads for layer in layers],
-        "ffn_units_per_layer": [layer.intermediate.unit_gate.n for layer in layers],
-        "gate_sampling": [layer.attention.self.head_gate.sampling for layer in layers],
+        "heads_per_layer": [p.num_heads for p in parts],
+        "ffn_units_per_layer": [p.unit_gate.n for p in parts],
+        "gate_sampling": [p.head_gate.sampling for p in parts],
     }
 
 
@@ -151,28 +151,10 @@ def _umask() -> int:
     return mask
 
 
-def _resize_layer(layer: nn.Module, heads: int, units: int) -> None:
-    """Shrink a freshly built gated layer to the saved shapes (values are loaded afterwards)."""
-    attn = layer.attention.self
-    index = torch.arange(heads)
-    rows = torch.arange(heads * attn.head_dim)
-    attn.query = _select_linear(attn.query, rows=rows)
-    attn.key = _select_linear(attn.key, rows=rows)
-    attn.value = _select_linear(attn.value, rows=rows)
-    layer.attention.output.dense = _select_linear(layer.attention.output.dense, cols=rows)
-    attn.num_heads = heads
-    attn.head_gate.keep_only_(index)
-    unit_index = torch.arange(units)
-    layer.intermediate.dense = _select_linear(layer.intermediate.dense, rows=unit_index)
-    layer.output.dense = _select_linear(layer.output.dense, cols=unit_index)
-    layer.intermediate.unit_gate.keep_only_(unit_index)
-
-
-# Upper bounds of "not absurd" for a BERT-family config (far above any released model).
-_LIMITS = {"hidden_size": 1 << 16, "num_attention_heads": 1 << 10, "num_hidden_layers": 1 << 10,
-           "intermediate_size": 1 << 20, "vocab_size": 1 << 24, "max_position_embeddings": 1 << 20}
+# Upper bounds of "not absurd" for a BERT-family config (far above any released model), by size name.
+_LIMITS = {"hidden": 1 << 16, "heads": 1 << 10, "layers": 1 << 10, "intermediate": 1 << 20}
+_COMMON_LIMITS = {"vocab_size": 1 << 24, "max_position_embeddings": 1 << 20}
 _MAX_HEADER = 100 << 20  # bytes of a safetensors JSON header
-_LAYER_TENSOR = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(.+)$")
 
 
 def _int_list(meta: dict, key: str, path: Path, n: int | None = None) -> list[int]:
@@ -198,26 +180,33 @@ def _check_meta(meta: dict, path: Path) -> None:
         raise CorruptFileError(f"{path}: gate_sampling should be a list of {len(heads)} booleans, found {sampling!r}")
 
 
-def _check_config(config: dict, meta: dict, path: Path, meta_path: Path) -> None:
-    """Sizes in ``config.json`` positive, below ``_LIMITS`` and consistent with ``structprune_config.json``."""
-    for key, limit in _LIMITS.items():
-        value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
-            raise CorruptFileError(f"{path}: {key} should be an int in [1, {limit}], found {value!r}")
+def _check_config(config: dict, meta: dict, path: Path, meta_path: Path) -> Family:
+    """Sizes in ``config.json`` positive, below ``_LIMITS`` and consistent with ``structprune_config.json``;
+    returns the model's family."""
     if config.get("model_type") != meta["model_type"]:
         raise ValueError(f"{path} has model_type {config.get('model_type')!r} but {meta_path} says "
                          f"{meta['model_type']!r}; the two files come from different models")
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    if hidden % heads:
-        raise CorruptFileError(f"{path}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    try:
+        family = family_for_type(meta["model_type"])
+    except TypeError as exc:
+        raise ValueError(f"{meta_path}: {exc}") from None
+    keys = family.config_keys
+    for key, limit in [(keys[size], limit) for size, limit in _LIMITS.items()] + list(_COMMON_LIMITS.items()):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+            raise CorruptFileError(f"{path}: {key} should be an int in [1, {limit}], found {value!r}")
+    sizes = family.sizes(config)
+    if sizes.hidden % sizes.heads:
+        raise CorruptFileError(f"{path}: {keys['hidden']} {sizes.hidden} is not a multiple of {keys['heads']} "
+                               f"{sizes.heads}")
     layers = len(meta["heads_per_layer"])
-    if config["num_hidden_layers"] != layers:
-        raise ValueError(f"{meta_path} describes {layers} layers, {path} has num_hidden_layers "
-                         f"{config['num_hidden_layers']}")
+    if sizes.layers != layers:
+        raise ValueError(f"{meta_path} describes {layers} layers, {path} has {keys['layers']} {sizes.layers}")
     for i, (h, u) in enumerate(zip(meta["heads_per_layer"], meta["ffn_units_per_layer"])):
-        if h > heads or u > config["intermediate_size"]:
+        if h > sizes.heads or u > sizes.intermediate:
             raise ValueError(f"{meta_path}: layer {i} keeps {h} heads and {u} FFN units, more than {path} allows "
-                             f"({heads} heads, intermediate_size {config['intermediate_size']})")
+                             f"({sizes.heads} heads, {keys['intermediate']} {sizes.intermediate})")
+    return family
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -254,33 +243,33 @@ def _safetensors_header(path: Path) -> dict:
     return header
 
 
-def _expected_layer_shape(suffix: str, hidden: int, head_dim: int, heads: int, units: int) -> tuple | None:
+def _expected_layer_shapes(family: Family, hidden: int, head_dim: int, heads: int, units: int) -> dict:
+    """Tensor name inside a layer -> the shape a save with ``heads`` heads and ``units`` FFN units gives it."""
     a = heads * head_dim
-    return {
-        "attention.self.query.weight": (a, hidden), "attention.self.key.weight": (a, hidden),
-        "attention.self.value.weight": (a, hidden), "attention.self.query.bias": (a,),
-        "attention.self.key.bias": (a,), "attention.self.value.bias": (a,),
-        "attention.self.head_gate.log_alpha": (heads,), "attention.self.head_gate.mask": (heads,),
-        "attention.output.dense.weight": (hidden, a),
-        "intermediate.dense.weight": (units, hidden), "intermediate.dense.bias": (units,),
-        "intermediate.unit_gate.log_alpha": (units,), "intermediate.unit_gate.mask": (units,),
-        "output.dense.weight": (hidden, units),
-    }.get(suffix)
+    p = family.paths
+    shapes = {f"{p[r]}.weight": (a, hidden) for r in ("query", "key", "value")}
+    shapes.update({f"{p[r]}.bias": (a,) for r in ("query", "key", "value")})
+    shapes.update({f"{p['head_gate']}.log_alpha": (heads,), f"{p['head_gate']}.mask": (heads,),
+                   f"{p['attn_out']}.weight": (hidden, a), f"{p['ffn_in']}.weight": (units, hidden),
+                   f"{p['ffn_in']}.bias": (units,), f"{p['unit_gate']}.log_alpha": (units,),
+                   f"{p['unit_gate']}.mask": (units,), f"{p['ffn_out']}.weight": (hidden, units)})
+    return shapes
 
 
-def _check_weights(header: dict, config: dict, meta: dict, path: Path) -> None:
+def _check_weights(header: dict, family: Family, config: dict, meta: dict, path: Path) -> None:
     """Every per-layer tensor in the weights file has the shape the two configs give it."""
-    hidden, head_dim = config["hidden_size"], config["hidden_size"] // config["num_attention_heads"]
+    sizes = family.sizes(config)
     layers = len(meta["heads_per_layer"])
+    layer_tensor = re.compile(rf"(?:^|\.){re.escape(family.layers_path)}\.(\d+)\.(.+)$")
     for name, info in header.items():
-        m = _LAYER_TENSOR.search(name)
+        m = layer_tensor.search(name)
         if m is None:
             continue
         i = int(m.group(1))
         if i >= layers:
             raise ValueError(f"{path} holds {name} but the configs describe {layers} layers")
-        want = _expected_layer_shape(m.group(2), hidden, head_dim, meta["heads_per_layer"][i],
-                                     meta["ffn_units_per_layer"][i])
+        want = _expected_layer_shapes(family, sizes.hidden, sizes.head_dim, meta["heads_per_layer"][i],
+                                      meta["ffn_units_per_layer"][i]).get(m.group(2))
         if want is not None and tuple(info["shape"]) != want:
             raise ValueError(f"{path}: {name} has shape {tuple(info['shape'])}, the configs say {want} "
                              "(files from different saves?)")
@@ -311,24 +300,24 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     meta = atomic.read_json(meta_path, "structprune model description")
     _check_meta(meta, meta_path)
     config_dict = atomic.read_json(config_path, "model config")
-    _check_config(config_dict, meta, config_path, meta_path)
+    family = _check_config(config_dict, meta, config_path, meta_path)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
-    _check_weights(_safetensors_header(weights), config_dict, meta, weights)
+    _check_weights(_safetensors_header(weights), family, config_dict, meta, weights)
     model_cls = getattr(transformers, meta["architecture"], None)
     if model_cls is None:
         raise ValueError(f"unknown architecture {meta['architecture']!r} in {meta_path}")
     config = transformers.AutoConfig.from_pretrained(directory)
     model = model_cls(config)
     patch(model)
-    layers = gated_layers(model)
-    if len(layers) != len(meta["heads_per_layer"]):
-        raise ValueError(f"{meta_path} describes {len(meta['heads_per_layer'])} layers, config has {len(layers)}")
-    for layer, heads, units, sampling in zip(layers, meta["heads_per_layer"], meta["ffn_units_per_layer"],
+    parts = layer_parts(model)
+    if len(parts) != len(meta["heads_per_layer"]):
+        raise ValueError(f"{meta_path} describes {len(meta['heads_per_layer'])} layers, config has {len(parts)}")
+    for layer, heads, units, sampling in zip(parts, meta["heads_per_layer"], meta["ffn_units_per_layer"],
                                              meta["gate_sampling"]):
-        _resize_layer(layer, heads, units)
-        layer.attention.self.head_gate.sampling = sampling
-        layer.intermediate.unit_gate.sampling = sampling
+        slice_layer(layer, torch.arange(heads), torch.arange(units))  # values are loaded below
+        for gate in layer.gates:
+            gate.sampling = sampling
     try:
         load_model(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError, ValueError) as exc:  # a bad file, a strict-load mismatch

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .patching import gated_layers
+from .patching import layer_parts
 
 
 @dataclass
@@ -67,10 +67,10 @@ def _per_layer(name: str, value, sizes: list[int], device: torch.device) -> list
 def set_masks(model: nn.Module, heads=None, ffn=None) -> nn.Module:
     """Set fixed 0/1 masks (1 = keep). ``heads``: ``[L, H]`` or per-layer list; ``ffn``: ``[L, I]`` or
     per-layer list. Either may be None to leave it unchanged. All inputs are validated before any change."""
-    layers = gated_layers(model)
-    device = layers[0].attention.self.query.weight.device
-    head_gates = [layer.attention.self.head_gate for layer in layers]
-    unit_gates = [layer.intermediate.unit_gate for layer in layers]
+    parts = layer_parts(model)
+    device = parts[0].device
+    head_gates = [p.head_gate for p in parts]
+    unit_gates = [p.unit_gate for p in parts]
     head_rows = _per_layer("heads", heads, [g.n for g in head_gates], device) if heads is not None else None
     ffn_rows = _per_layer("ffn", ffn, [g.n for g in unit_gates], device) if ffn is not None else None
     if head_rows is not None:
@@ -85,8 +85,8 @@ def set_masks(model: nn.Module, heads=None, ffn=None) -> nn.Module:
 @torch.no_grad()
 def get_masks(model: nn.Module) -> Masks:
     """What is kept now: a head or unit is kept when its mask is 1 and its deterministic gate is non-zero."""
-    layers = gated_layers(model)
-    heads = [(layer.attention.self.head_gate.deterministic() != 0).cpu() for layer in layers]
-    ffn = [(layer.intermediate.unit_gate.deterministic() != 0).cpu() for layer in layers]
+    parts = layer_parts(model)
+    heads = [(p.head_gate.deterministic() != 0).cpu() for p in parts]
+    ffn = [(p.unit_gate.deterministic() != 0).cpu() for p in parts]
     same = len({h.numel() for h in heads}) == 1
     return Masks(heads=torch.stack(heads) if same else heads, ffn=ffn)

@@ -1,9 +1,9 @@
-"""Gated attention and gated FFN modules.
+"""Gated attention and gated FFN pieces shared by every model family.
 
 They hold the layer's full weights (the very ``nn.Linear`` modules of the Hugging Face layer, so parameter
 names stay as HF writes them) plus a :class:`~structprune.gates.HardConcreteGate` per head / per FFN unit,
 and compute through :mod:`structprune.ops`, which picks the kernel backend. They know nothing about model
-families: :mod:`structprune.patching` builds them from HF layers.
+families: each family's adapter (:mod:`structprune.families`) builds them from its HF layers.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .gates import HardConcreteGate
 from .reference import ACTIVATIONS
 
 
-def _gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | None]:
+def gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(gate values [n], indices of non-zero gates); a fresh sample in training with sampling on.
 
     Under ``torch.compile`` with the reference backend no index is needed, and none is computed (its size
@@ -26,6 +26,35 @@ def _gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | N
     if gate.stochastic:
         return values, torch.nonzero(values.detach() != 0, as_tuple=False).flatten()
     return values, gate.kept_index()
+
+
+def attend(hidden_states: torch.Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, output: nn.Linear,
+           head_gate: HardConcreteGate, num_heads: int, attention_mask, dropout_p: float, config) -> torch.Tensor:
+    """Gated multi-head self-attention with its output projection (bias included, no residual), as one op;
+    ``config._attn_implementation`` says whether an attention mask is HF's eager (additive) or SDPA kind."""
+    gates, active = gate_values(head_gate)
+    impl = "eager" if getattr(config, "_attn_implementation", "sdpa") == "eager" else "sdpa"
+    return ops.gated_attention(
+        hidden_states, query.weight, query.bias, key.weight, key.bias, value.weight, value.bias, output.weight,
+        output.bias, gates, active, num_heads, attn_mask=attention_mask, dropout_p=dropout_p, impl=impl)
+
+
+def stash_hf_module(gated: nn.Module, hf_module: nn.Module, detach: tuple[str, ...]) -> None:
+    """Keep the HF module ``gated`` replaces (unregistered, so not in the state dict), without its submodules
+    ``detach`` (the gated module holds those), for :func:`unstash_hf_module`."""
+    for name in detach:
+        setattr(hf_module, name, None)
+    gated.__dict__["_structprune_hf_module"] = hf_module
+
+
+def unstash_hf_module(gated: nn.Module, **modules: nn.Module) -> nn.Module:
+    """The HF module ``gated`` replaced, holding ``modules`` (the current ones) again, in ``gated``'s mode."""
+    hf_module = gated.__dict__.pop("_structprune_hf_module", None)
+    if hf_module is None:
+        raise RuntimeError(f"{type(gated).__name__} does not hold the Hugging Face module it replaced")
+    for name, module in modules.items():
+        setattr(hf_module, name, module)
+    return hf_module.train(gated.training)
 
 
 class GatedSelfAttention(nn.Module):
@@ -45,32 +74,10 @@ class GatedSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
 
-
-class GatedAttention(nn.Module):
-    """Drop-in for ``BertAttention``/``RobertaAttention``: gated self-attention, output projection,
-    dropout, residual and LayerNorm. A layer whose heads are all pruned still adds the output bias,
-    the residual and the LayerNorm."""
-
-    def __init__(self, self_attention: GatedSelfAttention, output: nn.Module, config):
-        super().__init__()
-        self.self = self_attention
-        self.output = output  # HF SelfOutput: dense, dropout, LayerNorm
-        self.config = config
-        self.attention_dropout = float(getattr(config, "attention_probs_dropout_prob", 0.0))
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None, **kwargs):
-        if encoder_hidden_states is not None:
-            raise ValueError("structprune gates self-attention of encoders only; cross-attention is not supported")
-        sa = self.self
-        gates, active = _gate_values(sa.head_gate)
-        impl = "eager" if getattr(self.config, "_attn_implementation", "sdpa") == "eager" else "sdpa"
-        context_out = ops.gated_attention(
-            hidden_states, sa.query.weight, sa.query.bias, sa.key.weight, sa.key.bias, sa.value.weight,
-            sa.value.bias, self.output.dense.weight, self.output.dense.bias, gates, active, sa.num_heads,
-            attn_mask=attention_mask, dropout_p=self.attention_dropout if self.training else 0.0, impl=impl)
-        out = self.output.LayerNorm(self.output.dropout(context_out) + hidden_states)
-        return out, None
+    def attend(self, hidden_states: torch.Tensor, output: nn.Linear, attention_mask, dropout_p: float, config):
+        """Gated attention through ``output`` (the layer's attention output projection): see :func:`attend`."""
+        return attend(hidden_states, self.query, self.key, self.value, output, self.head_gate, self.num_heads,
+                      attention_mask, dropout_p if self.training else 0.0, config)
 
 
 class GatedIntermediate(nn.Module):
@@ -94,19 +101,11 @@ class GatedIntermediate(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         from .reference import activation_fn
 
-        gates, _ = _gate_values(self.unit_gate)
+        gates, _ = gate_values(self.unit_gate)
         return activation_fn(self.activation)(self.dense(hidden_states)) * gates.to(hidden_states.dtype)
 
     def ffn(self, hidden_states: torch.Tensor, output_dense: nn.Linear) -> torch.Tensor:
         """Both FFN projections with gated units: ``output_dense(act(dense(x)) * gate)``."""
-        gates, kept = _gate_values(self.unit_gate)
+        gates, kept = gate_values(self.unit_gate)
         return ops.gated_ffn(hidden_states, self.dense.weight, self.dense.bias, output_dense.weight,
                              output_dense.bias, gates, kept, self.activation)
-
-
-class GatedLayerMixin:
-    """Mixed into a copy of the HF layer class: the FFN runs as one fused gated op."""
-
-    def feed_forward_chunk(self, attention_output):
-        h = self.intermediate.ffn(attention_output, self.output.dense)
-        return self.output.LayerNorm(self.output.dropout(h) + attention_output)

@@ -1,15 +1,16 @@
-"""Model-family adapters: where BERT and RoBERTa keep their encoder layers, and the in-place swap.
+"""The in-place swap of a model's layers for gated ones, and the way back.
 
-This is the only module that knows Hugging Face attribute names.
+What a family's layers look like is its adapter's business (:mod:`structprune.families`); this module only
+asks it. :func:`layer_parts` is how every other module reaches a patched layer's gates and projections.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .modules import GatedAttention, GatedIntermediate, GatedLayerMixin, GatedSelfAttention
+from .families import Family, LayerParts, family_of, supported_model_types
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta")
-_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+SUPPORTED_MODEL_TYPES = supported_model_types()
 _GATED_LAYER_CLASSES: dict[type, type] = {}
 
 
@@ -17,31 +18,20 @@ class NotPatchedError(RuntimeError):
     """Raised when an API that needs gated layers is given a model that was not patched."""
 
 
-def _model_type(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
+class PatchedLayer:
+    """Marks the class of a patched layer (a subclass of the HF layer class made by :func:`patch`)."""
+
+    _structprune_original: type  # the HF layer class
+    _structprune_family: Family  # the adapter that patched it
 
 
 def check_supported(model: nn.Module) -> None:
-    model_type = _model_type(model)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TypeError(f"structprune supports Hugging Face models of type {SUPPORTED_MODEL_TYPES} "
-                        f"(e.g. BertForQuestionAnswering, RobertaModel); got {type(model).__name__} "
-                        f"with model_type={model_type!r}")
-    config = model.config
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-        raise TypeError(f"{type(model).__name__} is configured as a decoder (is_decoder/add_cross_attention); "
-                        "structprune gates bidirectional encoders only")
+    family_of(model)
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ``ModuleList`` of transformer layers of a supported model (bare or with any task head)."""
-    check_supported(model)
-    base = getattr(model, "base_model", model)
-    try:
-        return base.encoder.layer
-    except AttributeError as exc:
-        raise TypeError(f"{type(model).__name__} has no encoder.layer list; is it a BERT/RoBERTa model?") from exc
+    return family_of(model).layers(model)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -49,7 +39,7 @@ def is_patched(model: nn.Module) -> bool:
         layers = encoder_layers(model)
     except TypeError:
         return False
-    return len(layers) > 0 and all(isinstance(layer, GatedLayerMixin) for layer in layers)
+    return len(layers) > 0 and all(isinstance(layer, PatchedLayer) for layer in layers)
 
 
 def gated_layers(model: nn.Module) -> nn.ModuleList:
@@ -60,20 +50,21 @@ def gated_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _gated_layer_class(cls: type) -> type:
+def layer_parts(model: nn.Module) -> list[LayerParts]:
+    """Uniform access to each patched layer's gates and projections (see :class:`~structprune.families.LayerParts`)."""
+    family = family_of(model)
+    return [family.parts(layer) for layer in gated_layers(model)]
+
+
+def _gated_layer_class(cls: type, family: Family) -> type:
     if cls not in _GATED_LAYER_CLASSES:
         name = f"Gated{cls.__name__}"
-        gated = type(name, (GatedLayerMixin, cls), {"__module__": __name__})
+        bases = (family.layer_mixin, PatchedLayer, cls) if family.layer_mixin else (PatchedLayer, cls)
+        gated = type(name, bases, {"__module__": __name__, "_structprune_original": cls,
+                                    "_structprune_family": family})
         globals()[name] = gated  # importable by name, so patched models pickle and deepcopy
         _GATED_LAYER_CLASSES[cls] = gated
     return _GATED_LAYER_CLASSES[cls]
-
-
-def _activation_name(config) -> str:
-    act = config.hidden_act
-    if not isinstance(act, str) or act not in _HF_ACTIVATIONS:
-        raise ValueError(f"hidden_act={act!r} is not supported; expected one of {sorted(_HF_ACTIVATIONS)}")
-    return _HF_ACTIVATIONS[act]
 
 
 def patch(model: nn.Module, sampling: bool = False) -> nn.Module:
@@ -83,24 +74,39 @@ def patch(model: nn.Module, sampling: bool = False) -> nn.Module:
     ``sampling=True`` makes the hard-concrete gates sample in training mode (L0 pruning);
     see :func:`structprune.set_gate_sampling`.
     """
-    layers = encoder_layers(model)
-    if is_patched(model) or any(isinstance(layer, GatedLayerMixin) for layer in layers):
+    family = family_of(model)
+    layers = family.layers(model)
+    if any(isinstance(layer, PatchedLayer) for layer in layers):
         raise RuntimeError(f"{type(model).__name__} is already patched by structprune")
-    config = model.config
-    activation = _activation_name(config)
+    family.sizes(model.config).kernel_activation  # an unsupported activation is refused before any change
     for layer in layers:
-        attention = layer.attention
-        self_attn = attention.self
-        head_dim = self_attn.attention_head_size
-        num_heads = self_attn.query.out_features // head_dim
-        gated_self = GatedSelfAttention(self_attn.query, self_attn.key, self_attn.value, num_heads, head_dim,
-                                        sampling=sampling)
-        layer.attention = GatedAttention(gated_self, attention.output, config)
-        layer.intermediate = GatedIntermediate(layer.intermediate.dense, activation, sampling=sampling)
-        layer.__class__ = _gated_layer_class(type(layer))
-        for new in (layer.attention, layer.intermediate):
-            new.to(device=self_attn.query.weight.device)
-            new.train(layer.training)
+        device = next(layer.parameters()).device
+        family.patch_layer(layer, model.config, sampling)
+        layer.__class__ = _gated_layer_class(type(layer), family)
+        layer.to(device=device)  # the new gates
+        layer.train(layer.training)  # the new modules in the layer's mode
+    return model
+
+
+@torch.no_grad()
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put the plain Hugging Face modules back, in place; returns ``model``.
+
+    What the gates prune is removed first (:func:`structprune.compact`; fractional gates are folded into the
+    weights), so the model computes what the patched one computed in eval mode, with plain HF modules of
+    the kept sizes. A layer left with no head (no FFN unit) keeps one head (unit) whose output weights are
+    zero, which HF modules need and which adds nothing. Save such a model with
+    :func:`structprune.save_pretrained` (per-layer sizes) or patch it again.
+    """
+    from .compaction import compact_layer, zeroed_slot
+
+    family = family_of(model)
+    for layer in gated_layers(model):
+        parts = family.parts(layer)
+        compact_layer(parts)
+        zeroed_slot(parts)
+        family.unpatch_layer(layer, model.config)
+        layer.__class__ = type(layer)._structprune_original
     return model
 
 
@@ -112,9 +118,8 @@ def set_gate_sampling(model: nn.Module, sampling: bool = True) -> None:
 
 def iter_gates(model: nn.Module):
     """Every gate of a patched model: per layer, the head gate then the FFN unit gate."""
-    for layer in gated_layers(model):
-        yield layer.attention.self.head_gate
-        yield layer.intermediate.unit_gate
+    for parts in layer_parts(model):
+        yield from parts.gates
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -6,9 +6,9 @@
     ...
     handle.remove()
 
-``annotate_layer`` works on plain Hugging Face BERT layers and on patched ones alike: it times
+``annotate_layer`` works on plain Hugging Face layers and on patched ones alike: it times
 ``layer.attention`` (a module) with forward hooks and the feed-forward half by wrapping the layer's
-``feed_forward_chunk`` method on the instance. Annotate eager modules only; ranges opened in hooks do not
+``feed_forward_chunk`` method on the instance (BERT layout) or with hooks on ``layer.ffn`` (DistilBERT). Annotate eager modules only; ranges opened in hooks do not
 belong inside a ``torch.compile``d graph.
 """
 from __future__ import annotations
@@ -73,13 +73,14 @@ class LayerAnnotation:
 
 
 def annotate_layer(layer: nn.Module, prefix: str, nvtx: bool = False) -> LayerAnnotation:
-    """Add ranges ``{prefix}/attention`` and ``{prefix}/ffn`` around the two halves of a BERT encoder layer."""
+    """Add ranges ``{prefix}/attention`` and ``{prefix}/ffn`` around the two halves of an encoder layer."""
     handles = []
-    attention = getattr(layer, "attention", None)
-    if isinstance(attention, nn.Module):
-        rng = _Range(f"{prefix}/attention", nvtx)
-        handles.append(attention.register_forward_pre_hook(rng.open))
-        handles.append(attention.register_forward_hook(rng.close))
+    for half in ("attention", "ffn"):  # modules; BERT's FFN half is a method, wrapped below
+        module = getattr(layer, half, None)
+        if isinstance(module, nn.Module):
+            rng = _Range(f"{prefix}/{half}", nvtx)
+            handles.append(module.register_forward_pre_hook(rng.open))
+            handles.append(module.register_forward_hook(rng.close))
     wrapped = False
     ffn = getattr(layer, "feed_forward_chunk", None)
     if callable(ffn) and "feed_forward_chunk" not in layer.__dict__:

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .patching import gated_layers
+from .families import sizes_of
+from .patching import layer_parts
 from .reference import attention_flops, ffn_flops
 
 
@@ -83,13 +84,12 @@ def summary(model: nn.Module, seq_len: int = 128, latency=None, measure: bool = 
     the measured ones (the model and a dense model of its config timed alternated, ``repeats`` rounds, on the
     table's backend and the current threads).
     """
-    config = model.config
-    hidden, heads_total, ffn_total = config.hidden_size, config.num_attention_heads, config.intermediate_size
-    head_dim = hidden // heads_total
+    sizes = sizes_of(model)
+    hidden, heads_total, ffn_total, head_dim = sizes.hidden, sizes.heads, sizes.intermediate, sizes.head_dim
     out = Summary(seq_len=seq_len)
-    for layer in gated_layers(model):
-        heads = int((layer.attention.self.head_gate.deterministic() != 0).sum())
-        units = int((layer.intermediate.unit_gate.deterministic() != 0).sum())
+    for parts in layer_parts(model):
+        heads = int((parts.head_gate.deterministic() != 0).sum())
+        units = int((parts.unit_gate.deterministic() != 0).sum())
         out.layers.append(LayerSummary(
             heads_kept=heads, heads_total=heads_total, ffn_kept=units, ffn_total=ffn_total,
             params=_layer_params(hidden, heads * head_dim, units),

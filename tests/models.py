@@ -1,28 +1,56 @@
-"""Small random BERT/RoBERTa models shared by the tests."""
+"""Small random models of every supported family, shared by the tests."""
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
 
-FAMILIES = ("bert", "roberta")
+FAMILIES = ("bert", "roberta", "electra", "xlm-roberta", "distilbert")
 HEADS = ("qa", "cls", "bare")
+PREFIXES = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra", "xlm-roberta": "XLMRoberta",
+            "distilbert": "DistilBert"}
+SUFFIXES = {"qa": "ForQuestionAnswering", "cls": "ForSequenceClassification", "bare": "Model"}
 
 
 def tiny_config(family: str = "bert", attn: str = "sdpa", layers: int = 3, hidden: int = 64, heads: int = 4,
                 ffn: int = 96, act: str = "gelu"):
-    cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+    common = dict(vocab_size=120, max_position_embeddings=80, attn_implementation=attn, pad_token_id=1)
+    if family == "distilbert":
+        return transformers.DistilBertConfig(dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=ffn,
+                                             activation=act, **common)
+    cls = getattr(transformers, PREFIXES[family] + "Config")
+    extra = {"embedding_size": hidden // 2} if family == "electra" else {}  # ELECTRA's projected embeddings
     return cls(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
-               vocab_size=120, max_position_embeddings=80, hidden_act=act, attn_implementation=attn,
-               pad_token_id=1)
+               hidden_act=act, **extra, **common)
+
+
+def model_class(family: str, head: str):
+    return getattr(transformers, PREFIXES[family] + SUFFIXES.get(head, head))
 
 
 def tiny_model(family: str = "bert", head: str = "qa", attn: str = "sdpa", seed: int = 0, **kw):
+    """``head``: "qa", "cls", "bare" or a transformers class suffix ("ForMaskedLM")."""
     torch.manual_seed(seed)
-    config = tiny_config(family, attn, **kw)
-    prefix = "Bert" if family == "bert" else "Roberta"
-    suffix = {"qa": "ForQuestionAnswering", "cls": "ForSequenceClassification", "bare": "Model"}[head]
-    return getattr(transformers, prefix + suffix)(config).eval()
+    return model_class(family, head)(tiny_config(family, attn, **kw)).eval()
+
+
+def layer_part(model, i: int, role: str):
+    """The module in role ``role`` ("query", "attn_out", "ffn_in", "ffn_out", ...) of layer ``i``, patched or not
+    (the projections keep their HF names)."""
+    import structprune as sp
+
+    family = sp.family_of(model)
+    return family.parts(family.layers(model)[i])[role]
+
+
+def pruning_masks(seed: int = 0, layers: int = 3, heads: int = 4, ffn: int = 96):
+    """Random masks for a tiny model with a layer at 0 heads and a layer at 0 FFN units."""
+    g = torch.Generator().manual_seed(seed)
+    head_mask = torch.rand(layers, heads, generator=g) < 0.5
+    head_mask[0], head_mask[1] = True, False
+    ffn_mask = torch.rand(layers, ffn, generator=g) < 0.3
+    ffn_mask[0, :3], ffn_mask[2] = True, False
+    return head_mask, ffn_mask
 
 
 def save_tiny_qa_model(directory, tokenizer_path):

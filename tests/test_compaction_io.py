@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import structprune as sp
-from models import FAMILIES, HEADS, outputs, tiny_batch, tiny_model
+from models import FAMILIES, HEADS, layer_part, outputs, tiny_batch, tiny_model
 
 L, H, I = 3, 4, 96
 
@@ -32,10 +32,9 @@ def test_compact_does_not_change_outputs(family, head):
     with torch.no_grad():
         after = outputs(model, batch)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
-    layers = model.base_model.encoder.layer
-    assert [l.attention.self.num_heads for l in layers] == heads.sum(1).tolist()
-    assert [l.intermediate.dense.out_features for l in layers] == ffn.sum(1).tolist()
-    assert layers[1].attention.self.query.weight.shape == (0, 64)
+    assert [layer_part(model, i, "attention").num_heads for i in range(L)] == heads.sum(1).tolist()
+    assert [layer_part(model, i, "ffn_in").out_features for i in range(L)] == ffn.sum(1).tolist()
+    assert layer_part(model, 1, "query").weight.shape == (0, 64)
 
 
 def test_compact_folds_fractional_gates():

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import structprune as sp
-from models import FAMILIES, outputs, tiny_batch, tiny_model
+from models import FAMILIES, layer_part, outputs, tiny_batch, tiny_model
 
 L, H, I = 3, 4, 96
 
@@ -12,12 +12,12 @@ L, H, I = 3, 4, 96
 def zeroed_reference(model, heads, ffn, batch):
     """The same model with pruned head contexts / FFN activations zeroed by hooks on unpatched HF modules."""
     handles = []
-    for layer, hmask, fmask in zip(model.base_model.encoder.layer, heads, ffn):
-        head_dim = layer.attention.self.attention_head_size
+    head_dim = layer_part(model, 0, "query").out_features // H
+    for i, (hmask, fmask) in enumerate(zip(heads, ffn)):
         col = hmask.float().repeat_interleave(head_dim)
-        handles.append(layer.attention.output.dense.register_forward_pre_hook(
+        handles.append(layer_part(model, i, "attn_out").register_forward_pre_hook(
             lambda m, args, col=col: (args[0] * col,) + args[1:]))
-        handles.append(layer.output.dense.register_forward_pre_hook(
+        handles.append(layer_part(model, i, "ffn_out").register_forward_pre_hook(
             lambda m, args, f=fmask.float(): (args[0] * f,) + args[1:]))
     try:
         with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import structprune as sp
-from models import outputs, tiny_batch, tiny_model
+from models import FAMILIES, PREFIXES, SUFFIXES, layer_part, outputs, pruning_masks, tiny_batch, tiny_model
 from structprune import io as sp_io
 
 L, H, I = 3, 4, 96
@@ -17,19 +17,9 @@ LOADER = Path(__file__).with_name("standalone_loader.py")
 AUTO = {"qa": "AutoModelForQuestionAnswering", "cls": "AutoModelForSequenceClassification", "bare": "AutoModel"}
 
 
-def pruning_masks(seed=3):
-    """Random masks with a layer at 0 heads and a layer at 0 FFN units."""
-    g = torch.Generator().manual_seed(seed)
-    heads = torch.rand(L, H, generator=g) < 0.5
-    heads[0], heads[1] = True, False
-    ffn = torch.rand(L, I, generator=g) < 0.3
-    ffn[0, :3], ffn[2] = True, False
-    return heads, ffn
-
-
 def compacted(family, head, seed=0):
     model = sp.patch(tiny_model(family, head, seed=seed))
-    heads, ffn = pruning_masks()
+    heads, ffn = pruning_masks(3)
     sp.set_masks(model, heads=heads, ffn=ffn)
     return sp.compact(model)
 
@@ -57,7 +47,7 @@ def test_blocker_is_needed_and_works(tmp_path):
 def test_plain_transformers_load_matches_structprune(tmp_path):
     batch = tiny_batch()
     jobs, expected = [], {}
-    for family in ("bert", "roberta"):
+    for family in FAMILIES:
         for head in ("qa", "cls", "bare"):
             directory = tmp_path / f"{family}-{head}"
             sp.save_pretrained(compacted(family, head), directory)
@@ -67,13 +57,11 @@ def test_plain_transformers_load_matches_structprune(tmp_path):
         # the encoder alone, from a QA checkpoint
         jobs.append([str(tmp_path / f"{family}-qa"), "AutoModel", str(tmp_path / f"{family}-qa-base.pt")])
     run_isolated(tmp_path, jobs, batch)
-    for family in ("bert", "roberta"):
+    for family in FAMILIES:
         for head in ("qa", "cls", "bare"):
             got = torch.load(tmp_path / f"{family}-{head}.pt")
             assert got["_structprune_modules"] == []
-            prefix = "Bert" if family == "bert" else "Roberta"
-            suffix = {"qa": "ForQuestionAnswering", "cls": "ForSequenceClassification", "bare": "Model"}[head]
-            assert got["_class"] == f"Pruned{prefix}{suffix}"
+            assert got["_class"] == f"Pruned{PREFIXES[family]}{SUFFIXES[head]}"
             if "start_logits" in got:
                 got = torch.cat([got["start_logits"], got["end_logits"]], dim=-1)
             else:
@@ -90,7 +78,7 @@ def test_config_records_sizes_and_version(tmp_path):
     model = compacted("bert", "qa")
     sp.save_pretrained(model, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    heads, ffn = pruning_masks()
+    heads, ffn = pruning_masks(3)
     assert config["structprune_heads_per_layer"] == heads.sum(1).tolist()
     assert config["structprune_ffn_units_per_layer"] == ffn.sum(1).tolist()
     assert config["structprune_modeling_version"] == sp_io.modeling_version()
@@ -101,14 +89,14 @@ def test_config_records_sizes_and_version(tmp_path):
     assert not hasattr(model.config, "auto_map")  # the model's own config is not touched
 
 
-def test_in_process_load_handles_empty_layers(tmp_path):
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_in_process_load_handles_empty_layers(tmp_path, family):
     """Same check in this process (fast, gives a traceback): 0-head and 0-unit layers, padding mask."""
-    model = compacted("roberta", "qa")
+    model = compacted(family, "qa")
     sp.save_pretrained(model, tmp_path / "m")
     plain = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "m", trust_remote_code=True)
-    layers = plain.base_model.encoder.layer
-    assert layers[1].attention.self.query.weight.shape == (0, 64)
-    assert layers[2].intermediate.dense.weight.shape == (0, 64)
+    assert layer_part(plain, 1, "query").weight.shape == (0, 64)
+    assert layer_part(plain, 2, "ffn_in").weight.shape == (0, 64)
     batch = tiny_batch(pad_from=4)
     with torch.no_grad():
         torch.testing.assert_close(outputs(plain.eval(), batch), outputs(model, batch), atol=1e-5, rtol=0)
@@ -118,7 +106,7 @@ def test_in_process_load_handles_empty_layers(tmp_path):
 def test_gated_models_get_no_modeling_file(tmp_path, state):
     model = sp.patch(tiny_model())
     if state == "masked":
-        sp.set_masks(model, heads=pruning_masks()[0])
+        sp.set_masks(model, heads=pruning_masks(3)[0])
     else:
         with torch.no_grad():
             next(sp.iter_gates(model)).log_alpha.fill_(0.0)  # deterministic gate 0.5

@@ -273,3 +273,19 @@ def test_gain_and_fold_agree_on_compiled_backend(backend):
     apply_masks(reference, masks)
     with torch.no_grad():
         torch.testing.assert_close(model(**x).start_logits, reference(**x).start_logits, atol=1e-4, rtol=1e-3)
+
+
+def test_magnitude_keeps_largest_norms_per_layer():
+    from structprune.strategies import magnitude_masks
+
+    model = tiny_model()
+    layer = model.bert.encoder.layer[1]
+    with torch.no_grad():  # head 2 of layer 1 and FFN unit 5 of layer 1 lose their weights: the least important
+        layer.attention.self.value.weight.view(H, D, -1)[2] = 0
+        layer.intermediate.dense.weight[5] = 0
+    heads, ffn = magnitude_masks(model, 0.75, 0.5)
+    assert [int(h.sum()) for h in heads] == [3] * L and [int(f.sum()) for f in ffn] == [I // 2] * L
+    assert all(h.dtype == torch.bool and h.shape == (H,) for h in heads)
+    assert not heads[1][2] and not ffn[1][5]
+    sp.set_masks(model, heads=heads, ffn=ffn)
+    assert sp.get_masks(model).num_heads_kept == 3 * L

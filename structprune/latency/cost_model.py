@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..compaction import compact, compact_layer
-from ..patching import gated_layers, patch
+from ..compaction import compact, compact_layer, parts_of
+from ..families import sizes_of
+from ..patching import gated_layers, layer_parts, patch
 from .table import LatencyTable, TableKey
 
 Timer = Callable[[Mapping[str, Callable[[], object]]], Mapping[str, list[float]]]
@@ -44,10 +45,10 @@ def machine() -> dict:
 
 def model_key(model: nn.Module) -> dict:
     """The original shape of ``model`` (its config: compaction does not change it)."""
-    c = model.config
-    return {"architecture": type(model).__name__, "model_type": c.model_type, "hidden": c.hidden_size,
-            "heads": c.num_attention_heads, "head_dim": c.hidden_size // c.num_attention_heads,
-            "intermediate": c.intermediate_size, "layers": c.num_hidden_layers, "activation": c.hidden_act}
+    c = sizes_of(model)
+    return {"architecture": type(model).__name__, "model_type": model.config.model_type, "hidden": c.hidden,
+            "heads": c.heads, "head_dim": c.head_dim, "intermediate": c.intermediate, "layers": c.layers,
+            "activation": c.activation}
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:
@@ -115,8 +116,8 @@ def model_inputs(model: nn.Module, batch: int, seq_len: int, seed: int = 0) -> d
 
 def keep_first(model: nn.Module, heads: list[int], units: list[int]) -> nn.Module:
     """Set masks keeping the first ``heads[l]`` heads and ``units[l]`` FFN units of each layer; returns ``model``."""
-    for layer, h, u in zip(gated_layers(model), heads, units):
-        for gate, k in ((layer.attention.self.head_gate, h), (layer.intermediate.unit_gate, u)):
+    for parts, h, u in zip(layer_parts(model), heads, units):
+        for gate, k in zip(parts.gates, (h, u)):
             mask = torch.zeros(gate.n)
             mask[: int(k)] = 1.0
             gate.set_mask(mask)
@@ -146,7 +147,7 @@ def _layer_inputs(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, object]
 
 def _probe_layer(base: nn.Module, heads: int, units: int) -> nn.Module:
     layer = copy.deepcopy(base)
-    for gate, k in ((layer.attention.self.head_gate, heads), (layer.intermediate.unit_gate, units)):
+    for gate, k in zip(parts_of(layer).gates, (heads, units)):
         mask = torch.zeros(gate.n)
         mask[:k] = 1.0
         gate.set_mask(mask)

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from ..families import sizes_of
 from .table import LatencyTable
 
 STRUCTURES = ("heads", "ffn")
@@ -253,8 +254,8 @@ def budget_of(model, target, table: LatencyTable | None) -> Budget:
     from ..strategies.targets import gate_sizes
 
     sizes = gate_sizes(model)
-    c = model.config
-    unit = unit_params(c.hidden_size, c.hidden_size // c.num_attention_heads)
+    c = sizes_of(model)
+    unit = unit_params(c.hidden, c.head_dim)
     latency = None
     if target.speedup is not None:
         latency = table.dense_ms / float(target.speedup)
@@ -273,13 +274,13 @@ def budget_of(model, target, table: LatencyTable | None) -> Budget:
 
 def budget_masks(model, target, scores: dict, start: dict) -> dict[str, list[torch.Tensor]]:
     """Per-layer keep masks meeting a budget ``target`` with importance ``scores``, from the ``start`` masks."""
-    c = model.config
+    c = sizes_of(model)
     table = table_for(model, target) if target.has_latency else None
     budget = budget_of(model, target, table)
     on_grid = table is not None
     if table is None:  # a parameter budget only: a flat table makes the plan ignore latency, any count allowed
         table = _flat_table(model)
-    return plan_masks(table, scores, start, budget, c.hidden_size, c.hidden_size // c.num_attention_heads,
+    return plan_masks(table, scores, start, budget, c.hidden, c.head_dim,
                       ffn_on_grid=on_grid)
 
 

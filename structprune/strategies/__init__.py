@@ -5,17 +5,19 @@ counts KEPT, ranked globally or per layer), starting from the model's current ma
 Apply the result with :func:`apply_masks` (``sp.set_masks``).
 
 * :func:`random_masks` -- uniform, seeded.
+* :func:`magnitude_masks` -- per layer, by weight norms, data-free (the demo's).
 * :func:`gain_masks` -- Michel et al. (2019) importance ``E|dL/dgate|``, one-shot or iterative.
 * :class:`L0Controller` -- hard-concrete gates trained under a Lagrangian size constraint (CoFi), then
   :meth:`L0Controller.finalize` for an exact decision.
 """
 from .gain import Importance, gain_importance, gain_masks
 from .l0 import LAGRANGIAN_FILE, L0Controller, Lagrangian, finalize_l0, fold_gates, weight_param_groups
+from .magnitude import magnitude_masks
 from .random import random_masks
 from .targets import PruneTarget, apply_masks, as_target, current_masks, gate_sizes, select_top
 
 __all__ = [
     "PruneTarget", "as_target", "apply_masks", "current_masks", "gate_sizes", "select_top",
-    "random_masks", "gain_masks", "gain_importance", "Importance",
+    "random_masks", "magnitude_masks", "gain_masks", "gain_importance", "Importance",
     "L0Controller", "Lagrangian", "finalize_l0", "fold_gates", "weight_param_groups", "LAGRANGIAN_FILE",
 ]

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..families import sizes_of
 from ..masks import Masks
 from ..patching import gated_layers
 from .targets import (STRUCTURES, PruneTarget, as_target, current_masks, gate_sizes, layer_gates, select_top,
@@ -212,8 +213,8 @@ def _gain_budget_masks(model: nn.Module, batches, target: PruneTarget, loss_fn, 
     now_ms = None
     if table is not None:
         now_ms = table.predict([int(m.sum()) for m in start["heads"]], [int(m.sum()) for m in start["ffn"]])
-    c = model.config
-    unit = unit_params(c.hidden_size, c.hidden_size // c.num_attention_heads)
+    c = sizes_of(model)
+    unit = unit_params(c.hidden, c.head_dim)
     now_params = sum(int(m.sum()) * unit[s] for s in STRUCTURES for m in start[s])
     total_params = sum(m.numel() * unit[s] for s in STRUCTURES for m in start[s])
     saved = [g.mask.clone() for s in STRUCTURES for g in layer_gates(model, s)]

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..compaction import fold_gate_values
 from ..gates import expected_l0
+from ..families import sizes_of
 from ..masks import Masks
 from ..patching import gate_parameters, gated_layers, set_gate_sampling
 from .targets import STRUCTURES, PruneTarget, as_target, gate_sizes, layer_gates, masks_for_scores
@@ -168,8 +169,8 @@ class L0Controller:
         groups = [[i] for i in range(layers)] if t.per_layer else [list(range(layers))]
         kept = {s: torch.tensor([float((g.mask != 0).sum()) for g in layer_gates(model, s)]) for s in STRUCTURES}
         full = {s: torch.tensor([float(g.n) for g in layer_gates(model, s)]) for s in STRUCTURES}
-        c = model.config
-        self._unit = unit_params(c.hidden_size, c.hidden_size // c.num_attention_heads)
+        c = sizes_of(model)
+        self._unit = unit_params(c.hidden, c.head_dim)
         names = []
         if self.table is not None:
             names.append("latency")

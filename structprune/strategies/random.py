@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..families import sizes_of
 from ..masks import Masks
 from .targets import STRUCTURES, PruneTarget, as_target, gate_sizes, masks_for_scores
 
@@ -30,7 +31,7 @@ def random_masks(model: nn.Module, target: PruneTarget, seed: int = 0,
     if target.has_budget:  # random importance per parameter, so a head is not worth one FFN unit
         from ..latency.plan import unit_params
 
-        c = model.config
-        unit = unit_params(c.hidden_size, c.hidden_size // c.num_attention_heads)
+        c = sizes_of(model)
+        unit = unit_params(c.hidden, c.head_dim)
         scores = {s: [v * unit[s] for v in scores[s]] for s in STRUCTURES}
     return masks_for_scores(model, target, scores)

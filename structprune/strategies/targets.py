@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..masks import Masks, get_masks, set_masks
-from ..patching import gated_layers
+from ..patching import layer_parts
 
 Amount = Union[float, int, Sequence[Union[float, int]], None]
 STRUCTURES = ("heads", "ffn")
@@ -164,18 +164,17 @@ def as_target(target: PruneTarget | dict | float) -> PruneTarget:
 
 def gate_sizes(model: nn.Module) -> dict[str, list[int]]:
     """Original per-layer sizes: {"heads": [H_l], "ffn": [I_l]}."""
-    layers = gated_layers(model)
-    return {"heads": [layer.attention.self.head_gate.n for layer in layers],
-            "ffn": [layer.intermediate.unit_gate.n for layer in layers]}
+    parts = layer_parts(model)
+    return {"heads": [p.head_gate.n for p in parts], "ffn": [p.unit_gate.n for p in parts]}
 
 
 def layer_gates(model: nn.Module, structure: str) -> list:
     """The per-layer HardConcreteGate of ``structure`` ("heads" or "ffn")."""
-    layers = gated_layers(model)
+    parts = layer_parts(model)
     if structure == "heads":
-        return [layer.attention.self.head_gate for layer in layers]
+        return [p.head_gate for p in parts]
     if structure == "ffn":
-        return [layer.intermediate.unit_gate for layer in layers]
+        return [p.unit_gate for p in parts]
     raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
 
 

@@ -1,4 +1,5 @@
-"""Plain-PyTorch modeling code for a BERT/RoBERTa model compacted by structprune (per-layer head and FFN sizes).
+"""Plain-PyTorch modeling code for a model compacted by structprune (per-layer head and FFN sizes): BERT,
+RoBERTa, ELECTRA, XLM-RoBERTa and DistilBERT.
 
 Written next to the weights by ``structprune.save_pretrained``; it needs only ``torch`` and ``transformers``
 (not structprune). Load with ``AutoModelFor<Task>.from_pretrained(directory, trust_remote_code=True)``.
@@ -17,7 +18,26 @@ import torch
 import transformers
 from torch import nn
 
-STRUCTPRUNE_MODELING_VERSION = "1"
+STRUCTPRUNE_MODELING_VERSION = "2"
+
+
+def _attention(module: nn.Module, q_lin: nn.Linear, k_lin: nn.Linear, v_lin: nn.Linear, hidden_states, attention_mask):
+    """Multi-head attention context ``[batch, seq, heads * head_dim]`` (``[.., 0]`` with no head)."""
+    batch, seq = hidden_states.shape[:2]
+    if module.num_heads == 0:
+        return hidden_states.new_zeros(batch, seq, 0)
+    shape = (batch, seq, module.num_heads, module.head_dim)
+    q = q_lin(hidden_states).view(shape).transpose(1, 2)
+    k = k_lin(hidden_states).view(shape).transpose(1, 2)
+    v = v_lin(hidden_states).view(shape).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(module.head_dim)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:  # True = attend
+            attention_mask = torch.zeros_like(attention_mask, dtype=scores.dtype).masked_fill(
+                ~attention_mask, torch.finfo(scores.dtype).min)
+        scores = scores + attention_mask.to(scores.dtype)
+    probs = module.dropout(torch.softmax(scores, dim=-1))
+    return torch.matmul(probs, v).transpose(1, 2).reshape(batch, seq, module.num_heads * module.head_dim)
 
 
 class PrunedSelfAttention(nn.Module):
@@ -32,22 +52,7 @@ class PrunedSelfAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        batch, seq = hidden_states.shape[:2]
-        if self.num_heads == 0:
-            return hidden_states.new_zeros(batch, seq, 0), None
-        shape = (batch, seq, self.num_heads, self.head_dim)
-        q = self.query(hidden_states).view(shape).transpose(1, 2)
-        k = self.key(hidden_states).view(shape).transpose(1, 2)
-        v = self.value(hidden_states).view(shape).transpose(1, 2)
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:  # True = attend
-                attention_mask = torch.zeros_like(attention_mask, dtype=scores.dtype).masked_fill(
-                    ~attention_mask, torch.finfo(scores.dtype).min)
-            scores = scores + attention_mask.to(scores.dtype)
-        probs = self.dropout(torch.softmax(scores, dim=-1))
-        context = torch.matmul(probs, v).transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return context, None
+        return _attention(self, self.query, self.key, self.value, hidden_states, attention_mask), None
 
 
 class PrunedOutput(nn.Module):
@@ -67,15 +72,65 @@ class PrunedOutput(nn.Module):
         return self.LayerNorm(self.dropout(hidden_states) + input_tensor)
 
 
-def _resize_encoder(model: nn.Module, config) -> None:
+class PrunedDistilBertAttention(nn.Module):
+    """DistilBERT's self-attention (``q_lin``, ``k_lin``, ``v_lin``, ``out_lin``) with ``num_heads`` heads; with
+    none it adds only ``out_lin``'s bias."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.q_lin = nn.Linear(dim, num_heads * head_dim)
+        self.k_lin = nn.Linear(dim, num_heads * head_dim)
+        self.v_lin = nn.Linear(dim, num_heads * head_dim)
+        self.out_lin = nn.Linear(num_heads * head_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if self.num_heads == 0:
+            return self.out_lin.bias.to(hidden_states.dtype).expand_as(hidden_states), None
+        context = _attention(self, self.q_lin, self.k_lin, self.v_lin, hidden_states, attention_mask)
+        return self.out_lin(context), None
+
+
+class PrunedDistilBertFFN(nn.Module):
+    """``dropout(lin2(act(lin1(x))))`` with ``units`` hidden units (0 included: then only ``lin2``'s bias)."""
+
+    def __init__(self, dim: int, units: int, activation: str, dropout: float):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, units)
+        self.lin2 = nn.Linear(units, dim)
+        self.activation = transformers.activations.get_activation(activation)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        if self.lin1.out_features == 0:
+            return self.dropout(self.lin2.bias.to(x.dtype).expand_as(x))
+        return self.dropout(self.lin2(self.activation(self.lin1(x))))
+
+
+def _sizes(config, layers) -> tuple[list[int], list[int]]:
     heads = list(config.structprune_heads_per_layer)
     units = list(config.structprune_ffn_units_per_layer)
-    layers = model.base_model.encoder.layer
     if not len(heads) == len(units) == len(layers):
         raise ValueError(f"config has {len(layers)} layers but structprune sizes for {len(heads)} / {len(units)}")
+    return heads, units
+
+
+def _resize_distilbert(model: nn.Module, config) -> None:
+    layers = model.base_model.transformer.layer
+    head_dim = config.dim // config.n_heads
+    for layer, h, u in zip(layers, *_sizes(config, layers)):
+        layer.attention = PrunedDistilBertAttention(config.dim, h, head_dim, config.attention_dropout)
+        layer.ffn = PrunedDistilBertFFN(config.dim, u, config.activation, config.dropout)
+
+
+def _resize_encoder(model: nn.Module, config) -> None:
+    if config.model_type == "distilbert":
+        return _resize_distilbert(model, config)
+    layers = model.base_model.encoder.layer
     hidden = config.hidden_size
     head_dim = hidden // config.num_attention_heads
-    for layer, h, u in zip(layers, heads, units):
+    for layer, h, u in zip(layers, *_sizes(config, layers)):
         layer.attention.self = PrunedSelfAttention(hidden, h, head_dim, config.attention_probs_dropout_prob)
         layer.attention.output = PrunedOutput(h * head_dim, hidden, config.layer_norm_eps, config.hidden_dropout_prob)
         layer.intermediate.dense = nn.Linear(hidden, u)
@@ -100,6 +155,12 @@ def _pruned_class(base: type) -> type:
 _BASES = ("BertModel", "BertForQuestionAnswering", "BertForSequenceClassification", "BertForTokenClassification",
           "BertForMaskedLM", "BertForMultipleChoice", "BertForPreTraining", "BertForNextSentencePrediction",
           "RobertaModel", "RobertaForQuestionAnswering", "RobertaForSequenceClassification",
-          "RobertaForTokenClassification", "RobertaForMaskedLM", "RobertaForMultipleChoice")
+          "RobertaForTokenClassification", "RobertaForMaskedLM", "RobertaForMultipleChoice",
+          "ElectraModel", "ElectraForQuestionAnswering", "ElectraForSequenceClassification",
+          "ElectraForTokenClassification", "ElectraForMaskedLM", "ElectraForMultipleChoice", "ElectraForPreTraining",
+          "XLMRobertaModel", "XLMRobertaForQuestionAnswering", "XLMRobertaForSequenceClassification",
+          "XLMRobertaForTokenClassification", "XLMRobertaForMaskedLM", "XLMRobertaForMultipleChoice",
+          "DistilBertModel", "DistilBertForQuestionAnswering", "DistilBertForSequenceClassification",
+          "DistilBertForTokenClassification", "DistilBertForMaskedLM", "DistilBertForMultipleChoice")
 for _name in _BASES:
     globals()[f"Pruned{_name}"] = _pruned_class(getattr(transformers, _name))
