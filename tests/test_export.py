@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import structprune as sp
-from models import tiny_batch, tiny_model
+from models import FAMILIES, tiny_batch, tiny_model
 from structprune import export as spx
 
 ort = pytest.importorskip("onnxruntime")
@@ -30,10 +30,10 @@ def logits(out):
 
 
 def names_for(family):
-    return ["input_ids", "attention_mask"] + (["token_type_ids"] if family == "bert" else [])
+    return ["input_ids", "attention_mask"] + (["token_type_ids"] if family in ("bert", "electra") else [])
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_onnx_matches_pytorch_with_dynamic_shapes_and_padding(tmp_path, family):
     model = pruned(family)
     plain = spx.to_plain(model)
