@@ -94,7 +94,8 @@ def main() -> int:
             delta = ["-", "-"]
             if versus is not None:
                 d = row[f"{kind}_minus_{versus}"]
-                delta = [f"{d[k]['diff']:+.2f} [{d[k]['lo']:+.2f}, {d[k]['hi']:+.2f}] vs {versus}" for k in ("f1", "HasAns_f1")]
+                delta = [f"{d[k]['diff']:+.2f} [{d[k]['lo']:+.2f}, {d[k]['hi']:+.2f}] vs {versus}"
+                         for k in ("f1", "HasAns_f1")]
             lines.append(f"| {name} | {kind} | {m['f1']:.2f} | {m['HasAns_f1']:.2f} | {m['NoAns_f1']:.2f} | "
                          f"{m['best_f1']:.2f} | {delta[0]} | {delta[1]} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")

@@ -72,9 +72,9 @@ TORCH_LIBRARY(structprune, m) {
       "Tensor unit_gates, Tensor kept_units, str activation, Tensor? pre=None, Tensor? h=None, "
       "bool[3] output_mask=[True, True, True]) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("hard_concrete_sample(Tensor log_alpha, int seed, int offset, float beta, Tensor? mask=None) -> Tensor");
+  m.def("cpp_hard_concrete_sample(Tensor log_alpha, int seed, int offset, float beta, Tensor? mask=None) -> Tensor");
   m.def(
-      "hard_concrete_sample_backward(Tensor grad, Tensor log_alpha, int seed, int offset, float beta, "
+      "cpp_hard_concrete_sample_backward(Tensor grad, Tensor log_alpha, int seed, int offset, float beta, "
       "Tensor? mask=None) -> Tensor");
   m.def("attention_dropout_scale(int batch, int num_heads, int seq, Tensor heads, float p, int seed, int offset) -> "
         "Tensor", &attention_dropout_scale_op);

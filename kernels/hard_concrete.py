@@ -69,8 +69,8 @@ def _launch(mode, n, seed, offset, beta, la=None, out=None, grad=None, dla=None)
             GAMMA_=GAMMA, ZETA_=ZETA, U_LO=U_EPS, U_HI=1.0 - U_EPS, MODE=mode, BLOCK=_BLOCK)
 
 
-@torch.library.custom_op("structprune::triton_hard_concrete", mutates_args=())
-def triton_hard_concrete(log_alpha: torch.Tensor, seed: int, offset: int, beta: float) -> torch.Tensor:
+@torch.library.custom_op("structprune::triton_hard_concrete_sample", mutates_args=())
+def triton_hard_concrete_sample(log_alpha: torch.Tensor, seed: int, offset: int, beta: float) -> torch.Tensor:
     """A hard-concrete sample shaped like ``log_alpha`` (same dtype), noise from ``(seed, offset)``."""
     la = log_alpha.contiguous()
     z = torch.empty_like(la)
@@ -78,13 +78,13 @@ def triton_hard_concrete(log_alpha: torch.Tensor, seed: int, offset: int, beta: 
     return z
 
 
-@triton_hard_concrete.register_fake
+@triton_hard_concrete_sample.register_fake
 def _(log_alpha, seed, offset, beta):
     return torch.empty_like(log_alpha, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("structprune::triton_hard_concrete_backward", mutates_args=())
-def triton_hard_concrete_backward(grad: torch.Tensor, log_alpha: torch.Tensor, seed: int, offset: int,
+@torch.library.custom_op("structprune::triton_hard_concrete_sample_backward", mutates_args=())
+def triton_hard_concrete_sample_backward(grad: torch.Tensor, log_alpha: torch.Tensor, seed: int, offset: int,
                                   beta: float) -> torch.Tensor:
     la = log_alpha.contiguous()
     g = grad.contiguous()
@@ -93,7 +93,7 @@ def triton_hard_concrete_backward(grad: torch.Tensor, log_alpha: torch.Tensor, s
     return dla
 
 
-@triton_hard_concrete_backward.register_fake
+@triton_hard_concrete_sample_backward.register_fake
 def _(grad, log_alpha, seed, offset, beta):
     return torch.empty_like(log_alpha, memory_format=torch.contiguous_format)
 
@@ -106,11 +106,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (log_alpha,) = ctx.saved_tensors
-    return (torch.ops.structprune.triton_hard_concrete_backward(grad, log_alpha, ctx.seed, ctx.offset, ctx.beta),
+    return (torch.ops.structprune.triton_hard_concrete_sample_backward(grad, log_alpha, ctx.seed, ctx.offset, ctx.beta),
             None, None, None)
 
 
-triton_hard_concrete.register_autograd(_backward, setup_context=_setup_context)
+triton_hard_concrete_sample.register_autograd(_backward, setup_context=_setup_context)
 
 
 def hard_concrete_sample(log_alpha: torch.Tensor, seed: int, offset: int, beta: float = BETA) -> torch.Tensor:
@@ -122,7 +122,7 @@ def hard_concrete_sample(log_alpha: torch.Tensor, seed: int, offset: int, beta: 
     _check_counter(seed, offset, log_alpha.numel())
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
-    return torch.ops.structprune.triton_hard_concrete(log_alpha, seed, offset, float(beta))
+    return torch.ops.structprune.triton_hard_concrete_sample(log_alpha, seed, offset, float(beta))
 
 
 def hard_concrete_uniform(n: int, seed: int, offset: int, device: torch.device | str) -> torch.Tensor:

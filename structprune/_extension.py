@@ -10,7 +10,7 @@ Loading, in order (importing this module never fails because the extension is mi
    logged once.
 
 Ops (``torch.ops.structprune.*``): ``cpp_gated_attention``, ``cpp_gated_attention_backward``, ``cpp_gated_ffn``,
-``cpp_gated_ffn_backward``, ``hard_concrete_sample``, ``hard_concrete_sample_backward`` and helpers
+``cpp_gated_ffn_backward``, ``cpp_hard_concrete_sample``, ``cpp_hard_concrete_sample_backward`` and helpers
 ``attention_dropout_scale``, ``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``philox4x32_10``. Fake
 kernels, autograd formulas (calling the C++ backward ops) and autocast rules are registered here.
 
@@ -56,7 +56,7 @@ __all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_conc
 _log = logging.getLogger("structprune")
 
 _OPS = ("cpp_gated_attention", "cpp_gated_attention_backward", "cpp_gated_ffn", "cpp_gated_ffn_backward",
-        "hard_concrete_sample", "hard_concrete_sample_backward")
+        "cpp_hard_concrete_sample", "cpp_hard_concrete_sample_backward")
 _CPU_SOURCES = ("register.cpp", "gated_core.cpp", "cpu/ops_cpu.cpp")
 _CUDA_SOURCES = ("cuda/kernels.cu", "cuda/ops_cuda.cpp")
 
@@ -280,7 +280,7 @@ def hard_concrete_sample(log_alpha, seed: int, offset: int, beta: float = 2.0 / 
     and returns ``hard_concrete_from_uniform(log_alpha, u, beta) * mask``; differentiable in ``log_alpha``.
     """
     _require()
-    return torch.ops.structprune.hard_concrete_sample(log_alpha, int(seed), int(offset), float(beta), mask)
+    return torch.ops.structprune.cpp_hard_concrete_sample(log_alpha, int(seed), int(offset), float(beta), mask)
 
 
 def hard_concrete_uniform(n: int, seed: int, offset: int, device) -> torch.Tensor:
@@ -347,11 +347,11 @@ def _register_python_parts() -> None:
                       output_mask=(True, True, True)):
         return _masked_grads_fake(output_mask, x, (w1, b1, w2, b2), unit_gates)
 
-    @torch.library.register_fake(lib + "hard_concrete_sample")
+    @torch.library.register_fake(lib + "cpp_hard_concrete_sample")
     def _hc_fake(log_alpha, seed, offset, beta, mask=None):
         return _empty(log_alpha)
 
-    @torch.library.register_fake(lib + "hard_concrete_sample_backward")
+    @torch.library.register_fake(lib + "cpp_hard_concrete_sample_backward")
     def _hc_bwd_fake(grad, log_alpha, seed, offset, beta, mask=None):
         return _empty(log_alpha)
 
@@ -410,10 +410,10 @@ def _register_python_parts() -> None:
     def _hc_backward(ctx, grad):
         log_alpha, mask = ctx.saved_tensors
         seed, offset, beta = ctx.args
-        g = torch.ops.structprune.hard_concrete_sample_backward(grad, log_alpha, seed, offset, beta, mask)
+        g = torch.ops.structprune.cpp_hard_concrete_sample_backward(grad, log_alpha, seed, offset, beta, mask)
         return g, None, None, None, None
 
-    torch.library.register_autograd(lib + "hard_concrete_sample", _hc_backward, setup_context=_hc_setup)
+    torch.library.register_autograd(lib + "cpp_hard_concrete_sample", _hc_backward, setup_context=_hc_setup)
 
     # Autocast: x, weights and biases in the region's dtype; gates and the fp32 key bias as they are. The gate
     # sampler has no rule: it runs in fp32 under autocast, like the reference's elementwise math.

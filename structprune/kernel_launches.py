@@ -126,10 +126,10 @@ def _gate_launches(shape: Shape, sink: list) -> None:
     for n in (shape.heads, shape.intermediate):
         la = torch.empty((n,), dtype=torch.float32, device="meta")  # gates are fp32 parameters, also under autocast
         with record_launches(sink, "hard-concrete sample"):
-            _call(_impl(HC.triton_hard_concrete), log_alpha=la, seed=1, offset=0, beta=2.0 / 3.0)
+            _call(_impl(HC.triton_hard_concrete_sample), log_alpha=la, seed=1, offset=0, beta=2.0 / 3.0)
         with record_launches(sink, "hard-concrete backward"):
-            _call(_impl(HC.triton_hard_concrete_backward), grad=torch.empty_like(la), log_alpha=la, seed=1, offset=0,
-                  beta=2.0 / 3.0)
+            _call(_impl(HC.triton_hard_concrete_sample_backward), grad=torch.empty_like(la), log_alpha=la, seed=1,
+                  offset=0, beta=2.0 / 3.0)
     with record_launches(sink, "hard-concrete noise"):
         HC.hard_concrete_uniform(shape.intermediate, 1, 0, "meta")
 

@@ -10,7 +10,9 @@ Backends (registered in :mod:`structprune.backends`; each implements :class:`str
 
 Every op checks its inputs once, here, then runs the chosen backend unless that backend reports a reason against
 the inputs (``Backend.not_supported_reasons``: no head left, dropout under ``torch.compile``, an explicit
-generator, ...); then "auto" tries the next backend and an explicit choice falls back to the reference.
+generator, ...); then "auto" tries the next backend and an explicit choice falls back to the reference. A kernel
+backend runs through the public custom op of the computation (:mod:`structprune._public_ops`:
+``torch.ops.structprune.gated_attention(..., backend)`` and the like, one schema for every backend).
 :func:`last_backends` says which backend ran each op, :func:`fallback_reasons` why the chosen one did not.
 Non-padding 4D masks are refused by the kernel backends. The backends import nothing from this module.
 """
@@ -22,6 +24,7 @@ import warnings
 
 import torch
 
+from . import _public_ops  # noqa: F401  (defines the public ops torch.ops.structprune.gated_attention, ...)
 from . import backends, reference
 from ._input_checks import check_attention_inputs, check_ffn_inputs  # noqa: F401  (part of the op boundary)
 from ._op_support import OpInputs
@@ -202,7 +205,7 @@ def hard_concrete_sample(log_alpha: torch.Tensor, beta: float, generator: torch.
                       compiling=torch.compiler.is_compiling())
     backend = _choose(inputs)
     if backend.hard_concrete_sample is not None:
-        z = backend.hard_concrete_sample(log_alpha, _host_seed(), 0, beta)
+        z = torch.ops.structprune.hard_concrete_sample(log_alpha, _host_seed(), 0, float(beta), backend.name)
         _last["gates"] = backend.name
         return z
     u = torch.rand(log_alpha.shape, device=log_alpha.device, generator=generator).clamp(1e-6, 1.0 - 1e-6)
@@ -227,9 +230,10 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
         out = reference.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads,
                                         attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
     else:
-        dropout = dict(dropout_p=float(dropout_p), seed=_host_seed()) if dropout_p > 0.0 else {}
-        out = backend.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                                      kernel_key_bias(attn_mask, x.shape[0]), num_heads, **dropout)
+        seed = _host_seed() if dropout_p > 0.0 else 0
+        out = torch.ops.structprune.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
+                                                    kernel_key_bias(attn_mask, x.shape[0]), num_heads, backend.name,
+                                                    float(dropout_p), seed)
         if attn_mask is not None:  # fully padded sequences get what the reference gives them
             out = padded_sequence_output(out, (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates), num_heads,
                                          attn_mask, dropout_p, impl)
@@ -245,6 +249,6 @@ def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu
     if backend.name == "torch":
         out = reference.gated_ffn(x, w1, b1, w2, b2, unit_gates, activation)
     else:
-        out = backend.gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+        out = torch.ops.structprune.gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, backend.name)
     _last["ffn"] = backend.name
     return out

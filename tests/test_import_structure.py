@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DISPATCHER = {"structprune.ops", "structprune.backends"}
+DISPATCHER = {"structprune.ops", "structprune._public_ops", "structprune.backends"}
 # the op stack: the dispatcher, what it uses, the backends and the gates
-STACK = ("ops", "backends", "_op_support", "_padding", "_input_checks", "reference", "gates", "_extension",
+STACK = ("ops", "_public_ops", "backends", "_op_support", "_padding", "_input_checks", "reference", "gates", "_extension",
          "_torch_backend")
 
 

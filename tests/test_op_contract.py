@@ -336,3 +336,41 @@ def test_dispatcher_runs_the_backend_chosen(target):
     key_bias = torch.zeros(2, 5, device=device).masked_fill(~mask, NEG)
     check_close("attention", y, reference.gated_attention(*leaves, 2, key_bias=key_bias), None, torch.float32)
     check_close("ffn", f, reference.gated_ffn(*fleaves, "gelu"), None, torch.float32)
+
+
+# --- the public ops: one per computation, the backend an argument ---------------------------------------------------
+
+def test_public_ops_run_the_named_backend(target):
+    """``torch.ops.structprune.<computation>(..., backend)`` gives the backend's own result and gradients."""
+    backend, device = target
+    leaves, active, key_bias = attention_case(2, 7, 32, 2, 16, "some", True, device)
+    leaves = [t.requires_grad_() for t in leaves]
+    y = torch.ops.structprune.gated_attention(*leaves, active, key_bias, 2, backend.name)
+    direct = [t.detach().clone().requires_grad_() for t in leaves]
+    y_direct = backend.gated_attention(*direct, active, key_bias, 2)
+    torch.testing.assert_close(y, y_direct, rtol=0, atol=0)
+    (y * y_direct.detach()).sum().backward()
+    (y_direct * y_direct.detach()).sum().backward()
+    for name, a, b in zip(ATTN_NAMES, leaves, direct):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
+    fleaves, kept_units = ffn_case(2, 5, 32, 16, "some", device)
+    f = torch.ops.structprune.gated_ffn(*fleaves, kept_units, "gelu", backend.name)
+    torch.testing.assert_close(f, backend.gated_ffn(*fleaves, kept_units, "gelu"), rtol=0, atol=0)
+    la = torch.randn(9, device=device)
+    if backend.hard_concrete_sample is None:
+        with pytest.raises(ValueError, match="no counter-based sampler"):
+            torch.ops.structprune.hard_concrete_sample(la, 5, 3, reference.BETA, backend.name)
+    else:
+        z = torch.ops.structprune.hard_concrete_sample(la, 5, 3, reference.BETA, backend.name)
+        torch.testing.assert_close(z, backend.hard_concrete_sample(la, 5, 3, reference.BETA), rtol=0, atol=0)
+
+
+def test_public_ops_have_one_schema_and_name_unknown_backends():
+    for op, names in (("gated_attention", ATTN_NAMES[:-1] + ("head_gates",)),
+                      ("gated_ffn", FFN_NAMES[:-1] + ("unit_gates",)), ("hard_concrete_sample", ("log_alpha",))):
+        args = [a.name for a in getattr(torch.ops.structprune, op).default._schema.arguments]
+        assert args[:len(names)] == list(names) and "backend" in args, (op, args)
+    x = torch.randn(1, 2, 8)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        torch.ops.structprune.gated_ffn(x, torch.randn(4, 8), torch.randn(4), torch.randn(8, 4), torch.randn(8),
+                                        torch.ones(4), torch.arange(4), "gelu", "nope")

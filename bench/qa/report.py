@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from structprune.qa.bootstrap import compare_predictions  # noqa: E402
+from structprune.qa.bootstrap import compare_predictions, per_question_f1  # noqa: E402
 from structprune.qa.data import load_squad  # noqa: E402
 
-COLUMNS = ["run", "method", "distill", "steps", "heads_kept", "heads_total", "ffn_kept", "ffn_total", "f1",
+COLUMNS = ["run", "method", "distill", "target", "steps", "heads_kept", "heads_total", "ffn_kept", "ffn_total", "f1",
            "HasAns_f1", "NoAns_f1", "best_f1", "f1_diff", "f1_diff_lo", "f1_diff_hi", "HasAns_f1_diff",
-           "HasAns_f1_diff_lo", "HasAns_f1_diff_hi", "speedup", "l0_rank_cut_heads", "l0_rank_cut_ffn"]
+           "HasAns_f1_diff_lo", "HasAns_f1_diff_hi", "thr_f1", "thr_HasAns_f1", "thr_f1_diff", "thr_f1_diff_lo",
+           "thr_f1_diff_hi", "thr_HasAns_f1_diff", "thr_HasAns_f1_diff_lo", "thr_HasAns_f1_diff_hi", "speedup",
+           "l0_rank_cut_heads", "l0_rank_cut_ffn"]
 CURVE = ["step", "epoch", "f1", "HasAns_f1", "NoAns_f1", "best_f1"]
 RECORDS = ("config.json", "metrics.json", "speed.json", "summary.txt", "masks.json", "l0_log.jsonl", "l0_stats.json",
            "log.jsonl")
@@ -31,10 +33,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def teacher_curve(teacher: Path) -> list[dict]:
-    """The teacher's dev evaluations so far (step, epoch and the SQuAD 2.0 scores)."""
+def teacher_curve(log: Path) -> list[dict]:
+    """The teacher's dev evaluations so far (step, epoch and the SQuAD 2.0 scores) from its ``log.jsonl``."""
     return [{"step": r["step"], "epoch": r["epoch"], **{k: r["metrics"][k] for k in CURVE[2:]}}
-            for r in read_jsonl(teacher / "log.jsonl") if r.get("event") == "eval"]
+            for r in read_jsonl(log) if r.get("event") == "eval"]
 
 
 def plot_curve(curve: list[dict], path: Path, no_answer: float | None) -> None:
@@ -67,7 +69,35 @@ def l0_rank_cut(run: Path, metrics: dict) -> dict:
             for s in ("heads", "ffn")}
 
 
+def target_of(config: dict) -> str:
+    """What the run pruned to: kept fractions ("counts 0.5/0.3") or a speed target ("speedup 2.3 @ 32x192")."""
+    if config.get("speedup") is not None or config.get("latency_ms") is not None:
+        at = config.get("at")
+        if at is None and config.get("latency_table"):
+            key = json.loads(Path(config["latency_table"]).read_text()).get("key", {})
+            at = f"{key.get('batch')}x{key.get('seq_len')}"
+        goal = f"speedup {config['speedup']}" if config.get("speedup") is not None else f"{config['latency_ms']} ms"
+        return f"{goal} @ {at}"
+    return f"counts {config.get('heads')}/{config.get('ffn')}"
+
+
+def thresholded(runs: Path, run: str, dev) -> dict | None:
+    """The dev predictions of ``run`` at its own dev-chosen null threshold (``<runs>/devpred/<run>/``, written by
+    ``structprune predict`` with the threshold stored beside the model), or None when they were not made."""
+    path = runs / "devpred" / run / "predictions.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def thresholded_scores(predictions: dict, dev) -> dict:
+    """Overall and HasAns F1 (percent) of ``predictions`` on ``dev``."""
+    f1, has_answer = per_question_f1(predictions, dev)
+    answerable = [q for q, has in has_answer.items() if has]
+    return {"thr_f1": 100.0 * sum(f1.values()) / len(f1),
+            "thr_HasAns_f1": 100.0 * sum(f1[q] for q in answerable) / max(1, len(answerable))}
+
+
 def student_rows(runs: Path, teacher_predictions: dict, dev) -> list[dict]:
+    teacher_thr = thresholded(runs, "teacher", dev)
     rows = []
     for path in sorted(runs.glob("*/metrics.json")):
         run = path.parent
@@ -79,9 +109,15 @@ def student_rows(runs: Path, teacher_predictions: dict, dev) -> list[dict]:
         start = next((r for r in read_jsonl(run / "train" / "log.jsonl") if r.get("event") == "start"), {})
         m["steps"] = start.get("total_steps")
         m["distill"] = "yes" if m.get("distill") else "no"
+        m["target"] = target_of(json.loads((run / "config.json").read_text()))
         diffs = compare_predictions(json.loads((run / "predictions.json").read_text()), teacher_predictions, dev)
         for key, d in diffs.items():
             m.update({f"{key}_diff": d.diff, f"{key}_diff_lo": d.lo, f"{key}_diff_hi": d.hi})
+        student_thr = thresholded(runs, run.name, dev)
+        if teacher_thr is not None and student_thr is not None:
+            m.update(thresholded_scores(student_thr, dev))
+            for key, d in compare_predictions(student_thr, teacher_thr, dev).items():
+                m.update({f"thr_{key}_diff": d.diff, f"thr_{key}_diff_lo": d.lo, f"thr_{key}_diff_hi": d.hi})
         m.update(l0_rank_cut(run, m))
         rows.append(m)
     return sorted(rows, key=lambda r: (-r["heads_kept"], -r["ffn_kept"], r["method"], r["distill"]))
@@ -92,16 +128,33 @@ def fmt(value, spec: str = ".2f") -> str:
 
 
 def table(teacher: dict, rows: list[dict]) -> str:
-    lines = ["| run | method | distill | steps | heads kept | FFN kept | F1 | HasAns F1 | NoAns | best F1 | "
-             "ΔF1 [95% CI] | ΔHasAns F1 [95% CI] | speed-up |", "|" + "---|" * 13]
-    lines.append(f"| teacher | - | - | {teacher.get('steps', '-')} | all | all | {teacher['f1']:.2f} | "
+    lines = ["| run | method | distill | target | steps | heads kept | FFN kept | F1 | HasAns F1 | NoAns | best F1 | "
+             "ΔF1 [95% CI] | ΔHasAns F1 [95% CI] | speed-up |", "|" + "---|" * 14]
+    lines.append(f"| teacher | - | - | - | {teacher.get('steps', '-')} | all | all | {teacher['f1']:.2f} | "
                  f"{teacher['HasAns_f1']:.2f} | {teacher['NoAns_f1']:.2f} | {teacher['best_f1']:.2f} | - | - | 1.00x |")
     for r in rows:
         lines.append(
-            f"| {r['run']} | {r['method']} | {r['distill']} | {fmt(r['steps'], 'd')} | {r['heads_kept']}/{r['heads_total']} | "
+            f"| {r['run']} | {r['method']} | {r['distill']} | {r['target']} | {fmt(r['steps'], 'd')} | "
+            f"{r['heads_kept']}/{r['heads_total']} | "
             f"{r['ffn_kept']}/{r['ffn_total']} | {r['f1']:.2f} | {r['HasAns_f1']:.2f} | {r['NoAns_f1']:.2f} | "
             f"{r['best_f1']:.2f} | {r['f1_diff']:+.2f} [{r['f1_diff_lo']:+.2f}, {r['f1_diff_hi']:+.2f}] | "
             f"{r['HasAns_f1_diff']:+.2f} [{r['HasAns_f1_diff_lo']:+.2f}, {r['HasAns_f1_diff_hi']:+.2f}] | "
+            f"{fmt(r.get('speedup'))}x |")
+    return "\n".join(lines)
+
+
+def table_thresholded(teacher: dict, rows: list[dict]) -> str:
+    """Scores at each model's own dev-chosen null threshold (what ``predict`` answers with), and the paired
+    bootstrap of their differences to the teacher's."""
+    lines = ["| run | target | F1 | HasAns F1 | ΔF1 [95% CI] | ΔHasAns F1 [95% CI] | speed-up |", "|" + "---|" * 7,
+             f"| teacher | - | {teacher['thr_f1']:.2f} | {teacher['thr_HasAns_f1']:.2f} | - | - | 1.00x |"]
+    for r in rows:
+        if "thr_f1" not in r:
+            continue
+        lines.append(
+            f"| {r['run']} | {r['target']} | {r['thr_f1']:.2f} | {r['thr_HasAns_f1']:.2f} | "
+            f"{r['thr_f1_diff']:+.2f} [{r['thr_f1_diff_lo']:+.2f}, {r['thr_f1_diff_hi']:+.2f}] | "
+            f"{r['thr_HasAns_f1_diff']:+.2f} [{r['thr_HasAns_f1_diff_lo']:+.2f}, {r['thr_HasAns_f1_diff_hi']:+.2f}] | "
             f"{fmt(r.get('speedup'))}x |")
     return "\n".join(lines)
 
@@ -152,12 +205,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs/qa2")
     parser.add_argument("--out", default="bench/results/qa")
+    parser.add_argument("--teacher-log", help="the teacher's training log for its learning curve (default: "
+                        "<runs>/teacher/log.jsonl); with a teacher snapshot, the log of the run it was taken from")
     parser.add_argument("--dev", default=str(Path(__file__).resolve().parents[3] / "shared/data/squad2/dev.json"))
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = load_squad(args.dev)
-    curve = teacher_curve(runs / "teacher")
+    teacher_log = Path(args.teacher_log) if args.teacher_log else runs / "teacher" / "log.jsonl"
+    curve = teacher_curve(teacher_log)
     no_answer = 100.0 * sum(1 for a in dev["answers"] if not a["text"]) / len(dev)
     if curve:
         with open(out / "teacher_curve.csv", "w", newline="") as f:
@@ -170,7 +226,9 @@ def main() -> int:
         print(f"teacher still training: {len(curve)} evaluations so far; no student table yet")
         return 0
     teacher = json.loads((runs / "teacher" / "metrics.json").read_text())
-    teacher["steps"] = (read_jsonl(runs / "teacher" / "log.jsonl") or [{}])[-1].get("step")
+    best = runs / "teacher" / "best_eval.json"  # the evaluation the teacher's weights come from
+    last = json.loads(best.read_text()) if best.is_file() else (read_jsonl(teacher_log) or [{}])[-1]
+    teacher["steps"] = last.get("step")
     rows = student_rows(runs, json.loads((runs / "teacher" / "predictions.json").read_text()), dev)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -179,9 +237,16 @@ def main() -> int:
         sizes = {"heads_kept": config["num_hidden_layers"] * config["num_attention_heads"],
                  "ffn_kept": config["num_hidden_layers"] * config["intermediate_size"]}
         sizes.update(heads_total=sizes["heads_kept"], ffn_total=sizes["ffn_kept"])
+        teacher_thr = thresholded(runs, "teacher", dev)
+        if teacher_thr is not None:
+            teacher.update(thresholded_scores(teacher_thr, dev))
         writer.writerow({"run": "teacher", "method": "teacher", "distill": "no", "speedup": 1.0, **sizes, **teacher})
         writer.writerows(rows)
-    md = table(teacher, rows)
+    md = ("At the null threshold 0 (F1, HasAns F1, NoAns) and the best dev threshold (best F1):\n\n"
+          + table(teacher, rows))
+    if teacher_thr is not None:
+        md += ("\n\nAt each model's own dev-chosen null threshold (its `predict` answers):\n\n"
+               + table_thresholded(teacher, rows))
     (out / "table.md").write_text(md + "\n")
     if rows:
         plot_students(teacher, rows, out / "f1_vs_speedup.png")

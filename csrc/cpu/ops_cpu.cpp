@@ -413,6 +413,6 @@ TORCH_LIBRARY_IMPL(structprune, CPU, m) {
   m.impl("cpp_gated_attention_backward", &structprune::gated_attention_backward_cpu);
   m.impl("cpp_gated_ffn", &structprune::gated_ffn_cpu);
   m.impl("cpp_gated_ffn_backward", &structprune::gated_ffn_backward_cpu);
-  m.impl("hard_concrete_sample", &structprune::hard_concrete_sample_cpu);
-  m.impl("hard_concrete_sample_backward", &structprune::hard_concrete_sample_backward_cpu);
+  m.impl("cpp_hard_concrete_sample", &structprune::hard_concrete_sample_cpu);
+  m.impl("cpp_hard_concrete_sample_backward", &structprune::hard_concrete_sample_backward_cpu);
 }

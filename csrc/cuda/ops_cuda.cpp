@@ -183,6 +183,6 @@ TORCH_LIBRARY_IMPL(structprune, CUDA, m) {
   m.impl("cpp_gated_attention_backward", &structprune::gated_attention_backward_cuda);
   m.impl("cpp_gated_ffn", &structprune::gated_ffn_cuda);
   m.impl("cpp_gated_ffn_backward", &structprune::gated_ffn_backward_cuda);
-  m.impl("hard_concrete_sample", &structprune::hard_concrete_sample_cuda);
-  m.impl("hard_concrete_sample_backward", &structprune::hard_concrete_sample_backward_cuda);
+  m.impl("cpp_hard_concrete_sample", &structprune::hard_concrete_sample_cuda);
+  m.impl("cpp_hard_concrete_sample_backward", &structprune::hard_concrete_sample_backward_cuda);
 }
