@@ -289,3 +289,28 @@ def test_magnitude_keeps_largest_norms_per_layer():
     assert not heads[1][2] and not ffn[1][5]
     sp.set_masks(model, heads=heads, ffn=ffn)
     assert sp.get_masks(model).num_heads_kept == 3 * L
+
+
+def test_l0_decision_drops_closed_units_ranked_in():
+    """Gates that ended below the target: the units ranked in with a closed gate compute zeros, so the decision
+    drops them (same outputs, fewer units); keep_dead=True holds the target count with them zeroed."""
+    target = PruneTarget(heads=0.75, ffn=0.75)
+    models = []
+    for keep_dead in (False, True):
+        model = tiny_model().eval()
+        with torch.no_grad():
+            for gate in sp.iter_gates(model):
+                gate.log_alpha.fill_(2.0)
+                gate.log_alpha[: gate.n // 2] = -10.0  # half closed: below the 75% target
+        x = {"input_ids": qa_batches(1)[0]["input_ids"]}
+        with torch.no_grad():
+            before = model(**x).start_logits
+        masks = finalize_l0(model, target, keep_dead=keep_dead)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**x).start_logits, before, atol=1e-5, rtol=1e-4)
+        models.append((masks, model))
+    (dropped, model), (kept, _) = models
+    assert dropped.num_heads_kept == L * (H // 2) and dropped.num_ffn_kept == L * (I // 2)
+    assert kept.num_heads_kept == round(0.75 * L * H) and kept.num_ffn_kept == round(0.75 * L * I)
+    sp.compact(model)
+    assert sp.summary(model).total("heads_kept") == L * (H // 2)

@@ -23,7 +23,7 @@ COLUMNS = ["run", "method", "distill", "target", "steps", "heads_kept", "heads_t
            "HasAns_f1", "NoAns_f1", "best_f1", "f1_diff", "f1_diff_lo", "f1_diff_hi", "HasAns_f1_diff",
            "HasAns_f1_diff_lo", "HasAns_f1_diff_hi", "thr_f1", "thr_HasAns_f1", "thr_f1_diff", "thr_f1_diff_lo",
            "thr_f1_diff_hi", "thr_HasAns_f1_diff", "thr_HasAns_f1_diff_lo", "thr_HasAns_f1_diff_hi", "speedup",
-           "l0_rank_cut_heads", "l0_rank_cut_ffn"]
+           "l0_rank_cut_heads", "l0_rank_cut_ffn", "l0_rank_fill_heads", "l0_rank_fill_ffn"]
 CURVE = ["step", "epoch", "f1", "HasAns_f1", "NoAns_f1", "best_f1"]
 RECORDS = ("config.json", "metrics.json", "speed.json", "summary.txt", "masks.json", "l0_log.jsonl", "l0_stats.json",
            "log.jsonl")
@@ -59,14 +59,18 @@ def plot_curve(curve: list[dict], path: Path, no_answer: float | None) -> None:
 
 
 def l0_rank_cut(run: Path, metrics: dict) -> dict:
-    """The share of each group that the final L0 decision had to cut by rank: gates still deterministically open
-    beyond the target when training ended (the issue's rule: over 5% means the L0 phase was too short)."""
+    """The share of each group that the final L0 decision had to settle by rank instead of by the gates: cut
+    (gates still deterministically open beyond the kept count when training ended; the issue's rule: over 5% means
+    the L0 phase was too short) or filled (fewer gates open than the kept count, the rest re-opened by rank)."""
     stats_path = run / "l0_stats.json"
     if metrics.get("method") != "l0" or not stats_path.is_file():
         return {}
     stats = json.loads(stats_path.read_text())
-    return {f"l0_rank_cut_{s}": max(0.0, stats[f"kept_{s}"] - metrics[f"{s}_kept"]) / metrics[f"{s}_total"]
-            for s in ("heads", "ffn")}
+    out = {}
+    for s in ("heads", "ffn"):
+        surplus = (stats[f"kept_{s}"] - metrics[f"{s}_kept"]) / metrics[f"{s}_total"]
+        out.update({f"l0_rank_cut_{s}": max(0.0, surplus), f"l0_rank_fill_{s}": max(0.0, -surplus)})
+    return out
 
 
 def target_of(config: dict) -> str:

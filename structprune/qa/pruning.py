@@ -83,7 +83,7 @@ def prune(args) -> int:
         print(f"paused; re-run the same command to resume from {out}")
         return 0
     if controller is not None:
-        controller.finalize(target)
+        _decide_l0(controller, target, args)
         _save_masks(student, masks_file)
     layers_kept, report = _compact_and_save(student, tokenizer, target, args, out)
     speed = measure_speedup(teacher, student, tokenizer, args)
@@ -266,11 +266,20 @@ def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict
     _write_json(out / "l0_stats.json", controller.stats())
     if not _finished(run_dir):
         return False
-    controller.finalize(target)
+    _decide_l0(controller, target, args)
     _save_masks(student, out / "masks.json")
     with atomic.replacing(run_dir / DECIDED_FILE) as tmp:  # a resumed run trusts this file: all or nothing
         safetensors.torch.save_model(student, str(tmp))
     return True
+
+
+def _decide_l0(controller, target, args) -> None:
+    """The L0 decision (:func:`structprune.strategies.finalize_l0`), saying what it kept."""
+    keep_dead = getattr(args, "l0_keep_dead", False)
+    masks = controller.finalize(target, keep_dead=keep_dead)
+    print(f"L0 decision: {masks.num_heads_kept} heads and {masks.num_ffn_kept} FFN units kept"
+          + ("" if keep_dead else " (units whose gate closed are dropped even when that leaves fewer than the "
+                                  "target: they computed zeros)"))
 
 
 def _logged(fn, controller, out: Path, step: int, every: int = 10):
@@ -368,3 +377,6 @@ def add_arguments(p) -> None:
                         "trained together for the whole run and the decision comes at its end)")
     p.add_argument("--l0-train-weights", action="store_true",
                    help="with --l0-steps: train the weights during the selection phase too (default: frozen)")
+    p.add_argument("--l0-keep-dead", action="store_true",
+                   help="L0 only: when the gates end below the target, keep the closed units ranked in (they compute "
+                        "zeros) so that exactly the target count is kept (default: drop them; faster, same outputs)")

@@ -283,9 +283,9 @@ class L0Controller:
         return out
 
     # ---- the decision ---------------------------------------------------------------------------
-    def finalize(self, target: PruneTarget | None = None, fold: bool = True) -> Masks:
-        """Keep exactly ``target`` (default: the controller's) by ``log_alpha``; see :func:`finalize_l0`."""
-        masks = finalize_l0(self.model, self.target if target is None else target, fold=fold)
+    def finalize(self, target: PruneTarget | None = None, fold: bool = True, keep_dead: bool = False) -> Masks:
+        """Keep ``target`` (default: the controller's) by ``log_alpha``; see :func:`finalize_l0`."""
+        masks = finalize_l0(self.model, self.target if target is None else target, fold=fold, keep_dead=keep_dead)
         self.finalized = True
         return masks
 
@@ -325,13 +325,15 @@ def fold_gates(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True) -> Masks:
-    """The deterministic end of L0 training: keep exactly ``target`` heads/units, ranked by ``log_alpha``
-    (globally or per layer), among those not masked already; set the masks; turn sampling off; and, with
-    ``fold``, fold the kept gates' fractional deterministic values into the output projections and reset
-    the gates to open, so the eval model computes what the L0 model computed deterministically with the
-    same units. Units ranked in but with deterministic value 0 (when training ended below target) fold to
-    zero. Returns the :class:`~structprune.Masks`.
+def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_dead: bool = False) -> Masks:
+    """The deterministic end of L0 training: keep ``target`` heads/units, ranked by ``log_alpha`` (globally or
+    per layer), among those not masked already; set the masks; turn sampling off; and, with ``fold``, fold the
+    kept gates' fractional deterministic values into the output projections and reset the gates to open, so
+    the eval model computes what the L0 model computed deterministically with the same units.
+
+    When training ended below the target, some units ranked in have deterministic value 0: they would compute
+    zeros, so they are dropped too (the model keeps fewer than ``target``, with the same outputs, and is faster);
+    ``keep_dead=True`` keeps them, zeroed, to hold the count exactly. Returns the :class:`~structprune.Masks`.
     """
     target = as_target(target)
     if target.has_budget:  # commensurate across heads and units: each gate's probability of being non-zero
@@ -341,6 +343,10 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True) -> Mas
     start = {s: [(g.mask != 0).cpu() for g in layer_gates(model, s)] for s in STRUCTURES}
     masks = masks_for_scores(model, target, scores, start=start)
     kept = {"heads": masks.heads_per_layer(), "ffn": masks.ffn}
+    if not keep_dead:  # ranked in, but the gate is closed: the unit would add exactly zero
+        kept = {s: [m & (g.deterministic() != 0).to(m.device) for g, m in zip(layer_gates(model, s), kept[s])]
+                for s in STRUCTURES}
+        masks = Masks(heads=kept["heads"], ffn=kept["ffn"])
     for s in STRUCTURES:
         for gate, m in zip(layer_gates(model, s), kept[s]):
             gate.set_mask(m.to(gate.mask.device))
