@@ -71,16 +71,27 @@ def slice_layer(layer, heads: torch.Tensor, units: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def compact_layer(layer) -> None:
+def compact_layer(layer, drop_silent: bool = False) -> None:
     """Physically remove the pruned heads and FFN units of one patched layer (or its parts), in place.
 
     A kept gate whose deterministic value is fractional (after L0 training) is folded into the output
-    projection first (:func:`fold_gate_values`), so outputs do not change.
+    projection first (:func:`fold_gate_values`), so outputs do not change. ``drop_silent``: also remove the
+    kept heads and units whose output-projection columns are all zero (after folding), which add nothing.
     """
     parts = parts_of(layer)
     heads, units = parts.head_gate.kept_index(), parts.unit_gate.kept_index()
     fold_gate_values(parts)
+    if drop_silent:
+        heads, units = _speaking(parts, heads, units)
     slice_layer(parts, heads, units)
+
+
+def _speaking(parts: LayerParts, heads: torch.Tensor, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heads and units among ``heads`` / ``units`` with a non-zero weight in their output-projection columns."""
+    attn_out, ffn_out = parts["attn_out"].weight, parts["ffn_out"].weight
+    head_cols = attn_out.view(attn_out.shape[0], -1, parts.head_dim).ne(0).any(dim=2).any(dim=0)  # [H]
+    unit_cols = ffn_out.ne(0).any(dim=0)  # [I]
+    return heads[head_cols[heads]], units[unit_cols[units]]
 
 
 @torch.no_grad()
@@ -109,12 +120,15 @@ def _zero_linear(in_features: int, out_features: int, like: torch.Tensor, bias: 
     return new
 
 
-def compact(model: nn.Module) -> nn.Module:
+def compact(model: nn.Module, drop_silent: bool = False) -> nn.Module:
     """Remove every gated-off head and FFN unit of a patched model, in place; returns ``model``.
 
     Outputs are unchanged (up to float rounding where fractional gates were folded). Layers may end with
     different numbers of heads and units; :func:`structprune.save_pretrained` records the shapes.
+    ``drop_silent=True`` also removes the heads and units whose output-projection columns are all zero (weights
+    zeroed by hand, or closed gates an L0 decision kept with ``keep_dead=True``): they add nothing, so outputs
+    are unchanged too; it also applies to a model compacted before (e.g. loaded with ``sp.from_pretrained``).
     """
     for parts in layer_parts(model):
-        compact_layer(parts)
+        compact_layer(parts, drop_silent=drop_silent)
     return model

@@ -52,6 +52,33 @@ def test_compact_folds_fractional_gates():
     assert all(g.is_fully_open() for g in sp.iter_gates(model))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compact_drop_silent_removes_zero_output_units_exactly(family, tmp_path):
+    """Heads / units whose output-projection columns are all zero add nothing: drop_silent removes them, outputs
+    unchanged, also from a model compacted and saved before."""
+    model = sp.patch(tiny_model(family))
+    heads, ffn = random_masks(5)
+    sp.set_masks(model, heads=heads, ffn=ffn)
+    sp.compact(model)
+    D = layer_part(model, 0, "attention").head_dim
+    with torch.no_grad():
+        layer_part(model, 0, "attn_out").weight[:, D:2 * D] = 0  # head 1 of layer 0 (layer 0 keeps all 4)
+        out = layer_part(model, 0, "ffn_out").weight
+        silent = [0, out.shape[1] - 1]
+        out[:, silent] = 0
+    sp.save_pretrained(model, tmp_path / "saved")
+    batch = tiny_batch()
+    with torch.no_grad():
+        before = outputs(model, batch)
+    for m in (model, sp.from_pretrained(tmp_path / "saved")):
+        sp.compact(m, drop_silent=True)
+        with torch.no_grad():
+            torch.testing.assert_close(outputs(m, batch), before, atol=1e-5, rtol=0)
+        assert layer_part(m, 0, "attention").num_heads == H - 1
+        assert layer_part(m, 0, "ffn_in").out_features == int(ffn[0].sum()) - len(silent)
+        assert [layer_part(m, i, "attention").num_heads for i in (1, 2)] == heads.sum(1).tolist()[1:]
+
+
 def test_compact_twice_is_idempotent_and_summary_counts():
     model = sp.patch(tiny_model())
     heads, ffn = random_masks(4)

@@ -23,7 +23,8 @@ COLUMNS = ["run", "method", "distill", "target", "steps", "heads_kept", "heads_t
            "HasAns_f1", "NoAns_f1", "best_f1", "f1_diff", "f1_diff_lo", "f1_diff_hi", "HasAns_f1_diff",
            "HasAns_f1_diff_lo", "HasAns_f1_diff_hi", "thr_f1", "thr_HasAns_f1", "thr_f1_diff", "thr_f1_diff_lo",
            "thr_f1_diff_hi", "thr_HasAns_f1_diff", "thr_HasAns_f1_diff_lo", "thr_HasAns_f1_diff_hi", "speedup",
-           "l0_rank_cut_heads", "l0_rank_cut_ffn", "l0_rank_fill_heads", "l0_rank_fill_ffn"]
+           "l0_rank_cut_heads", "l0_rank_cut_ffn", "l0_rank_fill_heads", "l0_rank_fill_ffn", "heads_kept_speaking",
+           "ffn_kept_speaking", "speedup_drop_silent"]
 CURVE = ["step", "epoch", "f1", "HasAns_f1", "NoAns_f1", "best_f1"]
 RECORDS = ("config.json", "metrics.json", "speed.json", "summary.txt", "masks.json", "l0_log.jsonl", "l0_stats.json",
            "log.jsonl")
@@ -110,6 +111,10 @@ def student_rows(runs: Path, teacher_predictions: dict, dev) -> list[dict]:
         m = {**json.loads(path.read_text()), "run": run.name}
         if (run / "speed.json").is_file():  # re-measured alone
             m.update(json.loads((run / "speed.json").read_text()))
+        if (run / "speed_drop_silent.json").is_file():  # bench/qa/speed.py --drop-silent
+            silent = json.loads((run / "speed_drop_silent.json").read_text())
+            m.update(heads_kept_speaking=silent["heads_kept"], ffn_kept_speaking=silent["ffn_kept"],
+                     speedup_drop_silent=silent["speedup"])
         start = next((r for r in read_jsonl(run / "train" / "log.jsonl") if r.get("event") == "start"), {})
         m["steps"] = start.get("total_steps")
         m["distill"] = "yes" if m.get("distill") else "no"
