@@ -168,6 +168,46 @@ def table_thresholded(teacher: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+METHOD_ORDER = ("l0", "gain", "random")  # the paper's expected order of accuracy at equal size
+
+
+def method_pairs(runs: Path, rows: list[dict], dev) -> list[dict]:
+    """Paired bootstraps between the distilled, count-targeted students of each size, in the expected order (L0
+    minus gain, gain minus random, L0 minus random): HasAns F1 and F1 at threshold 0, and F1 and HasAns F1 at each
+    model's own dev-chosen threshold when those predictions exist."""
+    out = []
+    sizes = sorted({(r["heads_kept"], r["ffn_kept"]) for r in rows}, reverse=True)
+    for size in sizes:
+        by_method = {r["method"]: r for r in rows if (r["heads_kept"], r["ffn_kept"]) == size
+                     and r["distill"] == "yes" and r["target"].startswith("counts")}
+        for a, b in (("l0", "gain"), ("gain", "random"), ("l0", "random")):
+            if a not in by_method or b not in by_method:
+                continue
+            ra, rb = by_method[a], by_method[b]
+            row = {"size": f"{size[0]} heads / {size[1]} units", "a": ra["run"], "b": rb["run"]}
+            preds = [json.loads((runs / r["run"] / "predictions.json").read_text()) for r in (ra, rb)]
+            for key, d in compare_predictions(*preds, dev).items():
+                row[key] = d
+            thr = [thresholded(runs, r["run"], dev) for r in (ra, rb)]
+            if None not in thr:
+                for key, d in compare_predictions(*thr, dev).items():
+                    row[f"thr_{key}"] = d
+            out.append(row)
+    return out
+
+
+def table_pairs(pairs: list[dict]) -> str:
+    def ci(d) -> str:
+        return "-" if d is None else f"{d.diff:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]"
+
+    lines = ["| size | a | b | Δ HasAns F1 (thr 0) | Δ F1 (thr 0) | Δ F1 (own thr) | Δ HasAns F1 (own thr) |",
+             "|" + "---|" * 7]
+    for p in pairs:
+        lines.append(f"| {p['size']} | {p['a']} | {p['b']} | {ci(p.get('HasAns_f1'))} | {ci(p.get('f1'))} | "
+                     f"{ci(p.get('thr_f1'))} | {ci(p.get('thr_HasAns_f1'))} |")
+    return "\n".join(lines)
+
+
 def plot_students(teacher: dict, rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -256,6 +296,12 @@ def main() -> int:
     if teacher_thr is not None:
         md += ("\n\nAt each model's own dev-chosen null threshold (its `predict` answers):\n\n"
                + table_thresholded(teacher, rows))
+    pairs = method_pairs(runs, rows, dev)
+    if pairs:
+        md += ("\n\nMethod against method at the same size (distilled, count targets; a minus b, paired bootstrap "
+               "over questions):\n\n" + table_pairs(pairs))
+        (out / "pairs.json").write_text(json.dumps(
+            [{k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in p.items()} for p in pairs], indent=2) + "\n")
     (out / "table.md").write_text(md + "\n")
     if rows:
         plot_students(teacher, rows, out / "f1_vs_speedup.png")
