@@ -72,3 +72,27 @@ def test_impossible_latency_target(model):
     table = synthetic_table(model)
     with pytest.raises(ValueError, match="out of reach"):
         L0Controller(model, PruneTarget(speedup=40.0, table=table))
+
+
+def test_budget_decision_keeps_the_open_gates_and_no_closed_one(model):
+    """Gates that ended inside a latency budget: the decision keeps every open head and unit (never closing an
+    open head to keep closed FFN units a grid point would round in) and no closed one; outputs unchanged."""
+    from structprune.strategies import finalize_l0
+
+    table = synthetic_table(model)
+    open_units = 30  # between the table's grid points 24 and 48
+    with torch.no_grad():
+        for gate in layer_gates(model, "heads"):
+            gate.log_alpha.fill_(3.0)
+        for gate in layer_gates(model, "ffn"):
+            gate.log_alpha.fill_(-6.0)  # closed: deterministic 0, probability of being non-zero ~1%
+            gate.log_alpha[:open_units] = 3.0
+    alive_ms = table.empty_ms + sum(table.layer_ms(HEADS, open_units) for _ in range(LAYERS))
+    model.eval()
+    x = {"input_ids": torch.randint(3, 100, (2, 8))}
+    with torch.no_grad():
+        before = model(**x).start_logits
+    masks = finalize_l0(model, PruneTarget(latency_ms=alive_ms * 1.01, table=table))
+    assert counts(masks) == ([HEADS] * LAYERS, [open_units] * LAYERS)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).start_logits, before, atol=1e-5, rtol=1e-4)

@@ -333,15 +333,20 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
 
     When training ended below the target, some units ranked in have deterministic value 0: they would compute
     zeros, so they are dropped too (the model keeps fewer than ``target``, with the same outputs, and is faster);
-    ``keep_dead=True`` keeps them, zeroed, to hold the count exactly. Returns the :class:`~structprune.Masks`.
+    ``keep_dead=True`` keeps them, zeroed, to hold the count exactly. For a speed or parameter budget, a closed
+    gate counts as no importance (the plan never keeps one in place of an open one) and FFN counts are not
+    rounded to the latency table's grid. Returns the :class:`~structprune.Masks`.
     """
     target = as_target(target)
     if target.has_budget:  # commensurate across heads and units: each gate's probability of being non-zero
-        scores = {s: [expected_l0(g.log_alpha.detach(), g.beta) for g in layer_gates(model, s)] for s in STRUCTURES}
+        scores = {s: [expected_l0(g.log_alpha.detach(), g.beta) * (1.0 if keep_dead else (g.deterministic() != 0))
+                      for g in layer_gates(model, s)] for s in STRUCTURES}
     else:
         scores = {s: [g.log_alpha.detach() for g in layer_gates(model, s)] for s in STRUCTURES}
     start = {s: [(g.mask != 0).cpu() for g in layer_gates(model, s)] for s in STRUCTURES}
-    masks = masks_for_scores(model, target, scores, start=start)
+    # A budget is planned with the interpolated FFN costs the Lagrangian trained against, not on the table's
+    # grid: rounding a layer's open units down to a grid point would close units (or whole heads) that trained open.
+    masks = masks_for_scores(model, target, scores, start=start, ffn_on_grid=False)
     kept = {"heads": masks.heads_per_layer(), "ffn": masks.ffn}
     if not keep_dead:  # ranked in, but the gate is closed: the unit would add exactly zero
         kept = {s: [m & (g.deterministic() != 0).to(m.device) for g, m in zip(layer_gates(model, s), kept[s])]

@@ -232,18 +232,19 @@ def apply_masks(model: nn.Module, masks: Masks) -> nn.Module:
 
 
 def masks_for_scores(model: nn.Module, target: PruneTarget, scores: dict[str, Sequence[torch.Tensor]],
-                     start: dict[str, list[torch.Tensor]] | None = None) -> Masks:
+                     start: dict[str, list[torch.Tensor]] | None = None, ffn_on_grid: bool = True) -> Masks:
     """Masks keeping the top-scoring units per ``target``, starting from ``start`` (default: what the
     model keeps now). A structure whose target is None keeps ``start`` unchanged. For a budget target
     (speed-up, latency, parameters) the scores must be commensurate across heads and FFN units: the per-layer
-    counts are planned by :func:`structprune.latency.plan.budget_masks`."""
+    counts are planned by :func:`structprune.latency.plan.budget_masks` (FFN counts on the latency table's grid
+    unless ``ffn_on_grid=False``)."""
     target = as_target(target)
     sizes = gate_sizes(model)
     start = current_masks(model) if start is None else start
     if target.has_budget:  # speed / latency / parameter budget: per-layer counts planned on the cost table
         from ..latency.plan import budget_masks
 
-        planned = budget_masks(model, target, scores, start)
+        planned = budget_masks(model, target, scores, start, ffn_on_grid=ffn_on_grid)
         return to_masks(planned["heads"], planned["ffn"])
     result = {}
     for structure in STRUCTURES:
