@@ -12,8 +12,12 @@
    and L0, each distilled, plus L0 without distillation at the paper's point; every one trains for the same
    STUDENT_EPOCHS of continued training (L0: gates and weights together with the Lagrangian, target reached after
    L0_WARMUP of the steps, the decision at the end).
-4. ``structprune predict`` on heldout-questions.json (no answers: a blind test) for the teacher and every student,
-   with the null threshold chosen on dev.
+4. Issue 17: L0, distilled, with its Lagrangian on the expected latency instead of on counts (``--speedup`` at
+   LATENCY_AT on the cpp backend, one thread, the table measured once into ``latency-<at>.json``), at the speed-up
+   the count-targeted L0 student measured here (LATENCY_SPEEDUP), to compare the two at equal speed.
+5. ``structprune predict`` on heldout-questions.json (no answers: a blind test) for the teacher and every student,
+   with the null threshold chosen on dev; and on dev.json (``devpred/``), so that report.py can compare the models
+   at their own dev-chosen thresholds.
 
 Each step is one ``structprune`` command (printed, and stored in commands.txt); a step whose output exists is
 skipped, and a step that was interrupted resumes from its checkpoint when the script is run again. On a GPU machine
@@ -38,6 +42,7 @@ STUDENT_LR, STUDENT_EPOCHS = "5e-5", "1"
 L0_FLAGS = ["--gate-lr", "0.1", "--lambda-lr", "0.1", "--l0-warmup-steps", "400"]
 LEVELS = [(0.5, 0.3), (0.75, 0.5)]  # (heads, FFN units) KEPT; the first is the paper's operating point
 METHODS = ["random", "gain", "l0"]
+LATENCY_SPEEDUP, LATENCY_AT = "2.3", "32x192"  # the count-targeted L0 student's measured speed-up at this shape
 
 
 def student_runs() -> list[tuple[str, float, float, str, bool]]:
@@ -59,11 +64,21 @@ def commands(runs: Path, data: Path, threads: int, student_epochs: str = STUDENT
         cmd += (L0_FLAGS if method == "l0" else ["--gain-examples", "256"] if method == "gain" else [])
         cmd += ["--distill", "--teacher-logits", str(logits)] if distill else []
         plan.append((runs / name / "metrics.json", cmd))
-    for run in ["teacher"] + [name for name, *_ in student_runs()]:
-        out = runs / "heldout" / run
-        plan.append((out / "predictions.json", ["structprune", "predict", "--model", str(runs / run / "model"),
-                                                "--data", str(data / "heldout-questions.json"), "--out", str(out),
-                                                "--threads", str(threads), "--quiet"]))
+    table = runs / f"latency-{LATENCY_AT}.json"
+    plan.append((table, ["structprune", "latency-table", "--model", str(teacher / "model"), "--at", LATENCY_AT,
+                         "--backend", "cpp", "--threads", "1", "--out", str(table)]))
+    name = f"l0-speed{LATENCY_SPEEDUP}-distill"
+    plan.append((runs / name / "metrics.json",
+                 ["structprune", "prune", "--model", str(teacher / "model"), "--method", "l0", "--speedup",
+                  LATENCY_SPEEDUP, "--latency-table", str(table), "--latency-backend", "cpp", "--out", str(runs / name),
+                  "--lr", STUDENT_LR, "--epochs", student_epochs] + common + L0_FLAGS
+                 + ["--distill", "--teacher-logits", str(logits)]))
+    for run in ["teacher"] + [name for name, *_ in student_runs()] + [name]:
+        for data_file, folder in (("heldout-questions.json", "heldout"), ("dev.json", "devpred")):
+            out = runs / folder / run
+            plan.append((out / "predictions.json", ["structprune", "predict", "--model", str(runs / run / "model"),
+                                                    "--data", str(data / data_file), "--out", str(out),
+                                                    "--threads", str(threads), "--quiet"]))
     return plan
 
 
@@ -101,6 +116,9 @@ def main() -> int:
         return 0
     teacher, *rest = todo if todo[0][1][1] == "finetune" else [None] + todo
     if teacher is not None and run(runs, *teacher) != 0:
+        return 1
+    # the latency table first, alone (it times; the latency-targeted student reads it)
+    if any(run(runs, *step) != 0 for step in rest if step[1][1] == "latency-table"):
         return 1
     students = [step for step in rest if step[1][1] == "prune"]
     with ThreadPoolExecutor(args.workers) as pool:
