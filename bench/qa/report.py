@@ -171,10 +171,23 @@ def table_thresholded(teacher: dict, rows: list[dict]) -> str:
 METHOD_ORDER = ("l0", "gain", "random")  # the paper's expected order of accuracy at equal size
 
 
-def method_pairs(runs: Path, rows: list[dict], dev) -> list[dict]:
+def compare_runs(runs: Path, ra: dict, rb: dict, dev, size: str) -> dict:
+    """Paired bootstraps of run ``ra`` minus run ``rb``: HasAns F1 and F1 at threshold 0, and F1 and HasAns F1 at
+    each model's own dev-chosen threshold when those predictions exist."""
+    row = {"size": size, "a": ra["run"], "b": rb["run"]}
+    preds = [json.loads((runs / r["run"] / "predictions.json").read_text()) for r in (ra, rb)]
+    for key, d in compare_predictions(*preds, dev).items():
+        row[key] = d
+    thr = [thresholded(runs, r["run"], dev) for r in (ra, rb)]
+    if None not in thr:
+        for key, d in compare_predictions(*thr, dev).items():
+            row[f"thr_{key}"] = d
+    return row
+
+
+def method_pairs(runs: Path, rows: list[dict], dev, extra: list[str] = ()) -> list[dict]:
     """Paired bootstraps between the distilled, count-targeted students of each size, in the expected order (L0
-    minus gain, gain minus random, L0 minus random): HasAns F1 and F1 at threshold 0, and F1 and HasAns F1 at each
-    model's own dev-chosen threshold when those predictions exist."""
+    minus gain, gain minus random, L0 minus random), then the ``extra`` pairs ("runA:runB")."""
     out = []
     sizes = sorted({(r["heads_kept"], r["ffn_kept"]) for r in rows}, reverse=True)
     for size in sizes:
@@ -183,16 +196,13 @@ def method_pairs(runs: Path, rows: list[dict], dev) -> list[dict]:
         for a, b in (("l0", "gain"), ("gain", "random"), ("l0", "random")):
             if a not in by_method or b not in by_method:
                 continue
-            ra, rb = by_method[a], by_method[b]
-            row = {"size": f"{size[0]} heads / {size[1]} units", "a": ra["run"], "b": rb["run"]}
-            preds = [json.loads((runs / r["run"] / "predictions.json").read_text()) for r in (ra, rb)]
-            for key, d in compare_predictions(*preds, dev).items():
-                row[key] = d
-            thr = [thresholded(runs, r["run"], dev) for r in (ra, rb)]
-            if None not in thr:
-                for key, d in compare_predictions(*thr, dev).items():
-                    row[f"thr_{key}"] = d
-            out.append(row)
+            out.append(compare_runs(runs, by_method[a], by_method[b], dev, f"{size[0]} heads / {size[1]} units"))
+    by_name = {r["run"]: r for r in rows}
+    for pair in extra:
+        a, _, b = pair.partition(":")
+        if a not in by_name or b not in by_name:
+            raise SystemExit(f"--pair {pair}: expected two run names among {sorted(by_name)}")
+        out.append(compare_runs(runs, by_name[a], by_name[b], dev, "(asked)"))
     return out
 
 
@@ -256,6 +266,8 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/qa")
     parser.add_argument("--teacher-log", help="the teacher's training log for its learning curve (default: "
                         "<runs>/teacher/log.jsonl); with a teacher snapshot, the log of the run it was taken from")
+    parser.add_argument("--pair", action="append", default=[], metavar="RUN_A:RUN_B",
+                        help="also compare these two runs (paired bootstrap, a minus b); repeatable")
     parser.add_argument("--dev", default=str(Path(__file__).resolve().parents[3] / "shared/data/squad2/dev.json"))
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
@@ -296,10 +308,10 @@ def main() -> int:
     if teacher_thr is not None:
         md += ("\n\nAt each model's own dev-chosen null threshold (its `predict` answers):\n\n"
                + table_thresholded(teacher, rows))
-    pairs = method_pairs(runs, rows, dev)
+    pairs = method_pairs(runs, rows, dev, args.pair)
     if pairs:
-        md += ("\n\nMethod against method at the same size (distilled, count targets; a minus b, paired bootstrap "
-               "over questions):\n\n" + table_pairs(pairs))
+        md += ("\n\nMethod against method at the same size (distilled, count targets), then the pairs asked for "
+               "(a minus b, paired bootstrap over questions):\n\n" + table_pairs(pairs))
         (out / "pairs.json").write_text(json.dumps(
             [{k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in p.items()} for p in pairs], indent=2) + "\n")
     (out / "table.md").write_text(md + "\n")
