@@ -26,8 +26,8 @@ COLUMNS = ["run", "method", "distill", "target", "steps", "heads_kept", "heads_t
            "l0_rank_cut_heads", "l0_rank_cut_ffn", "l0_rank_fill_heads", "l0_rank_fill_ffn", "heads_kept_speaking",
            "ffn_kept_speaking", "speedup_drop_silent"]
 CURVE = ["step", "epoch", "f1", "HasAns_f1", "NoAns_f1", "best_f1"]
-RECORDS = ("config.json", "metrics.json", "speed.json", "summary.txt", "masks.json", "l0_log.jsonl", "l0_stats.json",
-           "log.jsonl")
+RECORDS = ("config.json", "metrics.json", "speed.json", "speed_drop_silent.json", "best_eval.json", "summary.txt",
+           "masks.json", "l0_log.jsonl", "l0_stats.json", "log.jsonl")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -224,16 +224,24 @@ def plot_students(teacher: dict, rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = [("HasAns_f1", "HasAns F1 at threshold 0")]
+    if "thr_f1" in teacher and all("thr_f1" in r for r in rows):  # F1 as each model answers (its own threshold)
+        panels.insert(0, ("thr_f1", "F1 at the model's dev-chosen threshold"))
+    else:
+        panels.insert(0, ("f1", "F1 at threshold 0"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     colors = {"random": "tab:gray", "gain": "tab:blue", "l0": "tab:red"}
-    for ax, key in zip(axes, ("f1", "HasAns_f1")):
+    for ax, (key, title) in zip(axes, panels):
         for r in rows:
             err = [[r[f"{key}_diff"] - r[f"{key}_diff_lo"]], [r[f"{key}_diff_hi"] - r[f"{key}_diff"]]]
+            speed = "speed target" if r["target"].startswith("speedup") else "counts"
             ax.errorbar(r["speedup"], r[key], yerr=err, fmt="o" if r["distill"] == "yes" else "s",
-                        color=colors[r["method"]], capsize=3, label=f"{r['method']}, distill {r['distill']}")
+                        mfc="none" if speed != "counts" else None, color=colors[r["method"]], capsize=3,
+                        label=f"{r['method']}, distill {r['distill']}, {speed}")
         ax.axhline(teacher[key], color="black", lw=1, label="teacher")
-        ax.set_xlabel("measured end-to-end speed-up vs teacher (CPU)")
-        ax.set_ylabel(f"dev {key} (bars: 95% paired bootstrap CI of the difference)")
+        ax.set_title(f"dev {title}", fontsize=10)
+        ax.set_xlabel("measured end-to-end speed-up vs teacher (CPU, 1 thread, B32xL192)")
+        ax.set_ylabel("score (bars: 95% paired bootstrap CI of the difference to the teacher)", fontsize=8)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
