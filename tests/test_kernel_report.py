@@ -92,11 +92,14 @@ def _run_cli(*args, timeout=300):
 
 
 def _kernel_functions() -> set[str]:
-    """Names of the launchable Triton kernels in kernels/ (top-level ``*_kernel`` JIT functions)."""
+    """Names of the launchable Triton kernels in kernels/ (top-level ``*_kernel`` JIT functions of every module)."""
     import importlib
+    import pkgutil
+
+    import structprune._kernels as K
 
     names = set()
-    for mod in ("attention", "ffn", "hard_concrete", "_common"):
+    for mod in (info.name for info in pkgutil.iter_modules(K.__path__)):
         m = importlib.import_module(f"structprune._kernels.{mod}")
         names |= {n for n in vars(m) if n.endswith("_kernel") and hasattr(getattr(m, n), "fn")}
     return names
