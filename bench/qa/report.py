@@ -101,8 +101,7 @@ def thresholded_scores(predictions: dict, dev) -> dict:
             "thr_HasAns_f1": 100.0 * sum(f1[q] for q in answerable) / max(1, len(answerable))}
 
 
-def student_rows(runs: Path, teacher_predictions: dict, dev) -> list[dict]:
-    teacher_thr = thresholded(runs, "teacher", dev)
+def student_rows(runs: Path, teacher_predictions: dict, teacher_thr: dict | None, dev) -> list[dict]:
     rows = []
     for path in sorted(runs.glob("*/metrics.json")):
         run = path.parent
@@ -298,7 +297,8 @@ def main() -> int:
     best = runs / "teacher" / "best_eval.json"  # the evaluation the teacher's weights come from
     last = json.loads(best.read_text()) if best.is_file() else (read_jsonl(teacher_log) or [{}])[-1]
     teacher["steps"] = last.get("step")
-    rows = student_rows(runs, json.loads((runs / "teacher" / "predictions.json").read_text()), dev)
+    teacher_thr = thresholded(runs, "teacher", dev)
+    rows = student_rows(runs, json.loads((runs / "teacher" / "predictions.json").read_text()), teacher_thr, dev)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -306,7 +306,6 @@ def main() -> int:
         sizes = {"heads_kept": config["num_hidden_layers"] * config["num_attention_heads"],
                  "ffn_kept": config["num_hidden_layers"] * config["intermediate_size"]}
         sizes.update(heads_total=sizes["heads_kept"], ffn_total=sizes["ffn_kept"])
-        teacher_thr = thresholded(runs, "teacher", dev)
         if teacher_thr is not None:
             teacher.update(thresholded_scores(teacher_thr, dev))
         writer.writerow({"run": "teacher", "method": "teacher", "distill": "no", "speedup": 1.0, **sizes, **teacher})

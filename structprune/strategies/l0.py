@@ -338,22 +338,23 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
     rounded to the latency table's grid. Returns the :class:`~structprune.Masks`.
     """
     target = as_target(target)
+    gates = {s: layer_gates(model, s) for s in STRUCTURES}
+    is_open = {s: [g.deterministic() != 0 for g in gates[s]] for s in STRUCTURES}
     if target.has_budget:  # commensurate across heads and units: each gate's probability of being non-zero
-        scores = {s: [expected_l0(g.log_alpha.detach(), g.beta) * (1.0 if keep_dead else (g.deterministic() != 0))
-                      for g in layer_gates(model, s)] for s in STRUCTURES}
+        scores = {s: [expected_l0(g.log_alpha.detach(), g.beta) * (1.0 if keep_dead else o)
+                      for g, o in zip(gates[s], is_open[s])] for s in STRUCTURES}
     else:
-        scores = {s: [g.log_alpha.detach() for g in layer_gates(model, s)] for s in STRUCTURES}
-    start = {s: [(g.mask != 0).cpu() for g in layer_gates(model, s)] for s in STRUCTURES}
+        scores = {s: [g.log_alpha.detach() for g in gates[s]] for s in STRUCTURES}
+    start = {s: [(g.mask != 0).cpu() for g in gates[s]] for s in STRUCTURES}
     # A budget is planned with the interpolated FFN costs the Lagrangian trained against, not on the table's
     # grid: rounding a layer's open units down to a grid point would close units (or whole heads) that trained open.
     masks = masks_for_scores(model, target, scores, start=start, ffn_on_grid=False)
     kept = {"heads": masks.heads_per_layer(), "ffn": masks.ffn}
     if not keep_dead:  # ranked in, but the gate is closed: the unit would add exactly zero
-        kept = {s: [m & (g.deterministic() != 0).to(m.device) for g, m in zip(layer_gates(model, s), kept[s])]
-                for s in STRUCTURES}
+        kept = {s: [m & o.to(m.device) for o, m in zip(is_open[s], kept[s])] for s in STRUCTURES}
         masks = Masks(heads=kept["heads"], ffn=kept["ffn"])
     for s in STRUCTURES:
-        for gate, m in zip(layer_gates(model, s), kept[s]):
+        for gate, m in zip(gates[s], kept[s]):
             gate.set_mask(m.to(gate.mask.device))
     if fold:
         fold_gates(model)
