@@ -86,7 +86,9 @@ class HardConcreteGate(nn.Module):
         if torch.compiler.is_compiling() or self.mask.is_inference() or self.log_alpha.is_inference():
             # traced, or no version counter to key a cache on
             return torch.nonzero(self.deterministic() != 0, as_tuple=False).flatten()
-        key = (self.mask._version, self.log_alpha._version, self.mask.data_ptr(), self.log_alpha.data_ptr())
+        # an index made under inference_mode cannot be saved for backward: such entries serve inference only
+        key = (self.mask._version, self.log_alpha._version, self.mask.data_ptr(), self.log_alpha.data_ptr(),
+               torch.is_inference_mode_enabled())
         if self._index_cache is None or self._index_cache[0] != key:
             idx = torch.nonzero(self.deterministic() != 0, as_tuple=False).flatten()
             self._index_cache = (key, idx)

@@ -68,6 +68,18 @@ def test_kept_index_cache_follows_log_alpha_updates():
     assert gate.kept_index().tolist() == [0, 2]
 
 
+def test_kept_index_made_under_inference_mode_is_not_reused_for_training():
+    """An evaluation (inference_mode) inside a training run must not leave an index autograd cannot save."""
+    gate = HardConcreteGate(4).eval()
+    with torch.inference_mode():
+        assert gate.kept_index().is_inference()
+    idx = gate.kept_index()
+    assert not idx.is_inference()
+    x = torch.randn(2, 4, requires_grad=True)
+    x.index_select(1, idx).sum().backward()  # fails if the inference-mode index came back
+    assert x.grad is not None
+
+
 def test_gate_parameters_are_named_log_alpha():
     names = [n for n, _ in HardConcreteGate(3).named_parameters()]
     assert names == ["log_alpha"]

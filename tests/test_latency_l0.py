@@ -55,6 +55,30 @@ def test_latency_penalty_pulls_expected_latency_down(model):
     assert table.speedup(h, u) >= 2.0 and ctl.stats()["predicted_speedup"] == pytest.approx(table.speedup(h, u))
 
 
+def test_latency_budget_stops_the_gates_where_the_expected_latency_meets_it(model):
+    table = synthetic_table(model)
+    ctl = L0Controller(model, PruneTarget(speedup=2.0, table=table), warmup_steps=0, seed=0)
+    opt = torch.optim.Adam(ctl.param_groups(model, lr=0.0, gate_lr=0.1, lambda_lr=0.5))
+    budget = float(ctl._final["latency"])
+    for step in range(200):
+        opt.zero_grad()
+        ctl.penalty(step).backward()
+        opt.step()
+        if ctl.reached_target(step + 1):
+            break
+    else:
+        pytest.fail("the expected latency never came down to the budget")
+    expected = float(ctl.expected("latency").detach())
+    assert expected <= budget + 0.005 * table.dense_ms  # within the tolerance of the dense model's latency
+    gates = layer_gates(model, "heads") + layer_gates(model, "ffn")
+    assert not any(g.log_alpha.requires_grad for g in gates)  # one constraint over both structures: all stop
+    frozen = [g.log_alpha.detach().clone() for g in gates]
+    opt.zero_grad()
+    ctl.penalty(step + 1).backward()
+    opt.step()
+    assert all(torch.equal(a, g.log_alpha) for a, g in zip(frozen, gates))
+
+
 def test_latency_and_params_per_layer(model):
     table = synthetic_table(model)
     ctl = L0Controller(model, PruneTarget(speedup=1.5, params=0.5, per_layer=True, table=table), seed=0)

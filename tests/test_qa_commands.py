@@ -75,6 +75,33 @@ def test_prune_l0_selection_phase_freezes_weights_then_continues_training(teache
     assert json.loads((out / "metrics.json").read_text())["f1"] == pytest.approx(metrics["f1"])
 
 
+def test_prune_l0_until_target_decides_at_the_target_within_the_run_budget(teacher, tmp_path):
+    out = tmp_path / "l0-until"
+    args = ["prune", "--model", str(teacher / "model"), "--method", "l0", "--heads", "0.5", "--ffn", "0.25",
+            "--out", str(out), "--max-steps", "40", "--l0-steps", "30", "--l0-warmup-steps", "2", "--l0-until-target",
+            "--l0-train-weights", "--gate-lr", "0.5", "--eval-every", "4"] + SMALL
+    assert main(args) == 0
+    stats = json.loads((out / "l0_stats.json").read_text())
+    selection = stats["selection_steps"]
+    assert 2 <= selection < 30  # ended when the gates got there, not at --l0-steps
+    assert stats["expected_heads"] <= 4 + 0.005 * 8 and stats["expected_ffn"] <= 32 + 0.005 * 128
+    train = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+    assert train[0]["total_steps"] == 40 - selection  # the selection trained the weights: it spent the budget
+    evals = [r["step"] for r in train if r.get("event") == "eval"]
+    assert evals and evals[-1] == 40 - selection and all(s % 4 == 0 for s in evals[:-1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["heads_kept"] <= 4 and metrics["ffn_kept"] <= 32
+    assert main(args) == 0  # finished: resumes from the saved decision and checkpoint
+    assert json.loads((out / "metrics.json").read_text())["f1"] == pytest.approx(metrics["f1"])
+
+
+def test_l0_until_target_needs_a_selection_phase(teacher, tmp_path):
+    args = ["prune", "--model", str(teacher / "model"), "--method", "l0", "--heads", "0.5", "--ffn", "0.25",
+            "--out", str(tmp_path / "bad"), "--l0-until-target"] + SMALL
+    with pytest.raises(Exception, match="--l0-until-target needs"):
+        main(["--debug"] + args)
+
+
 def test_prune_l0_warmup_longer_than_selection_is_refused(teacher, tmp_path):
     args = ["prune", "--model", str(teacher / "model"), "--method", "l0", "--heads", "0.5", "--ffn", "0.25",
             "--out", str(tmp_path / "bad"), "--l0-steps", "2", "--l0-warmup-steps", "5"] + SMALL

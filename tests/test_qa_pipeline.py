@@ -323,3 +323,23 @@ def test_train_qa_extra_loss_and_param_groups(dev, tokenizer, tmp_path):
     log = [r for r in _log(tmp_path) if "loss" in r]
     assert all(r["extra_loss"] > 0 and r["loss"] == pytest.approx(r["qa_loss"] + r["extra_loss"]) for r in log)
     torch.testing.assert_close(model.qa_outputs.weight, frozen)  # lr 0 group untouched
+
+
+def test_train_qa_stop_fn_ends_the_run_finished_and_is_consulted_on_resume(dev, tokenizer, tmp_path):
+    calls = []
+
+    def stop_at_3(step):
+        calls.append(step)
+        return step == 3
+
+    out = tmp_path / "stop"
+    _train(tiny_bert(tokenizer), tokenizer, dev, out, max_steps=6, stop_at_step=2, stop_fn=stop_at_3)
+    assert calls == [1, 2] and not checkpoint_state(out)["finished"]
+    _train(tiny_bert(tokenizer), tokenizer, dev, out, max_steps=6, stop_fn=stop_at_3)
+    assert calls == [1, 2, 2, 3]  # once on resuming (to restore its state), then after every step
+    state = checkpoint_state(out)
+    assert state["finished"] and state["step"] == 3 and state["stopped_early"] == 3
+    assert [r for r in _log(out) if r.get("event") == "stopped_early"] == [{"event": "stopped_early", "step": 3,
+                                                                            "by": "stop_fn"}]
+    _train(tiny_bert(tokenizer), tokenizer, dev, out, max_steps=6, stop_fn=stop_at_3)
+    assert calls == [1, 2, 2, 3]  # finished: nothing more

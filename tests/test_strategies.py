@@ -215,6 +215,36 @@ def test_l0_training_moves_toward_target_and_finalize_matches():
     torch.testing.assert_close(compacted.start_logits, ref.start_logits, atol=1e-5, rtol=1e-4)
 
 
+def test_l0_reached_target_freezes_each_structure_where_it_arrives():
+    """Heads and FFN units arrive at their targets at different steps: each stops there (its gates get no more
+    gradient), and the controller says "decide" once both have; the decision then cuts nothing by rank."""
+    model = tiny_model()
+    ctl = L0Controller(model, PruneTarget(heads=0.5, ffn=0.5), warmup_steps=2)
+    from structprune.strategies.targets import layer_gates
+
+    heads, ffn = layer_gates(model, "heads"), layer_gates(model, "ffn")
+    assert not ctl.reached_target(5)  # everything open: far from the targets
+    with torch.no_grad():
+        for g in heads:  # heads at their target (half closed), FFN units not yet
+            g.log_alpha[: g.n // 2] = -10.0
+    assert not ctl.reached_target(1)  # still in the warm-up: nothing is frozen yet
+    assert not ctl.frozen
+    assert not ctl.reached_target(2)
+    assert ctl.frozen == {("heads", 0)}
+    assert not any(g.log_alpha.requires_grad for g in heads) and all(g.log_alpha.requires_grad for g in ffn)
+    model.train()
+    (model(**qa_batches(1)[0]).loss + ctl.penalty(3)).backward()
+    assert all(g.log_alpha.grad is None for g in heads) and any(g.log_alpha.grad is not None for g in ffn)
+    assert ctl.stats()["frozen_groups"] == 1.0
+    with torch.no_grad():
+        for g in ffn:
+            g.log_alpha[: g.n // 2] = -10.0
+    assert ctl.reached_target(3)
+    masks = ctl.finalize()
+    check_counts(masks, 6, 144, False)  # exactly what the gates held: no rank cut, no fill
+    assert not ctl.frozen and all(g.log_alpha.requires_grad for g in heads + ffn)  # thawed for continued training
+
+
 def test_finalize_is_exact_when_l0_already_at_target():
     """When the deterministic L0 model already keeps exactly the target, finalize+fold changes nothing."""
     model = tiny_model().eval()

@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from structprune.qa.bootstrap import compare_predictions, per_question_f1  # noqa: E402
 from structprune.qa.data import load_squad  # noqa: E402
 
-COLUMNS = ["run", "method", "distill", "target", "steps", "heads_kept", "heads_total", "ffn_kept", "ffn_total", "f1",
-           "HasAns_f1", "NoAns_f1", "best_f1", "f1_diff", "f1_diff_lo", "f1_diff_hi", "HasAns_f1_diff",
-           "HasAns_f1_diff_lo", "HasAns_f1_diff_hi", "thr_f1", "thr_HasAns_f1", "thr_f1_diff", "thr_f1_diff_lo",
-           "thr_f1_diff_hi", "thr_HasAns_f1_diff", "thr_HasAns_f1_diff_lo", "thr_HasAns_f1_diff_hi", "speedup",
-           "l0_rank_cut_heads", "l0_rank_cut_ffn", "l0_rank_fill_heads", "l0_rank_fill_ffn", "heads_kept_speaking",
-           "ffn_kept_speaking", "speedup_drop_silent"]
+COLUMNS = ["run", "method", "distill", "target", "steps", "l0_selection_steps", "heads_kept", "heads_total",
+           "ffn_kept", "ffn_total", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "f1_diff", "f1_diff_lo", "f1_diff_hi",
+           "HasAns_f1_diff", "HasAns_f1_diff_lo", "HasAns_f1_diff_hi", "thr_f1", "thr_HasAns_f1", "thr_f1_diff",
+           "thr_f1_diff_lo", "thr_f1_diff_hi", "thr_HasAns_f1_diff", "thr_HasAns_f1_diff_lo", "thr_HasAns_f1_diff_hi",
+           "speedup", "l0_rank_cut_heads", "l0_rank_cut_ffn", "l0_rank_fill_heads", "l0_rank_fill_ffn",
+           "heads_kept_speaking", "ffn_kept_speaking", "speedup_drop_silent"]
 CURVE = ["step", "epoch", "f1", "HasAns_f1", "NoAns_f1", "best_f1"]
 RECORDS = ("config.json", "metrics.json", "speed.json", "speed_drop_silent.json", "best_eval.json", "summary.txt",
            "masks.json", "l0_log.jsonl", "l0_stats.json", "log.jsonl")
@@ -115,9 +115,16 @@ def student_rows(runs: Path, teacher_predictions: dict, teacher_thr: dict | None
             m.update(heads_kept_speaking=silent["heads_kept"], ffn_kept_speaking=silent["ffn_kept"],
                      speedup_drop_silent=silent["speedup"])
         start = next((r for r in read_jsonl(run / "train" / "log.jsonl") if r.get("event") == "start"), {})
+        config = json.loads((run / "config.json").read_text())
         m["steps"] = start.get("total_steps")
+        selection = json.loads((run / "l0_stats.json").read_text()).get("selection_steps") \
+            if (run / "l0_stats.json").is_file() else None
+        if selection is not None:  # an L0 selection phase: its steps trained the weights too with --l0-train-weights
+            m["l0_selection_steps"] = selection
+            if config.get("l0_train_weights") and m["steps"] is not None:
+                m["steps"] += selection
         m["distill"] = "yes" if m.get("distill") else "no"
-        m["target"] = target_of(json.loads((run / "config.json").read_text()))
+        m["target"] = target_of(config)
         diffs = compare_predictions(json.loads((run / "predictions.json").read_text()), teacher_predictions, dev)
         for key, d in diffs.items():
             m.update({f"{key}_diff": d.diff, f"{key}_diff_lo": d.lo, f"{key}_diff_hi": d.hi})
@@ -190,12 +197,14 @@ def method_pairs(runs: Path, rows: list[dict], dev, extra: list[str] = ()) -> li
     out = []
     sizes = sorted({(r["heads_kept"], r["ffn_kept"]) for r in rows}, reverse=True)
     for size in sizes:
-        by_method = {r["method"]: r for r in rows if (r["heads_kept"], r["ffn_kept"]) == size
-                     and r["distill"] == "yes" and r["target"].startswith("counts")}
+        by_method: dict[str, list[dict]] = {}
+        for r in rows:
+            if (r["heads_kept"], r["ffn_kept"]) == size and r["distill"] == "yes" and r["target"].startswith("counts"):
+                by_method.setdefault(r["method"], []).append(r)
         for a, b in (("l0", "gain"), ("gain", "random"), ("l0", "random")):
-            if a not in by_method or b not in by_method:
-                continue
-            out.append(compare_runs(runs, by_method[a], by_method[b], dev, f"{size[0]} heads / {size[1]} units"))
+            for ra in by_method.get(a, []):  # every variant of a method (e.g. L0 decided at the target or at the end)
+                for rb in by_method.get(b, []):
+                    out.append(compare_runs(runs, ra, rb, dev, f"{size[0]} heads / {size[1]} units"))
     by_name = {r["run"]: r for r in rows}
     for pair in extra:
         a, _, b = pair.partition(":")
@@ -245,6 +254,35 @@ def plot_students(teacher: dict, rows: list[dict], path: Path) -> None:
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
     fig.suptitle("Pruned MiniLM-L6-H384 students vs their teacher, SQuAD 2.0 dev")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def student_curves(runs: Path) -> dict[str, list[dict]]:
+    """The dev evaluations of each student's continued training (``prune --eval-every``), by run."""
+    curves = {}
+    for log in sorted(runs.glob("*/train/log.jsonl")):
+        if log.parent.parent.name != "teacher":
+            curve = teacher_curve(log)
+            if curve:
+                curves[log.parent.parent.name] = curve
+    return curves
+
+
+def plot_student_curves(curves: dict[str, list[dict]], teacher: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key in zip(axes, ("best_f1", "HasAns_f1")):
+        for run, curve in curves.items():
+            ax.plot([c["step"] for c in curve], [c[key] for c in curve], "-o", label=run)
+        ax.axhline(teacher[key], color="black", lw=1, label="teacher")
+        ax.set_xlabel("step of the continued training (after the decision)")
+        ax.set_title(f"dev {key} while the students train", fontsize=10)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -324,6 +362,13 @@ def main() -> int:
     (out / "table.md").write_text(md + "\n")
     if rows:
         plot_students(teacher, rows, out / "f1_vs_speedup.png")
+    curves = student_curves(runs)
+    if curves:
+        with open(out / "student_curves.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["run", *CURVE])
+            writer.writeheader()
+            writer.writerows({"run": run, **c} for run, curve in curves.items() for c in curve)
+        plot_student_curves(curves, teacher, out / "student_curves.png")
     print(md)
     return 0
 

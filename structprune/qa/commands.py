@@ -6,7 +6,6 @@ Every command writes a run directory holding ``config.json`` (the arguments and 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from . import pruning
 # Re-exported: callers (qa.predict, export, bench/qa, tests) import these from here.
 from .pruning import cached_teacher_logits, measure_speedup, prune, prune_target  # noqa: F401
-from .runs import (DEFAULT_DATA, THRESHOLD_FILE, _common, _data, _default_model, _finished,  # noqa: F401
+from .runs import (DEFAULT_DATA, THRESHOLD_FILE, _common, _data, _default_model, _dev_eval_fn, _finished,  # noqa: F401
                    _start_run, _tokenizer, _train_kwargs, _write_json, evaluate_into, load_qa_model,
                    save_null_threshold)
 
@@ -51,21 +50,6 @@ def finetune(args) -> int:
         metrics = evaluate_into(model, tokenizer, args, out)
         save_null_threshold(out / "model", metrics, args)
     return 0
-
-
-def _dev_eval_fn(tokenizer, args):
-    """``eval_fn`` for :func:`train_qa`: the SQuAD 2.0 metrics of the model on the dev set."""
-    from .evaluate import evaluate_qa
-
-    dev = _data(args.dev, "dev", args.dev_limit)
-
-    def eval_fn(model) -> dict:
-        metrics, _ = evaluate_qa(model, tokenizer, dev, max_length=args.max_length, doc_stride=args.doc_stride,
-                                 batch_size=args.eval_batch_size, progress=False)
-        print(json.dumps({k: round(metrics[k], 2) for k in ("f1", "HasAns_f1", "NoAns_f1", "best_f1")}), flush=True)
-        return metrics
-
-    return eval_fn
 
 
 def evaluate_cmd(args) -> int:

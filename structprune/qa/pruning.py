@@ -11,8 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import atomic
-from .runs import (DEFAULT_DATA, _data, _finished, _start_run, _tokenizer, _train_kwargs, _write_json, evaluate_into,
-                   load_qa_model, save_null_threshold)
+from .runs import (DEFAULT_DATA, _data, _dev_eval_fn, _finished, _start_run, _tokenizer, _train_kwargs, _write_json,
+                   evaluate_into, load_qa_model, save_null_threshold)
 
 
 def _gain_batches(model, tokenizer, args):
@@ -71,10 +71,14 @@ def prune(args) -> int:
 
     run_dir = out / "train"
     kwargs = _train_kwargs(args)
+    if args.method == "l0" and args.l0_steps and args.l0_train_weights:
+        kwargs["max_steps"] = _steps_left_after_selection(args, out / "l0")
     if controller is not None or args.distill:
         kwargs["extra_loss_fn"] = _pruning_loss_fn(controller, distill, out, run_dir)
     if controller is not None:
         kwargs["param_groups"] = groups
+    if args.eval_every:  # a dev curve of the continued training; the model kept is the last one
+        kwargs.update(eval_fn=_dev_eval_fn(tokenizer, args), eval_every=args.eval_every)
     train_qa(student, tokenizer, train, run_dir, **kwargs)
     if controller is not None:
         controller.save(run_dir)
@@ -112,6 +116,8 @@ def prune_target(args, model):
     from structprune.strategies import PruneTarget
     from structprune.strategies.targets import parse_at
 
+    if getattr(args, "l0_until_target", False) and not (args.method == "l0" and args.l0_steps):
+        raise UsageError("--l0-until-target needs --method l0 --l0-steps N (the selection phase it ends)")
     if args.max_steps == 0 and args.method == "l0" and not args.l0_steps:
         raise UsageError("--max-steps 0 with --method l0 needs --l0-steps N (the selection phase that decides)")
     speed = args.speedup is not None or args.latency_ms is not None
@@ -238,7 +244,7 @@ def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict
 
     from structprune.patching import gate_parameters
 
-    from .train import train_qa
+    from .train import checkpoint_state, train_qa
 
     run_dir = out / "l0"
     if (run_dir / DECIDED_FILE).is_file():
@@ -255,6 +261,8 @@ def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict
         groups = [g for g in groups if g["name"] in ("gates", "lagrangian")]
     kwargs = {**_train_kwargs(args), "max_steps": args.l0_steps, "param_groups": groups,
               "extra_loss_fn": _pruning_loss_fn(controller, distill, out, run_dir)}
+    if getattr(args, "l0_until_target", False):  # decide as soon as the gates reach the target: no overshoot past it
+        kwargs["stop_fn"] = controller.reached_target
     for p in frozen:
         p.requires_grad_(False)
     try:
@@ -263,7 +271,7 @@ def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict
         for p in frozen:
             p.requires_grad_(True)
     controller.save(run_dir)
-    _write_json(out / "l0_stats.json", controller.stats())
+    _write_json(out / "l0_stats.json", {**controller.stats(), "selection_steps": checkpoint_state(run_dir)["step"]})
     if not _finished(run_dir):
         return False
     _decide_l0(controller, target, args)
@@ -271,6 +279,23 @@ def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict
     with atomic.replacing(run_dir / DECIDED_FILE) as tmp:  # a resumed run trusts this file: all or nothing
         safetensors.torch.save_model(student, str(tmp))
     return True
+
+
+def _steps_left_after_selection(args, selection_dir: Path) -> int:
+    """With ``--l0-train-weights`` the selection phase trains the weights too, so its steps count toward the run's
+    budget (``--max-steps``, else ``--epochs``): the continued training gets what the selection left."""
+    import math
+
+    from .train import checkpoint_state
+
+    state = checkpoint_state(selection_dir)
+    per_epoch = state["settings"]["steps_per_epoch"]
+    total = args.max_steps if args.max_steps is not None else math.ceil(args.epochs * per_epoch)
+    left = total - state["step"]
+    if left < 1:
+        raise ValueError(f"the L0 selection phase took {state['step']} steps, the whole budget of {total} "
+                         "(--max-steps/--epochs) with --l0-train-weights: give a larger budget or a smaller --l0-steps")
+    return left
 
 
 def _decide_l0(controller, target, args) -> None:
@@ -376,7 +401,15 @@ def add_arguments(p) -> None:
                         "--max-steps of continued training as for the other methods (0: gates and weights are "
                         "trained together for the whole run and the decision comes at its end)")
     p.add_argument("--l0-train-weights", action="store_true",
-                   help="with --l0-steps: train the weights during the selection phase too (default: frozen)")
+                   help="with --l0-steps: train the weights during the selection phase too (default: frozen); its "
+                        "steps then count toward --epochs/--max-steps, so the continued training gets the rest")
+    p.add_argument("--l0-until-target", action="store_true",
+                   help="with --l0-steps: end the selection phase (and decide) as soon as, after --l0-warmup-steps, "
+                        "the gates' expected kept counts (or latency) reach the target; --l0-steps is then the most "
+                        "it may take. Without it the gates keep training to --l0-steps and may overshoot the target")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate on dev every N steps of the continued training (the curve goes to train/log.jsonl); "
+                        "the model kept is the last one, as without it")
     p.add_argument("--l0-keep-dead", action="store_true",
                    help="L0 only: when the gates end below the target, keep the closed units ranked in (they compute "
                         "zeros) so that exactly the target count is kept (default: drop them; faster, same outputs)")

@@ -173,3 +173,18 @@ def _common(p, train: bool) -> None:
                        help="pause cleanly after this long; re-run the same command to resume")
         p.add_argument("--save-every-seconds", type=float, default=180.0,
                        help="seconds between training checkpoints (0: after every step)")
+
+
+def _dev_eval_fn(tokenizer, args):
+    """``eval_fn`` for :func:`train_qa`: the SQuAD 2.0 metrics of the model on the dev set."""
+    from .evaluate import evaluate_qa
+
+    dev = _data(args.dev, "dev", args.dev_limit)
+
+    def eval_fn(model) -> dict:
+        metrics, _ = evaluate_qa(model, tokenizer, dev, max_length=args.max_length, doc_stride=args.doc_stride,
+                                 batch_size=args.eval_batch_size, progress=False)
+        print(json.dumps({k: round(metrics[k], 2) for k in ("f1", "HasAns_f1", "NoAns_f1", "best_f1")}), flush=True)
+        return metrics
+
+    return eval_fn

@@ -112,6 +112,7 @@ def train_qa(
     select_metric: str = "best_f1",
     patience: int | None = None,
     min_epochs: float = 0.0,
+    stop_fn: Callable[[int], bool] | None = None,
 ) -> torch.nn.Module:
     """Fine-tune ``model`` on SQuAD-style data, resuming from ``output_dir`` when it holds a checkpoint.
 
@@ -147,6 +148,10 @@ def train_qa(
             the best weights are kept in ``output_dir/best/`` (see :func:`load_best_weights`).
         patience, min_epochs: end the run (finished, ``stopped_early`` in ``state.json``) once ``patience``
             evaluations in a row have not improved on the best, but not before ``min_epochs`` epochs.
+        stop_fn: ``fn(step) -> bool``, called after every optimizer step with the global step; True ends the run
+            there, finished (``stopped_early`` in ``state.json``), e.g. once L0 gates have reached their target.
+            It is called once more on resuming, before training goes on; its answer then is ignored (the step it
+            would have stopped at was checked before the checkpoint).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +215,8 @@ def train_qa(
         if state.get("finished") or step >= total_steps:
             model.eval()
             return model
+        if stop_fn is not None and step > 0:
+            stop_fn(step)  # restores what it acts on (e.g. frozen gates) from the resumed weights
     else:
         _log(output_dir, {"event": "start", **settings})
 
@@ -309,6 +316,10 @@ def train_qa(
             if step < total_steps:
                 _save_checkpoint(output_dir, model, optimizer, scheduler, state_dict(finished=False))
                 last_save = time.monotonic()
+        if stop_fn is not None and step < total_steps and stop_fn(step):
+            stopped_early = step
+            _log(output_dir, {"event": "stopped_early", "step": step, "by": "stop_fn"})
+            break
         if out_of_time:
             break
         if step < stop_step and time.monotonic() - last_save >= save_every_seconds:

@@ -121,6 +121,7 @@ class L0Controller:
         self.target = as_target(target)
         self.warmup_steps = int(warmup_steps)
         self.finalized = False
+        self.frozen: set[tuple[str, int]] = set()  # (constraint, group) whose gates reached the target
         self.last_step = 0
         sizes = gate_sizes(model)
         self.table = None
@@ -233,6 +234,31 @@ class L0Controller:
             total = total + (l1 * gap + l2 * gap * gap).sum()
         return total
 
+    @torch.no_grad()
+    def reached_target(self, step: int, tolerance: float = 0.005) -> bool:
+        """Freeze the gates of every constraint group whose expected value has come down to its final target (plus
+        ``tolerance`` of the group's dense size) after the warm-up; True once every group is frozen: the moment to
+        decide. Training on past it overshoots: the multipliers, wound up while the gates lagged the target, keep
+        pushing, and the heads and the FFN units seldom arrive together. Frozen gates keep sampling but get no
+        gradient (their ``log_alpha`` stops), and stay frozen across :meth:`state_dict`/:meth:`load_state_dict`."""
+        if self.finalized or step < self.warmup_steps:
+            return False
+        for s in self.structures:
+            over = (self.expected(s).cpu() - self._final[s]) / self._size[s]
+            for g, group in enumerate(self._groups[s]):
+                if (s, g) not in self.frozen and float(over[g]) <= tolerance:
+                    self.frozen.add((s, g))
+                    self._freeze(s, group)
+        return all((s, g) in self.frozen for s in self.structures for g in range(len(self._groups[s])))
+
+    def _freeze(self, structure: str, layers: list[int]) -> None:
+        gated = STRUCTURES if structure in ("latency", "params") else [structure]
+        for s in gated:
+            gates = layer_gates(self.model, s)
+            for i in layers:
+                gates[i].log_alpha.requires_grad_(False)
+                gates[i].log_alpha.grad = None
+
     # ---- optimisation ---------------------------------------------------------------------------
     def lagrangian_parameters(self) -> list[nn.Parameter]:
         return list(self.lagrangian.parameters())
@@ -277,6 +303,8 @@ class L0Controller:
             l1, l2 = self.lagrangian.lambdas(name)
             out[f"lambda1_{name}"] = float(l1.mean())
             out[f"lambda2_{name}"] = float(l2.mean())
+        if self.frozen:
+            out["frozen_groups"] = float(len(self.frozen))
         if self.table is not None:
             kept = {s: [int((g.deterministic() != 0).sum()) for g in layer_gates(self.model, s)] for s in STRUCTURES}
             out["predicted_speedup"] = self.table.speedup(kept["heads"], kept["ffn"])
@@ -286,6 +314,10 @@ class L0Controller:
     def finalize(self, target: PruneTarget | None = None, fold: bool = True, keep_dead: bool = False) -> Masks:
         """Keep ``target`` (default: the controller's) by ``log_alpha``; see :func:`finalize_l0`."""
         masks = finalize_l0(self.model, self.target if target is None else target, fold=fold, keep_dead=keep_dead)
+        for s in STRUCTURES:  # frozen gates thaw: the decided model trains like any other
+            for gate in layer_gates(self.model, s):
+                gate.log_alpha.requires_grad_(True)
+        self.frozen.clear()
         self.finalized = True
         return masks
 
