@@ -258,10 +258,11 @@ def plot_students(teacher: dict, rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def student_curves(runs: Path) -> dict[str, list[dict]]:
-    """The dev evaluations of each student's continued training (``prune --eval-every``), by run."""
+def student_curves(*folders: Path) -> dict[str, list[dict]]:
+    """The dev evaluations of each student's continued training (``prune --eval-every``), by run, from the runs in
+    ``folders``."""
     curves = {}
-    for log in sorted(runs.glob("*/train/log.jsonl")):
+    for log in sorted(log for folder in folders for log in folder.glob("*/train/log.jsonl")):
         if log.parent.parent.name != "teacher":
             curve = teacher_curve(log)
             if curve:
@@ -313,6 +314,8 @@ def main() -> int:
                         "<runs>/teacher/log.jsonl); with a teacher snapshot, the log of the run it was taken from")
     parser.add_argument("--pair", action="append", default=[], metavar="RUN_A:RUN_B",
                         help="also compare these two runs (paired bootstrap, a minus b); repeatable")
+    parser.add_argument("--curves-from", action="append", default=[], metavar="RUNS",
+                        help="also plot the dev curves of the student runs in this folder (not in the tables)")
     parser.add_argument("--dev", default=str(Path(__file__).resolve().parents[3] / "shared/data/squad2/dev.json"))
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
@@ -362,7 +365,7 @@ def main() -> int:
     (out / "table.md").write_text(md + "\n")
     if rows:
         plot_students(teacher, rows, out / "f1_vs_speedup.png")
-    curves = student_curves(runs)
+    curves = student_curves(runs, *map(Path, args.curves_from))
     if curves:
         with open(out / "student_curves.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["run", *CURVE])

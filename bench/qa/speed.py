@@ -33,10 +33,15 @@ def main() -> int:
     parser.add_argument("--only", help="only the runs whose name starts with this")
     parser.add_argument("--drop-silent", action="store_true",
                         help="time the student after removing its all-zero heads and units (speed_drop_silent.json)")
+    parser.add_argument("--versus", metavar="RUN_A:RUN_B",
+                        help="time the teacher and the students of two runs alternated in one session (a speed-up of "
+                             "each over the teacher, and of B over A per round) into speed_versus/A__B.json")
     args = parser.parse_args()
     runs = Path(args.runs)
     teacher = load_qa_model(str(runs / "teacher" / "model"))
     tokenizer = AutoTokenizer.from_pretrained(str(runs / "teacher" / "model"))
+    if args.versus:
+        return versus(runs, teacher, tokenizer, args)
     for metrics_file in sorted(runs.glob("*/metrics.json")):
         run = metrics_file.parent
         if run.name.startswith("teacher") or not (run / "model").is_dir():
@@ -53,6 +58,37 @@ def main() -> int:
         speed.update(threads=args.threads, repeats=args.repeats, torch=torch.__version__, **extra)
         out.write_text(json.dumps(speed, indent=2) + "\n")
         print(f"{run.name}: {speed['speedup']:.2f}x {extra}")
+    return 0
+
+
+def versus(runs: Path, teacher, tokenizer, args) -> int:
+    """``--versus A:B``: the teacher, A and B timed round by round on one real dev batch (the order reverses every
+    round: :func:`structprune.timing.compare`); B's speed-up over A is the median over rounds of A's time / B's."""
+    from structprune.qa.features import build_eval_features, collate
+    from structprune.qa.runs import _data
+    from structprune.timing import Spread, compare
+
+    names = args.versus.split(":")
+    if len(names) != 2 or not all((runs / n / "model").is_dir() for n in names):
+        raise SystemExit(f"--versus {args.versus}: expected RUN_A:RUN_B, two runs with a model/ in {runs}")
+    config = json.loads((runs / names[0] / "config.json").read_text())
+    torch.set_num_threads(args.threads)
+    feats = build_eval_features(_data(config["dev"], "dev", 64), tokenizer, config["max_length"], config["doc_stride"])
+    cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in feats.column_names]
+    batch = collate(feats[: config["eval_batch_size"]], tokenizer, cols)
+    models = {"teacher": teacher.eval(), **{n: load_qa_model(str(runs / n / "model")).eval() for n in names}}
+    with torch.inference_mode():
+        timing = compare({n: (lambda m=m: m(**batch)) for n, m in models.items()}, warmup=1, repeats=args.repeats,
+                         shapes=f"batch {batch['input_ids'].shape[0]} x seq {batch['input_ids'].shape[1]}")
+    a, b = (timing.seconds[n] for n in names)
+    b_over_a = Spread.of([x / y for x, y in zip(a, b)])  # round by round
+    out = {"a": names[0], "b": names[1], "b_speedup_over_a": b_over_a.median, "b_speedup_over_a_q1": b_over_a.q1,
+           "b_speedup_over_a_q3": b_over_a.q3, "timing": timing.to_dict(), "torch": torch.__version__}
+    dest = runs / "speed_versus" / f"{names[0]}__{names[1]}.json"
+    dest.parent.mkdir(exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    print(timing.describe())
+    print(f"{names[1]} over {names[0]}: {b_over_a.median:.3f}x (IQR {b_over_a.q1:.3f}-{b_over_a.q3:.3f})")
     return 0
 
 
