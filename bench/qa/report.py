@@ -302,6 +302,9 @@ def copy_records(runs: Path, out: Path) -> None:
         for name in ("predictions.json", "null_odds.json", "predict_info.json"):
             if (held.parent / name).is_file():
                 shutil.copy(held.parent / name, dest / name)
+    for timing in sorted((runs / "speed_versus").glob("*.json")):  # speed.py --versus
+        (out / "speed_versus").mkdir(parents=True, exist_ok=True)
+        shutil.copy(timing, out / "speed_versus" / timing.name)
     if (runs / "commands.txt").is_file():
         shutil.copy(runs / "commands.txt", out / "commands.txt")
 
