@@ -236,6 +236,10 @@ def test_l0_reached_target_freezes_each_structure_where_it_arrives():
     (model(**qa_batches(1)[0]).loss + ctl.penalty(3)).backward()
     assert all(g.log_alpha.grad is None for g in heads) and any(g.log_alpha.grad is not None for g in ffn)
     assert ctl.stats()["frozen_groups"] == 1.0
+    resumed = tiny_model(seed=1)  # as after a crash: a new controller, then the checkpoint's weights
+    again = L0Controller(resumed, PruneTarget(heads=0.5, ffn=0.5), warmup_steps=2)
+    resumed.load_state_dict(model.state_dict())
+    assert not again.reached_target(3) and again.frozen == ctl.frozen  # found again from the resumed gates
     with torch.no_grad():
         for g in ffn:
             g.log_alpha[: g.n // 2] = -10.0

@@ -240,7 +240,8 @@ class L0Controller:
         ``tolerance`` of the group's dense size) after the warm-up; True once every group is frozen: the moment to
         decide. Training on past it overshoots: the multipliers, wound up while the gates lagged the target, keep
         pushing, and the heads and the FFN units seldom arrive together. Frozen gates keep sampling but get no
-        gradient (their ``log_alpha`` stops), and stay frozen across :meth:`state_dict`/:meth:`load_state_dict`."""
+        gradient (their ``log_alpha`` stops). The frozen set is not saved: after resuming, one call on the resumed
+        gates finds it again (a frozen group's expected value no longer moves); ``train_qa``'s ``stop_fn`` does this."""
         if self.finalized or step < self.warmup_steps:
             return False
         for s in self.structures:
