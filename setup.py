@@ -14,8 +14,10 @@ gives a pure-Python install and structprune JIT-builds csrc/ on first use instea
     STRUCTPRUNE_EXT_REQUIRED=1      fail the install if the extension fails to build (default: warn, JIT later)
 """
 import os
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 CSRC = "csrc"
 CPU_SOURCES = ["register.cpp", "gated_core.cpp", "cpu/ops_cpu.cpp"]
@@ -86,13 +88,36 @@ def _extension_kwargs() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
+class BuildPyWithKernels(build_py):
+    """build_py, plus the Triton kernels of kernels/ copied into the wheel's structprune/_kernels/.
+
+    kernels/ has no __init__.py, so that it never imports as a top-level package ``kernels`` from the repository
+    root (it would shadow Hugging Face's ``kernels``); structprune/_kernels/__init__.py reaches into it in a source
+    checkout, and the wheel carries the modules themselves."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "structprune" / "_kernels"
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted(Path(__file__).resolve().parent.joinpath("kernels").glob("*.py")):
+            self.copy_file(str(source), str(target / source.name))
+
+
+def _cmdclass(ext_kwargs: dict) -> dict:
+    return {**ext_kwargs.pop("cmdclass", {}), "build_py": BuildPyWithKernels}
+
+
+_EXT = _extension_kwargs()
+
 setup(
-    # kernels/ installs as structprune._kernels and csrc/ as structprune/csrc (sources for the JIT build)
+    # kernels/ installs as structprune._kernels (copied by BuildPyWithKernels) and csrc/ as structprune/csrc
+    # (sources for the JIT build)
     packages=["structprune", "structprune._kernels", "structprune.qa", "structprune.strategies", "structprune.csrc",
               "structprune.benchmark", "structprune.latency", "structprune.families"],
-    package_dir={"structprune": "structprune", "structprune._kernels": "kernels", "structprune.csrc": CSRC},
+    package_dir={"structprune": "structprune", "structprune.csrc": CSRC},
     package_data={"structprune": ["templates/*.py"],  # the modeling file save_pretrained writes
                   "structprune.csrc": ["*.cpp", "*.h", "*.md", "*.sh", "cpu/*.cpp", "cuda/*.cu", "cuda/*.h",
                                        "cuda/*.cpp"]},
-    **_extension_kwargs(),
+    cmdclass=_cmdclass(_EXT),
+    **_EXT,
 )

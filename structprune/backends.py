@@ -103,7 +103,7 @@ def auto_order(device_type: str) -> list[str]:
 
 
 register("torch", "structprune._torch_backend", priority=0)
-register("triton", "structprune._kernels", priority=30, auto_devices=("cuda",),
+register("triton", "structprune._triton_backend", priority=30, auto_devices=("cuda",),
          how_to_enable="install triton and use CUDA tensors (or set TRITON_INTERPRET=1 before importing to run on "
                        "CPU)")
 register("cpp", "structprune._extension", priority=20,

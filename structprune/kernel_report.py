@@ -301,10 +301,10 @@ def _kernels_importable() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("structprune kernels compiles for GPUs: unset TRITON_INTERPRET (it builds the kernels "
                          "for the CPU interpreter)")
-    from structprune import _kernels
+    from structprune import _triton_backend
 
-    if _kernels._IMPORT_ERROR:
-        raise RuntimeError(f"the Triton kernels cannot be imported: {_kernels._IMPORT_ERROR}")
+    if _triton_backend._IMPORT_ERROR:
+        raise RuntimeError(f"the Triton kernels cannot be imported: {_triton_backend._IMPORT_ERROR}")
 
 
 def run(args) -> int:

@@ -16,7 +16,7 @@ from tolerances import check_close
 triton = pytest.importorskip("triton")
 
 from structprune import reference  # noqa: E402
-import structprune._kernels as K  # noqa: E402
+import structprune._triton_backend as K  # noqa: E402
 
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
     ["cuda"] if torch.cuda.is_available() else [])

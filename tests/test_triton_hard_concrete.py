@@ -8,7 +8,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import structprune._kernels as K  # noqa: E402
+import structprune._triton_backend as K  # noqa: E402
 
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
     ["cuda"] if torch.cuda.is_available() else [])

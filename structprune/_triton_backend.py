@@ -1,6 +1,9 @@
-"""Triton kernel backend of structprune (installed as ``structprune._kernels``).
+"""The "triton" backend: the Triton kernels of ``kernels/`` (installed as ``structprune._kernels``) behind the op
+contract.
 
-One file per op, each holding its Triton kernels, its ``torch.library`` custom ops (``structprune::triton_*``,
+``kernels/`` has no ``__init__.py`` on purpose: from the repository root it must never be importable as a package
+named ``kernels`` (it would shadow Hugging Face's ``kernels`` package, which transformers imports). It is the
+namespace subpackage ``structprune._kernels``, mapped by ``setup.py``. One file per op, each holding its Triton kernels, its ``torch.library`` custom ops (``structprune::triton_*``,
 with fake and autograd registrations; the backwards are custom ops too) and its input checks:
 
 * :mod:`.attention` -- ``gated_attention``: gathered QKV GEMMs over active heads, flash attention with the
@@ -21,16 +24,16 @@ import sys
 
 import torch
 
-from structprune._op_support import Backend, OpInputs, kernel_not_supported_reasons
+from ._op_support import Backend, OpInputs, kernel_not_supported_reasons
 
 __all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
            "supports_attention_dropout", "attention_dropout_scale"]
 
 try:
-    from . import _common
-    from .attention import attention_dropout_scale, gated_attention, supports_attention_dropout
-    from .ffn import gated_ffn
-    from .hard_concrete import hard_concrete_sample, hard_concrete_uniform
+    from structprune._kernels import _common, attention, ffn, hard_concrete
+    from structprune._kernels.attention import attention_dropout_scale, gated_attention, supports_attention_dropout
+    from structprune._kernels.ffn import gated_ffn
+    from structprune._kernels.hard_concrete import hard_concrete_sample, hard_concrete_uniform
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # triton missing, or an incompatible version
     _IMPORT_ERROR = f"triton could not be imported ({type(exc).__name__}: {exc})"
