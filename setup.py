@@ -16,7 +16,7 @@ gives a pure-Python install and structprune JIT-builds csrc/ on first use instea
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 CSRC = "csrc"
@@ -112,10 +112,9 @@ _EXT = _extension_kwargs()
 setup(
     # kernels/ installs as structprune._kernels (copied by BuildPyWithKernels) and csrc/ as structprune/csrc
     # (sources for the JIT build)
-    packages=["structprune", "structprune._kernels", "structprune.qa", "structprune.strategies", "structprune.csrc",
-              "structprune.benchmark", "structprune.latency", "structprune.families"],
+    packages=find_packages(include=["structprune", "structprune.*"]) + ["structprune.csrc"],
     package_dir={"structprune": "structprune", "structprune.csrc": CSRC},
-    package_data={"structprune": ["templates/*.py"],  # the modeling file save_pretrained writes
+    package_data={"structprune.model": ["templates/*.py"],  # the modeling file save_pretrained writes
                   "structprune.csrc": ["*.cpp", "*.h", "*.md", "*.sh", "cpu/*.cpp", "cuda/*.cu", "cuda/*.h",
                                        "cuda/*.cpp"]},
     cmdclass=_cmdclass(_EXT),

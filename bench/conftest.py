@@ -77,7 +77,7 @@ def settings():
 
 @pytest.fixture(autouse=True)
 def _restore_backend():
-    import structprune.ops as ops
+    import structprune.ops.dispatch as ops
 
     saved = ops.get_backend()
     yield

@@ -5,7 +5,7 @@
 Every model is exported with ``structprune export``'s code path (plain operators), optionally optimized with
 ``onnxruntime.transformers.optimizer`` (SkipLayerNormalization / BiasGelu fusions) and quantized (dynamic
 int8). Timing: sessions with ``intra_op_num_threads=--threads``, sequential execution; rounds interleave all
-models (``structprune.timing.compare``: order reversed every other round), each round times ``--iters`` calls
+models (``structprune.tools.timing.compare``: order reversed every other round), each round times ``--iters`` calls
 per model (their mean) after a warm-up; the speed-up of a student is the per-round ratio teacher/student,
 reported as median and [min, max] over rounds.
 
@@ -32,16 +32,16 @@ import torch
 import transformers
 
 import structprune as sp
-from structprune import export as spx
+from structprune.export import onnx_export as spx
 from structprune.strategies import PruneTarget, apply_masks, random_masks
-from structprune.timing import compare, sample
+from structprune.tools.timing import compare, sample
 
 SHAPES = ((1, 384), (8, 128))
 DEFAULT_STUDENTS = ((0.75, 0.5), (0.5, 0.3))
 
 
 def build_teacher(tmp: Path) -> Path:
-    from structprune.demo import default_model_path
+    from structprune.tools.demo import default_model_path
 
     path = default_model_path()
     torch.manual_seed(0)  # the (untrained) QA head
@@ -120,7 +120,7 @@ def feed(sess, batch: int, seq: int) -> dict:
 
 def time_interleaved(sessions: dict, batch: int, seq: int, rounds: int, iters: int) -> dict[str, list[float]]:
     """Per model, the mean seconds per call of each round (``iters`` calls); the rounds alternate the models call
-    by call (:func:`structprune.timing.compare`, after 3 warm-up rounds)."""
+    by call (:func:`structprune.tools.timing.compare`, after 3 warm-up rounds)."""
     feeds = {k: feed(s, batch, seq) for k, s in sessions.items()}
     fns = {k: functools.partial(s.run, None, feeds[k]) for k, s in sessions.items()}
     if len(fns) == 1:  # nothing to alternate with

@@ -4,7 +4,7 @@ gates): how much the backward ops' ``output_mask`` saves.
     python bench/frozen_weights.py                      # MiniLM-sized layer, cpp backend, CPU
     python bench/frozen_weights.py --shape tiny --batch 2 --seq 16 --repeats 3   # smoke
 
-Cases, alternated call by call (structprune.timing.compare, so that load from other jobs spreads over all of them):
+Cases, alternated call by call (structprune.tools.timing.compare, so that load from other jobs spreads over all of them):
 every parameter trainable; weights frozen, gates trainable, input requiring grad (a middle layer); the same with an
 input that needs no gradient (the first layer). Prints the median and IQR per call and the time relative to
 "trainable" (the median of the per-round ratios, with its IQR).
@@ -17,9 +17,9 @@ import os
 import torch
 
 from structprune import benchmark as bm
-from structprune import ops
-from structprune.gates import HardConcreteGate
-from structprune.timing import compare
+from structprune.ops import dispatch as ops
+from structprune.model.gates import HardConcreteGate
+from structprune.tools.timing import compare
 
 CASES = ("trainable", "frozen weights", "frozen weights, x no grad")
 

@@ -7,7 +7,7 @@ model that is really ``s`` times faster on this machine?
 For each input shape: the latency table is measured (or read from ``<out>/tables``), masks are planned for each
 target with random importance and with gain importance (on a few SQuAD 2.0 train questions), the pruned models are
 compacted, and then the dense model and every pruned model are timed alternated call by call
-(:func:`structprune.timing.compare`): the measured speed-up is the median of the per-round ratios, with its IQR.
+(:func:`structprune.tools.timing.compare`): the measured speed-up is the median of the per-round ratios, with its IQR.
 The prediction of the table is also checked on a few random per-layer counts (FFN counts on the table's grid, as
 the planner chooses them).
 
@@ -35,7 +35,7 @@ from structprune.latency import check_predictions, get_table
 from structprune.latency.cost_model import compare_timer
 from structprune.strategies import PruneTarget, gain_masks, random_masks
 from structprune.strategies.targets import parse_at
-from structprune.timing import compare
+from structprune.tools.timing import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from structprune.demo import default_model_path
+    from structprune.tools.demo import default_model_path
 
     path = args.model or default_model_path()
     dense = qa_model(path)
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
                                                     "predicted_speedup": table.speedup(h, u),
                                                     "model": sp.compact(model).eval()}
         served = sp.compact(sp.patch(copy.deepcopy(dense))).eval()  # the dense model on the same backend
-        from structprune.latency.cost_model import model_inputs
+        from structprune.latency.models import model_inputs
 
         inputs = model_inputs(dense, batch, seq)
         fns = {"dense": lambda: dense(**inputs), "dense-compacted": lambda: served(**inputs)}
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
         for name, case in cases.items():
             vs = timing.speedup(name)
             vs_served = [s / p for s, p in zip(timing.seconds["dense-compacted"], timing.seconds[name])]
-            from structprune.timing import Spread
+            from structprune.tools.timing import Spread
 
             vs_served = Spread.of(vs_served)
             rows.append({k: v for k, v in case.items() if k != "model"} | {

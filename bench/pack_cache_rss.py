@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=gen)
     attn = torch.ones_like(ids)
     attn[1, 17:] = 0
-    from structprune import _extension as ext
+    from structprune.backends.cpp import ops as ext
 
     def step(i: int) -> None:
         heads, ffn = random_masks(cfg, gen)

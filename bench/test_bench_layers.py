@@ -15,7 +15,7 @@ import functools
 import pytest
 import torch
 
-import structprune.ops as ops
+import structprune.ops.dispatch as ops
 from structprune import benchmark as bm
 
 from conftest import SETTINGS

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the tests that exercise the C++ extension with the extension built under AddressSanitizer and
-# UndefinedBehaviorSanitizer (STRUCTPRUNE_SANITIZE, see structprune/_extension.py); any report fails the run.
+# UndefinedBehaviorSanitizer (STRUCTPRUNE_SANITIZE, see structprune/backends/cpp/ops.py); any report fails the run.
 #
 #   csrc/run_sanitized_tests.sh                 # the C++ op, cache and thread tests
 #   csrc/run_sanitized_tests.sh --quick         # a bounded sample (CI)
@@ -47,7 +47,7 @@ show_reports() {
 
 echo "== building the extension with -fsanitize=$STRUCTPRUNE_SANITIZE in $STRUCTPRUNE_BUILD_DIR"
 LD_PRELOAD="$preload" "$py" - <<'EOF'
-import structprune._extension as ext
+import structprune.backends.cpp.ops as ext
 
 if ext.load_error() is not None:
     raise SystemExit(f"sanitized build failed: {ext.load_error()}")
@@ -57,15 +57,15 @@ assert "address" in info["origin"], f"not the sanitized build: {info['origin']}"
 EOF
 
 # The CUDA-build fallback test expects a CUDA JIT attempt, which a sanitized build never makes.
-no_cuda_jit=(--deselect tests/test_cpp_ops.py::test_failed_cuda_jit_build_is_reported)
+no_cuda_jit=(--deselect tests/backends/test_cpp_ops.py::test_failed_cuda_jit_build_is_reported)
 if [ "${1:-}" = "--quick" ]; then
   shift
   # One case per op family and every code path of the cache; the full file runs in the nightly/manual mode.
   # (the contract suite's cpp cases cover the forward/backward-against-reference paths)
-  set -- tests/test_op_contract.py tests/test_cpp_ops.py tests/test_cache.py tests/test_threads.py -k \
+  set -- tests/ops/test_op_contract.py tests/backends/test_cpp_ops.py tests/backends/test_cache.py tests/backends/test_threads.py -k \
     "not opcheck and not compiles and not triton and not torch- and (cpp or cache or thread or data or entries or output_mask_direct or saved_tensors or hard_concrete or training_steps)" "${no_cuda_jit[@]}" "$@"
 elif [ $# -eq 0 ]; then
-  set -- tests/test_op_contract.py tests/test_cpp_ops.py tests/test_cache.py tests/test_threads.py \
+  set -- tests/ops/test_op_contract.py tests/backends/test_cpp_ops.py tests/backends/test_cache.py tests/backends/test_threads.py \
     -k "not triton" "${no_cuda_jit[@]}"
 fi
 

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from structprune._op_support import grad_output_mask, masked_grads, register_autocast
+from structprune.ops.support import grad_output_mask, masked_grads, register_autocast
 
 from . import _common as C
 from .dropout import (  # noqa: F401  (the last two are part of this module's API)
@@ -440,7 +440,7 @@ register_autocast("structprune::triton_gated_attention", keep=("head_gates", "ke
 def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads: int,
                     dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """Gated self-attention over the active heads (see the module docstring); same result as
-    ``structprune.reference.gated_attention(x, ..., head_gates, num_heads, key_bias=key_bias)``.
+    ``structprune.ops.reference.gated_attention(x, ..., head_gates, num_heads, key_bias=key_bias)``.
     Differentiable in x, every weight and bias, and head_gates (not in key_bias). ``dropout_p > 0``: dropout
     on the attention probabilities, mask :func:`attention_dropout_scale` of ``seed``, regenerated in the backward."""
     _check(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from structprune._op_support import grad_output_mask, masked_grads, register_autocast
+from structprune.ops.support import grad_output_mask, masked_grads, register_autocast
 
 from . import _common as C
 
@@ -226,7 +226,7 @@ register_autocast("structprune::triton_gated_ffn", keep=("unit_gates",))
 
 def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu") -> torch.Tensor:
     """Gated FFN over kept units (see the module docstring); same result as
-    :func:`structprune.reference.gated_ffn`. Differentiable in x, w1, b1, w2, b2 and unit_gates."""
+    :func:`structprune.ops.reference.gated_ffn`. Differentiable in x, w1, b1, w2, b2 and unit_gates."""
     _check(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
     # the kernels read 1-D vectors with unit stride: give them that (a no-op for the usual contiguous ones)
     b1, b2, unit_gates, kept_units = (t.contiguous() for t in (b1, b2, unit_gates, kept_units))

@@ -1,9 +1,9 @@
 """Fused hard-concrete sampling: counter-based uniform noise, stretch and clamp in one kernel.
 
 ``u_i = clamp(tl.rand(seed, offset + i), 1e-6, 1 - 1e-6)`` (Philox, so equal ``(seed, offset)`` give equal
-noise on any device and launch configuration), then, as :func:`structprune.reference.hard_concrete_from_uniform`,
+noise on any device and launch configuration), then, as :func:`structprune.ops.reference.hard_concrete_from_uniform`,
 ``z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta) * (ZETA - GAMMA) + GAMMA, 0, 1)``. The noise is
-clamped like :class:`structprune.gates.HardConcreteGate` clamps ``torch.rand``. The backward kernel draws
+clamped like :class:`structprune.model.gates.HardConcreteGate` clamps ``torch.rand``. The backward kernel draws
 the same noise again from ``(seed, offset)`` instead of saving it: ``dz/dlog_alpha = (ZETA - GAMMA) * s (1 - s)
 / beta`` where the stretched value lies in ``[0, 1]`` (``torch.clamp``'s convention at the bounds), else 0.
 """
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from structprune.reference import BETA, GAMMA, ZETA
+from structprune.ops.reference import BETA, GAMMA, ZETA
 
 from . import _common as C
 

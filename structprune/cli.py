@@ -6,9 +6,9 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("structprune.demo", "structprune.info", "structprune.qa.commands", "structprune.qa.predict",
-                   "structprune.benchmark", "structprune.kernel_report", "structprune.latency.command",
-                   "structprune.export")
+COMMAND_MODULES = ("structprune.tools.demo", "structprune.tools.info", "structprune.qa.commands", "structprune.qa.predict",
+                   "structprune.benchmark", "structprune.tools.kernel_report", "structprune.latency.command",
+                   "structprune.export.onnx_export")
 
 
 class UsageError(ValueError):

@@ -11,7 +11,7 @@ os.environ.setdefault("STRUCTPRUNE_QUIET", "1")
 
 @pytest.fixture(autouse=True)
 def _seed_and_backend():
-    import structprune.ops as ops
+    import structprune.ops.dispatch as ops
 
     torch.manual_seed(0)
     saved = ops.get_backend()

@@ -11,8 +11,8 @@ import transformers
 import structprune as sp
 from structprune import atomic
 from structprune.atomic import CorruptFileError
-from structprune.io import STRUCTPRUNE_CONFIG, WEIGHTS, _umask
-from models import outputs, tiny_batch, tiny_model
+from structprune.model.io import STRUCTPRUNE_CONFIG, WEIGHTS, _umask
+from helpers.models import outputs, tiny_batch, tiny_model
 
 
 class Crash(Exception):
@@ -91,7 +91,7 @@ def assert_loads_as(path, expected):
 @pytest.mark.parametrize("crash", [("os", "replace", 1), ("os", "replace", 2), ("io", "save_model", 1),
                                    ("atomic", "fsync_tree", 1)])
 def test_crash_mid_save_leaves_the_previous_model_loadable(saved, monkeypatch, crash):
-    import structprune.io as spio
+    import structprune.model.io as spio
 
     path, before = saved
     (path / "notes.txt").write_text("kept")  # a file the save does not own is carried over

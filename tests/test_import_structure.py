@@ -1,25 +1,32 @@
-"""The op stack imports downwards only: backends never import the dispatcher, and no module cycle exists."""
+"""The house rules of the package, read from its files: no import cycle between files (imports inside functions
+included), wings that import downwards only, rooms of a bounded size."""
 import ast
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DISPATCHER = {"structprune.ops", "structprune._public_ops", "structprune.backends"}
-# the op stack: the dispatcher, what it uses, the backends and the gates
-STACK = ("ops", "_public_ops", "backends", "_op_support", "_padding", "_input_checks", "reference", "gates", "_extension",
-         "_torch_backend", "_triton_backend")
+PACKAGE = ROOT / "structprune"
+KERNEL_WING = ("structprune.ops", "structprune.backends", "structprune._kernels")
+MODEL_WING = ("structprune.model",)
+USER_WING = ("structprune.qa", "structprune.strategies", "structprune.latency", "structprune.training",
+             "structprune.export", "structprune.tools", "structprune.benchmark", "structprune.cli")
+DISPATCHER = ("structprune.ops.dispatch", "structprune.ops.schema", "structprune.ops.registry")
 
 
 def _module_files() -> dict[str, Path]:
-    files = {f"structprune.{m}": ROOT / "structprune" / f"{m}.py" for m in STACK}
+    files = {}
+    for path in PACKAGE.rglob("*.py"):
+        if "templates" in path.parts:  # the modeling file written beside saved models, not a module of ours
+            continue
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     for path in (ROOT / "kernels").glob("*.py"):
-        name = f"structprune._kernels.{path.stem}"
-        files[name] = path
+        files[f"structprune._kernels.{path.stem}"] = path
     return files
 
 
-def _imports(name: str, path: Path) -> set[str]:
+def _imports(name: str, path: Path, modules=frozenset()) -> set[str]:
     """Every module ``path`` imports, at module level or inside functions, as absolute names."""
     package = name if path.stem == "__init__" else name.rpartition(".")[0]
     found = set()
@@ -32,28 +39,22 @@ def _imports(name: str, path: Path) -> set[str]:
                 parts = package.split(".")
                 parts = parts[:len(parts) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
-            if node.module:  # `from . import ops` imports the module ops, not the package again
+            names = {f"{base}.{a.name}" for a in node.names}
+            found |= names
+            if node.module and not names <= modules:  # `from pkg import mod` uses mod, not pkg's __init__
                 found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
     return found
 
 
 @pytest.fixture(scope="module")
 def graph():
     files = _module_files()
-    return {name: {m for m in _imports(name, path) if m in files and m != name} for name, path in files.items()}
+    return {name: {m for m in _imports(name, path, set(files)) if m in files and m != name}
+            for name, path in files.items()}
 
 
-def test_backends_never_import_the_dispatcher(graph):
-    below = [n for n in graph if n.startswith("structprune._kernels") or n in ("structprune._triton_backend",
-        "structprune._extension", "structprune._torch_backend", "structprune._op_support", "structprune._padding",
-        "structprune._input_checks", "structprune.reference")]
-    for name in below:
-        assert not graph[name] & (DISPATCHER | {"structprune.gates"}), f"{name} imports {graph[name]}"
-
-
-def test_ops_does_not_import_gates(graph):
-    assert "structprune.gates" not in graph["structprune.ops"]
+def _in(name: str, wing: tuple) -> bool:
+    return any(name == w or name.startswith(w + ".") for w in wing)
 
 
 def test_no_import_cycle(graph):
@@ -63,7 +64,7 @@ def test_no_import_cycle(graph):
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(path + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
             if nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"
@@ -73,9 +74,46 @@ def test_no_import_cycle(graph):
             visit(node, [node])
 
 
+def test_kernel_wing_imports_only_the_kernel_wing(graph):
+    bad = {n: sorted(m for m in graph[n] if not _in(m, KERNEL_WING)) for n in graph if _in(n, KERNEL_WING)}
+    assert not {n: m for n, m in bad.items() if m}
+
+
+def test_model_wing_imports_nothing_of_the_user_wing(graph):
+    bad = {n: sorted(m for m in graph[n] if _in(m, USER_WING)) for n in graph if _in(n, MODEL_WING)}
+    assert not {n: m for n, m in bad.items() if m}
+
+
+def test_backends_never_import_the_dispatcher(graph):
+    below = [n for n in graph if _in(n, ("structprune.backends", "structprune._kernels"))
+             or n in ("structprune.ops.support", "structprune.ops.checks", "structprune.ops.padding",
+                      "structprune.ops.reference")]
+    for name in below:
+        assert not graph[name] & set(DISPATCHER), f"{name} imports {graph[name] & set(DISPATCHER)}"
+
+
+def test_at_most_twelve_modules_directly_in_the_package():
+    modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(modules) <= 12, modules
+
+
+@pytest.mark.parametrize("folder, limit", [("structprune", 500), ("kernels", 500)])
+def test_no_python_file_over_its_limit(folder, limit):
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / folder).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > limit}
+    assert not long
+
+
+def test_no_csrc_file_over_600_lines():
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu", ".h")
+            and (n := len(p.read_text().splitlines())) > 600}
+    assert not long
+
+
 def test_graph_sees_the_known_edges(graph):
-    """The parser resolves relative imports: the edges everyone knows are there."""
-    assert "structprune._op_support" in graph["structprune._extension"]
-    assert "structprune._op_support" in graph["structprune._kernels.attention"]
-    assert "structprune.backends" in graph["structprune.ops"]
-    assert "structprune.ops" in graph["structprune.gates"]
+    """The parser resolves relative and absolute imports: the edges everyone knows are there."""
+    assert "structprune.ops.support" in graph["structprune.backends.cpp.ops"]
+    assert "structprune.ops.support" in graph["structprune._kernels.attention"]
+    assert "structprune.ops.registry" in graph["structprune.ops.dispatch"]
+    assert "structprune.ops.dispatch" in graph["structprune.model.gates"]
+    assert "structprune._kernels._common" in graph["structprune._kernels.attention"]

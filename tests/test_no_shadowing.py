@@ -41,7 +41,7 @@ def test_module_entry_point_from_the_repo_root():
 
 
 def test_kernels_import_as_structprune_kernels_from_the_repo_root():
-    out = _run_in_root("-c", "import structprune._triton_backend as t; assert t._IMPORT_ERROR is None, "
+    out = _run_in_root("-c", "import structprune.backends.triton as t; assert t._IMPORT_ERROR is None, "
                              "t._IMPORT_ERROR; import structprune._kernels.attention as a; print(a.__file__)")
     assert out.returncode == 0, out.stderr[-3000:]
     assert Path(out.stdout.strip()).resolve().parent == ROOT / "kernels"

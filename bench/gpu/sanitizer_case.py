@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from structprune import ops
+from structprune.ops import dispatch as ops
 
 
 def run(device: str, backends, dtypes) -> int:

@@ -66,7 +66,7 @@ if [ "$dry" = 1 ]; then
   step kernels-compile 120 env -u TRITON_INTERPRET "$py" -m structprune.cli kernels --arch sm_90 --shape minilm \
     --dtype bf16 --sample --dry-run
   step gpu-tests 300 env STRUCTPRUNE_GPU_TESTS_ON=cpu "$py" -m pytest -q -p no:cacheprovider -m gpu \
-    tests/test_gpu.py -k "cpp and (fp32 or bf16) and (1x1x2 or 2x37x4)"
+    tests/backends/test_gpu.py -k "cpp and (fp32 or bf16) and (1x1x2 or 2x37x4)"
   if command -v compute-sanitizer >/dev/null 2>&1; then
     echo "compute-sanitizer: $(command -v compute-sanitizer)"
   else

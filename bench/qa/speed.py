@@ -63,10 +63,10 @@ def main() -> int:
 
 def versus(runs: Path, teacher, tokenizer, args) -> int:
     """``--versus A:B``: the teacher, A and B timed round by round on one real dev batch (the order reverses every
-    round: :func:`structprune.timing.compare`); B's speed-up over A is the median over rounds of A's time / B's."""
+    round: :func:`structprune.tools.timing.compare`); B's speed-up over A is the median over rounds of A's time / B's."""
     from structprune.qa.features import build_eval_features, collate
     from structprune.qa.runs import _data
-    from structprune.timing import Spread, compare
+    from structprune.tools.timing import Spread, compare
 
     names = args.versus.split(":")
     if len(names) != 2 or not all((runs / n / "model").is_dir() for n in names):

@@ -4,7 +4,7 @@
 must never import as a package named ``kernels``, which would shadow Hugging Face's ``kernels`` package that
 transformers imports. In a wheel, ``setup.py`` copies the kernel modules beside this file; in a source checkout
 (editable install or the repository root on ``sys.path``) this package's path reaches into ``kernels/``.
-The backend built on them is :mod:`structprune._triton_backend`.
+The backend built on them is :mod:`structprune.backends.triton`.
 """
 from pathlib import Path
 

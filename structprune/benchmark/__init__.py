@@ -15,7 +15,7 @@ irregular), nested across fractions. Modes: ``inference`` (forward under ``no_gr
 + backward; the pruned layer samples its hard-concrete gates, dropout is 0 everywhere so kernels can run).
 
 Every row carries the median time and IQR, achieved FLOP/s and bytes/s from a simple model (FLOPs from
-:func:`structprune.reference.attention_flops` / :func:`~structprune.reference.ffn_flops`; bytes = weights of the
+:func:`structprune.ops.reference.attention_flops` / :func:`~structprune.ops.reference.ffn_flops`; bytes = weights of the
 kept heads/units + activations in and out of each op; training counts 3x both), the speedup vs ``dense-sdpa``
 and vs ``compacted`` measured in the same run, and the fraction of the FLOP-proportional ideal speedup reached.
 
@@ -26,20 +26,20 @@ Library use::
     print(result.table()); result.write("bench-out")
 
 The package, one job per module: :mod:`.config` (shapes, variants, defaults, ``BenchConfig``), :mod:`.layers`
-(building the layer variants, inputs, the timed step, the FLOP/byte model), :mod:`.machine` (what it ran on),
-:mod:`.measure` (timing, through :mod:`structprune.timing` on CPU), :mod:`.runner` (the cases, checks and rows),
+(building the layer variants, inputs, the timed step, the FLOP/byte model), :mod:`structprune.tools.machine` (what it ran on),
+:mod:`.measure` (timing, through :mod:`structprune.tools.timing` on CPU), :mod:`.runner` (the cases, checks and rows),
 :mod:`.results` (JSON, CSV, table), :mod:`.plots`, :mod:`.traces` (``--profile``), :mod:`.command` (the CLI).
 """
-from .command import add_arguments, command, config_from_args, main, register
-from .config import (BASELINE, DEFAULT_FFN_FRACS, DEFAULT_HEAD_FRACS, DEFAULTS, DTYPES, MODES, QUICK_FRACS, SHAPES,
+from structprune.benchmark.command import add_arguments, command, config_from_args, main, register
+from structprune.benchmark.config import (BASELINE, DEFAULT_FFN_FRACS, DEFAULT_HEAD_FRACS, DEFAULTS, DTYPES, MODES, QUICK_FRACS, SHAPES,
                      VARIANT_KINDS, BenchConfig, Case, Shape, parse_shape)
-from .layers import (base_state, bert_config, build_layer, flop_byte_model, keep_count, make_inputs, make_step,
+from structprune.benchmark.layers import (base_state, bert_config, build_layer, flop_byte_model, keep_count, make_inputs, make_step,
                      random_mask)
-from .machine import _cpu_model, backend_reasons, machine_info  # noqa: F401  (_cpu_model: latency.cost_model)
-from .measure import time_cpu, time_cuda
-from .plots import plot_results
-from .results import CSV_COLUMNS, BenchResult, format_table
-from .runner import plan, run_benchmark
+from structprune.tools.machine import backend_reasons, machine_info
+from structprune.benchmark.measure import time_cpu, time_cuda
+from structprune.benchmark.plots import plot_results
+from structprune.benchmark.results import CSV_COLUMNS, BenchResult, format_table
+from structprune.benchmark.runner import plan, run_benchmark
 
 __all__ = [
     "BenchConfig", "BenchResult", "Case", "Shape", "run_benchmark", "plan", "parse_shape", "format_table",

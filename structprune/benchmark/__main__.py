@@ -1,6 +1,6 @@
 """``python -m structprune.benchmark``: the same as ``structprune bench``."""
 import sys
 
-from .command import main
+from structprune.benchmark.command import main
 
 sys.exit(main())

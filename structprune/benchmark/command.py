@@ -6,11 +6,12 @@ import os
 import sys
 from pathlib import Path
 
-from .. import atomic, ops
-from .config import (DEFAULT_FFN_FRACS, DEFAULT_HEAD_FRACS, DTYPES, MODES, QUICK_FRACS, SHAPES, VARIANT_KINDS,
+from structprune import atomic
+from structprune.ops import dispatch as ops
+from structprune.benchmark.config import (DEFAULT_FFN_FRACS, DEFAULT_HEAD_FRACS, DTYPES, MODES, QUICK_FRACS, SHAPES, VARIANT_KINDS,
                      BenchConfig)
-from .results import BenchResult
-from .runner import run_benchmark
+from structprune.benchmark.results import BenchResult
+from structprune.benchmark.runner import run_benchmark
 
 
 def _fracs(text: str) -> tuple[float, ...]:

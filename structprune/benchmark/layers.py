@@ -7,11 +7,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..compaction import compact
-from ..masks import set_masks
-from ..patching import patch, set_gate_sampling
-from ..reference import attention_flops, ffn_flops
-from .config import VARIANT_KINDS, Shape
+from structprune.model.compaction import compact
+from structprune.model.masks import set_masks
+from structprune.model.patching import patch, set_gate_sampling
+from structprune.ops.reference import attention_flops, ffn_flops
+from structprune.benchmark.config import VARIANT_KINDS, Shape
 
 
 class _SingleLayerModel(nn.Module):

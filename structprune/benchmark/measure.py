@@ -1,4 +1,4 @@
-"""Timing one case: CPU through :mod:`structprune.timing` (the project's one timing helper), CUDA through
+"""Timing one case: CPU through :mod:`structprune.tools.timing` (the project's one timing helper), CUDA through
 ``triton.testing.do_bench`` or CUDA events with the L2 cache flushed; Dynamo's graph and graph-break counters."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .. import timing
+from structprune.tools import timing
 
 
 def _sync(device: torch.device) -> None:
@@ -16,7 +16,7 @@ def _sync(device: torch.device) -> None:
 
 def time_cpu(fn: Callable, warmup: int, repeats: int, min_time: float = 0.0) -> tuple[list[float], int]:
     """Per-call seconds of ``repeats`` samples (perf_counter, gc off), after ``warmup`` calls; (samples, calls/sample).
-    See :func:`structprune.timing.sample` (and :func:`structprune.timing.compare` to alternate two sides)."""
+    See :func:`structprune.tools.timing.sample` (and :func:`structprune.tools.timing.compare` to alternate two sides)."""
     return timing.sample(fn, warmup=warmup, repeats=repeats, min_time=min_time)
 
 

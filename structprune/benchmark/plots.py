@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .config import BASELINE
-
-if TYPE_CHECKING:
-    from .results import BenchResult
+from structprune.benchmark.config import BASELINE
 
 
 def _plain_log_ticks(axis) -> None:
@@ -19,8 +15,8 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(mt.NullFormatter())
 
 
-def plot_results(result: BenchResult, out_dir: Path) -> list[str]:
-    """One PNG per (shape, dtype, mode): speedup vs dense-sdpa against the FFN kept fraction, one panel per head
+def plot_results(result, out_dir: Path) -> list[str]:
+    """``result``: a :class:`structprune.benchmark.results.BenchResult`. One PNG per (shape, dtype, mode): speedup vs dense-sdpa against the FFN kept fraction, one panel per head
     fraction, plus a panel against the kept FLOP fraction; dashed line = FLOP-proportional ideal."""
     import matplotlib
 

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import BASELINE
-from .plots import plot_results
+from structprune.benchmark.config import BASELINE
+from structprune.benchmark.plots import plot_results
 
 
 CSV_COLUMNS = (

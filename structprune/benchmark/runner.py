@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import ops, profiling
-from .config import BASELINE, DEFAULTS, DTYPES, MODES, VARIANT_KINDS, BenchConfig, Case, parse_shape
-from .layers import base_state, build_layer, flop_byte_model, keep_count, make_inputs, make_step
-from .machine import backend_reasons, machine_info
-from .measure import _dynamo_graphs, _graph_breaks, _sync, time_cpu, time_cuda
-from .results import BenchResult, _compute_ratios
-from .traces import _merge_traces, _profile_case
+from structprune.ops import dispatch as ops
+from structprune.tools import profiling
+from structprune.benchmark.config import BASELINE, DEFAULTS, DTYPES, MODES, VARIANT_KINDS, BenchConfig, Case, parse_shape
+from structprune.benchmark.layers import base_state, build_layer, flop_byte_model, keep_count, make_inputs, make_step
+from structprune.tools.machine import backend_reasons, machine_info
+from structprune.benchmark.measure import _dynamo_graphs, _graph_breaks, _sync, time_cpu, time_cuda
+from structprune.benchmark.results import BenchResult, _compute_ratios
+from structprune.benchmark.traces import _merge_traces, _profile_case
 
 
 class _Progress:

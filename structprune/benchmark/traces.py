@@ -8,9 +8,9 @@ from typing import Callable
 
 from torch import nn
 
-from .. import profiling
-from .config import Case
-from .measure import _sync
+from structprune.tools import profiling
+from structprune.benchmark.config import Case
+from structprune.benchmark.measure import _sync
 
 
 def _slug(text: str) -> str:

@@ -5,9 +5,9 @@
     table.predict(heads_per_layer, units_per_layer)                # end-to-end ms
     PruneTarget(speedup=2.0, table=table)                          # strategies prune to it
 """
-from .cost_model import (check_predictions, default_cache_dir, ffn_grid, get_table, machine, measure_table,
+from structprune.latency.cost_model import (check_predictions, default_cache_dir, ffn_grid, get_table, machine, measure_table,
                          model_key, table_key)
-from .table import TABLE_VERSION, LatencyTable, TableKey, interpolate, isotonic
+from structprune.latency.table import TABLE_VERSION, LatencyTable, TableKey, interpolate, isotonic
 
 __all__ = ["LatencyTable", "TableKey", "TABLE_VERSION", "get_table", "measure_table", "check_predictions",
            "table_key", "model_key", "machine", "ffn_grid", "default_cache_dir", "interpolate", "isotonic"]

@@ -55,14 +55,14 @@ def format_table(table) -> str:
 def command(args: argparse.Namespace) -> int:
     import transformers
 
-    from ..strategies.targets import parse_at
-    from .cost_model import compare_timer, get_table
+    from structprune.strategies.targets import parse_at
+    from structprune.latency.cost_model import compare_timer, get_table
 
     torch.set_num_threads(args.threads)
     if args.model:
         path = args.model
     else:
-        from ..demo import default_model_path
+        from structprune.tools.demo import default_model_path
 
         path = default_model_path()
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(path)

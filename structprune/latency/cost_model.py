@@ -4,7 +4,7 @@ Timings do not depend on the weights' values, so the table is measured on a fres
 same class and config (seeded), never touching the caller's model. Every probe is a COMPACTED block (what
 will be served): for each kept-head count one attention block, for each point of the FFN grid one FFN block,
 plus the whole model emptied and the whole dense model; all of them are timed interleaved in the same rounds
-(:func:`structprune.timing.compare`), and the median per probe is kept.
+(:func:`structprune.tools.timing.compare`), and the median per probe is kept.
 
     table = get_table(model, batch=8, seq_len=128, backend="cpp")   # cached per machine/shape/backend/threads
     table.predict([12] * 6, [1536] * 6)                            # ms, end to end
@@ -20,16 +20,14 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from .. import ops
-from ..compaction import compact, compact_layer, parts_of
-from ..families import sizes_of
-from ..patching import gated_layers, layer_parts, patch
-from .table import LatencyTable, TableKey
+from structprune.ops import dispatch as ops
+from structprune.model.compaction import compact_layer, parts_of
+from structprune.model.families import family_of, sizes_of
+from structprune.model.patching import gated_layers
+from structprune.latency.models import DTYPES, compacted_copy, fresh_model, model_inputs
+from structprune.latency.table import LatencyTable, TableKey
 
 Timer = Callable[[Mapping[str, Callable[[], object]]], Mapping[str, list[float]]]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def default_cache_dir() -> Path:
     """``$STRUCTPRUNE_CACHE_DIR/latency``, else ``~/.cache/structprune/latency``."""
     root = os.environ.get("STRUCTPRUNE_CACHE_DIR")
@@ -38,9 +36,9 @@ def default_cache_dir() -> Path:
 
 def machine() -> dict:
     """What a table depends on besides the model and the inputs: the CPU model, its cores, torch."""
-    from ..benchmark import _cpu_model
+    from structprune.tools.machine import cpu_model
 
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def model_key(model: nn.Module) -> dict:
@@ -86,47 +84,12 @@ def ffn_grid(units: int, points: int = 24) -> list[int]:
 
 def compare_timer(warmup: int = 2, repeats: int = 15) -> Timer:
     """The default timer: every probe once per round, rounds alternating order, ``repeats`` samples each."""
-    from ..timing import compare
+    from structprune.tools.timing import compare
 
     def timer(fns):
         return compare(dict(fns), warmup=warmup, repeats=repeats).seconds
 
     return timer
-
-
-def fresh_model(model: nn.Module, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A newly initialised, patched, eval-mode model of ``model``'s class and config (same speed, new weights)."""
-    config = copy.deepcopy(model.config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        new = type(model)(config)
-    return patch(new.to(dtype).eval())
-
-
-def model_inputs(model: nn.Module, batch: int, seq_len: int, seed: int = 0) -> dict:
-    """Random token ids, no padding (``attention_mask`` of ones), segment ids 0."""
-    gen = torch.Generator().manual_seed(seed)
-    c = model.config
-    inputs = {"input_ids": torch.randint(0, c.vocab_size, (batch, seq_len), generator=gen),
-              "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
-    if getattr(c, "type_vocab_size", 0):
-        inputs["token_type_ids"] = torch.zeros(batch, seq_len, dtype=torch.long)
-    return inputs
-
-
-def keep_first(model: nn.Module, heads: list[int], units: list[int]) -> nn.Module:
-    """Set masks keeping the first ``heads[l]`` heads and ``units[l]`` FFN units of each layer; returns ``model``."""
-    for parts, h, u in zip(layer_parts(model), heads, units):
-        for gate, k in zip(parts.gates, (h, u)):
-            mask = torch.zeros(gate.n)
-            mask[: int(k)] = 1.0
-            gate.set_mask(mask)
-    return model
-
-
-def compacted_copy(model: nn.Module, heads: list[int], units: list[int]) -> nn.Module:
-    """A compacted deep copy of a (fresh, patched) model with the given per-layer kept counts."""
-    return compact(keep_first(copy.deepcopy(model), heads, units))
 
 
 def _layer_inputs(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, object]:
@@ -185,13 +148,14 @@ def measure_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cp
     try:
         x, mask = _layer_inputs(fresh, inputs)
         base = gated_layers(fresh)[0]
+        family = family_of(fresh)
         fns: dict[str, Callable[[], object]] = {}
         for h in range(heads + 1):
             attn = _probe_layer(base, h, 0).attention
             fns[f"attention/{h}"] = lambda m=attn: m(x, mask)
         for u in grid:
             layer = _probe_layer(base, 0, u)
-            fns[f"ffn/{u}"] = lambda m=layer: m.feed_forward_chunk(x)
+            fns[f"ffn/{u}"] = lambda m=layer: family.ffn_block(m, x)
         empty = compacted_copy(fresh, [0] * layers, [0] * layers)
         dense = compacted_copy(fresh, [heads] * layers, [units] * layers)
         fns["model/empty"] = lambda: empty(**inputs)
@@ -200,7 +164,7 @@ def measure_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cp
             seconds = timer(fns)
     finally:
         ops.set_backend(saved)
-    from ..timing import Spread
+    from structprune.tools.timing import Spread
 
     ms = {name: Spread.of([s * 1e3 for s in seconds[name]]) for name in fns}
     spread = {name: round(s.rel_halfwidth, 4) for name, s in ms.items() if len(seconds[name]) > 1}
@@ -258,7 +222,7 @@ def check_predictions(model: nn.Module, table: LatencyTable, counts: list[tuple[
             seconds = timer(fns)
     finally:
         ops.set_backend(saved)
-    from ..timing import Spread
+    from structprune.tools.timing import Spread
 
     rows = []
     dense = seconds["dense"]

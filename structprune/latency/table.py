@@ -190,6 +190,45 @@ class LatencyTable:
         return self.dense_ms / float(self.predict(heads, units))
 
     # ---- JSON ---------------------------------------------------------------------------------------
+    def report(self, model, heads: Sequence, units: Sequence, measure: bool = False, repeats: int = 10) -> dict:
+        """Predicted latency and speed-up of ``model`` keeping ``heads`` / ``units`` per layer, at this table's
+        batch x sequence length; with ``measure``, also measured: ``model`` and a dense model of its config
+        timed alternated, ``repeats`` rounds, on the table's backend and the current threads."""
+        k = self.key
+        out = {"at": self.at, "predicted_ms": float(self.predict(heads, units)), "dense_ms": self.dense_ms,
+               "predicted_speedup": self.speedup(heads, units),
+               "conditions": f"{k.backend}, {k.dtype}, {k.threads} thread(s)"}
+        if measure:
+            out.update(self._measure(model, repeats))
+        return out
+
+    def _measure(self, model, repeats: int) -> dict:
+        from structprune.latency.models import DTYPES, compacted_copy, fresh_model, model_inputs
+        from structprune.ops import dispatch as ops
+        from structprune.tools.timing import compare
+
+        k = self.key
+        fresh = fresh_model(model, DTYPES[k.dtype])
+        dense = compacted_copy(fresh, [self.num_heads] * self.num_layers, [self.intermediate] * self.num_layers)
+        device = next(model.parameters()).device
+        inputs = {n: v.to(device) for n, v in model_inputs(fresh, k.batch, k.seq_len).items()}
+        dense.to(device)
+        was_training = model.training
+        model.eval()
+        saved = ops.get_backend()
+        ops.set_backend(k.backend)
+        try:
+            with torch.inference_mode():
+                t = compare({"dense": lambda: dense(**inputs), "model": lambda: model(**inputs)}, warmup=2,
+                            repeats=repeats)
+        finally:
+            ops.set_backend(saved)
+            model.train(was_training)
+        r = t.speedup("model")
+        return {"measured_ms": t.time("model").median * 1e3, "measured_dense_ms": t.time("dense").median * 1e3,
+                "measured_speedup": r.median, "measured_speedup_q1": r.q1, "measured_speedup_q3": r.q3,
+                "repeats": repeats, "measured_threads": t.threads}
+
     def to_dict(self) -> dict:
         return {"key": asdict(self.key), "attention_ms": self.attention_ms, "ffn_grid": self.ffn_grid,
                 "ffn_ms": self.ffn_ms, "empty_ms": self.empty_ms, "dense_measured_ms": self.dense_measured_ms,

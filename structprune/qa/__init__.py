@@ -11,18 +11,18 @@ Typical use::
 
 Needs the ``qa`` extra (``datasets``); importing :mod:`structprune` itself does not.
 """
-from .data import load_squad, squad_json_to_records
-from .evaluate import evaluate_qa, predict_logits
-from .features import (
+from structprune.qa.data import load_squad, squad_json_to_records
+from structprune.qa.evaluate import evaluate_qa, predict_logits
+from structprune.qa.features import (
     build_eval_features,
     build_train_features,
     collate,
     prepare_eval_features,
     prepare_train_features,
 )
-from .metric import compute_exact, compute_f1, normalize_answer, references_from, squad_v2_metric
-from .postprocess import postprocess_qa_predictions
-from .train import checkpoint_state, default_param_groups, load_checkpoint_weights, train_qa
+from structprune.qa.metric import compute_exact, compute_f1, normalize_answer, references_from, squad_v2_metric
+from structprune.qa.postprocess import postprocess_qa_predictions
+from structprune.qa.train import checkpoint_state, default_param_groups, load_checkpoint_weights, train_qa
 
 __all__ = [
     "build_eval_features",

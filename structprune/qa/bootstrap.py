@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .metric import get_raw_scores, make_qid_to_has_ans, references_from
+from structprune.qa.metric import get_raw_scores, make_qid_to_has_ans, references_from
 
 
 @dataclass(frozen=True)

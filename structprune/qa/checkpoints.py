@@ -65,7 +65,7 @@ def _checkpoint_problem(ckpt: Path) -> str | None:
     Cheap: JSON parsed, safetensors header checked against the file size, torch zip directories read."""
     import zipfile
 
-    from structprune.io import _safetensors_header
+    from structprune.model.io import _safetensors_header
 
     optional = (EXTRA_PARAMS,) if (ckpt / EXTRA_PARAMS).exists() else ()
     for name in _CHECKPOINT_FILES + optional:

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import torch
 
-from . import pruning
+from structprune.qa import pruning
 # Re-exported: callers (qa.predict, export, bench/qa, tests) import these from here.
-from .pruning import cached_teacher_logits, measure_speedup, prune, prune_target  # noqa: F401
-from .runs import (DEFAULT_DATA, THRESHOLD_FILE, _common, _data, _default_model, _dev_eval_fn, _finished,  # noqa: F401
+from structprune.qa.pruning import cached_teacher_logits, measure_speedup, prune, prune_target  # noqa: F401
+from structprune.qa.runs import (DEFAULT_DATA, THRESHOLD_FILE, _common, _data, _default_model, _dev_eval_fn, _finished,  # noqa: F401
                    _start_run, _tokenizer, _train_kwargs, _write_json, evaluate_into, load_qa_model,
                    save_null_threshold)
 
 
 def finetune(args) -> int:
     """Fine-tune a QA model (the teacher) on SQuAD-format data."""
-    from .train import train_qa
+    from structprune.qa.train import train_qa
 
     out = _start_run(args)
     torch.set_num_threads(args.threads)
@@ -39,7 +39,7 @@ def finetune(args) -> int:
         print(f"paused; re-run the same command to resume from {out}")
         return 0
     if args.eval_every:
-        from .train import load_best_weights
+        from structprune.qa.train import load_best_weights
 
         best = load_best_weights(model, out)
         print(f"keeping the best evaluated weights: step {best['step']}, {args.select_metric} "

@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_squad
-from .features import build_eval_features, collate
-from .metric import squad_v2_metric
-from .postprocess import postprocess_qa_predictions
+from structprune.qa.data import load_squad
+from structprune.qa.features import build_eval_features, collate
+from structprune.qa.metric import squad_v2_metric
+from structprune.qa.postprocess import postprocess_qa_predictions
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .commands import THRESHOLD_FILE, _write_json, load_qa_model
+from structprune.qa.commands import THRESHOLD_FILE, _write_json, load_qa_model
 
 DEFAULT_WINDOW = (384, 128)
 
@@ -43,9 +43,9 @@ def predict_qa(model, tokenizer, dataset, threshold: float, max_length: int, doc
                progress: bool = True) -> tuple[dict[str, str], dict[str, float], dict]:
     """Predictions and null-score differences of ``model`` on ``dataset`` (squad_v2 schema, answers ignored),
     and timing information."""
-    from .evaluate import predict_logits
-    from .features import build_eval_features
-    from .postprocess import postprocess_qa_predictions
+    from structprune.qa.evaluate import predict_logits
+    from structprune.qa.features import build_eval_features
+    from structprune.qa.postprocess import postprocess_qa_predictions
 
     features = build_eval_features(dataset, tokenizer, max_length=max_length, doc_stride=doc_stride,
                                    progress=progress)
@@ -58,8 +58,8 @@ def predict_qa(model, tokenizer, dataset, threshold: float, max_length: int, doc
 def predict_cmd(args) -> int:
     import structprune as sp
 
-    from .commands import _tokenizer
-    from .data import load_squad
+    from structprune.qa.commands import _tokenizer
+    from structprune.qa.data import load_squad
 
     torch.set_num_threads(args.threads)
     if args.backend:

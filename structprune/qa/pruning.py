@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import atomic
-from .runs import (DEFAULT_DATA, _data, _dev_eval_fn, _finished, _start_run, _tokenizer, _train_kwargs, _write_json,
+from structprune import atomic
+from structprune.qa.runs import (DEFAULT_DATA, _data, _dev_eval_fn, _finished, _start_run, _tokenizer, _train_kwargs, _write_json,
                    evaluate_into, load_qa_model, save_null_threshold)
 
 
 def _gain_batches(model, tokenizer, args):
-    from .features import build_train_features, collate
+    from structprune.qa.features import build_train_features, collate
 
     data = _data(args.train, "train", args.gain_examples)
     feats = build_train_features(data, tokenizer, args.max_length, args.doc_stride)
@@ -32,7 +32,7 @@ def prune(args) -> int:
     import structprune as sp
     from structprune.strategies import gain_masks, random_masks
 
-    from .train import train_qa
+    from structprune.qa.train import train_qa
 
     out = _start_run(args)
     torch.set_num_threads(args.threads)
@@ -170,12 +170,12 @@ def _decided_only(student, tokenizer, target, args, out: Path) -> int:
 
 def cached_teacher_logits(teacher, tokenizer, train, args, path: Path):
     """The teacher's start/end logits on every train feature, computed once and stored at ``path`` (a
-    safetensors :class:`~structprune.distill.TeacherCache` plus ``<path>.json`` saying what it was built from), so
+    safetensors :class:`~structprune.training.distill.TeacherCache` plus ``<path>.json`` saying what it was built from), so
     that distilled students train without a teacher forward. An existing cache is reused only when it was built
     for the same teacher, data and window settings."""
-    from structprune.distill import TeacherCache
+    from structprune.training.distill import TeacherCache
 
-    from .features import build_train_features, collate
+    from structprune.qa.features import build_train_features, collate
 
     features = build_train_features(train, tokenizer, args.max_length, args.doc_stride)
     meta = {"teacher": str(Path(args.model).resolve()), "train": str(Path(args.train or DEFAULT_DATA / "train.json").resolve()),
@@ -223,9 +223,9 @@ def _l0_controller(student, target, args, run_dir: Path):
 def _pruning_loss_fn(controller, distill: dict, out: Path, run_dir: Path):
     """The ``extra_loss_fn`` of a training phase in ``run_dir``: distillation and the L0 penalty, counting
     steps from the phase's checkpoint, with the controller's sparsity logged to ``out/l0_log.jsonl``."""
-    from structprune.trainer import PruningLoss
+    from structprune.training.trainer import PruningLoss
 
-    from .train import checkpoint_state
+    from structprune.qa.train import checkpoint_state
 
     step = (checkpoint_state(run_dir) or {}).get("step", 0)
     loss = PruningLoss(controller=controller, **distill)
@@ -242,9 +242,9 @@ def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict
     Returns False when the phase paused before its end."""
     import safetensors.torch
 
-    from structprune.patching import gate_parameters
+    from structprune.model.patching import gate_parameters
 
-    from .train import checkpoint_state, train_qa
+    from structprune.qa.train import checkpoint_state, train_qa
 
     run_dir = out / "l0"
     if (run_dir / DECIDED_FILE).is_file():
@@ -286,7 +286,7 @@ def _steps_left_after_selection(args, selection_dir: Path) -> int:
     budget (``--max-steps``, else ``--epochs``): the continued training gets what the selection left."""
     import math
 
-    from .train import checkpoint_state
+    from structprune.qa.train import checkpoint_state
 
     state = checkpoint_state(selection_dir)
     per_epoch = state["settings"]["steps_per_epoch"]
@@ -335,11 +335,11 @@ def _save_masks(model, path: Path) -> None:
 @torch.inference_mode()
 def measure_speedup(dense, pruned, tokenizer, args, repeats: int = 5) -> dict:
     """Forward time of the dense teacher and the pruned model on the same real dev batch, the two alternated
-    call by call (:func:`structprune.timing.compare`); the speed-up is the median of the per-pair ratios,
+    call by call (:func:`structprune.tools.timing.compare`); the speed-up is the median of the per-pair ratios,
     reported with its quartiles."""
-    from structprune.timing import compare
+    from structprune.tools.timing import compare
 
-    from .features import build_eval_features, collate
+    from structprune.qa.features import build_eval_features, collate
 
     torch.set_num_threads(args.threads)
     dev = _data(args.dev, "dev", 64)

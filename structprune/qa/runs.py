@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic
+from structprune import atomic
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad2"
 
 
 def _default_model() -> str:
-    from ..demo import default_model_path
+    from structprune.tools.demo import default_model_path
 
     return default_model_path()
 
@@ -86,7 +86,7 @@ def load_qa_model(path: str):
     if str(path).endswith(".onnx"):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} does not exist (export one with: structprune export --format onnx)")
-        from structprune.export import OrtQAModel
+        from structprune.export.onnx_export import OrtQAModel
 
         return OrtQAModel(path)
     if (Path(path) / "structprune_config.json").is_file():
@@ -105,7 +105,7 @@ def _tokenizer(path: str):
 
 
 def _data(path: str | None, split: str, limit: int | None):
-    from .data import load_squad
+    from structprune.qa.data import load_squad
 
     source = path or str(DEFAULT_DATA / f"{split}.json")
     return load_squad(source, limit=limit)
@@ -118,7 +118,7 @@ def _train_kwargs(args) -> dict:
 
 
 def evaluate_into(model, tokenizer, args, out: Path, name: str = "metrics.json", extra: dict | None = None) -> dict:
-    from .evaluate import evaluate_qa
+    from structprune.qa.evaluate import evaluate_qa
 
     torch.set_num_threads(args.threads)
     dev = _data(args.dev, "dev", args.dev_limit)
@@ -147,7 +147,7 @@ def save_null_threshold(model_dir: Path, metrics: dict, args) -> None:
 
 
 def _finished(run_dir: Path) -> bool:
-    from .train import checkpoint_state
+    from structprune.qa.train import checkpoint_state
 
     state = checkpoint_state(run_dir)
     return bool(state and state.get("finished"))
@@ -177,7 +177,7 @@ def _common(p, train: bool) -> None:
 
 def _dev_eval_fn(tokenizer, args):
     """``eval_fn`` for :func:`train_qa`: the SQuAD 2.0 metrics of the model on the dev set."""
-    from .evaluate import evaluate_qa
+    from structprune.qa.evaluate import evaluate_qa
 
     dev = _data(args.dev, "dev", args.dev_limit)
 

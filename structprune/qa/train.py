@@ -39,13 +39,13 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from ..losses import qa_task_loss
-from .checkpoints import (  # noqa: F401  (some re-exported: this module was their home)
+from structprune.training.losses import qa_task_loss
+from structprune.qa.checkpoints import (  # noqa: F401  (some re-exported: this module was their home)
     _find_checkpoint, _load_extra_params, _log, _model_device, _save_best, _save_checkpoint, _set_rng_state,
     checkpoint_state, load_best_weights, load_checkpoint_weights,
 )
-from .data import load_squad
-from .features import build_train_features, collate
+from structprune.qa.data import load_squad
+from structprune.qa.features import build_train_features, collate
 
 FEATURE_INDEX = "feature_index"  # batch key: the index of each row in the train features
 # Settings that fix the batch order and schedule; a resumed run must agree on all of them.
@@ -129,7 +129,7 @@ def train_qa(
         save_every_seconds: wall-clock interval between checkpoints (one is always written at the end).
         extra_loss_fn: ``fn(model, batch, outputs) -> scalar tensor`` added to the QA loss (distillation, L0
             penalty); ``batch`` holds the model inputs plus ``start_positions`` / ``end_positions`` and
-            ``feature_index`` (each row's index in the train features, as :class:`~structprune.distill.TeacherCache`
+            ``feature_index`` (each row's index in the train features, as :class:`~structprune.training.distill.TeacherCache`
             keys them).
         param_groups: optimizer parameter groups replacing :func:`default_param_groups` (e.g. gate
             parameters with their own ``lr``); every group follows the same warm-up/decay schedule.

@@ -10,11 +10,12 @@ Apply the result with :func:`apply_masks` (``sp.set_masks``).
 * :class:`L0Controller` -- hard-concrete gates trained under a Lagrangian size constraint (CoFi), then
   :meth:`L0Controller.finalize` for an exact decision.
 """
-from .gain import Importance, gain_importance, gain_masks
-from .l0 import LAGRANGIAN_FILE, L0Controller, Lagrangian, finalize_l0, fold_gates, weight_param_groups
-from .magnitude import magnitude_masks
-from .random import random_masks
-from .targets import PruneTarget, apply_masks, as_target, current_masks, gate_sizes, select_top
+from structprune.strategies.gain import Importance, gain_importance, gain_masks
+from structprune.strategies.l0 import LAGRANGIAN_FILE, L0Controller, Lagrangian, finalize_l0, fold_gates, weight_param_groups
+from structprune.strategies.magnitude import magnitude_masks
+from structprune.strategies.random import random_masks
+from structprune.model.masks import gate_sizes
+from structprune.strategies.targets import PruneTarget, apply_masks, as_target, current_masks, select_top
 
 __all__ = [
     "PruneTarget", "as_target", "apply_masks", "current_masks", "gate_sizes", "select_top",

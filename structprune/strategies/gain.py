@@ -21,10 +21,11 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..families import sizes_of
-from ..masks import Masks
-from ..patching import gated_layers
-from .targets import (STRUCTURES, PruneTarget, as_target, current_masks, gate_sizes, layer_gates, select_top,
+from structprune.model.families import sizes_of
+from structprune.model.masks import Masks
+from structprune.model.patching import gated_layers
+from structprune.model.masks import gate_sizes
+from structprune.strategies.targets import (STRUCTURES, PruneTarget, as_target, current_masks, layer_gates, select_top,
                       to_masks)
 
 LossFn = Callable[[nn.Module, Mapping], torch.Tensor]
@@ -204,8 +205,8 @@ def _gain_budget_masks(model: nn.Module, batches, target: PruneTarget, loss_fn, 
     """gain_masks for a budget target: ``steps`` budgets from the present prediction down to the target."""
     import dataclasses
 
-    from ..latency.plan import budget_of, table_for, unit_params
-    from .targets import masks_for_scores
+    from structprune.strategies.plan import budget_of, table_for, unit_params
+    from structprune.strategies.targets import masks_for_scores
 
     table = table_for(model, target) if target.has_latency else None
     final = budget_of(model, target, table)

@@ -38,12 +38,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..compaction import fold_gate_values
-from ..gates import expected_l0
-from ..families import sizes_of
-from ..masks import Masks
-from ..patching import gate_parameters, gated_layers, set_gate_sampling
-from .targets import STRUCTURES, PruneTarget, as_target, gate_sizes, layer_gates, masks_for_scores
+from structprune.model.compaction import fold_gate_values
+from structprune.model.gates import expected_l0
+from structprune.model.families import sizes_of
+from structprune.model.masks import Masks
+from structprune.model.patching import gate_parameters, gated_layers, set_gate_sampling
+from structprune.model.masks import gate_sizes
+from structprune.strategies.targets import STRUCTURES, PruneTarget, as_target, layer_gates, masks_for_scores
 
 DEFAULT_INIT_LOG_ALPHA = 2.5
 LAGRANGIAN_FILE = "structprune_lagrangian.safetensors"
@@ -161,7 +162,7 @@ class L0Controller:
     def _budget_constraints(self, model: nn.Module) -> list[str]:
         """Set up the "latency" (expected ms through the cost table) and "params" constraints of a budget target;
         one group for the model or, per layer, one per layer. Returns the constraint names."""
-        from ..latency.plan import budget_of, table_for, unit_params
+        from structprune.strategies.plan import budget_of, table_for, unit_params
 
         t = self.target
         self.table = table_for(model, t) if t.has_latency else None
@@ -352,7 +353,7 @@ class L0Controller:
 @torch.no_grad()
 def fold_gates(model: nn.Module) -> None:
     """Fold every gate's deterministic value into the output projections and reopen the gates
-    (:func:`structprune.compaction.fold_gate_values` on each layer)."""
+    (:func:`structprune.model.compaction.fold_gate_values` on each layer)."""
     for layer in gated_layers(model):
         fold_gate_values(layer)
 

@@ -11,7 +11,7 @@ def magnitude_masks(model, heads_kept: float, ffn_kept: float):
     A head scores ``|W_o[:, head]| * |W_v[head]|`` (Frobenius norms of its output-projection columns and its value
     rows), an FFN unit ``|W_in[unit]| * |W_out[:, unit]|``; each layer keeps ``round(fraction * n)`` of the
     highest. Returns ``(heads, ffn)``: one boolean mask per gated layer each, for ``sp.set_masks``."""
-    from ..patching import layer_parts
+    from structprune.model.patching import layer_parts
 
     heads, ffn = [], []
     for parts in layer_parts(model):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..families import sizes_of
-from ..masks import Masks
-from .targets import STRUCTURES, PruneTarget, as_target, gate_sizes, masks_for_scores
+from structprune.model.families import sizes_of
+from structprune.model.masks import Masks
+from structprune.model.masks import gate_sizes
+from structprune.strategies.targets import STRUCTURES, PruneTarget, as_target, masks_for_scores
 
 
 def random_masks(model: nn.Module, target: PruneTarget, seed: int = 0,
@@ -21,7 +22,7 @@ def random_masks(model: nn.Module, target: PruneTarget, seed: int = 0,
 
     With a budget target (speed-up, latency, parameters) every unit gets a random importance proportional to
     its parameter count, and the per-layer counts are planned on the cost table
-    (:func:`structprune.latency.plan.plan_masks`).
+    (:func:`structprune.strategies.plan.plan_masks`).
     """
     target = as_target(target)
     if generator is None:
@@ -29,7 +30,7 @@ def random_masks(model: nn.Module, target: PruneTarget, seed: int = 0,
     sizes = gate_sizes(model)
     scores = {s: [torch.rand(n, generator=generator) for n in sizes[s]] for s in STRUCTURES}
     if target.has_budget:  # random importance per parameter, so a head is not worth one FFN unit
-        from ..latency.plan import unit_params
+        from structprune.strategies.plan import unit_params
 
         c = sizes_of(model)
         unit = unit_params(c.hidden, c.head_dim)

@@ -14,8 +14,8 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
-from ..masks import Masks, get_masks, set_masks
-from ..patching import layer_parts
+from structprune.model.masks import Masks, gate_sizes, get_masks, set_masks
+from structprune.model.patching import layer_parts
 
 Amount = Union[float, int, Sequence[Union[float, int]], None]
 STRUCTURES = ("heads", "ffn")
@@ -162,12 +162,6 @@ def as_target(target: PruneTarget | dict | float) -> PruneTarget:
     raise TypeError(f"target must be a PruneTarget, a dict of its fields or a float fraction kept, got {target!r}")
 
 
-def gate_sizes(model: nn.Module) -> dict[str, list[int]]:
-    """Original per-layer sizes: {"heads": [H_l], "ffn": [I_l]}."""
-    parts = layer_parts(model)
-    return {"heads": [p.head_gate.n for p in parts], "ffn": [p.unit_gate.n for p in parts]}
-
-
 def layer_gates(model: nn.Module, structure: str) -> list:
     """The per-layer HardConcreteGate of ``structure`` ("heads" or "ffn")."""
     parts = layer_parts(model)
@@ -236,13 +230,13 @@ def masks_for_scores(model: nn.Module, target: PruneTarget, scores: dict[str, Se
     """Masks keeping the top-scoring units per ``target``, starting from ``start`` (default: what the
     model keeps now). A structure whose target is None keeps ``start`` unchanged. For a budget target
     (speed-up, latency, parameters) the scores must be commensurate across heads and FFN units: the per-layer
-    counts are planned by :func:`structprune.latency.plan.budget_masks` (FFN counts on the latency table's grid
+    counts are planned by :func:`structprune.strategies.plan.budget_masks` (FFN counts on the latency table's grid
     unless ``ffn_on_grid=False``)."""
     target = as_target(target)
     sizes = gate_sizes(model)
     start = current_masks(model) if start is None else start
     if target.has_budget:  # speed / latency / parameter budget: per-layer counts planned on the cost table
-        from ..latency.plan import budget_masks
+        from structprune.strategies.plan import budget_masks
 
         planned = budget_masks(model, target, scores, start, ffn_on_grid=ffn_on_grid)
         return to_masks(planned["heads"], planned["ffn"])

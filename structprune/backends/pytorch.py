@@ -1,0 +1,28 @@
+"""The "torch" backend: the pure-PyTorch reference (:mod:`structprune.ops.reference`) behind the op contract.
+
+Always available, refuses nothing, and is where the dispatcher falls back to. The dispatcher calls the reference
+itself when this backend runs (it then also takes masks that vary over queries, eager attention and an explicit
+``torch.Generator`` for the gates); this object is the same computation in the kernels' calling convention, for
+the contract tests. No ``hard_concrete_sample``: the reference draws its noise with ``torch.rand``.
+"""
+from __future__ import annotations
+
+from structprune.ops import reference
+from structprune.ops.support import Backend
+
+
+def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads: int,
+                    dropout_p: float = 0.0, seed: int = 0):
+    """:func:`structprune.ops.reference.gated_attention` (every head computed, ``active_heads`` unused); dropout
+    draws from torch's generator, ``seed`` is unused."""
+    return reference.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads, key_bias=key_bias,
+                                     dropout_p=dropout_p)
+
+
+def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
+    """:func:`structprune.ops.reference.gated_ffn` (every unit computed, ``kept_units`` unused)."""
+    return reference.gated_ffn(x, w1, b1, w2, b2, unit_gates, activation)
+
+
+BACKEND = Backend(name="torch", availability=lambda device: None, not_supported_reasons=lambda inputs: [],
+                  gated_attention=gated_attention, gated_ffn=gated_ffn)

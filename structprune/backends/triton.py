@@ -1,0 +1,78 @@
+"""The "triton" backend: the Triton kernels of ``kernels/`` (installed as ``structprune._kernels``) behind the op
+contract.
+
+``kernels/`` has no ``__init__.py`` on purpose: from the repository root it must never be importable as a package
+named ``kernels`` (it would shadow Hugging Face's ``kernels`` package, which transformers imports). It is the
+namespace subpackage ``structprune._kernels``, mapped by ``setup.py``. One file per op, each holding its Triton kernels, its ``torch.library`` custom ops (``structprune::triton_*``,
+with fake and autograd registrations; the backwards are custom ops too) and its input checks:
+
+* :mod:`.attention` -- ``gated_attention``: gathered QKV GEMMs over active heads, flash attention with the
+  gate in the epilogue, gathered output projection; flash backward for dq/dk/dv.
+* :mod:`.ffn` -- ``gated_ffn``: gathered GEMM1 with bias/activation/gate epilogue, gathered GEMM2.
+* :mod:`.hard_concrete` -- ``hard_concrete_sample`` / ``hard_concrete_uniform``: fused Philox sampling.
+* :mod:`._common` -- the gathered GEMM shared by both, launch configs, checks.
+
+``BACKEND`` is the :class:`structprune.ops.support.Backend` the dispatcher runs (registered in
+:mod:`structprune.ops.registry`). Importing this package never fails because triton is missing or broken:
+:func:`availability` then reports the reason and the op functions raise it. Triton builds its kernels for the
+interpreter when ``TRITON_INTERPRET=1`` is set at import time; only then can CPU tensors be used.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from structprune.ops.support import Backend, OpInputs, kernel_not_supported_reasons
+
+__all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
+           "supports_attention_dropout", "attention_dropout_scale"]
+
+try:
+    from structprune._kernels import _common
+    from structprune._kernels.attention import attention_dropout_scale, gated_attention, supports_attention_dropout
+    from structprune._kernels.ffn import gated_ffn
+    from structprune._kernels.hard_concrete import hard_concrete_sample, hard_concrete_uniform
+    _IMPORT_ERROR: str | None = None
+except Exception as exc:  # triton missing, or an incompatible version
+    _IMPORT_ERROR = f"triton could not be imported ({type(exc).__name__}: {exc})"
+
+    def _unavailable(*args, **kwargs):
+        raise RuntimeError(f"structprune Triton backend unavailable: {_IMPORT_ERROR}")
+
+    gated_attention = gated_ffn = hard_concrete_sample = hard_concrete_uniform = _unavailable
+    attention_dropout_scale = _unavailable
+
+    def supports_attention_dropout(device) -> bool:
+        return False
+
+
+def availability(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on tensors of ``device``, else the reason they cannot."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _common.INTERPRET:
+            return None  # the interpreter runs CUDA tensors too (slowly)
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return ("Triton runs on CPU tensors only in interpreter mode: set TRITON_INTERPRET=1 before "
+                    "importing triton")
+        if not _common.INTERPRET:
+            return ("TRITON_INTERPRET=1 was set after structprune._kernels was imported, so its kernels were "
+                    "built for the GPU: set it before importing structprune")
+        return None
+    return f"Triton kernels do not support {device.type} tensors"
+
+
+def not_supported_reasons(inputs: OpInputs) -> list[str]:
+    """Why this backend cannot run a call (empty: it can); see :class:`structprune.ops.support.Backend`."""
+    return kernel_not_supported_reasons(inputs, attention_dropout=supports_attention_dropout(inputs.device))
+
+
+BACKEND = Backend(name="triton", availability=availability, not_supported_reasons=not_supported_reasons,
+                  gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
+                  hard_concrete_uniform=hard_concrete_uniform, module=sys.modules[__name__])

@@ -1,0 +1,155 @@
+"""Physical pruning: remove gated-off heads and FFN units from the weights."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from structprune.model.families import LayerParts
+from structprune.model.families import family_of
+from structprune.model.patching import NotPatchedError, gated_layers, layer_parts
+
+
+def _select_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = bias.index_select(0, rows) if bias is not None else None
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op" for emptied layers
+        warnings.simplefilter("ignore", UserWarning)
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight.contiguous().clone(), requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.contiguous().clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def parts_of(layer) -> LayerParts:
+    """The :class:`LayerParts` of a patched layer (its class records its family), or the parts themselves."""
+    if isinstance(layer, LayerParts):
+        return layer
+    family = getattr(type(layer), "_structprune_family", None)
+    if family is None:
+        raise NotPatchedError(f"{type(layer).__name__} is not a patched layer: call structprune.patch(model) first")
+    return family.parts(layer)
+
+
+@torch.no_grad()
+def fold_gate_values(layer) -> None:
+    """Fold each kept gate's deterministic value into the output projection (attention output for heads, FFN
+    output for units) and reset ``log_alpha`` to fully open; masks stay. Eval outputs do not change (up to
+    rounding); nothing is touched where every kept gate is exactly 1. ``layer``: a patched layer or its parts."""
+    parts = parts_of(layer)
+    for gate, dense, repeat in ((parts.head_gate, parts["attn_out"], parts.head_dim),
+                                (parts.unit_gate, parts["ffn_out"], 1)):
+        values = gate.deterministic()
+        kept = gate.mask != 0
+        if not bool(torch.all(values[kept] == 1.0)):
+            scale = torch.where(kept, values, torch.ones_like(values))
+            dense.weight.mul_(scale.repeat_interleave(repeat).to(dense.weight)[None, :])
+        gate.open_()
+
+
+@torch.no_grad()
+def slice_layer(layer, heads: torch.Tensor, units: torch.Tensor) -> None:
+    """Keep only the heads ``heads`` and FFN units ``units`` (indices) of a patched layer, in place: the
+    projections are sliced and the gates shrunk. Compaction and loading a compacted model both use it."""
+    parts = parts_of(layer)
+    dim = parts.head_dim
+    rows = (heads[:, None] * dim + torch.arange(dim, device=heads.device)[None, :]).flatten()
+    for role in ("query", "key", "value"):
+        parts.replace(role, _select_linear(parts[role], rows=rows))
+    parts.replace("attn_out", _select_linear(parts["attn_out"], cols=rows))
+    parts.attention.num_heads = int(heads.numel())
+    parts.head_gate.keep_only_(heads)
+    parts.replace("ffn_in", _select_linear(parts["ffn_in"], rows=units))
+    parts.replace("ffn_out", _select_linear(parts["ffn_out"], cols=units))
+    parts.unit_gate.keep_only_(units)
+
+
+@torch.no_grad()
+def compact_layer(layer, drop_silent: bool = False) -> None:
+    """Physically remove the pruned heads and FFN units of one patched layer (or its parts), in place.
+
+    A kept gate whose deterministic value is fractional (after L0 training) is folded into the output
+    projection first (:func:`fold_gate_values`), so outputs do not change. ``drop_silent``: also remove the
+    kept heads and units whose output-projection columns are all zero (after folding), which add nothing.
+    """
+    parts = parts_of(layer)
+    heads, units = parts.head_gate.kept_index(), parts.unit_gate.kept_index()
+    fold_gate_values(parts)
+    if drop_silent:
+        heads, units = _speaking(parts, heads, units)
+    slice_layer(parts, heads, units)
+
+
+def _speaking(parts: LayerParts, heads: torch.Tensor, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heads and units among ``heads`` / ``units`` with a non-zero weight in their output-projection columns."""
+    attn_out, ffn_out = parts["attn_out"].weight, parts["ffn_out"].weight
+    head_cols = attn_out.view(attn_out.shape[0], -1, parts.head_dim).ne(0).any(dim=2).any(dim=0)  # [H]
+    unit_cols = ffn_out.ne(0).any(dim=0)  # [I]
+    return heads[head_cols[heads]], units[unit_cols[units]]
+
+
+@torch.no_grad()
+def zeroed_slot(layer) -> None:
+    """Give a compacted layer with no head (no FFN unit) one head (unit) whose output weights are zero: it
+    adds nothing, and plain HF modules, which cannot hold zero heads, can then run the layer."""
+    parts = parts_of(layer)
+    like = parts["query"].weight
+    if parts.num_heads == 0:
+        hidden, dim = parts["query"].in_features, parts.head_dim
+        for role in ("query", "key", "value"):
+            parts.replace(role, _zero_linear(hidden, dim, like))
+        parts.replace("attn_out", _zero_linear(dim, hidden, like, bias=parts["attn_out"].bias))
+        parts.attention.num_heads = 1
+    if parts.unit_gate.n == 0:
+        hidden = parts["ffn_in"].in_features
+        parts.replace("ffn_in", _zero_linear(hidden, 1, like))
+        parts.replace("ffn_out", _zero_linear(1, hidden, like, bias=parts["ffn_out"].bias))
+
+
+def _zero_linear(in_features: int, out_features: int, like: torch.Tensor, bias: torch.Tensor | None = None):
+    new = nn.Linear(in_features, out_features, device=like.device, dtype=like.dtype)
+    nn.init.zeros_(new.weight)
+    with torch.no_grad():
+        new.bias.copy_(bias if bias is not None else torch.zeros_like(new.bias))
+    return new
+
+
+def compact(model: nn.Module, drop_silent: bool = False) -> nn.Module:
+    """Remove every gated-off head and FFN unit of a patched model, in place; returns ``model``.
+
+    Outputs are unchanged (up to float rounding where fractional gates were folded). Layers may end with
+    different numbers of heads and units; :func:`structprune.save_pretrained` records the shapes.
+    ``drop_silent=True`` also removes the heads and units whose output-projection columns are all zero (weights
+    zeroed by hand, or closed gates an L0 decision kept with ``keep_dead=True``): they add nothing, so outputs
+    are unchanged too; it also applies to a model compacted before (e.g. loaded with ``sp.from_pretrained``).
+    """
+    for parts in layer_parts(model):
+        compact_layer(parts, drop_silent=drop_silent)
+    return model
+
+
+@torch.no_grad()
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put the plain Hugging Face modules back, in place; returns ``model``.
+
+    What the gates prune is removed first (:func:`structprune.compact`; fractional gates are folded into the
+    weights), so the model computes what the patched one computed in eval mode, with plain HF modules of
+    the kept sizes. A layer left with no head (no FFN unit) keeps one head (unit) whose output weights are
+    zero, which HF modules need and which adds nothing. Save such a model with
+    :func:`structprune.save_pretrained` (per-layer sizes) or patch it again.
+    """
+    family = family_of(model)
+    for layer in gated_layers(model):
+        parts = family.parts(layer)
+        compact_layer(parts)
+        zeroed_slot(parts)
+        family.unpatch_layer(layer, model.config)
+        layer.__class__ = type(layer)._structprune_original
+    return model

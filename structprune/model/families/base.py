@@ -1,0 +1,156 @@
+"""What a model-family adapter is: the one place that knows a Hugging Face family's attribute names.
+
+An adapter (a :class:`Family`) says where the encoder layers are, which config keys hold the sizes, how to
+swap a layer's attention and FFN for gated modules (and back), and where, inside a patched layer, the pieces
+every other module works on are: the per-head and per-unit gates and the six projections. Masks, compaction,
+save/load, summaries, strategies and the latency model ask the adapter through :class:`LayerParts` and
+:class:`Sizes`, never through HF attribute names.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# The roles of a patched layer's pieces (see Family.paths).
+LINEAR_ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+ROLES = LINEAR_ROLES + ("attention", "ffn", "head_gate", "unit_gate")
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """A model's original sizes, read from its config by its family."""
+
+    hidden: int
+    heads: int
+    intermediate: int
+    layers: int
+    activation: str  # the HF name, e.g. "gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kernel_activation(self) -> str:
+        """The activation's name in structprune's kernels ("gelu", "gelu_tanh", "relu")."""
+        act = self.activation
+        if not isinstance(act, str) or act not in _HF_ACTIVATIONS:
+            raise ValueError(f"hidden activation {act!r} is not supported; expected one of {sorted(_HF_ACTIVATIONS)}")
+        return _HF_ACTIVATIONS[act]
+
+
+class LayerParts:
+    """Uniform access to one patched layer's gated pieces, whatever its family calls them.
+
+    ``parts["query"]`` is the query ``nn.Linear``; ``parts.replace("query", new)`` swaps it; ``head_gate`` /
+    ``unit_gate`` are the layer's :class:`~structprune.model.gates.HardConcreteGate`; ``attention`` is the gated
+    attention module (``num_heads``, ``head_dim``)."""
+
+    def __init__(self, layer: nn.Module, paths: dict[str, str]):
+        self.layer = layer
+        self._paths = paths
+
+    def __getitem__(self, role: str) -> nn.Module:
+        return operator.attrgetter(self._paths[role])(self.layer)
+
+    def replace(self, role: str, module: nn.Module) -> None:
+        parent, _, name = self._paths[role].rpartition(".")
+        setattr(operator.attrgetter(parent)(self.layer) if parent else self.layer, name, module)
+
+    @property
+    def attention(self) -> nn.Module:
+        return self["attention"]
+
+    @property
+    def head_gate(self):
+        return self["head_gate"]
+
+    @property
+    def unit_gate(self):
+        return self["unit_gate"]
+
+    @property
+    def gates(self) -> tuple:
+        """(head gate, FFN unit gate)."""
+        return self.head_gate, self.unit_gate
+
+    @property
+    def num_heads(self) -> int:
+        return self.attention.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim
+
+    @property
+    def device(self):
+        return self["query"].weight.device
+
+
+class Family:
+    """A model-family adapter. Subclasses set the class attributes and implement the layer swap.
+
+    Attributes:
+        name: a short name ("bert", "distilbert").
+        model_types: the ``config.model_type`` values it handles.
+        class_prefixes: ``model_type`` -> the prefix of its transformers classes ("Bert", "XLMRoberta").
+        layers_path: where the layer list is, from the base model ("encoder.layer").
+        config_keys: size name (hidden, heads, intermediate, layers, activation) -> config attribute.
+        paths: role (:data:`ROLES`) -> attribute path inside a PATCHED layer.
+    """
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    class_prefixes: dict[str, str] = {}
+    layers_path: str = ""
+    config_keys: dict[str, str] = {}
+    paths: dict[str, str] = {}
+    layer_classes: tuple[str, ...] = ()  # the HF layer class names; default: each class prefix + "Layer"
+    ffn_block_name: str = ""  # the layer attribute (method or module) computing the FFN half, for profilers
+
+    def ffn_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The FFN half of ``layer`` on the attention half's output ``hidden``: the gated (or plain) FFN, its
+        residual and its norm, as the layer's own forward computes them."""
+        raise NotImplementedError
+
+    def owns_layer(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` (plain or patched) is a layer of this family."""
+        names = set(self.layer_classes) or {prefix + "Layer" for prefix in self.class_prefixes.values()}
+        return any(cls.__name__ in names for cls in type(layer).__mro__)
+
+    def sizes(self, config) -> Sizes:
+        """The original sizes in a config (a transformers config object or its ``config.json`` dict)."""
+        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
+        return Sizes(**{size: get(key) for size, key in self.config_keys.items()})
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The ``ModuleList`` of transformer layers (bare model or any task head)."""
+        base = getattr(model, "base_model", model)
+        try:
+            return operator.attrgetter(self.layers_path)(base)
+        except AttributeError as exc:
+            raise TypeError(f"{type(model).__name__} has no {self.layers_path} list; is it a {self.name} model?") from exc
+
+    def parts(self, layer: nn.Module) -> LayerParts:
+        return LayerParts(layer, self.paths)
+
+    def check(self, model: nn.Module) -> None:
+        """Raise a TypeError for a configuration of this family that structprune does not gate (decoders)."""
+        config = model.config
+        if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+            raise TypeError(f"{type(model).__name__} is configured as a decoder (is_decoder/add_cross_attention); "
+                            "structprune gates bidirectional encoders only")
+
+    def patch_layer(self, layer: nn.Module, config, sampling: bool) -> None:
+        """Swap one HF layer's attention and FFN for gated modules holding the same ``nn.Linear`` objects."""
+        raise NotImplementedError
+
+    def unpatch_layer(self, layer: nn.Module, config) -> None:
+        """Put plain HF modules back in a patched layer, holding its current (possibly compacted) linears."""
+        raise NotImplementedError
+
+    layer_mixin: type | None = None  # mixed into a patched layer's class (overrides of the HF layer's methods)

@@ -1,0 +1,112 @@
+"""Hard-concrete gates (Louizos, Welling & Kingma, 2018) with a fixed 0/1 mask on top.
+
+A gate vector of ``n`` entries has two pieces of state:
+
+* ``log_alpha`` (a parameter): the location of the hard-concrete distribution of each gate;
+* ``mask`` (a buffer of 0/1): a fixed pruning decision; a masked gate is exactly 0 whatever ``log_alpha`` says.
+
+In training with ``sampling`` on, ``forward`` draws ``z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta)
+* (zeta - gamma) + gamma, 0, 1)``; otherwise it returns the deterministic gate
+``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``. Both are multiplied by ``mask``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from structprune.ops import dispatch as ops
+from structprune.ops.reference import BETA, GAMMA, ZETA, hard_concrete_from_uniform  # noqa: F401  (re-exported)
+
+# sigmoid(OPEN_LOG_ALPHA) * (ZETA - GAMMA) + GAMMA > 1, so the deterministic gate starts at exactly 1.
+OPEN_LOG_ALPHA = 3.0
+
+
+def deterministic_gate(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The eval-time gate value of each entry of ``log_alpha``."""
+    return torch.clamp(torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def expected_l0(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
+    """Probability of each gate being non-zero: ``sigmoid(log_alpha - beta * log(-gamma / zeta))``."""
+    return torch.sigmoid(log_alpha - beta * math.log(-GAMMA / ZETA))
+
+
+class HardConcreteGate(nn.Module):
+    """``n`` hard-concrete gates plus a fixed 0/1 mask.
+
+    Args:
+        n: number of gates (heads of a layer, or FFN units of a layer).
+        sampling: whether ``forward`` samples in training mode. Off, the gate is deterministic in
+            both modes and acts as a fixed mask (the state right after :func:`structprune.patch`).
+        init_log_alpha: initial location; the default opens every gate fully (deterministic gate = 1).
+    """
+
+    def __init__(self, n: int, sampling: bool = True, init_log_alpha: float = OPEN_LOG_ALPHA, beta: float = BETA):
+        super().__init__()
+        if n < 0:
+            raise ValueError(f"HardConcreteGate needs n >= 0 gates, got {n}")
+        self.n = n
+        self.beta = beta
+        self.sampling = sampling
+        self.log_alpha = nn.Parameter(torch.full((n,), float(init_log_alpha)))
+        self.register_buffer("mask", torch.ones(n))
+        self._index_cache: tuple | None = None
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, sampling={self.sampling}, kept={int(self.mask.sum().item()) if self.n else 0}"
+
+    @property
+    def stochastic(self) -> bool:
+        """True when ``forward`` draws a fresh sample (training mode with sampling on)."""
+        return self.training and self.sampling
+
+    def forward(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Gate values, shape ``[n]``, fp32, on the device of ``log_alpha``."""
+        if self.stochastic:
+            z = ops.hard_concrete_sample(self.log_alpha, self.beta, generator)
+        else:
+            z = deterministic_gate(self.log_alpha)
+        return z * self.mask
+
+    def expected_l0(self) -> torch.Tensor:
+        """Expected number of non-zero gates (differentiable), counting only unmasked entries."""
+        return (expected_l0(self.log_alpha, self.beta) * self.mask).sum()
+
+    def deterministic(self) -> torch.Tensor:
+        return deterministic_gate(self.log_alpha) * self.mask
+
+    def is_fully_open(self) -> bool:
+        """True when the deterministic gate is exactly 1 everywhere (so gating is the identity at eval)."""
+        return bool(torch.all(self.deterministic() == 1.0).item())
+
+    def kept_index(self) -> torch.Tensor:
+        """Indices of gates that are non-zero at eval, cached until ``mask`` or ``log_alpha`` change."""
+        if torch.compiler.is_compiling() or self.mask.is_inference() or self.log_alpha.is_inference():
+            # traced, or no version counter to key a cache on
+            return torch.nonzero(self.deterministic() != 0, as_tuple=False).flatten()
+        # an index made under inference_mode cannot be saved for backward: such entries serve inference only
+        key = (self.mask._version, self.log_alpha._version, self.mask.data_ptr(), self.log_alpha.data_ptr(),
+               torch.is_inference_mode_enabled())
+        if self._index_cache is None or self._index_cache[0] != key:
+            idx = torch.nonzero(self.deterministic() != 0, as_tuple=False).flatten()
+            self._index_cache = (key, idx)
+        return self._index_cache[1]
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.mask.copy_(mask.to(self.mask.dtype))
+
+    @torch.no_grad()
+    def open_(self) -> None:
+        """Reset ``log_alpha`` so that the deterministic gate is 1 everywhere (the mask stays)."""
+        self.log_alpha.fill_(OPEN_LOG_ALPHA)
+
+    @torch.no_grad()
+    def keep_only_(self, index: torch.Tensor) -> None:
+        """Shrink to the gates at ``index`` (used by physical compaction)."""
+        self.log_alpha = nn.Parameter(self.log_alpha.detach()[index].clone(), requires_grad=self.log_alpha.requires_grad)
+        self.mask = self.mask[index].clone()
+        self.n = int(index.numel())
+        self._index_cache = None

@@ -1,0 +1,111 @@
+"""Gated attention and gated FFN pieces shared by every model family.
+
+They hold the layer's full weights (the very ``nn.Linear`` modules of the Hugging Face layer, so parameter
+names stay as HF writes them) plus a :class:`~structprune.model.gates.HardConcreteGate` per head / per FFN unit,
+and compute through :mod:`structprune.ops.dispatch`, which picks the kernel backend. They know nothing about model
+families: each family's adapter (:mod:`structprune.model.families`) builds them from its HF layers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from structprune.ops import dispatch as ops
+from structprune.model.gates import HardConcreteGate
+from structprune.ops.reference import ACTIVATIONS
+
+
+def gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(gate values [n], indices of non-zero gates); a fresh sample in training with sampling on.
+
+    Under ``torch.compile`` with the reference backend no index is needed, and none is computed (its size
+    depends on the data, which would break the graph)."""
+    values = gate()
+    if torch.compiler.is_compiling() and ops.resolve_backend(values.device) == "torch":
+        return values, None
+    if gate.stochastic:
+        return values, torch.nonzero(values.detach() != 0, as_tuple=False).flatten()
+    return values, gate.kept_index()
+
+
+def attend(hidden_states: torch.Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, output: nn.Linear,
+           head_gate: HardConcreteGate, num_heads: int, attention_mask, dropout_p: float, config) -> torch.Tensor:
+    """Gated multi-head self-attention with its output projection (bias included, no residual), as one op;
+    ``config._attn_implementation`` says whether an attention mask is HF's eager (additive) or SDPA kind."""
+    gates, active = gate_values(head_gate)
+    impl = "eager" if getattr(config, "_attn_implementation", "sdpa") == "eager" else "sdpa"
+    return ops.gated_attention(
+        hidden_states, query.weight, query.bias, key.weight, key.bias, value.weight, value.bias, output.weight,
+        output.bias, gates, active, num_heads, attn_mask=attention_mask, dropout_p=dropout_p, impl=impl)
+
+
+def stash_hf_module(gated: nn.Module, hf_module: nn.Module, detach: tuple[str, ...]) -> None:
+    """Keep the HF module ``gated`` replaces (unregistered, so not in the state dict), without its submodules
+    ``detach`` (the gated module holds those), for :func:`unstash_hf_module`."""
+    for name in detach:
+        setattr(hf_module, name, None)
+    gated.__dict__["_structprune_hf_module"] = hf_module
+
+
+def unstash_hf_module(gated: nn.Module, **modules: nn.Module) -> nn.Module:
+    """The HF module ``gated`` replaced, holding ``modules`` (the current ones) again, in ``gated``'s mode."""
+    hf_module = gated.__dict__.pop("_structprune_hf_module", None)
+    if hf_module is None:
+        raise RuntimeError(f"{type(gated).__name__} does not hold the Hugging Face module it replaced")
+    for name, module in modules.items():
+        setattr(hf_module, name, module)
+    return hf_module.train(gated.training)
+
+
+class GatedSelfAttention(nn.Module):
+    """Q/K/V projections of one layer and one gate per head (HF's ``attention.self``)."""
+
+    def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear, num_heads: int, head_dim: int,
+                 sampling: bool = False):
+        super().__init__()
+        if query.out_features != num_heads * head_dim:
+            raise ValueError(f"query projection has {query.out_features} outputs, expected "
+                             f"num_heads * head_dim = {num_heads} * {head_dim}")
+        self.query, self.key, self.value = query, key, value
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.head_gate = HardConcreteGate(num_heads, sampling=sampling)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+    def attend(self, hidden_states: torch.Tensor, output: nn.Linear, attention_mask, dropout_p: float, config):
+        """Gated attention through ``output`` (the layer's attention output projection): see :func:`attend`."""
+        return attend(hidden_states, self.query, self.key, self.value, output, self.head_gate, self.num_heads,
+                      attention_mask, dropout_p if self.training else 0.0, config)
+
+
+class GatedIntermediate(nn.Module):
+    """Drop-in for ``BertIntermediate``: ``act(dense(x)) * gate`` (one gate per FFN unit).
+
+    Called on its own it returns the gated activations, so HF's ``BertOutput`` still composes with it;
+    patched layers call :meth:`ffn` instead, which fuses both projections in one op.
+    """
+
+    def __init__(self, dense: nn.Linear, activation: str, sampling: bool = False):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.dense = dense
+        self.activation = activation
+        self.unit_gate = HardConcreteGate(dense.out_features, sampling=sampling)
+
+    def extra_repr(self) -> str:
+        return f"units={self.dense.out_features}, activation={self.activation}"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from structprune.ops.reference import activation_fn
+
+        gates, _ = gate_values(self.unit_gate)
+        return activation_fn(self.activation)(self.dense(hidden_states)) * gates.to(hidden_states.dtype)
+
+    def ffn(self, hidden_states: torch.Tensor, output_dense: nn.Linear) -> torch.Tensor:
+        """Both FFN projections with gated units: ``output_dense(act(dense(x)) * gate)``."""
+        gates, kept = gate_values(self.unit_gate)
+        return ops.gated_ffn(hidden_states, self.dense.weight, self.dense.bias, output_dense.weight,
+                             output_dense.bias, gates, kept, self.activation)

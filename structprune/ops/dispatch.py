@@ -1,0 +1,255 @@
+"""The op boundary: backend choice and the three gated ops every module calls.
+
+Backends (registered in :mod:`structprune.ops.registry`; each implements :class:`structprune.ops.support.Backend`)
+    "torch"  the pure-PyTorch reference (:mod:`structprune.ops.reference`); always available.
+    "triton" Triton kernels (``kernels/``, installed as ``structprune._kernels``); CUDA tensors, or CPU
+             tensors when ``TRITON_INTERPRET=1`` is set.
+    "cpp"    the compiled extension (``csrc/``, ``structprune._C``); CPU tensors, and CUDA when built with CUDA.
+    "auto"   for the tensors at hand, the highest-priority backend that can run them: triton then cpp on CUDA,
+             cpp on CPU, else torch.
+
+Every op checks its inputs once, here, then runs the chosen backend unless that backend reports a reason against
+the inputs (``Backend.not_supported_reasons``: no head left, dropout under ``torch.compile``, an explicit
+generator, ...); then "auto" tries the next backend and an explicit choice falls back to the reference. A kernel
+backend runs through the public custom op of the computation (:mod:`structprune.ops.schema`:
+``torch.ops.structprune.gated_attention(..., backend)`` and the like, one schema for every backend).
+:func:`last_backends` says which backend ran each op, :func:`fallback_reasons` why the chosen one did not.
+Non-padding 4D masks are refused by the kernel backends. The backends import nothing from this module.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+from structprune.ops import schema as _public_ops  # noqa: F401  (defines the public ops torch.ops.structprune.gated_attention, ...)
+from structprune.ops import registry as backends
+from structprune.ops import reference
+from structprune.ops.checks import check_attention_inputs, check_ffn_inputs  # noqa: F401  (part of the op boundary)
+from structprune.ops.support import OpInputs
+from structprune.ops.support import grad_output_mask, masked_grads, register_autocast  # noqa: F401  (former home)
+from structprune.ops.padding import kernel_key_bias, key_bias_from_mask, padded_sequence_output  # noqa: F401
+
+BACKENDS = backends.names()  # the registered backends at import: ("torch", "triton", "cpp")
+
+_requested = "auto"
+_last: dict[str, str] = {}
+_why: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _provider(name: str):
+    """The module behind backend ``name`` (None when it failed to load); for tests and GPU scripts."""
+    return backends.module(name)
+
+
+def availability(name: str, device: torch.device | str = "cpu") -> str | None:
+    """None when backend ``name`` can run on ``device``, else the reason it cannot."""
+    backends.registration(name)  # unknown names: ValueError
+    return backends.availability(name, torch.device(device))
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    return [b for b in backends.names() if availability(b, device) is None]
+
+
+def _how_to_enable(name: str) -> str:
+    return backends.registration(name).how_to_enable or "see `structprune info`"
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernel backend: "torch", "triton", "cpp" or "auto" (default), for the whole process.
+
+    An explicit backend that cannot run on CPU or any visible GPU raises at once with the reason.
+    """
+    global _requested
+    if name != "auto":
+        backends.registration(name)  # unknown names: ValueError
+    if name not in ("auto", "torch"):
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        reasons = [availability(name, d) for d in devices]
+        if all(r is not None for r in reasons):
+            raise RuntimeError(f"backend {name!r} is not available: {'; '.join(reasons)}. "
+                               f"To enable it: {_how_to_enable(name)}.")
+    _requested = name
+
+
+def get_backend() -> str:
+    """The backend asked for with :func:`set_backend` ("auto" by default)."""
+    return _requested
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with sp.use_backend("cpp"): ...`` runs the block with backend ``name`` (checked as :func:`set_backend`
+    does) and restores the previous choice afterwards, also when the block raises. Process-wide, like
+    :func:`set_backend`: not meant for threads that choose different backends at once."""
+    saved = _requested
+    set_backend(name)
+    try:
+        yield name
+    finally:
+        set_backend(saved)
+
+
+def _order(device: torch.device) -> list[str]:
+    """The kernel backends to try on ``device`` under the current choice, in order (the reference, which ends every
+    list, not included); "auto"'s are checked for availability one by one, as they are reached, so that a backend
+    behind the first available one is never loaded. An explicit backend that cannot run on ``device`` raises."""
+    if _requested == "auto":
+        return backends.auto_order(device.type)
+    reason = availability(_requested, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {_requested!r} cannot run on {device}: {reason}. Use "
+                           f"sp.set_backend('auto') or 'torch', or {_how_to_enable(_requested)}.")
+    return [] if _requested == "torch" else [_requested]
+
+
+def _usable(name: str, device: torch.device) -> bool:
+    return _requested != "auto" or availability(name, device) is None
+
+
+def _warn_no_kernel_backend(device: torch.device) -> None:
+    """Say once that "auto" found no compiled backend for ``device`` and runs the reference."""
+    if _requested != "auto" or "auto" in _warned or os.environ.get("STRUCTPRUNE_QUIET") == "1":
+        return
+    _warned.add("auto")
+    reasons = "; ".join(f"{n}: {availability(n, device)}" for n in backends.auto_order(device.type))
+    warnings.warn(f"structprune: no compiled kernel backend for {device}, using the 'torch' reference ({reasons})",
+                  stacklevel=4)
+
+
+def resolve_backend(device: torch.device | str) -> str:
+    """The backend that runs for tensors on ``device`` under the current choice (before any input-dependent
+    fallback, see :func:`fallback_reasons`)."""
+    device = torch.device(device)
+    for name in _order(device):
+        if _usable(name, device):
+            return name
+    _warn_no_kernel_backend(device)
+    return "torch"
+
+
+def _choose(inputs: OpInputs):
+    """The backend object that runs ``inputs``: the first usable backend with no reason against them, else the
+    reference; the reasons of those passed over are kept for :func:`fallback_reasons`."""
+    skipped = []
+    chosen = None
+    usable = False
+    for name in _order(inputs.device):
+        if not _usable(name, inputs.device):
+            continue
+        usable = True
+        backend = backends.load(name)
+        reasons = backend.not_supported_reasons(inputs)
+        if inputs.op == "hard_concrete" and backend.hard_concrete_sample is None:
+            reasons = [*reasons, "no hard_concrete_sample"]
+        if not reasons:
+            chosen = backend
+            break
+        skipped.append(f"{name}: {'; '.join(reasons)}")
+    if not usable:
+        _warn_no_kernel_backend(inputs.device)
+    if skipped:
+        _why[inputs.op] = " | ".join(skipped)
+    else:
+        _why.pop(inputs.op, None)
+    return chosen if chosen is not None else backends.load("torch")
+
+
+def last_backends() -> dict[str, str]:
+    """Which backend ran each op last: {"attention": ..., "ffn": ..., "gates": ...}."""
+    return dict(_last)
+
+
+def fallback_reasons() -> dict[str, str]:
+    """For each op whose last call did not run the first backend tried: why each skipped backend refused it."""
+    return dict(_why)
+
+
+def reset_last_backends() -> None:
+    """Forget which backends ran (e.g. between benchmark cases)."""
+    _last.clear()
+    _why.clear()
+
+
+def clear_cache() -> None:
+    """Drop every cached packed weight of the kernel backends (``sp.clear_cache()``).
+
+    The ``cpp`` backend packs the kept rows/columns of each layer's weights once and reuses them while the
+    weights are unchanged; in-place updates PyTorch tracks (optimizer steps, ``copy_`` / ``add_`` under
+    ``no_grad``, ``load_state_dict``) and, on CPU, rewrites of a whole weight through ``.data`` are detected.
+    Call this after writing *part* of a weight through ``.data`` (e.g. ``w.data[rows] = 0``), which may not
+    be. A no-op when no backend has cached anything."""
+    import sys
+
+    ext = sys.modules.get("structprune.backends.cpp.ops")
+    if ext is not None and ext.load_error() is None:
+        ext.clear_cache()
+
+
+def _host_seed() -> int:
+    """A kernel seed from torch's default generator, so that ``torch.manual_seed`` reproduces every backend."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def hard_concrete_sample(log_alpha: torch.Tensor, beta: float, generator: torch.Generator | None = None):
+    """One hard-concrete sample per entry of ``log_alpha``, differentiable in it.
+
+    Kernel backends with a ``hard_concrete_sample`` draw the noise with a counter-based generator fused with the
+    stretch and clamp; the seed comes from torch's default generator, so ``torch.manual_seed`` makes runs
+    reproducible on every backend. The reference draws ``torch.rand`` (from ``generator`` when given).
+    """
+    inputs = OpInputs("hard_concrete", log_alpha.device, log_alpha.dtype, generator=generator is not None,
+                      compiling=torch.compiler.is_compiling())
+    backend = _choose(inputs)
+    if backend.hard_concrete_sample is not None:
+        z = torch.ops.structprune.hard_concrete_sample(log_alpha, _host_seed(), 0, float(beta), backend.name)
+        _last["gates"] = backend.name
+        return z
+    u = torch.rand(log_alpha.shape, device=log_alpha.device, generator=generator).clamp(1e-6, 1.0 - 1e-6)
+    _last["gates"] = "torch"
+    return reference.hard_concrete_from_uniform(log_alpha, u, beta)
+
+
+def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads: int,
+                    attn_mask=None, dropout_p: float = 0.0, impl: str = "sdpa"):
+    """Gated self-attention output projection (see :func:`structprune.ops.reference.gated_attention`).
+
+    ``active_heads`` lists the heads whose gate is non-zero; kernel backends skip all the others. Inputs are
+    checked here, for every backend (:func:`check_attention_inputs`).
+    """
+    check_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads, attn_mask,
+                           dropout_p)
+    backend = _choose(OpInputs("attention", x.device, x.dtype, num_heads=num_heads, dropout_p=float(dropout_p),
+                               compiling=torch.compiler.is_compiling()))
+    if backend.name == "torch":  # the reference itself: it takes any mask, eager attention and torch's dropout
+        if attn_mask is not None and attn_mask.dim() == 2:  # [B, K] padding mask -> [B, 1, 1, K], as SDPA wants
+            attn_mask = attn_mask[:, None, None, :]
+        out = reference.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads,
+                                        attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
+    else:
+        seed = _host_seed() if dropout_p > 0.0 else 0
+        out = torch.ops.structprune.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
+                                                    kernel_key_bias(attn_mask, x.shape[0]), num_heads, backend.name,
+                                                    float(dropout_p), seed)
+        if attn_mask is not None:  # fully padded sequences get what the reference gives them
+            out = padded_sequence_output(out, (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates), num_heads,
+                                         attn_mask, dropout_p, impl)
+    _last["attention"] = backend.name
+    return out
+
+
+def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
+    """Gated feed-forward projection (see :func:`structprune.ops.reference.gated_ffn`); inputs checked here for
+    every backend (:func:`check_ffn_inputs`)."""
+    check_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+    backend = _choose(OpInputs("ffn", x.device, x.dtype, compiling=torch.compiler.is_compiling()))
+    if backend.name == "torch":
+        out = reference.gated_ffn(x, w1, b1, w2, b2, unit_gates, activation)
+    else:
+        out = torch.ops.structprune.gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, backend.name)
+    _last["ffn"] = backend.name
+    return out

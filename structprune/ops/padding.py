@@ -1,0 +1,90 @@
+"""HF attention masks -> the key bias the kernel backends take, and what fully padded sequences get.
+
+The kernel backends take padding masks only, as a ``[B, K]`` fp32 additive key bias; the dispatcher
+(:mod:`structprune.ops.dispatch`) builds it here from the ``[B, K]`` or ``[B, 1, Q, K]`` masks HF layers pass, and gives
+sequences with no key left what the reference gives them.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from structprune.ops import reference
+
+_checked_mask: list = []  # [(weakref to the last 4D mask checked, its version)]: every layer gets the same mask
+
+
+def mask_row(attn_mask: torch.Tensor) -> torch.Tensor:
+    """The [B, K] key row of an HF padding mask [B, K] or [B, 1, Q|1, K]; refuses masks that vary over queries.
+
+    HF materialises [B, 1, Q, K]; the check (a pass over the mask and a host sync) is done once per mask, not
+    once per layer."""
+    if attn_mask.dim() == 2:
+        return attn_mask
+    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
+        raise ValueError(f"attention mask must be a padding mask [B, K] or [B, 1, Q, K], got shape "
+                         f"{tuple(attn_mask.shape)}")
+    row = attn_mask[:, 0, 0, :]
+    if attn_mask.shape[2] > 1 and attn_mask.stride(2) != 0 and not torch.compiler.is_compiling():
+        if _checked_mask and _checked_mask[0][0]() is attn_mask and _checked_mask[0][1] == attn_mask._version:
+            return row
+        if not bool((attn_mask == row[:, None, None, :]).all()):
+            raise ValueError("the kernel backends take padding masks only (the same key mask for every query); "
+                             "this [B, 1, Q, K] attention mask varies over the query axis. Use "
+                             "sp.set_backend('torch') for causal or other per-query masks")
+        if not attn_mask.is_inference():
+            _checked_mask[:] = [(weakref.ref(attn_mask), attn_mask._version)]
+    return row
+
+
+def key_bias_from_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """HF padding mask [B, K] or [B, 1, Q|1, K] (bool: True = attend, or additive float) -> [B, K] fp32 additive
+    bias (0 = attend, ``finfo(float32).min`` = padding). A mask that varies over the query axis is refused."""
+    if attn_mask is None:
+        return None
+    row = mask_row(attn_mask)
+    if row.dtype == torch.bool:
+        neg = torch.finfo(torch.float32).min
+        return torch.zeros(row.shape, dtype=torch.float32, device=row.device).masked_fill(~row, neg)
+    return row.to(torch.float32).clamp_min(torch.finfo(torch.float32).min)
+
+
+def kernel_key_bias(attn_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """The [batch, K] key bias a kernel backend takes for ``attn_mask``: fully padded sequences get a zero bias
+    (finite scores in every dtype), and their output is then set by :func:`padded_sequence_output`."""
+    key_bias = key_bias_from_mask(attn_mask)
+    if key_bias is None:
+        return None
+    return key_bias.expand(batch, -1).masked_fill(fully_padded(attn_mask)[:, None], 0.0)
+
+
+def fully_padded(attn_mask: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the sequences whose every key is masked out (no host sync)."""
+    row = mask_row(attn_mask)
+    if row.dtype == torch.bool:
+        return ~row.any(-1)
+    # HF writes finfo(dtype).min for padding in additive masks; anything below half of it counts as masked
+    return (row.float() <= torch.finfo(row.dtype).min / 2).all(-1)
+
+
+def padded_sequence_output(y, args, num_heads, attn_mask, dropout_p, impl):
+    """Give fully padded sequences what the reference (and HF's attention) gives them.
+
+    Boolean masks (HF's SDPA layers): SDPA returns a zero context for a query with no key to attend to, so
+    the output is the bias ``bo``. Additive masks (HF's eager layers): every score is ``finfo.min`` after the
+    add, the softmax is uniform and the context is the mean of the values; these sequences (rare: they cost
+    one host sync to find) run through the reference, so that gradients match too. The kernels got a zero key
+    bias for them (finite in every dtype) and their rows of ``y`` are replaced here.
+    """
+    dead = fully_padded(attn_mask).expand(y.shape[0])  # a mask may have batch 1, broadcast over the batch
+    bo = args[8]
+    if mask_row(attn_mask).dtype == torch.bool:
+        return torch.where(dead[:, None, None], bo.to(y.dtype).expand_as(y), y)
+    if torch.compiler.is_compiling() or not bool(dead.any()):
+        return y
+    idx = torch.nonzero(dead).flatten()
+    mask = attn_mask[idx] if attn_mask.shape[0] == y.shape[0] else attn_mask
+    y_dead = reference.gated_attention(args[0][idx], *args[1:], num_heads, attn_mask=mask, dropout_p=dropout_p,
+                                       impl=impl)
+    return y.index_put((idx,), y_dead.to(y.dtype))

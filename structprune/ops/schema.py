@@ -1,0 +1,67 @@
+"""The public custom ops: one per computation, with one schema whatever the backend.
+
+    torch.ops.structprune.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias,
+                                          num_heads, backend, dropout_p=0.0, seed=0) -> Tensor
+    torch.ops.structprune.gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, backend) -> Tensor
+    torch.ops.structprune.hard_concrete_sample(log_alpha, seed, offset, beta, backend) -> Tensor
+
+``backend`` names a registered backend (:mod:`structprune.ops.registry`); the arguments are those of the op contract
+(:mod:`structprune.ops.support`). The dispatcher (:mod:`structprune.ops.dispatch`) calls these after choosing the backend;
+scripts, exported graphs and profiles see one name per computation.
+
+They follow ``aten::scaled_dot_product_attention``: CompositeImplicitAutograd ops that run the backend's own
+implementation, whose ops carry the autograd formula, the fake kernel and the autocast rule. Each backend keeps
+what its own backward needs, as SDPA's flash, memory-efficient and math kernels do: the cpp backend's CPU path
+saves ATen's flash-attention log-sum-exp, the Triton kernels keep the row max and the log row sum apart (so that a
+fully padded row, whose max is ``finfo.min``, keeps its sum), and the reference saves nothing of its own.
+"""
+from __future__ import annotations
+
+import torch
+
+from structprune.ops import registry as backends
+
+_lib = torch.library.Library("structprune", "FRAGMENT")
+_lib.define("gated_attention(Tensor x, Tensor wq, Tensor bq, Tensor wk, Tensor bk, Tensor wv, Tensor bv, Tensor wo, "
+            "Tensor bo, Tensor head_gates, Tensor active_heads, Tensor? key_bias, int num_heads, str backend, "
+            "float dropout_p=0.0, int seed=0) -> Tensor")
+_lib.define("gated_ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor unit_gates, Tensor kept_units, "
+            "str activation, str backend) -> Tensor")
+_lib.define("hard_concrete_sample(Tensor log_alpha, int seed, int offset, float beta, str backend) -> Tensor")
+
+
+def _backend(name: str, op: str):
+    backend = backends.load(name)  # unknown names: ValueError from the registry
+    if backend is None:
+        raise RuntimeError(f"structprune::{op}: backend {name!r} failed to load ({backends.load_error(name)})")
+    return backend
+
+
+def _gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, backend,
+                     dropout_p=0.0, seed=0):
+    dropout = dict(dropout_p=float(dropout_p), seed=int(seed)) if dropout_p > 0.0 else {}
+    return _backend(backend, "gated_attention").gated_attention(
+        x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, **dropout)
+
+
+def _gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, backend):
+    return _backend(backend, "gated_ffn").gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+
+
+def _hard_concrete_sample(log_alpha, seed, offset, beta, backend):
+    impl = _backend(backend, "hard_concrete_sample")
+    if impl.hard_concrete_sample is None:
+        raise ValueError(f"structprune::hard_concrete_sample: backend {backend!r} has no counter-based sampler "
+                         f"(the reference draws torch.rand: use structprune.ops.dispatch.hard_concrete_sample); backends "
+                         f"that have one: {[n for n in backends.names() if _has_sampler(n)]}")
+    return impl.hard_concrete_sample(log_alpha, seed, offset, beta)
+
+
+def _has_sampler(name: str) -> bool:
+    backend = backends.load(name)
+    return backend is not None and backend.hard_concrete_sample is not None
+
+
+for _name, _fn in (("gated_attention", _gated_attention), ("gated_ffn", _gated_ffn),
+                   ("hard_concrete_sample", _hard_concrete_sample)):
+    _lib.impl(_name, _fn, "CompositeImplicitAutograd")

@@ -1,0 +1,295 @@
+"""Choose per-layer kept heads and FFN units that meet a latency / parameter budget at the least importance lost.
+
+:func:`plan_masks` is a greedy on the cost table: while the predicted latency is over budget it removes, in the
+layer and structure where it is cheapest in importance per millisecond saved, the least important remaining
+units (one head; FFN units down to the next count the table says is faster). It then meets a parameter budget
+(importance per parameter) and count caps the same way, and finally adds back, most importance per millisecond
+first, every removed unit that still fits. Within a layer units always go in order of importance, so the
+result is the top-importance set of each layer at the chosen counts.
+
+Importances must be commensurate across heads and FFN units (an estimate of the loss each one's removal costs):
+gain passes the un-normalised ``E|dL/dgate|``, random passes uniform draws scaled by each unit's parameter count,
+L0 the gates' probability of being non-zero. FFN counts stay on the table's grid (where they were timed) unless
+``ffn_on_grid=False``.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from structprune.model.families import sizes_of
+from structprune.latency.table import LatencyTable
+
+STRUCTURES = ("heads", "ffn")
+
+
+def unit_params(hidden: int, head_dim: int) -> dict[str, int]:
+    """Encoder parameters one head (Q/K/V rows and biases, output-projection columns) and one FFN unit carry."""
+    return {"heads": 4 * hidden * head_dim + 3 * head_dim, "ffn": 2 * hidden + 1}
+
+
+@dataclass
+class Budget:
+    """What the plan must meet; None means no such constraint.
+
+    latency_ms: predicted end-to-end ms (global), or, with ``per_layer``, split evenly over the layers.
+    params: encoder parameters of heads and FFN units kept (the fixed parts of layers are not counted), in the
+        same grouping.
+    caps: per structure, the most units kept: an int for the whole model or a list with one per layer.
+    """
+
+    latency_ms: float | None = None
+    params: float | None = None
+    per_layer: bool = False
+    caps: dict | None = None
+
+
+class _State:
+    def __init__(self, table, importance, available, sizes_params, ffn_on_grid: bool):
+        self.table = table
+        self.L = table.num_layers
+        self.order, self.imp, self.kept = {}, {}, {}
+        for s in STRUCTURES:
+            self.order[s], self.imp[s], self.kept[s] = [], [], []
+            for scores, avail in zip(importance[s], available[s]):
+                scores = scores.detach().double().cpu().flatten()
+                idx = torch.nonzero(avail.cpu().flatten(), as_tuple=False).flatten()
+                srt = idx[torch.sort(scores[idx], stable=True).indices]   # ascending importance
+                self.order[s].append(srt.tolist())
+                self.imp[s].append(scores[srt].tolist())
+                self.kept[s].append(len(srt))
+        # kept counts a plan may use: every head count; FFN counts on the table's grid (where it was timed:
+        # between grid points, and most of all between 0 and the first one, real GEMMs cost more than a line
+        # predicts), plus what is available when that is not on the grid
+        grid = list(table.ffn_grid) if ffn_on_grid else list(range(table.intermediate + 1))
+        self.allowed = {"heads": [list(range(n + 1)) for n in self.kept["heads"]],
+                        "ffn": [sorted({g for g in grid if g <= n} | {n}) for n in self.kept["ffn"]]}
+        self.unit = sizes_params
+        self.lat = [self.layer_lat(l) for l in range(self.L)]
+
+    def layer_lat(self, l, s=None, k=None) -> float:
+        h = k if s == "heads" else self.kept["heads"][l]
+        u = k if s == "ffn" else self.kept["ffn"][l]
+        return float(self.table.layer_ms(h, u))
+
+    def removed_importance(self, s, l, k_from, k_to) -> float:
+        n = len(self.order[s][l])
+        return sum(self.imp[s][l][n - k_from:n - k_to])
+
+    def params(self, l) -> float:
+        return sum(self.kept[s][l] * self.unit[s] for s in STRUCTURES)
+
+    def below(self, s, l, k) -> int | None:
+        """The next allowed count below ``k`` (None at 0)."""
+        i = bisect.bisect_left(self.allowed[s][l], k)
+        return self.allowed[s][l][i - 1] if i > 0 else None
+
+    def above(self, s, l, k) -> int | None:
+        i = bisect.bisect_right(self.allowed[s][l], k)
+        return self.allowed[s][l][i] if i < len(self.allowed[s][l]) else None
+
+    def set(self, s, l, k) -> None:
+        self.kept[s][l] = k
+        self.lat[l] = self.layer_lat(l)
+
+
+def _groups(L: int, per_layer: bool) -> list[list[int]]:
+    return [[l] for l in range(L)] if per_layer else [list(range(L))]
+
+
+def plan_masks(table: LatencyTable, importance: dict[str, Sequence[torch.Tensor]],
+               available: dict[str, Sequence[torch.Tensor]], budget: Budget, hidden: int, head_dim: int,
+               ffn_on_grid: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Per-layer bool keep masks meeting ``budget`` (see the module docstring); units not ``available``
+    (already pruned) stay pruned. With ``ffn_on_grid`` FFN counts are limited to the table's grid points (where
+    the cost was measured, not interpolated). Raises ValueError when no choice meets it."""
+    st = _State(table, importance, available, unit_params(hidden, head_dim), ffn_on_grid)
+    groups = _groups(st.L, budget.per_layer)
+    eps = 1e-9
+    lat_budget = None
+    if budget.latency_ms is not None:
+        floor = table.empty_ms
+        if budget.latency_ms < floor * (1 - eps):
+            raise ValueError(f"a predicted latency of {budget.latency_ms:.3f} ms is out of reach: removing every head "
+                             f"and FFN unit gives {floor:.3f} ms ({table.max_speedup:.2f}x) at {table.describe()}")
+        room = budget.latency_ms - table.empty_ms
+        lat_budget = [room * len(g) / st.L for g in groups]
+    par_budget = None
+    if budget.params is not None:
+        par_budget = [budget.params * len(g) / st.L for g in groups] if budget.per_layer else [budget.params]
+    caps = {s: c for s, c in (budget.caps or {}).items() if c is not None}
+
+    def group_lat(g):
+        return sum(st.lat[l] for l in groups[g])
+
+    def group_params(g):
+        return sum(st.params(l) for l in groups[g])
+
+    def over(values_fn, limits):
+        return [g for g in range(len(groups)) if limits is not None and values_fn(g) > limits[g] * (1 + eps) + eps]
+
+    # 1. latency: remove the least importance per millisecond saved
+    def removal(s, l):
+        """(importance lost per ms saved, new count) of the cheapest step down in (s, l), or None."""
+        k, now = st.kept[s][l], st.lat[l]
+        k2 = st.below(s, l, k)
+        while k2 is not None and st.layer_lat(l, s, k2) >= now - 1e-12:
+            k2 = st.below(s, l, k2)
+        if k2 is None:
+            return None
+        return st.removed_importance(s, l, k, k2) / (now - st.layer_lat(l, s, k2)), k2
+
+    if lat_budget is not None:
+        moves = {(s, l): removal(s, l) for s in STRUCTURES for l in range(st.L)}
+        while bad := over(group_lat, lat_budget):
+            options = [(m[0], s, l, m[1]) for g in bad for l in groups[g] for s in STRUCTURES
+                       if (m := moves[(s, l)]) is not None]
+            if not options:
+                raise ValueError("the latency budget cannot be met by removing the heads and FFN units still "
+                                 f"present (at {table.describe()})")
+            _, s, l, k2 = min(options)
+            st.set(s, l, k2)
+            for s in STRUCTURES:
+                moves[(s, l)] = removal(s, l)
+
+    # 2. parameters: the least importance per parameter
+    while par_budget is not None and (bad := over(group_params, par_budget)):
+        best = None
+        for g in bad:
+            for l in groups[g]:
+                for s in STRUCTURES:
+                    k = st.kept[s][l]
+                    k2 = st.below(s, l, k)
+                    if k2 is None:
+                        continue
+                    score = st.removed_importance(s, l, k, k2) / (st.unit[s] * (k - k2))
+                    if best is None or score < best[0]:
+                        best = (score, s, l, k2)
+        if best is None:
+            raise ValueError("the parameter budget cannot be met by removing the heads and FFN units still present")
+        st.set(best[1], best[2], best[3])
+
+    # 3. count caps: the least important unit of the structure
+    def cap_groups(s):
+        cap = caps[s]
+        return ([(list(range(st.L)), cap)] if isinstance(cap, int) else [([l], c) for l, c in enumerate(cap)])
+
+    for s in caps:
+        for layers, cap in cap_groups(s):
+            while sum(st.kept[s][l] for l in layers) > cap:
+                l = min((l for l in layers if st.kept[s][l] > 0),
+                        key=lambda l: st.removed_importance(s, l, st.kept[s][l], st.below(s, l, st.kept[s][l]))
+                        / (st.kept[s][l] - st.below(s, l, st.kept[s][l])))
+                st.set(s, l, st.below(s, l, st.kept[s][l]))
+
+    # 4. add back what still fits, most importance per millisecond first
+    group_of = {l: g for g, ls in enumerate(groups) for l in ls}
+
+    def fits(s, l, added, new_lat) -> bool:
+        g = group_of[l]
+        if lat_budget is not None:
+            if group_lat(g) - st.lat[l] + new_lat > lat_budget[g] * (1 + eps) + eps:
+                return False
+        if par_budget is not None and group_params(g) + added * st.unit[s] > par_budget[g] * (1 + eps) + eps:
+            return False
+        if s in caps:
+            for layers, cap in cap_groups(s):
+                if l in layers and sum(st.kept[s][i] for i in layers) + added > cap:
+                    return False
+        return True
+
+    def addition(s, l):
+        """(importance gained per ms added, importance, new count) of adding back one unit in (s, l), or None."""
+        k = st.kept[s][l]
+        k2 = st.above(s, l, k)
+        if k2 is None:
+            return None
+        new_lat = st.layer_lat(l, s, k2)
+        if not fits(s, l, k2 - k, new_lat):
+            return None
+        gained = st.removed_importance(s, l, k2, k)
+        cost = new_lat - st.lat[l]
+        return (gained / cost if cost > 1e-12 else float("inf")), gained, k2
+
+    while True:
+        options = [(m[0], m[1], s, l, m[2]) for l in range(st.L) for s in STRUCTURES
+                   if (m := addition(s, l)) is not None]
+        if not options:
+            break
+        _, _, s, l, k = max(options)
+        st.set(s, l, k)
+
+    out = {}
+    for s in STRUCTURES:
+        out[s] = []
+        for l, avail in enumerate(available[s]):
+            mask = torch.zeros(avail.numel(), dtype=torch.bool)
+            keep = st.order[s][l][len(st.order[s][l]) - st.kept[s][l]:]
+            mask[keep] = True
+            out[s].append(mask)
+    return out
+
+
+def table_for(model, target) -> LatencyTable:
+    """The cost table a speed ``target`` refers to: ``target.table`` (checked against the model's shape), else
+    the cached or freshly measured table at ``target.at`` (:func:`~structprune.latency.get_table`)."""
+    from structprune.latency.cost_model import get_table, model_key
+
+    if target.table is not None:
+        shape = ("hidden", "heads", "intermediate", "layers")
+        mine, theirs = model_key(model), target.table.key.model
+        if any(mine[k] != theirs[k] for k in shape):
+            raise ValueError(f"the latency table was measured for {({k: theirs[k] for k in shape})}, but the model "
+                             f"has {({k: mine[k] for k in shape})}")
+        return target.table
+    return get_table(model, *target.at, backend=target.backend, dtype=target.dtype)
+
+
+def budget_of(model, target, table: LatencyTable | None) -> Budget:
+    """The :class:`Budget` of a budget ``target`` for ``model``: ms from the speed-up, parameters from the
+    fraction, caps from ``heads``/``ffn`` (original sizes)."""
+    from structprune.model.masks import gate_sizes
+
+    sizes = gate_sizes(model)
+    c = sizes_of(model)
+    unit = unit_params(c.hidden, c.head_dim)
+    latency = None
+    if target.speedup is not None:
+        latency = table.dense_ms / float(target.speedup)
+    elif target.latency_ms is not None:
+        latency = float(target.latency_ms)
+    if latency is not None and latency < table.empty_ms * (1 - 1e-9):
+        asked = f"speed-up {target.speedup:g}x" if target.speedup is not None else f"latency of {latency:.3f} ms"
+        raise ValueError(f"a {asked} is out of reach: removing every head and FFN unit gives {table.empty_ms:.3f} ms "
+                         f"({table.max_speedup:.2f}x) at {table.describe()}")
+    params = None
+    if target.params is not None:
+        params = float(target.params) * sum(sum(sizes[s]) * unit[s] for s in STRUCTURES)
+    caps = {s: target.counts(s, sizes[s]) for s in STRUCTURES}
+    return Budget(latency_ms=latency, params=params, per_layer=target.per_layer, caps=caps)
+
+
+def budget_masks(model, target, scores: dict, start: dict, ffn_on_grid: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Per-layer keep masks meeting a budget ``target`` with importance ``scores``, from the ``start`` masks;
+    FFN counts on the latency table's grid unless ``ffn_on_grid=False`` (then any count, its cost interpolated)."""
+    c = sizes_of(model)
+    table = table_for(model, target) if target.has_latency else None
+    budget = budget_of(model, target, table)
+    on_grid = table is not None and ffn_on_grid
+    if table is None:  # a parameter budget only: a flat table makes the plan ignore latency, any count allowed
+        table = _flat_table(model)
+    return plan_masks(table, scores, start, budget, c.hidden, c.head_dim,
+                      ffn_on_grid=on_grid)
+
+
+def _flat_table(model) -> LatencyTable:
+    from structprune.latency.cost_model import model_key
+    from structprune.latency.table import TableKey
+
+    key = model_key(model)
+    return LatencyTable(TableKey(model=key, backend="none", dtype="fp32", batch=1, seq_len=1, threads=1, machine={}),
+                        attention_ms=[0.0] * (key["heads"] + 1), ffn_grid=[0, key["intermediate"]], ffn_ms=[0.0, 0.0],
+                        empty_ms=1.0, dense_measured_ms=1.0)

@@ -1,0 +1,173 @@
+"""Recording the Triton kernel launches of ``structprune kernels``: the Triton ops' implementations run on ``meta``
+tensors (forward with and without saved intermediates, backward for the gradient sets training uses, with and
+without a padding mask and attention dropout, hard-concrete sampling) while every launch is recorded instead of
+run. :mod:`structprune.tools.kernel_report` compiles and reports them."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+@dataclass(frozen=True)
+class Shape:
+    """An encoder layer's shape: what the kernels are compiled and launched for."""
+    hidden: int
+    heads: int
+    intermediate: int
+    activation: str = "gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "tf32": torch.float32}
+
+
+@dataclass
+class Launch:
+    fn: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+    grid: tuple
+    op: str
+
+
+@contextlib.contextmanager
+def record_launches(sink: list, op: str):
+    """Inside the block, Triton kernel launches append a :class:`Launch` to ``sink`` instead of running (in
+    every thread: the launch method is swapped on the class)."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        sink.append(Launch(self, args, kwargs, tuple(grid) if not callable(grid) else grid, op))
+
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = original
+
+
+def _impl(custom_op):
+    """The Python implementation behind a ``torch.library.custom_op`` (called directly so that it runs on
+    ``meta`` tensors instead of dispatching to the fake kernel)."""
+    return custom_op._init_fn
+
+
+def _call(fn, **named):
+    """``fn`` called positionally with ``named`` in its parameter order; parameters not in ``named`` take their
+    defaults (so optional parameters added to the ops later do not break the report)."""
+    args = []
+    for name, param in inspect.signature(fn).parameters.items():
+        if name in named:
+            args.append(named[name])
+        elif param.default is not inspect.Parameter.empty:
+            args.append(param.default)
+        else:
+            raise TypeError(f"structprune kernels does not know what to pass for {fn.__name__}'s argument {name!r}")
+    return fn(*args)
+
+
+def _attention_launches(shape: Shape, dtype, heads_kept: float, batch: int, seq: int, sink: list) -> None:
+    from structprune._kernels import attention as A
+
+    E, H, D = shape.hidden, shape.heads, shape.head_dim
+
+    def meta(*s, dt=dtype):
+        return torch.empty(s, dtype=dt, device="meta")
+
+    active = torch.empty((max(1, round(H * heads_kept)),), dtype=torch.int64, device="meta")
+    w = dict(x=meta(batch, seq, E), wq=meta(H * D, E), bq=meta(H * D), wk=meta(H * D, E), bk=meta(H * D),
+             wv=meta(H * D, E), bv=meta(H * D), wo=meta(E, H * D), bo=meta(E), head_gates=meta(H),
+             active_heads=active, num_heads=H)
+    forward, backward = _impl(A.triton_gated_attention), _impl(A.triton_gated_attention_backward)
+    # attention-probability dropout in training (BERT's default 0.1), when the kernels have it
+    dropouts = (0.0, 0.1) if "dropout_p" in inspect.signature(forward).parameters else (0.0,)
+    for key_bias in (None, meta(batch, seq, dt=torch.float32)):
+        padded = "padded" if key_bias is not None else "unpadded"
+        with record_launches(sink, f"attention forward, inference, {padded}"):
+            _call(forward, **w, key_bias=key_bias, save_for_backward=False)
+        for p in dropouts:
+            train = f"training, dropout {p}, {padded}"
+            with record_launches(sink, f"attention forward, {train}"):
+                y, q, k, v, ctx, o, stats = _call(forward, **w, key_bias=key_bias, save_for_backward=True,
+                                                  dropout_p=p, seed=1)
+            for mask, what in (((True, True, True), "all grads"), ((True, False, True), "frozen weights"),
+                               ((False, False, True), "gates only")):
+                with record_launches(sink, f"attention backward, {what}, {train}"):
+                    _call(backward, dy=meta(batch, seq, E), **w, key_bias=key_bias, q=q, k=k, v=v, ctx=ctx, o=o,
+                          stats=stats, output_mask=list(mask), dropout_p=p, seed=1)
+    if hasattr(A, "attention_dropout_scale"):  # the dropout multipliers on their own (the tests' oracle)
+        with record_launches(sink, "attention dropout mask"):
+            A.attention_dropout_scale(batch, H, seq, active, 0.1, 1)
+
+
+def _ffn_launches(shape: Shape, dtype, ffn_kept: float, batch: int, seq: int, sink: list) -> None:
+    from structprune._kernels import ffn as F
+
+    E, I = shape.hidden, shape.intermediate
+
+    def meta(*s):
+        return torch.empty(s, dtype=dtype, device="meta")
+
+    kept = torch.empty((max(1, round(I * ffn_kept)),), dtype=torch.int64, device="meta")
+    w = dict(x=meta(batch, seq, E), w1=meta(I, E), b1=meta(I), w2=meta(E, I), b2=meta(E), unit_gates=meta(I),
+             kept_units=kept, activation=shape.activation)
+    with record_launches(sink, "ffn forward, inference"):
+        _call(_impl(F.triton_gated_ffn), **w, save_for_backward=False)
+    with record_launches(sink, "ffn forward, training"):
+        _, pre, h = _call(_impl(F.triton_gated_ffn), **w, save_for_backward=True)
+    for mask, what in (((True, True, True), "all grads"), ((True, False, True), "frozen weights"),
+                       ((False, False, True), "gates only")):
+        with record_launches(sink, f"ffn backward, {what}"):
+            _call(_impl(F.triton_gated_ffn_backward), dy=meta(batch, seq, E), **w, pre=pre, h=h,
+                  output_mask=list(mask))
+
+
+def _gate_launches(shape: Shape, sink: list) -> None:
+    from structprune._kernels import hard_concrete as HC
+
+    for n in (shape.heads, shape.intermediate):
+        la = torch.empty((n,), dtype=torch.float32, device="meta")  # gates are fp32 parameters, also under autocast
+        with record_launches(sink, "hard-concrete sample"):
+            _call(_impl(HC.triton_hard_concrete_sample), log_alpha=la, seed=1, offset=0, beta=2.0 / 3.0)
+        with record_launches(sink, "hard-concrete backward"):
+            _call(_impl(HC.triton_hard_concrete_sample_backward), grad=torch.empty_like(la), log_alpha=la, seed=1,
+                  offset=0, beta=2.0 / 3.0)
+    with record_launches(sink, "hard-concrete noise"):
+        HC.hard_concrete_uniform(shape.intermediate, 1, 0, "meta")
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+OPS = ("attention", "ffn", "gates")
+
+
+def collect_launches(shape: Shape, cc: tuple[int, int], dtype_name: str, heads_kept: float, ffn_kept: float,
+                     batch: int, seq: int, ops=OPS) -> list[Launch]:
+    """Every kernel launch the Triton ops in ``ops`` make for this case, with the configs chosen for ``cc``."""
+    from structprune._kernels import _configs
+
+    sink: list[Launch] = []
+    dtype = DTYPES[dtype_name]
+    with _configs.target(cc), _matmul_precision("high" if dtype_name == "tf32" else "highest"):
+        if "attention" in ops:
+            _attention_launches(shape, dtype, heads_kept, batch, seq, sink)
+        if "ffn" in ops:
+            _ffn_launches(shape, dtype, ffn_kept, batch, seq, sink)
+        if "gates" in ops:
+            _gate_launches(shape, sink)
+    return sink

@@ -1,0 +1,1 @@
+"""Training: distillation from the unpruned teacher, losses, and the Trainer callbacks for gated models."""

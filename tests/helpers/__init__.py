@@ -1,0 +1,1 @@
+"""Test helpers: tiny models, tolerances, gradient masks, and the scripts tests run in subprocesses."""

@@ -1,0 +1,89 @@
+"""Input checks at the op boundary: the same bad input gets the same error from every backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from structprune.ops import dispatch as ops
+
+BACKENDS = [b for b in ops.BACKENDS if ops.availability(b, "cpu") is None]
+
+
+def _attention_args(B=2, S=5, E=8, H=2, D=4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, S, E, generator=g)
+    w = [torch.randn(*s, generator=g) for s in ((H * D, E), (H * D,), (H * D, E), (H * D,), (H * D, E), (H * D,),
+                                               (E, H * D), (E,))]
+    return dict(x=x, wq=w[0], bq=w[1], wk=w[2], bk=w[3], wv=w[4], bv=w[5], wo=w[6], bo=w[7],
+                head_gates=torch.ones(H), active_heads=torch.arange(H), num_heads=H)
+
+
+def _ffn_args(B=2, S=5, E=8, n=6):
+    g = torch.Generator().manual_seed(1)
+    return dict(x=torch.randn(B, S, E, generator=g), w1=torch.randn(n, E, generator=g), b1=torch.randn(n, generator=g),
+                w2=torch.randn(E, n, generator=g), b2=torch.randn(E, generator=g), unit_gates=torch.ones(n),
+                kept_units=torch.arange(n), activation="gelu")
+
+
+ATTENTION_CASES = {
+    "x 2-D": (dict(x=torch.randn(5, 8)), "x must be a float32, float16 or bfloat16 tensor \\[B, S, E\\]"),
+    "x int": (dict(x=torch.ones(2, 5, 8, dtype=torch.int64)), "x must be a float32"),
+    "wk shape": (dict(wk=torch.randn(8, 9)), "wk must have shape \\[8, 8\\], got \\[8, 9\\]"),
+    "bo dtype": (dict(bo=torch.randn(8, dtype=torch.float64)), "bo must be float32, float16 or bfloat16"),
+    "wv half": (dict(wv=torch.randn(8, 8).half()), "wv must have the dtype of x"),
+    "heads": (dict(num_heads=3), "wq has 8 rows, not num_heads \\* head_dim with num_heads = 3"),
+    "gates shape": (dict(head_gates=torch.ones(3)), "head_gates must have shape \\[2\\]"),
+    "index dtype": (dict(active_heads=torch.tensor([0, 1], dtype=torch.int32)), "active_heads must be a 1-D int64"),
+    "index range": (dict(active_heads=torch.tensor([0, 2])),
+                    "active_heads must hold sorted unique indices in \\[0, 2\\)"),
+    "index order": (dict(active_heads=torch.tensor([1, 0])), "active_heads must hold sorted unique"),
+    "mask shape": (dict(attn_mask=torch.ones(2, 4, dtype=torch.bool)), "attention mask must be \\[B, K\\]"),
+    "dropout": (dict(dropout_p=1.0), "dropout_p must be in \\[0, 1\\)"),
+}
+
+FFN_CASES = {
+    "w2 shape": (dict(w2=torch.randn(6, 8)), "w2 must have shape \\[8, 6\\], got \\[6, 8\\]"),
+    "b1 dtype": (dict(b1=torch.randn(6).bfloat16()), "b1 must have the dtype of x"),
+    "gates": (dict(unit_gates=torch.ones(5)), "unit_gates must have shape \\[6\\]"),
+    "kept": (dict(kept_units=torch.tensor([0, 6])), "kept_units must hold sorted unique indices in \\[0, 6\\)"),
+    "activation": (dict(activation="swish"), "activation must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_bad_input_same_error_on_every_backend(backend, case):
+    change, message = ATTENTION_CASES[case]
+    ops.set_backend(backend)
+    args = {**_attention_args(), **change}
+    with pytest.raises((ValueError, TypeError), match=message):
+        ops.gated_attention(**args)
+
+
+@pytest.mark.parametrize("case", list(FFN_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ffn_bad_input_same_error_on_every_backend(backend, case):
+    change, message = FFN_CASES[case]
+    ops.set_backend(backend)
+    args = {**_ffn_args(), **change}
+    with pytest.raises((ValueError, TypeError), match=message):
+        ops.gated_ffn(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_good_inputs_pass_the_checks(backend):
+    ops.set_backend(backend)
+    mask = torch.ones(1, 5, dtype=torch.bool)  # one mask row broadcast over the batch
+    y = ops.gated_attention(**_attention_args(), attn_mask=mask)
+    assert y.shape == (2, 5, 8) and ops.last_backends()["attention"] == backend
+    assert ops.gated_ffn(**_ffn_args()).shape == (2, 5, 8)
+
+
+def test_an_index_changed_in_place_is_checked_again():
+    """Valid indices are remembered (the gates cache theirs) until the tensor changes."""
+    ops.set_backend("torch")
+    args = _attention_args()
+    ops.gated_attention(**args)
+    args["active_heads"][1] = 5
+    with pytest.raises(ValueError, match="active_heads must hold sorted unique indices"):
+        ops.gated_attention(**args)
