@@ -6,6 +6,7 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 import structprune as sp
+from structprune.model.patching import gated_layers
 from structprune.strategies import (L0Controller, PruneTarget, apply_masks, finalize_l0, gain_importance, gain_masks,
                                     random_masks)
 from helpers.models import one_thread_reference_backend  # noqa: F401  (autouse fixture)
@@ -122,7 +123,7 @@ def test_gain_importance_normalised_and_zeroed_head_least_important():
     model = tiny_model()
     layer, head = 1, 2
     with torch.no_grad():  # the head's output columns are zero, so d loss / d gate = 0
-        w = sp.patching.gated_layers(model)[layer].attention.output.dense.weight
+        w = gated_layers(model)[layer].attention.output.dense.weight
         w[:, head * D:(head + 1) * D] = 0
     grads_before = [p.grad for p in model.parameters()]
     imp = gain_importance(model, qa_batches(3))
@@ -273,7 +274,7 @@ def test_l0_per_layer_constraints_and_state_roundtrip(tmp_path):
     model = tiny_model()
     ctl = L0Controller(model, PruneTarget(heads=0.5, ffn=None, per_layer=True), warmup_steps=0)
     assert ctl.lagrangian.heads_lambda1.shape == (L,)
-    assert not any(layer.intermediate.unit_gate.sampling for layer in sp.patching.gated_layers(model))
+    assert not any(layer.intermediate.unit_gate.sampling for layer in gated_layers(model))
     pen = ctl.penalty(0)
     pen.backward()
     # gradient reversal: dpenalty/dlambda1 = gap > 0, the lambda receives -gap
