@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import set_default_mode
 from ..compaction import fold_gate_values
 from ..gates import expected_l0
 from ..families import sizes_of
@@ -340,6 +341,7 @@ class L0Controller:
             path = path / LAGRANGIAN_FILE
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
                   metadata={"structures": ",".join(self.structures), "warmup_steps": str(self.warmup_steps)})
+        set_default_mode(path)  # safetensors writes 0600
         return path
 
     def load(self, path: str | Path) -> None:
