@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["CorruptFileError", "fsync_dir", "fsync_tree", "read_json", "replacing", "write_bytes", "write_json",
-           "write_text"]
+__all__ = ["CorruptFileError", "fsync_dir", "fsync_tree", "read_json", "replacing", "set_default_mode", "umask",
+           "write_bytes", "write_json", "write_text"]
 
 
 class CorruptFileError(ValueError):
@@ -51,11 +51,26 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(dirpath)
 
 
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(*paths: str | os.PathLike) -> None:
+    """Give freshly written files the mode a plain ``open(path, "w")`` would: ``0o666`` less the umask (``0644``
+    under umask 022). ``tempfile.mkstemp`` and safetensors' writers create ``0600`` files."""
+    mode = 0o666 & ~umask()
+    for path in paths:
+        os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without an exception the file written there is
-    fsynced and renamed over ``path`` (then the directory is fsynced). On an exception it is removed and
-    ``path`` is left as it was."""
+    given ``path``'s mode (a new file: the umask's), fsynced and renamed over ``path`` (then the directory is
+    fsynced). On an exception it is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -63,6 +78,10 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if path.is_file():  # the mode of the file it replaces, as writing it in place would keep
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        else:  # not mkstemp's 0600
+            set_default_mode(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 COMMAND_MODULES = ("structprune.tools.demo", "structprune.tools.info", "structprune.qa.commands", "structprune.qa.predict",
                    "structprune.benchmark", "structprune.tools.kernel_report", "structprune.latency.command",
@@ -43,8 +44,42 @@ def positive_int(text: str) -> int:
     return value
 
 
+def check_model_dir(path, flag: str = "--model", onnx: bool = False) -> Path:
+    """Fail fast, before any work, when a model path is not a local model directory (or, with ``onnx``, an
+    exported ``.onnx`` file): a :class:`UsageError` saying the folder does not exist, rather than whatever a
+    loader makes of it later (the Hub's "Repo id must be in the form ...")."""
+    p = Path(path)
+    if p.is_dir() or (onnx and p.suffix == ".onnx" and p.is_file()):
+        return p
+    what = "a local model directory (a HF model or the 'model' folder of a finetune/prune run)"
+    if onnx:
+        what += " or an exported .onnx file"
+    if p.exists():
+        raise UsageError(f"{flag} {path} is a file, not a model directory; pass {what}")
+    raise UsageError(f"{flag} {path}: no such directory (the folder does not exist); pass {what}")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: ``(default: X)`` is appended unless the text already says
+    what the default is, or there is none to say (``None``, a flag's ``False``)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is argparse.SUPPRESS or isinstance(default, bool)
+                or not action.option_strings):
+            return text
+        if isinstance(default, (list, tuple)):  # nargs="+": as it is typed
+            return f"{text} (default: {' '.join(map(str, default))})"
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: what is wrong and where to look, no usage block."""
+    """argparse with one-line errors: what is wrong and where to look, no usage block; option help with defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

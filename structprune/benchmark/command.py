@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", nargs="+", choices=MODES, default=None, help="inference and/or training (default both)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="also time torch.compile of compacted and pruned layers (default on, off with --quick)")
-    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="do not time torch.compile")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 3 on CPU, 10 on CUDA events)")
     p.add_argument("--repeats", type=int, default=None, help="timed samples (default 10 on CPU, 100 on CUDA events)")
     p.add_argument("--min-time", type=float, default=0.0,
@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and the random masks")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip comparing outputs with the compacted layer")
-    p.add_argument("--out", default=None, help="write results.json, results.csv, table.txt and PNG plots here")
+    p.add_argument("--out", default=None,
+                   help="write results.json, results.csv, table.txt and PNG plots here (default: print the table only)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="with --out: skip the PNG plots")
     p.add_argument("--profile", action="store_true",
                    help="with --out: torch.profiler Chrome traces of each case (traces/*.json, merged trace.json, profile.txt)")

@@ -66,15 +66,16 @@ def load_plain_qa(path: str | Path, log=print) -> tuple[nn.Module, nn.Module]:
     """``(plain, source)``: the QA model at ``path`` (structprune save or Hugging Face directory) as plain
     PyTorch, and as loaded (``structprune.from_pretrained`` for a structprune save), both in eval mode."""
     from structprune.model.io import STRUCTPRUNE_CONFIG, from_pretrained
+    from structprune.qa.runs import load_hf_qa_model
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--model {path}: expected a model directory (a structprune save or a Hugging Face "
-                                "model folder)")
+        raise FileNotFoundError(f"--model {path}: no such directory (the folder does not exist); expected a model "
+                                "directory (a structprune save or a Hugging Face model folder)")
     if (path / STRUCTPRUNE_CONFIG).is_file():
         source = from_pretrained(path)
         return to_plain(source, log=log), source
-    model = transformers.AutoModelForQuestionAnswering.from_pretrained(path).eval()
+    model = load_hf_qa_model(path).eval()
     return model, model
 
 
@@ -233,8 +234,8 @@ def run_export(model_dir: str, fmt: str, out: str, opset: int = DEFAULT_OPSET, q
     want_suffix = ".onnx" if fmt == "onnx" else ".pt2"
     if out_path.suffix != want_suffix:
         raise ValueError(f"--out {out}: a {fmt} export is written to a file ending in {want_suffix}")
+    model, source = load_plain_qa(model_dir, log=log)  # first: it says when the folder does not exist
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
-    model, source = load_plain_qa(model_dir, log=log)
     names = input_names(model, tokenizer)
     example = example_batch(model.config.vocab_size, names)
     result = {"format": fmt, "out": str(out_path), "inputs": names}
@@ -283,27 +284,38 @@ def run_export(model_dir: str, fmt: str, out: str, opset: int = DEFAULT_OPSET, q
 
 
 def _default_data() -> str | None:
-    path = Path("/work/shared/data/squad2/dev.json")
+    """SQuAD 2.0 dev in the data folder the QA commands read by default (``qa.runs.DEFAULT_DATA``), if it is there."""
+    from .qa.runs import DEFAULT_DATA
+
+    path = DEFAULT_DATA / "dev.json"
     return str(path) if path.is_file() else None
 
 
 def register(subparsers) -> None:
+    from .qa.runs import DEFAULT_DATA
+
     p = subparsers.add_parser("export", help="export a QA model to ONNX or torch.export (plain operators)",
                               description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="structprune save or Hugging Face QA model directory")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="onnx (an ONNX graph) or torch-export (a torch.export program, .pt2)")
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2); the tokenizer is saved beside it")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
     p.add_argument("--quantize", choices=QUANTIZE, default=None,
-                   help="ONNX Runtime dynamic int8 quantization of the ONNX graph")
+                   help="ONNX Runtime dynamic int8 quantization of the ONNX graph (default: none, fp32)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    p.add_argument("--data", default=None, help="SQuAD JSON for the parity check (default: SQuAD 2.0 dev if found)")
+    p.add_argument("--data", default=None,
+                   help=f"SQuAD JSON for the parity check (default: {DEFAULT_DATA}/dev.json if it exists, else a "
+                        "random padded batch)")
     p.add_argument("--parity-examples", type=int, default=16, help="questions used by the parity check")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
+    from structprune.cli import check_model_dir
+
+    check_model_dir(args.model)
     run_export(args.model, args.format, args.out, args.opset, args.quantize, args.tokenizer,
                args.data or _default_data(), args.parity_examples)
     return 0

@@ -60,7 +60,9 @@ def command(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     if args.model:
-        path = args.model
+        from structprune.cli import check_model_dir
+
+        path = str(check_model_dir(args.model))
     else:
         from structprune.tools.demo import default_model_path
 
@@ -86,15 +88,16 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="HF model directory (default: the bundled MiniLM); only its "
                                                  "class and config matter")
     p.add_argument("--at", default="8x128", metavar="BxL", help="batch x sequence length (default 8x128)")
-    p.add_argument("--backend", default="cpp", choices=["torch", "triton", "cpp"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--backend", default="cpp", choices=["torch", "triton", "cpp"], help="kernel backend timed")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the timed layers")
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()),
+                   help="CPU threads (torch.set_num_threads; default: torch's, here %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds over every probe")
     p.add_argument("--ffn-points", type=int, default=24, help="FFN kept-unit grid points (plus 0)")
     p.add_argument("--cache-dir", default=None, help="default: $STRUCTPRUNE_CACHE_DIR/latency or "
                                                      "~/.cache/structprune/latency")
     p.add_argument("--refresh", action="store_true", help="measure again even when the cache holds a table")
-    p.add_argument("--out", default=None, metavar="JSON", help="also write the table here")
-    p.add_argument("--plot", default=None, metavar="PNG", help="plot the curves here")
+    p.add_argument("--out", default=None, metavar="JSON", help="also write the table here (default: only the cache)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="plot the curves here (default: no plot)")
     p.add_argument("--json", action="store_true", help="print the derived numbers as JSON")
     p.set_defaults(func=command)

@@ -110,6 +110,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, overwri
         if standalone:
             shutil.copyfile(_MODELING_TEMPLATE, tmp / MODELING_FILE)
         save_model(model, str(tmp / WEIGHTS))
+        atomic.set_default_mode(tmp / WEIGHTS)  # safetensors writes 0600
         (tmp / STRUCTPRUNE_CONFIG).write_text(json.dumps(structure, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -147,9 +148,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return atomic.umask()
 
 
 # Upper bounds of "not absurd" for a BERT-family config (far above any released model), by size name.
@@ -295,6 +294,9 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     """
     directory = _model_dir(Path(directory))
     meta_path, config_path, weights = directory / STRUCTPRUNE_CONFIG, directory / "config.json", directory / WEIGHTS
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory (the model folder does not exist)" if not
+                                directory.exists() else f"{directory} is a file, not a model directory")
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory} is not a structprune model directory: {STRUCTPRUNE_CONFIG} is missing "
                                 "(save with structprune.save_pretrained)")

@@ -163,6 +163,7 @@ def _swap_dir(output_dir: Path, name: str, write: Callable[[Path], None]) -> Non
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
+    atomic.set_default_mode(*(p for p in tmp.rglob("*") if p.is_file()))  # safetensors writes 0600
     atomic.fsync_tree(tmp)  # on disk before it is renamed in: a crash never leaves a torn directory
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from structprune import atomic
 from structprune.qa import pruning
 # Re-exported: callers (qa.predict, export, bench/qa, tests) import these from here.
 from structprune.qa.pruning import cached_teacher_logits, measure_speedup, prune, prune_target  # noqa: F401
@@ -45,6 +46,7 @@ def finetune(args) -> int:
         print(f"keeping the best evaluated weights: step {best['step']}, {args.select_metric} "
               f"{best['metrics'][args.select_metric]:.2f}")
     model.save_pretrained(out / "model")
+    atomic.set_default_mode(*(out / "model").glob("*.safetensors"))  # safetensors writes 0600
     tokenizer.save_pretrained(out / "model")
     if not args.no_eval:
         metrics = evaluate_into(model, tokenizer, args, out)
@@ -53,10 +55,12 @@ def finetune(args) -> int:
 
 
 def evaluate_cmd(args) -> int:
+    bundled = args.model is None
+    args.model = args.model or _default_model()
     out = _start_run(args)
     model = load_qa_model(args.model)
     metrics = evaluate_into(model, _tokenizer(args.model), args, out)
-    if not args.no_save_threshold:
+    if not args.no_save_threshold and not bundled:  # never written into the installed package
         save_null_threshold(Path(args.model), metrics, args)
     return 0
 
@@ -64,13 +68,16 @@ def evaluate_cmd(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="fine-tune a QA model (the teacher) on SQuAD 2.0-format data")
     p.add_argument("--model", default=None, help="local HF model directory (default: the bundled MiniLM)")
-    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--no-eval", action="store_true", help="skip the dev evaluation after training")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate on dev every N steps, keep the best weights (by --select-metric) as the model")
+                   help="evaluate on dev every N steps, keep the best weights (by --select-metric) as the model "
+                        "(default: only after training)")
     p.add_argument("--patience", type=int, default=None,
-                   help="with --eval-every: stop once N evaluations in a row have not improved on the best")
+                   help="with --eval-every: stop once N evaluations in a row have not improved on the best "
+                        "(default: never stop early)")
     p.add_argument("--min-epochs", type=float, default=0.0, help="with --patience: never stop before this")
-    p.add_argument("--select-metric", default="best_f1", choices=["best_f1", "f1", "HasAns_f1"])
+    p.add_argument("--select-metric", default="best_f1", choices=["best_f1", "f1", "HasAns_f1"],
+                   help="with --eval-every: the dev metric that chooses the weights kept")
     _common(p, train=True)
     p.set_defaults(func=finetune)
 
@@ -80,7 +87,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=prune, epochs=1.0)
 
     p = subparsers.add_parser("eval", help="evaluate a QA model (HF or structprune directory) on SQuAD 2.0")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None,
+                   help="QA model directory (HF or structprune) or an exported .onnx (default: the bundled MiniLM, "
+                        "whose QA head is untrained)")
     p.add_argument("--no-save-threshold", action="store_true",
                    help=f"do not store the dev-chosen null threshold ({THRESHOLD_FILE}) beside the model")
     _common(p, train=False)

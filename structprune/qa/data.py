@@ -18,24 +18,47 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
 
 SQUAD_COLUMNS = ("id", "title", "context", "question", "answers")
 
-SQUAD_FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("string"),
-        "title": datasets.Value("string"),
-        "context": datasets.Value("string"),
-        "question": datasets.Value("string"),
-        "answers": {
-            "text": datasets.List(datasets.Value("string")),
-            "answer_start": datasets.List(datasets.Value("int32")),
-        },
-    }
-)
+
+def require_datasets():
+    """The ``datasets`` module, imported only where a dataset is made (the CLI and the rest of structprune work
+    without it); its absence raises an error that says how to install it."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ModuleNotFoundError("SQuAD data needs the 'datasets' package: pip install 'structprune[qa]' "
+                                  f"(or pip install datasets); importing it failed: {exc}", name="datasets") from exc
+    return datasets
+
+
+def squad_features() -> datasets.Features:
+    """The ``datasets.Features`` of the squad_v2 schema."""
+    datasets = require_datasets()
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "title": datasets.Value("string"),
+            "context": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "answers": {
+                "text": datasets.List(datasets.Value("string")),
+                "answer_start": datasets.List(datasets.Value("int32")),
+            },
+        }
+    )
+
+
+def __getattr__(name: str):
+    if name == "SQUAD_FEATURES":  # was a module constant; now built on first use, so importing needs no datasets
+        return squad_features()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _EXPECTED = (
     "a path to an official SQuAD JSON file ({'version': ..., 'data': [articles]}) or to a JSON list of "
@@ -139,6 +162,7 @@ def load_squad(
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    datasets = require_datasets()
     if isinstance(path_or_dataset, datasets.DatasetDict):
         ds = _check_schema(_pick_split(path_or_dataset, split, "the DatasetDict"), "the dataset")
     elif isinstance(path_or_dataset, datasets.Dataset):
@@ -167,7 +191,7 @@ def load_squad(
                 raise ValueError(f"{path}: {err}") from err
             if limit is not None:
                 records = records[:limit]
-            return datasets.Dataset.from_list(records, features=SQUAD_FEATURES)
+            return datasets.Dataset.from_list(records, features=squad_features())
     else:
         raise TypeError(f"load_squad got a {type(path_or_dataset).__name__}; expected {_EXPECTED}")
     if limit is not None and limit < len(ds):

@@ -16,10 +16,14 @@ The tokenizer's own ``padding_side`` is ignored (nothing here pads on the left).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import datasets
 import torch
+
+from structprune.qa.data import require_datasets
+
+if TYPE_CHECKING:
+    import datasets
 
 CHUNK = 1000  # examples tokenised per call (bounds Python-side memory on the full SQuAD train set)
 
@@ -151,6 +155,7 @@ def prepare_eval_features(
 def _build(dataset: datasets.Dataset, fn, tokenizer, progress: bool, desc: str, **kwargs) -> datasets.Dataset:
     from tqdm.auto import tqdm
 
+    datasets = require_datasets()
     parts = []
     starts = range(0, len(dataset), CHUNK)
     for start in tqdm(starts, desc=desc, disable=not progress, unit="chunk"):

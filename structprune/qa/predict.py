@@ -58,9 +58,11 @@ def predict_qa(model, tokenizer, dataset, threshold: float, max_length: int, doc
 def predict_cmd(args) -> int:
     import structprune as sp
 
+    from structprune.cli import check_model_dir
     from structprune.qa.commands import _tokenizer
     from structprune.qa.data import load_squad
 
+    check_model_dir(args.model, onnx=True)
     torch.set_num_threads(args.threads)
     if args.backend:
         sp.set_backend(args.backend)
@@ -110,8 +112,10 @@ def register(subparsers) -> None:
                    help=f"window length (default: the threshold's, else {DEFAULT_WINDOW[0]})")
     p.add_argument("--doc-stride", type=int, default=None,
                    help=f"window overlap (default: the threshold's, else {DEFAULT_WINDOW[1]})")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default=None)
-    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--batch-size", type=int, default=32, help="windows per forward")
+    p.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default=None,
+                   help="kernel backend of a structprune model (default: auto, the fastest available)")
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()),
+                   help="CPU threads (torch.set_num_threads; default: torch's, here %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=predict_cmd)

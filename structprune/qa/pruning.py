@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from structprune import atomic
-from structprune.qa.runs import (DEFAULT_DATA, _data, _dev_eval_fn, _finished, _start_run, _tokenizer, _train_kwargs, _write_json,
-                   evaluate_into, load_qa_model, save_null_threshold)
+from structprune.qa.runs import (DEFAULT_DATA, _data, _default_model, _dev_eval_fn, _finished, _start_run, _tokenizer,
+                                 _train_kwargs, _write_json, evaluate_into, load_qa_model, save_null_threshold)
 
 
 def _gain_batches(model, tokenizer, args):
@@ -27,6 +28,28 @@ def _gain_batches(model, tokenizer, args):
         yield collate(feats[i:i + args.batch_size], tokenizer, cols)
 
 
+def _progress() -> bool:
+    """Progress bars unless ``STRUCTPRUNE_QUIET=1`` (the tests', the benchmark's)."""
+    return os.environ.get("STRUCTPRUNE_QUIET") != "1"
+
+
+class _Counted:
+    """The gain batches, re-iterable once per iterative step, advancing one progress bar over all the passes (the
+    importance pass is a forward and backward per batch: minutes on a CPU)."""
+
+    def __init__(self, batches: list, steps: int):
+        self.batches = batches
+        self.bar = tqdm(total=len(batches) * steps, desc="gain importance", unit="batch", disable=not _progress())
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch
+            self.bar.update(1)
+
+
 def prune(args) -> int:
     """Choose masks with a strategy, train the survivors (optionally distilled), compact, save, evaluate."""
     import structprune as sp
@@ -34,6 +57,7 @@ def prune(args) -> int:
 
     from structprune.qa.train import train_qa
 
+    args.model = args.model or _default_model()
     out = _start_run(args)
     torch.set_num_threads(args.threads)
     teacher = load_qa_model(args.model)
@@ -62,7 +86,9 @@ def prune(args) -> int:
         if args.method == "random":
             masks = random_masks(student, target, seed=args.seed)
         else:
-            masks = gain_masks(student, list(_gain_batches(student, tokenizer, args)), target, steps=args.gain_steps)
+            batches = _Counted(list(_gain_batches(student, tokenizer, args)), args.gain_steps)
+            with batches.bar:
+                masks = gain_masks(student, batches, target, steps=args.gain_steps)
         sp.set_masks(student, heads=masks.heads, ffn=masks.ffn)
         print(f"{args.method} masks chosen in {time.perf_counter() - t0:.1f}s")
         _save_masks(student, masks_file)
@@ -193,7 +219,8 @@ def cached_teacher_logits(teacher, tokenizer, train, args, path: Path):
     inputs = features.select_columns(names)
 
     def batches():
-        for begin in tqdm(range(0, len(features), args.eval_batch_size), desc="teacher logits", unit="batch"):
+        for begin in tqdm(range(0, len(features), args.eval_batch_size), desc="teacher logits", unit="batch",
+                          disable=not _progress()):
             batch = collate(inputs[begin:begin + args.eval_batch_size], tokenizer, names)
             batch["feature_index"] = torch.arange(begin, min(begin + args.eval_batch_size, len(features)))
             yield batch
@@ -362,33 +389,47 @@ def add_arguments(p) -> None:
     """The options of ``structprune prune`` (besides those every training command takes: ``runs._common``)."""
     from structprune.cli import fraction
 
-    p.add_argument("--model", required=True, help="the fine-tuned (teacher) model directory")
-    p.add_argument("--method", choices=["random", "gain", "l0"], required=True)
+    p.add_argument("--model", default=None,
+                   help="the fine-tuned (teacher) model directory (default: the bundled MiniLM, whose QA head is "
+                        "untrained: fine-tune it first for a meaningful teacher)")
+    p.add_argument("--method", choices=["random", "gain", "l0"], required=True,
+                   help="how the kept heads and units are chosen: random, gain (gradient importance, Michel et al.) "
+                        "or l0 (trained hard-concrete gates)")
     p.add_argument("--heads", type=fraction, default=None,
-                   help="fraction of heads KEPT, in (0, 1] (e.g. 0.5); with a speed target: at most this fraction")
+                   help="fraction of heads KEPT, in (0, 1] (e.g. 0.5); with a speed target: at most this fraction "
+                        "(default: all, with a budget; otherwise required)")
     p.add_argument("--ffn", type=fraction, default=None,
-                   help="fraction of FFN units KEPT, in (0, 1] (e.g. 0.3); with a speed target: at most this fraction")
+                   help="fraction of FFN units KEPT, in (0, 1] (e.g. 0.3); with a speed target: at most this fraction "
+                        "(default: all, with a budget; otherwise required)")
     p.add_argument("--per-layer", action="store_true", help="the target holds in every layer (default: global)")
     p.add_argument("--speedup", type=float, default=None,
-                   help="prune to this predicted end-to-end speed-up over the dense model (>= 1), at --at")
-    p.add_argument("--latency-ms", type=float, default=None, help="prune to this predicted latency (ms), at --at")
-    p.add_argument("--at", default=None, metavar="BxL", help="input shape of the speed target, e.g. 8x128")
+                   help="prune to this predicted end-to-end speed-up over the dense model (>= 1), at --at "
+                        "(default: no speed target)")
+    p.add_argument("--latency-ms", type=float, default=None,
+                   help="prune to this predicted latency (ms), at --at (default: no latency target)")
+    p.add_argument("--at", default=None, metavar="BxL",
+                   help="input shape of the speed target, e.g. 8x128 (default: the --latency-table's)")
     p.add_argument("--max-params", type=fraction, default=None,
                    help="keep at most this fraction of the heads' and FFN units' parameters (alone or with a speed "
-                        "target)")
+                        "target; default: no parameter budget)")
     p.add_argument("--latency-backend", default="cpp", choices=["torch", "triton", "cpp"],
                    help="backend the latency table is measured on")
     p.add_argument("--latency-table", default=None, metavar="JSON",
-                   help="use this latency table (structprune latency-table) instead of the per-machine cache")
-    p.add_argument("--latency-cache", default=None, metavar="DIR", help="latency table cache directory")
+                   help="use this latency table (structprune latency-table) instead of the per-machine cache (default: "
+                        "the cache, measured when missing)")
+    p.add_argument("--latency-cache", default=None, metavar="DIR",
+                   help="latency table cache directory (default: $STRUCTPRUNE_CACHE_DIR/latency or "
+                        "~/.cache/structprune/latency)")
     p.add_argument("--refresh-latency", action="store_true", help="measure the latency table again")
     p.add_argument("--distill", action="store_true", help="distil from the unpruned model while training")
     p.add_argument("--teacher-logits", default=None, metavar="FILE",
                    help="with --distill: the teacher's logits on the train features, cached once in FILE (built "
                         "there when missing, reused by every student with the same data and settings), so the "
-                        "students train without a teacher forward")
-    p.add_argument("--distill-alpha", type=float, default=0.5)
-    p.add_argument("--temperature", type=float, default=2.0)
+                        "students train without a teacher forward (default: the teacher runs beside the "
+                        "student)")
+    p.add_argument("--distill-alpha", type=float, default=0.5,
+                   help="with --distill: weight of the distillation loss (1 - it: the loss on the gold answers)")
+    p.add_argument("--temperature", type=float, default=2.0, help="with --distill: softmax temperature of the logits")
     p.add_argument("--gain-examples", type=int, default=256, help="questions used to estimate gain importance")
     p.add_argument("--gain-steps", type=int, default=1, help="iterative gain pruning steps")
     p.add_argument("--gate-lr", type=float, default=0.01, help="learning rate of the gates' log_alpha")
@@ -409,7 +450,7 @@ def add_arguments(p) -> None:
                         "it may take. Without it the gates keep training to --l0-steps and may overshoot the target")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate on dev every N steps of the continued training (the curve goes to train/log.jsonl); "
-                        "the model kept is the last one, as without it")
+                        "the model kept is the last one, as without it (default: evaluate only at the end)")
     p.add_argument("--l0-keep-dead", action="store_true",
                    help="L0 only: when the gates end below the target, keep the closed units ranked in (they compute "
                         "zeros) so that exactly the target count is kept (default: drop them; faster, same outputs)")

@@ -29,12 +29,11 @@ def _write_json(path: Path, obj) -> None:
 
 def _check_inputs(args) -> None:
     """Fail fast, before any work, on input paths that do not exist (one clear line at the CLI)."""
-    from structprune.cli import UsageError
+    from structprune.cli import UsageError, check_model_dir
 
     model = getattr(args, "model", None)
-    if model is not None and not Path(model).is_dir() and not (str(model).endswith(".onnx") and Path(model).is_file()):
-        raise UsageError(f"--model {model}: no such directory; pass a local model directory (a HF model or the "
-                         "'model' folder of a finetune/prune run)")
+    if model is not None:
+        check_model_dir(model, onnx=True)
     for flag in ("train", "dev"):
         path = getattr(args, flag, None)
         if path is not None and not Path(path).exists():
@@ -77,10 +76,9 @@ def _start_run(args) -> Path:
 
 
 def load_qa_model(path: str):
-    """A QA model from a local directory: a structprune save (pruned shapes kept) or a HF directory; or an
-    exported ``.onnx`` file, run by ONNX Runtime on the CPU (its tokenizer is the one saved beside it)."""
-    import transformers
-
+    """A QA model from a local directory: a structprune save (pruned shapes kept) or a HF directory (a warning
+    when it has no QA head); or an exported ``.onnx`` file, run by ONNX Runtime on the CPU (its tokenizer is the
+    one saved beside it)."""
     import structprune as sp
 
     if str(path).endswith(".onnx"):
@@ -89,11 +87,26 @@ def load_qa_model(path: str):
         from structprune.export.onnx_export import OrtQAModel
 
         return OrtQAModel(path)
+    if not Path(path).is_dir():  # not the Hub's "Repo id must be in the form ..." for a typo
+        raise FileNotFoundError(f"{path}: no such directory (the model folder does not exist)")
     if (Path(path) / "structprune_config.json").is_file():
         model = sp.from_pretrained(path)
     else:
-        model = transformers.AutoModelForQuestionAnswering.from_pretrained(path)
+        model = load_hf_qa_model(path)
     return model.eval()
+
+
+def load_hf_qa_model(path):
+    """``AutoModelForQuestionAnswering.from_pretrained(path)``, saying in one line (stderr) when the checkpoint has no
+    QA head, so that its answers come from a freshly initialised (random) ``qa_outputs``."""
+    import transformers
+
+    model, info = transformers.AutoModelForQuestionAnswering.from_pretrained(path, output_loading_info=True)
+    fresh = sorted(k for k in info.get("missing_keys", ()) if k.split(".")[0] == "qa_outputs")
+    if fresh:
+        print(f"warning: {path} has no QA head ({', '.join(fresh)} freshly initialised): its answers are random "
+              "until it is fine-tuned (structprune finetune)", file=sys.stderr)
+    return model
 
 
 def _tokenizer(path: str):
@@ -156,21 +169,26 @@ def _finished(run_dir: Path) -> bool:
 def _common(p, train: bool) -> None:
     p.add_argument("--out", required=True, help="run directory (config, logs, metrics, model)")
     p.add_argument("--dev", default=None, help=f"SQuAD-format dev JSON (default {DEFAULT_DATA}/dev.json)")
-    p.add_argument("--dev-limit", type=int, default=None, help="evaluate on the first N dev questions")
-    p.add_argument("--max-length", type=int, default=384)
-    p.add_argument("--doc-stride", type=int, default=128)
-    p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--dev-limit", type=int, default=None,
+                   help="evaluate on the first N dev questions (default: all of them)")
+    p.add_argument("--max-length", type=int, default=384, help="tokens per window (question + context)")
+    p.add_argument("--doc-stride", type=int, default=128, help="overlap, in tokens, of a long context's windows")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="windows per forward when evaluating")
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()),
+                   help="CPU threads (torch.set_num_threads; default: torch's, here %(default)s)")
     if train:
         p.add_argument("--train", default=None, help=f"SQuAD-format train JSON (default {DEFAULT_DATA}/train.json)")
-        p.add_argument("--train-limit", type=int, default=None, help="train on the first N questions")
-        p.add_argument("--epochs", type=float, default=2.0)
-        p.add_argument("--max-steps", type=int, default=None)
-        p.add_argument("--lr", type=float, default=5e-5)
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--seed", type=int, default=42)
+        p.add_argument("--train-limit", type=int, default=None,
+                       help="train on the first N questions (default: all of them)")
+        p.add_argument("--epochs", type=float, default=2.0, help="passes over the train windows (may be fractional)")
+        p.add_argument("--max-steps", type=int, default=None,
+                       help="stop after this many optimizer steps (default: as many as --epochs makes)")
+        p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW, linear warm-up and decay)")
+        p.add_argument("--batch-size", type=int, default=32, help="train windows per optimizer step")
+        p.add_argument("--seed", type=int, default=42, help="seed of the shuffling, dropout and new weights")
         p.add_argument("--stop-after-seconds", type=float, default=None,
-                       help="pause cleanly after this long; re-run the same command to resume")
+                       help="pause cleanly after this long; re-run the same command to resume "
+                            "(default: run to the end)")
         p.add_argument("--save-every-seconds", type=float, default=180.0,
                        help="seconds between training checkpoints (0: after every step)")
 

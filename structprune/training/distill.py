@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from structprune.atomic import set_default_mode
+
 DEFAULT_TEMPERATURE = 2.0
 DEFAULT_ALPHA = 0.5
 LABEL_KEYS = ("start_positions", "end_positions", "labels")
@@ -151,6 +153,7 @@ class TeacherCache:
             "end": torch.cat([self._end[i] for i in idx]) if idx else torch.zeros(0),
         }
         save_file(tensors, str(path), metadata={"format": "structprune.TeacherCache/1"})
+        set_default_mode(path)  # safetensors writes 0600
         return path
 
     @classmethod
