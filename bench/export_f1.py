@@ -4,7 +4,7 @@
         --work runs/export_f1 --out bench/results/export/f1
 
 Each model (a structprune save or a Hugging Face directory) is exported with ``structprune export``'s code path
-(``structprune.export.onnx_export.run_export``), fp32 and ``--quantize int8``, into ``--work``; the three versions are scored
+(``structprune.export.command.run_export``), fp32 and ``--quantize int8``, into ``--work``; the three versions are scored
 on all of dev with the same windows (``--max-length``/``--doc-stride``) and threshold 0, and compared question by
 question with a paired bootstrap (1,000 resamples, ``structprune.qa.bootstrap``): ONNX fp32 minus PyTorch (the
 export is exact when this is 0) and int8 minus fp32 (the cost of quantization). Writes ``results.json`` and
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from structprune.tools.machine import machine_info  # noqa: E402
-from structprune.export.onnx_export import run_export  # noqa: E402
+from structprune.export.command import run_export  # noqa: E402
 from structprune.qa.bootstrap import compare_predictions  # noqa: E402
 from structprune.qa.data import load_squad  # noqa: E402
 from structprune.qa.evaluate import evaluate_qa  # noqa: E402

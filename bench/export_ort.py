@@ -32,7 +32,8 @@ import torch
 import transformers
 
 import structprune as sp
-from structprune.export import onnx_export as spx
+from structprune.export import onnx as spx
+from structprune.export.command import load_plain_qa
 from structprune.strategies import PruneTarget, apply_masks, random_masks
 from structprune.tools.timing import compare, sample
 
@@ -83,7 +84,7 @@ def pad_ffn(model, multiple: int):
 def export_variants(name: str, model_dir: Path, tmp: Path, kinds, quantize: bool, pad: int) -> dict:
     """{(kind, dtype): onnx path} for one model; kind "plain" (as exported) or "opt" (ORT transformer fusions)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    plain, _ = spx.load_plain_qa(model_dir, log=lambda *_: None)
+    plain, _ = load_plain_qa(model_dir, log=lambda *_: None)
     if name == "teacher-template":  # the dense model through the same plain-PyTorch code as the students
         plain = spx.to_plain(sp.patch(plain), log=lambda *_: None)
     if pad > 1 and name.startswith("student"):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 COMMAND_MODULES = ("structprune.tools.demo", "structprune.tools.info", "structprune.qa.commands", "structprune.qa.predict",
                    "structprune.benchmark", "structprune.tools.kernel_report", "structprune.latency.command",
-                   "structprune.export.onnx_export")
+                   "structprune.export.command")
 
 
 class UsageError(ValueError):

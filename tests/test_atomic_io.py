@@ -57,7 +57,7 @@ def test_read_json_names_the_bad_file(tmp_path, content, match):
 
 
 def test_qa_result_files_are_atomic(tmp_path, monkeypatch):
-    from structprune.qa.commands import _write_json
+    from structprune.qa.runs import _write_json
 
     _write_json(tmp_path / "metrics.json", {"f1": 1.0})
     crash_on_call(monkeypatch, os, "replace", 1)
@@ -179,7 +179,7 @@ def test_weights_with_flipped_tensor_names_fail_cleanly(saved):
 
 # ------------------------------------------------------------------------------------------- training checkpoints
 def _checkpoint(tmp_path, step):
-    from structprune.qa.train import _save_checkpoint
+    from structprune.qa.checkpoints import _save_checkpoint
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
@@ -189,7 +189,7 @@ def _checkpoint(tmp_path, step):
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_crash_mid_checkpoint_keeps_the_previous(tmp_path, monkeypatch, n):
-    from structprune.qa.train import checkpoint_state
+    from structprune.qa.checkpoints import checkpoint_state
 
     _checkpoint(tmp_path, 1)
     crash_on_call(monkeypatch, os, "replace", n)
@@ -203,7 +203,7 @@ def test_crash_mid_checkpoint_keeps_the_previous(tmp_path, monkeypatch, n):
 
 @pytest.mark.parametrize("file", ["model.safetensors", "optimizer.pt", "rng.pt", "state.json"])
 def test_damaged_checkpoint_names_the_file(tmp_path, file):
-    from structprune.qa.train import checkpoint_state
+    from structprune.qa.checkpoints import checkpoint_state
 
     _checkpoint(tmp_path, 1)
     _truncate(tmp_path / "checkpoint" / file, 0.5)
@@ -214,7 +214,7 @@ def test_damaged_checkpoint_names_the_file(tmp_path, file):
 
 def test_checkpoint_keeps_optimizer_parameters_outside_the_model(tmp_path):
     """L0 multipliers live in the optimizer, not the model: their values are checkpointed and restored."""
-    from structprune.qa.train import _find_checkpoint, _load_extra_params, _save_checkpoint
+    from structprune.qa.checkpoints import _find_checkpoint, _load_extra_params, _save_checkpoint
 
     model, lam = torch.nn.Linear(3, 2), torch.nn.Parameter(torch.tensor([1.5, -2.0]))
     opt = torch.optim.AdamW([{"params": list(model.parameters())}, {"params": [lam]}])

@@ -21,7 +21,8 @@ import torch
 from transformers import AutoTokenizer
 
 import structprune as sp
-from structprune.qa.commands import load_qa_model, measure_speedup
+from structprune.qa.pruning import measure_speedup
+from structprune.qa.runs import load_qa_model
 
 
 def main() -> int:

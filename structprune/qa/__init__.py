@@ -22,7 +22,8 @@ from structprune.qa.features import (
 )
 from structprune.qa.metric import compute_exact, compute_f1, normalize_answer, references_from, squad_v2_metric
 from structprune.qa.postprocess import postprocess_qa_predictions
-from structprune.qa.train import checkpoint_state, default_param_groups, load_checkpoint_weights, train_qa
+from structprune.qa.checkpoints import checkpoint_state, load_checkpoint_weights
+from structprune.qa.train import default_param_groups, train_qa
 
 __all__ = [
     "build_eval_features",

@@ -12,11 +12,9 @@ import torch
 
 from structprune import atomic
 from structprune.qa import pruning
-# Re-exported: callers (qa.predict, export, bench/qa, tests) import these from here.
-from structprune.qa.pruning import cached_teacher_logits, measure_speedup, prune, prune_target  # noqa: F401
-from structprune.qa.runs import (DEFAULT_DATA, THRESHOLD_FILE, _common, _data, _default_model, _dev_eval_fn, _finished,  # noqa: F401
-                   _start_run, _tokenizer, _train_kwargs, _write_json, evaluate_into, load_qa_model,
-                   save_null_threshold)
+from structprune.qa.pruning import prune
+from structprune.qa.runs import (THRESHOLD_FILE, _common, _data, _default_model, _dev_eval_fn, _finished, _start_run,
+                                 _tokenizer, _train_kwargs, evaluate_into, load_qa_model, save_null_threshold)
 
 
 def finetune(args) -> int:
@@ -40,7 +38,7 @@ def finetune(args) -> int:
         print(f"paused; re-run the same command to resume from {out}")
         return 0
     if args.eval_every:
-        from structprune.qa.train import load_best_weights
+        from structprune.qa.checkpoints import load_best_weights
 
         best = load_best_weights(model, out)
         print(f"keeping the best evaluated weights: step {best['step']}, {args.select_metric} "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from structprune.qa.commands import THRESHOLD_FILE, _write_json, load_qa_model
+from structprune.qa.runs import THRESHOLD_FILE, _write_json, load_qa_model
 
 DEFAULT_WINDOW = (384, 128)
 
@@ -59,7 +59,7 @@ def predict_cmd(args) -> int:
     import structprune as sp
 
     from structprune.cli import check_model_dir
-    from structprune.qa.commands import _tokenizer
+    from structprune.qa.runs import _tokenizer
     from structprune.qa.data import load_squad
 
     check_model_dir(args.model, onnx=True)

@@ -252,7 +252,7 @@ def _pruning_loss_fn(controller, distill: dict, out: Path, run_dir: Path):
     steps from the phase's checkpoint, with the controller's sparsity logged to ``out/l0_log.jsonl``."""
     from structprune.training.trainer import PruningLoss
 
-    from structprune.qa.train import checkpoint_state
+    from structprune.qa.checkpoints import checkpoint_state
 
     step = (checkpoint_state(run_dir) or {}).get("step", 0)
     loss = PruningLoss(controller=controller, **distill)
@@ -271,7 +271,8 @@ def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict
 
     from structprune.model.patching import gate_parameters
 
-    from structprune.qa.train import checkpoint_state, train_qa
+    from structprune.qa.checkpoints import checkpoint_state
+    from structprune.qa.train import train_qa
 
     run_dir = out / "l0"
     if (run_dir / DECIDED_FILE).is_file():
@@ -313,7 +314,7 @@ def _steps_left_after_selection(args, selection_dir: Path) -> int:
     budget (``--max-steps``, else ``--epochs``): the continued training gets what the selection left."""
     import math
 
-    from structprune.qa.train import checkpoint_state
+    from structprune.qa.checkpoints import checkpoint_state
 
     state = checkpoint_state(selection_dir)
     per_epoch = state["settings"]["steps_per_epoch"]

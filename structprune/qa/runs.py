@@ -84,7 +84,7 @@ def load_qa_model(path: str):
     if str(path).endswith(".onnx"):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} does not exist (export one with: structprune export --format onnx)")
-        from structprune.export.onnx_export import OrtQAModel
+        from structprune.export.onnx import OrtQAModel
 
         return OrtQAModel(path)
     if not Path(path).is_dir():  # not the Hub's "Repo id must be in the form ..." for a typo
@@ -160,7 +160,7 @@ def save_null_threshold(model_dir: Path, metrics: dict, args) -> None:
 
 
 def _finished(run_dir: Path) -> bool:
-    from structprune.qa.train import checkpoint_state
+    from structprune.qa.checkpoints import checkpoint_state
 
     state = checkpoint_state(run_dir)
     return bool(state and state.get("finished"))

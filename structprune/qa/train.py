@@ -40,10 +40,8 @@ import torch
 from tqdm.auto import tqdm
 
 from structprune.training.losses import qa_task_loss
-from structprune.qa.checkpoints import (  # noqa: F401  (some re-exported: this module was their home)
-    _find_checkpoint, _load_extra_params, _log, _model_device, _save_best, _save_checkpoint, _set_rng_state,
-    checkpoint_state, load_best_weights, load_checkpoint_weights,
-)
+from structprune.qa.checkpoints import (_find_checkpoint, _load_extra_params, _log, _model_device, _save_best,
+                                        _save_checkpoint, _set_rng_state)
 from structprune.qa.data import load_squad
 from structprune.qa.features import build_train_features, collate
 

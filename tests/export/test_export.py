@@ -7,7 +7,8 @@ import transformers
 
 import structprune as sp
 from helpers.models import FAMILIES, tiny_batch, tiny_model
-from structprune.export import onnx_export as spx
+from structprune.export import onnx as spx
+from structprune.export.command import run_export
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -112,11 +113,11 @@ def test_bad_format_opset_and_suffix(tmp_path):
         spx.export_onnx(spx.to_plain(pruned()), ["input_ids", "attention_mask"], tiny_batch(), tmp_path / "m.onnx",
                         opset=9)
     with pytest.raises(ValueError, match="onnx"):
-        spx.run_export(str(tmp_path), "tflite", str(tmp_path / "m.tflite"))
+        run_export(str(tmp_path), "tflite", str(tmp_path / "m.tflite"))
     with pytest.raises(ValueError, match=r"\.onnx"):
-        spx.run_export(str(tmp_path), "onnx", str(tmp_path / "m.pt2"))
+        run_export(str(tmp_path), "onnx", str(tmp_path / "m.pt2"))
     with pytest.raises(ValueError, match="int8"):
-        spx.run_export(str(tmp_path), "torch-export", str(tmp_path / "m.pt2"), quantize="int8")
+        run_export(str(tmp_path), "torch-export", str(tmp_path / "m.pt2"), quantize="int8")
 
 
 def _tokenizer():
@@ -129,8 +130,8 @@ def _tokenizer():
 def test_cli_export_and_eval_load_onnx(tmp_path):
     """`structprune export` end to end (tokenizer beside the .onnx), and load_qa_model on the .onnx."""
     from structprune.cli import main
-    from structprune.qa.commands import _tokenizer as load_tokenizer
-    from structprune.qa.commands import load_qa_model
+    from structprune.qa.runs import _tokenizer as load_tokenizer
+    from structprune.qa.runs import load_qa_model
     from structprune.qa.evaluate import predict_logits
 
     tokenizer = _tokenizer()
