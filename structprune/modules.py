@@ -12,7 +12,7 @@ from torch import nn
 
 from . import ops
 from .gates import HardConcreteGate
-from .reference import ACTIVATIONS
+from .activations import check_activation
 
 
 def gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -89,8 +89,7 @@ class GatedIntermediate(nn.Module):
 
     def __init__(self, dense: nn.Linear, activation: str, sampling: bool = False):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         self.dense = dense
         self.activation = activation
         self.unit_gate = HardConcreteGate(dense.out_features, sampling=sampling)

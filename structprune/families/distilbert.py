@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..activations import check_activation
 from ..gates import HardConcreteGate
 from ..modules import attend, gate_values, stash_hf_module, unstash_hf_module
-from ..reference import ACTIVATIONS
 from .base import Family
 
 
@@ -40,8 +40,7 @@ class GatedDistilBertFFN(nn.Module):
 
     def __init__(self, lin1: nn.Linear, lin2: nn.Linear, dropout: nn.Module, activation: str, sampling: bool = False):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         self.lin1, self.lin2, self.dropout = lin1, lin2, dropout
         self.activation = activation
         self.unit_gate = HardConcreteGate(lin1.out_features, sampling=sampling)
