@@ -2,6 +2,8 @@
 // Each device (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp) supplies the few pieces that differ: the attention core,
 // the bias + activation (+ gate) epilogue and its backward, and whether gates are folded into the packed
 // output weights (CPU: yes, keyed on the gate values; CUDA: no, so nothing is read back to the host).
+// Implemented by job: attention.cpp, ffn.cpp, pack_cache.cpp (the packed-weight cache), checks.cpp (the checks
+// that guard memory; the user-facing input checks are Python's, structprune/_input_checks.py).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -15,7 +17,10 @@
 namespace structprune {
 
 enum class Act { Gelu, GeluTanh, Relu };
+// The activation called `name` (one of activation_names(), else an error naming them).
 Act parse_activation(const std::string& name);
+// The activation names the FFN ops accept, in table order: the same as structprune/activations.py's ACTIVATIONS.
+std::vector<std::string> activation_names();
 
 struct DeviceHooks {
   // Attention on [B, A, S, D] views; mask is [B, 1, 1, S] in the dtype of q (or undefined).

@@ -81,6 +81,7 @@ TORCH_LIBRARY(structprune, m) {
   m.def("pack_cache_clear() -> ()", &structprune::pack_cache_clear);
   m.def("pack_cache_size() -> int", &structprune::pack_cache_size);
   m.def("build_info() -> str", &build_info);
+  m.def("activation_names() -> str[]", &structprune::activation_names);
   m.def("philox4x32_10(int[] counter, int[] key) -> int[]", &philox4x32_10_op);
 }
 

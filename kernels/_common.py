@@ -1,4 +1,5 @@
-"""Shared pieces of the Triton kernels: the gathered GEMM, launch configs, dtype helpers and input checks.
+"""Shared pieces of the Triton kernels: the gathered GEMM, launch configs, dtype helpers and the tensor check of the
+gate sampler (the gated ops' input checks are structprune/_input_checks.py, shared by every backend).
 
 The gathered GEMM computes ``C[M, N] = A[M, K] @ B[K, N]`` for operands given by pointer + strides
 (so transposes are free), where *one* of four dimensions may be addressed through an index list instead
@@ -19,14 +20,20 @@ import torch
 import triton
 import triton.language as tl
 
+from structprune.ops.activations import ACTIVATIONS
+
 from . import _configs
 
 # Which dimension of the GEMM goes through the index list.
 NO_GATHER, GATHER_BK, GATHER_BN, SCATTER_CM, SCATTER_CN = 0, 1, 2, 3, 4
 
-# Activation codes of the fused epilogues.
+# Activation codes of the fused epilogues (``ACT`` of :func:`_act_fwd` / :func:`_act_bwd`), one per name of
+# structprune/ops/activations.py, which says which activations exist.
 ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU = 0, 1, 2, 3
 ACTIVATION_CODES = {"gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU}
+if set(ACTIVATION_CODES) != set(ACTIVATIONS):
+    raise ImportError(f"kernels/_common.py: epilogue codes for {sorted(ACTIVATION_CODES)}, but structprune.ops.activations "
+                      f"lists {sorted(ACTIVATIONS)}")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -124,19 +131,6 @@ def check_tensor(name: str, t, shape: tuple | None, dtypes, device: torch.device
             raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
     elif ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {list(t.shape)}")
-
-
-def check_index(name: str, idx, n: int, device: torch.device):
-    """An int64 1-D list of indices into ``range(n)``. Sortedness is the caller's contract; the range is
-    checked only for CPU tensors outside ``torch.compile`` (no device sync, no data-dependent graph break)."""
-    check_tensor(name, idx, (None,), torch.int64, device)
-    if idx.numel() > n:
-        raise ValueError(f"{name} has {idx.numel()} entries but there are only {n} to choose from")
-    if idx.device.type != "cpu" or torch.compiler.is_compiling() or idx.numel() == 0:
-        return
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"{name} must hold indices in [0, {n}), "
-                         f"got values in [{int(idx.min())}, {int(idx.max())}]")
 
 
 def unpack_output_mask(output_mask) -> tuple[bool, bool, bool]:

@@ -34,11 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
+from structprune.ops.checks import check_attention_inputs
 from structprune.ops.support import grad_output_mask, masked_grads, register_autocast
 
 from . import _common as C
 from .dropout import (  # noqa: F401  (the last two are part of this module's API)
-    _check_dropout, _dropout_args, _dropout_tile, attention_dropout_scale, supports_attention_dropout,
+    _dropout_args, _dropout_tile, attention_dropout_scale, supports_attention_dropout,
 )
 
 
@@ -218,28 +219,6 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, kb_ptr, gate_ptr, act_ptr, dctx_p
         dk = C._dot(tl.trans(C.cast_like(ds, k)), q, dk, DOT)
     tl.store(dk_ptr + tile_n, C.cast_ptr(dk * sm_scale, dk_ptr), mask=mask_nd)
     tl.store(dv_ptr + tile_n, C.cast_ptr(dv, dv_ptr), mask=mask_nd)
-
-
-# ------------------------------------------------------------------------------------------- checks
-def _check(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    C.check_tensor("x", x, (None, None, None), C.SUPPORTED_DTYPES, x.device)
-    B, S, E = x.shape
-    dev, dt = x.device, x.dtype
-    if not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    C.check_tensor("wq", wq, (None, E), dt, dev)
-    HD = wq.shape[0]
-    if HD % num_heads:
-        raise ValueError(f"wq has {HD} rows, not a multiple of num_heads={num_heads}")
-    for name, t, shape in (("bq", bq, (HD,)), ("wk", wk, (HD, E)), ("bk", bk, (HD,)), ("wv", wv, (HD, E)),
-                           ("bv", bv, (HD,)), ("wo", wo, (E, HD)), ("bo", bo, (E,))):
-        C.check_tensor(name, t, shape, dt, dev)
-    C.check_tensor("head_gates", head_gates, (num_heads,), C.SUPPORTED_DTYPES, dev)
-    C.check_index("active_heads", active_heads, num_heads, dev)
-    if key_bias is not None:
-        C.check_tensor("key_bias", key_bias, (B, S), torch.float32, dev)
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -443,10 +422,11 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
     ``structprune.ops.reference.gated_attention(x, ..., head_gates, num_heads, key_bias=key_bias)``.
     Differentiable in x, every weight and bias, and head_gates (not in key_bias). ``dropout_p > 0``: dropout
     on the attention probabilities, mask :func:`attention_dropout_scale` of ``seed``, regenerated in the backward."""
-    _check(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads)
-    _check_dropout(dropout_p, seed)
-    # the kernels read 1-D vectors with unit stride: give them that (a no-op for the usual contiguous ones)
-    bq, bk, bv, bo, head_gates, active_heads = (t.contiguous() for t in (bq, bk, bv, bo, head_gates, active_heads))
+    check_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads, key_bias=key_bias,
+                           dropout_p=dropout_p, seed=seed, kernel=True)
+    # the kernels read 1-D vectors with unit stride, and the index on x's device (the checks allow a CPU index)
+    bq, bk, bv, bo, head_gates = (t.contiguous() for t in (bq, bk, bv, bo, head_gates))
+    active_heads = active_heads.to(x.device).contiguous()
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates))
     return torch.ops.structprune.triton_gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates,

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from structprune._input_checks import check_dropout
+
 from . import _common as C
 
 
@@ -58,13 +60,6 @@ def supports_attention_dropout(device: torch.device) -> bool:
     return True
 
 
-def _check_dropout(dropout_p, seed):
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise ValueError(f"dropout seed must be an int in [0, 2**63), got {seed!r}")
-
-
 @triton.jit
 def _dropout_scale_kernel(out_ptr, act_ptr, total, A, S, H, seed, drop_offset, drop_p, inv_keep,
                           BLOCK: tl.constexpr):
@@ -85,7 +80,7 @@ def attention_dropout_scale(batch: int, num_heads: int, seq: int, heads: torch.T
     probabilities of the active ``heads`` for ``seed``: the oracle of the tests. Element (b, h, i, j) of the
     layer's [B, H, S, S] probabilities uses the Philox stream of ``csrc/philox.h`` at index
     ``((b * H + h) * S + i) * S + j``, so this equals the ``cpp`` backend's mask."""
-    _check_dropout(p, seed)
+    check_dropout(p, seed)
     if offset != 0:
         raise ValueError("the Triton attention dropout uses offset 0")
     A = heads.numel()

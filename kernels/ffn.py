@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from structprune.ops.checks import check_ffn_inputs
 from structprune.ops.support import grad_output_mask, masked_grads, register_autocast
 
 from . import _common as C
@@ -70,26 +71,6 @@ def _ffn_bwd_act_kernel(dy_ptr, w2_ptr, idx_ptr, pre_ptr, gate_ptr, da_ptr, pg_p
         if STORE_PB:
             pb = tl.sum(da, axis=0)
             tl.store(pb_ptr + pid_m * N + offs_n, pb, mask=mask_n)
-
-
-# ------------------------------------------------------------------------------------------- checks
-def _check(x, w1, b1, w2, b2, unit_gates, kept_units, activation):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    C.check_tensor("x", x, None, C.SUPPORTED_DTYPES, x.device)
-    if x.dim() < 1:
-        raise ValueError("x must be [..., E], got a 0-d tensor")
-    E = x.shape[-1]
-    dev, dt = x.device, x.dtype
-    C.check_tensor("w1", w1, (None, E), dt, dev)
-    I = w1.shape[0]
-    C.check_tensor("b1", b1, (I,), dt, dev)
-    C.check_tensor("w2", w2, (E, I), dt, dev)
-    C.check_tensor("b2", b2, (E,), dt, dev)
-    C.check_tensor("unit_gates", unit_gates, (I,), C.SUPPORTED_DTYPES, dev)
-    C.check_index("kept_units", kept_units, I, dev)
-    if activation not in C.ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {tuple(C.ACTIVATION_CODES)}, got {activation!r}")
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -227,8 +208,9 @@ register_autocast("structprune::triton_gated_ffn", keep=("unit_gates",))
 def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu") -> torch.Tensor:
     """Gated FFN over kept units (see the module docstring); same result as
     :func:`structprune.ops.reference.gated_ffn`. Differentiable in x, w1, b1, w2, b2 and unit_gates."""
-    _check(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
-    # the kernels read 1-D vectors with unit stride: give them that (a no-op for the usual contiguous ones)
-    b1, b2, unit_gates, kept_units = (t.contiguous() for t in (b1, b2, unit_gates, kept_units))
+    check_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation, kernel=True)
+    # the kernels read 1-D vectors with unit stride, and the index on x's device (the checks allow a CPU index)
+    b1, b2, unit_gates = (t.contiguous() for t in (b1, b2, unit_gates))
+    kept_units = kept_units.to(x.device).contiguous()
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2, unit_gates))
     return torch.ops.structprune.triton_gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save)[0]

@@ -1,6 +1,6 @@
 // CUDA registrations of the structprune ops: tensor checks and cuBLAS GEMMs (at::addmm / at::mm) on packed weights
-// via the device-generic code in gated_core.cpp, with the epilogues and the hard-concrete sampler of kernels.cu.
-// Compiled only when torch has CUDA (setup.py / structprune/_extension.py add it to the sources then).
+// via the device-generic code (attention.cpp, ffn.cpp), with the epilogues and the hard-concrete sampler of kernels.cu.
+// Compiled only when torch has CUDA (build_recipe.py CUDA_SOURCES, for setup.py and the JIT build).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -8,6 +8,7 @@ the contract tests. No ``hard_concrete_sample``: the reference draws its noise w
 from __future__ import annotations
 
 from structprune.ops import reference
+from structprune.ops.checks import check_attention_inputs, check_ffn_inputs
 from structprune.ops.support import Backend
 
 
@@ -15,12 +16,15 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
                     dropout_p: float = 0.0, seed: int = 0):
     """:func:`structprune.ops.reference.gated_attention` (every head computed, ``active_heads`` unused); dropout
     draws from torch's generator, ``seed`` is unused."""
+    check_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads, key_bias=key_bias,
+                           dropout_p=dropout_p, seed=seed)
     return reference.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads, key_bias=key_bias,
                                      dropout_p=dropout_p)
 
 
 def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
     """:func:`structprune.ops.reference.gated_ffn` (every unit computed, ``kept_units`` unused)."""
+    check_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
     return reference.gated_ffn(x, w1, b1, w2, b2, unit_gates, activation)
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structprune.ops import dispatch as ops
 from structprune.model.gates import HardConcreteGate
-from structprune.ops.reference import ACTIVATIONS
+from structprune.ops import dispatch as ops
+from structprune.ops.activations import check_activation
 
 
 def gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -89,8 +89,7 @@ class GatedIntermediate(nn.Module):
 
     def __init__(self, dense: nn.Linear, activation: str, sampling: bool = False):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         self.dense = dense
         self.activation = activation
         self.unit_gate = HardConcreteGate(dense.out_features, sampling=sampling)

@@ -1,14 +1,37 @@
-"""Input checks of the gated ops: done once by the dispatcher, above every backend, so that the same bad input
-gets the same error, saying what was expected and what came, whichever backend would have run."""
+"""Input checks of the gated ops: the one copy, run by the dispatcher (:mod:`structprune.ops`) and again by every
+backend's op entry (``structprune._extension``, ``structprune._kernels``, ``structprune._torch_backend``), so that
+the same bad input gets the same error, saying what was expected and what came, whichever backend runs it and
+however it is reached. The C++ ops keep only the checks that guard their memory (csrc/checks.h).
+
+The contract (see :mod:`structprune._op_support` for the ops): x is float32, float16 or bfloat16, [B, S, E] for
+attention and [..., E] for the FFN (position-wise); weights and biases are on x's device, of x's dtype (unless
+autocast, whose rule casts them, is on) and of the nn.Linear shapes; the gates are floating, one per head / unit;
+the kept index (``active_heads`` / ``kept_units``) holds sorted unique int64 indices, on x's device or the CPU
+(values checked on the CPU only: no device sync); ``key_bias`` is a [B, S] float32 additive key mask; dropout's
+``p`` is in [0, 1) and its ``seed`` / ``offset`` are ints in [0, 2**63).
+"""
 from __future__ import annotations
 
 import weakref
 
 import torch
 
-from structprune.ops import reference
+from structprune.ops.activations import check_activation
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _describe(t) -> str:
+    """What came: a tensor's dtype and shape, or the type of anything else."""
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} of shape {list(t.shape)}"
+    return type(t).__name__
+
+
+def _check_x(x, dims: str, ndim: int | None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or \
+            (x.dim() != ndim if ndim is not None else x.dim() < 1):
+        raise ValueError(f"x must be a float32, float16 or bfloat16 tensor {dims}, got {_describe(x)}")
 
 
 def _check_tensor(name: str, t, shape: tuple, x: torch.Tensor, same_dtype: bool = True) -> None:
@@ -30,39 +53,59 @@ def _check_tensor(name: str, t, shape: tuple, x: torch.Tensor, same_dtype: bool 
 _checked_index: dict[int, tuple] = {}  # id -> (weakref, version, n) of index tensors found valid
 
 
-def _check_index(name: str, idx, n: int, x: torch.Tensor) -> None:
+def _check_index(name: str, idx, n: int, x: torch.Tensor, required: bool) -> None:
     """Sorted unique int64 indices into range(n), on the CPU or x's device (values checked on the CPU only:
-    no device sync)."""
-    if idx is None:
+    no device sync). None is allowed unless ``required`` (the reference computes every head / unit)."""
+    if idx is None and not required:
         return
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
-        raise ValueError(f"{name} must be a 1-D int64 tensor, got "
-                         f"{getattr(idx, 'dtype', type(idx).__name__)} of shape {list(getattr(idx, 'shape', []))}")
+        raise ValueError(f"{name} must be a 1-D int64 tensor, got {_describe(idx)}")
     if idx.device != x.device and idx.device.type != "cpu":
-        raise ValueError(f"{name} must be on {x.device} or the CPU, got {idx.device}")
+        raise ValueError(f"{name} must be on {x.device} (the device of x) or the CPU, got {idx.device}")
     if idx.numel() > n:
-        raise ValueError(f"{name} has {idx.numel()} entries for {n} gates")
+        raise ValueError(f"{name} must have at most {n} entries (one per gate), got {idx.numel()}")
     if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
         key = id(idx)
         hit = _checked_index.get(key)
         if hit is not None and hit[0]() is idx and hit[1:] == (idx._version, n):
             return  # the gates' cached index: checked on an earlier call and unchanged since
         if int(idx.min()) < 0 or int(idx.max()) >= n or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
-            raise ValueError(f"{name} must hold sorted unique indices in [0, {n}), got {idx.tolist()[:8]}...")
+            shown = idx.tolist()
+            shown = f"{shown[:8]}..." if len(shown) > 8 else str(shown)
+            raise ValueError(f"{name} must hold sorted unique indices in [0, {n}), got {shown}")
         if not idx.is_inference():
             if len(_checked_index) >= 512:
                 _checked_index.clear()
             _checked_index[key] = (weakref.ref(idx), idx._version, n)
 
 
+def _check_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+
+
+def check_dropout(dropout_p, seed=0, offset=0) -> None:
+    """Attention dropout: probability in [0, 1), Philox ``seed`` and ``offset`` ints in [0, 2**63)."""
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    _check_int("dropout seed", seed)
+    _check_int("dropout offset", offset)
+
+
 def check_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads,
-                           attn_mask=None, dropout_p=0.0) -> None:
-    """Raise a ValueError/TypeError saying what was expected unless the inputs of :func:`gated_attention` fit."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be a float32, float16 or bfloat16 tensor [B, S, E], got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {list(getattr(x, 'shape', []))}")
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 0:
-        raise ValueError(f"num_heads must be an int >= 0, got {num_heads!r}")
+                           attn_mask=None, dropout_p=0.0, *, key_bias=None, seed=0, offset=0,
+                           kernel: bool = False) -> None:
+    """Raise a ValueError/TypeError saying what was expected unless the inputs of ``gated_attention`` fit.
+
+    ``attn_mask``: the dispatcher's HF-style mask; ``key_bias``: the kernel backends' [B, S] fp32 key mask.
+    ``kernel``: the caller is a kernel backend's entry, which needs ``active_heads`` and at least one head (a
+    layer with no head left is its output bias, which only the reference computes; the dispatcher never sends it
+    to a kernel backend)."""
+    _check_x(x, "[B, S, E]", 3)
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < (1 if kernel else 0):
+        want = "an int >= 1 (a kernel backend needs a head; with none left only the reference runs)" if kernel \
+            else "an int >= 0"
+        raise ValueError(f"num_heads must be {want}, got {num_heads!r}")
     B, S, E = x.shape
     _check_tensor("wq", wq, (None, E), x)
     HD = wq.shape[0]
@@ -72,7 +115,7 @@ def check_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active
                            ("bv", bv, (HD,)), ("wo", wo, (E, HD)), ("bo", bo, (E,))):
         _check_tensor(name, t, shape, x)
     _check_tensor("head_gates", head_gates, (num_heads,), x, same_dtype=False)
-    _check_index("active_heads", active_heads, num_heads, x)
+    _check_index("active_heads", active_heads, num_heads, x, required=kernel)
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor) or attn_mask.device != x.device:
             raise ValueError(f"attention mask must be a tensor on {x.device}, got "
@@ -80,21 +123,24 @@ def check_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active
         if attn_mask.shape[0] not in (1, B) or attn_mask.shape[-1] != S:
             raise ValueError(f"attention mask must be [B, K] or [B, 1, Q, K] with B = {B}, K = {S}, got shape "
                              f"{tuple(attn_mask.shape)}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if key_bias is not None:
+        if not isinstance(key_bias, torch.Tensor) or key_bias.dtype != torch.float32 or \
+                list(key_bias.shape) != [B, S] or key_bias.device != x.device:
+            raise ValueError(f"key_bias must be a float32 tensor of shape [{B}, {S}] on {x.device}, got "
+                             f"{_describe(key_bias)}" + (f" on {key_bias.device}"
+                                                         if isinstance(key_bias, torch.Tensor) else ""))
+    check_dropout(dropout_p, seed, offset)
 
 
-def check_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation) -> None:
-    """Raise a ValueError/TypeError saying what was expected unless the inputs of :func:`gated_ffn` fit."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be a float32, float16 or bfloat16 tensor [B, S, E], got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {list(getattr(x, 'shape', []))}")
+def check_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation, *, kernel: bool = False) -> None:
+    """Raise a ValueError/TypeError saying what was expected unless the inputs of ``gated_ffn`` fit.
+    ``kernel``: the caller is a kernel backend's entry, which needs ``kept_units``."""
+    _check_x(x, "[..., E]", None)
     E = x.shape[-1]
     _check_tensor("w1", w1, (None, E), x)
     n = w1.shape[0]
     for name, t, shape in (("b1", b1, (n,)), ("w2", w2, (E, n)), ("b2", b2, (E,))):
         _check_tensor(name, t, shape, x)
     _check_tensor("unit_gates", unit_gates, (n,), x, same_dtype=False)
-    _check_index("kept_units", kept_units, n, x)
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+    _check_index("kept_units", kept_units, n, x, required=kernel)
+    check_activation(activation)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+from structprune.ops.activations import check_activation
 
 # The hard-concrete distribution: temperature and stretch interval (gamma, zeta).
 BETA = 2.0 / 3.0
@@ -22,13 +22,15 @@ ZETA = 1.1
 
 
 def activation_fn(name: str):
+    """The torch function of activation ``name`` (one of :data:`structprune.ops.activations.ACTIVATIONS`)."""
+    check_activation(name)
     if name == "gelu":
         return F.gelu
     if name == "gelu_tanh":
         return lambda t: F.gelu(t, approximate="tanh")
     if name == "relu":
         return F.relu
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    raise NotImplementedError(f"structprune.ops.activations lists {name!r}, which the reference does not compute")
 
 
 def key_bias_to_mask(key_bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -3,14 +3,16 @@
 a training call, the sampler's noise) is tests/ops/test_op_contract.py.
 
 Here: the saved tensors and both backward paths (saved / recomputing), the packed-weight cache (mask, gate and
-in-place weight changes between calls), the output_mask the backward ops get and honour, the C++ input checks,
-torch.compile, Philox known answers, the sampler's mask argument and the JIT build. Tolerances:
+in-place weight changes between calls), the output_mask the backward ops get and honour, the input checks (the
+shared Python ones at the entry, the memory guards of the raw ops), the activation names, torch.compile, Philox
+known answers, the sampler's mask argument, the build recipe and the JIT build. Tolerances:
 tests/helpers/tolerances.py.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -468,16 +470,67 @@ def test_cache_not_fooled_by_reused_memory():
 
 
 def test_input_errors_name_the_tensor():
+    """The entry runs the checks every backend shares (structprune/_input_checks.py)."""
     params, hg, active, kb = _attention_case(2, 5, 4, 32, "some", False)
     args = list(params.values())
     args[1] = args[1][:-1]  # wq one row short
-    with pytest.raises(RuntimeError, match="wq"):
+    with pytest.raises(ValueError, match="wq has 127 rows, not num_heads \\* head_dim with num_heads = 4"):
         ext.gated_attention(*args, hg, active, kb, 4)
     fparams, ug, kept = _ffn_case(2, 3, 32, 64, "some")
-    with pytest.raises(RuntimeError, match="activation"):
+    with pytest.raises(ValueError, match="activation must be one of"):
         ext.gated_ffn(*fparams.values(), ug, kept, "swish")
-    with pytest.raises(RuntimeError, match="kept_units"):
+    with pytest.raises(ValueError, match="kept_units must hold sorted unique indices"):
         ext.gated_ffn(*fparams.values(), ug, kept.flip(0), "gelu")
+    with pytest.raises(ValueError, match="dropout_p must be in \\[0, 1\\), got 1.5"):
+        ext.attention_dropout_scale(1, 4, 3, active, 1.5, 0)
+
+
+def test_raw_ops_guard_their_memory():
+    """Called directly (past the Python checks), the C++ ops still refuse what would read out of bounds: indices
+    out of range or out of order, shapes they index with, saved tensors of the wrong shape."""
+    fparams, ug, kept = _ffn_case(2, 3, 32, 64, "some")
+    ffn = torch.ops.structprune.cpp_gated_ffn
+    w = [t.detach() for t in fparams.values()]
+    with pytest.raises(RuntimeError, match="kept_units must hold sorted unique indices in \\[0, 64\\), got 64"):
+        ffn(*w, ug.detach(), torch.tensor([0, 64]), "gelu")
+    with pytest.raises(RuntimeError, match="kept_units must hold sorted unique indices"):
+        ffn(*w, ug.detach(), kept.flip(0), "gelu")
+    with pytest.raises(RuntimeError, match="w2 must have shape \\[32, 64\\], got \\[32, 63\\]"):
+        ffn(*w[:3], w[3][:, 1:], w[4], ug.detach(), kept, "gelu")
+    with pytest.raises(RuntimeError, match="x must be \\[B, S, E\\]"):
+        ffn(w[0][0], *w[1:], ug.detach(), kept, "gelu")
+    params, hg, active, kb = _attention_case(1, 5, 4, 32, "some", False)
+    with pytest.raises(RuntimeError, match="active_heads"):
+        torch.ops.structprune.cpp_gated_attention(*[t.detach() for t in params.values()], hg.detach(),
+                                                  torch.tensor([4]), None, 4)
+
+
+def test_cpp_accepts_exactly_the_python_activation_names():
+    """The C++ switch over activation names (csrc/ffn.cpp) and structprune/ops/activations.py agree: the op lists the
+    same names, runs each, and refuses others naming them."""
+    from structprune.ops.activations import ACTIVATIONS, HF_ACTIVATIONS
+
+    assert tuple(torch.ops.structprune.activation_names()) == ACTIVATIONS
+    fparams, ug, kept = _ffn_case(1, 3, 32, 64, "some")
+    w = [t.detach() for t in fparams.values()]
+    for name in ACTIVATIONS:
+        y = torch.ops.structprune.cpp_gated_ffn(*w, ug.detach(), kept, name)[0]
+        check_close(f"y {name}", y, reference.gated_ffn(*w, ug.detach(), name), None, torch.float32)
+    for name in sorted(set(HF_ACTIVATIONS) - set(ACTIVATIONS)) + ["GELU", "", "silu"]:
+        with pytest.raises(RuntimeError, match="activation must be one of 'gelu', 'gelu_tanh', 'relu', got"):
+            torch.ops.structprune.cpp_gated_ffn(*w, ug.detach(), kept, name)
+
+
+def test_ffn_entry_takes_x_of_any_rank():
+    """x [..., E] (the FFN is position-wise, as the other backends take it) runs as [1, N, E], with gradients."""
+    fparams, ug, kept = _ffn_case(2, 3, 32, 64, "some")
+    w = list(fparams.values())
+    x4 = w[0].detach().reshape(1, 2, 3, 32).requires_grad_()
+    y = ext.gated_ffn(x4, *w[1:], ug, kept, "relu")
+    assert y.shape == (1, 2, 3, 32)
+    check_close("y", y, reference.gated_ffn(x4, *w[1:], ug, "relu"), None, torch.float32)
+    (g,) = torch.autograd.grad(y.sum(), x4)
+    assert g.shape == x4.shape
 
 
 # --- torch.library integration --------------------------------------------------------------------------------------
@@ -623,17 +676,73 @@ def test_failed_cuda_jit_build_is_reported(monkeypatch, tmp_path):
     assert "compute_999" in ext.availability(torch.device("cuda"))
 
 
-def test_setup_honours_the_users_cuda_arch_list():
-    """setup.py builds for STRUCTPRUNE_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else sm_80 + sm_90a + PTX."""
-    import ast
+def _recipe():
     from pathlib import Path
 
-    tree = ast.parse((Path(__file__).resolve().parents[2] / "setup.py").read_text())
-    wanted = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name == "cuda_arch_list")
-              or (isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "DEFAULT_CUDA_ARCH_LIST")]
-    ns: dict = {}
-    exec(compile(ast.Module(body=wanted, type_ignores=[]), "setup.py", "exec"), ns)
-    arch = ns["cuda_arch_list"]
+    return ext._load_recipe(Path(__file__).resolve().parents[2] / "csrc")
+
+
+def test_build_recipe_arch_list_and_max_jobs():
+    """csrc/build_recipe.py: STRUCTPRUNE_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else sm_80 + sm_90a + PTX;
+    MAX_JOBS from the cores and memory unless set; every source it lists exists, every .cpp/.cu of csrc/ is listed."""
+    from pathlib import Path
+
+    recipe = _recipe()
+    arch = recipe.cuda_arch_list
     assert arch({}) == "8.0;9.0a;9.0+PTX"
     assert arch({"TORCH_CUDA_ARCH_LIST": "8.6"}) == "8.6"
     assert arch({"TORCH_CUDA_ARCH_LIST": "8.6", "STRUCTPRUNE_CUDA_ARCH_LIST": "12.0"}) == "12.0"
+    assert recipe.build_env({}, with_cuda=False) == {"MAX_JOBS": recipe.default_max_jobs()}
+    assert recipe.build_env({"MAX_JOBS": "3"}, with_cuda=True) == {"TORCH_CUDA_ARCH_LIST": "8.0;9.0a;9.0+PTX"}
+    assert 1 <= int(recipe.default_max_jobs()) <= (os.cpu_count() or 1)
+    csrc = Path(recipe.__file__).parent
+    listed = set(recipe.sources(with_cuda=True))
+    assert all((csrc / s).is_file() for s in listed)
+    assert {str(p.relative_to(csrc)) for p in csrc.rglob("*") if p.suffix in (".cpp", ".cu")} == listed
+    setup = (csrc.parent / "setup.py").read_text()
+    assert "build_recipe.py" in setup and "register.cpp" not in setup  # setup.py lists no sources of its own
+
+
+def test_jit_build_follows_the_recipe(monkeypatch, tmp_path, capsys):
+    """The JIT build compiles the recipe's sources with its flags, under its arch list and MAX_JOBS (set for the
+    build only), and says so on stderr first, once, unless STRUCTPRUNE_QUIET=1; loading from the cache is silent."""
+    from torch.utils import cpp_extension
+
+    recipe = _recipe()
+    seen = []
+
+    def fake_load(name, sources, extra_cflags, build_directory, **kwargs):
+        seen.append((name, [os.path.relpath(s, recipe.__file__.rsplit("/", 1)[0]) for s in sources], extra_cflags,
+                     os.environ.get("TORCH_CUDA_ARCH_LIST"), os.environ.get("MAX_JOBS")))
+        if "cuda" in name:
+            raise RuntimeError("no nvcc here")
+        open(os.path.join(build_directory, name + ".so"), "w").close()
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    monkeypatch.setattr(ext, "_cuda_build_error", None)
+    monkeypatch.setenv("STRUCTPRUNE_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("STRUCTPRUNE_CUDA_ARCH_LIST", "8.6")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    monkeypatch.delenv("STRUCTPRUNE_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.delenv("STRUCTPRUNE_SANITIZE", raising=False)
+    monkeypatch.delenv("STRUCTPRUNE_QUIET", raising=False)
+    with pytest.warns(RuntimeWarning):
+        ext._jit_build()
+    (cuda_name, cuda_src, cuda_flags, cuda_arch, cuda_jobs), (cpu_name, cpu_src, cpu_flags, cpu_arch, _) = seen
+    assert cuda_src == recipe.sources(True) and cpu_src == recipe.sources(False)
+    assert cuda_flags == recipe.cxx_flags(True) and cpu_flags == recipe.cxx_flags(False)
+    assert (cuda_arch, cuda_jobs) == ("8.6", recipe.default_max_jobs()) and cpu_arch is None
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ and "MAX_JOBS" not in os.environ  # restored after the build
+    err = capsys.readouterr().err
+    assert err.count("structprune: building the C++ extension (first use, about a minute; cached under") == 1
+    assert str(tmp_path) in err
+    monkeypatch.setattr(torch.version, "cuda", None)
+    ext._jit_build()  # the library is there and newer than the sources: loaded from the cache, no notice
+    assert "building the C++ extension" not in capsys.readouterr().err
+    (tmp_path / "structprune_ext_cpu" / "structprune_ext_cpu.so").unlink()
+    monkeypatch.setenv("STRUCTPRUNE_QUIET", "1")
+    ext._jit_build()
+    assert "building the C++ extension" not in capsys.readouterr().err

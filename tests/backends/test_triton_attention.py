@@ -267,19 +267,22 @@ def test_torch_compile_fullgraph():
 
 
 def test_input_errors():
+    """The checks every backend shares (structprune/_input_checks.py; tests/test_input_checks.py runs them all)."""
     device = DEVICES[0]
     leaves, active, key_bias = make_inputs(1, 4, 32, 2, 16, "all", device)
     with pytest.raises(ValueError, match=r"wq must have shape \[\*, 32\]"):
         K.gated_attention(leaves[0], leaves[1][:, :16], *leaves[2:], active, None, 2)
-    with pytest.raises(ValueError, match="wo must have dtype float32"):
+    with pytest.raises(ValueError, match=r"wo must have the dtype of x \(torch.float32\), got torch.float16"):
         K.gated_attention(*leaves[:7], leaves[7].half(), *leaves[8:], active, None, 2)
-    with pytest.raises(ValueError, match="active_heads must have dtype int64"):
+    with pytest.raises(ValueError, match="active_heads must be a 1-D int64 tensor, got torch.int32"):
         K.gated_attention(*leaves, active.int(), None, 2)
-    with pytest.raises(ValueError, match=r"key_bias must have shape \[1, 4\]"):
+    with pytest.raises(ValueError, match=r"key_bias must be a float32 tensor of shape \[1, 4\]"):
         K.gated_attention(*leaves, active, torch.zeros(1, 5, device=device), 2)
-    with pytest.raises(ValueError, match="active_heads must hold indices"):
-        K.gated_attention(*leaves, torch.tensor([0, 2], device=device), None, 2)
-    with pytest.raises(ValueError, match="not a multiple of num_heads"):
+    with pytest.raises(ValueError, match=r"active_heads must hold sorted unique indices in \[0, 2\), got \[0, 2\]"):
+        K.gated_attention(*leaves, torch.tensor([0, 2]), None, 2)
+    with pytest.raises(ValueError, match=r"active_heads must hold sorted unique indices in \[0, 2\), got \[1, 0\]"):
+        K.gated_attention(*leaves, torch.tensor([1, 0]), None, 2)  # the order: not checked here before
+    with pytest.raises(ValueError, match=r"wq has 32 rows, not num_heads \* head_dim with num_heads = 3"):
         K.gated_attention(*leaves[:9], torch.ones(3, device=device), active, None, 3)
 
 

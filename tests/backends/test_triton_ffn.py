@@ -224,18 +224,21 @@ def test_torch_compile_fullgraph():
 
 
 def test_input_errors():
+    """The checks every backend shares (structprune/_input_checks.py; tests/test_input_checks.py runs them all)."""
     device = DEVICES[0]
     leaves, kept_units = make_inputs((1, 4), 32, 48, "all", device)
     with pytest.raises(ValueError, match=r"w2 must have shape \[32, 48\]"):
         K.gated_ffn(*leaves[:3], leaves[3][:, :40], *leaves[4:], kept_units, "gelu")
-    with pytest.raises(ValueError, match="b1 must have dtype float16"):
+    with pytest.raises(ValueError, match=r"b1 must have the dtype of x \(torch.float16\), got torch.float32"):
         K.gated_ffn(leaves[0].half(), leaves[1].half(), leaves[2], leaves[3].half(),
                     leaves[4].half(), leaves[5], kept_units, "gelu")
-    with pytest.raises(ValueError, match="activation must be one of"):
+    with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'gelu_tanh', 'relu'\), got 'swish'"):
         K.gated_ffn(*leaves, kept_units, "swish")
-    with pytest.raises(ValueError, match="kept_units must have dtype int64"):
+    with pytest.raises(ValueError, match="kept_units must be a 1-D int64 tensor, got torch.int32"):
         K.gated_ffn(*leaves, kept_units.int(), "gelu")
-    with pytest.raises(ValueError, match="x must have dtype"):
+    with pytest.raises(ValueError, match="kept_units must hold sorted unique indices in"):
+        K.gated_ffn(*leaves, kept_units.flip(0).cpu(), "gelu")  # the order: not checked here before
+    with pytest.raises(ValueError, match="x must be a float32, float16 or bfloat16 tensor .*, got torch.float64"):
         K.gated_ffn(leaves[0].double(), *leaves[1:], kept_units, "gelu")
 
 

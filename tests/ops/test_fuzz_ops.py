@@ -28,6 +28,7 @@ from helpers.tolerances import check_close as _close
 
 from structprune.ops import dispatch as ops
 from structprune.ops import reference
+from structprune.ops.activations import ACTIVATIONS
 
 settings.register_profile("structprune-ci", max_examples=20, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow], print_blob=True)
@@ -64,7 +65,7 @@ def ffn_cases(draw, max_b=3, max_s=300):
     return dict(
         B=draw(st.integers(0, max_b)), S=draw(seq_lengths(max_s)), E=draw(st.sampled_from([8, 24, 40, 64])),
         I=draw(st.integers(1, 200)), kept=draw(st.sampled_from(["all", "none", "random"])),
-        activation=draw(st.sampled_from(list(reference.ACTIVATIONS))), dtype=draw(st.sampled_from(list(DTYPES))),
+        activation=draw(st.sampled_from(list(ACTIVATIONS))), dtype=draw(st.sampled_from(list(DTYPES))),
         contiguous=draw(st.sampled_from(CONTIGUITY)), seed=draw(st.integers(0, 2**16)))
 
 

@@ -1,10 +1,12 @@
-"""Input checks at the op boundary: the same bad input gets the same error from every backend."""
+"""Input checks: the same bad input gets the same error, saying what was expected and what came, from the
+dispatcher and from every backend's own op entry (structprune/_input_checks.py is the one copy they all call)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from structprune.ops import dispatch as ops
+from structprune.ops import registry as backends
 
 BACKENDS = [b for b in ops.BACKENDS if ops.availability(b, "cpu") is None]
 
@@ -40,13 +42,29 @@ ATTENTION_CASES = {
     "mask shape": (dict(attn_mask=torch.ones(2, 4, dtype=torch.bool)), "attention mask must be \\[B, K\\]"),
     "dropout": (dict(dropout_p=1.0), "dropout_p must be in \\[0, 1\\)"),
 }
+# What only the backends' entries take: the kernels' [B, S] fp32 key mask and the dropout seed.
+ENTRY_ATTENTION_CASES = {
+    **{k: v for k, v in ATTENTION_CASES.items() if k != "mask shape"},
+    "key_bias shape": (dict(key_bias=torch.zeros(2, 4)),
+                       "key_bias must be a float32 tensor of shape \\[2, 5\\] on cpu, got torch.float32 of shape "
+                       "\\[2, 4\\]"),
+    "key_bias dtype": (dict(key_bias=torch.zeros(2, 5, dtype=torch.float16)), "key_bias must be a float32 tensor"),
+    "seed": (dict(seed=-1, dropout_p=0.1), "dropout seed must be an int in \\[0, 2\\*\\*63\\), got -1"),
+}
 
 FFN_CASES = {
     "w2 shape": (dict(w2=torch.randn(6, 8)), "w2 must have shape \\[8, 6\\], got \\[6, 8\\]"),
     "b1 dtype": (dict(b1=torch.randn(6).bfloat16()), "b1 must have the dtype of x"),
     "gates": (dict(unit_gates=torch.ones(5)), "unit_gates must have shape \\[6\\]"),
     "kept": (dict(kept_units=torch.tensor([0, 6])), "kept_units must hold sorted unique indices in \\[0, 6\\)"),
-    "activation": (dict(activation="swish"), "activation must be one of"),
+    "activation": (dict(activation="swish"),
+                   "activation must be one of \\('gelu', 'gelu_tanh', 'relu'\\), got 'swish'"),
+    "x int": (dict(x=torch.ones(2, 5, 8, dtype=torch.int64)),
+              "x must be a float32, float16 or bfloat16 tensor \\[\\.\\.\\., E\\], got torch.int64"),
+    "kept order": (dict(kept_units=torch.tensor([3, 1])), "kept_units must hold sorted unique indices in \\[0, 6\\), "
+                   "got \\[3, 1\\]"),
+    "kept count": (dict(kept_units=torch.arange(7)),
+                   "kept_units must have at most 6 entries \\(one per gate\\), got 7"),
 }
 
 
@@ -87,3 +105,59 @@ def test_an_index_changed_in_place_is_checked_again():
     args["active_heads"][1] = 5
     with pytest.raises(ValueError, match="active_heads must hold sorted unique indices"):
         ops.gated_attention(**args)
+
+
+def _entry_attention_args(args: dict) -> dict:
+    """The dispatcher's arguments as a backend entry takes them (key_bias instead of attn_mask)."""
+    args = dict(args)
+    args.setdefault("key_bias", None)
+    args.pop("attn_mask", None)
+    return args
+
+
+@pytest.mark.parametrize("case", list(ENTRY_ATTENTION_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_bad_input_same_error_from_every_backend_entry(backend, case):
+    """Called directly, as torch.ops.structprune.gated_attention(..., backend) calls it, each backend's entry
+    checks like the dispatcher: the Triton entry included (it used to skip the order of active_heads)."""
+    change, message = ENTRY_ATTENTION_CASES[case]
+    args = _entry_attention_args({**_attention_args(), **change})
+    with pytest.raises((ValueError, TypeError), match=message):
+        backends.load(backend).gated_attention(**args)
+
+
+@pytest.mark.parametrize("case", list(FFN_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ffn_bad_input_same_error_from_every_backend_entry(backend, case):
+    change, message = FFN_CASES[case]
+    args = {**_ffn_args(), **change}
+    with pytest.raises((ValueError, TypeError), match=message):
+        backends.load(backend).gated_ffn(**args)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_kernel_entries_need_the_index_and_a_head(backend):
+    """The reference computes every head / unit (the index may be None) and a layer with no head left; a kernel
+    backend's entry says it needs them."""
+    entry = backends.load(backend)
+    with pytest.raises(ValueError, match="active_heads must be a 1-D int64 tensor, got NoneType"):
+        entry.gated_attention(**_entry_attention_args({**_attention_args(), "active_heads": None}))
+    with pytest.raises(ValueError, match="kept_units must be a 1-D int64 tensor, got NoneType"):
+        entry.gated_ffn(**{**_ffn_args(), "kept_units": None})
+    empty = _entry_attention_args(_attention_args(H=0))
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1 .*, got 0"):
+        entry.gated_attention(**empty)
+    backends.load("torch").gated_attention(**empty)  # the reference: the output bias
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_good_entry_inputs_pass_the_checks(backend):
+    """The checks let through what the contract allows: a [B, S] fp32 key bias, dropout's seed, x of any rank
+    for the FFN (position-wise), a CPU index."""
+    entry = backends.load(backend)
+    args = _entry_attention_args(_attention_args())
+    args["key_bias"] = torch.zeros(2, 5)
+    assert entry.gated_attention(**args).shape == (2, 5, 8)
+    for lead in ((10,), (2, 5), (1, 2, 5)):
+        x = torch.randn(*lead, 8)
+        assert entry.gated_ffn(**{**_ffn_args(), "x": x}).shape == (*lead, 8)

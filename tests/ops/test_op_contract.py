@@ -377,3 +377,25 @@ def test_public_ops_have_one_schema_and_name_unknown_backends():
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         torch.ops.structprune.gated_ffn(x, torch.randn(4, 8), torch.randn(4), torch.randn(8, 4), torch.randn(8),
                                         torch.ones(4), torch.arange(4), "gelu", "nope")
+
+
+def test_checks_inputs_like_the_dispatcher(target):
+    """Every backend's entry runs the one set of input checks (structprune/_input_checks.py): through the public
+    op or called directly, a bad input gets the dispatcher's error (tests/test_input_checks.py has the full table)."""
+    backend, device = target
+    leaves, active, _ = attention_case(2, 5, 16, 2, 8, "all", False, device)
+    fleaves, kept_units = ffn_case(2, 5, 16, 8, "all", device)
+    unsorted = active.flip(0).cpu()
+    for call in (lambda: backend.gated_attention(*leaves, unsorted, None, 2),
+                 lambda: torch.ops.structprune.gated_attention(*leaves, unsorted, None, 2, backend.name),
+                 lambda: ops.gated_attention(*leaves, unsorted, 2)):
+        with pytest.raises(ValueError, match=r"active_heads must hold sorted unique indices in \[0, 2\), got \[1, 0\]"):
+            call()
+    bad_bias = torch.zeros(2, 4, device=device)
+    with pytest.raises(ValueError, match=r"key_bias must be a float32 tensor of shape \[2, 5\]"):
+        backend.gated_attention(*leaves, active, bad_bias, 2)
+    for call in (lambda: backend.gated_ffn(*fleaves, kept_units, "swish"),
+                 lambda: torch.ops.structprune.gated_ffn(*fleaves, kept_units, "swish", backend.name),
+                 lambda: ops.gated_ffn(*fleaves, kept_units, "swish")):
+        with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'gelu_tanh', 'relu'\), got 'swish'"):
+            call()

@@ -5,14 +5,18 @@ Loading, in order (importing this module never fails because the extension is mi
 1. ``structprune._C``, built by ``setup.py`` at install time (``pip install --no-build-isolation .``);
 2. a JIT build of ``csrc/`` with :func:`torch.utils.cpp_extension.load` (ninja), cached under
    ``$STRUCTPRUNE_BUILD_DIR`` or torch's default extensions directory (``$TORCH_EXTENSIONS_DIR``); the CUDA
-   sources are compiled only when torch itself has CUDA (and fall back to a CPU-only build if that fails);
+   sources are compiled only when torch itself has CUDA (and fall back to a CPU-only build if that fails).
+   Sources, flags, CUDA arch list and ``MAX_JOBS`` default are ``csrc/build_recipe.py``'s, as for setup.py; a
+   build that compiles (not one loaded from the cache) says so on stderr first, unless ``STRUCTPRUNE_QUIET=1``;
 3. otherwise the reason is recorded: :func:`availability` returns it (``structprune.ops.dispatch`` reports it) and it is
    logged once.
 
 Ops (``torch.ops.structprune.*``): ``cpp_gated_attention``, ``cpp_gated_attention_backward``, ``cpp_gated_ffn``,
 ``cpp_gated_ffn_backward``, ``cpp_hard_concrete_sample``, ``cpp_hard_concrete_sample_backward`` and helpers
-``attention_dropout_scale``, ``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``philox4x32_10``. Fake
-kernels, autograd formulas (calling the C++ backward ops) and autocast rules are registered here.
+``attention_dropout_scale``, ``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``activation_names``,
+``philox4x32_10``. Fake kernels, autograd formulas (calling the C++ backward ops) and autocast rules are registered
+here. The op entries (:func:`gated_attention`, :func:`gated_ffn`) check their inputs with
+:mod:`structprune._input_checks`, as every backend does; the C++ ops keep only the checks that guard memory.
 
 The backward ops take ``output_mask`` = (x, all weights and biases, gates): the autograd formulas build it from
 ``ctx.needs_input_grad``, so frozen weights (e.g. an L0 selection phase training only the gates) cost no weight
@@ -36,8 +40,11 @@ patched model at once.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import logging
+import math
 import os
 import sys
 import time
@@ -46,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from structprune.ops.checks import check_attention_inputs, check_dropout, check_ffn_inputs
 from structprune.ops.support import (Backend, OpInputs, grad_output_mask, kernel_not_supported_reasons, masked_grads,
                           register_autocast)
 
@@ -57,8 +65,6 @@ _log = logging.getLogger("structprune")
 
 _OPS = ("cpp_gated_attention", "cpp_gated_attention_backward", "cpp_gated_ffn", "cpp_gated_ffn_backward",
         "cpp_hard_concrete_sample", "cpp_hard_concrete_sample_backward")
-_CPU_SOURCES = ("register.cpp", "gated_core.cpp", "cpu/ops_cpu.cpp")
-_CUDA_SOURCES = ("cuda/kernels.cu", "cuda/ops_cuda.cpp")
 
 _error: str | None = None  # why the extension could not be loaded (None when loaded)
 _origin: str = ""  # how it was loaded: "prebuilt structprune._C" or "JIT build in <dir>"
@@ -80,6 +86,46 @@ def _csrc_dir() -> Path | None:
     return None
 
 
+def _load_recipe(src: Path):
+    """csrc/build_recipe.py (the build recipe setup.py reads too), loaded by its path."""
+    spec = importlib.util.spec_from_file_location("structprune_build_recipe", src / "build_recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    """os.environ with ``values`` set for the duration (torch's build reads MAX_JOBS, TORCH_CUDA_ARCH_LIST)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _needs_compile(build_dir: Path, name: str, src: Path) -> bool:
+    """Whether loading ``name`` from ``build_dir`` will compile: no library there yet, or one older than a
+    source or header (ninja then rebuilds)."""
+    lib = build_dir / f"{name}.so"
+    if not lib.is_file():
+        return True
+    newest = max((p.stat().st_mtime for p in src.rglob("*") if p.suffix in (".cpp", ".h", ".cu")), default=0.0)
+    return lib.stat().st_mtime < newest
+
+
+def _build_notice(where: Path) -> None:
+    """One line on stderr before a JIT build compiles (it takes about a minute, silent otherwise)."""
+    if os.environ.get("STRUCTPRUNE_QUIET") != "1":
+        print(f"structprune: building the C++ extension (first use, about a minute; cached under {where})",
+              file=sys.stderr, flush=True)
+
+
 def _jit_build() -> str:
     """JIT-build csrc/ with ninja; returns where it was built. Raises with the reason when it cannot."""
     from torch.utils import cpp_extension
@@ -89,32 +135,35 @@ def _jit_build() -> str:
         raise RuntimeError("the csrc/ sources are not shipped with this install (reinstall from a source checkout "
                            "or with `pip install --no-build-isolation .` to prebuild structprune._C)")
     cpp_extension.verify_ninja_availability()  # raises RuntimeError("Ninja is required to load C++ extensions")
+    recipe = _load_recipe(src)
     sanitizers = sanitize_flags()
     attempts = []
-    if torch.version.cuda is not None and os.environ.get("STRUCTPRUNE_SKIP_CUDA_BUILD") != "1" and not sanitizers:
+    if torch.version.cuda is not None and not recipe.skip_cuda(os.environ) and not sanitizers:
         attempts.append(True)
     attempts.append(False)
     verbose = os.environ.get("STRUCTPRUNE_BUILD_VERBOSE") == "1"
     errors = []
+    noticed = False
     for with_cuda in attempts:
         name = "structprune_ext_cuda" if with_cuda else "structprune_ext_cpu"
-        sources = [str(src / s) for s in _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())]
-        cflags = ["-O3"] + (["-DSTRUCTPRUNE_WITH_CUDA"] if with_cuda else [])
-        kwargs = {}
         if sanitizers:  # its own name (and so its own build directory): never mixed with the optimized build
             name += "_" + "_".join(sanitizers)
-            cflags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=" + ",".join(sanitizers)]
-            kwargs["extra_ldflags"] = ["-fsanitize=" + ",".join(sanitizers)]
         root = os.environ.get("STRUCTPRUNE_BUILD_DIR")
-        if root:
-            kwargs["build_directory"] = str(Path(root, name))
-            Path(kwargs["build_directory"]).mkdir(parents=True, exist_ok=True)
+        build_dir = Path(root, name) if root else Path(cpp_extension._get_build_directory(name, verbose))
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not noticed and _needs_compile(build_dir, name, src):
+            _build_notice(build_dir)
+            noticed = True
         try:
-            cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_cuda_cflags=["-O3"],
-                               extra_include_paths=[str(src)], is_python_module=False, verbose=verbose, **kwargs)
+            with _environ(recipe.build_env(os.environ, with_cuda)):  # MAX_JOBS default, TORCH_CUDA_ARCH_LIST
+                cpp_extension.load(name=name, sources=[str(src / s) for s in recipe.sources(with_cuda)],
+                                   extra_cflags=recipe.cxx_flags(with_cuda, sanitizers=sanitizers),
+                                   extra_cuda_cflags=recipe.nvcc_flags(), extra_ldflags=recipe.ld_flags(sanitizers),
+                                   extra_include_paths=[str(src)], build_directory=str(build_dir),
+                                   is_python_module=False, verbose=verbose)
             if errors:  # the CUDA build failed and this CPU-only build stands in: say so, don't drop it silently
                 _record_cuda_build_error(errors[0])
-            return kwargs.get("build_directory") or str(Path(cpp_extension._get_build_directory(name, verbose)))
+            return str(build_dir)
         except Exception as exc:  # compiler missing, compile error, CUDA toolkit missing, ...
             errors.append(f"{'CUDA' if with_cuda else 'CPU'} build: {type(exc).__name__}: {str(exc)[-2000:]}")
     raise RuntimeError("JIT build of csrc/ failed; " + " | ".join(errors))
@@ -244,6 +293,8 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
     ``dropout_p > 0``: attention-probability dropout with the Philox stream ``(seed, offset)`` (the mask is
     :func:`attention_dropout_scale`; the backward regenerates it)."""
     _require()
+    check_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads, key_bias=key_bias,
+                           dropout_p=dropout_p, seed=seed, offset=offset, kernel=True)
     save = _needs_grad(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates)
     return torch.ops.structprune.cpp_gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
                                                      key_bias, int(num_heads), save, float(dropout_p), int(seed),
@@ -261,16 +312,23 @@ def attention_dropout_scale(batch: int, num_heads: int, seq: int, heads: torch.T
     softmax probabilities of the active ``heads`` for ``(seed, offset)``; element (b, h, i, j) of the layer's
     [B, H, S, S] probabilities uses Philox4x32-10 output ``n = ((b * H + h) * S + i) * S + j`` (csrc/gated_core.h)."""
     _require()
+    check_dropout(p, seed, offset)
     return torch.ops.structprune.attention_dropout_scale(batch, num_heads, seq, heads, float(p), int(seed),
                                                          int(offset))
 
 
 def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
     """Gated FFN projection, equal to :func:`structprune.ops.reference.gated_ffn` (pruned units' gate gradient: 0).
-    Keeps the pre-activation and the activation for the backward when a gradient is needed."""
+    Keeps the pre-activation and the activation for the backward when a gradient is needed. ``x`` may be
+    [..., E] (the op takes [B, S, E]: other shapes run as [1, N, E])."""
     _require()
+    check_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation, kernel=True)
     save = _needs_grad(x, w1, b1, w2, b2, unit_gates)
-    return torch.ops.structprune.cpp_gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save)[0]
+    if x.dim() == 3:
+        return torch.ops.structprune.cpp_gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save)[0]
+    x3 = x.reshape(1, math.prod(x.shape[:-1]), x.shape[-1])
+    y = torch.ops.structprune.cpp_gated_ffn(x3, w1, b1, w2, b2, unit_gates, kept_units, activation, save)[0]
+    return y.reshape(x.shape)
 
 
 def hard_concrete_sample(log_alpha, seed: int, offset: int, beta: float = 2.0 / 3.0, mask=None):

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from structprune.ops.activations import HF_ACTIVATIONS
+
 # The roles of a patched layer's pieces (see Family.paths).
 LINEAR_ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 ROLES = LINEAR_ROLES + ("attention", "ffn", "head_gate", "unit_gate")
-_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,11 @@ class Sizes:
 
     @property
     def kernel_activation(self) -> str:
-        """The activation's name in structprune's kernels ("gelu", "gelu_tanh", "relu")."""
+        """The activation's name in structprune's kernels (one of :data:`structprune.ops.activations.ACTIVATIONS`)."""
         act = self.activation
-        if not isinstance(act, str) or act not in _HF_ACTIVATIONS:
-            raise ValueError(f"hidden activation {act!r} is not supported; expected one of {sorted(_HF_ACTIVATIONS)}")
-        return _HF_ACTIVATIONS[act]
+        if not isinstance(act, str) or act not in HF_ACTIVATIONS:
+            raise ValueError(f"hidden activation {act!r} is not supported; expected one of {sorted(HF_ACTIVATIONS)}")
+        return HF_ACTIVATIONS[act]
 
 
 class LayerParts:

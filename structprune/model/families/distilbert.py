@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structprune.ops import dispatch as ops
+from structprune.model.families.base import Family
 from structprune.model.gates import HardConcreteGate
 from structprune.model.modules import attend, gate_values, stash_hf_module, unstash_hf_module
-from structprune.ops.reference import ACTIVATIONS
-from structprune.model.families.base import Family
+from structprune.ops import dispatch as ops
+from structprune.ops.activations import check_activation
 
 
 class GatedDistilBertAttention(nn.Module):
@@ -40,8 +40,7 @@ class GatedDistilBertFFN(nn.Module):
 
     def __init__(self, lin1: nn.Linear, lin2: nn.Linear, dropout: nn.Module, activation: str, sampling: bool = False):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         self.lin1, self.lin2, self.dropout = lin1, lin2, dropout
         self.activation = activation
         self.unit_gate = HardConcreteGate(lin1.out_features, sampling=sampling)
