@@ -11,11 +11,11 @@ from structprune._version import __version__
 from structprune import strategies  # noqa: F401  (sp.strategies)
 from structprune.model.compaction import compact, unpatch
 from structprune.model.families import family_of, register_family
-from structprune.model.families.bert import GatedAttention
+from structprune.model.families.bert import GatedAttention, GatedIntermediate
 from structprune.model.gates import HardConcreteGate
 from structprune.model.io import from_pretrained, save_pretrained
 from structprune.model.masks import Masks, get_masks, set_masks
-from structprune.model.modules import GatedIntermediate, GatedSelfAttention
+from structprune.model.modules import GatedSelfAttention
 from structprune.model.patching import (SUPPORTED_MODEL_TYPES, NotPatchedError, gate_parameters, is_patched,
                                         iter_gates, patch, set_gate_sampling)
 from structprune.model.summary import Summary, summary

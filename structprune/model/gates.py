@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from structprune.ops import dispatch as ops
-from structprune.ops.reference import BETA, GAMMA, ZETA, hard_concrete_from_uniform  # noqa: F401  (re-exported)
+from structprune.ops.reference import BETA, GAMMA, ZETA
 
 # sigmoid(OPEN_LOG_ALPHA) * (ZETA - GAMMA) + GAMMA > 1, so the deterministic gate starts at exactly 1.
 OPEN_LOG_ALPHA = 3.0

@@ -12,7 +12,6 @@ from torch import nn
 
 from structprune.model.gates import HardConcreteGate
 from structprune.ops import dispatch as ops
-from structprune.ops.activations import check_activation
 
 
 def gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,33 +77,3 @@ class GatedSelfAttention(nn.Module):
         """Gated attention through ``output`` (the layer's attention output projection): see :func:`attend`."""
         return attend(hidden_states, self.query, self.key, self.value, output, self.head_gate, self.num_heads,
                       attention_mask, dropout_p if self.training else 0.0, config)
-
-
-class GatedIntermediate(nn.Module):
-    """Drop-in for ``BertIntermediate``: ``act(dense(x)) * gate`` (one gate per FFN unit).
-
-    Called on its own it returns the gated activations, so HF's ``BertOutput`` still composes with it;
-    patched layers call :meth:`ffn` instead, which fuses both projections in one op.
-    """
-
-    def __init__(self, dense: nn.Linear, activation: str, sampling: bool = False):
-        super().__init__()
-        check_activation(activation)
-        self.dense = dense
-        self.activation = activation
-        self.unit_gate = HardConcreteGate(dense.out_features, sampling=sampling)
-
-    def extra_repr(self) -> str:
-        return f"units={self.dense.out_features}, activation={self.activation}"
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        from structprune.ops.reference import activation_fn
-
-        gates, _ = gate_values(self.unit_gate)
-        return activation_fn(self.activation)(self.dense(hidden_states)) * gates.to(hidden_states.dtype)
-
-    def ffn(self, hidden_states: torch.Tensor, output_dense: nn.Linear) -> torch.Tensor:
-        """Both FFN projections with gated units: ``output_dense(act(dense(x)) * gate)``."""
-        gates, kept = gate_values(self.unit_gate)
-        return ops.gated_ffn(hidden_states, self.dense.weight, self.dense.bias, output_dense.weight,
-                             output_dense.bias, gates, kept, self.activation)

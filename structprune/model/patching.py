@@ -5,7 +5,6 @@ asks it. :func:`layer_parts` is how every other module reaches a patched layer's
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from structprune.model.families import Family, LayerParts, family_of, supported_model_types

@@ -10,8 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structprune.model.modules import GatedIntermediate, GatedSelfAttention, stash_hf_module, unstash_hf_module
 from structprune.model.families.base import Family
+from structprune.model.gates import HardConcreteGate
+from structprune.model.modules import GatedSelfAttention, gate_values, stash_hf_module, unstash_hf_module
+from structprune.ops import dispatch as ops
+from structprune.ops.activations import check_activation
+from structprune.ops.reference import activation_fn
 
 
 class GatedAttention(nn.Module):
@@ -34,6 +38,34 @@ class GatedAttention(nn.Module):
                                        self.config)
         out = self.output.LayerNorm(self.output.dropout(context_out) + hidden_states)
         return out, None
+
+
+class GatedIntermediate(nn.Module):
+    """Drop-in for ``BertIntermediate``: ``act(dense(x)) * gate`` (one gate per FFN unit).
+
+    Called on its own it returns the gated activations, so HF's ``BertOutput`` still composes with it;
+    patched layers call :meth:`ffn` instead, which fuses both projections in one op.
+    """
+
+    def __init__(self, dense: nn.Linear, activation: str, sampling: bool = False):
+        super().__init__()
+        check_activation(activation)
+        self.dense = dense
+        self.activation = activation
+        self.unit_gate = HardConcreteGate(dense.out_features, sampling=sampling)
+
+    def extra_repr(self) -> str:
+        return f"units={self.dense.out_features}, activation={self.activation}"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gates, _ = gate_values(self.unit_gate)
+        return activation_fn(self.activation)(self.dense(hidden_states)) * gates.to(hidden_states.dtype)
+
+    def ffn(self, hidden_states: torch.Tensor, output_dense: nn.Linear) -> torch.Tensor:
+        """Both FFN projections with gated units: ``output_dense(act(dense(x)) * gate)``."""
+        gates, kept = gate_values(self.unit_gate)
+        return ops.gated_ffn(hidden_states, self.dense.weight, self.dense.bias, output_dense.weight,
+                             output_dense.bias, gates, kept, self.activation)
 
 
 class GatedLayerMixin:
