@@ -9,8 +9,10 @@ Backends (registered in :mod:`structprune.backends`; each implements :class:`str
              cpp on CPU, else torch.
 
 Every op checks its inputs once, here, then runs the chosen backend unless that backend reports a reason against
-the inputs (``Backend.not_supported_reasons``: no head left, dropout under ``torch.compile``, an explicit
-generator, ...); then "auto" tries the next backend and an explicit choice falls back to the reference. A kernel
+the inputs (``Backend.not_supported_reasons``: no head left, dropout under ``torch.compile`` without a tensor seed,
+an explicit generator, ...); then "auto" tries the next backend and an explicit choice falls back to the reference.
+Under ``torch.compile`` the choice is made while the graph is traced and enters it as a constant (see
+:func:`_choose`), so no backend is loaded inside the traced region. A kernel
 backend runs through the public custom op of the computation (:mod:`structprune._public_ops`:
 ``torch.ops.structprune.gated_attention(..., backend)`` and the like, one schema for every backend).
 :func:`last_backends` says which backend ran each op, :func:`fallback_reasons` why the chosen one did not.
