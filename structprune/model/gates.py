@@ -5,6 +5,11 @@ A gate vector of ``n`` entries has two pieces of state:
 * ``log_alpha`` (a parameter): the location of the hard-concrete distribution of each gate;
 * ``mask`` (a buffer of 0/1): a fixed pruning decision; a masked gate is exactly 0 whatever ``log_alpha`` says.
 
+A third buffer, ``mask_index`` (int64, not saved), lists the entries whose mask is non-zero. It is refreshed outside
+any ``torch.compile`` region whenever the mask changes through this class (:meth:`~HardConcreteGate.set_mask`,
+:meth:`~HardConcreteGate.keep_only_`, ``load_state_dict``), so a compiled model reads an index whose size is known
+when the graph is traced (no data-dependent ``nonzero`` in the graph); see :func:`structprune.modules.gate_values`.
+
 In training with ``sampling`` on, ``forward`` draws ``z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta)
 * (zeta - gamma) + gamma, 0, 1)``; otherwise it returns the deterministic gate
 ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``. Both are multiplied by ``mask``.
@@ -52,6 +57,7 @@ class HardConcreteGate(nn.Module):
         self.sampling = sampling
         self.log_alpha = nn.Parameter(torch.full((n,), float(init_log_alpha)))
         self.register_buffer("mask", torch.ones(n))
+        self.register_buffer("mask_index", torch.arange(n), persistent=False)
         self._index_cache: tuple | None = None
 
     def extra_repr(self) -> str:
@@ -95,8 +101,20 @@ class HardConcreteGate(nn.Module):
         return self._index_cache[1]
 
     @torch.no_grad()
+    def refresh_mask_index(self) -> None:
+        """Recompute ``mask_index`` from ``mask`` (done by every method here that changes the mask; call it after
+        writing ``mask`` in place directly, before running a compiled model)."""
+        self.mask_index = torch.nonzero(self.mask != 0, as_tuple=False).flatten()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.mask.device.type != "meta":
+            self.refresh_mask_index()
+
+    @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
         self.mask.copy_(mask.to(self.mask.dtype))
+        self.refresh_mask_index()
 
     @torch.no_grad()
     def open_(self) -> None:
@@ -110,3 +128,4 @@ class HardConcreteGate(nn.Module):
         self.mask = self.mask[index].clone()
         self.n = int(index.numel())
         self._index_cache = None
+        self.refresh_mask_index()

@@ -15,13 +15,17 @@ from structprune.ops import dispatch as ops
 
 
 def gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(gate values [n], indices of non-zero gates); a fresh sample in training with sampling on.
+    """(gate values [n], indices of the gates the kernels compute: every non-zero one); a fresh sample in training
+    with sampling on.
 
-    Under ``torch.compile`` with the reference backend no index is needed, and none is computed (its size
-    depends on the data, which would break the graph)."""
+    Under ``torch.compile`` the index is the gate's ``mask_index`` (the entries whose mask is non-zero, kept up to
+    date outside the graph whenever the mask changes), never a ``nonzero`` of the values, whose size depends on
+    the data and would break the graph: the compiled kernels also compute the unmasked gates whose value is 0 (a
+    closed deterministic gate, or a sample at 0 in L0 training) and multiply them by 0, so the result is the same.
+    With the reference backend no index is needed."""
     values = gate()
-    if torch.compiler.is_compiling() and ops.resolve_backend(values.device) == "torch":
-        return values, None
+    if torch.compiler.is_compiling():
+        return values, None if ops.resolve_backend(values.device) == "torch" else gate.mask_index
     if gate.stochastic:
         return values, torch.nonzero(values.detach() != 0, as_tuple=False).flatten()
     return values, gate.kept_index()

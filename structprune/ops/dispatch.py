@@ -9,8 +9,10 @@ Backends (registered in :mod:`structprune.ops.registry`; each implements :class:
              cpp on CPU, else torch.
 
 Every op checks its inputs once, here, then runs the chosen backend unless that backend reports a reason against
-the inputs (``Backend.not_supported_reasons``: no head left, dropout under ``torch.compile``, an explicit
-generator, ...); then "auto" tries the next backend and an explicit choice falls back to the reference. A kernel
+the inputs (``Backend.not_supported_reasons``: no head left, dropout under ``torch.compile`` without a tensor seed,
+an explicit generator, ...); then "auto" tries the next backend and an explicit choice falls back to the reference.
+Under ``torch.compile`` the choice is made while the graph is traced and enters it as a constant (see
+:func:`_choose`), so no backend is loaded inside the traced region. A kernel
 backend runs through the public custom op of the computation (:mod:`structprune.ops.schema`:
 ``torch.ops.structprune.gated_attention(..., backend)`` and the like, one schema for every backend).
 :func:`last_backends` says which backend ran each op, :func:`fallback_reasons` why the chosen one did not.
@@ -125,6 +127,12 @@ def resolve_backend(device: torch.device | str) -> str:
     """The backend that runs for tensors on ``device`` under the current choice (before any input-dependent
     fallback, see :func:`fallback_reasons`)."""
     device = torch.device(device)
+    if torch.compiler.is_compiling():
+        return _resolve_at_trace(_requested, device)
+    return _resolve(device)
+
+
+def _resolve(device: torch.device) -> str:
     for name in _order(device):
         if _usable(name, device):
             return name
@@ -132,9 +140,29 @@ def resolve_backend(device: torch.device | str) -> str:
     return "torch"
 
 
+# Under torch.compile the backend is chosen while the graph is traced, by running the choice for real (which loads
+# the backend modules, reads availability, warns once): dynamo takes the result as a constant instead of tracing
+# importlib and the checks. The traced code reads ``_requested`` to pass it, so dynamo guards on it and a later
+# set_backend() recompiles; the backends' availability does not change within a process.
+@torch.compiler.assume_constant_result
+def _resolve_at_trace(requested: str, device: torch.device) -> str:
+    return _resolve(device)
+
+
+@torch.compiler.assume_constant_result
+def _choose_at_trace(requested: str, *fields) -> str:
+    return _choose_eager(OpInputs(*fields)).name  # fields, not the NamedTuple: dynamo hands constants over as tuples
+
+
 def _choose(inputs: OpInputs):
     """The backend object that runs ``inputs``: the first usable backend with no reason against them, else the
     reference; the reasons of those passed over are kept for :func:`fallback_reasons`."""
+    if torch.compiler.is_compiling():
+        return backends.load(_choose_at_trace(_requested, *inputs))
+    return _choose_eager(inputs)
+
+
+def _choose_eager(inputs: OpInputs):
     skipped = []
     chosen = None
     usable = False
@@ -195,6 +223,12 @@ def _host_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
+def _graph_seed() -> torch.Tensor:
+    """The kernel seed under ``torch.compile``: the draw of :func:`_host_seed`, kept as a one-element CPU tensor so
+    that it stays a value computed by the graph on every run."""
+    return torch.randint(0, 2**31 - 1, (1,), device="cpu")
+
+
 def hard_concrete_sample(log_alpha: torch.Tensor, beta: float, generator: torch.Generator | None = None):
     """One hard-concrete sample per entry of ``log_alpha``, differentiable in it.
 
@@ -230,6 +264,12 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
             attn_mask = attn_mask[:, None, None, :]
         out = reference.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads,
                                         attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
+    elif dropout_p > 0.0 and torch.compiler.is_compiling():
+        # the seed is drawn in the graph (a value of each run, from torch's default generator), and the backend's
+        # op takes it as a tensor; the public op's schema has an int seed, which would be a constant of the graph
+        out = backend.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
+                                      kernel_key_bias(attn_mask, x.shape[0]), num_heads, dropout_p=float(dropout_p),
+                                      seed=_graph_seed())
     else:
         seed = _host_seed() if dropout_p > 0.0 else 0
         out = torch.ops.structprune.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,

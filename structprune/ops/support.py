@@ -10,7 +10,9 @@ The op contract (every backend, the same arguments; see :mod:`structprune.ops.re
 
 * ``gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads,
   dropout_p=0.0, seed=0)`` -> ``[B, S, E]``; ``key_bias`` is a ``[B, S]`` fp32 additive key mask or None;
-  ``dropout_p > 0`` only when the backend reports no reason against it, ``seed`` drawn by the dispatcher.
+  ``dropout_p > 0`` only when the backend reports no reason against it, ``seed`` drawn by the dispatcher (an
+  ``int``, or under ``torch.compile`` a one-element int64 CPU tensor drawn in the graph, for backends that say
+  ``tensor_seed`` in :func:`kernel_not_supported_reasons`).
 * ``gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)`` -> ``[B, S, E]``.
 * ``hard_concrete_sample(log_alpha, seed, offset, beta)`` -> a sample shaped like ``log_alpha`` whose noise
   is the backend's own counter-based stream ``hard_concrete_uniform(n, seed, offset, device)``.
@@ -60,17 +62,21 @@ class Backend:
     module: object = None
 
 
-def kernel_not_supported_reasons(inputs: OpInputs, attention_dropout: bool = True) -> list[str]:
+def kernel_not_supported_reasons(inputs: OpInputs, attention_dropout: bool = True,
+                                 tensor_seed: bool = False) -> list[str]:
     """The reasons every compiled backend shares: what only the reference computes.
 
-    ``attention_dropout``: whether the backend fuses attention-probability dropout on ``inputs.device``."""
+    ``attention_dropout``: whether the backend fuses attention-probability dropout on ``inputs.device``;
+    ``tensor_seed``: whether its ``gated_attention`` also takes the dropout seed as a one-element int64 CPU tensor,
+    which is how the dispatcher passes it under ``torch.compile`` (drawn in the graph)."""
     reasons = []
     if inputs.op == "attention":
         if inputs.num_heads == 0:
             reasons.append("no head left (the layer is its output bias, which the reference returns)")
         if inputs.dropout_p > 0.0:
-            if inputs.compiling:
-                reasons.append("attention dropout under torch.compile (a host-side seed would break the graph)")
+            if inputs.compiling and not tensor_seed:
+                reasons.append("attention dropout under torch.compile (this backend takes no tensor seed, and a "
+                               "host-side seed would break the graph)")
             elif not attention_dropout:
                 reasons.append(f"no fused attention dropout on {inputs.device.type}")
     elif inputs.op == "hard_concrete":

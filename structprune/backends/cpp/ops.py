@@ -50,8 +50,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from structprune.ops.checks import check_attention_inputs, check_dropout, check_ffn_inputs
 from structprune.ops.support import (Backend, OpInputs, grad_output_mask, kernel_not_supported_reasons, masked_grads,
@@ -291,11 +293,17 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
     When a gradient is needed the op keeps q|k|v, the context and the softmax log-sum-exp for the backward
     (``save_for_backward``), which then recomputes nothing; under ``no_grad`` it keeps nothing.
     ``dropout_p > 0``: attention-probability dropout with the Philox stream ``(seed, offset)`` (the mask is
-    :func:`attention_dropout_scale`; the backward regenerates it)."""
+    :func:`attention_dropout_scale`; the backward regenerates it). ``seed`` may be a one-element int64 CPU tensor
+    (the seed a ``torch.compile`` graph draws, a graph value rather than a constant): the op is then
+    ``cpp_gated_attention_seeded``, the same kernels."""
     _require()
     check_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads, key_bias=key_bias,
                            dropout_p=dropout_p, seed=seed, offset=offset, kernel=True)
     save = _needs_grad(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates)
+    if isinstance(seed, torch.Tensor):  # the seed drawn inside a torch.compile graph: see _register_seeded_parts
+        return torch.ops.structprune.cpp_gated_attention_seeded(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates,
+                                                                active_heads, key_bias, int(num_heads), save,
+                                                                float(dropout_p), seed, int(offset))[0]
     return torch.ops.structprune.cpp_gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
                                                      key_bias, int(num_heads), save, float(dropout_p), int(seed),
                                                      int(offset))[0]
@@ -479,9 +487,70 @@ def _register_python_parts() -> None:
     register_autocast(lib + "cpp_gated_ffn", keep=("unit_gates",))
 
 
+def _register_seeded_parts() -> None:
+    """``cpp_gated_attention_seeded`` and its backward: ``cpp_gated_attention`` with the Philox seed as a tensor.
+
+    Under ``torch.compile`` the dispatcher draws the dropout seed inside the graph (``torch.randint`` on the CPU,
+    from torch's default generator), so that it is a value of each run, neither a constant baked into the graph
+    nor a host read that breaks it. The C++ ops take the seed as an ``int``; these opaque custom ops read it from
+    the tensor when they run (a one-element CPU tensor: no device sync) and call the same kernels. The autograd
+    formula is that of ``cpp_gated_attention``: the forward returns what the backward needs, nothing recomputed."""
+    @torch.library.custom_op("structprune::cpp_gated_attention_seeded", mutates_args=())
+    def _seeded(x: Tensor, wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, wv: Tensor, bv: Tensor, wo: Tensor,
+                bo: Tensor, head_gates: Tensor, active_heads: Tensor, key_bias: Optional[Tensor], num_heads: int,
+                save_for_backward: bool, dropout_p: float, seed: Tensor,
+                offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tuple(torch.ops.structprune.cpp_gated_attention(
+            x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, save_for_backward,
+            dropout_p, int(seed.item()), offset))
+
+    @_seeded.register_fake
+    def _(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, save_for_backward,
+          dropout_p, seed, offset):
+        qkv, ctx, lse = _attention_saved_shapes(x, wq, active_heads, num_heads, save_for_backward)
+        return (_empty(x), x.new_empty(qkv), x.new_empty(ctx), x.new_empty(lse, dtype=torch.float32))
+
+    @torch.library.custom_op("structprune::cpp_gated_attention_seeded_backward", mutates_args=())
+    def _seeded_backward(grad_out: Tensor, x: Tensor, wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, wv: Tensor,
+                         bv: Tensor, wo: Tensor, bo: Tensor, head_gates: Tensor, active_heads: Tensor,
+                         key_bias: Optional[Tensor], num_heads: int, qkv: Optional[Tensor], ctx: Optional[Tensor],
+                         lse: Optional[Tensor], output_mask: list[bool], dropout_p: float, seed: Tensor,
+                         offset: int) -> list[Tensor]:
+        return list(torch.ops.structprune.cpp_gated_attention_backward(
+            grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, qkv, ctx,
+            lse, output_mask=output_mask, dropout_p=dropout_p, seed=int(seed.item()), offset=offset))
+
+    @_seeded_backward.register_fake
+    def _(grad_out, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads, qkv, ctx, lse,
+          output_mask, dropout_p, seed, offset):
+        return list(_masked_grads_fake(output_mask, x, (wq, bq, wk, bk, wv, bv, wo, bo), head_gates))
+
+    def _setup(ctx, inputs, output):
+        *tensors, num_heads, save, dropout_p, seed, offset = inputs
+        ctx.num_heads = num_heads
+        ctx.dropout = (dropout_p, offset)
+        ctx.saved_outputs = bool(save)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(seed, *tensors, *(output[1:] if save else ()))
+
+    def _backward(ctx, grad, *_unused):
+        if grad is None:
+            return (None,) * 17
+        seed, *saved = ctx.saved_tensors
+        *tensors, qkv, c, lse = saved if ctx.saved_outputs else (*saved, None, None, None)
+        grads = _seeded_backward(grad.to(tensors[0].dtype).contiguous(), *tensors, ctx.num_heads, qkv, c, lse,
+                                 grad_output_mask(ctx.needs_input_grad, 8), ctx.dropout[0], seed, ctx.dropout[1])
+        return masked_grads(grads, ctx.needs_input_grad)
+
+    _seeded.register_autograd(_backward, setup_context=_setup)
+    register_autocast("structprune::cpp_gated_attention_seeded", keep=("head_gates", "key_bias"))
+
+
 if _error is None:
     try:
         _register_python_parts()
+        _register_seeded_parts()
     except Exception as exc:  # e.g. an incompatible torch.library
         if "already" in str(exc):  # this module was reloaded: the registrations from the first import stand
             pass
@@ -492,7 +561,8 @@ if _error is None:
 
 def not_supported_reasons(inputs: OpInputs) -> list[str]:
     """Why this backend cannot run a call (empty: it can); see :class:`structprune.ops.support.Backend`."""
-    return kernel_not_supported_reasons(inputs, attention_dropout=supports_attention_dropout(inputs.device))
+    return kernel_not_supported_reasons(inputs, attention_dropout=supports_attention_dropout(inputs.device),
+                                        tensor_seed=True)
 
 
 BACKEND = Backend(name="cpp", availability=availability, not_supported_reasons=not_supported_reasons,
