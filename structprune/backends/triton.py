@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from structprune.ops.support import Backend, OpInputs, kernel_not_supported_reasons
+from structprune.ops.support import Backend
 
 __all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
            "supports_attention_dropout", "attention_dropout_scale"]
@@ -68,11 +68,6 @@ def availability(device: torch.device) -> str | None:
     return f"Triton kernels do not support {device.type} tensors"
 
 
-def not_supported_reasons(inputs: OpInputs) -> list[str]:
-    """Why this backend cannot run a call (empty: it can); see :class:`structprune.ops.support.Backend`."""
-    return kernel_not_supported_reasons(inputs, attention_dropout=supports_attention_dropout(inputs.device))
-
-
-BACKEND = Backend(name="triton", availability=availability, not_supported_reasons=not_supported_reasons,
+BACKEND = Backend(name="triton", availability=availability, supports_attention_dropout=supports_attention_dropout,
                   gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
                   hard_concrete_uniform=hard_concrete_uniform, module=sys.modules[__name__])

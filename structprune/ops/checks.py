@@ -85,10 +85,16 @@ def _check_int(name: str, value) -> None:
 
 
 def check_dropout(dropout_p, seed=0, offset=0) -> None:
-    """Attention dropout: probability in [0, 1), Philox ``seed`` and ``offset`` ints in [0, 2**63)."""
+    """Attention dropout: probability in [0, 1), Philox ``seed`` and ``offset`` ints in [0, 2**63); the seed may
+    also be a one-element int64 CPU tensor (the seed a ``torch.compile`` graph draws; its value is not read)."""
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    _check_int("dropout seed", seed)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device.type != "cpu":
+            raise ValueError(f"a tensor dropout seed must be one int64 element on the CPU, got {seed.dtype} "
+                             f"{tuple(seed.shape)} on {seed.device}")
+    else:
+        _check_int("dropout seed", seed)
     _check_int("dropout offset", offset)
 
 

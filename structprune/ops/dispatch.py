@@ -12,9 +12,10 @@ Every op checks its inputs once, here, then runs the chosen backend unless that 
 the inputs (``Backend.not_supported_reasons``: no head left, dropout under ``torch.compile`` without a tensor seed,
 an explicit generator, ...); then "auto" tries the next backend and an explicit choice falls back to the reference.
 Under ``torch.compile`` the choice is made while the graph is traced and enters it as a constant (see
-:func:`_choose`), so no backend is loaded inside the traced region. A kernel
-backend runs through the public custom op of the computation (:mod:`structprune.ops.schema`:
-``torch.ops.structprune.gated_attention(..., backend)`` and the like, one schema for every backend).
+:func:`_choose`), so no backend is loaded inside the traced region. The chosen :class:`~structprune.ops.support.Backend`
+object runs the call itself (its own custom ops, with their autograd, fake and autocast registrations); the public
+ops of :mod:`structprune.ops.schema` (``torch.ops.structprune.gated_attention(..., backend)`` and the like, one
+schema for every backend) are for callers who name a backend.
 :func:`last_backends` says which backend ran each op, :func:`fallback_reasons` why the chosen one did not.
 Non-padding 4D masks are refused by the kernel backends. The backends import nothing from this module.
 """
@@ -26,13 +27,12 @@ import warnings
 
 import torch
 
-from structprune.ops import schema as _public_ops  # noqa: F401  (defines the public ops torch.ops.structprune.gated_attention, ...)
+from structprune.ops import schema  # noqa: F401  (defines the public ops torch.ops.structprune.gated_attention, ...)
 from structprune.ops import registry as backends
 from structprune.ops import reference
 from structprune.ops.checks import check_attention_inputs, check_ffn_inputs  # noqa: F401  (part of the op boundary)
 from structprune.ops.support import OpInputs
-from structprune.ops.support import grad_output_mask, masked_grads, register_autocast  # noqa: F401  (former home)
-from structprune.ops.padding import kernel_key_bias, key_bias_from_mask, padded_sequence_output  # noqa: F401
+from structprune.ops.padding import kernel_key_bias, padded_sequence_output
 
 BACKENDS = backends.names()  # the registered backends at import: ("torch", "triton", "cpp")
 
@@ -172,8 +172,6 @@ def _choose_eager(inputs: OpInputs):
         usable = True
         backend = backends.load(name)
         reasons = backend.not_supported_reasons(inputs)
-        if inputs.op == "hard_concrete" and backend.hard_concrete_sample is None:
-            reasons = [*reasons, "no hard_concrete_sample"]
         if not reasons:
             chosen = backend
             break
@@ -240,7 +238,7 @@ def hard_concrete_sample(log_alpha: torch.Tensor, beta: float, generator: torch.
                       compiling=torch.compiler.is_compiling())
     backend = _choose(inputs)
     if backend.hard_concrete_sample is not None:
-        z = torch.ops.structprune.hard_concrete_sample(log_alpha, _host_seed(), 0, float(beta), backend.name)
+        z = backend.hard_concrete_sample(log_alpha, _host_seed(), 0, float(beta))
         _last["gates"] = backend.name
         return z
     u = torch.rand(log_alpha.shape, device=log_alpha.device, generator=generator).clamp(1e-6, 1.0 - 1e-6)
@@ -264,17 +262,14 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
             attn_mask = attn_mask[:, None, None, :]
         out = reference.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads,
                                         attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
-    elif dropout_p > 0.0 and torch.compiler.is_compiling():
-        # the seed is drawn in the graph (a value of each run, from torch's default generator), and the backend's
-        # op takes it as a tensor; the public op's schema has an int seed, which would be a constant of the graph
+    else:
+        # Under torch.compile the seed is drawn in the graph (a value of each run, from torch's default generator)
+        # and the backend's op takes it as a tensor; eager draws it on the host. Either way torch.manual_seed
+        # reproduces the run.
+        seed = (_graph_seed() if torch.compiler.is_compiling() else _host_seed()) if dropout_p > 0.0 else 0
         out = backend.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
                                       kernel_key_bias(attn_mask, x.shape[0]), num_heads, dropout_p=float(dropout_p),
-                                      seed=_graph_seed())
-    else:
-        seed = _host_seed() if dropout_p > 0.0 else 0
-        out = torch.ops.structprune.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                                                    kernel_key_bias(attn_mask, x.shape[0]), num_heads, backend.name,
-                                                    float(dropout_p), seed)
+                                      seed=seed)
         if attn_mask is not None:  # fully padded sequences get what the reference gives them
             out = padded_sequence_output(out, (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates), num_heads,
                                          attn_mask, dropout_p, impl)
@@ -290,6 +285,6 @@ def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu
     if backend.name == "torch":
         out = reference.gated_ffn(x, w1, b1, w2, b2, unit_gates, activation)
     else:
-        out = torch.ops.structprune.gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, backend.name)
+        out = backend.gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
     _last["ffn"] = backend.name
     return out

@@ -11,8 +11,8 @@ The op contract (every backend, the same arguments; see :mod:`structprune.ops.re
 * ``gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, num_heads,
   dropout_p=0.0, seed=0)`` -> ``[B, S, E]``; ``key_bias`` is a ``[B, S]`` fp32 additive key mask or None;
   ``dropout_p > 0`` only when the backend reports no reason against it, ``seed`` drawn by the dispatcher (an
-  ``int``, or under ``torch.compile`` a one-element int64 CPU tensor drawn in the graph, for backends that say
-  ``tensor_seed`` in :func:`kernel_not_supported_reasons`).
+  ``int``, or under ``torch.compile`` a one-element int64 CPU tensor drawn in the graph, for backends that declare
+  ``takes_tensor_seed``).
 * ``gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)`` -> ``[B, S, E]``.
 * ``hard_concrete_sample(log_alpha, seed, offset, beta)`` -> a sample shaped like ``log_alpha`` whose noise
   is the backend's own counter-based stream ``hard_concrete_uniform(n, seed, offset, device)``.
@@ -42,44 +42,56 @@ class OpInputs(NamedTuple):
     compiling: bool = False  # traced by torch.compile
 
 
+def _never(device: torch.device) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Backend:
-    """One kernel backend: its name, whether it can run on a device, what inputs it refuses, and its ops.
+    """One kernel backend: its name, whether it can run on a device, what it supports, and its ops.
 
-    ``availability(device)`` is None when the backend can run on ``device``, else the reason;
-    ``not_supported_reasons(inputs)`` lists why it cannot run this call (empty: it can), and the dispatcher
-    then falls back to the next backend. ``hard_concrete_sample`` / ``hard_concrete_uniform`` may be None
-    (the reference samples instead). ``module`` is the Python module behind the backend, for its extras.
+    ``availability(device)`` is None when the backend can run on ``device``, else the reason. What a backend
+    supports is declared (``supports_attention_dropout(device)``, ``takes_tensor_seed``, ``hard_concrete_sample``
+    present or not, ``reference``), and :meth:`not_supported_reasons` derives from it why it cannot run a call, as
+    xformers' op classes do; ``extra_reasons(inputs)`` adds a backend's own. The dispatcher then falls back to the
+    next backend. ``hard_concrete_sample`` / ``hard_concrete_uniform`` may be None (the reference samples
+    instead). ``module`` is the Python module behind the backend, for its extras.
     """
     name: str
     availability: Callable[[torch.device], Optional[str]]
-    not_supported_reasons: Callable[[OpInputs], list]
     gated_attention: Callable
     gated_ffn: Callable
     hard_concrete_sample: Optional[Callable] = None
     hard_concrete_uniform: Optional[Callable] = None
+    supports_attention_dropout: Callable[[torch.device], bool] = _never
+    takes_tensor_seed: bool = False  # gated_attention also takes the dropout seed as a one-element int64 CPU tensor
+    reference: bool = False  # computes everything: refuses nothing
+    extra_reasons: Optional[Callable[[OpInputs], list]] = None
     dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)
     module: object = None
 
+    def not_supported_reasons(self, inputs: OpInputs) -> list[str]:
+        """Why this backend cannot run the call described by ``inputs`` (empty: it can)."""
+        reasons = [] if self.reference else _kernel_reasons(self, inputs)
+        return reasons + (list(self.extra_reasons(inputs)) if self.extra_reasons is not None else [])
 
-def kernel_not_supported_reasons(inputs: OpInputs, attention_dropout: bool = True,
-                                 tensor_seed: bool = False) -> list[str]:
-    """The reasons every compiled backend shares: what only the reference computes.
 
-    ``attention_dropout``: whether the backend fuses attention-probability dropout on ``inputs.device``;
-    ``tensor_seed``: whether its ``gated_attention`` also takes the dropout seed as a one-element int64 CPU tensor,
-    which is how the dispatcher passes it under ``torch.compile`` (drawn in the graph)."""
+def _kernel_reasons(backend: Backend, inputs: OpInputs) -> list[str]:
+    """The reasons every compiled backend shares: what only the reference computes, and what ``backend`` does
+    not declare."""
     reasons = []
     if inputs.op == "attention":
         if inputs.num_heads == 0:
             reasons.append("no head left (the layer is its output bias, which the reference returns)")
         if inputs.dropout_p > 0.0:
-            if inputs.compiling and not tensor_seed:
+            if inputs.compiling and not backend.takes_tensor_seed:
                 reasons.append("attention dropout under torch.compile (this backend takes no tensor seed, and a "
                                "host-side seed would break the graph)")
-            elif not attention_dropout:
+            elif not backend.supports_attention_dropout(inputs.device):
                 reasons.append(f"no fused attention dropout on {inputs.device.type}")
     elif inputs.op == "hard_concrete":
+        if backend.hard_concrete_sample is None:
+            reasons.append("no hard_concrete_sample")
         if inputs.generator:
             reasons.append("an explicit torch.Generator (only the reference draws from it)")
         if inputs.compiling:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import structprune as sp
-from structprune.ops.dispatch import dispatch as ops
+from structprune.ops import dispatch as ops
 from helpers.models import outputs, pruning_masks, tiny_batch, tiny_model
 
 

@@ -181,7 +181,7 @@ def test_a_registered_backend_takes_part_in_auto(monkeypatch):
     module = types.ModuleType("toy_backend")
     module.BACKEND = _op_support.Backend(
         name="toy", availability=lambda device: None, gated_attention=attention, gated_ffn=_torch_backend.gated_ffn,
-        not_supported_reasons=lambda inputs: ["toy refuses the FFN"] if inputs.op == "ffn" else [])
+        extra_reasons=lambda inputs: ["toy refuses the FFN"] if inputs.op == "ffn" else [])
     monkeypatch.setitem(sys.modules, "toy_backend", module)
     for name in ("_registry", "_loaded", "_errors", "_orders"):
         monkeypatch.setattr(backends, name, dict(getattr(backends, name)))

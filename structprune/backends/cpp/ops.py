@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from structprune.ops.checks import check_attention_inputs, check_dropout, check_ffn_inputs
-from structprune.ops.support import (Backend, OpInputs, grad_output_mask, kernel_not_supported_reasons, masked_grads,
+from structprune.ops.support import (Backend, grad_output_mask, masked_grads,
                           register_autocast)
 
 __all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
@@ -559,12 +559,7 @@ if _error is None:
             _log.warning("structprune: the C++ extension is unavailable: %s", _error)
 
 
-def not_supported_reasons(inputs: OpInputs) -> list[str]:
-    """Why this backend cannot run a call (empty: it can); see :class:`structprune.ops.support.Backend`."""
-    return kernel_not_supported_reasons(inputs, attention_dropout=supports_attention_dropout(inputs.device),
-                                        tensor_seed=True)
-
-
-BACKEND = Backend(name="cpp", availability=availability, not_supported_reasons=not_supported_reasons,
+BACKEND = Backend(name="cpp", availability=availability, supports_attention_dropout=supports_attention_dropout,
+                  takes_tensor_seed=True,
                   gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
                   hard_concrete_uniform=hard_concrete_uniform, module=sys.modules[__name__])
