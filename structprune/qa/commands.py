@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import pruning
-# Re-exported: callers (qa.predict, export, bench/qa, tests) import these from here.
+# Re-exported: callers (qa.predict, export, experiments/squad2, tests) import these from here.
 from .pruning import cached_teacher_logits, measure_speedup, prune, prune_target  # noqa: F401
 from .runs import (DEFAULT_DATA, THRESHOLD_FILE, _common, _data, _default_model, _dev_eval_fn, _finished,  # noqa: F401
                    _start_run, _tokenizer, _train_kwargs, _write_json, evaluate_into, load_qa_model,

@@ -1,7 +1,7 @@
 """Small forward + backward calls of every kernel backend, for ``compute-sanitizer`` (memcheck, racecheck).
 
-    compute-sanitizer --tool memcheck python bench/gpu/sanitizer_case.py
-    python bench/gpu/sanitizer_case.py --device cpu        # the same calls on CPU (validate.sh --dry-run)
+    compute-sanitizer --tool memcheck python gpu/sanitizer_case.py
+    python gpu/sanitizer_case.py --device cpu        # the same calls on CPU (validate.sh --dry-run)
 
 Shapes are small and odd (tails in every tile loop, a padded and a fully padded sequence, one pruned head,
 pruned FFN units) so that the sanitizers see the masked edge paths; fp32, fp16 and bf16 on CUDA. Exits 1 if
