@@ -138,8 +138,10 @@ step() {
   local name="$1" limit="$2" t0=$SECONDS rc=0 room
   shift 2
   limit=$((limit * scale))
+  local shown="$*"
+  shown="${shown//$'\n'/ }"
   echo
-  echo "== [$name] $*"
+  echo "== [$name] ${shown:0:200}"
   room=$(left)
   if [ "$room" -lt 5 ]; then
     echo "== [$name] NOT RUN: the time budget is spent"; record "$name" not-run 0 "budget spent"; return
