@@ -2,8 +2,8 @@
 CUDA tensors, forward and every gradient, fp32 / fp16 / bf16 (tolerances of ``tolerances.py``), odd shapes,
 padding (fully padded sequences included), non-contiguous inputs, 0 and all units kept; ``opcheck`` of the
 custom ops on CUDA; a bf16 autocast training step of a patched model; a device guard check on a second GPU.
-``bench/gpu/validate.sh`` runs these first. ``STRUCTPRUNE_GPU_TESTS_ON=cpu`` runs the backend comparisons on
-CPU tensors instead (``validate.sh --dry-run``; CPU kernels cover fp32 and bf16).
+``gpu/validate.sh`` runs these. ``STRUCTPRUNE_GPU_TESTS_ON=cpu`` runs the backend comparisons on
+CPU tensors instead (CPU kernels cover fp32 and bf16).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""bench/qa/reproduce.py's plan: every step is a command the CLI accepts, in an order that can run."""
+"""experiments/squad2/reproduce.py's plan: every step is a command the CLI accepts, in an order that can run."""
 import importlib.util
 from pathlib import Path
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "bench" / "qa" / "reproduce.py")
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "experiments" / "squad2" / "reproduce.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

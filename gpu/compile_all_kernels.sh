@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Compile every Triton kernel variant the library launches (no sampling) for the usual targets and shapes, no GPU
-# needed; writes the JSON report to bench/results/kernels/compile_report.json. CI runs a sample of this
+# needed; writes the JSON report to gpu/results/kernels/compile_report.json. CI runs a sample of this
 # (`structprune kernels ... --sample`). Takes several minutes on 2 cores the first time (Triton caches the rest).
 #
-#   bench/gpu/compile_all_kernels.sh                   # sm_80 sm_86 sm_90, BERT-base / MiniLM / head_dim 128
-#   ARCHS="sm_90" SHAPES="minilm" DTYPES="bf16" OUT=/tmp/report.json bench/gpu/compile_all_kernels.sh
+#   gpu/compile_all_kernels.sh                   # sm_80 sm_86 sm_90, BERT-base / MiniLM / head_dim 128
+#   ARCHS="sm_90" SHAPES="minilm" DTYPES="bf16" OUT=/tmp/report.json gpu/compile_all_kernels.sh
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 read -r -a archs <<< "${ARCHS:-sm_80 sm_86 sm_90}"
 read -r -a shapes <<< "${SHAPES:-bert-base minilm 1536:12:6144}"
 read -r -a dtypes <<< "${DTYPES:-fp16 bf16 fp32 tf32}"
-out="${OUT:-bench/results/kernels/compile_report.json}"
+out="${OUT:-gpu/results/kernels/compile_report.json}"
 mkdir -p "$(dirname "$out")"
 env -u TRITON_INTERPRET structprune kernels --arch "${archs[@]}" --shape "${shapes[@]}" --dtype "${dtypes[@]}" \
   --json > "$out"

@@ -1,7 +1,7 @@
 """Small forward + backward calls of every kernel backend, for ``compute-sanitizer`` (memcheck, racecheck).
 
-    compute-sanitizer --tool memcheck python bench/gpu/sanitizer_case.py
-    python bench/gpu/sanitizer_case.py --device cpu        # the same calls on CPU (validate.sh --dry-run)
+    compute-sanitizer --tool memcheck python gpu/sanitizer_case.py
+    python gpu/sanitizer_case.py --device cpu        # the same calls on CPU (validate.sh --rehearse)
 
 Shapes are small and odd (tails in every tile loop, a padded and a fully padded sequence, one pruned head,
 pruned FFN units) so that the sanitizers see the masked edge paths; fp32, fp16 and bf16 on CUDA. Exits 1 if
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from structprune.ops import dispatch as ops
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when structprune is not installed
+from structprune.ops import dispatch as ops  # noqa: E402
 
 
 def run(device: str, backends, dtypes) -> int:

@@ -1,7 +1,7 @@
 """Run the McCarley et al. (2019) protocol on SQuAD 2.0 with MiniLM-L6-H384, resumably (issue 12).
 
-    python bench/qa/reproduce.py --runs runs/qa2                 # teacher, students, held-out predictions
-    python bench/qa/report.py --runs runs/qa2 --out bench/results/qa
+    python experiments/squad2/reproduce.py --runs runs/qa2                 # teacher, students, held-out predictions
+    python experiments/squad2/report.py --runs runs/qa2 --out experiments/squad2/results
 
 1. The teacher: MiniLM fine-tuned on all of train.json, evaluated on all of dev.json every EVAL_EVERY steps; the run
    stops once dev best F1 has not improved for two evaluations in a row (never before one epoch), and the best

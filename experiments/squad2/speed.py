@@ -1,7 +1,7 @@
 """Re-measure the end-to-end inference speed-up of every pruned run against its teacher, one run at a time.
 
-    python bench/qa/speed.py --runs runs/qa2         # writes runs/qa/<run>/speed.json; report.py prefers it
-    python bench/qa/speed.py --runs runs/qa2 --drop-silent --only l0   # speed_drop_silent.json
+    python experiments/squad2/speed.py --runs runs/qa2         # writes runs/qa/<run>/speed.json; report.py prefers it
+    python experiments/squad2/speed.py --runs runs/qa2 --drop-silent --only l0   # speed_drop_silent.json
 
 `prune` measures its speed-up right after training, which is noisy when other jobs share the CPU (for example
 ``reproduce.py --workers 2``); this measures every pair again, alone, with the same batch and timer.

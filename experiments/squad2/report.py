@@ -1,6 +1,7 @@
-"""Collect the runs of bench/qa/reproduce.py into results.csv, a Markdown table, plots and the per-run records.
+"""Collect the runs of experiments/squad2/reproduce.py into results.csv, a Markdown table, plots and the per-run records.
 
-    python bench/qa/report.py --runs runs/qa2 --out bench/results/qa
+    python experiments/squad2/report.py --runs runs/qa2 --out experiments/squad2/results
+    python experiments/squad2/report.py --replot     # redraw student_curves.png from the committed CSVs alone
 
 Every student is compared with the teacher on the same dev questions by a paired bootstrap (1,000 resamples over
 questions) of its F1 and HasAns F1 difference. While the teacher is still training, only its learning curve so far
@@ -110,7 +111,7 @@ def student_rows(runs: Path, teacher_predictions: dict, teacher_thr: dict | None
         m = {**json.loads(path.read_text()), "run": run.name}
         if (run / "speed.json").is_file():  # re-measured alone
             m.update(json.loads((run / "speed.json").read_text()))
-        if (run / "speed_drop_silent.json").is_file():  # bench/qa/speed.py --drop-silent
+        if (run / "speed_drop_silent.json").is_file():  # experiments/squad2/speed.py --drop-silent
             silent = json.loads((run / "speed_drop_silent.json").read_text())
             m.update(heads_kept_speaking=silent["heads_kept"], ffn_kept_speaking=silent["ffn_kept"],
                      speedup_drop_silent=silent["speedup"])
@@ -282,10 +283,28 @@ def plot_student_curves(curves: dict[str, list[dict]], teacher: dict, path: Path
             ax.plot([c["step"] for c in curve], [c[key] for c in curve], "-o", label=run)
         ax.axhline(teacher[key], color="black", lw=1, label="teacher")
         ax.set_xlabel("step of the continued training (after the decision)")
+        ax.set_ylabel(f"dev {key} (SQuAD 2.0, %)")
         ax.set_title(f"dev {key} while the students train", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def replot(out: Path) -> int:
+    """Redraw the plots that the committed CSVs of ``out`` hold all the data for (``student_curves.png`` from
+    ``student_curves.csv`` and the teacher's row of ``results.csv``), without the runs or the dev set."""
+    def read_csv(path: Path) -> list[dict]:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    teacher = next(r for r in read_csv(out / "results.csv") if r["run"] == "teacher")
+    teacher = {k: float(teacher[k]) for k in ("best_f1", "HasAns_f1")}
+    curves: dict[str, list[dict]] = {}
+    for r in read_csv(out / "student_curves.csv"):
+        curves.setdefault(r["run"], []).append({"step": int(r["step"]), **{k: float(r[k]) for k in CURVE[1:]}})
+    plot_student_curves(curves, teacher, out / "student_curves.png")
+    print(f"redrew {out / 'student_curves.png'} ({len(curves)} students)")
+    return 0
 
 
 def copy_records(runs: Path, out: Path) -> None:
@@ -312,7 +331,7 @@ def copy_records(runs: Path, out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs/qa2")
-    parser.add_argument("--out", default="bench/results/qa")
+    parser.add_argument("--out", default="experiments/squad2/results")
     parser.add_argument("--teacher-log", help="the teacher's training log for its learning curve (default: "
                         "<runs>/teacher/log.jsonl); with a teacher snapshot, the log of the run it was taken from")
     parser.add_argument("--pair", action="append", default=[], metavar="RUN_A:RUN_B",
@@ -320,8 +339,12 @@ def main() -> int:
     parser.add_argument("--curves-from", action="append", default=[], metavar="RUNS",
                         help="also plot the dev curves of the student runs in this folder (not in the tables)")
     parser.add_argument("--dev", default=str(Path(__file__).resolve().parents[3] / "shared/data/squad2/dev.json"))
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plots whose data the CSVs in --out hold (no runs or dev set needed)")
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
+    if args.replot:
+        return replot(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = load_squad(args.dev)
     teacher_log = Path(args.teacher_log) if args.teacher_log else runs / "teacher" / "log.jsonl"

@@ -1,7 +1,7 @@
 """Dev F1 of exported QA models: PyTorch against ONNX fp32 and ONNX int8 (ONNX Runtime dynamic quantization).
 
-    python bench/export_f1.py --model teacher=runs/qa2s/teacher/model --model l0=runs/qa2s/l0-h0.5-f0.3/model \\
-        --work runs/export_f1 --out bench/results/export/f1
+    python experiments/squad2/export_f1.py --model teacher=runs/qa2s/teacher/model --model l0=runs/qa2s/l0-h0.5-f0.3/model \\
+        --work runs/export_f1 --out experiments/squad2/results/export_f1
 
 Each model (a structprune save or a Hugging Face directory) is exported with ``structprune export``'s code path
 (``structprune.export.command.run_export``), fp32 and ``--quantize int8``, into ``--work``; the three versions are scored
@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from structprune.tools.machine import machine_info  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from structprune.export.command import run_export  # noqa: E402
+from structprune.tools.machine import machine_info  # noqa: E402
 from structprune.qa.bootstrap import compare_predictions  # noqa: E402
 from structprune.qa.data import load_squad  # noqa: E402
 from structprune.qa.evaluate import evaluate_qa  # noqa: E402
 from structprune.qa.runs import _tokenizer, load_qa_model  # noqa: E402
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad2" / "dev.json"
+DEV = Path(__file__).resolve().parents[3] / "shared" / "data" / "squad2" / "dev.json"
 KEYS = ("f1", "HasAns_f1", "NoAns_f1", "best_f1")
 
 
@@ -46,7 +46,7 @@ def main() -> int:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
     parser.add_argument("--dev", default=str(DEV))
     parser.add_argument("--work", default="runs/export_f1", help="where the ONNX files go")
-    parser.add_argument("--out", default="bench/results/export/f1")
+    parser.add_argument("--out", default="experiments/squad2/results/export_f1")
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--doc-stride", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
