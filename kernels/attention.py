@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from structprune.ops.checks import check_attention_inputs
-from structprune.ops.support import grad_output_mask, masked_grads, register_autocast
+from structprune.ops.support import grad_output_mask, grad_placeholders, masked_grads, register_autocast
 
 from . import _common as C
 from .dropout import (  # noqa: F401  (the last two are part of this module's API)
@@ -369,14 +369,10 @@ def triton_gated_attention_backward(dy: torch.Tensor, x: torch.Tensor, wq: torch
 
 
 def _grads_like(mask, x, wq, wk, wv, wo, head_gates, factory):
-    """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, d_head_gates) made by ``factory`` (dtype and device of the
-    matching input; bias gradients those of their weight), [0] where ``mask`` (x, weights, gates) leaves them out."""
-    need_x, need_w, need_g = mask
-    HD, E = wq.shape
-    specs = [(x, x.shape, need_x)]
-    specs += [(w, shape, need_w) for w in (wq, wk, wv) for shape in ((HD, E), (HD,))]
-    specs += [(wo, (E, HD), need_w), (wo, (E,), need_w), (head_gates, head_gates.shape, need_g)]
-    return [factory(shape if need else (0,), dtype=t.dtype, device=t.device) for t, shape, need in specs]
+    """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, d_head_gates): :func:`grad_placeholders`, the biases shaped
+    from their weights."""
+    weights = [part for w in (wq, wk, wv, wo) for part in (w, (w, w.shape[:1]))]
+    return list(grad_placeholders(mask, x, weights, head_gates, factory))
 
 
 @triton_gated_attention_backward.register_fake

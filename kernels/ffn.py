@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from structprune.ops.checks import check_ffn_inputs
-from structprune.ops.support import grad_output_mask, masked_grads, register_autocast
+from structprune.ops.support import grad_output_mask, grad_placeholders, masked_grads, register_autocast
 
 from . import _common as C
 
@@ -167,12 +167,8 @@ def triton_gated_ffn_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tenso
 
 
 def _grads_like(mask, x, w1, w2, unit_gates, factory):
-    """(dx, dw1, db1, dw2, db2, d_unit_gates) made by ``factory`` (dtype and device of the matching input; bias
-    gradients those of their weight), [0] where ``mask`` (x, weights, gates) leaves them out."""
-    need_x, need_w, need_g = mask
-    specs = [(x, x.shape, need_x), (w1, w1.shape, need_w), (w1, w1.shape[:1], need_w), (w2, w2.shape, need_w),
-             (w2, w2.shape[:1], need_w), (unit_gates, unit_gates.shape, need_g)]
-    return [factory(shape if need else (0,), dtype=t.dtype, device=t.device) for t, shape, need in specs]
+    """(dx, dw1, db1, dw2, db2, d_unit_gates): :func:`grad_placeholders`, the biases shaped from their weights."""
+    return list(grad_placeholders(mask, x, [w1, (w1, w1.shape[:1]), w2, (w2, w2.shape[:1])], unit_gates, factory))
 
 
 @triton_gated_ffn_backward.register_fake

@@ -114,6 +114,18 @@ def masked_grads(grads, needs_input_grad) -> tuple:
     return tuple(grads[i] if i < len(grads) and need else None for i, need in enumerate(needs_input_grad))
 
 
+def grad_placeholders(output_mask, x, weights, gates, factory=torch.empty) -> tuple:
+    """Gradient outputs of a backward op, for its fake kernel or to fill: ``(dx, *dweights, dgates)`` made by
+    ``factory`` with each input's shape, dtype and device, shape ``[0]`` where ``output_mask`` (x, weights,
+    gates) leaves them out. ``weights``: tensors, or ``(tensor, shape)`` pairs for a gradient shaped otherwise
+    (a bias that the backward op gets only through its weight)."""
+    need_x, need_w, need_g = output_mask
+    specs = [(x, x.shape, need_x)]
+    specs += [(w, w.shape, need_w) if isinstance(w, torch.Tensor) else (w[0], w[1], need_w) for w in weights]
+    specs.append((gates, gates.shape, need_g))
+    return tuple(factory(tuple(shape) if need else (0,), dtype=t.dtype, device=t.device) for t, shape, need in specs)
+
+
 # --- autocast ------------------------------------------------------------------------------------------------------
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 

@@ -19,6 +19,7 @@ import torch
 from helpers.grad_masks import check_against_unmasked, check_masked_shapes, spy_backward
 from helpers.tolerances import check_close
 
+import structprune.backends.cpp.build as build
 import structprune.backends.cpp.ops as ext
 from structprune.model import gates as gates_mod
 from structprune.ops import reference
@@ -668,9 +669,9 @@ def test_failed_cuda_jit_build_is_reported(monkeypatch, tmp_path):
     monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
     monkeypatch.setenv("STRUCTPRUNE_BUILD_DIR", str(tmp_path))
     monkeypatch.delenv("STRUCTPRUNE_SKIP_CUDA_BUILD", raising=False)
-    monkeypatch.setattr(ext, "_cuda_build_error", None)
+    monkeypatch.setattr(build, "_cuda_build_error", None)
     with pytest.warns(RuntimeWarning, match="CUDA build of the C\\+\\+ extension failed"):
-        ext._jit_build()
+        build._jit_build()
     assert built == ["structprune_ext_cpu"]
     assert "compute_999" in ext.build_info()["cuda_build_error"]
     assert "compute_999" in ext.availability(torch.device("cuda"))
@@ -679,7 +680,7 @@ def test_failed_cuda_jit_build_is_reported(monkeypatch, tmp_path):
 def _recipe():
     from pathlib import Path
 
-    return ext._load_recipe(Path(__file__).resolve().parents[2] / "csrc")
+    return build._load_recipe(Path(__file__).resolve().parents[2] / "csrc")
 
 
 def test_build_recipe_arch_list_and_max_jobs():
@@ -721,7 +722,7 @@ def test_jit_build_follows_the_recipe(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
-    monkeypatch.setattr(ext, "_cuda_build_error", None)
+    monkeypatch.setattr(build, "_cuda_build_error", None)
     monkeypatch.setenv("STRUCTPRUNE_BUILD_DIR", str(tmp_path))
     monkeypatch.setenv("STRUCTPRUNE_CUDA_ARCH_LIST", "8.6")
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
@@ -730,7 +731,7 @@ def test_jit_build_follows_the_recipe(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("STRUCTPRUNE_SANITIZE", raising=False)
     monkeypatch.delenv("STRUCTPRUNE_QUIET", raising=False)
     with pytest.warns(RuntimeWarning):
-        ext._jit_build()
+        build._jit_build()
     (cuda_name, cuda_src, cuda_flags, cuda_arch, cuda_jobs), (cpu_name, cpu_src, cpu_flags, cpu_arch, _) = seen
     assert cuda_src == recipe.sources(True) and cpu_src == recipe.sources(False)
     assert cuda_flags == recipe.cxx_flags(True) and cpu_flags == recipe.cxx_flags(False)
@@ -740,9 +741,9 @@ def test_jit_build_follows_the_recipe(monkeypatch, tmp_path, capsys):
     assert err.count("structprune: building the C++ extension (first use, about a minute; cached under") == 1
     assert str(tmp_path) in err
     monkeypatch.setattr(torch.version, "cuda", None)
-    ext._jit_build()  # the library is there and newer than the sources: loaded from the cache, no notice
+    build._jit_build()  # the library is there and newer than the sources: loaded from the cache, no notice
     assert "building the C++ extension" not in capsys.readouterr().err
     (tmp_path / "structprune_ext_cpu" / "structprune_ext_cpu.so").unlink()
     monkeypatch.setenv("STRUCTPRUNE_QUIET", "1")
-    ext._jit_build()
+    build._jit_build()
     assert "building the C++ extension" not in capsys.readouterr().err
