@@ -38,6 +38,9 @@ class OpInputs(NamedTuple):
     dropout_p: float = 0.0  # attention only
     generator: bool = False  # hard_concrete only: an explicit torch.Generator was given
     compiling: bool = False  # traced by torch.compile
+    rotary: bool = False  # attention only: rotary positions between the projections and the attention
+    window: int = -1  # attention only: a sliding window (keys within |q - k| <= window), -1 for none
+    glu: bool = False  # ffn only: a GLU FFN (w1 holds the input and the gate halves)
 
 
 @dataclass(frozen=True)
@@ -56,15 +59,26 @@ class Backend:
     gated_ffn: Callable
     hard_concrete_sample: Optional[Callable] = None
     hard_concrete_uniform: Optional[Callable] = None
+    gated_rotary_attention: Optional[Callable] = None  # rotary / sliding-window attention (None: not implemented)
+    gated_glu_ffn: Optional[Callable] = None  # the GLU FFN (None: not implemented)
     dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)
     module: object = None
 
 
-def kernel_not_supported_reasons(inputs: OpInputs, attention_dropout: bool = True) -> list[str]:
+def kernel_not_supported_reasons(inputs: OpInputs, attention_dropout: bool = True, rotary: bool = False,
+                                 window: bool = False, glu: bool = False) -> list[str]:
     """The reasons every compiled backend shares: what only the reference computes.
 
-    ``attention_dropout``: whether the backend fuses attention-probability dropout on ``inputs.device``."""
+    ``attention_dropout``: whether the backend fuses attention-probability dropout on ``inputs.device``;
+    ``rotary`` / ``window`` / ``glu``: whether it has kernels for rotary positions, a sliding-window (banded) key
+    mask and the GLU FFN (ModernBERT's; without them those calls run on the reference)."""
     reasons = []
+    if inputs.rotary and not rotary:
+        reasons.append("rotary positions (no kernel yet)")
+    if inputs.window >= 0 and not window:
+        reasons.append("a sliding-window key mask (no kernel yet)")
+    if inputs.glu and not glu:
+        reasons.append("a GLU FFN (no kernel yet)")
     if inputs.op == "attention":
         if inputs.num_heads == 0:
             reasons.append("no head left (the layer is its output bias, which the reference returns)")
