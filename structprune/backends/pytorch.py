@@ -8,7 +8,8 @@ the contract tests. No ``hard_concrete_sample``: the reference draws its noise w
 from __future__ import annotations
 
 from structprune.ops import reference
-from structprune.ops.checks import check_attention_inputs, check_ffn_inputs
+from structprune.ops.checks import check_attention_inputs, check_ffn_inputs, check_glu_ffn_inputs, \
+    check_rotary_attention_inputs
 from structprune.ops.support import Backend
 
 
@@ -28,5 +29,21 @@ def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu
     return reference.gated_ffn(x, w1, b1, w2, b2, unit_gates, activation)
 
 
+def gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, cos, sin,
+                           window: int, num_heads: int):
+    """:func:`structprune.ops.reference.gated_rotary_attention` (every head computed)."""
+    check_rotary_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads, cos, sin,
+                                  window, key_bias=key_bias)
+    return reference.gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads, cos, sin,
+                                            window=window, key_bias=key_bias)
+
+
+def gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
+    """:func:`structprune.ops.reference.gated_glu_ffn` (every unit computed)."""
+    check_glu_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+    return reference.gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, activation)
+
+
 BACKEND = Backend(name="torch", availability=lambda device: None, reference=True,
-                  gated_attention=gated_attention, gated_ffn=gated_ffn)
+                  gated_attention=gated_attention, gated_ffn=gated_ffn,
+                  gated_rotary_attention=gated_rotary_attention, gated_glu_ffn=gated_glu_ffn)

@@ -54,6 +54,15 @@ def fold_gate_values(layer) -> None:
         gate.open_()
 
 
+def _fused_qkv(parts: LayerParts) -> bool:
+    return parts.family is not None and parts.family.fused_qkv
+
+
+def _unit_rows(parts: LayerParts, units: torch.Tensor, n_units: int) -> torch.Tensor:
+    """The rows of ``ffn_in`` that ``units`` own (the family's ``unit_rows`` hook: a GLU unit owns two)."""
+    return units if parts.family is None else parts.family.unit_rows(units, n_units)
+
+
 @torch.no_grad()
 def slice_layer(layer, heads: torch.Tensor, units: torch.Tensor) -> None:
     """Keep only the heads ``heads`` and FFN units ``units`` (indices) of a patched layer, in place: the
@@ -61,12 +70,16 @@ def slice_layer(layer, heads: torch.Tensor, units: torch.Tensor) -> None:
     parts = parts_of(layer)
     dim = parts.head_dim
     rows = (heads[:, None] * dim + torch.arange(dim, device=heads.device)[None, :]).flatten()
-    for role in ("query", "key", "value"):
-        parts.replace(role, _select_linear(parts[role], rows=rows))
+    if _fused_qkv(parts):  # one matrix, three row blocks of num_heads * head_dim rows
+        width = parts.num_heads * dim
+        parts.replace("qkv", _select_linear(parts["qkv"], rows=torch.cat([rows, rows + width, rows + 2 * width])))
+    else:
+        for role in ("query", "key", "value"):
+            parts.replace(role, _select_linear(parts[role], rows=rows))
     parts.replace("attn_out", _select_linear(parts["attn_out"], cols=rows))
     parts.attention.num_heads = int(heads.numel())
     parts.head_gate.keep_only_(heads)
-    parts.replace("ffn_in", _select_linear(parts["ffn_in"], rows=units))
+    parts.replace("ffn_in", _select_linear(parts["ffn_in"], rows=_unit_rows(parts, units, parts.unit_gate.n)))
     parts.replace("ffn_out", _select_linear(parts["ffn_out"], cols=units))
     parts.unit_gate.keep_only_(units)
 
@@ -100,24 +113,32 @@ def zeroed_slot(layer) -> None:
     """Give a compacted layer with no head (no FFN unit) one head (unit) whose output weights are zero: it
     adds nothing, and plain HF modules, which cannot hold zero heads, can then run the layer."""
     parts = parts_of(layer)
-    like = parts["query"].weight
+    like = parts["attn_out"].weight
     if parts.num_heads == 0:
-        hidden, dim = parts["query"].in_features, parts.head_dim
-        for role in ("query", "key", "value"):
-            parts.replace(role, _zero_linear(hidden, dim, like))
-        parts.replace("attn_out", _zero_linear(dim, hidden, like, bias=parts["attn_out"].bias))
+        hidden, dim = parts["attn_out"].out_features, parts.head_dim
+        if _fused_qkv(parts):
+            parts.replace("qkv", _zero_linear(hidden, 3 * dim, like, with_bias=parts["qkv"].bias is not None))
+        else:
+            for role in ("query", "key", "value"):
+                parts.replace(role, _zero_linear(hidden, dim, like))
+        parts.replace("attn_out", _zero_linear(dim, hidden, like, bias=parts["attn_out"].bias,
+                                               with_bias=parts["attn_out"].bias is not None))
         parts.attention.num_heads = 1
     if parts.unit_gate.n == 0:
         hidden = parts["ffn_in"].in_features
-        parts.replace("ffn_in", _zero_linear(hidden, 1, like))
-        parts.replace("ffn_out", _zero_linear(1, hidden, like, bias=parts["ffn_out"].bias))
+        rows = int(_unit_rows(parts, torch.zeros(1, dtype=torch.long), 1).numel())
+        parts.replace("ffn_in", _zero_linear(hidden, rows, like, with_bias=parts["ffn_in"].bias is not None))
+        parts.replace("ffn_out", _zero_linear(1, hidden, like, bias=parts["ffn_out"].bias,
+                                              with_bias=parts["ffn_out"].bias is not None))
 
 
-def _zero_linear(in_features: int, out_features: int, like: torch.Tensor, bias: torch.Tensor | None = None):
-    new = nn.Linear(in_features, out_features, device=like.device, dtype=like.dtype)
+def _zero_linear(in_features: int, out_features: int, like: torch.Tensor, bias: torch.Tensor | None = None,
+                 with_bias: bool = True):
+    new = nn.Linear(in_features, out_features, bias=with_bias, device=like.device, dtype=like.dtype)
     nn.init.zeros_(new.weight)
-    with torch.no_grad():
-        new.bias.copy_(bias if bias is not None else torch.zeros_like(new.bias))
+    if with_bias:
+        with torch.no_grad():
+            new.bias.copy_(bias if bias is not None else torch.zeros_like(new.bias))
     return new
 
 

@@ -245,15 +245,7 @@ def _safetensors_header(path: Path) -> dict:
 
 def _expected_layer_shapes(family: Family, hidden: int, head_dim: int, heads: int, units: int) -> dict:
     """Tensor name inside a layer -> the shape a save with ``heads`` heads and ``units`` FFN units gives it."""
-    a = heads * head_dim
-    p = family.paths
-    shapes = {f"{p[r]}.weight": (a, hidden) for r in ("query", "key", "value")}
-    shapes.update({f"{p[r]}.bias": (a,) for r in ("query", "key", "value")})
-    shapes.update({f"{p['head_gate']}.log_alpha": (heads,), f"{p['head_gate']}.mask": (heads,),
-                   f"{p['attn_out']}.weight": (hidden, a), f"{p['ffn_in']}.weight": (units, hidden),
-                   f"{p['ffn_in']}.bias": (units,), f"{p['unit_gate']}.log_alpha": (units,),
-                   f"{p['unit_gate']}.mask": (units,), f"{p['ffn_out']}.weight": (hidden, units)})
-    return shapes
+    return family.layer_shapes(hidden, head_dim, heads, units)
 
 
 def _check_weights(header: dict, family: Family, config: dict, meta: dict, path: Path) -> None:

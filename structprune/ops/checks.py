@@ -150,3 +150,51 @@ def check_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation, *, k
     _check_tensor("unit_gates", unit_gates, (n,), x, same_dtype=False)
     _check_index("kept_units", kept_units, n, x, required=kernel)
     check_activation(activation)
+
+
+# --- rotary / sliding-window attention and the GLU FFN (ModernBERT) ----------------------------------------------
+def _check_optional(name: str, t, shape: tuple, x: torch.Tensor) -> None:
+    if t is not None:
+        _check_tensor(name, t, shape, x)
+
+
+def check_rotary_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads, cos, sin,
+                                  window, attn_mask=None, dropout_p=0.0, *, key_bias=None, kernel: bool = False):
+    """The checks of :func:`check_attention_inputs` for ``gated_rotary_attention`` (biases may be None), plus
+    ``cos``/``sin``: [B or 1, S, head_dim] floating tensors on x's device, and ``window``: an int >= -1."""
+    _check_x(x, "[B, S, E]", 3)
+    B, S, E = x.shape
+    _check_tensor("wq", wq, (None, E), x)
+    HD = wq.shape[0]
+    zero = {"bq": x.new_zeros(HD) if bq is None else bq, "bk": x.new_zeros(HD) if bk is None else bk,
+            "bv": x.new_zeros(HD) if bv is None else bv, "bo": x.new_zeros(E) if bo is None else bo}
+    check_attention_inputs(x, wq, zero["bq"], wk, zero["bk"], wv, zero["bv"], wo, zero["bo"], head_gates,
+                           active_heads, num_heads, attn_mask, dropout_p, key_bias=key_bias, kernel=kernel)
+    if not isinstance(window, int) or isinstance(window, bool) or window < -1:
+        raise ValueError(f"window must be an int >= -1 (-1: no sliding window), got {window!r}")
+    D = HD // num_heads if num_heads else None
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1] != S or \
+                (D is not None and t.shape[2] != D) or t.dtype not in _FLOAT_DTYPES or t.device != x.device:
+            raise ValueError(f"{name} must be a floating tensor [1 or {B}, {S}, {D if D is not None else 'head_dim'}]"
+                             f" on {x.device}, got {_describe(t)}"
+                             + (f" on {t.device}" if isinstance(t, torch.Tensor) else ""))
+    if D is not None and D % 2:
+        raise ValueError(f"rotary positions need an even head_dim, got {D}")
+
+
+def check_glu_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation, *, kernel: bool = False) -> None:
+    """Inputs of ``gated_glu_ffn``: w1 [2*I, E] (input half, then gate half), b1 [2*I] or None, w2 [E, I],
+    b2 [E] or None, unit_gates [I]."""
+    _check_x(x, "[..., E]", None)
+    E = x.shape[-1]
+    _check_tensor("w1", w1, (None, E), x)
+    if w1.shape[0] % 2:
+        raise ValueError(f"w1 of a GLU FFN must have 2 * units rows (input half, gate half), got {w1.shape[0]}")
+    n = w1.shape[0] // 2
+    _check_optional("b1", b1, (2 * n,), x)
+    _check_tensor("w2", w2, (E, n), x)
+    _check_optional("b2", b2, (E,), x)
+    _check_tensor("unit_gates", unit_gates, (n,), x, same_dtype=False)
+    _check_index("kept_units", kept_units, n, x, required=kernel)
+    check_activation(activation)

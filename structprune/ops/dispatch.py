@@ -31,8 +31,9 @@ from structprune.ops import schema  # noqa: F401  (defines the public ops torch.
 from structprune.ops import registry as backends
 from structprune.ops import reference
 from structprune.ops.checks import check_attention_inputs, check_ffn_inputs  # noqa: F401  (part of the op boundary)
+from structprune.ops.checks import check_glu_ffn_inputs, check_rotary_attention_inputs
 from structprune.ops.support import OpInputs
-from structprune.ops.padding import kernel_key_bias, padded_sequence_output
+from structprune.ops.padding import banded_key_row, fully_padded, kernel_key_bias, key_bias_from_mask, padded_sequence_output
 
 BACKENDS = backends.names()  # the registered backends at import: ("torch", "triton", "cpp")
 
@@ -286,5 +287,58 @@ def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu
         out = reference.gated_ffn(x, w1, b1, w2, b2, unit_gates, activation)
     else:
         out = backend.gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+    _last["ffn"] = backend.name
+    return out
+
+
+# --- rotary / sliding-window attention and the GLU FFN (ModernBERT) ----------------------------------------------
+def gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads: int, cos, sin,
+                           window: int = -1, attn_mask=None, dropout_p: float = 0.0, impl: str = "sdpa"):
+    """Gated self-attention with rotary positions and an optional sliding window (see
+    :func:`structprune.ops.reference.gated_rotary_attention`); biases may be None.
+
+    ``attn_mask``: HF's mask for the layer ([B, K] padding, or [B, 1, Q, K], which for a sliding layer is already
+    banded): the reference applies it as it is; a kernel backend gets its key padding row and ``window``. A
+    backend without kernels for rotary positions / the window (``not_supported_reasons``) falls back to the
+    reference, as does attention dropout here (the op has no dropout argument)."""
+    check_rotary_attention_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, num_heads, cos, sin,
+                                  window, attn_mask, dropout_p)
+    backend = _choose(OpInputs("attention", x.device, x.dtype, num_heads=num_heads, dropout_p=float(dropout_p),
+                               compiling=torch.compiler.is_compiling(), rotary=True, window=int(window)))
+    if backend.name == "torch":
+        if attn_mask is not None and attn_mask.dim() == 2:
+            attn_mask = reference.banded_key_mask(key_bias_from_mask(attn_mask), x.shape[1], window, x.dtype,
+                                                  x.device)
+        out = reference.gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads, cos, sin,
+                                               window=window, attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
+    else:
+        row = banded_key_row(attn_mask)
+        out = backend.gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
+                                             kernel_key_bias(row, x.shape[0]), cos, sin, int(window), num_heads)
+        if row is not None and not torch.compiler.is_compiling():  # fully padded sequences: the reference's output
+            dead = fully_padded(row).expand(x.shape[0])
+            if bool(dead.any()):
+                idx = torch.nonzero(dead).flatten()
+                mask = attn_mask[idx] if attn_mask.shape[0] == x.shape[0] else attn_mask
+                if mask.dim() == 2:
+                    mask = mask[:, None, None, :]
+                ref = reference.gated_rotary_attention(x[idx], wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads,
+                                                       cos if cos.shape[0] == 1 else cos[idx],
+                                                       sin if sin.shape[0] == 1 else sin[idx], window=window,
+                                                       attn_mask=mask, impl=impl)
+                out = out.index_put((idx,), ref.to(out.dtype))
+    _last["attention"] = backend.name
+    return out
+
+
+def gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu"):
+    """Gated GLU feed-forward projection (see :func:`structprune.ops.reference.gated_glu_ffn`): unit ``u`` is the
+    row pair ``(u, u + I)`` of ``w1`` and column ``u`` of ``w2``; biases may be None."""
+    check_glu_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+    backend = _choose(OpInputs("ffn", x.device, x.dtype, compiling=torch.compiler.is_compiling(), glu=True))
+    if backend.name == "torch":
+        out = reference.gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, activation)
+    else:
+        out = backend.gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
     _last["ffn"] = backend.name
     return out

@@ -88,3 +88,14 @@ def padded_sequence_output(y, args, num_heads, attn_mask, dropout_p, impl):
     y_dead = reference.gated_attention(args[0][idx], *args[1:], num_heads, attn_mask=mask, dropout_p=dropout_p,
                                        impl=impl)
     return y.index_put((idx,), y_dead.to(y.dtype))
+
+
+def banded_key_row(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The [B, K] key padding row of an HF sliding-window mask [B, 1, Q, K] (a band that also masks padding): a
+    key is padding when no query may attend it (every key lies in its own query's band). A [B, K] mask is its own
+    row. Returns a mask of the input's kind (bool or additive), for :func:`key_bias_from_mask`."""
+    if attn_mask is None or attn_mask.dim() == 2:
+        return attn_mask
+    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
+        raise ValueError(f"attention mask must be [B, K] or [B, 1, Q, K], got shape {tuple(attn_mask.shape)}")
+    return attn_mask[:, 0].any(dim=1) if attn_mask.dtype == torch.bool else attn_mask[:, 0].amax(dim=1)

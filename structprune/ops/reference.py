@@ -104,3 +104,76 @@ def attention_flops(batch: int, seq: int, hidden: int, heads_kept: int, head_dim
 
 def ffn_flops(batch: int, seq: int, hidden: int, units_kept: int) -> int:
     return 2 * batch * seq * hidden * units_kept * 2
+
+
+# --- rotary, sliding-window attention and the GLU FFN (ModernBERT; decoder GLU models later) ---------------------
+# Extra shapes: cos/sin: [B or 1, S, D] (D = head_dim, HF's rotary layout: the two halves of a head rotate
+# together); window: keys within |q - k| <= window attend (a band), -1 = every key; w1 of the GLU FFN: [2*I, E],
+# rows [0, I) the input half and rows [I, 2*I) the gate half (unit u is the row pair (u, u + I)); b1: [2*I] or None.
+def rotate_half(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[-1] // 2
+    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+
+def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on ``t`` [B, H, S, D] with ``cos``/``sin`` [B or 1, S, D], computed in fp32 (as HF does)."""
+    tf = t.float()
+    c, s = cos[:, None].float(), sin[:, None].float()
+    return (tf * c + rotate_half(tf) * s).to(t.dtype)
+
+
+def band(seq: int, window: int, device) -> torch.Tensor | None:
+    """[S, S] bool: query q may attend key k (|q - k| <= window); None for ``window < 0`` (every key)."""
+    if window < 0:
+        return None
+    pos = torch.arange(seq, device=device)
+    return (pos[:, None] - pos[None, :]).abs() <= window
+
+
+def banded_key_mask(key_bias: torch.Tensor | None, seq: int, window: int, dtype, device) -> torch.Tensor | None:
+    """The additive [B|1, 1, S, S] mask of a [B, S] key bias (or None) restricted to a band of half-width
+    ``window`` (keys out of the band get ``finfo(dtype).min``); None when there is nothing to mask."""
+    allowed = band(seq, window, device)
+    mask = key_bias_to_mask(key_bias, dtype)
+    if allowed is None:
+        return mask
+    base = mask if mask is not None else torch.zeros(1, 1, 1, seq, dtype=dtype, device=device)
+    return base.expand(base.shape[0], 1, seq, seq).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, num_heads: int, cos, sin,
+                           window: int = -1, key_bias=None, attn_mask=None, dropout_p: float = 0.0,
+                           impl: str = "sdpa"):
+    """:func:`gated_attention` with rotary positions applied to q and k between the projections and the
+    attention, and a sliding window (``window`` >= 0: keys within ``|q - k| <= window``). Biases may be None.
+
+    ``attn_mask`` (a 4D HF-style mask, which for a sliding layer already holds the band) takes precedence over
+    ``key_bias`` and ``window``."""
+    B, S, _ = x.shape
+    if num_heads == 0:
+        return F.linear(x.new_zeros(B, S, 0), wo, bo)
+    head_dim = wq.shape[0] // num_heads
+
+    def heads(t):
+        return t.view(B, S, num_heads, head_dim).transpose(1, 2)
+
+    q = apply_rotary(heads(F.linear(x, wq, bq)), cos, sin)
+    k = apply_rotary(heads(F.linear(x, wk, bk)), cos, sin)
+    v = heads(F.linear(x, wv, bv))
+    mask = attn_mask if attn_mask is not None else banded_key_mask(key_bias, S, window, x.dtype, x.device)
+    ctx = attention_context(q, k, v, mask, dropout_p, impl)
+    ctx = ctx * head_gates.to(ctx.dtype)[None, :, None, None]
+    ctx = ctx.transpose(1, 2).reshape(B, S, num_heads * head_dim)
+    return F.linear(ctx, wo, bo)
+
+
+def gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, activation: str = "gelu"):
+    """``((act(x @ w1[:I].T + b1[:I]) * (x @ w1[I:].T + b1[I:])) * unit_gates) @ w2.T + b2`` (biases may be None)."""
+    a, g = F.linear(x, w1, b1).chunk(2, dim=-1)
+    h = activation_fn(activation)(a) * g
+    h = h * unit_gates.to(h.dtype)
+    return F.linear(h, w2, b2)
+
+
+def glu_ffn_flops(batch: int, seq: int, hidden: int, units_kept: int) -> int:
+    return 2 * batch * seq * hidden * units_kept * 3

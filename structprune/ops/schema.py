@@ -4,6 +4,9 @@
                                           num_heads, backend, dropout_p=0.0, seed=0) -> Tensor
     torch.ops.structprune.gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, backend) -> Tensor
     torch.ops.structprune.hard_concrete_sample(log_alpha, seed, offset, beta, backend) -> Tensor
+    torch.ops.structprune.gated_rotary_attention(x, wq, bq?, wk, bk?, wv, bv?, wo, bo?, head_gates, active_heads,
+                                                 key_bias, cos, sin, window, num_heads, backend) -> Tensor
+    torch.ops.structprune.gated_glu_ffn(x, w1, b1?, w2, b2?, unit_gates, kept_units, activation, backend) -> Tensor
 
 ``backend`` names a registered backend (:mod:`structprune.ops.registry`); the arguments are those of the op contract
 (:mod:`structprune.ops.support`). The dispatcher (:mod:`structprune.ops.dispatch`) calls these after choosing the backend;
@@ -28,6 +31,13 @@ _lib.define("gated_attention(Tensor x, Tensor wq, Tensor bq, Tensor wk, Tensor b
 _lib.define("gated_ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor unit_gates, Tensor kept_units, "
             "str activation, str backend) -> Tensor")
 _lib.define("hard_concrete_sample(Tensor log_alpha, int seed, int offset, float beta, str backend) -> Tensor")
+# ModernBERT's: rotary positions and a sliding window (``window`` >= 0: keys within |q - k| <= window; -1: none),
+# and the GLU FFN (``w1`` [2*I, E]: input half, then gate half). Biases may be absent.
+_lib.define("gated_rotary_attention(Tensor x, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv, "
+            "Tensor wo, Tensor? bo, Tensor head_gates, Tensor active_heads, Tensor? key_bias, Tensor cos, "
+            "Tensor sin, int window, int num_heads, str backend) -> Tensor")
+_lib.define("gated_glu_ffn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor unit_gates, "
+            "Tensor kept_units, str activation, str backend) -> Tensor")
 
 
 def _backend(name: str, op: str):
@@ -57,11 +67,30 @@ def _hard_concrete_sample(log_alpha, seed, offset, beta, backend):
     return impl.hard_concrete_sample(log_alpha, seed, offset, beta)
 
 
+def _extra_op(backend: str, op: str):
+    impl = getattr(_backend(backend, op), op)
+    if impl is None:
+        raise ValueError(f"structprune::{op}: backend {backend!r} does not implement it (the dispatcher runs the "
+                         "reference instead: use structprune.ops.dispatch)")
+    return impl
+
+
+def _gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads, key_bias, cos, sin,
+                            window, num_heads, backend):
+    return _extra_op(backend, "gated_rotary_attention")(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
+                                                        key_bias, cos, sin, window, num_heads)
+
+
+def _gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, backend):
+    return _extra_op(backend, "gated_glu_ffn")(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+
+
 def _has_sampler(name: str) -> bool:
     backend = backends.load(name)
     return backend is not None and backend.hard_concrete_sample is not None
 
 
 for _name, _fn in (("gated_attention", _gated_attention), ("gated_ffn", _gated_ffn),
-                   ("hard_concrete_sample", _hard_concrete_sample)):
+                   ("hard_concrete_sample", _hard_concrete_sample),
+                   ("gated_rotary_attention", _gated_rotary_attention), ("gated_glu_ffn", _gated_glu_ffn)):
     _lib.impl(_name, _fn, "CompositeImplicitAutograd")

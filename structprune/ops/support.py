@@ -40,6 +40,9 @@ class OpInputs(NamedTuple):
     dropout_p: float = 0.0  # attention only
     generator: bool = False  # hard_concrete only: an explicit torch.Generator was given
     compiling: bool = False  # traced by torch.compile
+    rotary: bool = False  # attention only: rotary positions between the projections and the attention
+    window: int = -1  # attention only: a sliding window (keys within |q - k| <= window), -1 for none
+    glu: bool = False  # ffn only: a GLU FFN (w1 holds the input and the gate halves)
 
 
 def _never(device: torch.device) -> bool:
@@ -63,6 +66,8 @@ class Backend:
     gated_ffn: Callable
     hard_concrete_sample: Optional[Callable] = None
     hard_concrete_uniform: Optional[Callable] = None
+    gated_rotary_attention: Optional[Callable] = None  # rotary / sliding-window attention (None: not implemented)
+    gated_glu_ffn: Optional[Callable] = None  # the GLU FFN (None: not implemented)
     supports_attention_dropout: Callable[[torch.device], bool] = _never
     takes_tensor_seed: bool = False  # gated_attention also takes the dropout seed as a one-element int64 CPU tensor
     reference: bool = False  # computes everything: refuses nothing
@@ -80,11 +85,17 @@ def _kernel_reasons(backend: Backend, inputs: OpInputs) -> list[str]:
     """The reasons every compiled backend shares: what only the reference computes, and what ``backend`` does
     not declare."""
     reasons = []
+    if (inputs.rotary or inputs.window >= 0) and backend.gated_rotary_attention is None:
+        reasons.append("rotary positions / a sliding-window key mask (no gated_rotary_attention kernel)")
+    if inputs.glu and backend.gated_glu_ffn is None:
+        reasons.append("a GLU FFN (no gated_glu_ffn kernel)")
     if inputs.op == "attention":
         if inputs.num_heads == 0:
             reasons.append("no head left (the layer is its output bias, which the reference returns)")
         if inputs.dropout_p > 0.0:
-            if inputs.compiling and not backend.takes_tensor_seed:
+            if inputs.rotary or inputs.window >= 0:
+                reasons.append("attention dropout with rotary positions (the rotary op has no dropout: reference)")
+            elif inputs.compiling and not backend.takes_tensor_seed:
                 reasons.append("attention dropout under torch.compile (this backend takes no tensor seed, and a "
                                "host-side seed would break the graph)")
             elif not backend.supports_attention_dropout(inputs.device):

@@ -51,9 +51,10 @@ class LayerParts:
     ``unit_gate`` are the layer's :class:`~structprune.model.gates.HardConcreteGate`; ``attention`` is the gated
     attention module (``num_heads``, ``head_dim``)."""
 
-    def __init__(self, layer: nn.Module, paths: dict[str, str]):
+    def __init__(self, layer: nn.Module, paths: dict[str, str], family: "Family | None" = None):
         self.layer = layer
         self._paths = paths
+        self.family = family  # for its slicing hooks (Family.fused_qkv, Family.unit_rows)
 
     def __getitem__(self, role: str) -> nn.Module:
         return operator.attrgetter(self._paths[role])(self.layer)
@@ -137,7 +138,27 @@ class Family:
             raise TypeError(f"{type(model).__name__} has no {self.layers_path} list; is it a {self.name} model?") from exc
 
     def parts(self, layer: nn.Module) -> LayerParts:
-        return LayerParts(layer, self.paths)
+        return LayerParts(layer, self.paths, self)
+
+    # --- slicing hooks (compaction, loading): how heads and units map to rows of the input projections -------------
+    fused_qkv: bool = False  # query/key/value are three row blocks of one nn.Linear at paths["qkv"] (ModernBERT)
+
+    def unit_rows(self, units: torch.Tensor, n_units: int) -> torch.Tensor:
+        """The rows of the FFN input projection that FFN units ``units`` own, in a layer of ``n_units`` units: the
+        units themselves here; a GLU family's ``(u, u + n_units)`` pairs."""
+        return units
+
+    def layer_shapes(self, hidden: int, head_dim: int, heads: int, units: int) -> dict:
+        """Tensor name inside a layer -> the shape a save with ``heads`` heads and ``units`` FFN units gives it."""
+        a = heads * head_dim
+        p = self.paths
+        shapes = {f"{p[r]}.weight": (a, hidden) for r in ("query", "key", "value")}
+        shapes.update({f"{p[r]}.bias": (a,) for r in ("query", "key", "value")})
+        shapes.update({f"{p['head_gate']}.log_alpha": (heads,), f"{p['head_gate']}.mask": (heads,),
+                       f"{p['attn_out']}.weight": (hidden, a), f"{p['ffn_in']}.weight": (units, hidden),
+                       f"{p['ffn_in']}.bias": (units,), f"{p['unit_gate']}.log_alpha": (units,),
+                       f"{p['unit_gate']}.mask": (units,), f"{p['ffn_out']}.weight": (hidden, units)})
+        return shapes
 
     def check(self, model: nn.Module) -> None:
         """Raise a TypeError for a configuration of this family that structprune does not gate (decoders)."""

@@ -1,5 +1,5 @@
 """Plain-PyTorch modeling code for a model compacted by structprune (per-layer head and FFN sizes): BERT,
-RoBERTa, ELECTRA, XLM-RoBERTa and DistilBERT.
+RoBERTa, ELECTRA, XLM-RoBERTa, DistilBERT and ModernBERT.
 
 Written next to the weights by ``structprune.save_pretrained``; it needs only ``torch`` and ``transformers``
 (not structprune). Load with ``AutoModelFor<Task>.from_pretrained(directory, trust_remote_code=True)``.
@@ -124,9 +124,39 @@ def _resize_distilbert(model: nn.Module, config) -> None:
         layer.ffn = PrunedDistilBertFFN(config.dim, u, config.activation, config.dropout)
 
 
+class _NoHeadAttention(nn.Module):
+    """A ModernBERT attention with every head pruned: only the output projection's bias (or zeros) is left."""
+
+    def __init__(self, hidden: int, bias: bool):
+        super().__init__()
+        self.Wqkv = nn.Linear(hidden, 0, bias=bias)  # the checkpoint's (empty) fused projection
+        self.Wo = nn.Linear(0, hidden, bias=bias)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        return self.Wo(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
+
+
+def _resize_modernbert(model: nn.Module, config) -> None:
+    """ModernBERT: fused ``Wqkv`` of 3 * heads * head_dim rows, GLU ``Wi`` of 2 * units rows (HF's modules take
+    any head and unit count, but not zero heads)."""
+    layers = model.base_model.layers
+    hidden = config.hidden_size
+    head_dim = hidden // config.num_attention_heads
+    for layer, h, u in zip(layers, *_sizes(config, layers)):
+        if h == 0:
+            layer.attn = _NoHeadAttention(hidden, config.attention_bias)
+        else:
+            layer.attn.Wqkv = nn.Linear(hidden, 3 * h * head_dim, bias=config.attention_bias)
+            layer.attn.Wo = nn.Linear(h * head_dim, hidden, bias=config.attention_bias)
+        layer.mlp.Wi = nn.Linear(hidden, 2 * u, bias=config.mlp_bias)
+        layer.mlp.Wo = nn.Linear(u, hidden, bias=config.mlp_bias)
+
+
 def _resize_encoder(model: nn.Module, config) -> None:
     if config.model_type == "distilbert":
         return _resize_distilbert(model, config)
+    if config.model_type == "modernbert":
+        return _resize_modernbert(model, config)
     layers = model.base_model.encoder.layer
     hidden = config.hidden_size
     head_dim = hidden // config.num_attention_heads
@@ -161,6 +191,8 @@ _BASES = ("BertModel", "BertForQuestionAnswering", "BertForSequenceClassificatio
           "XLMRobertaModel", "XLMRobertaForQuestionAnswering", "XLMRobertaForSequenceClassification",
           "XLMRobertaForTokenClassification", "XLMRobertaForMaskedLM", "XLMRobertaForMultipleChoice",
           "DistilBertModel", "DistilBertForQuestionAnswering", "DistilBertForSequenceClassification",
-          "DistilBertForTokenClassification", "DistilBertForMaskedLM", "DistilBertForMultipleChoice")
+          "DistilBertForTokenClassification", "DistilBertForMaskedLM", "DistilBertForMultipleChoice",
+          "ModernBertModel", "ModernBertForQuestionAnswering", "ModernBertForSequenceClassification",
+          "ModernBertForTokenClassification", "ModernBertForMaskedLM", "ModernBertForMultipleChoice")
 for _name in _BASES:
     globals()[f"Pruned{_name}"] = _pruned_class(getattr(transformers, _name))
