@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -143,6 +144,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = machine_info(torch.device("cpu"))
+    info["load_average_1_5_15_at_end"] = list(os.getloadavg())  # the spread means little on a busy machine
     out.with_suffix(".json").write_text(json.dumps({"machine": info, "settings": settings, "results": rows},
                                                    indent=1) + "\n")
     lines = [f"# torch.compile ({args.compile_backend}) vs eager, patched MiniLM-shaped BERT, CPU", "",
