@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from structprune import atomic
-from structprune.qa import pruning
+from structprune.qa import prune_args
 from structprune.qa.pruning import prune
 from structprune.qa.runs import (THRESHOLD_FILE, _common, _data, _default_model, _dev_eval_fn, _finished, _start_run,
                                  _tokenizer, _train_kwargs, evaluate_into, load_qa_model, save_null_threshold)
@@ -80,7 +80,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=finetune)
 
     p = subparsers.add_parser("prune", help="prune a fine-tuned QA model, train the survivors, compact, evaluate")
-    pruning.add_arguments(p)
+    prune_args.add_arguments(p)
     _common(p, train=True)
     p.set_defaults(func=prune, epochs=1.0)
 

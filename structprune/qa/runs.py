@@ -206,3 +206,8 @@ def _dev_eval_fn(tokenizer, args):
         return metrics
 
     return eval_fn
+
+
+def _progress() -> bool:
+    """Progress bars unless ``STRUCTPRUNE_QUIET=1`` (the tests', the benchmark's)."""
+    return os.environ.get("STRUCTPRUNE_QUIET") != "1"
