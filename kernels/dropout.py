@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from structprune._input_checks import check_dropout
+from structprune.ops.checks import check_dropout
 
 from . import _common as C
 

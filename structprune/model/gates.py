@@ -8,7 +8,7 @@ A gate vector of ``n`` entries has two pieces of state:
 A third buffer, ``mask_index`` (int64, not saved), lists the entries whose mask is non-zero. It is refreshed outside
 any ``torch.compile`` region whenever the mask changes through this class (:meth:`~HardConcreteGate.set_mask`,
 :meth:`~HardConcreteGate.keep_only_`, ``load_state_dict``), so a compiled model reads an index whose size is known
-when the graph is traced (no data-dependent ``nonzero`` in the graph); see :func:`structprune.modules.gate_values`.
+when the graph is traced (no data-dependent ``nonzero`` in the graph); see :func:`structprune.model.modules.gate_values`.
 
 In training with ``sampling`` on, ``forward`` draws ``z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta)
 * (zeta - gamma) + gamma, 0, 1)``; otherwise it returns the deterministic gate

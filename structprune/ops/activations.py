@@ -1,7 +1,7 @@
 """The FFN activations structprune supports: the one table of their names.
 
-Read by the reference (:func:`structprune.reference.activation_fn`), the input checks every backend runs
-(:mod:`structprune._input_checks`), the Triton kernels' dispatch (``kernels/_common.py``) and the model families
+Read by the reference (:func:`structprune.ops.reference.activation_fn`), the input checks every backend runs
+(:mod:`structprune.ops.checks`), the Triton kernels' dispatch (``kernels/_common.py``) and the model families
 (Hugging Face's ``hidden_act`` names, :data:`HF_ACTIVATIONS`). The C++ extension switches over the same names
 (``csrc/ffn.cpp``); ``tests/test_cpp_ops.py`` holds it to exactly this table.
 """

@@ -1,9 +1,9 @@
 """Input checks of the gated ops: the one copy, run by the dispatcher (:mod:`structprune.ops`) and again by every
-backend's op entry (``structprune._extension``, ``structprune._kernels``, ``structprune._torch_backend``), so that
+backend's op entry (``structprune.backends.cpp.ops``, ``structprune._kernels``, ``structprune.backends.pytorch``), so that
 the same bad input gets the same error, saying what was expected and what came, whichever backend runs it and
 however it is reached. The C++ ops keep only the checks that guard their memory (csrc/checks.h).
 
-The contract (see :mod:`structprune._op_support` for the ops): x is float32, float16 or bfloat16, [B, S, E] for
+The contract (see :mod:`structprune.ops.support` for the ops): x is float32, float16 or bfloat16, [B, S, E] for
 attention and [..., E] for the FFN (position-wise); weights and biases are on x's device, of x's dtype (unless
 autocast, whose rule casts them, is on) and of the nn.Linear shapes; the gates are floating, one per head / unit;
 the kept index (``active_heads`` / ``kept_units``) holds sorted unique int64 indices, on x's device or the CPU

@@ -6,7 +6,7 @@ Ops (``torch.ops.structprune.*``): ``cpp_gated_attention``, ``cpp_gated_attentio
 ``attention_dropout_scale``, ``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``activation_names``,
 ``philox4x32_10``. Fake kernels, autograd formulas (calling the C++ backward ops) and autocast rules are registered
 here. The op entries (:func:`gated_attention`, :func:`gated_ffn`) check their inputs with
-:mod:`structprune._input_checks`, as every backend does; the C++ ops keep only the checks that guard memory.
+:mod:`structprune.ops.checks`, as every backend does; the C++ ops keep only the checks that guard memory.
 
 The backward ops take ``output_mask`` = (x, all weights and biases, gates): the autograd formulas build it from
 ``ctx.needs_input_grad``, so frozen weights (e.g. an L0 selection phase training only the gates) cost no weight
