@@ -117,3 +117,26 @@ def test_graph_sees_the_known_edges(graph):
     assert "structprune.ops.registry" in graph["structprune.ops.dispatch"]
     assert "structprune.ops.dispatch" in graph["structprune.model.gates"]
     assert "structprune._kernels._common" in graph["structprune._kernels.attention"]
+
+
+def test_every_structprune_import_names_a_module_that_exists():
+    """A module left behind by a move fails here, not only when the line runs (imports inside functions too)."""
+    files = _module_files()
+    missing = {}
+    for name, path in files.items():
+        package = name if path.stem == "__init__" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                targets = [base] if base.startswith("structprune") else []
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("structprune")]
+            else:
+                continue
+            for target in targets:
+                if target not in files and target not in ("structprune._C", "structprune.csrc"):
+                    missing.setdefault(name, []).append(target)
+    assert not missing
