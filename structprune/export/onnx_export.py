@@ -19,7 +19,8 @@ import torch
 import transformers
 from torch import nn
 
-FORMATS = ("onnx", "torch-export")
+FORMATS = ("onnx", "torch-export", "openvino")
+SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "openvino": ".xml"}
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 14, 20, 17
 QUANTIZE = ("int8",)
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -230,7 +231,7 @@ def run_export(model_dir: str, fmt: str, out: str, opset: int = DEFAULT_OPSET, q
     if quantize is not None and (quantize not in QUANTIZE or fmt != "onnx"):
         raise ValueError(f"--quantize {quantize!r} is supported only as one of {QUANTIZE} with --format onnx")
     out_path = Path(out)
-    want_suffix = ".onnx" if fmt == "onnx" else ".pt2"
+    want_suffix = SUFFIXES[fmt]
     if out_path.suffix != want_suffix:
         raise ValueError(f"--out {out}: a {fmt} export is written to a file ending in {want_suffix}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
@@ -249,6 +250,16 @@ def run_export(model_dir: str, fmt: str, out: str, opset: int = DEFAULT_OPSET, q
             result["quantize"] = quantize
             log(f"quantized to {quantize} (ONNX Runtime dynamic quantization); fp32 graph kept at {fp32}")
         runner = OrtQAModel(out_path, threads=1)
+    elif fmt == "openvino":
+        import tempfile
+
+        from structprune.export.openvino_export import OvQAModel, onnx_to_ir
+
+        with tempfile.TemporaryDirectory() as tmp:  # the IR is converted from the ONNX graph
+            onnx_to_ir(export_onnx(model, names, example, Path(tmp) / "model.onnx", opset), out_path)
+        log(f"wrote {out_path} and {out_path.with_suffix('.bin').name} (OpenVINO IR from ONNX opset {opset}, "
+            f"inputs {names}, dynamic batch and sequence axes, fp32 weights)")
+        runner = OvQAModel(out_path, threads=1)
     else:
         export_torch(model, names, example, out_path)
         log(f"wrote {out_path} (torch.export program, inputs {names}, dynamic batch and sequence)")
@@ -288,11 +299,11 @@ def _default_data() -> str | None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a QA model to ONNX or torch.export (plain operators)",
+    p = subparsers.add_parser("export", help="export a QA model to ONNX, torch.export or OpenVINO IR (plain operators)",
                               description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="structprune save or Hugging Face QA model directory")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", required=True, help="output file (.onnx or .pt2); the tokenizer is saved beside it")
+    p.add_argument("--out", required=True, help="output file (.onnx, .pt2 or .xml for OpenVINO); the tokenizer is saved beside it")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
     p.add_argument("--quantize", choices=QUANTIZE, default=None,

@@ -32,7 +32,8 @@ def _check_inputs(args) -> None:
     from structprune.cli import UsageError
 
     model = getattr(args, "model", None)
-    if model is not None and not Path(model).is_dir() and not (str(model).endswith(".onnx") and Path(model).is_file()):
+    exported = str(model).endswith((".onnx", ".xml")) and Path(model).is_file()  # ONNX graph or OpenVINO IR
+    if model is not None and not Path(model).is_dir() and not exported:
         raise UsageError(f"--model {model}: no such directory; pass a local model directory (a HF model or the "
                          "'model' folder of a finetune/prune run)")
     for flag in ("train", "dev"):
@@ -78,7 +79,8 @@ def _start_run(args) -> Path:
 
 def load_qa_model(path: str):
     """A QA model from a local directory: a structprune save (pruned shapes kept) or a HF directory; or an
-    exported ``.onnx`` file, run by ONNX Runtime on the CPU (its tokenizer is the one saved beside it)."""
+    exported ``.onnx`` file, run by ONNX Runtime on the CPU, or an OpenVINO IR ``.xml`` (OpenVINO's CPU plugin);
+    the tokenizer of an exported model is the one saved beside it."""
     import transformers
 
     import structprune as sp
@@ -89,6 +91,12 @@ def load_qa_model(path: str):
         from structprune.export.onnx_export import OrtQAModel
 
         return OrtQAModel(path)
+    if str(path).endswith(".xml"):  # an OpenVINO IR (structprune export --format openvino)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} does not exist (export one with: structprune export --format openvino)")
+        from structprune.export.openvino_export import OvQAModel
+
+        return OvQAModel(path)
     if (Path(path) / "structprune_config.json").is_file():
         model = sp.from_pretrained(path)
     else:
@@ -99,7 +107,7 @@ def load_qa_model(path: str):
 def _tokenizer(path: str):
     import transformers
 
-    if str(path).endswith(".onnx"):  # an exported model: structprune export saves the tokenizer beside it
+    if str(path).endswith((".onnx", ".xml")):  # an exported model: structprune export saves the tokenizer beside it
         path = str(Path(path).parent)
     return transformers.AutoTokenizer.from_pretrained(path)
 
