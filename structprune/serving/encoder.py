@@ -100,11 +100,31 @@ class ServingLayer(nn.Module):
             h = self.ln1(self.attn_out(ctx, h))
         else:
             h = self.ln1(h + self.attn_out_bias)
-        if self.units > 0:
-            h = self.ln2(self.ffn_out(self.ffn_in(h), h))
+        return self._ffn(h)
+
+    def forward_rows(self, h: torch.Tensor, mask: torch.Tensor | None, seq: int, start: int, qkv_all: torch.Tensor,
+                     barrier) -> torch.Tensor:
+        """Rows ``start:start + len(h)`` of ONE sequence (``h``: ``[rows, hidden]``), while other threads run the
+        other rows: the query/key/value rows are written into ``qkv_all`` (``[seq, 3 * heads * head_dim]``, one
+        buffer per layer and call), one ``barrier.wait()``, then this thread's queries attend to every key."""
+        if self.heads > 0:
+            rows = h.shape[0]
+            qkv = self.qkv(h)
+            qkv_all[start:start + rows] = qkv
+            barrier.wait()
+            q = qkv.view(1, rows, 3, self.heads, self.head_dim)[:, :, 0].transpose(1, 2)
+            kv = qkv_all.view(1, seq, 3, self.heads, self.head_dim)
+            ctx = F.scaled_dot_product_attention(q, kv[:, :, 1].transpose(1, 2), kv[:, :, 2].transpose(1, 2),
+                                                 attn_mask=mask)
+            h = self.ln1(self.attn_out(ctx.transpose(1, 2).reshape(rows, self.heads * self.head_dim), h))
         else:
-            h = self.ln2(h + self.ffn_out_bias)
-        return h
+            h = self.ln1(h + self.attn_out_bias)
+        return self._ffn(h)
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        if self.units > 0:
+            return self.ln2(self.ffn_out(self.ffn_in(h), h))
+        return self.ln2(h + self.ffn_out_bias)
 
 
 def _layer_norm(ln: nn.LayerNorm, dtype: torch.dtype) -> nn.LayerNorm:

@@ -19,6 +19,7 @@ The returned module holds its own copies of the weights (reordered for oneDNN, i
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 
 import torch
@@ -29,6 +30,7 @@ from structprune.serving.encoder import ACTIVATIONS, PackedLinear, ServingLayer
 from structprune.serving.threads import pool
 
 DTYPES = (torch.float32, torch.bfloat16)
+MIN_ROWS = 16  # a batch of one sequence is split over the threads only with at least this many tokens per thread
 LAYOUT = ("bert", "roberta", "electra", "xlm-roberta")  # encoder.layer[i].attention.self.query ... output.LayerNorm
 
 
@@ -47,7 +49,11 @@ class ServingModel(nn.Module):
         self.batch_parallel = True  # split a batch over the threads (see structprune.serving.threads)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, **unused):
+                token_type_ids: torch.Tensor | None = None, **other):
+        unsupported = sorted(k for k, v in other.items() if v is not None and k != "return_dict")
+        if unsupported:
+            raise TypeError(f"the optimized model takes input_ids, attention_mask and token_type_ids; got "
+                            f"{unsupported} as well (position_ids, head_mask, inputs_embeds, ... are not supported)")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a [batch, sequence] tensor, got "
                              f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}")
@@ -55,11 +61,13 @@ class ServingModel(nn.Module):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} like input_ids, got "
                                  f"{tuple(t.shape)}")
-        batch = input_ids.shape[0]
+        batch, seq = input_ids.shape
         threads = self.threads or torch.get_num_threads()
-        workers = pool(threads) if self.batch_parallel and batch > 1 else None
-        if workers is None:
+        workers = pool(threads) if self.batch_parallel else None
+        if workers is None or (batch == 1 and seq < MIN_ROWS * threads):
             out = self._forward(input_ids, attention_mask, token_type_ids)
+        elif batch == 1:  # one sequence: its rows split over the threads, one exchange of K/V per layer
+            out = self._forward_rows(input_ids, attention_mask, token_type_ids, workers, threads)
         else:  # one contiguous chunk of the batch per worker thread (see structprune.serving.threads)
             n = min(threads, batch)
             chunks = [torch.tensor_split(t, n) if t is not None else [None] * n
@@ -77,15 +85,50 @@ class ServingModel(nn.Module):
         if self.project is not None:
             h = self.project(h)
         h = h.to(self.dtype).reshape(batch * seq, -1)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = torch.zeros(batch, 1, 1, seq, dtype=self.dtype)
-            mask.masked_fill_(attention_mask.view(batch, 1, 1, seq) == 0, torch.finfo(self.dtype).min)
+        mask = self._mask(attention_mask, batch, seq)
         for layer in self.layers:
             h = layer(h, mask, batch, seq)
         if self.qa_outputs is None:
             return h.view(batch, seq, -1).float()
         return self.qa_outputs(h).float().view(batch, seq, 2)
+
+    def _forward_rows(self, input_ids, attention_mask, token_type_ids, workers, n: int) -> torch.Tensor:
+        """A batch of one sequence on ``n`` worker threads, each owning a contiguous block of its rows (tokens):
+        GEMMs, LayerNorms and its queries' attention run per block; the K/V rows are exchanged once per layer
+        (:meth:`ServingLayer.forward_rows`). Worker 0 computes the embeddings first (one more barrier)."""
+        seq = input_ids.shape[1]
+        bounds = [(seq * i) // n for i in range(n + 1)]
+        barrier = threading.Barrier(n)
+        shared: dict = {}
+
+        def work(i: int) -> torch.Tensor:
+            try:
+                with torch.inference_mode():
+                    if i == 0:
+                        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+                        if self.project is not None:
+                            h = self.project(h)
+                        shared["h"] = h.to(self.dtype).reshape(seq, -1)
+                        shared["mask"] = self._mask(attention_mask, 1, seq)
+                        shared["qkv"] = [torch.empty(seq, 3 * layer.heads * layer.head_dim, dtype=self.dtype)
+                                         for layer in self.layers]
+                    barrier.wait()
+                    h, mask = shared["h"][bounds[i]:bounds[i + 1]], shared["mask"]
+                    for layer, qkv_all in zip(self.layers, shared["qkv"]):
+                        h = layer.forward_rows(h, mask, seq, bounds[i], qkv_all, barrier)
+                    return h.float() if self.qa_outputs is None else self.qa_outputs(h).float()
+            except BaseException:
+                barrier.abort()  # the other workers leave their wait with BrokenBarrierError instead of hanging
+                raise
+
+        return torch.cat(list(workers.map(work, range(n)))).view(1, seq, -1)
+
+    def _mask(self, attention_mask, batch: int, seq: int) -> torch.Tensor | None:
+        """The additive key-padding mask ``[batch, 1, 1, seq]`` in the serving dtype, or None when nothing is padded."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        mask = torch.zeros(batch, 1, 1, seq, dtype=self.dtype)
+        return mask.masked_fill_(attention_mask.view(batch, 1, 1, seq) == 0, torch.finfo(self.dtype).min)
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, source={self.source}, batch_parallel={self.batch_parallel}"

@@ -7,6 +7,10 @@ forward of a 6-layer encoder; on a busy machine one descheduled thread stalls ev
 more and schedule dynamically. Splitting the batch keeps the thread count (``torch.get_num_threads()`` workers)
 and lets each worker run its ops back to back; the GEMMs stay large (M = tokens of the chunk).
 
+A batch of ONE sequence is split by rows (tokens) instead: each worker runs the GEMMs, LayerNorms and its own
+queries' attention on its block of rows, and the workers exchange K/V once per layer (one barrier per layer instead
+of one per op; ``ServingModel._forward_rows``).
+
 The workers' intra-op count is set with libgomp's ``omp_set_num_threads`` (a per-thread setting), not
 ``torch.set_num_threads`` (which would change every thread's count). Where torch does not run on libgomp (Intel
 OpenMP, another threading backend), :func:`pool` returns None and the model runs in the calling thread as usual.

@@ -48,8 +48,8 @@ def reference(model, x, dtype=torch.float32):
 def test_fp32_matches_within_1e5_on_padded_batches(family, batch_parallel):
     model = pruned(family)
     fast = sp.optimize(model, torch.float32)
-    fast.batch_parallel = batch_parallel
-    for batch, seq in ((4, 13), (3, 7), (1, 20)):
+    fast.batch_parallel, fast.threads = batch_parallel, 2
+    for batch, seq in ((4, 13), (3, 7), (1, 20), (1, 45)):  # (1, 45): one sequence's rows split over 2 threads
         x = inputs(batch, seq)
         got, want = logits(fast(**x)), reference(model, x)
         assert got.dtype == torch.float32 and got.shape == want.shape
@@ -62,6 +62,20 @@ def test_bf16_within_twice_the_plain_bf16_error(family):
     x = inputs()
     got = logits(sp.optimize(model, torch.bfloat16)(**x))
     check_close(f"{family} bf16", got, reference(model, x), reference(model, x, torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_sequence_split_by_rows_matches_unsplit(dtype):
+    model = pruned("roberta")  # RoBERTa: position ids from the whole row, computed once before the split
+    fast = sp.optimize(model, dtype)
+    x = {k: v[:1] for k, v in inputs(2, 50).items()}
+    x["attention_mask"][0, 41:] = 0
+    fast.threads = 3
+    rows = logits(fast(**x))
+    fast.batch_parallel = False
+    whole = logits(fast(**x))
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(rows, whole, atol=tol, rtol=tol)
 
 
 def test_split_and_unsplit_agree_and_threads_are_kept():
@@ -133,5 +147,7 @@ def test_bad_input_is_a_clear_error():
     fast = sp.optimize(model)
     with pytest.raises(ValueError, match=r"input_ids: expected a \[batch, sequence\]"):
         fast(input_ids=torch.ones(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="position_ids"):
+        fast(input_ids=torch.ones(2, 5, dtype=torch.long), position_ids=torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask: expected shape"):
         fast(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.long))
