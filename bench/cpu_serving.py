@@ -55,6 +55,16 @@ def build_models():
     return dense, sp.compact(pruned), transformers.AutoTokenizer.from_pretrained(path)
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's matrix/vector features that decide the GEMM kernels (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in flags if f.startswith(("amx", "avx512f", "avx512_bf16", "avx512_vnni", "avx2")))
+
+
 def matmul_flops(model, batch: int, seq: int) -> float:
     """Multiply-add FLOPs (x2) of the encoder's GEMMs and attention, and the QA head, at the model's sizes."""
     tokens, flops = batch * seq, 0.0
@@ -69,7 +79,7 @@ def matmul_flops(model, batch: int, seq: int) -> float:
     return flops + 2.0 * tokens * config.hidden_size * 2
 
 
-def peak_gflops(threads: int, calls: int = 20) -> dict:
+def peak_gflops(threads: int, calls: int = 40) -> dict:
     """This CPU's matmul peak at ``threads`` threads, from measured throughput (oneDNN with pre-packed weights):
     the larger of (a) ``threads`` x the best single-thread call of a 512^3 or 1024^3 matmul and (b) the best call of a 2048^3
     matmul on ``threads`` OpenMP threads. Best calls, not medians: on a shared machine a call is slowed by
@@ -144,7 +154,8 @@ def run(args) -> dict:
             fns, names = engines_for(label, model, tokenizer, Path(tmp), args.threads)
             cases.update({f"{label}/{e}": fn for e, fn in fns.items()})
         flops = {"dense": None, "pruned": None}
-        results = {"machine": machine_info(torch.device("cpu")), "threads": args.threads, "rounds": args.rounds,
+        results = {"machine": machine_info(torch.device("cpu")), "cpu_flags": cpu_flags(),
+                   "threads": args.threads, "rounds": args.rounds,
                    "peak": peak_gflops(args.threads), "shapes": {}}
         print(f"peak ({results['peak']['how']}): fp32 {results['peak']['fp32']['gflops_best']:.0f}, "
               f"bf16 {results['peak']['bf16']['gflops_best']:.0f} GFLOP/s", flush=True)
@@ -211,7 +222,8 @@ def profile_tables(model, shapes, threads: int, calls: int = 3, rows: int = 12) 
 def table(results: dict) -> str:
     m = results["machine"]
     load = results.get("load_before", "?"), results.get("load_after", "?")
-    lines = [f"CPU `{m.get('cpu', m.get('cpu_model', '?'))}`, {results['threads']} threads everywhere, "
+    lines = [f"CPU `{m.get('cpu', m.get('cpu_model', '?'))}` ({' '.join(results.get('cpu_flags', []))}), "
+             f"{results['threads']} threads everywhere, "
              f"{results['rounds']} interleaved rounds (1 call per case per round), median ms [IQR]; load average "
              f"before/after: {load[0]} / {load[1]}. Peak (measured, {results['peak']['how']}): "
              f"fp32 {results['peak']['fp32']['gflops_best']:.0f} GFLOP/s, bf16 "
