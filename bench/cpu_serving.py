@@ -81,8 +81,8 @@ def matmul_flops(model, batch: int, seq: int) -> float:
 
 def peak_gflops(threads: int, calls: int = 40) -> dict:
     """This CPU's matmul peak at ``threads`` threads, from measured throughput (oneDNN with pre-packed weights):
-    the larger of (a) ``threads`` x the best single-thread call of a 512^3 or 1024^3 matmul and (b) the best call of a 2048^3
-    matmul on ``threads`` OpenMP threads. Best calls, not medians: on a shared machine a call is slowed by
+    the larger of (a) ``threads`` x the best single-thread call of a 512^3 or 1024^3 matmul and (b) the best call of a
+    2048^3 matmul on ``threads`` OpenMP threads. Best calls, not medians: on a shared machine a call is slowed by
     preemption, never sped up, so the best call is the closest to what the cores can do."""
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -102,7 +102,8 @@ def peak_gflops(threads: int, calls: int = 40) -> dict:
         torch.set_num_threads(threads)
         single = max(best["1thread_512"], best["1thread_1024"])
         out[name] = {"measured": best, "gflops_best": max(threads * single, best[f"{threads}threads_2048"])}
-    out["how"] = (f"max of {threads} x the best single-thread 512^3/1024^3 call and the best {threads}-thread 2048^3 call "
+    out["how"] = (f"max of {threads} x the best single-thread 512^3/1024^3 call and the best {threads}-thread "
+                  f"2048^3 call "
                   f"(torch.ops.mkldnn._linear_pointwise, pre-packed weight, {calls} calls each)")
     return out
 

@@ -303,7 +303,8 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="structprune save or Hugging Face QA model directory")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", required=True, help="output file (.onnx, .pt2 or .xml for OpenVINO); the tokenizer is saved beside it")
+    p.add_argument("--out", required=True,
+                   help="output file (.onnx, .pt2 or .xml for OpenVINO); the tokenizer is saved beside it")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
     p.add_argument("--quantize", choices=QUANTIZE, default=None,

@@ -1,10 +1,10 @@
 """OpenVINO IR export (``structprune export --format openvino``) and an OpenVINO QA model called like a Hugging Face
 one (``structprune eval/predict --model x.xml``).
 
-The IR is converted (:func:`onnx_to_ir`) from the ONNX graph ``onnx_export.export_onnx`` writes (plain operators, dynamic batch and sequence axes), so
-both formats hold the same computation; weights stay fp32 in the IR (``compress_to_fp16=False``); the precision
-used at run time is a compile-time hint (``INFERENCE_PRECISION_HINT``: ``f32`` or ``bf16``). Needs the ``openvino``
-extra (``pip install "structprune[openvino]"``).
+The IR is converted (:func:`onnx_to_ir`) from the ONNX graph ``onnx_export.export_onnx`` writes (plain operators,
+dynamic batch and sequence axes), so both formats hold the same computation; weights stay fp32 in the IR
+(``compress_to_fp16=False``); the precision used at run time is a compile-time hint (``INFERENCE_PRECISION_HINT``:
+``f32`` or ``bf16``). Needs the ``openvino`` extra (``pip install "structprune[openvino]"``).
 """
 from __future__ import annotations
 

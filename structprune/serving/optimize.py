@@ -10,8 +10,8 @@ What it accepts (decided here, documented in README "Serving a pruned model"):
   the outputs are the masked model's, the model passed in is not touched);
 - a plain Hugging Face model (never patched): served dense, as it is.
 Families: BERT, RoBERTa, ELECTRA, XLM-RoBERTa with a question-answering head (``...ForQuestionAnswering``) or none
-(``...Model``: returns ``last_hidden_state`` only, no pooler output). dtype: ``torch.float32`` or ``torch.bfloat16``; the model stays
-on the CPU. Anything else is a TypeError/ValueError that says what was expected.
+(``...Model``: returns ``last_hidden_state`` only, no pooler output). dtype: ``torch.float32`` or
+``torch.bfloat16``; the model stays on the CPU. Anything else is a TypeError/ValueError that says what was expected.
 
 The returned module holds its own copies of the weights (reordered for oneDNN, in ``dtype``), so later changes to
 ``model`` do not reach it; it runs under ``torch.inference_mode`` and has no gradients.
