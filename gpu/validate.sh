@@ -214,7 +214,7 @@ build_py='
 import sys, time
 t0 = time.time()
 import torch
-from structprune import _extension as ext
+from structprune.backends.cpp import build as ext
 err = ext.load_error()
 print(f"C++ extension: {err or ext._origin} ({time.time() - t0:.0f} s)")
 if err:

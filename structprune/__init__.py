@@ -5,7 +5,7 @@
 
 The package's rooms: :mod:`structprune.ops` (the op stack) and :mod:`structprune.backends` (torch, cpp, triton);
 :mod:`structprune.model` (gates, modules, patching, masks, compaction, save/load, families); strategies, latency,
-training, qa, export, benchmark and tools above them. Every public name is re-exported here.
+training, qa, export, serving (``sp.optimize``), benchmark and tools above them. Every public name is re-exported here.
 """
 from structprune._version import __version__
 from structprune import strategies  # noqa: F401  (sp.strategies)
@@ -21,6 +21,7 @@ from structprune.model.patching import (SUPPORTED_MODEL_TYPES, NotPatchedError, 
 from structprune.model.summary import Summary, summary
 from structprune.ops.dispatch import (available_backends, clear_cache, fallback_reasons, get_backend, last_backends,
                                       set_backend, use_backend)
+from structprune.serving import optimize
 from structprune.training import distill  # noqa: F401  (sp.distill)
 
 __all__ = [
@@ -28,5 +29,5 @@ __all__ = [
     "summary", "Summary", "set_backend", "get_backend", "available_backends", "last_backends", "HardConcreteGate",
     "clear_cache", "GatedAttention", "GatedSelfAttention", "GatedIntermediate", "gate_parameters", "iter_gates",
     "set_gate_sampling", "SUPPORTED_MODEL_TYPES", "NotPatchedError",
-    "family_of", "register_family", "use_backend", "fallback_reasons", "__version__",
+    "family_of", "register_family", "use_backend", "fallback_reasons", "optimize", "__version__",
 ]

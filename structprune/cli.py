@@ -46,14 +46,14 @@ def positive_int(text: str) -> int:
 
 def check_model_dir(path, flag: str = "--model", onnx: bool = False) -> Path:
     """Fail fast, before any work, when a model path is not a local model directory (or, with ``onnx``, an
-    exported ``.onnx`` file): a :class:`UsageError` saying the folder does not exist, rather than whatever a
-    loader makes of it later (the Hub's "Repo id must be in the form ...")."""
+    exported ``.onnx`` graph or OpenVINO ``.xml`` IR): a :class:`UsageError` saying the folder does not exist,
+    rather than whatever a loader makes of it later (the Hub's "Repo id must be in the form ...")."""
     p = Path(path)
-    if p.is_dir() or (onnx and p.suffix == ".onnx" and p.is_file()):
+    if p.is_dir() or (onnx and p.suffix in (".onnx", ".xml") and p.is_file()):
         return p
     what = "a local model directory (a HF model or the 'model' folder of a finetune/prune run)"
     if onnx:
-        what += " or an exported .onnx file"
+        what += " or an exported .onnx graph / OpenVINO .xml IR"
     if p.exists():
         raise UsageError(f"{flag} {path} is a file, not a model directory; pass {what}")
     raise UsageError(f"{flag} {path}: no such directory (the folder does not exist); pass {what}")

@@ -10,7 +10,7 @@ import torch
 import transformers
 from torch import nn
 
-from structprune.export.onnx import (DEFAULT_OPSET, FORMATS, MAX_OPSET, MIN_OPSET, QUANTIZE, OrtQAModel,
+from structprune.export.onnx import (DEFAULT_OPSET, FORMATS, MAX_OPSET, MIN_OPSET, QUANTIZE, SUFFIXES, OrtQAModel,
                                      example_batch, export_onnx, export_torch, input_names, parity, quantize_int8,
                                      to_plain)
 
@@ -52,7 +52,7 @@ def run_export(model_dir: str, fmt: str, out: str, opset: int = DEFAULT_OPSET, q
     if quantize is not None and (quantize not in QUANTIZE or fmt != "onnx"):
         raise ValueError(f"--quantize {quantize!r} is supported only as one of {QUANTIZE} with --format onnx")
     out_path = Path(out)
-    want_suffix = ".onnx" if fmt == "onnx" else ".pt2"
+    want_suffix = SUFFIXES[fmt]
     if out_path.suffix != want_suffix:
         raise ValueError(f"--out {out}: a {fmt} export is written to a file ending in {want_suffix}")
     model, source = load_plain_qa(model_dir, log=log)  # first: it says when the folder does not exist
@@ -71,6 +71,16 @@ def run_export(model_dir: str, fmt: str, out: str, opset: int = DEFAULT_OPSET, q
             result["quantize"] = quantize
             log(f"quantized to {quantize} (ONNX Runtime dynamic quantization); fp32 graph kept at {fp32}")
         runner = OrtQAModel(out_path, threads=1)
+    elif fmt == "openvino":
+        import tempfile
+
+        from structprune.export.openvino import OvQAModel, onnx_to_ir
+
+        with tempfile.TemporaryDirectory() as tmp:  # the IR is converted from the ONNX graph
+            onnx_to_ir(export_onnx(model, names, example, Path(tmp) / "model.onnx", opset), out_path)
+        log(f"wrote {out_path} and {out_path.with_suffix('.bin').name} (OpenVINO IR from ONNX opset {opset}, "
+            f"inputs {names}, dynamic batch and sequence axes, fp32 weights)")
+        runner = OvQAModel(out_path, threads=1)
     else:
         export_torch(model, names, example, out_path)
         log(f"wrote {out_path} (torch.export program, inputs {names}, dynamic batch and sequence)")
@@ -115,12 +125,13 @@ def _default_data() -> str | None:
 def register(subparsers) -> None:
     from structprune.qa.runs import DEFAULT_DATA
 
-    p = subparsers.add_parser("export", help="export a QA model to ONNX or torch.export (plain operators)",
+    p = subparsers.add_parser("export", help="export a QA model to ONNX, torch.export or OpenVINO IR (plain operators)",
                               description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="structprune save or Hugging Face QA model directory")
     p.add_argument("--format", required=True, choices=FORMATS,
-                   help="onnx (an ONNX graph) or torch-export (a torch.export program, .pt2)")
-    p.add_argument("--out", required=True, help="output file (.onnx or .pt2); the tokenizer is saved beside it")
+                   help="onnx (an ONNX graph), torch-export (a torch.export program, .pt2) or openvino (an OpenVINO IR, .xml)")
+    p.add_argument("--out", required=True,
+                   help="output file (.onnx, .pt2, or .xml for OpenVINO); the tokenizer is saved beside it")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
     p.add_argument("--quantize", choices=QUANTIZE, default=None,

@@ -18,7 +18,8 @@ import torch
 import transformers
 from torch import nn
 
-FORMATS = ("onnx", "torch-export")
+FORMATS = ("onnx", "torch-export", "openvino")
+SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "openvino": ".xml"}
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 14, 20, 17
 QUANTIZE = ("int8",)
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")

@@ -77,8 +77,8 @@ def _start_run(args) -> Path:
 
 def load_qa_model(path: str):
     """A QA model from a local directory: a structprune save (pruned shapes kept) or a HF directory (a warning
-    when it has no QA head); or an exported ``.onnx`` file, run by ONNX Runtime on the CPU (its tokenizer is the
-    one saved beside it)."""
+    when it has no QA head); or an exported ``.onnx`` file, run by ONNX Runtime on the CPU, or an OpenVINO IR
+    ``.xml`` (OpenVINO's CPU plugin); the tokenizer of an exported model is the one saved beside it."""
     import structprune as sp
 
     if str(path).endswith(".onnx"):
@@ -87,6 +87,12 @@ def load_qa_model(path: str):
         from structprune.export.onnx import OrtQAModel
 
         return OrtQAModel(path)
+    if str(path).endswith(".xml"):  # an OpenVINO IR (structprune export --format openvino)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} does not exist (export one with: structprune export --format openvino)")
+        from structprune.export.openvino import OvQAModel
+
+        return OvQAModel(path)
     if not Path(path).is_dir():  # not the Hub's "Repo id must be in the form ..." for a typo
         raise FileNotFoundError(f"{path}: no such directory (the model folder does not exist)")
     if (Path(path) / "structprune_config.json").is_file():
@@ -112,7 +118,7 @@ def load_hf_qa_model(path):
 def _tokenizer(path: str):
     import transformers
 
-    if str(path).endswith(".onnx"):  # an exported model: structprune export saves the tokenizer beside it
+    if str(path).endswith((".onnx", ".xml")):  # an exported model: structprune export saves the tokenizer beside it
         path = str(Path(path).parent)
     return transformers.AutoTokenizer.from_pretrained(path)
 
