@@ -10,7 +10,8 @@ PACKAGE = ROOT / "structprune"
 KERNEL_WING = ("structprune.ops", "structprune.backends", "structprune._kernels")
 MODEL_WING = ("structprune.model",)
 USER_WING = ("structprune.qa", "structprune.strategies", "structprune.latency", "structprune.training",
-             "structprune.export", "structprune.tools", "structprune.benchmark", "structprune.cli")
+             "structprune.export", "structprune.serving", "structprune.tools", "structprune.benchmark",
+             "structprune.cli")
 DISPATCHER = ("structprune.ops.dispatch", "structprune.ops.schema", "structprune.ops.registry")
 
 
