@@ -108,6 +108,23 @@ ffn_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Ten
              const at::Tensor& kept_units, const std::string& activation, const std::optional<at::Tensor>& pre,
              const std::optional<at::Tensor>& h, OutputMask output_mask);
 
+// The GLU FFN (glu_ffn.cpp): w1 [2 * I, E] (input half, gate half: unit u is the row pair (u, u + I)), b1 [2 * I]
+// or undefined, w2 [E, I], b2 [E] or undefined. Saved: pre [B*S, 2K] (input half | gate half of the kept units,
+// bias included), h [B*S, K] = act(pre_in) * pre_gate, ungated.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_ffn_forward(const DeviceHooks& hooks, const at::Tensor& x,
+                                                               const at::Tensor& w1, const at::Tensor& b1,
+                                                               const at::Tensor& w2, const at::Tensor& b2,
+                                                               const at::Tensor& unit_gates,
+                                                               const at::Tensor& kept_units,
+                                                               const std::string& activation, bool save_for_backward);
+
+// Returns dx, dw1, db1, dw2, db2, dunit_gates (masked as in attention_backward; db1 / db2 empty without the bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+glu_ffn_backward(const DeviceHooks& hooks, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+                 const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& unit_gates,
+                 const at::Tensor& kept_units, const std::string& activation, const std::optional<at::Tensor>& pre,
+                 const std::optional<at::Tensor>& h, OutputMask output_mask);
+
 // Pack cache (shared by all devices): drop every entry / number of live entries.
 void pack_cache_clear();
 int64_t pack_cache_size();

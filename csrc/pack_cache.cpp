@@ -187,11 +187,13 @@ Pack get_pack(Kind kind, const DeviceHooks& hooks, const std::vector<at::Tensor>
     }
     const int64_t E = ins[0].size(1);
     e.w_in = at::empty({P * R, E}, ins[0].options().memory_format(at::MemoryFormat::Contiguous));
-    e.b_in = at::empty({P * R}, ins[1].options());
+    const bool has_bias = ins[1].defined();
+    e.b_in = has_bias ? at::empty({P * R}, ins[1].options()) : at::Tensor();
     for (int64_t p = 0; p < P; ++p) {
       auto wdst = e.w_in.narrow(0, p * R, R);
-      auto bdst = e.b_in.narrow(0, p * R, R);
       at::index_select_out(wdst, ins[2 * p], 0, pk.rows);
+      if (!has_bias) continue;
+      auto bdst = e.b_in.narrow(0, p * R, R);
       at::index_select_out(bdst, ins[2 * p + 1], 0, pk.rows);
     }
   };
@@ -226,7 +228,9 @@ Pack get_pack(Kind kind, const DeviceHooks& hooks, const std::vector<at::Tensor>
     if (want_raw) pk.w_out_raw = !pk.folded ? pk.w_out : identity_rows ? w_out_full : gather_raw();
   };
 
-  std::vector<at::Tensor> in_tensors(ins.begin(), ins.end());
+  std::vector<at::Tensor> in_tensors;  // the defined ones (absent biases are not stamped)
+  for (const auto& t : ins)
+    if (t.defined()) in_tensors.push_back(t);
   const size_t cap = cache_capacity();
   if (cap == 0) {
     Entry e;

@@ -11,11 +11,12 @@
 
 namespace structprune::detail {
 
-enum class Kind { Attention, Ffn };
+enum class Kind { Attention, Ffn, GluFfn };
 
 struct Pack {
   at::Tensor rows;  // int64 [R] rows of the input projection kept (block-expanded index)
-  at::Tensor w_in, b_in;  // [P * R, E], [P * R]  (P = 3 for attention, 1 for the FFN)
+  at::Tensor w_in, b_in;  // [P * R, E], [P * R]  (P = 3 for attention, 1 for the FFN, 2 for the GLU FFN: input
+                         // half | gate half); b_in undefined when the input projections have no bias
   at::Tensor w_out;  // [E, R], gated when folded
   at::Tensor w_out_raw;  // [E, R] ungated kept columns (only with want_raw)
   at::Tensor gcols;  // [R] gate per kept column, in the dtype of x
@@ -23,7 +24,8 @@ struct Pack {
   bool identity_rows;  // every row kept (R == full_rows)
 };
 
-// ins: the P input weights followed by their P biases interleaved (w, b, w, b, ...); out: the output weight.
+// ins: the P input weights followed by their P biases interleaved (w, b, w, b, ...), the biases all defined or all
+// undefined (no bias); out: the output weight.
 // want_raw: also give the ungated kept output columns (backward without a fused out_proj_grad hook).
 Pack get_pack(Kind kind, const DeviceHooks& hooks, const std::vector<at::Tensor>& ins, const at::Tensor& w_out_full,
               const at::Tensor& gates, const at::Tensor& index, int64_t block, int64_t full_rows,

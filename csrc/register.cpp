@@ -48,7 +48,8 @@ at::Tensor attention_dropout_scale_op(int64_t batch, int64_t num_heads, int64_t 
 }  // namespace
 
 // Forward ops return (y, saved tensors...): with save_for_backward=True what the backward op takes so that it
-// recomputes nothing (attention: qkv [B*S, 3*A*D], ctx [B*S, A*D], lse [B, S, A] fp32; FFN: pre, h [B*S, K]),
+// recomputes nothing (attention: qkv [B*S, 3*A*D], ctx [B*S, A*D], lse [B, S, A] fp32; FFN: pre, h [B*S, K]; GLU
+// FFN: pre [B*S, 2K], h [B*S, K]; the GLU ops take optional biases and run on the CPU only so far),
 // otherwise empty [0] tensors. The backward ops recompute the forward when the saved tensors are not passed.
 // Backward ops: output_mask = (grad of x, grads of every weight and bias, grad of the gates), as aten's
 // convolution_backward; the work serving only masked-out gradients is skipped and those outputs are empty [0]
@@ -69,6 +70,14 @@ TORCH_LIBRARY(structprune, m) {
       "str activation, bool save_for_backward=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cpp_gated_ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor unit_gates, Tensor kept_units, str activation, Tensor? pre=None, Tensor? h=None, "
+      "bool[3] output_mask=[True, True, True]) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpp_gated_glu_ffn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor unit_gates, "
+      "Tensor kept_units, str activation, bool save_for_backward=False) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cpp_gated_glu_ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
       "Tensor unit_gates, Tensor kept_units, str activation, Tensor? pre=None, Tensor? h=None, "
       "bool[3] output_mask=[True, True, True]) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -362,6 +362,24 @@ auto gated_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, con
                       pre, h, output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_glu_ffn_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2, const at::Tensor& unit_gates, const at::Tensor& kept_units,
+    c10::string_view activation, bool save_for_backward) {
+  return glu_ffn_forward(cpu_hooks(), x, w1, b1.value_or(at::Tensor()), w2, b2.value_or(at::Tensor()), unit_gates,
+                         kept_units, std::string(activation), save_for_backward);
+}
+
+auto gated_glu_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+                                const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                const std::optional<at::Tensor>& b2, const at::Tensor& unit_gates,
+                                const at::Tensor& kept_units, c10::string_view activation,
+                                const std::optional<at::Tensor>& pre, const std::optional<at::Tensor>& h,
+                                std::array<bool, 3> output_mask) {
+  return glu_ffn_backward(cpu_hooks(), grad_out, x, w1, b1.value_or(at::Tensor()), w2, b2.value_or(at::Tensor()),
+                          unit_gates, kept_units, std::string(activation), pre, h, output_mask);
+}
+
 // Hard-concrete sample z (and, for the backward, grad * dz/dlog_alpha) with Philox noise; see philox.h.
 at::Tensor hard_concrete_cpu(const at::Tensor& log_alpha, int64_t seed, int64_t offset, double beta,
                              const std::optional<at::Tensor>& mask, const at::Tensor* grad) {
@@ -413,6 +431,8 @@ TORCH_LIBRARY_IMPL(structprune, CPU, m) {
   m.impl("cpp_gated_attention_backward", &structprune::gated_attention_backward_cpu);
   m.impl("cpp_gated_ffn", &structprune::gated_ffn_cpu);
   m.impl("cpp_gated_ffn_backward", &structprune::gated_ffn_backward_cpu);
+  m.impl("cpp_gated_glu_ffn", &structprune::gated_glu_ffn_cpu);
+  m.impl("cpp_gated_glu_ffn_backward", &structprune::gated_glu_ffn_backward_cpu);
   m.impl("cpp_hard_concrete_sample", &structprune::hard_concrete_sample_cpu);
   m.impl("cpp_hard_concrete_sample_backward", &structprune::hard_concrete_sample_backward_cpu);
 }

@@ -2,7 +2,8 @@
 :mod:`structprune.backends.cpp.build`) behind ``torch.ops.structprune``.
 
 Ops (``torch.ops.structprune.*``): ``cpp_gated_attention``, ``cpp_gated_attention_backward``, ``cpp_gated_ffn``,
-``cpp_gated_ffn_backward``, ``cpp_hard_concrete_sample``, ``cpp_hard_concrete_sample_backward`` and helpers
+``cpp_gated_ffn_backward``, ``cpp_gated_glu_ffn``, ``cpp_gated_glu_ffn_backward`` (ModernBERT's entries, and their
+fake / autograd / autocast registrations: :mod:`structprune.backends.cpp.modernbert`), ``cpp_hard_concrete_sample``, ``cpp_hard_concrete_sample_backward`` and helpers
 ``attention_dropout_scale``, ``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``activation_names``,
 ``philox4x32_10``. Fake kernels, autograd formulas (calling the C++ backward ops) and autocast rules are registered
 here. The op entries (:func:`gated_attention`, :func:`gated_ffn`) check their inputs with
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from structprune.backends.cpp import modernbert
 from structprune.backends.cpp.build import (_require, availability, build_info, cache_size, clear_cache, load_error,
                                            record_error)
 from structprune.ops.checks import check_attention_inputs, check_dropout, check_ffn_inputs
@@ -297,6 +299,7 @@ if load_error() is None:
     try:
         _register_python_parts()
         _register_seeded_parts()
+        modernbert.register()
     except Exception as exc:  # e.g. an incompatible torch.library
         if "already" in str(exc):  # this module was reloaded: the registrations from the first import stand
             pass
@@ -307,4 +310,6 @@ if load_error() is None:
 BACKEND = Backend(name="cpp", availability=availability, supports_attention_dropout=supports_attention_dropout,
                   takes_tensor_seed=True,
                   gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
-                  hard_concrete_uniform=hard_concrete_uniform, module=sys.modules[__name__])
+                  hard_concrete_uniform=hard_concrete_uniform, gated_glu_ffn=modernbert.gated_glu_ffn,
+                  gated_rotary_attention=modernbert.gated_rotary_attention, extra_reasons=modernbert.extra_reasons,
+                  module=sys.modules[__name__])
