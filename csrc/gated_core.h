@@ -2,8 +2,8 @@
 // Each device (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp) supplies the few pieces that differ: the attention core,
 // the bias + activation (+ gate) epilogue and its backward, and whether gates are folded into the packed
 // output weights (CPU: yes, keyed on the gate values; CUDA: no, so nothing is read back to the host).
-// Implemented by job: attention.cpp, ffn.cpp, pack_cache.cpp (the packed-weight cache), checks.cpp (the checks
-// that guard memory; the user-facing input checks are Python's, structprune/_input_checks.py).
+// Implemented by job: attention.cpp, ffn.cpp, glu_ffn.cpp (the GLU FFN), pack_cache.cpp (the packed-weight cache),
+// checks.cpp (the checks that guard memory; the user-facing input checks are Python's, structprune/_input_checks.py).
 #pragma once
 #include <ATen/ATen.h>
 

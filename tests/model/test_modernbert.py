@@ -186,9 +186,8 @@ def test_onnx_export_parity(tmp_path):
         torch.testing.assert_close(got, outputs(model, inputs), atol=1e-4, rtol=0)
 
 
-def test_kernel_backends_refuse_with_reasons_and_the_reference_runs():
-    """No kernel yet for rotary / sliding-window attention or the GLU FFN: "auto" and explicit kernel backends fall
-    back to the reference and say why."""
+def test_backends_without_the_kernels_refuse_with_reasons():
+    """A kernel backend without rotary / sliding-window attention or GLU FFN kernels refuses them and says why."""
     from structprune.ops.support import Backend, OpInputs
 
     cpu = torch.device("cpu")
@@ -198,11 +197,34 @@ def test_kernel_backends_refuse_with_reasons_and_the_reference_runs():
     assert any("rotary" in r for r in reasons) and any("sliding-window" in r for r in reasons)
     assert any("GLU" in r for r in kernel.not_supported_reasons(OpInputs("ffn", cpu, torch.float32, glu=True)))
     assert kernel.not_supported_reasons(OpInputs("attention", cpu, torch.float32, num_heads=4)) == []
-    model, inputs = sp.patch(tiny_model()), batch()
-    want = outputs(model, inputs)
-    with sp.use_backend("auto"):
-        got = outputs(model, inputs)
-        if sp.fallback_reasons():  # a kernel backend is available here and refused
-            assert "rotary" in sp.fallback_reasons()["attention"] and "GLU" in sp.fallback_reasons()["ffn"]
-    assert {k: sp.last_backends()[k] for k in ("attention", "ffn")} == {"attention": "torch", "ffn": "torch"}
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cpp_backend_runs_attention_and_ffn_under_masks(attn, bias):
+    """Under masks (a layer with no head, a layer with no unit, a padded sequence) the cpp backend, not the
+    reference, runs the rotary / sliding-window attention and the GLU FFN, and computes what the oracle does;
+    "auto" picks it on the CPU."""
+    from structprune.backends.cpp import ops as cpp_ops
+
+    if cpp_ops.load_error() is not None:
+        pytest.skip(f"C++ extension unavailable: {cpp_ops.load_error()}")
+    heads, ffn = masks()
+    inputs = batch()
+    # Padding queries whose whole band is padding are compared nowhere: HF's SDPA layers give them a zero context,
+    # its eager layers (and the kernels, which get the key padding row and the window) a uniform one.
+    valid = inputs["attention_mask"].bool().repeat(1, 2)  # start | end logits
+    want = outputs(oracle(tiny_model("qa", attn, bias=bias), heads, ffn), inputs)
+    model = sp.patch(tiny_model("qa", attn, bias=bias))
+    sp.set_masks(model, heads=heads, ffn=ffn)
+    for name in ("cpp", "auto"):
+        with sp.use_backend(name):
+            got = outputs(model, inputs)
+            assert not sp.fallback_reasons()
+        assert {k: sp.last_backends()[k] for k in ("attention", "ffn")} == {"attention": "cpp", "ffn": "cpp"}
+        torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=0)
+    with sp.use_backend("cpp"):  # training: gradients reach the kept weights and gates
+        out = model(**inputs)
+        (out.start_logits.sum() + out.end_logits.sum()).backward()
+    assert sp.last_backends()["ffn"] == "cpp"
+    assert model.model.layers[0].mlp.Wi.weight.grad.abs().sum() > 0

@@ -3,7 +3,8 @@
 
 Ops (``torch.ops.structprune.*``): ``cpp_gated_attention``, ``cpp_gated_attention_backward``, ``cpp_gated_ffn``,
 ``cpp_gated_ffn_backward``, ``cpp_gated_glu_ffn``, ``cpp_gated_glu_ffn_backward`` (ModernBERT's entries, and their
-fake / autograd / autocast registrations: :mod:`structprune.backends.cpp.modernbert`), ``cpp_hard_concrete_sample``, ``cpp_hard_concrete_sample_backward`` and helpers
+fake / autograd / autocast registrations: :mod:`structprune.backends.cpp.modernbert`), ``cpp_hard_concrete_sample``,
+``cpp_hard_concrete_sample_backward`` and helpers
 ``attention_dropout_scale``, ``pack_cache_clear``, ``pack_cache_size``, ``build_info``, ``activation_names``,
 ``philox4x32_10``. Fake kernels, autograd formulas (calling the C++ backward ops) and autocast rules are registered
 here. The op entries (:func:`gated_attention`, :func:`gated_ffn`) check their inputs with
