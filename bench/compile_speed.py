@@ -27,7 +27,7 @@ import torch
 import transformers
 
 import structprune as sp
-from structprune.benchmark.machine import machine_info
+from structprune.tools.machine import machine_info
 
 LAYERS, HIDDEN, HEADS, FFN = 6, 384, 12, 1536
 
