@@ -38,7 +38,7 @@ def version(dist: str) -> str | None:
 
 
 def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[3]  # the repository (structprune/tools/machine.py)
+    root = Path(__file__).resolve().parents[2]  # the repository (structprune/tools/machine.py)
     try:
         out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
