@@ -97,3 +97,12 @@ def one_thread_reference_backend():
     sp.set_backend("torch")
     yield
     torch.set_num_threads(n)
+
+
+def qa_batches(n=3, bs=8, seed=1, vocab=100, seq=16):
+    """Random QA training batches (token ids below ``vocab``, ``seq`` tokens, random answer spans)."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (bs, seq), generator=g),
+             "attention_mask": torch.ones(bs, seq, dtype=torch.long),
+             "start_positions": torch.randint(0, seq, (bs,), generator=g),
+             "end_positions": torch.randint(0, seq, (bs,), generator=g)} for _ in range(n)]

@@ -11,10 +11,9 @@ from structprune.latency import (LatencyTable, get_table, interpolate, isotonic,
 from structprune.strategies.plan import Budget, plan_masks, unit_params
 from structprune.strategies import PruneTarget, current_masks, gain_masks, random_masks
 from structprune.strategies.targets import parse_at
-from helpers.models import one_thread_reference_backend, tiny_model  # noqa: F401  (autouse fixture)
+from helpers.latency_tables import HEADS, LAYERS, MACHINE, UNITS, counts, synthetic_table
+from helpers.models import one_thread_reference_backend, qa_batches, tiny_model  # noqa: F401  (autouse fixture)
 
-MACHINE = {"cpu": "fake cpu", "cores": 2, "torch": "x"}
-LAYERS, HEADS, UNITS = 3, 4, 96
 
 
 def fake_timer(fns):
@@ -34,16 +33,6 @@ def fake_timer(fns):
 @pytest.fixture
 def model():
     return sp.patch(tiny_model(layers=LAYERS, hidden=64, heads=HEADS, ffn=UNITS))
-
-
-def synthetic_table(model, batch=2, seq=8, machine=MACHINE):
-    key = table_key(model, batch, seq, "cpp", "fp32", threads=1, machine_info=machine)
-    return LatencyTable(key, attention_ms=[0.1 + h for h in range(HEADS + 1)], ffn_grid=[0, 24, 48, 72, 96],
-                        ffn_ms=[0.1, 1.1, 2.1, 3.1, 4.1], empty_ms=1.0, dense_measured_ms=1.0 + LAYERS * 8.0)
-
-
-def counts(masks):
-    return [int(h.sum()) for h in masks.heads_per_layer()], [int(f.sum()) for f in masks.ffn]
 
 
 # ---- the table ------------------------------------------------------------------------------------------
@@ -178,7 +167,6 @@ def test_strategies_meet_a_speedup(model, strategy, speedup):
 
 
 def make(strategy, model, target):
-    from test_strategies import qa_batches
 
     if strategy == "random":
         return random_masks(model, target, seed=3)

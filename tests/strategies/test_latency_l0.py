@@ -8,7 +8,7 @@ from structprune.model.gates import expected_l0
 from structprune.strategies import L0Controller, PruneTarget
 from structprune.strategies.targets import layer_gates
 from helpers.models import one_thread_reference_backend, tiny_model  # noqa: F401  (autouse fixture)
-from test_latency import HEADS, LAYERS, UNITS, counts, synthetic_table
+from helpers.latency_tables import HEADS, LAYERS, UNITS, counts, synthetic_table
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import structprune as sp
 from structprune.model.patching import gated_layers
 from structprune.strategies import (L0Controller, PruneTarget, apply_masks, finalize_l0, gain_importance, gain_masks,
                                     random_masks)
-from helpers.models import one_thread_reference_backend  # noqa: F401  (autouse fixture)
+from helpers.models import one_thread_reference_backend, qa_batches  # noqa: F401  (autouse fixture)
 
 L, H, I, D, SEQ, VOCAB = 3, 4, 96, 16, 16, 100
 
@@ -21,14 +21,6 @@ def tiny_model(seed=0):
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=H * D, num_attention_heads=H, num_hidden_layers=L,
                      intermediate_size=I, max_position_embeddings=64)
     return sp.patch(BertForQuestionAnswering(cfg))
-
-
-def qa_batches(n=3, bs=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, VOCAB, (bs, SEQ), generator=g),
-             "attention_mask": torch.ones(bs, SEQ, dtype=torch.long),
-             "start_positions": torch.randint(0, SEQ, (bs,), generator=g),
-             "end_positions": torch.randint(0, SEQ, (bs,), generator=g)} for _ in range(n)]
 
 
 def check_counts(masks, heads, ffn, per_layer):
