@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from structprune.backends.cpp.build import _require
 from structprune.ops.checks import check_glu_ffn_inputs, check_rotary_attention_inputs
 from structprune.ops.reference import apply_rotary, banded_key_mask
-from structprune.ops.support import OpInputs, grad_output_mask, masked_grads, register_autocast
+from structprune.backends.cpp.autograd import ffn_autograd
+from structprune.ops.support import OpInputs, register_autocast
 
 __all__ = ["gated_glu_ffn", "gated_rotary_attention", "extra_reasons", "register"]
 
@@ -102,24 +103,7 @@ def register() -> None:
                       output_mask=(True, True, True)):
         return _glu_grad_placeholders(output_mask, x, w1, b1, w2, b2, unit_gates)
 
-    def _setup(ctx, inputs, output):
-        *tensors, activation, save = inputs
-        ctx.activation = activation
-        ctx.saved_outputs = bool(save)
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*tensors, *(output[1:] if save else ()))  # x, w1, b1?, w2, b2?, gates, kept [, pre, h]
-
-    def _backward(ctx, grad, *_unused):
-        if grad is None:
-            return (None,) * 9
-        saved = ctx.saved_tensors
-        *tensors, pre, h = saved if ctx.saved_outputs else (*saved, None, None)
-        grads = torch.ops.structprune.cpp_gated_glu_ffn_backward(
-            grad.to(tensors[0].dtype).contiguous(), *tensors, ctx.activation, pre, h,
-            output_mask=grad_output_mask(ctx.needs_input_grad, 4))
-        return masked_grads(grads, ctx.needs_input_grad)  # None for absent biases, kept_units, activation, save
-
+    _setup, _backward = ffn_autograd("cpp_gated_glu_ffn_backward")
     torch.library.register_autograd(lib + "cpp_gated_glu_ffn", _backward, setup_context=_setup)
     register_autocast(lib + "cpp_gated_glu_ffn", keep=("unit_gates",))
 

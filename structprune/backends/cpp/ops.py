@@ -34,6 +34,7 @@ from structprune.backends.cpp import modernbert
 from structprune.backends.cpp.build import (_require, availability, build_info, cache_size, clear_cache, load_error,
                                            record_error)
 from structprune.ops.checks import check_attention_inputs, check_dropout, check_ffn_inputs
+from structprune.backends.cpp.autograd import ffn_autograd
 from structprune.ops.support import Backend, grad_output_mask, grad_placeholders, masked_grads, register_autocast
 
 __all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
@@ -197,24 +198,7 @@ def _register_python_parts() -> None:
 
     torch.library.register_autograd(lib + "cpp_gated_attention", _attn_backward, setup_context=_attn_setup)
 
-    def _ffn_setup(ctx, inputs, output):
-        *tensors, activation, save = inputs
-        ctx.activation = activation
-        ctx.saved_outputs = bool(save)
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*tensors, *(output[1:] if save else ()))  # ..., kept_units [, pre, h]
-
-    def _ffn_backward(ctx, grad, *_unused):
-        if grad is None:
-            return (None,) * 9
-        saved = ctx.saved_tensors
-        *tensors, pre, h = saved if ctx.saved_outputs else (*saved, None, None)
-        grads = torch.ops.structprune.cpp_gated_ffn_backward(
-            grad.to(tensors[0].dtype).contiguous(), *tensors, ctx.activation, pre, h,
-            output_mask=grad_output_mask(ctx.needs_input_grad, 4))
-        return masked_grads(grads, ctx.needs_input_grad)  # None for kept_units, activation, save
-
+    _ffn_setup, _ffn_backward = ffn_autograd("cpp_gated_ffn_backward")
     torch.library.register_autograd(lib + "cpp_gated_ffn", _ffn_backward, setup_context=_ffn_setup)
 
     def _hc_setup(ctx, inputs, output):
