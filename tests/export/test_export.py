@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import structprune as sp
-from helpers.models import FAMILIES, tiny_batch, tiny_model
+from helpers.models import FAMILIES, pruned_model as pruned, qa_logits as logits, tiny_batch
 from structprune.export import onnx as spx
 from structprune.export.command import run_export
 
@@ -14,20 +14,6 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 L, H, I = 3, 4, 96
-
-
-def pruned(family="bert", compact=True):
-    model = sp.patch(tiny_model(family, "qa"))
-    g = torch.Generator().manual_seed(5)
-    heads, ffn = torch.rand(L, H, generator=g) < 0.5, torch.rand(L, I, generator=g) < 0.3
-    heads[0], heads[1] = True, False  # a layer at 0 heads
-    ffn[0, :2], ffn[2] = True, False   # a layer at 0 FFN units
-    sp.set_masks(model, heads=heads, ffn=ffn)
-    return sp.compact(model) if compact else model
-
-
-def logits(out):
-    return torch.cat([out.start_logits, out.end_logits], dim=-1)
 
 
 def names_for(family):

@@ -5,6 +5,8 @@ import pytest
 import torch
 import transformers
 
+import structprune as sp
+
 FAMILIES = ("bert", "roberta", "electra", "xlm-roberta", "distilbert")
 HEADS = ("qa", "cls", "bare")
 PREFIXES = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra", "xlm-roberta": "XLMRoberta",
@@ -106,3 +108,21 @@ def qa_batches(n=3, bs=8, seed=1, vocab=100, seq=16):
              "attention_mask": torch.ones(bs, seq, dtype=torch.long),
              "start_positions": torch.randint(0, seq, (bs,), generator=g),
              "end_positions": torch.randint(0, seq, (bs,), generator=g)} for _ in range(n)]
+
+
+def pruned_model(family: str = "bert", compact: bool = True, head: str = "qa"):
+    """A tiny patched model (3 layers, 4 heads, 96 FFN units) under fixed random masks with a layer at 0 heads and
+    a layer at 0 FFN units; compacted unless ``compact=False``."""
+    model = sp.patch(tiny_model(family, head))
+    layers, heads_n, units = 3, 4, 96
+    g = torch.Generator().manual_seed(5)
+    heads, ffn = torch.rand(layers, heads_n, generator=g) < 0.5, torch.rand(layers, units, generator=g) < 0.3
+    heads[0], heads[1] = True, False  # a layer at 0 heads
+    ffn[0, :2], ffn[2] = True, False   # a layer at 0 FFN units
+    sp.set_masks(model, heads=heads, ffn=ffn)
+    return sp.compact(model) if compact else model
+
+
+def qa_logits(out):
+    """Start and end logits side by side: one tensor to compare."""
+    return torch.cat([out.start_logits, out.end_logits], dim=-1)

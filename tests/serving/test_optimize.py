@@ -6,25 +6,11 @@ import pytest
 import torch
 
 import structprune as sp
-from helpers.models import tiny_batch, tiny_model
+from helpers.models import pruned_model as pruned, qa_logits as logits, tiny_batch, tiny_model
 from helpers.tolerances import check_close
 
 L, H, I = 3, 4, 96
 FAMILIES = ("bert", "roberta", "electra")
-
-
-def pruned(family="bert", compact=True, head="qa"):
-    model = sp.patch(tiny_model(family, head))
-    g = torch.Generator().manual_seed(5)
-    heads, ffn = torch.rand(L, H, generator=g) < 0.5, torch.rand(L, I, generator=g) < 0.3
-    heads[0], heads[1] = True, False  # a layer at 0 heads
-    ffn[0, :2], ffn[2] = True, False   # a layer at 0 FFN units
-    sp.set_masks(model, heads=heads, ffn=ffn)
-    return sp.compact(model) if compact else model
-
-
-def logits(out):
-    return torch.cat([out.start_logits, out.end_logits], dim=-1)
 
 
 def inputs(batch=4, seq=13):
