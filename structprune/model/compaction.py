@@ -1,13 +1,16 @@
 """Physical pruning: remove gated-off heads and FFN units from the weights."""
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
 from torch import nn
 
+from structprune.model.cofi import embeddings_of, hidden_gate, hidden_readers
 from structprune.model.families import LayerParts
 from structprune.model.families import family_of
+from structprune.model.hidden import HiddenGatedLayerNorm, select_embedding, select_norm
 from structprune.model.patching import NotPatchedError, gated_layers, layer_parts
 
 
@@ -84,9 +87,79 @@ def slice_layer(layer, heads: torch.Tensor, units: torch.Tensor) -> None:
     parts.unit_gate.keep_only_(units)
 
 
+def _scale(gate) -> torch.Tensor | None:
+    """A gate's deterministic values where kept, 1 where masked; None when every kept value is exactly 1."""
+    if gate is None:
+        return None
+    values, kept = gate.deterministic(), gate.mask != 0
+    if bool(torch.all(values[kept] == 1.0)):
+        return None
+    return torch.where(kept, values, torch.ones_like(values))
+
+
+def _mul(*scales):
+    scales = [s for s in scales if s is not None]
+    if not scales:
+        return None
+    out = scales[0]
+    for s in scales[1:]:
+        out = out * s
+    return out
+
+
+@torch.no_grad()
+def fold_full_gates(model: nn.Module) -> None:
+    """Fold the deterministic values of the sublayer and hidden-dimension gates (where installed) into the weights
+    (see :mod:`structprune.model.hidden`) and reopen them; masks stay and outputs do not change (up to rounding)."""
+    family = family_of(model)
+    gate = hidden_gate(model)
+    subs = [g for parts in layer_parts(model) for g in (parts.get("attn_sublayer_gate"),
+                                                         parts.get("ffn_sublayer_gate")) if g is not None]
+    for g in subs + ([gate] if gate is not None else []):  # a closed gate stays closed once reopened below
+        g.set_mask(g.mask * (g.deterministic() != 0))
+    hidden = _scale(gate)
+    if hidden is not None:
+        embeddings = embeddings_of(model, family)
+        for name in family.embedding_tables:
+            table = getattr(embeddings, name, None)
+            if table is not None:
+                table.weight.mul_(hidden.to(table.weight)[None, :])
+        _scale_norm(getattr(embeddings, family.embedding_norm), hidden)
+    for parts in layer_parts(model):
+        for sub, out, norm in (("attn_sublayer_gate", "attn_out", "attn_norm"), ("ffn_sublayer_gate", "ffn_out",
+                                                                                "ffn_norm")):
+            sub_gate = parts.get(sub)
+            rows = _mul(hidden, _scale(sub_gate).expand(parts[out].out_features) if _scale(sub_gate) is not None
+                        else None)
+            if rows is not None:
+                dense = parts[out]
+                dense.weight.mul_(rows.to(dense.weight)[:, None])
+                if dense.bias is not None:
+                    dense.bias.mul_(rows.to(dense.bias))
+            if hidden is not None:
+                _scale_norm(parts[norm], hidden)
+            if sub_gate is not None:
+                sub_gate.open_()
+    if gate is not None:
+        gate.open_()
+
+
+def _scale_norm(norm: nn.LayerNorm, scale: torch.Tensor) -> None:
+    if norm.weight is None:
+        raise ValueError("cannot fold a fractional hidden gate into a LayerNorm without weights")
+    norm.weight.mul_(scale.to(norm.weight))
+    if norm.bias is not None:
+        norm.bias.mul_(scale.to(norm.bias))
+
+
+def _closed(gate) -> bool:
+    return gate is not None and int(gate.kept_index().numel()) == 0
+
+
 @torch.no_grad()
 def compact_layer(layer, drop_silent: bool = False) -> None:
-    """Physically remove the pruned heads and FFN units of one patched layer (or its parts), in place.
+    """Physically remove the pruned heads and FFN units of one patched layer (or its parts), in place; a whole
+    sublayer whose gate is closed loses all its heads (units) and stays skipped.
 
     A kept gate whose deterministic value is fractional (after L0 training) is folded into the output
     projection first (:func:`fold_gate_values`), so outputs do not change. ``drop_silent``: also remove the
@@ -94,10 +167,42 @@ def compact_layer(layer, drop_silent: bool = False) -> None:
     """
     parts = parts_of(layer)
     heads, units = parts.head_gate.kept_index(), parts.unit_gate.kept_index()
+    if _closed(parts.get("attn_sublayer_gate")):
+        heads = heads[:0]
+    if _closed(parts.get("ffn_sublayer_gate")):
+        units = units[:0]
     fold_gate_values(parts)
     if drop_silent:
         heads, units = _speaking(parts, heads, units)
     slice_layer(parts, heads, units)
+
+
+@torch.no_grad()
+def slice_hidden(model: nn.Module, dims: torch.Tensor) -> None:
+    """Keep only the hidden dimensions ``dims`` (indices) of a model with a hidden-dimension gate, in place: the
+    embedding tables, every LayerNorm, every projection's input columns or output rows, and the task head's input
+    columns are sliced, and the gate shrunk. Compaction and loading a compacted model both use it."""
+    family = family_of(model)
+    gate = hidden_gate(model)
+    if gate is None:
+        raise ValueError("the model has no hidden-dimension gate (patch it with hidden=True)")
+    embeddings = embeddings_of(model, family)
+    for name in family.embedding_tables:
+        table = getattr(embeddings, name, None)
+        if table is not None:
+            setattr(embeddings, name, select_embedding(table, dims, None))
+    setattr(embeddings, family.embedding_norm, select_norm(getattr(embeddings, family.embedding_norm), dims, None))
+    for parts in layer_parts(model):
+        for role in ("query", "key", "value", "ffn_in"):
+            parts.replace(role, _select_linear(parts[role], cols=dims))
+        for role in ("attn_out", "ffn_out"):
+            parts.replace(role, _select_linear(parts[role], rows=dims))
+        for role in ("attn_norm", "ffn_norm"):
+            parts.replace(role, select_norm(parts[role], dims, None))
+    for path, linear in hidden_readers(model):
+        parent, _, name = path.rpartition(".")
+        setattr(operator.attrgetter(parent)(model) if parent else model, name, _select_linear(linear, cols=dims))
+    gate.keep_only_(dims)
 
 
 def _speaking(parts: LayerParts, heads: torch.Tensor, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,8 +256,12 @@ def compact(model: nn.Module, drop_silent: bool = False) -> nn.Module:
     zeroed by hand, or closed gates an L0 decision kept with ``keep_dead=True``): they add nothing, so outputs
     are unchanged too; it also applies to a model compacted before (e.g. loaded with ``sp.from_pretrained``).
     """
+    fold_full_gates(model)
     for parts in layer_parts(model):
         compact_layer(parts, drop_silent=drop_silent)
+    gate = hidden_gate(model)
+    if gate is not None:
+        slice_hidden(model, gate.kept_index())
     return model
 
 
@@ -167,6 +276,13 @@ def unpatch(model: nn.Module) -> nn.Module:
     :func:`structprune.save_pretrained` (per-layer sizes) or patch it again.
     """
     family = family_of(model)
+    skipped = [i for i, parts in enumerate(layer_parts(model))
+               if _closed(parts.get("attn_sublayer_gate")) or _closed(parts.get("ffn_sublayer_gate"))]
+    if skipped:
+        raise ValueError(f"layers {skipped} skip a whole sublayer, which plain Hugging Face modules cannot express; "
+                         "save the model with structprune.save_pretrained (its standalone modeling file can)")
+    compact(model)
+    _unpatch_hidden(model, family)
     for layer in gated_layers(model):
         parts = family.parts(layer)
         compact_layer(parts)
@@ -174,3 +290,17 @@ def unpatch(model: nn.Module) -> nn.Module:
         family.unpatch_layer(layer, model.config)
         layer.__class__ = type(layer)._structprune_original
     return model
+
+
+def _unpatch_hidden(model: nn.Module, family) -> None:
+    """Plain LayerNorms (of the kept width) in place of the hidden-gated ones, and no hidden gate."""
+    gate = hidden_gate(model)
+    if gate is None:
+        return
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, HiddenGatedLayerNorm):
+                setattr(module, name, child.plain())
+    del embeddings_of(model, family).hidden_gate
+    for parts in layer_parts(model):
+        parts.attention_block.__dict__["hidden_gate"] = None

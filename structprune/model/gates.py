@@ -129,3 +129,42 @@ class HardConcreteGate(nn.Module):
         self.n = int(index.numel())
         self._index_cache = None
         self.refresh_mask_index()
+
+
+class SharedGate(HardConcreteGate):
+    """A gate vector read at several places of one forward pass with ONE sample (the hidden-dimension gate: the
+    embeddings and every layer must drop the same dimensions).
+
+    :meth:`draw` (called by the first reader of a forward pass) samples, or takes the deterministic values, and
+    keeps them with their non-zero index; :meth:`current` returns what was drawn last. Outside training with
+    sampling both are the deterministic values."""
+
+    def __init__(self, n: int, sampling: bool = True, init_log_alpha: float = OPEN_LOG_ALPHA, beta: float = BETA):
+        super().__init__(n, sampling=sampling, init_log_alpha=init_log_alpha, beta=beta)
+        self._drawn: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [n], indices of the non-zero values) for the forward pass that starts now."""
+        if self.stochastic:
+            values = self()
+            self._drawn = (values, torch.nonzero(values.detach() != 0, as_tuple=False).flatten())
+            return self._drawn
+        self._drawn = None
+        return self.deterministic(), self.kept_index()
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`draw` gave this forward pass (deterministic values when not sampling)."""
+        if self.stochastic and self._drawn is not None:
+            return self._drawn
+        return self.deterministic(), self.kept_index()
+
+    def is_identity(self) -> bool:
+        """True when applying the gate changes nothing (every entry kept, deterministic value exactly 1, not
+        sampling): readers may then skip it."""
+        if self.stochastic:
+            return False
+        return int(self.kept_index().numel()) == self.n and self.is_fully_open()
+
+    def keep_only_(self, index: torch.Tensor) -> None:
+        super().keep_only_(index)
+        self._drawn = None

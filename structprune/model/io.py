@@ -19,7 +19,8 @@ from torch import nn
 from structprune import atomic
 from structprune._version import __version__
 from structprune.atomic import CorruptFileError
-from structprune.model.compaction import slice_layer
+from structprune.model.cofi import hidden_gate
+from structprune.model.compaction import slice_hidden, slice_layer
 from structprune.model.families import Family, family_for_type, family_of
 from structprune.model.patching import layer_parts, patch
 
@@ -34,6 +35,7 @@ _AUTO_CLASSES = {"Model": "AutoModel", "ForQuestionAnswering": "AutoModelForQues
                  "ForMultipleChoice": "AutoModelForMultipleChoice", "ForPreTraining": "AutoModelForPreTraining",
                  "ForNextSentencePrediction": "AutoModelForNextSentencePrediction"}
 _STANDALONE_KEYS = ("auto_map", "structprune_heads_per_layer", "structprune_ffn_units_per_layer",
+                    "structprune_hidden_size", "structprune_skip_attention", "structprune_skip_ffn",
                     "structprune_modeling_version")
 
 
@@ -48,8 +50,11 @@ def modeling_version() -> str:
 def is_standalone_exportable(model: nn.Module) -> bool:
     """True when every kept gate is exactly 1 and nothing is masked (a compacted model, or one with nothing
     pruned): the model then computes what plain Hugging Face layers of its per-layer sizes compute."""
-    return all(bool(torch.all(gate.mask == 1)) and gate.is_fully_open()
-               for parts in layer_parts(model) for gate in parts.gates)
+    gates = [gate for parts in layer_parts(model) for gate in parts.gates]
+    gate = hidden_gate(model)
+    subs = [g for parts in layer_parts(model) for g in parts.all_gates[2:]]  # may be closed: a skipped sublayer
+    return (all(bool(torch.all(g.mask == 1)) and g.is_fully_open() for g in gates + ([gate] if gate else []))
+            and all(bool(g.mask.item() == 0) or g.is_fully_open() for g in subs))
 
 
 def _standalone_config(model: nn.Module, structure: dict):
@@ -66,6 +71,11 @@ def _standalone_config(model: nn.Module, structure: dict):
                        for suffix, auto in _AUTO_CLASSES.items() if hasattr(transformers, family + suffix)}
     config.structprune_heads_per_layer = structure["heads_per_layer"]
     config.structprune_ffn_units_per_layer = structure["ffn_units_per_layer"]
+    if structure.get("hidden_kept") is not None:
+        config.structprune_hidden_size = structure["hidden_kept"]
+    if structure.get("attn_sublayers_kept") is not None:
+        config.structprune_skip_attention = [not k for k in structure["attn_sublayers_kept"]]
+        config.structprune_skip_ffn = [not k for k in structure["ffn_sublayers_kept"]]
     config.structprune_modeling_version = modeling_version()
     return config, True
 
@@ -80,7 +90,21 @@ def _structure(model: nn.Module) -> dict:
         "heads_per_layer": [p.num_heads for p in parts],
         "ffn_units_per_layer": [p.unit_gate.n for p in parts],
         "gate_sampling": [p.head_gate.sampling for p in parts],
+        **_full_structure(model, parts),
     }
+
+
+def _full_structure(model: nn.Module, parts) -> dict:
+    """The sublayer and hidden-dimension gates' part of the structure record (empty without them)."""
+    out = {}
+    gate = hidden_gate(model)
+    if gate is not None:
+        out["hidden_kept"] = gate.n  # the width the tensors have (all of it, unless compacted)
+    subs = [(p.get("attn_sublayer_gate"), p.get("ffn_sublayer_gate")) for p in parts]
+    if subs and all(a is not None and f is not None for a, f in subs):
+        out["attn_sublayers_kept"] = [bool(a.mask.item() != 0) for a, _ in subs]
+        out["ffn_sublayers_kept"] = [bool(f.mask.item() != 0) for _, f in subs]
+    return out
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, overwrite: bool = False,
@@ -175,6 +199,14 @@ def _check_meta(meta: dict, path: Path) -> None:
             raise CorruptFileError(f"{path}: {key} should be a string, found {meta.get(key)!r}")
     heads = _int_list(meta, "heads_per_layer", path)
     _int_list(meta, "ffn_units_per_layer", path, len(heads))
+    hidden = meta.get("hidden_kept")
+    if hidden is not None and (not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 0):
+        raise CorruptFileError(f"{path}: hidden_kept should be a non-negative int, found {hidden!r}")
+    for key in ("attn_sublayers_kept", "ffn_sublayers_kept"):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, list) or len(value) != len(heads)
+                                  or not all(isinstance(v, bool) for v in value)):
+            raise CorruptFileError(f"{path}: {key} should be a list of {len(heads)} booleans, found {value!r}")
     sampling = meta.get("gate_sampling")
     if not isinstance(sampling, list) or len(sampling) != len(heads) or not all(isinstance(v, bool) for v in sampling):
         raise CorruptFileError(f"{path}: gate_sampling should be a list of {len(heads)} booleans, found {sampling!r}")
@@ -202,6 +234,9 @@ def _check_config(config: dict, meta: dict, path: Path, meta_path: Path) -> Fami
     layers = len(meta["heads_per_layer"])
     if sizes.layers != layers:
         raise ValueError(f"{meta_path} describes {layers} layers, {path} has {keys['layers']} {sizes.layers}")
+    if meta.get("hidden_kept") is not None and meta["hidden_kept"] > sizes.hidden:
+        raise ValueError(f"{meta_path}: keeps {meta['hidden_kept']} hidden dimensions, more than {path}'s "
+                         f"{keys['hidden']} {sizes.hidden}")
     for i, (h, u) in enumerate(zip(meta["heads_per_layer"], meta["ffn_units_per_layer"])):
         if h > sizes.heads or u > sizes.intermediate:
             raise ValueError(f"{meta_path}: layer {i} keeps {h} heads and {u} FFN units, more than {path} allows "
@@ -260,7 +295,8 @@ def _check_weights(header: dict, family: Family, config: dict, meta: dict, path:
         i = int(m.group(1))
         if i >= layers:
             raise ValueError(f"{path} holds {name} but the configs describe {layers} layers")
-        want = _expected_layer_shapes(family, sizes.hidden, sizes.head_dim, meta["heads_per_layer"][i],
+        width = meta["hidden_kept"] if meta.get("hidden_kept") is not None else sizes.hidden
+        want = _expected_layer_shapes(family, width, sizes.head_dim, meta["heads_per_layer"][i],
                                       meta["ffn_units_per_layer"][i]).get(m.group(2))
         if want is not None and tuple(info["shape"]) != want:
             raise ValueError(f"{path}: {name} has shape {tuple(info['shape'])}, the configs say {want} "
@@ -304,15 +340,18 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device | N
         raise ValueError(f"unknown architecture {meta['architecture']!r} in {meta_path}")
     config = transformers.AutoConfig.from_pretrained(directory)
     model = model_cls(config)
-    patch(model)
+    patch(model, sublayers=meta.get("attn_sublayers_kept") is not None, hidden=meta.get("hidden_kept") is not None)
     parts = layer_parts(model)
     if len(parts) != len(meta["heads_per_layer"]):
         raise ValueError(f"{meta_path} describes {len(meta['heads_per_layer'])} layers, config has {len(parts)}")
     for layer, heads, units, sampling in zip(parts, meta["heads_per_layer"], meta["ffn_units_per_layer"],
                                              meta["gate_sampling"]):
         slice_layer(layer, torch.arange(heads), torch.arange(units))  # values are loaded below
-        for gate in layer.gates:
+        for gate in layer.all_gates:
             gate.sampling = sampling
+    if meta.get("hidden_kept") is not None:
+        slice_hidden(model, torch.arange(meta["hidden_kept"]))
+        hidden_gate(model).sampling = bool(meta["gate_sampling"][0]) if meta["gate_sampling"] else False
     try:
         load_model(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError, ValueError) as exc:  # a bad file, a strict-load mismatch

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from structprune.model.cofi import hidden_gate, sublayer_gates
 from structprune.model.patching import layer_parts
 
 
@@ -15,10 +16,15 @@ class Masks:
 
     heads: bool ``[L, H]`` when every layer has the same head count, else a list of bool ``[H_l]``.
     ffn: list of bool ``[I_l]``, one per layer.
+    hidden: bool ``[d]`` (the hidden dimensions kept), or None when the model has no hidden-dimension gate.
+    attn_sublayers, ffn_sublayers: bool ``[L]`` (whole sublayers kept), or None without sublayer gates.
     """
 
     heads: torch.Tensor | list[torch.Tensor]
     ffn: list[torch.Tensor]
+    hidden: torch.Tensor | None = None
+    attn_sublayers: torch.Tensor | None = None
+    ffn_sublayers: torch.Tensor | None = None
 
     def heads_per_layer(self) -> list[torch.Tensor]:
         return list(self.heads)
@@ -63,21 +69,47 @@ def _per_layer(name: str, value, sizes: list[int], device: torch.device) -> list
     return out
 
 
+def _extra_gates(model: nn.Module, name: str) -> list:
+    """The gates behind the mask ``name`` ("hidden", "attn_sublayers", "ffn_sublayers"); a ValueError saying how
+    to get them when the model was patched without them."""
+    gates = [hidden_gate(model)] if name == "hidden" else sublayer_gates(model, name)
+    if any(g is None for g in gates):
+        flag = "hidden=True" if name == "hidden" else "sublayers=True"
+        raise ValueError(f"a {name} mask needs the model patched with structprune.patch(model, {flag})")
+    return gates
+
+
 @torch.no_grad()
-def set_masks(model: nn.Module, heads=None, ffn=None) -> nn.Module:
+def set_masks(model: nn.Module, heads=None, ffn=None, hidden=None, attn_sublayers=None,
+              ffn_sublayers=None) -> nn.Module:
     """Set fixed 0/1 masks (1 = keep). ``heads``: ``[L, H]`` or per-layer list; ``ffn``: ``[L, I]`` or
-    per-layer list. Either may be None to leave it unchanged. All inputs are validated before any change."""
+    per-layer list; ``hidden``: ``[d]``; ``attn_sublayers`` / ``ffn_sublayers``: ``[L]`` (the last three need the
+    model patched with ``hidden=True`` / ``sublayers=True``). Any may be None to leave it unchanged. All inputs are
+    validated before any change."""
     parts = layer_parts(model)
     device = parts[0].device
     head_gates = [p.head_gate for p in parts]
     unit_gates = [p.unit_gate for p in parts]
-    head_rows = _per_layer("heads", heads, [g.n for g in head_gates], device) if heads is not None else None
-    ffn_rows = _per_layer("ffn", ffn, [g.n for g in unit_gates], device) if ffn is not None else None
-    if head_rows is not None:
-        for gate, row in zip(head_gates, head_rows):
-            gate.set_mask(row)
-    if ffn_rows is not None:
-        for gate, row in zip(unit_gates, ffn_rows):
+    rows = []
+    if heads is not None:
+        rows.append((head_gates, _per_layer("heads", heads, [g.n for g in head_gates], device)))
+    if ffn is not None:
+        rows.append((unit_gates, _per_layer("ffn", ffn, [g.n for g in unit_gates], device)))
+    if hidden is not None:
+        gate = _extra_gates(model, "hidden")[0]
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 1:
+            raise ValueError(f"hidden mask must be a 1-D tensor of {gate.n} entries, got "
+                             f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+        rows.append(([gate], _per_layer("hidden", [hidden], [gate.n], device)))
+    for name, value in (("attn_sublayers", attn_sublayers), ("ffn_sublayers", ffn_sublayers)):
+        if value is not None:
+            gates = _extra_gates(model, name)
+            value = torch.as_tensor(value)
+            if value.shape != (len(gates),):
+                raise ValueError(f"{name} mask must have one entry per layer ({len(gates)},), got {tuple(value.shape)}")
+            rows.append((gates, _per_layer(name, list(value.reshape(-1, 1)), [1] * len(gates), device)))
+    for gates, values in rows:
+        for gate, row in zip(gates, values):
             gate.set_mask(row)
     return model
 
@@ -89,7 +121,15 @@ def get_masks(model: nn.Module) -> Masks:
     heads = [(p.head_gate.deterministic() != 0).cpu() for p in parts]
     ffn = [(p.unit_gate.deterministic() != 0).cpu() for p in parts]
     same = len({h.numel() for h in heads}) == 1
-    return Masks(heads=torch.stack(heads) if same else heads, ffn=ffn)
+    extra = {}
+    gate = hidden_gate(model)
+    if gate is not None:
+        extra["hidden"] = (gate.deterministic() != 0).cpu()
+    for name in ("attn_sublayers", "ffn_sublayers"):
+        gates = sublayer_gates(model, name)
+        if all(g is not None for g in gates):
+            extra[name] = torch.cat([(g.deterministic() != 0).cpu() for g in gates])
+    return Masks(heads=torch.stack(heads) if same else heads, ffn=ffn, **extra)
 
 
 def gate_sizes(model: nn.Module) -> dict[str, list[int]]:

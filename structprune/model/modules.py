@@ -31,6 +31,21 @@ def gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | No
     return values, gate.kept_index()
 
 
+def sublayer_scale(gate: HardConcreteGate | None) -> tuple[torch.Tensor | None, bool]:
+    """(what a sublayer's output is multiplied by, whether the sublayer is skipped) for a whole-sublayer gate (one
+    entry; None: no such gate). A gate at exactly 0 skips the sublayer, its residual and its LayerNorm (CoFi): at
+    eval when it is closed, in training with sampling when this forward pass's sample is 0."""
+    if gate is None:
+        return None, False
+    if gate.stochastic:
+        value = gate()
+        return value, bool(value.detach().item() == 0)
+    if gate.kept_index().numel() == 0:
+        return None, True
+    value = gate.deterministic()
+    return (None if gate.is_fully_open() else value), False
+
+
 def attend(hidden_states: torch.Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, output: nn.Linear,
            head_gate: HardConcreteGate, num_heads: int, attention_mask, dropout_p: float, config) -> torch.Tensor:
     """Gated multi-head self-attention with its output projection (bias included, no residual), as one op;

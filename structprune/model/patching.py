@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from structprune.model.cofi import check_full_support, hidden_gate, install_hidden_gate
 from structprune.model.families import Family, LayerParts, family_of, supported_model_types
 
 SUPPORTED_MODEL_TYPES = supported_model_types()
@@ -66,24 +67,33 @@ def _gated_layer_class(cls: type, family: Family) -> type:
     return _GATED_LAYER_CLASSES[cls]
 
 
-def patch(model: nn.Module, sampling: bool = False) -> nn.Module:
+def patch(model: nn.Module, sampling: bool = False, sublayers: bool = False, hidden: bool = False) -> nn.Module:
     """Give every encoder layer gated attention and a gated FFN, in place; returns ``model``.
 
     Right after patching every gate is open and the model computes what it computed before.
     ``sampling=True`` makes the hard-concrete gates sample in training mode (L0 pruning);
-    see :func:`structprune.set_gate_sampling`.
+    see :func:`structprune.set_gate_sampling`. ``sublayers=True`` adds one gate per whole attention and FFN
+    sublayer, ``hidden=True`` one gate per hidden dimension shared by every layer (CoFi's structures; BERT layout;
+    see :mod:`structprune.model.cofi`).
     """
     family = family_of(model)
     layers = family.layers(model)
     if any(isinstance(layer, PatchedLayer) for layer in layers):
         raise RuntimeError(f"{type(model).__name__} is already patched by structprune")
     family.sizes(model.config).kernel_activation  # an unsupported activation is refused before any change
+    if sublayers or hidden:
+        check_full_support(model, family, hidden)
     for layer in layers:
         device = next(layer.parameters()).device
-        family.patch_layer(layer, model.config, sampling)
+        if sublayers:
+            family.patch_layer(layer, model.config, sampling, sublayers=True)
+        else:
+            family.patch_layer(layer, model.config, sampling)
         layer.__class__ = _gated_layer_class(type(layer), family)
         layer.to(device=device)  # the new gates
         layer.train(layer.training)  # the new modules in the layer's mode
+    if hidden:
+        install_hidden_gate(model, family, layers, sampling).train(model.training)
     return model
 
 
@@ -94,9 +104,13 @@ def set_gate_sampling(model: nn.Module, sampling: bool = True) -> None:
 
 
 def iter_gates(model: nn.Module):
-    """Every gate of a patched model: per layer, the head gate then the FFN unit gate."""
+    """Every gate of a patched model: per layer, the head gate, the FFN unit gate and the sublayer gates (where
+    installed); then the hidden-dimension gate (where installed)."""
     for parts in layer_parts(model):
-        yield from parts.gates
+        yield from parts.all_gates
+    gate = hidden_gate(model)
+    if gate is not None:
+        yield gate
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -59,6 +59,26 @@ class LayerParts:
     def __getitem__(self, role: str) -> nn.Module:
         return operator.attrgetter(self._paths[role])(self.layer)
 
+    def get(self, role: str):
+        """The piece at ``role``, or None where this family or layer has none (e.g. no sublayer gates)."""
+        if role not in self._paths:
+            return None
+        try:
+            return self[role]
+        except AttributeError:
+            return None
+
+    @property
+    def attention_block(self) -> nn.Module:
+        """The module holding the whole attention sublayer (projections, residual, LayerNorm)."""
+        return self["attention_block"]
+
+    @property
+    def all_gates(self) -> tuple:
+        """Every gate of the layer: head, FFN unit, and the two whole-sublayer gates where installed."""
+        subs = tuple(g for g in (self.get("attn_sublayer_gate"), self.get("ffn_sublayer_gate")) if g is not None)
+        return self.gates + subs
+
     def replace(self, role: str, module: nn.Module) -> None:
         parent, _, name = self._paths[role].rpartition(".")
         setattr(operator.attrgetter(parent)(self.layer) if parent else self.layer, name, module)
@@ -143,6 +163,12 @@ class Family:
     # --- slicing hooks (compaction, loading): how heads and units map to rows of the input projections -------------
     fused_qkv: bool = False  # query/key/value are three row blocks of one nn.Linear at paths["qkv"] (ModernBERT)
 
+    # --- sublayer and hidden-dimension gates (structprune.model.cofi); empty: the family does not support them ----
+    embeddings: str = ""  # the embeddings module, from the base model
+    embedding_tables: tuple[str, ...] = ()  # its nn.Embedding attributes (their columns are hidden dimensions)
+    embedding_norm: str = ""  # its LayerNorm attribute
+    hidden_readers: tuple[str, ...] = ()  # linear layers after the encoder reading the hidden states (model or base)
+
     def unit_rows(self, units: torch.Tensor, n_units: int) -> torch.Tensor:
         """The rows of the FFN input projection that FFN units ``units`` own, in a layer of ``n_units`` units: the
         units themselves here; a GLU family's ``(u, u + n_units)`` pairs."""
@@ -167,8 +193,9 @@ class Family:
             raise TypeError(f"{type(model).__name__} is configured as a decoder (is_decoder/add_cross_attention); "
                             "structprune gates bidirectional encoders only")
 
-    def patch_layer(self, layer: nn.Module, config, sampling: bool) -> None:
-        """Swap one HF layer's attention and FFN for gated modules holding the same ``nn.Linear`` objects."""
+    def patch_layer(self, layer: nn.Module, config, sampling: bool, sublayers: bool = False) -> None:
+        """Swap one HF layer's attention and FFN for gated modules holding the same ``nn.Linear`` objects;
+        ``sublayers``: with a gate on each whole sublayer (families with :attr:`embeddings` set)."""
         raise NotImplementedError
 
     def unpatch_layer(self, layer: nn.Module, config) -> None:

@@ -12,7 +12,9 @@ from torch import nn
 
 from structprune.model.families.base import Family
 from structprune.model.gates import HardConcreteGate
-from structprune.model.modules import GatedSelfAttention, gate_values, stash_hf_module, unstash_hf_module
+from structprune.model.hidden import hidden_scale
+from structprune.model.modules import (GatedSelfAttention, gate_values, stash_hf_module, sublayer_scale,
+                                       unstash_hf_module)
 from structprune.ops import dispatch as ops
 from structprune.ops.activations import check_activation
 from structprune.ops.reference import activation_fn
@@ -21,23 +23,42 @@ from structprune.ops.reference import activation_fn
 class GatedAttention(nn.Module):
     """Drop-in for ``BertAttention`` (and its RoBERTa/ELECTRA/XLM-R copies): gated self-attention, output
     projection, dropout, residual and LayerNorm. A layer whose heads are all pruned still adds the output bias,
-    the residual and the LayerNorm."""
+    the residual and the LayerNorm.
 
-    def __init__(self, self_attention: GatedSelfAttention, output: nn.Module, config):
+    With ``sublayer=True`` a gate (``sublayer_gate``, one entry) scales the whole sublayer; when it is 0 the sublayer,
+    LayerNorm included, is skipped (the output is the input). With a hidden-dimension gate (set by
+    :func:`structprune.model.cofi.install_hidden_gate`) the sublayer's output is scaled by it before the residual."""
+
+    def __init__(self, self_attention: GatedSelfAttention, output: nn.Module, config, sublayer: bool = False,
+                 sampling: bool = False):
         super().__init__()
         self.self = self_attention
         self.output = output  # HF SelfOutput: dense, dropout, LayerNorm
         self.config = config
         self.attention_dropout = float(getattr(config, "attention_probs_dropout_prob", 0.0))
+        self.sublayer_gate = HardConcreteGate(1, sampling=sampling) if sublayer else None
+        self.__dict__["hidden_gate"] = None
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None, **kwargs):
         if encoder_hidden_states is not None:
             raise ValueError("structprune gates self-attention of encoders only; cross-attention is not supported")
+        scale, skipped = sublayer_scale(self.sublayer_gate)
+        if skipped:
+            return hidden_states, None
         context_out = self.self.attend(hidden_states, self.output.dense, attention_mask, self.attention_dropout,
                                        self.config)
+        context_out = _scaled(context_out, scale, self.__dict__["hidden_gate"])
         out = self.output.LayerNorm(self.output.dropout(context_out) + hidden_states)
         return out, None
+
+
+def _scaled(out: torch.Tensor, sublayer: torch.Tensor | None, hidden_gate) -> torch.Tensor:
+    """A sublayer's output times its sublayer gate and the hidden gate (each only when there is one)."""
+    if sublayer is not None:
+        out = out * sublayer.to(out.dtype)
+    hidden = hidden_scale(hidden_gate, out.dtype)
+    return out * hidden if hidden is not None else out
 
 
 class GatedIntermediate(nn.Module):
@@ -47,12 +68,13 @@ class GatedIntermediate(nn.Module):
     patched layers call :meth:`ffn` instead, which fuses both projections in one op.
     """
 
-    def __init__(self, dense: nn.Linear, activation: str, sampling: bool = False):
+    def __init__(self, dense: nn.Linear, activation: str, sampling: bool = False, sublayer: bool = False):
         super().__init__()
         check_activation(activation)
         self.dense = dense
         self.activation = activation
         self.unit_gate = HardConcreteGate(dense.out_features, sampling=sampling)
+        self.sublayer_gate = HardConcreteGate(1, sampling=sampling) if sublayer else None  # the whole FFN sublayer
 
     def extra_repr(self) -> str:
         return f"units={self.dense.out_features}, activation={self.activation}"
@@ -72,7 +94,11 @@ class GatedLayerMixin:
     """Mixed into a copy of the HF layer class: the FFN runs as one fused gated op."""
 
     def feed_forward_chunk(self, attention_output):
+        scale, skipped = sublayer_scale(self.intermediate.sublayer_gate)
+        if skipped:
+            return attention_output
         h = self.intermediate.ffn(attention_output, self.output.dense)
+        h = _scaled(h, scale, self.attention.__dict__["hidden_gate"])
         return self.output.LayerNorm(self.output.dropout(h) + attention_output)
 
 
@@ -86,24 +112,30 @@ class BertFamily(Family):
     paths = {"attention": "attention.self", "query": "attention.self.query", "key": "attention.self.key",
              "value": "attention.self.value", "attn_out": "attention.output.dense", "ffn": "intermediate",
              "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "head_gate": "attention.self.head_gate",
-             "unit_gate": "intermediate.unit_gate"}
+             "unit_gate": "intermediate.unit_gate", "attn_sublayer_gate": "attention.sublayer_gate",
+             "ffn_sublayer_gate": "intermediate.sublayer_gate", "attn_norm": "attention.output.LayerNorm",
+             "ffn_norm": "output.LayerNorm", "attention_block": "attention"}
+    embeddings = "embeddings"  # from the base model
+    embedding_tables = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    embedding_norm = "LayerNorm"
+    hidden_readers = ("qa_outputs", "classifier", "classifier.dense", "pooler.dense")
     layer_mixin = GatedLayerMixin
     ffn_block_name = "feed_forward_chunk"
 
     def ffn_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return layer.feed_forward_chunk(hidden)
 
-    def patch_layer(self, layer: nn.Module, config, sampling: bool) -> None:
+    def patch_layer(self, layer: nn.Module, config, sampling: bool, sublayers: bool = False) -> None:
         attention, hf_self = layer.attention, layer.attention.self
         head_dim = hf_self.attention_head_size
         gated_self = GatedSelfAttention(hf_self.query, hf_self.key, hf_self.value,
                                         hf_self.query.out_features // head_dim, head_dim, sampling=sampling)
         stash_hf_module(gated_self, hf_self, ("query", "key", "value"))
-        gated = GatedAttention(gated_self, attention.output, config)
+        gated = GatedAttention(gated_self, attention.output, config, sublayer=sublayers, sampling=sampling)
         stash_hf_module(gated, attention, ("self", "output"))
         layer.attention = gated
         intermediate = GatedIntermediate(layer.intermediate.dense, self.sizes(config).kernel_activation,
-                                         sampling=sampling)
+                                         sampling=sampling, sublayer=sublayers)
         stash_hf_module(intermediate, layer.intermediate, ("dense",))
         layer.intermediate = intermediate
 

@@ -6,8 +6,11 @@ Written next to the weights by ``structprune.save_pretrained``; it needs only ``
 
 The model is the Hugging Face one with each encoder layer's attention and FFN resized to the sizes in
 ``config.structprune_heads_per_layer`` / ``config.structprune_ffn_units_per_layer``; a layer with 0 heads (or
-0 FFN units) adds only its output bias, residual and LayerNorm. The gate tensors structprune keeps in the
-checkpoint are ignored: this file is written only for models whose kept gates are all exactly 1.
+0 FFN units) adds only its output bias, residual and LayerNorm. BERT-layout models may also have a narrower hidden
+width (``config.structprune_hidden_size``: the embeddings, every LayerNorm and projection, and the task head's
+input are that wide) and whole sublayers skipped (``config.structprune_skip_attention`` / ``_skip_ffn``: the
+sublayer, its residual and its LayerNorm are the identity). The gate tensors structprune keeps in the checkpoint
+are ignored: this file is written only for models whose kept gates are all exactly 1.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch
 import transformers
 from torch import nn
 
-STRUCTPRUNE_MODELING_VERSION = "2"
+STRUCTPRUNE_MODELING_VERSION = "3"
 
 
 def _attention(module: nn.Module, q_lin: nn.Linear, k_lin: nn.Linear, v_lin: nn.Linear, hidden_states, attention_mask):
@@ -58,13 +61,16 @@ class PrunedSelfAttention(nn.Module):
 class PrunedOutput(nn.Module):
     """``LayerNorm(dropout(dense(x)) + residual)``; with 0 inputs (all heads / units pruned) ``dense(x)`` is its bias."""
 
-    def __init__(self, in_features: int, hidden_size: int, eps: float, dropout: float):
+    def __init__(self, in_features: int, hidden_size: int, eps: float, dropout: float, skip: bool = False):
         super().__init__()
         self.dense = nn.Linear(in_features, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = nn.Dropout(dropout)
+        self.skip = skip  # the whole sublayer is pruned: the output is the residual input
 
     def forward(self, hidden_states, input_tensor):
+        if self.skip:
+            return input_tensor
         if self.dense.in_features == 0:
             hidden_states = self.dense.bias.to(input_tensor.dtype).expand_as(input_tensor)
         else:
@@ -158,13 +164,38 @@ def _resize_encoder(model: nn.Module, config) -> None:
     if config.model_type == "modernbert":
         return _resize_modernbert(model, config)
     layers = model.base_model.encoder.layer
-    hidden = config.hidden_size
-    head_dim = hidden // config.num_attention_heads
-    for layer, h, u in zip(layers, *_sizes(config, layers)):
+    head_dim = config.hidden_size // config.num_attention_heads
+    hidden = getattr(config, "structprune_hidden_size", None) or config.hidden_size
+    if hidden != config.hidden_size:
+        _narrow_bert(model, config, hidden)
+    skip_attn = getattr(config, "structprune_skip_attention", None) or [False] * len(layers)
+    skip_ffn = getattr(config, "structprune_skip_ffn", None) or [False] * len(layers)
+    for layer, h, u, sa, sf in zip(layers, *_sizes(config, layers), skip_attn, skip_ffn):
         layer.attention.self = PrunedSelfAttention(hidden, h, head_dim, config.attention_probs_dropout_prob)
-        layer.attention.output = PrunedOutput(h * head_dim, hidden, config.layer_norm_eps, config.hidden_dropout_prob)
+        layer.attention.output = PrunedOutput(h * head_dim, hidden, config.layer_norm_eps, config.hidden_dropout_prob,
+                                              skip=sa)
         layer.intermediate.dense = nn.Linear(hidden, u)
-        layer.output = PrunedOutput(u, hidden, config.layer_norm_eps, config.hidden_dropout_prob)
+        layer.output = PrunedOutput(u, hidden, config.layer_norm_eps, config.hidden_dropout_prob, skip=sf)
+
+
+_HIDDEN_READERS = ("qa_outputs", "classifier", "classifier.dense", "pooler.dense")
+
+
+def _narrow_bert(model: nn.Module, config, hidden: int) -> None:
+    """The embeddings, their LayerNorm and the task head's input at the pruned hidden width."""
+    emb = model.base_model.embeddings
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        table = getattr(emb, name, None)
+        if table is not None:
+            setattr(emb, name, nn.Embedding(table.num_embeddings, hidden, padding_idx=table.padding_idx))
+    emb.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+    for root in (model, model.base_model):
+        for path in _HIDDEN_READERS:
+            parent, _, name = path.rpartition(".")
+            owner = getattr(root, parent, None) if parent else root
+            linear = getattr(owner, name, None) if owner is not None else None
+            if isinstance(linear, nn.Linear) and linear.in_features == config.hidden_size:
+                setattr(owner, name, nn.Linear(hidden, linear.out_features, bias=linear.bias is not None))
 
 
 def _pruned_class(base: type) -> type:
@@ -178,7 +209,8 @@ def _pruned_class(base: type) -> type:
         "__init__": __init__, "__module__": __name__,
         "__doc__": f"``{base.__name__}`` with structprune's per-layer head and FFN sizes.",
         # structprune's gate state, all ones in a model this file is written for
-        "_keys_to_ignore_on_load_unexpected": [r"\.head_gate\.", r"\.unit_gate\."],
+        "_keys_to_ignore_on_load_unexpected": [r"\.head_gate\.", r"\.unit_gate\.", r"\.sublayer_gate\.",
+                                               r"\.hidden_gate\."],
     })
 
 

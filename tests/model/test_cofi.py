@@ -1,0 +1,189 @@
+"""Whole-sublayer and hidden-dimension gates (CoFi's structures) on BERT-layout models: open gates change nothing,
+masks equal an independent oracle built with hooks on the plain Hugging Face model, compaction and save/load keep
+the outputs, and plain transformers loads the compacted model."""
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import structprune as sp
+from helpers.models import tiny_batch, tiny_model
+from model.test_standalone import run_isolated
+from structprune.model.cofi import hidden_gate
+from structprune.model.hidden import HiddenGatedLayerNorm
+
+BERT_LAYOUT = ("bert", "roberta", "electra", "xlm-roberta")
+L, H, I, D = 3, 4, 96, 64
+
+
+def masks(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    heads = torch.ones(L, H)
+    heads[0, 1] = 0
+    heads[2] = 0  # every head of layer 2 pruned, its attention sublayer still kept (bias + residual + LayerNorm)
+    ffn = [torch.ones(I) for _ in range(L)]
+    ffn[0][:40] = 0
+    hidden = torch.rand(D, generator=g) > 0.35
+    return {"heads": heads, "ffn": ffn, "hidden": hidden, "attn_sublayers": torch.tensor([1, 0, 1]),
+            "ffn_sublayers": torch.tensor([1, 1, 0])}
+
+
+def oracle(model, m):
+    """The plain HF model with hooks: every LayerNorm over the kept hidden dimensions (pruned ones 0), skipped
+    sublayers as the identity, pruned heads' and units' inputs to the output projections zeroed."""
+    model = copy.deepcopy(model)
+    kept = m["hidden"].nonzero().flatten()
+
+    def ln(mod, inputs, out):
+        y = torch.zeros_like(out)
+        y[..., kept] = F.layer_norm(inputs[0][..., kept], (len(kept),), mod.weight[kept], mod.bias[kept], mod.eps)
+        return y
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            mod.register_forward_hook(ln)
+    for i, layer in enumerate(model.base_model.encoder.layer):
+        heads = m["heads"][i].repeat_interleave(D // H)
+        layer.attention.output.dense.register_forward_pre_hook(lambda mod, a, h=heads: (a[0] * h,))
+        layer.output.dense.register_forward_pre_hook(lambda mod, a, u=m["ffn"][i]: (a[0] * u,))
+        if not m["attn_sublayers"][i]:
+            layer.attention.register_forward_hook(lambda mod, inputs, out: (inputs[0],) + tuple(out[1:]))
+        if not m["ffn_sublayers"][i]:
+            layer.feed_forward_chunk = types.MethodType(lambda self, a: a, layer)
+    return model
+
+
+def run(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def close(a, b, kept=None, tol=1e-5):
+    for k in a:
+        x, y = a[k], b[k]
+        if kept is not None and k == "last_hidden_state":
+            if x.shape[-1] > y.shape[-1]:
+                x = x[..., kept]
+            elif y.shape[-1] > x.shape[-1]:
+                y = y[..., kept]
+        torch.testing.assert_close(x, y, atol=tol, rtol=tol, msg=lambda msg: f"{k}: {msg}")
+
+
+@pytest.mark.parametrize("family", BERT_LAYOUT)
+@pytest.mark.parametrize("head", ["qa", "cls", "ForTokenClassification", "bare"])
+def test_open_gates_change_nothing(family, head):
+    batch = tiny_batch()
+    model = tiny_model(family, head)
+    ref = run(model, batch)
+    close(run(sp.patch(model, sublayers=True, hidden=family != "electra"), batch), ref)
+
+
+@pytest.mark.parametrize("family,head", [("bert", "qa"), ("roberta", "cls"), ("bert", "ForTokenClassification"),
+                                         ("xlm-roberta", "bare")])
+def test_masks_equal_oracle_compaction_and_save_load(family, head, tmp_path):
+    batch = tiny_batch()
+    model = tiny_model(family, head)
+    m = masks()
+    expected = run(oracle(model, m), batch)
+    sp.patch(model, sublayers=True, hidden=True)
+    sp.set_masks(model, **m)
+    got = sp.get_masks(model)
+    assert got.hidden.tolist() == m["hidden"].tolist() and got.attn_sublayers.tolist() == [True, False, True]
+    sp.use_backend("cpp") if "cpp" in sp.available_backends() else None
+    close(run(model, batch), expected)
+    assert set(sp.last_backends().values()) <= {"cpp"} or "cpp" not in sp.available_backends()
+    kept = m["hidden"].nonzero().flatten()
+    sp.compact(model)
+    assert model.base_model.embeddings.word_embeddings.weight.shape[1] == len(kept)
+    assert model.base_model.encoder.layer[1].attention.self.query.weight.shape[0] == 0  # skipped: no head left
+    assert model.base_model.encoder.layer[2].intermediate.dense.weight.shape[0] == 0
+    close(run(model, batch), expected, kept)
+    sp.save_pretrained(model, tmp_path / "m")
+    close(run(sp.from_pretrained(tmp_path / "m"), batch), expected, kept)
+
+
+def test_fractional_gates_fold_exactly():
+    batch = tiny_batch()
+    model = sp.patch(tiny_model("bert", "qa"), sublayers=True, hidden=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for gate in sp.iter_gates(model):
+            gate.log_alpha.copy_(torch.randn(gate.n, generator=g) * 2 - 0.5)
+    masked = run(model, batch)
+    assert not hidden_gate(model).is_fully_open()
+    close(run(sp.compact(model), tiny_batch()), masked, tol=1e-4)
+
+
+def test_plain_transformers_loads_compacted(tmp_path):
+    batch = tiny_batch()
+    jobs, expected = [], {}
+    for family, head, auto in (("bert", "qa", "AutoModelForQuestionAnswering"),
+                               ("roberta", "cls", "AutoModelForSequenceClassification"),
+                               ("bert", "bare", "AutoModel")):
+        model = sp.patch(tiny_model(family, head), sublayers=True, hidden=True)
+        sp.set_masks(model, **masks())
+        sp.compact(model)
+        expected[family, head] = run(model, batch)
+        sp.save_pretrained(model, tmp_path / f"{family}-{head}")
+        jobs.append([str(tmp_path / f"{family}-{head}"), auto, str(tmp_path / f"{family}-{head}.pt")])
+    run_isolated(tmp_path, jobs, batch)
+    for (family, head), exp in expected.items():
+        got = torch.load(tmp_path / f"{family}-{head}.pt")
+        assert got["_structprune_modules"] == []
+        close(exp, {k: got[k] for k in exp})
+
+
+def test_training_draws_one_hidden_sample_per_forward_and_trains_the_gates():
+    model = sp.patch(tiny_model("bert", "qa"), sampling=True, sublayers=True, hidden=True).train()
+    with torch.no_grad():
+        hidden_gate(model).log_alpha.fill_(0.0)  # about half the samples at 0 or 1
+    seen = []
+    for mod in model.modules():
+        if isinstance(mod, HiddenGatedLayerNorm):
+            mod.register_forward_hook(lambda mod, i, o: seen.append(mod.__dict__["hidden_gate"].current()[0]))
+    out = model(**tiny_batch())
+    assert len(seen) == 1 + 2 * L and all(torch.equal(s, seen[0]) for s in seen)
+    (out.start_logits.square().mean()).backward()
+    assert hidden_gate(model).log_alpha.grad is not None and hidden_gate(model).log_alpha.grad.abs().sum() > 0
+    sub = model.bert.encoder.layer[0].attention.sublayer_gate
+    assert sub.log_alpha.grad is not None
+    seen.clear()
+    model(**tiny_batch())
+    assert not torch.equal(seen[0], seen[-1]) or len(seen) == 1 + 2 * L  # a new forward pass, a new sample
+
+
+def test_clear_errors():
+    with pytest.raises(TypeError, match="BERT layout"):
+        sp.patch(tiny_model("distilbert", "qa"), sublayers=True)
+    with pytest.raises(TypeError, match="projects them"):
+        sp.patch(tiny_model("electra", "qa"), hidden=True)
+    with pytest.raises(TypeError, match="language-modelling head"):
+        sp.patch(tiny_model("bert", "ForMaskedLM"), hidden=True)
+    model = sp.patch(tiny_model("bert", "qa"))
+    with pytest.raises(ValueError, match="hidden=True"):
+        sp.set_masks(model, hidden=torch.ones(D))
+    with pytest.raises(ValueError, match="sublayers=True"):
+        sp.set_masks(model, attn_sublayers=torch.ones(L))
+    model = sp.patch(tiny_model("bert", "qa"), sublayers=True, hidden=True)
+    with pytest.raises(ValueError, match="shape"):
+        sp.set_masks(model, hidden=torch.ones(D + 1))
+    with pytest.raises(ValueError, match="one entry per layer"):
+        sp.set_masks(model, ffn_sublayers=torch.ones(L + 1))
+
+
+def test_unpatch_after_hidden_pruning_and_refusal_with_skipped_sublayers():
+    batch = tiny_batch()
+    model = sp.patch(tiny_model("bert", "qa"), sublayers=True, hidden=True)
+    m = masks()
+    sp.set_masks(model, heads=m["heads"], hidden=m["hidden"])
+    expected = run(model, batch)
+    plain = sp.unpatch(model)
+    assert not any(isinstance(mod, HiddenGatedLayerNorm) for mod in plain.modules())
+    close(run(plain, batch), expected)
+    model = sp.patch(tiny_model("bert", "qa"), sublayers=True)
+    sp.set_masks(model, attn_sublayers=torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match="skip a whole sublayer"):
+        sp.unpatch(model)
