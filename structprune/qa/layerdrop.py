@@ -1,0 +1,118 @@
+"""``structprune prune --method layerdrop --keep-layers K``: the layer-drop baseline (issue 27).
+
+A shallower student initialised from the teacher (:func:`structprune.model.layer_drop.drop_layers`: the
+embeddings, the kept layers and the QA head copied; which layers a count keeps is documented there), then trained
+like every other student: the same loop and flags (``--distill``, ``--teacher-logits``, ``--epochs``,
+``--eval-every``, ``--bf16``, resuming), saved as a plain transformers model in ``out/model``, timed against the
+teacher and evaluated on dev into ``metrics.json`` (method ``layerdrop``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from structprune import atomic
+from structprune.qa.runs import (_data, _default_model, _dev_eval_fn, _finished, _start_run, _tokenizer,
+                                 _train_kwargs, _write_json, evaluate_into, load_hf_qa_model, save_null_threshold)
+
+# prune's options that choose heads and units: a layer-drop student has its own structure (--keep-layers)
+_MASK_TARGETS = ("heads", "ffn", "speedup", "latency_ms", "max_params")
+
+
+def keep_layers_arg(text: str) -> int | list[int]:
+    """``--keep-layers``: a count (``3``) or comma-separated layer indices (``0,2,4``; ``5,`` keeps layer 5 alone)."""
+    import argparse
+
+    try:
+        if "," not in text:
+            return int(text)
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (e.g. 3) or layer indices (e.g. 0,2,4), got {text!r}")
+
+
+def check_layerdrop_args(args) -> None:
+    """``--keep-layers`` goes with ``--method layerdrop`` (and it with it), without a heads/FFN target."""
+    from structprune.cli import UsageError
+
+    keep = getattr(args, "keep_layers", None)
+    if args.method != "layerdrop":
+        if keep is not None:
+            raise UsageError(f"--keep-layers is for --method layerdrop, not {args.method}")
+        return
+    if keep is None:
+        raise UsageError("--method layerdrop needs --keep-layers (a count, e.g. 3, or layer indices, e.g. 0,2,4)")
+    given = [name for name in _MASK_TARGETS if getattr(args, name, None) is not None]
+    if given or args.l0_steps:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given + (["l0_steps"] if args.l0_steps else []))
+        raise UsageError(f"--method layerdrop keeps whole layers (--keep-layers); {flags} choose heads and units "
+                         "of the other methods")
+
+
+def prune_layerdrop(args, measure_speedup) -> int:
+    """Build the shallower student, train it (optionally distilled), save, time (``measure_speedup(teacher,
+    student, tokenizer, args)``: prune's, so that every student is timed alike) and evaluate."""
+    from structprune.model.families import family_of
+    from structprune.model.layer_drop import drop_layers, layers_to_keep
+
+    from structprune.qa.l0_selection import _pruning_loss_fn
+    from structprune.qa.teacher_cache import cached_teacher_logits
+    from structprune.qa.train import train_qa
+
+    check_layerdrop_args(args)
+    args.model = args.model or _default_model()
+    out = _start_run(args)
+    torch.set_num_threads(args.threads)
+    if (Path(args.model) / "structprune_config.json").is_file():
+        from structprune.cli import UsageError
+
+        raise UsageError(f"--model {args.model} is a structprune (pruned) save; --method layerdrop starts from the "
+                         "unpruned teacher (a transformers model directory)")
+    teacher = load_hf_qa_model(args.model).eval()
+    tokenizer = _tokenizer(args.model)
+    family = family_of(teacher)
+    total = len(family.layers(teacher))
+    kept = layers_to_keep(args.keep_layers, total)
+    student = drop_layers(teacher, kept)
+    print(f"layer drop: layers {kept} of {total} kept")
+    train = _data(args.train, "train", args.train_limit)
+    run_dir = out / "train"
+    if args.max_steps != 0:
+        kwargs = _train_kwargs(args)
+        if args.distill:
+            distill = dict(alpha=args.distill_alpha, temperature=args.temperature)
+            if args.teacher_logits:
+                distill["teacher_cache"] = cached_teacher_logits(teacher, tokenizer, train, args,
+                                                                 Path(args.teacher_logits))
+            else:
+                distill["teacher"] = teacher
+            kwargs["extra_loss_fn"] = _pruning_loss_fn(None, distill, out, run_dir)
+        if args.eval_every:  # a dev curve of the training; the model kept is the last one
+            kwargs.update(eval_fn=_dev_eval_fn(tokenizer, args), eval_every=args.eval_every)
+        train_qa(student, tokenizer, train, run_dir, **kwargs)
+        if not _finished(run_dir):
+            print(f"paused; re-run the same command to resume from {out}")
+            return 0
+    student.save_pretrained(out / "model")
+    atomic.set_default_mode(*(out / "model").glob("*.safetensors"))  # safetensors writes 0600
+    tokenizer.save_pretrained(out / "model")
+    sizes = family.sizes(teacher.config)
+    params = [sum(p.numel() for p in family.layers(m).parameters()) for m in (student, teacher)]
+    structure = {
+        "method": "layerdrop", "distill": args.distill, "layers_kept": kept, "layers_total": total,
+        "heads_kept": len(kept) * sizes.heads, "heads_total": total * sizes.heads,
+        "ffn_kept": len(kept) * sizes.intermediate, "ffn_total": total * sizes.intermediate,
+        "heads_per_layer": [sizes.heads] * len(kept), "ffn_per_layer": [sizes.intermediate] * len(kept),
+        "encoder_params": params[0], "encoder_params_original": params[1],
+    }
+    (out / "summary.txt").write_text(f"layer-drop student: layers {kept} of {total} kept ({len(kept)} x "
+                                     f"{sizes.heads} heads, {sizes.intermediate} FFN units); encoder-layer "
+                                     f"parameters {params[0] / 1e6:.3f}M/{params[1] / 1e6:.3f}M\n")
+    if args.max_steps == 0:  # built and saved only
+        _write_json(out / "metrics.json", {**structure, "trained_steps": 0})
+        return 0
+    speed = measure_speedup(teacher, student, tokenizer, args)
+    metrics = evaluate_into(student, tokenizer, args, out, extra={**structure, **speed})
+    save_null_threshold(out / "model", metrics, args)
+    return 0
