@@ -19,7 +19,8 @@ def add_arguments(p) -> None:
                         "shallower plain transformers student")
     p.add_argument("--keep-layers", type=keep_layers_arg, default=None, metavar="K|I,J,...",
                    help="--method layerdrop: how many layers to keep (every other, evenly spread, with the last; see "
-                        "structprune.model.layer_drop) or which (0-based indices, e.g. 0,2,4)")
+                        "structprune.model.layer_drop) or which (0-based indices, e.g. 0,2,4); required with layerdrop (default: "
+                        "none, for the other methods)")
     p.add_argument("--heads", type=fraction, default=None,
                    help="fraction of heads KEPT, in (0, 1] (e.g. 0.5); with a speed target: at most this fraction "
                         "(default: all, with a budget; otherwise required)")
