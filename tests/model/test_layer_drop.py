@@ -10,8 +10,11 @@ import transformers
 from torch import nn
 
 import structprune as sp
-from helpers.models import one_thread_reference_backend, tiny_batch, tiny_model  # noqa: F401  (autouse fixture)
+from helpers import models
+from helpers.models import tiny_batch, tiny_model
 from structprune.model.layer_drop import drop_layers, layers_to_keep
+
+one_thread_reference_backend = models.one_thread_reference_backend  # the autouse fixture, in this module
 
 
 def tiny_modernbert(layers=6, head="ForQuestionAnswering"):
