@@ -18,6 +18,20 @@ from structprune.qa.runs import (_data, _default_model, _dev_eval_fn, _finished,
 
 # prune's options that choose heads and units: a layer-drop student has its own structure (--keep-layers)
 _MASK_TARGETS = ("heads", "ffn", "speedup", "latency_ms", "max_params")
+LAYERS_FILE = "layers.json"  # the kept layers, written at the first start and checked on every re-run
+
+
+def _check_layers(path: Path, layers: dict) -> None:
+    """Refuse a re-run of the layer-drop run whose kept layers ``path`` records when it would keep others (its
+    checkpoint holds the weights of the layers it started from)."""
+    from structprune.cli import UsageError
+
+    if path.is_file():
+        before = atomic.read_json(path, "kept layers")
+        if before != layers:
+            raise UsageError(f"{path.parent} is a layer-drop run keeping layers {before['layers_kept']} of "
+                             f"{before['layers_total']}, not {layers['layers_kept']} of {layers['layers_total']}; "
+                             "pass a new --out (or the same --keep-layers to resume it)")
 
 
 def keep_layers_arg(text: str) -> int | list[int]:
@@ -53,66 +67,77 @@ def check_layerdrop_args(args) -> None:
 def prune_layerdrop(args, measure_speedup) -> int:
     """Build the shallower student, train it (optionally distilled), save, time (``measure_speedup(teacher,
     student, tokenizer, args)``: prune's, so that every student is timed alike) and evaluate."""
+    from structprune.cli import UsageError, check_model_dir
     from structprune.model.families import family_of
     from structprune.model.layer_drop import drop_layers, layers_to_keep
 
+    check_layerdrop_args(args)
+    args.model = args.model or _default_model()
+    if (check_model_dir(args.model) / "structprune_config.json").is_file():
+        raise UsageError(f"--model {args.model} is a structprune (pruned) save; --method layerdrop starts from the "
+                         "unpruned teacher (a transformers model directory)")
+    torch.set_num_threads(args.threads)
+    teacher = load_hf_qa_model(args.model).eval()
+    family = family_of(teacher)
+    total = len(family.layers(teacher))
+    kept = layers_to_keep(args.keep_layers, total)
+    layers = {"layers_kept": kept, "layers_total": total}
+    _check_layers(Path(args.out) / LAYERS_FILE, layers)  # before the run directory records these arguments
+    out = _start_run(args)
+    if not (out / LAYERS_FILE).is_file():
+        _write_json(out / LAYERS_FILE, layers)
+    tokenizer = _tokenizer(args.model)
+    student = drop_layers(teacher, kept)
+    print(f"layer drop: layers {kept} of {total} kept")
+    if args.max_steps != 0 and not _train(student, teacher, tokenizer, args, out):
+        print(f"paused; re-run the same command to resume from {out}")
+        return 0
+    student.save_pretrained(out / "model")
+    atomic.set_default_mode(*(out / "model").glob("*.safetensors"))  # safetensors writes 0600
+    tokenizer.save_pretrained(out / "model")
+    structure = _structure(family, teacher, student, kept, out)
+    if args.max_steps == 0:  # built and saved only
+        _write_json(out / "metrics.json", {**structure, "distill": args.distill, "trained_steps": 0})
+        return 0
+    speed = measure_speedup(teacher, student, tokenizer, args)
+    metrics = evaluate_into(student, tokenizer, args, out, extra={**structure, "distill": args.distill, **speed})
+    save_null_threshold(out / "model", metrics, args)
+    return 0
+
+
+def _train(student, teacher, tokenizer, args, out: Path) -> bool:
+    """Train the student in ``out/train`` as prune trains every student (distilled from the live teacher or its
+    cached logits with ``--distill``, a dev curve with ``--eval-every``); False when it paused before the end."""
     from structprune.qa.l0_selection import _pruning_loss_fn
     from structprune.qa.teacher_cache import cached_teacher_logits
     from structprune.qa.train import train_qa
 
-    check_layerdrop_args(args)
-    args.model = args.model or _default_model()
-    out = _start_run(args)
-    torch.set_num_threads(args.threads)
-    if (Path(args.model) / "structprune_config.json").is_file():
-        from structprune.cli import UsageError
-
-        raise UsageError(f"--model {args.model} is a structprune (pruned) save; --method layerdrop starts from the "
-                         "unpruned teacher (a transformers model directory)")
-    teacher = load_hf_qa_model(args.model).eval()
-    tokenizer = _tokenizer(args.model)
-    family = family_of(teacher)
-    total = len(family.layers(teacher))
-    kept = layers_to_keep(args.keep_layers, total)
-    student = drop_layers(teacher, kept)
-    print(f"layer drop: layers {kept} of {total} kept")
     train = _data(args.train, "train", args.train_limit)
     run_dir = out / "train"
-    if args.max_steps != 0:
-        kwargs = _train_kwargs(args)
-        if args.distill:
-            distill = dict(alpha=args.distill_alpha, temperature=args.temperature)
-            if args.teacher_logits:
-                distill["teacher_cache"] = cached_teacher_logits(teacher, tokenizer, train, args,
-                                                                 Path(args.teacher_logits))
-            else:
-                distill["teacher"] = teacher
-            kwargs["extra_loss_fn"] = _pruning_loss_fn(None, distill, out, run_dir)
-        if args.eval_every:  # a dev curve of the training; the model kept is the last one
-            kwargs.update(eval_fn=_dev_eval_fn(tokenizer, args), eval_every=args.eval_every)
-        train_qa(student, tokenizer, train, run_dir, **kwargs)
-        if not _finished(run_dir):
-            print(f"paused; re-run the same command to resume from {out}")
-            return 0
-    student.save_pretrained(out / "model")
-    atomic.set_default_mode(*(out / "model").glob("*.safetensors"))  # safetensors writes 0600
-    tokenizer.save_pretrained(out / "model")
-    sizes = family.sizes(teacher.config)
+    kwargs = _train_kwargs(args)
+    if args.distill:
+        distill = dict(alpha=args.distill_alpha, temperature=args.temperature)
+        if args.teacher_logits:
+            distill["teacher_cache"] = cached_teacher_logits(teacher, tokenizer, train, args, Path(args.teacher_logits))
+        else:
+            distill["teacher"] = teacher
+        kwargs["extra_loss_fn"] = _pruning_loss_fn(None, distill, out, run_dir)
+    if args.eval_every:  # a dev curve of the training; the model kept is the last one
+        kwargs.update(eval_fn=_dev_eval_fn(tokenizer, args), eval_every=args.eval_every)
+    train_qa(student, tokenizer, train, run_dir, **kwargs)
+    return _finished(run_dir)
+
+
+def _structure(family, teacher, student, kept: list[int], out: Path) -> dict:
+    """What the student keeps, as ``metrics.json`` records every student's structure (heads and units kept, and
+    the layers), also written to ``out/summary.txt``."""
+    sizes, total = family.sizes(teacher.config), len(family.layers(teacher))
     params = [sum(p.numel() for p in family.layers(m).parameters()) for m in (student, teacher)]
-    structure = {
-        "method": "layerdrop", "distill": args.distill, "layers_kept": kept, "layers_total": total,
-        "heads_kept": len(kept) * sizes.heads, "heads_total": total * sizes.heads,
-        "ffn_kept": len(kept) * sizes.intermediate, "ffn_total": total * sizes.intermediate,
-        "heads_per_layer": [sizes.heads] * len(kept), "ffn_per_layer": [sizes.intermediate] * len(kept),
-        "encoder_params": params[0], "encoder_params_original": params[1],
-    }
     (out / "summary.txt").write_text(f"layer-drop student: layers {kept} of {total} kept ({len(kept)} x "
                                      f"{sizes.heads} heads, {sizes.intermediate} FFN units); encoder-layer "
                                      f"parameters {params[0] / 1e6:.3f}M/{params[1] / 1e6:.3f}M\n")
-    if args.max_steps == 0:  # built and saved only
-        _write_json(out / "metrics.json", {**structure, "trained_steps": 0})
-        return 0
-    speed = measure_speedup(teacher, student, tokenizer, args)
-    metrics = evaluate_into(student, tokenizer, args, out, extra={**structure, **speed})
-    save_null_threshold(out / "model", metrics, args)
-    return 0
+    return {"method": "layerdrop", "layers_kept": kept, "layers_total": total,
+            "heads_kept": len(kept) * sizes.heads, "heads_total": total * sizes.heads,
+            "ffn_kept": len(kept) * sizes.intermediate, "ffn_total": total * sizes.intermediate,
+            "heads_per_layer": [sizes.heads] * len(kept), "ffn_per_layer": [sizes.intermediate] * len(kept),
+            "encoder_params": params[0], "encoder_params_original": params[1]}

@@ -58,6 +58,9 @@ def test_layerdrop_student_trains_distilled_resumes_and_loads_in_plain_transform
     assert not torch.equal(layer_weight(out / "model", 0), layer_weight(teacher, 1))  # trained
     assert main(args) == 0  # a finished run re-runs from its checkpoint
     assert json.loads((out / "metrics.json").read_text())["f1"] == pytest.approx(metrics["f1"])
+    other = args[:args.index("--keep-layers") + 1] + ["0,3"] + args[args.index("--keep-layers") + 2:]
+    assert main(other) == 2  # the run started from layers 1 and 3: refused, not resumed from the wrong layers
+    assert json.loads((out / "config.json").read_text())["keep_layers"] == 2  # and its record kept
     assert main(["eval", "--model", str(out / "model"), "--out", str(tmp_path / "eval")] + EVAL) == 0
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["f1"] == pytest.approx(metrics["f1"])
