@@ -14,6 +14,7 @@ from structprune.model.families import family_of, register_family
 from structprune.model.families.bert import GatedAttention, GatedIntermediate
 from structprune.model.gates import HardConcreteGate
 from structprune.model.io import from_pretrained, save_pretrained
+from structprune.model.layer_drop import drop_layers
 from structprune.model.masks import Masks, get_masks, set_masks
 from structprune.model.modules import GatedSelfAttention
 from structprune.model.patching import (SUPPORTED_MODEL_TYPES, NotPatchedError, gate_parameters, is_patched,
@@ -30,4 +31,5 @@ __all__ = [
     "clear_cache", "GatedAttention", "GatedSelfAttention", "GatedIntermediate", "gate_parameters", "iter_gates",
     "set_gate_sampling", "SUPPORTED_MODEL_TYPES", "NotPatchedError",
     "family_of", "register_family", "use_backend", "fallback_reasons", "optimize", "__version__",
+    "drop_layers",
 ]

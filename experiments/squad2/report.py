@@ -4,19 +4,26 @@
     python experiments/squad2/report.py --replot     # redraw student_curves.png from the committed CSVs alone
 
 Every student is compared with the teacher on the same dev questions by a paired bootstrap (1,000 resamples over
-questions) of its F1 and HasAns F1 difference. While the teacher is still training, only its learning curve so far
-is written (teacher_curve.csv / .png).
+questions) of its F1 and HasAns F1 difference: at threshold 0, at each model's own dev-chosen threshold and, where
+``predictions_always.json`` exists (issue 27), always answering (every question given its best non-null span: reading
+comprehension apart from the null threshold). Methods are compared with each other at the same size and, for the
+frontier's methods (l0-full, L0, layer drop), at equal measured speed; ``f1_vs_speedup.png`` draws each method's
+frontier as its own line. While the teacher is still training, only its learning curve so far is written
+(teacher_curve.csv / .png).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_plots import plot_curve, plot_student_curves, plot_students  # noqa: E402
 from structprune.qa.bootstrap import compare_predictions, per_question_f1  # noqa: E402
 from structprune.qa.data import load_squad  # noqa: E402
 
@@ -25,8 +32,15 @@ COLUMNS = ["run", "method", "distill", "target", "steps", "l0_selection_steps", 
            "HasAns_f1_diff", "HasAns_f1_diff_lo", "HasAns_f1_diff_hi", "thr_f1", "thr_HasAns_f1", "thr_f1_diff",
            "thr_f1_diff_lo", "thr_f1_diff_hi", "thr_HasAns_f1_diff", "thr_HasAns_f1_diff_lo", "thr_HasAns_f1_diff_hi",
            "speedup", "l0_rank_cut_heads", "l0_rank_cut_ffn", "l0_rank_fill_heads", "l0_rank_fill_ffn",
-           "heads_kept_speaking", "ffn_kept_speaking", "speedup_drop_silent"]
+           "heads_kept_speaking", "ffn_kept_speaking", "speedup_drop_silent", "layers_kept", "always_f1",
+           "always_HasAns_f1", "always_f1_diff", "always_f1_diff_lo", "always_f1_diff_hi", "always_HasAns_f1_diff",
+           "always_HasAns_f1_diff_lo", "always_HasAns_f1_diff_hi"]
 CURVE = ["step", "epoch", "f1", "HasAns_f1", "NoAns_f1", "best_f1"]
+ALWAYS = "predictions_always.json"  # structprune predict --always-answer, or written by eval beside the metrics
+# Frontier methods compared at equal measured speed (a minus b, the issue's expected order), and what counts as
+# equal: measured speed-ups within SPEED_TOLERANCE of each other (relative).
+SPEED_PAIRS = (("l0-full", "layerdrop"), ("l0-full", "l0"), ("l0", "layerdrop"))
+SPEED_TOLERANCE = 0.15
 RECORDS = ("config.json", "metrics.json", "speed.json", "speed_drop_silent.json", "best_eval.json", "summary.txt",
            "masks.json", "l0_log.jsonl", "l0_stats.json", "log.jsonl")
 
@@ -39,25 +53,6 @@ def teacher_curve(log: Path) -> list[dict]:
     """The teacher's dev evaluations so far (step, epoch and the SQuAD 2.0 scores) from its ``log.jsonl``."""
     return [{"step": r["step"], "epoch": r["epoch"], **{k: r["metrics"][k] for k in CURVE[2:]}}
             for r in read_jsonl(log) if r.get("event") == "eval"]
-
-
-def plot_curve(curve: list[dict], path: Path, no_answer: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key, style in (("f1", "-o"), ("HasAns_f1", "-s"), ("best_f1", "-^")):
-        ax.plot([r["step"] for r in curve], [r[key] for r in curve], style, label=f"dev {key}")
-    if no_answer is not None:
-        ax.axhline(no_answer, color="black", lw=1, ls=":", label='always "no answer" (F1)')
-    ax.set_xlabel("optimizer step (batch 16)")
-    ax.set_ylabel("score")
-    ax.set_title("Teacher (MiniLM-L6-H384) on all of dev.json while fine-tuning")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def l0_rank_cut(run: Path, metrics: dict) -> dict:
@@ -94,15 +89,33 @@ def thresholded(runs: Path, run: str, dev) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def thresholded_scores(predictions: dict, dev) -> dict:
-    """Overall and HasAns F1 (percent) of ``predictions`` on ``dev``."""
+def always_answering(runs: Path, run: str) -> dict | None:
+    """The always-answering dev predictions of ``run`` (``<runs>/devpred/<run>/`` from ``predict --always-answer``,
+    else the run's own from its evaluation), or None when there are none."""
+    for path in (runs / "devpred" / run / ALWAYS, runs / run / ALWAYS):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def thresholded_scores(predictions: dict, dev, prefix: str = "thr_") -> dict:
+    """Overall and HasAns F1 (percent) of ``predictions`` on ``dev``, keyed ``<prefix>f1`` and
+    ``<prefix>HasAns_f1``."""
     f1, has_answer = per_question_f1(predictions, dev)
     answerable = [q for q, has in has_answer.items() if has]
-    return {"thr_f1": 100.0 * sum(f1.values()) / len(f1),
-            "thr_HasAns_f1": 100.0 * sum(f1[q] for q in answerable) / max(1, len(answerable))}
+    return {f"{prefix}f1": 100.0 * sum(f1.values()) / len(f1),
+            f"{prefix}HasAns_f1": 100.0 * sum(f1[q] for q in answerable) / max(1, len(answerable))}
 
 
-def student_rows(runs: Path, teacher_predictions: dict, teacher_thr: dict | None, dev) -> list[dict]:
+def method_of(metrics: dict, config: dict) -> str:
+    """The run's method as results.csv names it: ``l0-full`` for L0 over whole sublayers and hidden dimensions
+    (``prune --method l0 --full``), else the method recorded."""
+    method = metrics.get("method") or config.get("method")
+    return "l0-full" if method == "l0" and config.get("full") else method
+
+
+def student_rows(runs: Path, teacher_predictions: dict, teacher_thr: dict | None, dev,
+                 teacher_always: dict | None = None) -> list[dict]:
     rows = []
     for path in sorted(runs.glob("*/metrics.json")):
         run = path.parent
@@ -125,7 +138,12 @@ def student_rows(runs: Path, teacher_predictions: dict, teacher_thr: dict | None
             if config.get("l0_train_weights") and m["steps"] is not None:
                 m["steps"] += selection
         m["distill"] = "yes" if m.get("distill") else "no"
+        m["method"] = method_of(m, config)
         m["target"] = target_of(config)
+        if m["method"] == "layerdrop":
+            kept = m["layers_kept"]
+            m["target"] = f"layers {','.join(map(str, kept))} of {m['layers_total']}"
+            m["layers_kept"] = len(kept)
         diffs = compare_predictions(json.loads((run / "predictions.json").read_text()), teacher_predictions, dev)
         for key, d in diffs.items():
             m.update({f"{key}_diff": d.diff, f"{key}_diff_lo": d.lo, f"{key}_diff_hi": d.hi})
@@ -134,9 +152,16 @@ def student_rows(runs: Path, teacher_predictions: dict, teacher_thr: dict | None
             m.update(thresholded_scores(student_thr, dev))
             for key, d in compare_predictions(student_thr, teacher_thr, dev).items():
                 m.update({f"thr_{key}_diff": d.diff, f"thr_{key}_diff_lo": d.lo, f"thr_{key}_diff_hi": d.hi})
+        student_always = always_answering(runs, run.name)
+        if student_always is not None:
+            m.update(thresholded_scores(student_always, dev, "always_"))
+            if teacher_always is not None:
+                for key, d in compare_predictions(student_always, teacher_always, dev).items():
+                    m.update({f"always_{key}_diff": d.diff, f"always_{key}_diff_lo": d.lo,
+                              f"always_{key}_diff_hi": d.hi})
         m.update(l0_rank_cut(run, m))
         rows.append(m)
-    return sorted(rows, key=lambda r: (-r["heads_kept"], -r["ffn_kept"], r["method"], r["distill"]))
+    return sorted(rows, key=lambda r: (-r.get("heads_kept", 0), -r.get("ffn_kept", 0), r["method"], r["distill"]))
 
 
 def fmt(value, spec: str = ".2f") -> str:
@@ -146,13 +171,13 @@ def fmt(value, spec: str = ".2f") -> str:
 def table(teacher: dict, rows: list[dict]) -> str:
     lines = ["| run | method | distill | target | steps | heads kept | FFN kept | F1 | HasAns F1 | NoAns | best F1 | "
              "ΔF1 [95% CI] | ΔHasAns F1 [95% CI] | speed-up |", "|" + "---|" * 14]
-    lines.append(f"| teacher | - | - | - | {teacher.get('steps', '-')} | all | all | {teacher['f1']:.2f} | "
+    lines.append(f"| teacher | - | - | - | {fmt(teacher.get('steps'), 'd')} | all | all | {teacher['f1']:.2f} | "
                  f"{teacher['HasAns_f1']:.2f} | {teacher['NoAns_f1']:.2f} | {teacher['best_f1']:.2f} | - | - | 1.00x |")
     for r in rows:
         lines.append(
             f"| {r['run']} | {r['method']} | {r['distill']} | {r['target']} | {fmt(r['steps'], 'd')} | "
-            f"{r['heads_kept']}/{r['heads_total']} | "
-            f"{r['ffn_kept']}/{r['ffn_total']} | {r['f1']:.2f} | {r['HasAns_f1']:.2f} | {r['NoAns_f1']:.2f} | "
+            f"{fmt(r.get('heads_kept'), 'd')}/{fmt(r.get('heads_total'), 'd')} | "
+            f"{fmt(r.get('ffn_kept'), 'd')}/{fmt(r.get('ffn_total'), 'd')} | {r['f1']:.2f} | {r['HasAns_f1']:.2f} | {r['NoAns_f1']:.2f} | "
             f"{r['best_f1']:.2f} | {r['f1_diff']:+.2f} [{r['f1_diff_lo']:+.2f}, {r['f1_diff_hi']:+.2f}] | "
             f"{r['HasAns_f1_diff']:+.2f} [{r['HasAns_f1_diff_lo']:+.2f}, {r['HasAns_f1_diff_hi']:+.2f}] | "
             f"{fmt(r.get('speedup'))}x |")
@@ -175,12 +200,31 @@ def table_thresholded(teacher: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def table_always(teacher: dict, rows: list[dict]) -> str:
+    """Scores always answering (each question's best non-null span), and the paired bootstrap of their differences
+    to the teacher's."""
+    def ci(r, key) -> str:
+        if f"{key}_diff" not in r:
+            return "-"
+        return f"{r[key + '_diff']:+.2f} [{r[key + '_diff_lo']:+.2f}, {r[key + '_diff_hi']:+.2f}]"
+
+    lines = ["| run | method | target | F1 | HasAns F1 | ΔF1 [95% CI] | ΔHasAns F1 [95% CI] | speed-up |",
+             "|" + "---|" * 8,
+             f"| teacher | - | - | {teacher['always_f1']:.2f} | {teacher['always_HasAns_f1']:.2f} | - | - | 1.00x |"]
+    for r in rows:
+        if "always_f1" in r:
+            lines.append(f"| {r['run']} | {r['method']} | {r['target']} | {r['always_f1']:.2f} | "
+                         f"{r['always_HasAns_f1']:.2f} | {ci(r, 'always_f1')} | {ci(r, 'always_HasAns_f1')} | "
+                         f"{fmt(r.get('speedup'))}x |")
+    return "\n".join(lines)
+
+
 METHOD_ORDER = ("l0", "gain", "random")  # the paper's expected order of accuracy at equal size
 
 
 def compare_runs(runs: Path, ra: dict, rb: dict, dev, size: str) -> dict:
     """Paired bootstraps of run ``ra`` minus run ``rb``: HasAns F1 and F1 at threshold 0, and F1 and HasAns F1 at
-    each model's own dev-chosen threshold when those predictions exist."""
+    each model's own dev-chosen threshold and always answering when those predictions exist."""
     row = {"size": size, "a": ra["run"], "b": rb["run"]}
     preds = [json.loads((runs / r["run"] / "predictions.json").read_text()) for r in (ra, rb)]
     for key, d in compare_predictions(*preds, dev).items():
@@ -189,23 +233,45 @@ def compare_runs(runs: Path, ra: dict, rb: dict, dev, size: str) -> dict:
     if None not in thr:
         for key, d in compare_predictions(*thr, dev).items():
             row[f"thr_{key}"] = d
+    always = [always_answering(runs, r["run"]) for r in (ra, rb)]
+    if None not in always:
+        for key, d in compare_predictions(*always, dev).items():
+            row[f"always_{key}"] = d
     return row
+
+
+def speed_pairs(runs: Path, rows: list[dict], dev) -> list[dict]:
+    """Paired bootstraps between the frontier's methods at equal measured speed (SPEED_PAIRS, a minus b): each
+    distilled run of a against the distilled run of b nearest in speed-up, when within SPEED_TOLERANCE."""
+    out = []
+    for a, b in SPEED_PAIRS:
+        others = [r for r in rows if r["method"] == b and r["distill"] == "yes" and r.get("speedup")]
+        for ra in (r for r in rows if r["method"] == a and r["distill"] == "yes" and r.get("speedup")):
+            gap = {rb["run"]: abs(math.log(ra["speedup"] / rb["speedup"])) for rb in others}
+            near = [rb for rb in others if gap[rb["run"]] <= math.log1p(SPEED_TOLERANCE)]
+            if near:
+                rb = min(near, key=lambda r: gap[r["run"]])
+                out.append(compare_runs(runs, ra, rb, dev, f"{ra['speedup']:.2f}x / {rb['speedup']:.2f}x"))
+    return out
 
 
 def method_pairs(runs: Path, rows: list[dict], dev, extra: list[str] = ()) -> list[dict]:
     """Paired bootstraps between the distilled, count-targeted students of each size, in the expected order (L0
-    minus gain, gain minus random, L0 minus random), then the ``extra`` pairs ("runA:runB")."""
+    minus gain, gain minus random, L0 minus random), then the frontier's methods at equal speed
+    (:func:`speed_pairs`), then the ``extra`` pairs ("runA:runB")."""
     out = []
-    sizes = sorted({(r["heads_kept"], r["ffn_kept"]) for r in rows}, reverse=True)
+    counted = [r for r in rows if r["target"].startswith("counts")]
+    sizes = sorted({(r["heads_kept"], r["ffn_kept"]) for r in counted}, reverse=True)
     for size in sizes:
         by_method: dict[str, list[dict]] = {}
-        for r in rows:
-            if (r["heads_kept"], r["ffn_kept"]) == size and r["distill"] == "yes" and r["target"].startswith("counts"):
+        for r in counted:
+            if (r["heads_kept"], r["ffn_kept"]) == size and r["distill"] == "yes":
                 by_method.setdefault(r["method"], []).append(r)
         for a, b in (("l0", "gain"), ("gain", "random"), ("l0", "random")):
             for ra in by_method.get(a, []):  # every variant of a method (e.g. L0 decided at the target or at the end)
                 for rb in by_method.get(b, []):
                     out.append(compare_runs(runs, ra, rb, dev, f"{size[0]} heads / {size[1]} units"))
+    out += speed_pairs(runs, rows, dev)
     by_name = {r["run"]: r for r in rows}
     for pair in extra:
         a, _, b = pair.partition(":")
@@ -219,44 +285,12 @@ def table_pairs(pairs: list[dict]) -> str:
     def ci(d) -> str:
         return "-" if d is None else f"{d.diff:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]"
 
-    lines = ["| size | a | b | Δ HasAns F1 (thr 0) | Δ F1 (thr 0) | Δ F1 (own thr) | Δ HasAns F1 (own thr) |",
-             "|" + "---|" * 7]
+    lines = ["| size or speed | a | b | Δ HasAns F1 (thr 0) | Δ F1 (thr 0) | Δ F1 (own thr) | Δ HasAns F1 (own thr) | "
+             "Δ HasAns F1 (always answering) |", "|" + "---|" * 8]
     for p in pairs:
         lines.append(f"| {p['size']} | {p['a']} | {p['b']} | {ci(p.get('HasAns_f1'))} | {ci(p.get('f1'))} | "
-                     f"{ci(p.get('thr_f1'))} | {ci(p.get('thr_HasAns_f1'))} |")
+                     f"{ci(p.get('thr_f1'))} | {ci(p.get('thr_HasAns_f1'))} | {ci(p.get('always_HasAns_f1'))} |")
     return "\n".join(lines)
-
-
-def plot_students(teacher: dict, rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("HasAns_f1", "HasAns F1 at threshold 0")]
-    if "thr_f1" in teacher and all("thr_f1" in r for r in rows):  # F1 as each model answers (its own threshold)
-        panels.insert(0, ("thr_f1", "F1 at the model's dev-chosen threshold"))
-    else:
-        panels.insert(0, ("f1", "F1 at threshold 0"))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    colors = {"random": "tab:gray", "gain": "tab:blue", "l0": "tab:red"}
-    for ax, (key, title) in zip(axes, panels):
-        for r in rows:
-            err = [[r[f"{key}_diff"] - r[f"{key}_diff_lo"]], [r[f"{key}_diff_hi"] - r[f"{key}_diff"]]]
-            speed = "speed target" if r["target"].startswith("speedup") else "counts"
-            ax.errorbar(r["speedup"], r[key], yerr=err, fmt="o" if r["distill"] == "yes" else "s",
-                        mfc="none" if speed != "counts" else None, color=colors[r["method"]], capsize=3,
-                        label=f"{r['method']}, distill {r['distill']}, {speed}")
-        ax.axhline(teacher[key], color="black", lw=1, label="teacher")
-        ax.set_title(f"dev {title}", fontsize=10)
-        ax.set_xlabel("measured end-to-end speed-up vs teacher (CPU, 1 thread, B32xL192)")
-        ax.set_ylabel("score (bars: 95% paired bootstrap CI of the difference to the teacher)", fontsize=8)
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7)
-    fig.suptitle("Pruned MiniLM-L6-H384 students vs their teacher, SQuAD 2.0 dev")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def student_curves(*folders: Path) -> dict[str, list[dict]]:
@@ -269,25 +303,6 @@ def student_curves(*folders: Path) -> dict[str, list[dict]]:
             if curve:
                 curves[log.parent.parent.name] = curve
     return curves
-
-
-def plot_student_curves(curves: dict[str, list[dict]], teacher: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, key in zip(axes, ("best_f1", "HasAns_f1")):
-        for run, curve in curves.items():
-            ax.plot([c["step"] for c in curve], [c[key] for c in curve], "-o", label=run)
-        ax.axhline(teacher[key], color="black", lw=1, label="teacher")
-        ax.set_xlabel("step of the continued training (after the decision)")
-        ax.set_ylabel(f"dev {key} (SQuAD 2.0, %)")
-        ax.set_title(f"dev {key} while the students train", fontsize=10)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def replot(out: Path) -> int:
@@ -318,7 +333,7 @@ def copy_records(runs: Path, out: Path) -> None:
     for held in sorted((runs / "heldout").glob("*/predictions.json")):
         dest = out / "heldout" / held.parent.name
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("predictions.json", "null_odds.json", "predict_info.json"):
+        for name in ("predictions.json", "null_odds.json", "predict_info.json", ALWAYS):
             if (held.parent / name).is_file():
                 shutil.copy(held.parent / name, dest / name)
     for timing in sorted((runs / "speed_versus").glob("*.json")):  # speed.py --versus
@@ -365,16 +380,20 @@ def main() -> int:
     last = json.loads(best.read_text()) if best.is_file() else (read_jsonl(teacher_log) or [{}])[-1]
     teacher["steps"] = last.get("step")
     teacher_thr = thresholded(runs, "teacher", dev)
-    rows = student_rows(runs, json.loads((runs / "teacher" / "predictions.json").read_text()), teacher_thr, dev)
+    teacher_always = always_answering(runs, "teacher")
+    rows = student_rows(runs, json.loads((runs / "teacher" / "predictions.json").read_text()), teacher_thr, dev,
+                        teacher_always)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         config = json.loads((runs / "teacher" / "model" / "config.json").read_text())
         sizes = {"heads_kept": config["num_hidden_layers"] * config["num_attention_heads"],
                  "ffn_kept": config["num_hidden_layers"] * config["intermediate_size"]}
-        sizes.update(heads_total=sizes["heads_kept"], ffn_total=sizes["ffn_kept"])
+        sizes.update(heads_total=sizes["heads_kept"], ffn_total=sizes["ffn_kept"], layers_kept=config["num_hidden_layers"])
         if teacher_thr is not None:
             teacher.update(thresholded_scores(teacher_thr, dev))
+        if teacher_always is not None:
+            teacher.update(thresholded_scores(teacher_always, dev, "always_"))
         writer.writerow({"run": "teacher", "method": "teacher", "distill": "no", "speedup": 1.0, **sizes, **teacher})
         writer.writerows(rows)
     md = ("At the null threshold 0 (F1, HasAns F1, NoAns) and the best dev threshold (best F1):\n\n"
@@ -382,10 +401,14 @@ def main() -> int:
     if teacher_thr is not None:
         md += ("\n\nAt each model's own dev-chosen null threshold (its `predict` answers):\n\n"
                + table_thresholded(teacher, rows))
+    if teacher_always is not None:
+        md += ("\n\nAlways answering (every question given its best non-null span: reading comprehension apart from "
+               "the null threshold):\n\n" + table_always(teacher, rows))
     pairs = method_pairs(runs, rows, dev, args.pair)
     if pairs:
-        md += ("\n\nMethod against method at the same size (distilled, count targets), then the pairs asked for "
-               "(a minus b, paired bootstrap over questions):\n\n" + table_pairs(pairs))
+        md += ("\n\nMethod against method at the same size (distilled, count targets), then the frontier's methods "
+               f"at equal measured speed (within {SPEED_TOLERANCE:.0%}), then the pairs asked for (a minus b, paired "
+               "bootstrap over questions):\n\n" + table_pairs(pairs))
         (out / "pairs.json").write_text(json.dumps(
             [{k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in p.items()} for p in pairs], indent=2) + "\n")
     (out / "table.md").write_text(md + "\n")

@@ -20,6 +20,17 @@
 5. ``structprune predict`` on heldout-questions.json (no answers: a blind test) for the teacher and every student,
    with the null threshold chosen on dev; and on dev.json (``devpred/``), so that report.py can compare the models
    at their own dev-chosen thresholds.
+6. Issue 27, with ``--frontier``: the accuracy-speed frontier. Layer-drop students keeping 3 and 2 of MiniLM's 6
+   layers (``--method layerdrop --keep-layers K``: every other layer with the last, 1,3,5 and 2,5), distilled from
+   the cached logits; ``l0-full`` students (L0 over heads, FFN units, whole sublayers and hidden dimensions, with
+   layerwise distillation) at predicted speed-ups of 3, 4 and 6 on a latency table measured for them
+   (``latency-<at>-full.json``); all for STUDENT_EPOCHS with the dev curve, as above. Then held-out and dev
+   predictions for the teacher, the existing L0 students and every new student, at the dev-chosen threshold and
+   always answering (``--always-answer``: ``heldout/<run>/predictions_always.json``). ``--bf16`` trains the
+   frontier students under bf16 autocast (their names end in ``-bf16``); ``--bf16-check`` adds the 3-layer
+   layer-drop student in bf16 beside its fp32 run, for report.py's ``--pair`` to show whether bf16 costs accuracy.
+   The l0-full steps use flags being built on main (PENDING_FLAGS); until the installed CLI has them, they are
+   listed but not run (and tests/qa/test_qa_reproduce_plan.py skips them).
 
 Each step is one ``structprune`` command (printed, and stored in commands.txt); a step whose output exists is
 skipped, and a step that was interrupted resumes from its checkpoint when the script is run again. On a GPU machine
@@ -48,6 +59,10 @@ L0_FLAGS = ["--gate-lr", "0.1", "--lambda-lr", "0.1", "--l0-warmup-steps", "400"
 LEVELS = [(0.5, 0.3), (0.75, 0.5)]  # (heads, FFN units) KEPT; the first is the paper's operating point
 METHODS = ["random", "gain", "l0"]
 LATENCY_SPEEDUP, LATENCY_AT = "2.52", "32x192"  # the table's prediction for the count-targeted L0 student's counts
+# issue 27's frontier: layers kept by the layer-drop students, predicted speed-ups of the l0-full students
+LAYERDROP_KEEP = (3, 2)
+FULL_SPEEDUPS = ("3", "4", "6")
+PENDING_FLAGS = ("--full", "--distill-layers")  # l0-full's flags, being built on main
 
 
 def student_runs() -> list[tuple[str, float, float, str, bool]]:
@@ -57,8 +72,9 @@ def student_runs() -> list[tuple[str, float, float, str, bool]]:
     return runs + [(f"l0-h{h}-f{f}", h, f, "l0", False)]
 
 
-def commands(runs: Path, data: Path, threads: int, student_epochs: str = STUDENT_EPOCHS) -> list[tuple[Path, list[str]]]:
-    """(what the step produces, command) in order."""
+def commands(runs: Path, data: Path, threads: int, student_epochs: str = STUDENT_EPOCHS, frontier: bool = False,
+             bf16: bool = False, bf16_check: bool = False) -> list[tuple[Path, list[str]]]:
+    """(what the step produces, command) in order; issue 27's steps too with ``frontier``."""
     teacher = runs / "teacher"
     common = SETTINGS + ["--threads", str(threads), "--train", str(data / "train.json"), "--dev", str(data / "dev.json")]
     plan = [(teacher / "metrics.json", ["structprune", "finetune", "--out", str(teacher)] + common + TEACHER)]
@@ -85,7 +101,78 @@ def commands(runs: Path, data: Path, threads: int, student_epochs: str = STUDENT
             plan.append((out / "predictions.json", ["structprune", "predict", "--model", str(runs / run / "model"),
                                                     "--data", str(data / data_file), "--out", str(out),
                                                     "--threads", str(threads), "--quiet"]))
+    if frontier or bf16_check:
+        plan += frontier_commands(runs, data, common, student_epochs, frontier=frontier, bf16=bf16,
+                                  bf16_check=bf16_check)
     return plan
+
+
+def frontier_students(bf16: bool = False, bf16_check: bool = False, frontier: bool = True) -> dict[str, list[str]]:
+    """Issue 27's students, name -> the prune flags that make them: the frontier's (layer-drop first; names end in
+    ``-bf16`` when trained in bf16) and, with ``bf16_check``, the first layer-drop student in fp32 and in bf16."""
+    def tail(in_bf16: bool) -> str:
+        return "-distill-bf16" if in_bf16 else "-distill"
+
+    layerdrop = [(k, bf16) for k in LAYERDROP_KEEP] if frontier else []
+    layerdrop += [(LAYERDROP_KEEP[0], False), (LAYERDROP_KEEP[0], True)] if bf16_check else []
+    students = {f"layerdrop-k{k}{tail(in_bf16)}": ["--method", "layerdrop", "--keep-layers", str(k)]
+                + ["--bf16"] * in_bf16 for k, in_bf16 in layerdrop}
+    for speedup in FULL_SPEEDUPS if frontier else ():
+        students[f"l0-full-speed{speedup}{tail(bf16)}"] = (
+            ["--method", "l0", "--full", "--speedup", speedup, "--latency-table", "{full_table}", "--latency-backend",
+             "cpp"] + L0_FLAGS + ["--distill-layers"] + ["--bf16"] * bf16)
+    return students
+
+
+def frontier_commands(runs: Path, data: Path, common: list[str], student_epochs: str = STUDENT_EPOCHS,
+                      frontier: bool = True, bf16: bool = False, bf16_check: bool = False) -> list[tuple[Path, list[str]]]:
+    """Issue 27's steps (see the module docstring): the latency table of the l0-full students, the students (all
+    distilled; the layer-drop ones from the cached logits, the l0-full ones from the live teacher, whose hidden
+    states their layerwise distillation reads), then held-out and dev predictions at the dev-chosen threshold and
+    always answering, for them and, on the frontier, for the teacher and the L0 students already there."""
+    teacher, logits = runs / "teacher" / "model", runs / "teacher-logits.safetensors"
+    table = runs / f"latency-{LATENCY_AT}-full.json"
+    plan = []
+    if frontier:
+        plan.append((table, ["structprune", "latency-table", "--model", str(teacher), "--at", LATENCY_AT, "--backend",
+                             "cpp", "--threads", "1", "--out", str(table)]))
+    students = frontier_students(bf16, bf16_check, frontier)
+    for name, flags in students.items():
+        flags = [str(table) if f == "{full_table}" else f for f in flags]
+        distill = ["--distill"] + ([] if "--distill-layers" in flags else ["--teacher-logits", str(logits)])
+        plan.append((runs / name / "metrics.json",
+                     ["structprune", "prune", "--model", str(teacher), "--out", str(runs / name)] + flags + distill
+                     + ["--lr", STUDENT_LR, "--epochs", student_epochs, "--eval-every", STUDENT_EVAL_EVERY] + common))
+    existing = ["teacher"] + [name for name, _, _, method, distill in student_runs() if method == "l0" and distill]
+    existing.append(f"l0-speed{LATENCY_SPEEDUP}-distill")
+    threads = common[common.index("--threads") + 1]
+    for run in (existing if frontier else []) + list(students):
+        for data_file, folder in (("heldout-questions.json", "heldout"), ("dev.json", "devpred")):
+            out = runs / folder / run
+            plan.append((out / "predictions_always.json",
+                         ["structprune", "predict", "--model", str(runs / run / "model"), "--data", str(data / data_file),
+                          "--out", str(out), "--always-answer", "--threads", threads, "--quiet"]))
+    return plan
+
+
+def pending(cmd: list[str]) -> bool:
+    """Whether ``cmd`` uses a flag of PENDING_FLAGS."""
+    return any(flag in cmd for flag in PENDING_FLAGS)
+
+
+def missing_flags() -> list[str]:
+    """The PENDING_FLAGS that the installed ``structprune prune`` does not accept yet."""
+    from structprune.cli import build_parser
+
+    parser, missing = build_parser(), []
+    for flag in PENDING_FLAGS:
+        try:
+            _, unknown = parser.parse_known_args(["prune", "--out", "x", "--method", "l0", flag])
+        except SystemExit:  # it takes a value, or is refused
+            unknown = [flag]
+        if flag in unknown:
+            missing.append(flag)
+    return missing
 
 
 def run(runs: Path, product: Path, cmd: list[str]) -> int:
@@ -108,14 +195,26 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="students at once (threads // workers threads each)")
     parser.add_argument("--student-epochs", default=STUDENT_EPOCHS)
+    parser.add_argument("--frontier", action="store_true", help="also issue 27's frontier steps (step 6)")
+    parser.add_argument("--bf16", action="store_true", help="train the frontier's students under bf16 autocast")
+    parser.add_argument("--bf16-check", action="store_true",
+                        help="the 3-layer layer-drop student in fp32 and in bf16 (the paired check of bf16's cost)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     threads = max(1, args.threads // args.workers)
-    plan = commands(runs, Path(args.data), threads, args.student_epochs)
+    plan = commands(runs, Path(args.data), threads, args.student_epochs, frontier=args.frontier, bf16=args.bf16,
+                    bf16_check=args.bf16_check)
     (runs / "commands.txt").write_text("\n".join(shlex.join(cmd) for _, cmd in plan) + "\n")
     todo = [(product, cmd) for product, cmd in plan if not product.is_file()]
+    missing = missing_flags()
+    if missing and any(pending(cmd) for _, cmd in todo):
+        print(f"not run: the steps using {', '.join(missing)} (not in this structprune yet)", flush=True)
+        todo = [(product, cmd) for product, cmd in todo if not pending(cmd)]
+    # a latency table is measured only for a step that will read it
+    todo = [(product, cmd) for product, cmd in todo if cmd[1] != "latency-table"
+            or any(str(product) in other for _, other in todo if other is not cmd)]
     for _, cmd in todo:
         print("+", shlex.join(cmd), flush=True)
     if args.dry_run or not todo:

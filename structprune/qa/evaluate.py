@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from structprune.qa.data import load_squad
 from structprune.qa.features import build_eval_features, collate
 from structprune.qa.metric import squad_v2_metric
-from structprune.qa.postprocess import postprocess_qa_predictions
+from structprune.qa.postprocess import apply_null_threshold, best_spans
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -84,6 +84,7 @@ def evaluate_qa(
     n_best_size: int = 20,
     max_answer_length: int = 30,
     max_query_length: int = 64,
+    return_always: bool = False,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Evaluate a Hugging Face-style QA model (outputs with ``.start_logits`` / ``.end_logits``) on SQuAD 2.0.
 
@@ -94,13 +95,17 @@ def evaluate_qa(
         tokenizer: the model's fast tokenizer.
         dataset: squad_v2-schema examples, or anything :func:`~structprune.qa.data.load_squad` accepts.
         threshold: predict no answer where ``null score - best span score > threshold``.
+        return_always: also return the always-answering predictions (each question's best non-null span).
 
     Returns:
-        ``(metrics, predictions)``. ``metrics`` holds the official SQuAD 2.0 keys (``exact``, ``f1``,
-        ``HasAns_*``, ``NoAns_*``, ``best_*``; the ``best_*_thresh`` values are thresholds on the null-score
-        diff, usable as ``threshold``) plus ``seconds`` (model forward time), ``samples_per_second``
-        (features per forward second, as the Hugging Face Trainer counts eval samples), ``num_examples``
-        and ``num_features``. ``predictions`` maps question id to answer text (``""`` for no answer).
+        ``(metrics, predictions)``, and the always-answering predictions third with ``return_always``.
+        ``metrics`` holds the official SQuAD 2.0 keys (``exact``, ``f1``, ``HasAns_*``, ``NoAns_*``, ``best_*``;
+        the ``best_*_thresh`` values are thresholds on the null-score diff, usable as ``threshold``), the scores
+        of the always-answering predictions (``always_exact``, ``always_f1`` and, where answerable questions
+        exist, ``always_HasAns_exact``, ``always_HasAns_f1``: reading comprehension apart from the null
+        threshold), ``seconds`` (model forward time), ``samples_per_second`` (features per forward second, as
+        the Hugging Face Trainer counts eval samples), ``num_examples`` and ``num_features``. ``predictions``
+        maps question id to answer text (``""`` for no answer).
     """
     if not hasattr(dataset, "column_names"):
         dataset = load_squad(dataset)
@@ -108,17 +113,18 @@ def evaluate_qa(
         dataset, tokenizer, max_length=max_length, doc_stride=doc_stride, max_query_length=max_query_length
     )
     starts, ends, seconds = predict_logits(model, tokenizer, features, batch_size, device, progress)
-    predictions, diffs = postprocess_qa_predictions(
-        dataset, features, starts, ends,
-        n_best_size=n_best_size, max_answer_length=max_answer_length, threshold=threshold,
-    )
+    spans, diffs = best_spans(dataset, features, starts, ends, n_best_size=n_best_size,
+                              max_answer_length=max_answer_length)
+    predictions = apply_null_threshold(spans, diffs, threshold)
     # na_prob_thresh = threshold: the questions it marks unanswerable are exactly those already predicted "",
     # so the official re-thresholding changes nothing and best_* sweeps the same scale.
     metrics = squad_v2_metric(predictions, dataset, na_probs=diffs, na_prob_thresh=threshold)
+    always = squad_v2_metric(spans, dataset)
+    metrics.update({f"always_{k}": always[k] for k in ("exact", "f1", "HasAns_exact", "HasAns_f1") if k in always})
     metrics.update(
         seconds=seconds,
         samples_per_second=len(features) / seconds if seconds > 0 else float("inf"),
         num_examples=len(dataset),
         num_features=len(features),
     )
-    return metrics, predictions
+    return (metrics, predictions, spans) if return_always else (metrics, predictions)

@@ -13,6 +13,10 @@ For each example, over all of its features:
 
 This follows ``postprocess_qa_predictions`` of the Hugging Face ``run_qa`` example (and the original
 BERT ``run_squad.py``), whose diffs the official evaluation script reads as ``na_probs``.
+
+:func:`best_spans` gives every question's best non-null span whatever the null score (the *always answering*
+predictions, which measure reading comprehension apart from the null threshold); :func:`apply_null_threshold`
+turns them into the thresholded predictions.
 """
 from __future__ import annotations
 
@@ -46,6 +50,38 @@ def postprocess_qa_predictions(
         ``(predictions, null_score_diffs)``: ``id -> answer text`` (``""`` for no answer) and
         ``id -> null score - best span score``.
     """
+    spans, diffs = best_spans(examples, features, start_logits, end_logits, n_best_size, max_answer_length)
+    return apply_null_threshold(spans, diffs, threshold), diffs
+
+
+def apply_null_threshold(spans: dict[str, str], diffs: dict[str, float], threshold: float) -> dict[str, str]:
+    """The predictions at ``threshold``: ``""`` where ``null_score_diff > threshold``, the best span otherwise."""
+    return {qid: "" if diffs[qid] > threshold else text for qid, text in spans.items()}
+
+
+def best_spans(
+    examples,
+    features,
+    start_logits: Sequence[np.ndarray] | np.ndarray,
+    end_logits: Sequence[np.ndarray] | np.ndarray,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Every question's best non-null span, whatever its null score (the always-answering predictions; ``""``
+    only where no valid span exists), and its null-score difference.
+
+    Args:
+        examples: rows with ``id`` and ``context`` (a squad_v2-schema ``Dataset`` or a list of dicts).
+        features: eval features (see :func:`structprune.qa.features.build_eval_features`) with
+            ``example_id``, ``offset_mapping`` and optionally ``cls_index`` (default 0), in the same order as
+            the logits.
+        start_logits, end_logits: one 1-D array per feature (lengths may differ; padding positions beyond
+            ``len(offset_mapping)`` are ignored), or a 2-D array ``[num_features, seq_len]``.
+
+    Returns:
+        ``(spans, null_score_diffs)``: ``id -> best span text`` and ``id -> null score - best span score``
+        (``+inf`` where no valid span exists).
+    """
     if len(start_logits) != len(features) or len(end_logits) != len(features):
         raise ValueError(
             f"expected one start and one end logit row per feature ({len(features)}), "
@@ -64,7 +100,7 @@ def postprocess_qa_predictions(
     for i, example_id in enumerate(feature_ids):
         features_per_example[example_id].append(i)
 
-    predictions: dict[str, str] = {}
+    spans: dict[str, str] = {}
     diffs: dict[str, float] = {}
     ids = examples["id"] if hasattr(examples, "column_names") else [e["id"] for e in examples]
     contexts = examples["context"] if hasattr(examples, "column_names") else [e["context"] for e in examples]
@@ -104,9 +140,8 @@ def postprocess_qa_predictions(
             raise ValueError(f"example {example_id!r} has no features; were the features built from these examples?")
         if best_span is None:
             diffs[example_id] = float("inf")
-            predictions[example_id] = ""
+            spans[example_id] = ""
             continue
-        diff = float(null_score - best_score)
-        diffs[example_id] = diff
-        predictions[example_id] = "" if diff > threshold else context[best_span[0] : best_span[1]]
-    return predictions, diffs
+        diffs[example_id] = float(null_score - best_score)
+        spans[example_id] = context[best_span[0] : best_span[1]]
+    return spans, diffs

@@ -5,7 +5,9 @@ Writes ``predictions.json`` (``{id: answer text, "" for no answer}``, the offici
 ``null_odds.json`` (``{id: null score - best span score}``, the evaluation script's ``na_prob`` file; ``Infinity``
 where no valid span exists). The null threshold is the one stored beside the model by ``finetune`` / ``prune`` /
 ``eval`` (chosen on dev for the best F1), unless ``--null-threshold`` overrides it; the window length and stride
-default to the ones that threshold was chosen with.
+default to the ones that threshold was chosen with. With ``--always-answer`` it also writes
+``predictions_always.json``, where every question gets its best non-null span whatever its null score (reading
+comprehension apart from the threshold), from the same forward passes.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from structprune.qa.runs import THRESHOLD_FILE, _write_json, load_qa_model
+from structprune.qa.runs import ALWAYS_FILE, THRESHOLD_FILE, _write_json, load_qa_model
 
 DEFAULT_WINDOW = (384, 128)
 
@@ -40,19 +42,21 @@ def stored_threshold(model: str) -> dict | None:
 
 
 def predict_qa(model, tokenizer, dataset, threshold: float, max_length: int, doc_stride: int, batch_size: int = 32,
-               progress: bool = True) -> tuple[dict[str, str], dict[str, float], dict]:
+               progress: bool = True, return_always: bool = False) -> tuple:
     """Predictions and null-score differences of ``model`` on ``dataset`` (squad_v2 schema, answers ignored),
-    and timing information."""
+    and timing information; with ``return_always``, the always-answering predictions (each question's best
+    non-null span) fourth."""
     from structprune.qa.evaluate import predict_logits
     from structprune.qa.features import build_eval_features
-    from structprune.qa.postprocess import postprocess_qa_predictions
+    from structprune.qa.postprocess import apply_null_threshold, best_spans
 
     features = build_eval_features(dataset, tokenizer, max_length=max_length, doc_stride=doc_stride,
                                    progress=progress)
     starts, ends, seconds = predict_logits(model, tokenizer, features, batch_size, progress=progress)
-    predictions, diffs = postprocess_qa_predictions(dataset, features, starts, ends, threshold=threshold)
-    return predictions, {k: float(v) for k, v in diffs.items()}, {
-        "num_examples": len(dataset), "num_features": len(features), "forward_seconds": seconds}
+    spans, diffs = best_spans(dataset, features, starts, ends)
+    info = {"num_examples": len(dataset), "num_features": len(features), "forward_seconds": seconds}
+    out = (apply_null_threshold(spans, diffs, threshold), {k: float(v) for k, v in diffs.items()}, info)
+    return (*out, spans) if return_always else out
 
 
 def predict_cmd(args) -> int:
@@ -82,20 +86,25 @@ def predict_cmd(args) -> int:
     model = load_qa_model(args.model)
     tokenizer = _tokenizer(str(model_folder(args.model)))
     t0 = time.perf_counter()
-    predictions, diffs, info = predict_qa(model, tokenizer, data, threshold, max_length, doc_stride,
-                                          args.batch_size, progress=not args.quiet)
+    predictions, diffs, info, *always = predict_qa(model, tokenizer, data, threshold, max_length, doc_stride,
+                                                   args.batch_size, progress=not args.quiet,
+                                                   return_always=args.always_answer)
+    always = always[0] if always else None
     out = Path(args.out)
     _write_json(out / "predictions.json", predictions)
     _write_json(out / "null_odds.json", diffs)
+    if always is not None:
+        _write_json(out / ALWAYS_FILE, always)
     answered = sum(1 for text in predictions.values() if text)
     _write_json(out / "predict_info.json", {
         "model": args.model, "data": args.data, "null_threshold": threshold, "threshold_from": source,
         "max_length": max_length, "doc_stride": doc_stride, "backend": args.backend or "auto",
         "backends_used": dict(sp.last_backends()) if hasattr(sp, "last_backends") else None,
-        "answered": answered, "seconds": time.perf_counter() - t0, "threads": args.threads, **info})
+        "answered": answered, "seconds": time.perf_counter() - t0, "threads": args.threads,
+        "always_answer": always is not None, **info})
     print(f"{len(predictions)} questions, {answered} answered, {len(predictions) - answered} 'no answer' "
           f"(null threshold {threshold:.4g} from {source}); wrote {out / 'predictions.json'} and "
-          f"{out / 'null_odds.json'}")
+          f"{out / 'null_odds.json'}" + ("" if always is None else f", and {out / ALWAYS_FILE} (always answering)"))
     return 0
 
 
@@ -117,5 +126,8 @@ def register(subparsers) -> None:
                    help="kernel backend of a structprune model (default: auto, the fastest available)")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()),
                    help="CPU threads (torch.set_num_threads; default: torch's, here %(default)s)")
+    p.add_argument("--always-answer", action="store_true",
+                   help=f"also write {ALWAYS_FILE}: every question answered with its best non-null span, whatever "
+                        "its null score (default: only the thresholded predictions)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=predict_cmd)

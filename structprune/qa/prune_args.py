@@ -8,13 +8,19 @@ from __future__ import annotations
 def add_arguments(p) -> None:
     """The options of ``structprune prune`` (besides those every training command takes: ``runs._common``)."""
     from structprune.cli import fraction
+    from structprune.qa.layerdrop import keep_layers_arg
 
     p.add_argument("--model", default=None,
                    help="the fine-tuned (teacher) model directory (default: the bundled MiniLM, whose QA head is "
                         "untrained: fine-tune it first for a meaningful teacher)")
-    p.add_argument("--method", choices=["random", "gain", "l0"], required=True,
+    p.add_argument("--method", choices=["random", "gain", "l0", "layerdrop"], required=True,
                    help="how the kept heads and units are chosen: random, gain (gradient importance, Michel et al.) "
-                        "or l0 (trained hard-concrete gates)")
+                        "or l0 (trained hard-concrete gates); or layerdrop: whole layers kept (--keep-layers), a "
+                        "shallower plain transformers student")
+    p.add_argument("--keep-layers", type=keep_layers_arg, default=None, metavar="K|I,J,...",
+                   help="--method layerdrop: how many layers to keep (every other, evenly spread, with the last; see "
+                        "structprune.model.layer_drop) or which (0-based indices, e.g. 0,2,4); required with layerdrop (default: "
+                        "none, for the other methods)")
     p.add_argument("--heads", type=fraction, default=None,
                    help="fraction of heads KEPT, in (0, 1] (e.g. 0.5); with a speed target: at most this fraction "
                         "(default: all, with a budget; otherwise required)")

@@ -53,6 +53,10 @@ def prune(args) -> int:
 
     from structprune.qa.train import train_qa
 
+    if args.method == "layerdrop" or getattr(args, "keep_layers", None) is not None:  # a shallower student
+        from structprune.qa.layerdrop import prune_layerdrop
+
+        return prune_layerdrop(args, measure_speedup)
     args.model = args.model or _default_model()
     out = _start_run(args)
     torch.set_num_threads(args.threads)

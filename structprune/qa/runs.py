@@ -133,21 +133,30 @@ def _data(path: str | None, split: str, limit: int | None):
 def _train_kwargs(args) -> dict:
     return dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                 doc_stride=args.doc_stride, seed=args.seed, max_steps=args.max_steps,
-                stop_after_seconds=args.stop_after_seconds, save_every_seconds=args.save_every_seconds)
+                stop_after_seconds=args.stop_after_seconds, save_every_seconds=args.save_every_seconds,
+                autocast_dtype=torch.bfloat16 if getattr(args, "bf16", False) else None)
+
+
+ALWAYS_FILE = "predictions_always.json"  # every question answered with its best non-null span
 
 
 def evaluate_into(model, tokenizer, args, out: Path, name: str = "metrics.json", extra: dict | None = None) -> dict:
+    """Evaluate on dev into ``out``: ``name`` (the metrics, with ``extra``), ``predictions.json`` (threshold 0)
+    and ``predictions_always.json`` (always answering)."""
     from structprune.qa.evaluate import evaluate_qa
 
     torch.set_num_threads(args.threads)
     dev = _data(args.dev, "dev", args.dev_limit)
-    metrics, predictions = evaluate_qa(model, tokenizer, dev, max_length=args.max_length, doc_stride=args.doc_stride,
-                                       batch_size=args.eval_batch_size)
+    metrics, predictions, always = evaluate_qa(model, tokenizer, dev, max_length=args.max_length,
+                                               doc_stride=args.doc_stride, batch_size=args.eval_batch_size,
+                                               return_always=True)
     metrics.update(extra or {})
     metrics["threads"] = args.threads
     _write_json(out / name, metrics)
     _write_json(out / "predictions.json", predictions)
-    print(json.dumps({k: metrics[k] for k in ("f1", "exact", "HasAns_f1", "NoAns_f1", "best_f1") if k in metrics}))
+    _write_json(out / ALWAYS_FILE, always)
+    print(json.dumps({k: metrics[k] for k in ("f1", "exact", "HasAns_f1", "NoAns_f1", "best_f1", "always_HasAns_f1")
+                      if k in metrics}))
     return metrics
 
 
@@ -197,6 +206,9 @@ def _common(p, train: bool) -> None:
                             "(default: run to the end)")
         p.add_argument("--save-every-seconds", type=float, default=180.0,
                        help="seconds between training checkpoints (0: after every step)")
+        p.add_argument("--bf16", action="store_true",
+                       help="train under torch.autocast in bfloat16 (the weights and optimizer stay fp32; evaluation "
+                            "runs in fp32); a run resumes only in the precision it started in (default: fp32)")
 
 
 def _dev_eval_fn(tokenizer, args):

@@ -47,10 +47,12 @@ from structprune.qa.features import build_train_features, collate
 
 FEATURE_INDEX = "feature_index"  # batch key: the index of each row in the train features
 # Settings that fix the batch order and schedule; a resumed run must agree on all of them.
-# (lr and weight_decay too: the optimizer state loaded on resume would silently override new values.)
+# (lr and weight_decay too: the optimizer state loaded on resume would silently override new values; and the
+# autocast precision, so that a run never switches precision half way. A checkpoint from before it was recorded
+# reads as None, full precision.)
 _RESUME_KEYS = (
     "num_features", "batch_size", "total_steps", "warmup_steps", "seed", "lr", "weight_decay", "max_length",
-    "doc_stride",
+    "doc_stride", "autocast_dtype",
 )
 
 ExtraLossFn = Callable[[torch.nn.Module, dict, object], torch.Tensor]
@@ -191,6 +193,7 @@ def train_qa(
         "warmup_steps": warmup_steps, "seed": seed, "steps_per_epoch": steps_per_epoch,
         "epochs": epochs, "lr": lr, "max_length": max_length, "doc_stride": doc_stride,
         "weight_decay": weight_decay, "warmup_ratio": warmup_ratio,
+        "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
     }
     step, elapsed_before, evals = 0, 0.0, []
     ckpt = _find_checkpoint(output_dir)

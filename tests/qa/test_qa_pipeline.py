@@ -21,6 +21,8 @@ from structprune.qa import (  # noqa: E402
     postprocess_qa_predictions,
     train_qa,
 )
+from structprune.qa.metric import squad_v2_metric  # noqa: E402
+from structprune.qa.postprocess import best_spans  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared/data/squad2"
 DEV = DATA / "dev.json"
@@ -30,6 +32,7 @@ METRIC_KEYS = {
     "exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1",
     "NoAns_total", "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh",
     "seconds", "samples_per_second", "num_examples", "num_features",
+    "always_exact", "always_f1", "always_HasAns_exact", "always_HasAns_f1",
 }
 
 pytestmark = pytest.mark.skipif(not DEV.is_file(), reason=f"SQuAD 2.0 data not found at {DATA}")
@@ -203,6 +206,9 @@ def test_postprocess_crafted_logits(dev, tokenizer):
     # max_answer_length excludes the long span; the best remaining one pairs other tokens.
     preds, _ = postprocess_qa_predictions(examples, features, starts, ends, max_answer_length=1, threshold=100)
     assert preds[ids[1]] != "10th and 11th centuries"
+    # Always answering: the best non-null span wherever the null score wins.
+    spans, span_diffs = best_spans(examples, features, starts, ends)
+    assert spans == {ids[0]: "France", ids[1]: "10th and 11th centuries"} and span_diffs == diffs
 
 
 def test_postprocess_null_score_is_min_over_features(dev, tokenizer):
@@ -237,6 +243,14 @@ def test_evaluate_qa_tiny_bert(dev, tokenizer):
     assert metrics["seconds"] > 0 and metrics["samples_per_second"] > 0
     assert 0 <= metrics["f1"] <= 100 and metrics["best_f1"] >= metrics["NoAns_total"] * 100 / N_QUESTIONS - 1e-9
     assert model.training  # mode restored
+    # The always-answering predictions: every question answered, scored as the metric scores them.
+    _, again, always = evaluate_qa(model, tokenizer, dev, max_length=MAX_LENGTH, doc_stride=STRIDE, batch_size=8,
+                                   progress=False, return_always=True)
+    assert again == preds and set(always) == set(preds) and all(always.values())
+    assert all(always[q] == p for q, p in preds.items() if p)  # where it answers at threshold 0, the same span
+    scored = squad_v2_metric(always, dev)
+    assert metrics["always_f1"] == scored["f1"] and metrics["always_HasAns_f1"] == scored["HasAns_f1"]
+    assert metrics["always_HasAns_f1"] >= metrics["HasAns_f1"]  # abstaining never scores on answerable questions
     # Batch size does not change the predictions (right padding is masked out).
     _, preds1 = evaluate_qa(model, tokenizer, dev, max_length=MAX_LENGTH, doc_stride=STRIDE, batch_size=1,
                             progress=False)

@@ -8,6 +8,7 @@ save/load, summaries, strategies and the latency model ask the adapter through :
 """
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
@@ -159,6 +160,14 @@ class Family:
 
     def parts(self, layer: nn.Module) -> LayerParts:
         return LayerParts(layer, self.paths, self)
+
+    def shallower_config(self, config, keep: list[int]):
+        """A copy of ``config`` for the same model holding only the layers ``keep`` (indices into this config's
+        layers, ascending), as :func:`structprune.model.layer_drop.drop_layers` builds it; families with per-layer
+        settings (ModernBERT's layer types) keep the kept layers' own."""
+        config = copy.deepcopy(config)
+        setattr(config, self.config_keys["layers"], len(keep))
+        return config
 
     # --- slicing hooks (compaction, loading): how heads and units map to rows of the input projections -------------
     fused_qkv: bool = False  # query/key/value are three row blocks of one nn.Linear at paths["qkv"] (ModernBERT)

@@ -144,6 +144,12 @@ class ModernBertFamily(Family):
     def unit_rows(self, units: torch.Tensor, n_units: int) -> torch.Tensor:
         return torch.cat([units, units + n_units])
 
+    def shallower_config(self, config, keep: list[int]):
+        layer_types = [config.layer_types[i] for i in keep]  # each kept layer stays global or local
+        config = super().shallower_config(config, keep)
+        config.layer_types = layer_types
+        return config
+
     def layer_shapes(self, hidden: int, head_dim: int, heads: int, units: int) -> dict:
         a = heads * head_dim
         return {"attn.Wqkv.weight": (3 * a, hidden), "attn.Wqkv.bias": (3 * a,), "attn.Wo.weight": (hidden, a),
