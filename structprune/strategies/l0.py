@@ -39,11 +39,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from structprune.atomic import set_default_mode
-from structprune.model.compaction import fold_gate_values
+from structprune.model.compaction import fold_full_gates, fold_gate_values
 from structprune.model.families import sizes_of
 from structprune.model.gates import expected_l0
-from structprune.model.masks import Masks, gate_sizes
+from structprune.model.masks import Masks, gate_sizes, get_masks
 from structprune.model.patching import gate_parameters, gated_layers, set_gate_sampling
+from structprune.strategies.l0_full import ExtraGates, planning_table, without_skipped
 from structprune.strategies.targets import STRUCTURES, PruneTarget, as_target, layer_gates, masks_for_scores
 
 DEFAULT_INIT_LOG_ALPHA = 2.5
@@ -126,6 +127,10 @@ class L0Controller:
         self.last_step = 0
         sizes = gate_sizes(model)
         self.table = None
+        self.extra = ExtraGates(model)  # sublayer and hidden-dimension gates, when the model has them
+        if self.extra.present and self.target.per_layer:
+            raise ValueError("a per-layer target cannot constrain whole-sublayer or hidden-dimension gates; give a "
+                             "global target")
         # per constraint: list of groups, each a list of layer indices; original size; start and final values
         self._groups, self._size, self._start, self._final = {}, {}, {}, {}
         if self.target.has_budget:
@@ -158,6 +163,12 @@ class L0Controller:
                         value = (init_log_alpha + noise).to(gate.log_alpha)
                         gate.log_alpha.copy_(torch.where(gate.mask != 0, value, gate.log_alpha))
                     gate.sampling = True
+            for gate in self.extra.gates:
+                if init_log_alpha is not None:
+                    noise = torch.randn(gate.n, generator=gen) * init_noise
+                    value = (init_log_alpha + noise).to(gate.log_alpha)
+                    gate.log_alpha.copy_(torch.where(gate.mask != 0, value, gate.log_alpha))
+                gate.sampling = True
 
     def _budget_constraints(self, model: nn.Module) -> list[str]:
         """Set up the "latency" (expected ms through the cost table) and "params" constraints of a budget target;
@@ -171,6 +182,8 @@ class L0Controller:
         groups = [[i] for i in range(layers)] if t.per_layer else [list(range(layers))]
         kept = {s: torch.tensor([float((g.mask != 0).sum()) for g in layer_gates(model, s)]) for s in STRUCTURES}
         full = {s: torch.tensor([float(g.n) for g in layer_gates(model, s)]) for s in STRUCTURES}
+        kept.update(self.extra.kept())
+        full.update(self.extra.full())
         c = sizes_of(model)
         self._unit = unit_params(c.hidden, c.head_dim)
         names = []
@@ -197,12 +210,19 @@ class L0Controller:
         """Per-group latency (ms: the whole model for one group, a layer's added ms per layer) or parameters of
         per-layer ``counts`` (tensors ``[L]``, differentiable)."""
         groups = self._groups[name]
+        extra = {k: counts[k] for k in ("hidden", "attn_kept", "ffn_kept") if k in counts}
         if name == "latency":
             if not self.target.per_layer:
-                return torch.stack([self.table.predict(counts["heads"], counts["ffn"])]).float()
+                return torch.stack([self.table.predict(counts["heads"], counts["ffn"], **extra)]).float()
             return torch.stack([self.table.layer_ms(counts["heads"][g[0]], counts["ffn"][g[0]])
                                 for g in groups]).float()
-        per_layer = counts["heads"] * self._unit["heads"] + counts["ffn"] * self._unit["ffn"]
+        unit = self._unit
+        if "hidden" in extra:  # a head and a unit carry fewer parameters in a narrower model
+            c = sizes_of(self.model)
+            unit = {"heads": 4 * extra["hidden"] * c.head_dim + 3 * c.head_dim, "ffn": 2 * extra["hidden"] + 1}
+        heads = self.extra.scale_counts("heads", counts["heads"], extra)
+        ffn = self.extra.scale_counts("ffn", counts["ffn"], extra)
+        per_layer = heads * unit["heads"] + ffn * unit["ffn"]
         return torch.stack([per_layer[g].sum() for g in groups]).float()
 
     # ---- the constraint -------------------------------------------------------------------------
@@ -212,9 +232,12 @@ class L0Controller:
         expected kept counts."""
         if structure in ("latency", "params"):
             counts = {s: torch.stack([g.expected_l0() for g in layer_gates(self.model, s)]) for s in STRUCTURES}
+            counts.update(self.extra.expected())
             return self._cost(structure, counts)
         gates = layer_gates(self.model, structure)
-        return torch.stack([sum(gates[i].expected_l0() for i in g) for g in self._groups[structure]])
+        per_layer = self.extra.scale_counts(structure, torch.stack([g.expected_l0() for g in gates]),
+                                            self.extra.expected())
+        return torch.stack([per_layer[g].sum() for g in self._groups[structure]])
 
     def target_counts(self, structure: str, step: int) -> torch.Tensor:
         """``t(step)`` per constraint group: linear from the start size to the final target."""
@@ -260,6 +283,10 @@ class L0Controller:
             for i in layers:
                 gates[i].log_alpha.requires_grad_(False)
                 gates[i].log_alpha.grad = None
+        for gate in self.extra.gates:  # global targets only: every constraint is frozen at once
+            if structure in ("latency", "params") or len(self.structures) == len(self.frozen):
+                gate.log_alpha.requires_grad_(False)
+                gate.log_alpha.grad = None
 
     # ---- optimisation ---------------------------------------------------------------------------
     def lagrangian_parameters(self) -> list[nn.Parameter]:
@@ -305,20 +332,30 @@ class L0Controller:
             l1, l2 = self.lagrangian.lambdas(name)
             out[f"lambda1_{name}"] = float(l1.mean())
             out[f"lambda2_{name}"] = float(l2.mean())
+        for key, value in self.extra.expected().items():
+            out[f"expected_{key}"] = float(value.sum())
+        for key, value in self.extra.values(lambda g: (g.deterministic() != 0).float()).items():
+            out[f"kept_{key}"] = float(value.sum())
         if self.frozen:
             out["frozen_groups"] = float(len(self.frozen))
         if self.table is not None:
             kept = {s: [int((g.deterministic() != 0).sum()) for g in layer_gates(self.model, s)] for s in STRUCTURES}
-            out["predicted_speedup"] = self.table.speedup(kept["heads"], kept["ffn"])
+            full = {k: v.tolist() if v.dim() else float(v) for k, v in
+                    self.extra.values(lambda g: (g.deterministic() != 0).float()).items()}
+            out["predicted_speedup"] = (self.table.speedup(kept["heads"], kept["ffn"], **full) if full
+                                        else self.table.speedup(kept["heads"], kept["ffn"]))
         return out
 
     # ---- the decision ---------------------------------------------------------------------------
     def finalize(self, target: PruneTarget | None = None, fold: bool = True, keep_dead: bool = False) -> Masks:
         """Keep ``target`` (default: the controller's) by ``log_alpha``; see :func:`finalize_l0`."""
-        masks = finalize_l0(self.model, self.target if target is None else target, fold=fold, keep_dead=keep_dead)
+        masks = finalize_l0(self.model, self.target if target is None else target, fold=fold, keep_dead=keep_dead,
+                            table=self.table)
         for s in STRUCTURES:  # frozen gates thaw: the decided model trains like any other
             for gate in layer_gates(self.model, s):
                 gate.log_alpha.requires_grad_(True)
+        for gate in self.extra.gates:
+            gate.log_alpha.requires_grad_(True)
         self.frozen.clear()
         self.finalized = True
         return masks
@@ -353,14 +390,16 @@ class L0Controller:
 
 @torch.no_grad()
 def fold_gates(model: nn.Module) -> None:
-    """Fold every gate's deterministic value into the output projections and reopen the gates
-    (:func:`structprune.model.compaction.fold_gate_values` on each layer)."""
+    """Fold every gate's deterministic value into the weights and reopen the gates
+    (:func:`structprune.model.compaction.fold_gate_values` on each layer, then the sublayer and hidden gates)."""
+    fold_full_gates(model)
     for layer in gated_layers(model):
         fold_gate_values(layer)
 
 
 @torch.no_grad()
-def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_dead: bool = False) -> Masks:
+def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_dead: bool = False,
+                table=None) -> Masks:
     """The deterministic end of L0 training: keep ``target`` heads/units, ranked by ``log_alpha`` (globally or
     per layer), among those not masked already; set the masks; turn sampling off; and, with ``fold``, fold the
     kept gates' fractional deterministic values into the output projections and reset the gates to open, so
@@ -371,8 +410,15 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
     ``keep_dead=True`` keeps them, zeroed, to hold the count exactly. For a speed or parameter budget, a closed
     gate counts as no importance (the plan never keeps one in place of an open one) and FFN counts are not
     rounded to the latency table's grid. Returns the :class:`~structprune.Masks`.
+
+    A model with sublayer or hidden-dimension gates (:class:`~structprune.strategies.l0_full.ExtraGates`) decides
+    those first (:meth:`~structprune.strategies.l0_full.ExtraGates.decide`); heads and units are then planned on
+    ``table`` (or the target's) as seen at the decided width and sublayers, the heads (units) of a skipped sublayer
+    all pruned.
     """
     target = as_target(target)
+    extra = ExtraGates(model)
+    decided = extra.decide() if extra.present else {}
     gates = {s: layer_gates(model, s) for s in STRUCTURES}
     is_open = {s: [g.deterministic() != 0 for g in gates[s]] for s in STRUCTURES}
     if target.has_budget:  # commensurate across heads and units: each gate's probability of being non-zero
@@ -380,10 +426,25 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
                       for g, o in zip(gates[s], is_open[s])] for s in STRUCTURES}
     else:
         scores = {s: [g.log_alpha.detach() for g in gates[s]] for s in STRUCTURES}
-    start = {s: [(g.mask != 0).cpu() for g in gates[s]] for s in STRUCTURES}
+    start = without_skipped({s: [(g.mask != 0).cpu() for g in gates[s]] for s in STRUCTURES}, decided)
+    plan_table = None
+    if decided and not target.has_budget:  # counts: at most what the kept sublayers still hold
+        import dataclasses
+
+        sizes = gate_sizes(model)
+        capped = {}
+        for s in STRUCTURES:
+            count = target.counts(s, sizes[s])
+            if count is not None:
+                capped[s] = min(int(count), int(sum(int(m.sum()) for m in start[s])))
+        target = dataclasses.replace(target, **capped)
+    if target.has_latency and decided:
+        from structprune.strategies.plan import table_for
+
+        plan_table = planning_table(table if table is not None else table_for(model, target), decided)
     # A budget is planned with the interpolated FFN costs the Lagrangian trained against, not on the table's
     # grid: rounding a layer's open units down to a grid point would close units (or whole heads) that trained open.
-    masks = masks_for_scores(model, target, scores, start=start, ffn_on_grid=False)
+    masks = masks_for_scores(model, target, scores, start=start, ffn_on_grid=False, table=plan_table)
     kept = {"heads": masks.heads_per_layer(), "ffn": masks.ffn}
     if not keep_dead:  # ranked in, but the gate is closed: the unit would add exactly zero
         kept = {s: [m & o.to(m.device) for o, m in zip(is_open[s], kept[s])] for s in STRUCTURES}
@@ -394,6 +455,10 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
     if fold:
         fold_gates(model)
     set_gate_sampling(model, False)
+    if decided:
+        current = get_masks(model)
+        masks = Masks(heads=masks.heads, ffn=masks.ffn, hidden=current.hidden, attn_sublayers=current.attn_sublayers,
+                      ffn_sublayers=current.ffn_sublayers)
     return masks
 
 

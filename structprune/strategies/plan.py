@@ -272,11 +272,14 @@ def budget_of(model, target, table: LatencyTable | None) -> Budget:
     return Budget(latency_ms=latency, params=params, per_layer=target.per_layer, caps=caps)
 
 
-def budget_masks(model, target, scores: dict, start: dict, ffn_on_grid: bool = True) -> dict[str, list[torch.Tensor]]:
+def budget_masks(model, target, scores: dict, start: dict, ffn_on_grid: bool = True,
+                 table=None) -> dict[str, list[torch.Tensor]]:
     """Per-layer keep masks meeting a budget ``target`` with importance ``scores``, from the ``start`` masks;
-    FFN counts on the latency table's grid unless ``ffn_on_grid=False`` (then any count, its cost interpolated)."""
+    FFN counts on the latency table's grid unless ``ffn_on_grid=False`` (then any count, its cost interpolated).
+    ``table``: plan on this table (or a view of one) instead of the target's."""
     c = sizes_of(model)
-    table = table_for(model, target) if target.has_latency else None
+    if table is None:
+        table = table_for(model, target) if target.has_latency else None
     budget = budget_of(model, target, table)
     on_grid = table is not None and ffn_on_grid
     if table is None:  # a parameter budget only: a flat table makes the plan ignore latency, any count allowed

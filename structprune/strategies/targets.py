@@ -226,19 +226,20 @@ def apply_masks(model: nn.Module, masks: Masks) -> nn.Module:
 
 
 def masks_for_scores(model: nn.Module, target: PruneTarget, scores: dict[str, Sequence[torch.Tensor]],
-                     start: dict[str, list[torch.Tensor]] | None = None, ffn_on_grid: bool = True) -> Masks:
+                     start: dict[str, list[torch.Tensor]] | None = None, ffn_on_grid: bool = True,
+                     table=None) -> Masks:
     """Masks keeping the top-scoring units per ``target``, starting from ``start`` (default: what the
     model keeps now). A structure whose target is None keeps ``start`` unchanged. For a budget target
     (speed-up, latency, parameters) the scores must be commensurate across heads and FFN units: the per-layer
     counts are planned by :func:`structprune.strategies.plan.budget_masks` (FFN counts on the latency table's grid
-    unless ``ffn_on_grid=False``)."""
+    unless ``ffn_on_grid=False``); ``table`` replaces the target's cost table (e.g. a view at a pruned width)."""
     target = as_target(target)
     sizes = gate_sizes(model)
     start = current_masks(model) if start is None else start
     if target.has_budget:  # speed / latency / parameter budget: per-layer counts planned on the cost table
         from structprune.strategies.plan import budget_masks
 
-        planned = budget_masks(model, target, scores, start, ffn_on_grid=ffn_on_grid)
+        planned = budget_masks(model, target, scores, start, ffn_on_grid=ffn_on_grid, table=table)
         return to_masks(planned["heads"], planned["ffn"])
     result = {}
     for structure in STRUCTURES:

@@ -1,0 +1,61 @@
+"""L0 over sublayer and hidden-dimension gates: one Lagrangian over every structure, the decision, exact compaction."""
+import pytest
+import torch
+
+import structprune as sp
+from helpers.models import tiny_batch, tiny_model
+from structprune.model.cofi import hidden_gate
+from structprune.strategies import PruneTarget
+from structprune.strategies.l0 import L0Controller
+
+
+def full_model():
+    return sp.patch(tiny_model("bert", "qa"), sampling=True, sublayers=True, hidden=True)
+
+
+def train(model, ctl, steps=30, lr=0.5):
+    opt = torch.optim.Adam([p for g in ctl.param_groups(model, lr=0.0, gate_lr=lr, lambda_lr=lr) for p in g["params"]],
+                           lr=lr)
+    model.train()
+    for step in range(steps):
+        out = model(**tiny_batch())
+        loss = out.start_logits.square().mean() + ctl.penalty(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("target", [PruneTarget(heads=0.5, ffn=0.5), PruneTarget(params=0.4)])
+def test_one_lagrangian_trains_every_gate_and_the_decision_compacts_exactly(target):
+    model = full_model()
+    ctl = L0Controller(model, target, warmup_steps=10)
+    before = {id(g): g.log_alpha.detach().clone() for g in sp.iter_gates(model)}
+    train(model, ctl)
+    moved = [g for g in sp.iter_gates(model) if not torch.equal(before[id(g)], g.log_alpha.detach())]
+    assert hidden_gate(model) in moved
+    assert any(g is model.bert.encoder.layer[0].attention.sublayer_gate for g in moved)
+    stats = ctl.stats()
+    assert "expected_hidden" in stats and "kept_attn_kept" in stats
+    masks = ctl.finalize()
+    assert masks.hidden is not None and masks.attn_sublayers is not None
+    model.eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        masked = model(**batch)
+        small = sp.compact(model)(**batch)
+    torch.testing.assert_close(small.start_logits, masked.start_logits, atol=1e-4, rtol=1e-4)
+    assert sp.get_masks(model).hidden.numel() == int(masks.hidden.sum())
+
+
+def test_expected_params_fall_with_the_hidden_width():
+    model = full_model()
+    ctl = L0Controller(model, PruneTarget(params=0.5))
+    full = float(ctl.expected("params").detach())
+    with torch.no_grad():
+        hidden_gate(model).log_alpha[:32] = -10.0  # about half the width gone
+    assert float(ctl.expected("params").detach()) < 0.6 * full
+
+
+def test_per_layer_targets_refused_with_extra_gates():
+    with pytest.raises(ValueError, match="per-layer"):
+        L0Controller(full_model(), PruneTarget(heads=0.5, per_layer=True))
