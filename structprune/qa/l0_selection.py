@@ -131,5 +131,7 @@ def _save_masks(model, path: Path) -> None:
     import structprune as sp
 
     m = sp.get_masks(model)
+    extra = {k: getattr(m, k).int().tolist() for k in ("hidden", "attn_sublayers", "ffn_sublayers")
+             if getattr(m, k) is not None}
     _write_json(path, {"heads": [h.int().tolist() for h in m.heads_per_layer()],
-                       "ffn": [f.int().tolist() for f in m.ffn]})
+                       "ffn": [f.int().tolist() for f in m.ffn], **extra})

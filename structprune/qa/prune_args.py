@@ -62,6 +62,9 @@ def add_arguments(p) -> None:
     p.add_argument("--lambda-lr", type=float, default=None,
                    help="learning rate of the Lagrange multipliers (default: --gate-lr); short runs need it "
                         "large, since Adam moves a multiplier by about its learning rate per step")
+    p.add_argument("--full", action="store_true",
+                   help="L0 only: also gate whole attention / FFN sublayers and the hidden dimensions (CoFi's "
+                        "structures, BERT-layout models), under the same target; recorded as method l0-full")
     p.add_argument("--l0-warmup-steps", type=int, default=100, help="steps over which the L0 target is reached")
     p.add_argument("--l0-steps", type=int, default=0,
                    help="L0 only: a selection phase of this many gate-training steps, then the decision, then "

@@ -62,7 +62,12 @@ def prune(args) -> int:
     torch.set_num_threads(args.threads)
     teacher = load_qa_model(args.model)
     tokenizer = _tokenizer(args.model)
-    student = sp.patch(copy.deepcopy(teacher))
+    full = bool(getattr(args, "full", False))
+    if full and args.method != "l0":
+        from structprune.cli import UsageError
+
+        raise UsageError(f"--full gates sublayers and hidden dimensions for --method l0 only, got --method {args.method}")
+    student = sp.patch(copy.deepcopy(teacher), sublayers=full, hidden=full)
     target = prune_target(args, teacher)
     train = _data(args.train, "train", args.train_limit)
     masks_file = out / "masks.json"
@@ -80,7 +85,7 @@ def prune(args) -> int:
         controller, groups = _l0_controller(student, target, args, out / "train")
     elif masks_file.is_file():  # resumed run: the decision is already made
         saved = json.loads(masks_file.read_text())
-        sp.set_masks(student, heads=saved["heads"], ffn=saved["ffn"])
+        sp.set_masks(student, **{k: torch.tensor(v) if k not in ("heads", "ffn") else v for k, v in saved.items()})
     else:
         t0 = time.perf_counter()
         if args.method == "random":
@@ -120,7 +125,8 @@ def prune(args) -> int:
     if report.latency:
         speed["predicted_speedup"] = report.latency["predicted_speedup"]
     extra = {
-        "method": args.method, "distill": args.distill,
+        "method": method_name(args), "distill": args.distill,
+        **cofi_structure(student),
         "heads_kept": layers_kept.num_heads_kept, "heads_total": report.total("heads_total"),
         "ffn_kept": layers_kept.num_ffn_kept, "ffn_total": report.total("ffn_total"),
         "heads_per_layer": [r.heads_kept for r in report.layers],
@@ -131,6 +137,25 @@ def prune(args) -> int:
     metrics = evaluate_into(student, tokenizer, args, out, extra=extra)
     save_null_threshold(out / "model", metrics, args)
     return 0
+
+
+def method_name(args) -> str:
+    """The method recorded in ``metrics.json``: ``l0-full`` for L0 with sublayer and hidden-dimension gates."""
+    return "l0-full" if getattr(args, "full", False) else args.method
+
+
+def cofi_structure(model) -> dict:
+    """The hidden width and sublayers a (compacted) student kept, for ``metrics.json`` (empty without such gates)."""
+    import structprune as sp
+
+    m = sp.get_masks(model)
+    out = {}
+    if m.hidden is not None:
+        out["hidden_kept"] = int(m.hidden.sum())
+    if m.attn_sublayers is not None:
+        out["attn_sublayers_kept"] = m.attn_sublayers.int().tolist()
+        out["ffn_sublayers_kept"] = m.ffn_sublayers.int().tolist()
+    return out
 
 
 def prune_target(args, model):
@@ -186,7 +211,7 @@ def _decided_only(student, tokenizer, target, args, out: Path) -> int:
     """``prune --max-steps 0``: compact and save the decided model, with its summary (and predicted latency)."""
     kept, report = _compact_and_save(student, tokenizer, target, args, out)
     _write_json(out / "metrics.json", {
-        "method": args.method, "trained_steps": 0,
+        "method": method_name(args), "trained_steps": 0, **cofi_structure(student),
         "heads_kept": kept.num_heads_kept, "ffn_kept": kept.num_ffn_kept,
         "heads_per_layer": [r.heads_kept for r in report.layers], "ffn_per_layer": [r.ffn_kept for r in report.layers],
         "encoder_params": report.total("params"), "encoder_params_original": report.total("params_original"),

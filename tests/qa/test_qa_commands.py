@@ -188,3 +188,26 @@ def test_prune_with_cached_teacher_logits_trains_as_with_the_teacher(teacher, tm
     with pytest.raises(ValueError, match="other settings"):
         main(["--debug", *base, "--out", str(tmp_path / "other"), "--teacher-logits", str(cache),
               "--train-limit", "5"])
+
+
+def test_prune_l0_full_gates_sublayers_and_hidden_dims(teacher, tmp_path):
+    """``--full``: one Lagrangian over heads, units, sublayers and hidden dimensions; recorded as l0-full; the saved
+    model is compacted in width too and loads again."""
+    out = tmp_path / "l0-full"
+    args = ["prune", "--model", str(teacher / "model"), "--method", "l0", "--full", "--heads", "0.5", "--ffn", "0.25",
+            "--out", str(out), "--max-steps", "4", "--l0-steps", "3", "--l0-warmup-steps", "2", "--gate-lr", "0.5",
+            "--l0-train-weights"] + SMALL
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "l0-full" and 0 < metrics["hidden_kept"] <= 32
+    assert len(metrics["attn_sublayers_kept"]) == 2
+    model = sp.from_pretrained(out / "model")
+    assert model.bert.embeddings.word_embeddings.weight.shape[1] == metrics["hidden_kept"]
+    masks = json.loads((out / "masks.json").read_text())
+    assert {"hidden", "attn_sublayers", "ffn_sublayers"} <= set(masks)
+
+
+def test_full_needs_l0(teacher, tmp_path, capsys):
+    assert main(["prune", "--model", str(teacher / "model"), "--method", "random", "--full", "--heads", "0.5",
+                 "--out", str(tmp_path / "bad")] + SMALL) != 0
+    assert "--full gates sublayers and hidden dimensions for --method l0 only" in capsys.readouterr().err
