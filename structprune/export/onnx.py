@@ -9,6 +9,7 @@ teacher) is exported as it is.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -44,20 +45,17 @@ def to_plain(model: nn.Module, log=print) -> nn.Module:
     import copy
 
     from structprune import compact
-    from structprune.model.io import _structure, is_standalone_exportable
+    from structprune.model.io import _standalone_config, _structure, is_standalone_exportable
 
     if not is_standalone_exportable(model):
         log("note: the model still has masked or fractional gates; compacting a copy before export")
         model = compact(copy.deepcopy(model))
-    structure = _structure(model)
-    config = copy.deepcopy(model.config)
-    config.structprune_heads_per_layer = structure["heads_per_layer"]
-    config.structprune_ffn_units_per_layer = structure["ffn_units_per_layer"]
+    config, _ = _standalone_config(model, _structure(model))  # per-layer sizes, hidden width, skipped sublayers
     cls = getattr(_template(), f"Pruned{type(model).__name__}", None)
     if cls is None:
         raise TypeError(f"no plain-PyTorch class for {type(model).__name__} in the modeling template")
     plain = cls(config)
-    state = {k: v for k, v in model.state_dict().items() if ".head_gate." not in k and ".unit_gate." not in k}
+    state = {k: v for k, v in model.state_dict().items() if not re.search(r"\.(head|unit|sublayer|hidden)_gate\.", k)}
     plain.load_state_dict(state, strict=True)
     return plain.to(next(model.parameters()).dtype).eval()
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from structprune.model.cofi import hidden_gate
 from structprune.model.families import sizes_of
 from structprune.model.patching import layer_parts
 from structprune.ops.reference import attention_flops, ffn_flops
@@ -29,6 +30,9 @@ class Summary:
     seq_len: int
     layers: list[LayerSummary] = field(default_factory=list)
     latency: dict | None = None  # predicted (and measured) end-to-end latency, when a table was given
+    hidden_kept: int | None = None  # hidden dimensions kept, with a hidden-dimension gate (else None)
+    hidden_total: int | None = None
+    skipped: list[str] = field(default_factory=list)  # "attention 3", "ffn 5": whole sublayers skipped
 
     def total(self, attr: str) -> int:
         return sum(getattr(row, attr) for row in self.layers)
@@ -55,6 +59,10 @@ class Summary:
         total = LayerSummary(*(self.total(a) for a in LayerSummary.__dataclass_fields__))
         lines.append("-" * len(head))
         lines.append(row("all", total))
+        if self.hidden_kept is not None:
+            lines.append(f"hidden dimensions kept: {self.hidden_kept}/{self.hidden_total}")
+        if self.skipped:
+            lines.append(f"sublayers skipped: {', '.join(self.skipped)}")
         if self.latency:
             lat = self.latency
             lines.append(f"latency at {lat['at']} predicted: {lat['predicted_ms']:.2f} ms vs {lat['dense_ms']:.2f} "
@@ -67,10 +75,10 @@ class Summary:
         return "\n".join(lines)
 
 
-def _layer_params(hidden: int, inner: int, units: int) -> int:
+def _layer_params(hidden: int, inner: int, units: int, attention_kept: bool = True, ffn_kept: bool = True) -> int:
     attention = 4 * hidden * inner + 3 * inner + hidden + 2 * hidden  # q,k,v,o weights; biases; LayerNorm
     ffn = 2 * hidden * units + units + hidden + 2 * hidden
-    return attention + ffn
+    return attention * attention_kept + ffn * ffn_kept
 
 
 def summary(model: nn.Module, seq_len: int = 128, latency=None, measure: bool = False, repeats: int = 10) -> Summary:
@@ -88,14 +96,22 @@ def summary(model: nn.Module, seq_len: int = 128, latency=None, measure: bool = 
     sizes = sizes_of(model)
     hidden, heads_total, ffn_total, head_dim = sizes.hidden, sizes.heads, sizes.intermediate, sizes.head_dim
     out = Summary(seq_len=seq_len)
-    for parts in layer_parts(model):
-        heads = int((parts.head_gate.deterministic() != 0).sum())
-        units = int((parts.unit_gate.deterministic() != 0).sum())
+    gate = hidden_gate(model)
+    width = hidden
+    if gate is not None:
+        width = int((gate.deterministic() != 0).sum())
+        out.hidden_kept, out.hidden_total = width, hidden
+    for i, parts in enumerate(layer_parts(model)):
+        kept = {name: parts.get(f"{name}_sublayer_gate") is None
+                or bool((parts[f"{name}_sublayer_gate"].deterministic() != 0).item()) for name in ("attn", "ffn")}
+        out.skipped += [f"{'attention' if n == 'attn' else n} {i}" for n, k in kept.items() if not k]
+        heads = int((parts.head_gate.deterministic() != 0).sum()) if kept["attn"] else 0
+        units = int((parts.unit_gate.deterministic() != 0).sum()) if kept["ffn"] else 0
         out.layers.append(LayerSummary(
             heads_kept=heads, heads_total=heads_total, ffn_kept=units, ffn_total=ffn_total,
-            params=_layer_params(hidden, heads * head_dim, units),
+            params=_layer_params(width, heads * head_dim, units, kept["attn"], kept["ffn"]),
             params_original=_layer_params(hidden, heads_total * head_dim, ffn_total),
-            flops=attention_flops(1, seq_len, hidden, heads, head_dim) + ffn_flops(1, seq_len, hidden, units),
+            flops=attention_flops(1, seq_len, width, heads, head_dim) + ffn_flops(1, seq_len, width, units),
             flops_original=attention_flops(1, seq_len, hidden, heads_total, head_dim)
             + ffn_flops(1, seq_len, hidden, ffn_total),
         ))

@@ -144,3 +144,22 @@ def test_cli_export_and_eval_load_onnx(tmp_path):
     for a, b in zip(starts + ends, ref_starts + ref_ends):
         assert a.shape == b.shape and abs(a - b).max() < 1e-4
     assert json.loads((tmp_path / "model" / "config.json").read_text()).get("auto_map") is None  # still gated
+
+
+def test_onnx_of_a_model_pruned_in_width_and_sublayers(tmp_path):
+    """A compacted model with hidden dimensions and whole sublayers removed exports to plain operators and keeps its
+    outputs (issue 27)."""
+    from model.test_cofi import masks
+    from helpers.models import tiny_model
+
+    model = sp.patch(tiny_model("bert", "qa"), sublayers=True, hidden=True)
+    sp.set_masks(model, **masks())
+    sp.compact(model)
+    names = names_for("bert")
+    example = tiny_batch(2, 9) | {"token_type_ids": torch.zeros(2, 9, dtype=torch.long)}
+    path = spx.export_onnx(spx.to_plain(model), names, example, tmp_path / "m.onnx", opset=17)
+    runner = spx.OrtQAModel(path, threads=1)
+    inputs = tiny_batch(3, 11, pad_from=3) | {"token_type_ids": torch.zeros(3, 11, dtype=torch.long)}
+    with torch.no_grad():
+        want = logits(model(**{k: inputs[k] for k in names}))
+    torch.testing.assert_close(logits(runner(**inputs)), want, atol=1e-4, rtol=0)

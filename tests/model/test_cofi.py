@@ -187,3 +187,17 @@ def test_unpatch_after_hidden_pruning_and_refusal_with_skipped_sublayers():
     sp.set_masks(model, attn_sublayers=torch.tensor([1, 0, 1]))
     with pytest.raises(ValueError, match="skip a whole sublayer"):
         sp.unpatch(model)
+
+
+def test_summary_counts_the_kept_width_and_skipped_sublayers():
+    model = sp.patch(tiny_model("bert", "qa"), sublayers=True, hidden=True)
+    sp.set_masks(model, **masks())
+    report = sp.summary(model)
+    width = int(masks()["hidden"].sum())
+    assert report.hidden_kept == width and report.skipped == ["attention 1", "ffn 2"]
+    assert report.layers[1].heads_kept == 0 and report.layers[2].ffn_kept == 0
+    assert f"hidden dimensions kept: {width}/{D}" in str(report)
+    compacted = sum(p.numel() for layer in sp.compact(model).bert.encoder.layer for n, p in layer.named_parameters()
+                    if "gate" not in n and not (n.startswith("attention.") and layer is model.bert.encoder.layer[1])
+                    and not (n.startswith(("intermediate.", "output.")) and layer is model.bert.encoder.layer[2]))
+    assert report.total("params") == compacted
