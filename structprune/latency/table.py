@@ -44,7 +44,7 @@ from typing import Sequence
 
 import torch
 
-from structprune.latency.fits import bilinear, interpolate, isotonic, isotonic_grid
+from structprune.latency.fits import bilinear, isotonic, isotonic_grid, width_segment
 
 TABLE_VERSION = 2
 READ_VERSIONS = (1, 2)  # version 1: full width only, no skipped-sublayer measurement (heads and FFN units only)
@@ -200,7 +200,9 @@ class LatencyTable:
     def skipped_ms(self, hidden=None):
         """Predicted end-to-end ms of the model at hidden width ``hidden`` (default: the model's) with every
         sublayer skipped: embeddings, task head and overhead (a float, or a tensor differentiable in ``hidden``)."""
-        return interpolate(self._width(hidden), self.hidden_grid, self._skipped_fit()[0])
+        curve = self._skipped_fit()[0]
+        i, j, t = width_segment(self._width(hidden), self.hidden_grid)
+        return curve[i] if i == j else curve[i] + (curve[j] - curve[i]) * t
 
     def _need_skipping(self, what: str) -> None:
         if not self.measures_skipping:
