@@ -82,6 +82,7 @@ def command(args: argparse.Namespace) -> int:
     from structprune.latency.cost_model import compare_timer, get_table
     from structprune.latency.widths import parse_hidden_grid
 
+    hidden_grid = parse_hidden_grid(args.hidden_grid) if args.hidden_grid else None
     torch.set_num_threads(args.threads)
     if args.model:
         from structprune.cli import check_model_dir
@@ -93,7 +94,6 @@ def command(args: argparse.Namespace) -> int:
         path = default_model_path()
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(path)
     batch, seq = parse_at(args.at)
-    hidden_grid = parse_hidden_grid(args.hidden_grid) if args.hidden_grid else None
     table = get_table(model, batch, seq, backend=args.backend, dtype=args.dtype, cache_dir=args.cache_dir,
                       refresh=args.refresh, timer=compare_timer(2, args.repeats), ffn_points=args.ffn_points,
                       hidden_grid=hidden_grid)
