@@ -279,3 +279,23 @@ def test_plan_masks_on_a_view_meets_the_tables_budget(model, table, hidden, attn
         assert table.predict(more, u, hidden, attn_kept, ffn_kept) > budget
     with pytest.raises(ValueError, match="out of reach.*hidden width"):
         plan_masks(view, imp, view.available(current_masks(model)), Budget(latency_ms=view.empty_ms * 0.9), HIDDEN, 16)
+
+
+def test_l0_controller_runs_on_a_view(model, table):
+    """The L0 controller's latency Lagrangian, unchanged, reads a view: expected latency at the decided width and
+    sublayers, and a final decision that meets the target by the table's own prediction."""
+    from structprune.strategies import L0Controller, PruneTarget
+
+    attn_kept, ffn_kept = [True, True, False], [True, False, True]
+    view = table.view(48, attn_kept, ffn_kept)
+    ctl = L0Controller(model, PruneTarget(speedup=2.5, table=view), warmup_steps=0, seed=0)
+    opt = torch.optim.Adam(ctl.param_groups(model, lr=0.0, gate_lr=0.1, lambda_lr=0.5))
+    for step in range(20):
+        opt.zero_grad()
+        ctl.penalty(step).backward()
+        opt.step()
+    assert ctl.stats()["expected_latency_ms"] < view.predict([HEADS] * LAYERS, [UNITS] * LAYERS)
+    masks = ctl.finalize()
+    h = [int(m.sum()) for m in masks.heads_per_layer()]
+    u = [int(m.sum()) for m in masks.ffn]
+    assert table.speedup(h, u, 48, attn_kept, ffn_kept) >= 2.5
