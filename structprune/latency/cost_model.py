@@ -27,7 +27,7 @@ from structprune.model.families import family_of, sizes_of
 from structprune.model.patching import gated_layers
 from structprune.latency.models import DTYPES, compacted_copy, fresh_model, model_inputs
 from structprune.latency.table import LatencyTable, TableKey
-from structprune.latency.widths import hidden_widths, narrow_layer, skipped_model
+from structprune.latency.widths import hidden_widths, narrow_layer, narrow_model, skipped_model
 
 Timer = Callable[[Mapping[str, Callable[[], object]]], Mapping[str, list[float]]]
 def default_cache_dir() -> Path:
@@ -229,19 +229,21 @@ def get_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cpp", 
 
 
 @torch.no_grad()
-def check_predictions(model: nn.Module, table: LatencyTable, counts: list[tuple[list[int], list[int]]],
-                      timer: Timer | None = None, seed: int = 0) -> list[dict]:
-    """Measure compacted models with the given per-layer ``(heads, units)`` counts against the dense model
-    (alternated in the same rounds) and set the measured speed-ups beside the table's predictions."""
+def check_predictions(model: nn.Module, table: LatencyTable, counts: list[tuple], timer: Timer | None = None,
+                      seed: int = 0) -> list[dict]:
+    """Measure compacted models with the given per-layer ``(heads, units)`` counts, or ``(heads, units, hidden)``
+    at a narrower hidden width (every sublayer kept), against the dense model (alternated in the same rounds) and
+    set the measured speed-ups beside the table's predictions."""
     timer = timer or compare_timer()
     key = table.key
     fresh = fresh_model(model, DTYPES[key.dtype], seed)
     inputs = model_inputs(fresh, key.batch, key.seq_len, seed)
     layers = table.num_layers
+    cases = [(list(c[0]), list(c[1]), int(c[2]) if len(c) > 2 else table.hidden) for c in counts]
     fns = {"dense": (lambda m=compacted_copy(fresh, [table.num_heads] * layers, [table.intermediate] * layers):
                      m(**inputs))}
-    for i, (h, u) in enumerate(counts):
-        fns[f"case/{i}"] = lambda m=compacted_copy(fresh, h, u): m(**inputs)
+    for i, (h, u, w) in enumerate(cases):
+        fns[f"case/{i}"] = lambda m=narrow_model(compacted_copy(fresh, h, u), w): m(**inputs)
     saved = ops.get_backend()
     ops.set_backend(key.backend)
     try:
@@ -253,10 +255,11 @@ def check_predictions(model: nn.Module, table: LatencyTable, counts: list[tuple[
 
     rows = []
     dense = seconds["dense"]
-    for i, (h, u) in enumerate(counts):
+    for i, (h, u, w) in enumerate(cases):
         ratios = Spread.of([d / max(s, 1e-12) for d, s in zip(dense, seconds[f"case/{i}"])])
         t = Spread.of([s * 1e3 for s in seconds[f"case/{i}"]])
-        rows.append({"heads": list(h), "ffn": list(u), "predicted_ms": float(table.predict(h, u)),
-                     "measured_ms": t.median, "predicted_speedup": table.speedup(h, u),
+        hidden = None if w == table.hidden else w
+        rows.append({"heads": h, "ffn": u, "hidden": w, "predicted_ms": float(table.predict(h, u, hidden)),
+                     "measured_ms": t.median, "predicted_speedup": table.speedup(h, u, hidden),
                      "measured_speedup": ratios.median, "speedup_q1": ratios.q1, "speedup_q3": ratios.q3})
     return rows

@@ -95,6 +95,25 @@ def narrow_layer(layer: nn.Module, hidden: int, width: int) -> nn.Module:
     return layer
 
 
+def _narrow_outside(model: nn.Module, hidden: int, width: int) -> None:
+    """Slice everything outside the encoder layers to hidden width ``width``, in place: embedding tables' columns,
+    LayerNorms over ``hidden``, and the input columns / output rows of the linears that read / write it."""
+    inside = {id(m) for m in family_of(model).layers(model).modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, nn.Embedding) and module.embedding_dim == hidden:
+            _narrow_parameter(module, "weight", 1, width)
+            module.embedding_dim = width
+        elif isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (hidden,):
+            _narrow_norm(module, width)
+        elif isinstance(module, nn.Linear):
+            if module.in_features == hidden:
+                _narrow_linear(module, width, inputs=True)
+            if module.out_features == hidden:
+                _narrow_linear(module, width, inputs=False)
+
+
 @torch.no_grad()
 def skipped_model(model: nn.Module, width: int) -> nn.Module:
     """A copy of ``model`` (patched) at hidden width ``width`` with every sublayer skipped: no encoder layer runs
@@ -106,17 +125,19 @@ def skipped_model(model: nn.Module, width: int) -> nn.Module:
     layers = gated_layers(new)
     for i in reversed(range(len(layers))):
         del layers[i]
+    _narrow_outside(new, hidden, width)
+    return new
+
+
+@torch.no_grad()
+def narrow_model(model: nn.Module, width: int) -> nn.Module:
+    """A copy of ``model`` (patched, compacted or not) at hidden width ``width`` with every sublayer kept: each
+    layer sliced as :func:`narrow_layer` does, everything else as :func:`skipped_model` does."""
+    hidden = family_of(model).sizes(model.config).hidden
+    new = copy.deepcopy(model)
     if width == hidden:
         return new
-    for module in new.modules():
-        if isinstance(module, nn.Embedding) and module.embedding_dim == hidden:
-            _narrow_parameter(module, "weight", 1, width)
-            module.embedding_dim = width
-        elif isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (hidden,):
-            _narrow_norm(module, width)
-        elif isinstance(module, nn.Linear):
-            if module.in_features == hidden:
-                _narrow_linear(module, width, inputs=True)
-            if module.out_features == hidden:
-                _narrow_linear(module, width, inputs=False)
+    for layer in gated_layers(new):
+        narrow_layer(layer, hidden, width)
+    _narrow_outside(new, hidden, width)
     return new

@@ -299,3 +299,24 @@ def test_l0_controller_runs_on_a_view(model, table):
     h = [int(m.sum()) for m in masks.heads_per_layer()]
     u = [int(m.sum()) for m in masks.ffn]
     assert table.speedup(h, u, 48, attn_kept, ffn_kept) >= 2.5
+
+
+def test_narrow_model_and_checking_predictions_at_a_width(model):
+    """A whole model sliced to a width keeps every layer (each sliced as the probes are); check_predictions times
+    such models beside the table's prediction (a real run on the reference backend, one round)."""
+    from structprune.latency import check_predictions
+    from structprune.latency.cost_model import compare_timer
+    from structprune.latency.widths import narrow_model
+
+    batch = tiny_batch(pad_from=None)
+    with torch.no_grad():
+        torch.testing.assert_close(narrow_model(model, HIDDEN)(**batch).start_logits, model(**batch).start_logits)
+        narrow = narrow_model(model, 24)
+        out = narrow(**batch, output_hidden_states=True)
+    assert len(gated_layers(narrow)) == LAYERS and out.start_logits.shape == (3, 11)
+    assert all(h.shape[-1] == 24 for h in out.hidden_states)
+    table = synthetic_v2_table(model)
+    rows = check_predictions(model, table, [([2] * 3, [48] * 3), ([4] * 3, [96] * 3, 32)], timer=compare_timer(0, 1))
+    assert [r["hidden"] for r in rows] == [HIDDEN, 32]
+    assert rows[1]["predicted_ms"] == pytest.approx(table.predict([4] * 3, [96] * 3, 32))
+    assert all(r["measured_ms"] > 0 and r["measured_speedup"] > 0 for r in rows)
