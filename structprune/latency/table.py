@@ -23,9 +23,9 @@ kept counts ``(h_l, u_l)``, hidden width ``d`` and per-layer sublayer kept-proba
                         + f_l * (fixed_scale * F(0, d) + scale * (F(u_l, d) - F(0, d)))]
 
 ``scale`` (``(dense_measured_ms - empty_ms)`` over the sum of the blocks' variable parts at full size) and
-``fixed_scale`` (``(empty_ms - skipped(d))`` over the sum of the blocks' fixed parts, full width) correct for what
-timing the blocks alone misses, so the three whole-model measurements are predicted exactly: the dense model, the
-emptied model and the model with every sublayer skipped. At full width with every sublayer kept this is the
+``fixed_scale`` (``empty_ms - skipped(full width)`` over the sum of the blocks' fixed parts) correct for what
+timing the blocks alone misses, so the whole-model measurements are predicted exactly (up to the monotone fits):
+the dense model, the emptied model and, at each width, the model with every sublayer skipped. At full width with every sublayer kept this is the
 version-1 prediction ``empty_ms + scale * sum_l [A(h_l) - A(0) + F(u_l) - F(0)]``.
 
 The curves used for prediction are the measured medians made non-decreasing (least-squares isotonic fits along the
