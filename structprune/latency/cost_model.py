@@ -2,9 +2,10 @@
 
 Timings do not depend on the weights' values, so the table is measured on a freshly initialised model of the
 same class and config (seeded), never touching the caller's model. Every probe is a COMPACTED block (what
-will be served): for each kept-head count one attention block, for each point of the FFN grid one FFN block,
-plus the whole model emptied and the whole dense model; all of them are timed interleaved in the same rounds
-(:func:`structprune.tools.timing.compare`), and the median per probe is kept.
+will be served): at each hidden width of the grid (:mod:`structprune.latency.widths`), for each kept-head count
+one attention block and for each point of the FFN grid one FFN block, and the whole model with every sublayer
+skipped; plus the whole model emptied and the whole dense model; all of them are timed interleaved in the same
+rounds (:func:`structprune.tools.timing.compare`), and the median per probe is kept.
 
     table = get_table(model, batch=8, seq_len=128, backend="cpp")   # cached per machine/shape/backend/threads
     table.predict([12] * 6, [1536] * 6)                            # ms, end to end
@@ -15,7 +16,7 @@ import copy
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from structprune.model.families import family_of, sizes_of
 from structprune.model.patching import gated_layers
 from structprune.latency.models import DTYPES, compacted_copy, fresh_model, model_inputs
 from structprune.latency.table import LatencyTable, TableKey
+from structprune.latency.widths import hidden_widths, narrow_layer, narrow_model, skipped_model
 
 Timer = Callable[[Mapping[str, Callable[[], object]]], Mapping[str, list[float]]]
 def default_cache_dir() -> Path:
@@ -121,7 +123,7 @@ def _probe_layer(base: nn.Module, heads: int, units: int) -> nn.Module:
 @torch.no_grad()
 def measure_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cpp", dtype="fp32",
                   ffn_points: int = 24, timer: Timer | None = None, machine_info: dict | None = None,
-                  seed: int = 0) -> LatencyTable:
+                  seed: int = 0, hidden_grid: Sequence[float | int] | None = None) -> LatencyTable:
     """Time the blocks of ``model``'s shape on this machine and return the :class:`LatencyTable`.
 
     Args:
@@ -131,18 +133,23 @@ def measure_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cp
         dtype: "fp32", "fp16", "bf16" or the torch dtype.
         ffn_points: FFN kept-unit grid size (plus 0); linear interpolation in between.
         timer: ``timer({name: fn}) -> {name: [per-call seconds, ...]}``; default :func:`compare_timer`.
-            Probe names are ``"attention/<heads>"``, ``"ffn/<units>"``, ``"model/empty"``, ``"model/dense"``.
+            Probe names are ``"attention/<heads>/<width>"``, ``"ffn/<units>/<width>"``,
+            ``"model/skipped/<width>"``, ``"model/empty"`` and ``"model/dense"``.
         machine_info: what to record as the machine (default :func:`machine`).
+        hidden_grid: the hidden widths (ints) or fractions of the hidden size (floats) to time besides the full
+            width (:func:`~structprune.latency.widths.hidden_widths`; default 1/4, 1/2, 3/4).
 
-    Uses the current ``torch.get_num_threads()`` and records it.
+    Uses the current ``torch.get_num_threads()`` and records it. Every probe at every width is timed in the same
+    interleaved rounds.
     """
     key = table_key(model, batch, seq_len, backend, dtype, machine_info=machine_info)
     torch_dtype = DTYPES[key.dtype]
     timer = timer or compare_timer()
     fresh = fresh_model(model, torch_dtype, seed)
     inputs = model_inputs(fresh, batch, seq_len, seed)
-    heads, units, layers = key.model["heads"], key.model["intermediate"], key.model["layers"]
+    heads, units, layers, hidden = (key.model[k] for k in ("heads", "intermediate", "layers", "hidden"))
     grid = ffn_grid(units, ffn_points)
+    widths = hidden_widths(hidden, hidden_grid)
     saved = ops.get_backend()
     ops.set_backend(backend)
     try:
@@ -150,12 +157,17 @@ def measure_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cp
         base = gated_layers(fresh)[0]
         family = family_of(fresh)
         fns: dict[str, Callable[[], object]] = {}
-        for h in range(heads + 1):
-            attn = _probe_layer(base, h, 0).attention
-            fns[f"attention/{h}"] = lambda m=attn: m(x, mask)
-        for u in grid:
-            layer = _probe_layer(base, 0, u)
-            fns[f"ffn/{u}"] = lambda m=layer: family.ffn_block(m, x)
+        for w in widths:
+            xw = x[..., :w].contiguous()
+            for h in range(heads + 1):
+                attn = narrow_layer(_probe_layer(base, h, 0), hidden, w).attention
+                fns[f"attention/{h}/{w}"] = lambda m=attn, xw=xw: m(xw, mask)
+            for u in grid:
+                layer = narrow_layer(_probe_layer(base, 0, u), hidden, w)
+                fns[f"ffn/{u}/{w}"] = lambda m=layer, xw=xw: family.ffn_block(m, xw)
+            skipped = skipped_model(fresh, w)
+            _check_runs(skipped, inputs, f"the model at hidden width {w} with every sublayer skipped")
+            fns[f"model/skipped/{w}"] = lambda m=skipped: m(**inputs)
         empty = compacted_copy(fresh, [0] * layers, [0] * layers)
         dense = compacted_copy(fresh, [heads] * layers, [units] * layers)
         fns["model/empty"] = lambda: empty(**inputs)
@@ -168,18 +180,30 @@ def measure_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cp
 
     ms = {name: Spread.of([s * 1e3 for s in seconds[name]]) for name in fns}
     spread = {name: round(s.rel_halfwidth, 4) for name, s in ms.items() if len(seconds[name]) > 1}
-    return LatencyTable(key=key, attention_ms=[ms[f"attention/{h}"].median for h in range(heads + 1)],
-                        ffn_grid=grid, ffn_ms=[ms[f"ffn/{u}"].median for u in grid],
+    attention = [[ms[f"attention/{h}/{w}"].median for h in range(heads + 1)] for w in widths]
+    ffn = [[ms[f"ffn/{u}/{w}"].median for u in grid] for w in widths]
+    return LatencyTable(key=key, attention_ms=attention[-1], ffn_grid=grid, ffn_ms=ffn[-1],
                         empty_ms=ms["model/empty"].median, dense_measured_ms=ms["model/dense"].median,
-                        spread=spread, notes={"samples": len(seconds["model/dense"]), "seed": seed})
+                        spread=spread, notes={"samples": len(seconds["model/dense"]), "seed": seed},
+                        hidden_grid=widths, narrow_attention_ms=attention[:-1], narrow_ffn_ms=ffn[:-1],
+                        skipped_measured_ms=[ms[f"model/skipped/{w}"].median for w in widths])
+
+
+def _check_runs(model: nn.Module, inputs: dict, what: str) -> None:
+    """Run ``model`` once, so a model it cannot be built for fails here with a clear message, not in the timer."""
+    try:
+        with torch.inference_mode():
+            model(**inputs)
+    except Exception as exc:
+        raise RuntimeError(f"could not run {what} ({type(model).__name__}): {exc}") from exc
 
 
 def get_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cpp", dtype="fp32",
               cache_dir: str | Path | None = None, refresh: bool = False, verbose: bool = True,
               **measure_kwargs) -> LatencyTable:
     """The cached table for these settings when one exists for this machine (same CPU, cores, torch, shape,
-    backend, dtype, batch, sequence length and threads), else a fresh measurement, cached for next time.
-    ``refresh`` measures again whatever the cache holds."""
+    backend, dtype, batch, sequence length and threads; and the hidden widths, when ``hidden_grid`` is given),
+    else a fresh measurement, cached for next time. ``refresh`` measures again whatever the cache holds."""
     key = table_key(model, batch, seq_len, backend, dtype, machine_info=measure_kwargs.get("machine_info"))
     path = Path(cache_dir or default_cache_dir()) / key.filename()
     if path.is_file() and not refresh:
@@ -189,6 +213,9 @@ def get_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cpp", 
             warnings.warn(f"ignoring unreadable latency table {path}: {exc}", stacklevel=2)
         else:
             differ = table.key.differences(key)
+            asked = measure_kwargs.get("hidden_grid")
+            if asked is not None and hidden_widths(key.model["hidden"], asked) != table.hidden_grid:
+                differ["hidden_grid"] = (table.hidden_grid, hidden_widths(key.model["hidden"], asked))
             if not differ:
                 return table
             if verbose:
@@ -202,19 +229,21 @@ def get_table(model: nn.Module, batch: int, seq_len: int, backend: str = "cpp", 
 
 
 @torch.no_grad()
-def check_predictions(model: nn.Module, table: LatencyTable, counts: list[tuple[list[int], list[int]]],
-                      timer: Timer | None = None, seed: int = 0) -> list[dict]:
-    """Measure compacted models with the given per-layer ``(heads, units)`` counts against the dense model
-    (alternated in the same rounds) and set the measured speed-ups beside the table's predictions."""
+def check_predictions(model: nn.Module, table: LatencyTable, counts: list[tuple], timer: Timer | None = None,
+                      seed: int = 0) -> list[dict]:
+    """Measure compacted models with the given per-layer ``(heads, units)`` counts, or ``(heads, units, hidden)``
+    at a narrower hidden width (every sublayer kept), against the dense model (alternated in the same rounds) and
+    set the measured speed-ups beside the table's predictions."""
     timer = timer or compare_timer()
     key = table.key
     fresh = fresh_model(model, DTYPES[key.dtype], seed)
     inputs = model_inputs(fresh, key.batch, key.seq_len, seed)
     layers = table.num_layers
+    cases = [(list(c[0]), list(c[1]), int(c[2]) if len(c) > 2 else table.hidden) for c in counts]
     fns = {"dense": (lambda m=compacted_copy(fresh, [table.num_heads] * layers, [table.intermediate] * layers):
                      m(**inputs))}
-    for i, (h, u) in enumerate(counts):
-        fns[f"case/{i}"] = lambda m=compacted_copy(fresh, h, u): m(**inputs)
+    for i, (h, u, w) in enumerate(cases):
+        fns[f"case/{i}"] = lambda m=narrow_model(compacted_copy(fresh, h, u), w): m(**inputs)
     saved = ops.get_backend()
     ops.set_backend(key.backend)
     try:
@@ -226,10 +255,11 @@ def check_predictions(model: nn.Module, table: LatencyTable, counts: list[tuple[
 
     rows = []
     dense = seconds["dense"]
-    for i, (h, u) in enumerate(counts):
+    for i, (h, u, w) in enumerate(cases):
         ratios = Spread.of([d / max(s, 1e-12) for d, s in zip(dense, seconds[f"case/{i}"])])
         t = Spread.of([s * 1e3 for s in seconds[f"case/{i}"]])
-        rows.append({"heads": list(h), "ffn": list(u), "predicted_ms": float(table.predict(h, u)),
-                     "measured_ms": t.median, "predicted_speedup": table.speedup(h, u),
+        hidden = None if w == table.hidden else w
+        rows.append({"heads": h, "ffn": u, "hidden": w, "predicted_ms": float(table.predict(h, u, hidden)),
+                     "measured_ms": t.median, "predicted_speedup": table.speedup(h, u, hidden),
                      "measured_speedup": ratios.median, "speedup_q1": ratios.q1, "speedup_q3": ratios.q3})
     return rows

@@ -1,30 +1,42 @@
-"""The latency table: what one encoder layer's attention and FFN cost at each kept size, measured on this
-machine, and the end-to-end latency it predicts for a model with any per-layer kept counts.
+"""The latency table: what one encoder layer's attention and FFN cost at each kept size and hidden width, measured
+on this machine, and the end-to-end latency it predicts for a model with any per-layer kept counts, hidden width
+and kept sublayers.
 
 A :class:`LatencyTable` holds, for one model shape, backend, dtype, batch x sequence length and thread count:
 
+* ``hidden_grid``: the hidden widths timed (increasing, the last the model's own ``d``);
 * ``attention_ms[h]``: one COMPACTED layer's attention block (Q/K/V, attention, output projection, residual,
-  LayerNorm) with ``h`` heads kept, for every ``h`` in ``0..H``;
+  LayerNorm) with ``h`` heads kept, for every ``h`` in ``0..H``, at full width; ``narrow_attention_ms`` the
+  same at each narrower width of ``hidden_grid`` (one row each);
 * ``ffn_ms`` at the kept-unit counts ``ffn_grid`` (0 and a grid up to the full size): the FFN block (both
-  projections, activation, residual, LayerNorm); linear interpolation in between;
-* ``empty_ms``: the whole model with every head and FFN unit removed (embeddings, the LayerNorms and residuals
-  of every layer, the task head, Python overhead), measured end to end;
+  projections, activation, residual, LayerNorm) at full width; ``narrow_ffn_ms`` the rows of narrower widths;
+* ``empty_ms``: the whole model with every head and FFN unit removed but every sublayer kept (embeddings, the
+  LayerNorms and residuals of every layer, the task head, Python overhead), measured end to end;
+* ``skipped_measured_ms``: per width of ``hidden_grid``, the whole model at that width with every sublayer
+  skipped (embeddings, embedding LayerNorm, task head, overhead), measured end to end;
 * ``dense_measured_ms``: the whole dense model, measured end to end in the same run.
 
-The prediction for per-layer kept counts ``(h_l, u_l)`` is::
+With ``A(h, d)`` and ``F(u, d)`` the block curves (bilinear in count and width), the prediction for per-layer
+kept counts ``(h_l, u_l)``, hidden width ``d`` and per-layer sublayer kept-probabilities ``a_l``, ``f_l`` is::
 
-    empty_ms + scale * sum_l [attention(h_l) - attention(0) + ffn(u_l) - ffn(0)]
+    skipped(d) + sum_l [a_l * (fixed_scale * A(0, d) + scale * (A(h_l, d) - A(0, d)))
+                        + f_l * (fixed_scale * F(0, d) + scale * (F(u_l, d) - F(0, d)))]
 
-where ``scale`` (measured: ``(dense_measured_ms - empty_ms)`` over the same sum at full size) corrects for what
-timing the blocks alone misses, so the dense prediction is the dense measurement. The curves used for
-prediction are the measured medians made non-decreasing (least-squares isotonic fit): removing units never
-makes a layer slower in the model, whatever the timing noise says; the raw medians are kept in the JSON.
+``scale`` (``(dense_measured_ms - empty_ms)`` over the sum of the blocks' variable parts at full size) and
+``fixed_scale`` (``empty_ms - skipped(full width)`` over the sum of the blocks' fixed parts) correct for what
+timing the blocks alone misses, so the whole-model measurements are predicted exactly (up to the monotone fits):
+the dense model, the emptied model and, at each width, the model with every sublayer skipped. At full width with every sublayer kept this is the
+version-1 prediction ``empty_ms + scale * sum_l [A(h_l) - A(0) + F(u_l) - F(0)]``.
 
-Counts may be floats or tensors (expected counts during L0 training): the prediction is then differentiable.
+The curves used for prediction are the measured medians made non-decreasing (least-squares isotonic fits along the
+counts, then along the widths): removing units or hidden dimensions never makes a layer slower in the model,
+whatever the timing noise says, and skipping sublayers never makes the model slower than emptying them; the raw
+medians are kept in the JSON. Counts, widths and kept-probabilities may be floats or tensors (expected values during
+L0 training): the prediction is then differentiable. :meth:`LatencyTable.view` gives the table at a decided width
+and set of sublayers, for planners that choose heads and units (:func:`structprune.strategies.plan.plan_masks`).
 """
 from __future__ import annotations
 
-import bisect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,43 +44,10 @@ from typing import Sequence
 
 import torch
 
-TABLE_VERSION = 1
+from structprune.latency.fits import bilinear, isotonic, isotonic_grid, width_segment
 
-
-def isotonic(values: Sequence[float]) -> list[float]:
-    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent violators)."""
-    blocks: list[list[float]] = []  # [mean, weight]
-    for v in values:
-        blocks.append([float(v), 1.0])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
-            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
-    out: list[float] = []
-    for mean, weight in blocks:
-        out.extend([mean] * int(weight))
-    return out
-
-
-def interpolate(x, xs: Sequence[int], ys: Sequence[float]):
-    """Piecewise-linear ``y(x)`` through ``(xs, ys)`` (``xs`` increasing), for an int/float or a tensor
-    ``x`` (differentiable in ``x``). ``x`` outside ``[xs[0], xs[-1]]`` is an error."""
-    lo, hi = xs[0], xs[-1]
-    if isinstance(x, torch.Tensor):
-        if bool(((x.detach() < lo - 1e-6) | (x.detach() > hi + 1e-6)).any()):
-            raise ValueError(f"kept count {x.detach().tolist()} outside the table's range [{lo}, {hi}]")
-        grid = torch.tensor([float(v) for v in xs], dtype=x.dtype if x.is_floating_point() else torch.float64,
-                            device=x.device)
-        vals = torch.tensor([float(v) for v in ys], dtype=grid.dtype, device=x.device)
-        xf = x.to(grid.dtype).clamp(lo, hi)
-        i = torch.searchsorted(grid, xf.detach(), right=True).clamp(1, len(xs) - 1)
-        x0, x1, y0, y1 = grid[i - 1], grid[i], vals[i - 1], vals[i]
-        return y0 + (y1 - y0) * (xf - x0) / (x1 - x0)
-    x = float(x)
-    if not (lo - 1e-9 <= x <= hi + 1e-9):
-        raise ValueError(f"kept count {x} outside the table's range [{lo}, {hi}]")
-    i = min(max(bisect.bisect_right(xs, x), 1), len(xs) - 1)
-    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+TABLE_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: full width only, no skipped-sublayer measurement (heads and FFN units only)
 
 
 @dataclass
@@ -97,27 +76,49 @@ class TableKey:
 
 @dataclass
 class LatencyTable:
-    """Measured per-layer costs (milliseconds) and the end-to-end prediction; see the module docstring."""
+    """Measured per-layer costs (milliseconds) and the end-to-end prediction; see the module docstring.
+
+    Built with only the version-1 fields (no ``hidden_grid``, no ``skipped_measured_ms``), a table predicts the full
+    width with every sublayer kept, and says so when asked for anything else."""
 
     key: TableKey
-    attention_ms: list[float]                 # index = heads kept, 0..H (raw medians)
+    attention_ms: list[float]                 # index = heads kept, 0..H (raw medians), full width
     ffn_grid: list[int]                       # kept FFN units at which the FFN was timed, 0 .. I
-    ffn_ms: list[float]                       # raw medians at ffn_grid
-    empty_ms: float                           # whole model, nothing kept
+    ffn_ms: list[float]                       # raw medians at ffn_grid, full width
+    empty_ms: float                           # whole model, no head or unit kept, every sublayer kept
     dense_measured_ms: float                  # whole model, everything kept
     spread: dict = field(default_factory=dict)  # relative IQR half-widths of the timings, for the record
     notes: dict = field(default_factory=dict)
+    hidden_grid: list[int] | None = None      # widths timed, increasing, last = the model's (None: full width only)
+    narrow_attention_ms: list[list[float]] = field(default_factory=list)  # [width below full][heads kept]
+    narrow_ffn_ms: list[list[float]] = field(default_factory=list)        # [width below full][ffn_grid point]
+    skipped_measured_ms: list[float] | None = None  # per hidden_grid width: whole model, every sublayer skipped
 
     def __post_init__(self):
-        heads, units = self.key.model["heads"], self.key.model["intermediate"]
+        heads, units, hidden = self.key.model["heads"], self.key.model["intermediate"], self.key.model["hidden"]
         if len(self.attention_ms) != heads + 1:
             raise ValueError(f"attention_ms needs one entry per kept-head count 0..{heads}, "
                              f"got {len(self.attention_ms)}")
         grid = list(self.ffn_grid)
         if grid != sorted(set(grid)) or grid[0] != 0 or grid[-1] != units or len(grid) != len(self.ffn_ms):
             raise ValueError(f"ffn_grid must increase from 0 to {units} with one ffn_ms entry each, got {grid}")
-        self._attn = isotonic(self.attention_ms)
-        self._ffn = isotonic(self.ffn_ms)
+        widths = [int(w) for w in (self.hidden_grid or [hidden])]
+        if widths != sorted(set(widths)) or widths[0] < 1 or widths[-1] != hidden:
+            raise ValueError(f"hidden_grid must increase from >= 1 to the model's hidden size {hidden}, got {widths}")
+        self.hidden_grid = widths
+        narrow = len(widths) - 1
+        if (len(self.narrow_attention_ms) != narrow or any(len(r) != heads + 1 for r in self.narrow_attention_ms)
+                or len(self.narrow_ffn_ms) != narrow or any(len(r) != len(grid) for r in self.narrow_ffn_ms)):
+            raise ValueError(f"narrow_attention_ms / narrow_ffn_ms need one row per width below {hidden} "
+                             f"({widths[:-1]}), of {heads + 1} / {len(grid)} entries")
+        if self.skipped_measured_ms is None and narrow:
+            raise ValueError("a table with narrower hidden widths needs skipped_measured_ms (one per width)")
+        if self.skipped_measured_ms is not None and len(self.skipped_measured_ms) != len(widths):
+            raise ValueError(f"skipped_measured_ms needs one entry per hidden width {widths}, "
+                             f"got {len(self.skipped_measured_ms)}")
+        self._attn_rows = isotonic_grid([*self.narrow_attention_ms, self.attention_ms])
+        self._ffn_rows = isotonic_grid([*self.narrow_ffn_ms, self.ffn_ms])
+        self._attn, self._ffn = self._attn_rows[-1], self._ffn_rows[-1]
 
     # ---- shape -------------------------------------------------------------------------------------
     @property
@@ -133,6 +134,18 @@ class LatencyTable:
         return int(self.key.model["intermediate"])
 
     @property
+    def hidden(self) -> int:
+        """The model's hidden width (the last of ``hidden_grid``)."""
+        return int(self.key.model["hidden"])
+
+    @property
+    def measures_skipping(self) -> bool:
+        """Whether the model with every sublayer skipped was measured (tables of version 2 that
+        :func:`~structprune.latency.measure_table` writes), so narrower widths and skipped sublayers can be
+        predicted."""
+        return self.skipped_measured_ms is not None
+
+    @property
     def at(self) -> str:
         return f"B{self.key.batch}xL{self.key.seq_len}"
 
@@ -141,39 +154,103 @@ class LatencyTable:
         return (f"{self.at}, {k.backend} backend, {k.dtype}, {k.threads} thread(s), on {k.machine.get('cpu', '?')}")
 
     # ---- the cost curves (monotone fit) -------------------------------------------------------------
-    def attention(self, heads):
-        """Predicted attention-block ms of one layer with ``heads`` kept (int, float or tensor)."""
-        return interpolate(heads, list(range(self.num_heads + 1)), self._attn)
+    def attention(self, heads, hidden=None):
+        """Predicted attention-block ms of one layer with ``heads`` kept at hidden width ``hidden`` (default: the
+        model's); ints, floats or tensors."""
+        return bilinear(heads, list(range(self.num_heads + 1)), self._attn_rows, self._width(hidden), self.hidden_grid)
 
-    def ffn(self, units):
-        """Predicted FFN-block ms of one layer with ``units`` kept (int, float or tensor)."""
-        return interpolate(units, self.ffn_grid, self._ffn)
+    def ffn(self, units, hidden=None):
+        """Predicted FFN-block ms of one layer with ``units`` kept at hidden width ``hidden`` (default: the
+        model's); ints, floats or tensors."""
+        return bilinear(units, self.ffn_grid, self._ffn_rows, self._width(hidden), self.hidden_grid)
+
+    def _width(self, hidden):
+        return self.hidden if hidden is None else hidden
 
     @property
     def fixed_layer_ms(self) -> float:
-        """One layer with nothing kept: LayerNorms, residuals, output biases."""
+        """One layer with nothing kept, full width: LayerNorms, residuals, output biases."""
         return self._attn[0] + self._ffn[0]
 
     @property
     def scale(self) -> float:
-        """Measured end-to-end encoder cost over the sum of the blocks timed alone (1 when not measurable)."""
+        """Measured end-to-end cost of the kept heads and units over the same blocks timed alone (1 when not
+        measurable)."""
         blocks = self.num_layers * (self._attn[-1] - self._attn[0] + self._ffn[-1] - self._ffn[0])
         if blocks <= 0 or self.dense_measured_ms <= self.empty_ms:
             return 1.0
         return (self.dense_measured_ms - self.empty_ms) / blocks
 
-    def layer_ms(self, heads, units):
-        """What one layer with ``heads``/``units`` kept adds over an emptied layer (scaled)."""
-        return self.scale * (self.attention(heads) - self._attn[0] + self.ffn(units) - self._ffn[0])
+    def _skipped_fit(self) -> tuple[list[float], float]:
+        """(the skipped-model curve over ``hidden_grid``, ``fixed_scale``): the monotone fit of the measurements,
+        capped at ``empty_ms`` (skipping sublayers never costs more than emptying them); the scale puts what the
+        emptied model costs over the skipped one on the blocks' fixed parts (on the curve where they take 0 ms)."""
+        self._need_skipping("the skipped-model curve")
+        curve = [min(v, self.empty_ms) for v in isotonic(self.skipped_measured_ms)]
+        gap, fixed = self.empty_ms - curve[-1], self.num_layers * self.fixed_layer_ms
+        fixed_scale = gap / fixed if fixed > 0 else 0.0
+        return [v + gap - fixed_scale * fixed for v in curve], fixed_scale
 
-    def predict(self, heads: Sequence, units: Sequence):
-        """Predicted end-to-end ms for per-layer kept counts (lists of ints/floats, or tensors ``[L]``)."""
-        if len(heads) != self.num_layers or len(units) != self.num_layers:
-            raise ValueError(f"need one kept count per layer ({self.num_layers}), got {len(heads)} head and "
+    @property
+    def fixed_scale(self) -> float:
+        """Measured end-to-end cost of the sublayers' fixed parts (LayerNorms, residuals, biases, calls) over the
+        same parts timed alone (needs :attr:`measures_skipping`)."""
+        return self._skipped_fit()[1]
+
+    def skipped_ms(self, hidden=None):
+        """Predicted end-to-end ms of the model at hidden width ``hidden`` (default: the model's) with every
+        sublayer skipped: embeddings, task head and overhead (a float, or a tensor differentiable in ``hidden``)."""
+        curve = self._skipped_fit()[0]
+        i, j, t = width_segment(self._width(hidden), self.hidden_grid)
+        return curve[i] if i == j else curve[i] + (curve[j] - curve[i]) * t
+
+    def _need_skipping(self, what: str) -> None:
+        if not self.measures_skipping:
+            raise ValueError(f"{what} needs a latency table measured with hidden widths and skipped sublayers; this "
+                             f"one (version {self.key.version}) has neither: measure it again "
+                             f"(structprune latency-table --refresh, or get_table(..., refresh=True))")
+
+    def attention_sublayer_ms(self, heads, hidden=None):
+        """What one kept attention sublayer with ``heads`` heads adds to the model at width ``hidden`` (scaled)."""
+        d = self._width(hidden)
+        empty = self.attention(0, d)
+        return self.fixed_scale * empty + self.scale * (self.attention(heads, d) - empty)
+
+    def ffn_sublayer_ms(self, units, hidden=None):
+        """What one kept FFN sublayer with ``units`` units adds to the model at width ``hidden`` (scaled)."""
+        d = self._width(hidden)
+        empty = self.ffn(0, d)
+        return self.fixed_scale * empty + self.scale * (self.ffn(units, d) - empty)
+
+    def layer_ms(self, heads, units, hidden=None):
+        """What one layer with ``heads``/``units`` kept adds over an emptied layer (scaled), at width ``hidden``."""
+        d = self._width(hidden)
+        return self.scale * (self.attention(heads, d) - self.attention(0, d) + self.ffn(units, d) - self.ffn(0, d))
+
+    def predict(self, heads: Sequence, units: Sequence, hidden=None, attn_kept: Sequence | None = None,
+                ffn_kept: Sequence | None = None):
+        """Predicted end-to-end ms (see the module docstring) for per-layer kept counts ``heads`` / ``units``
+        (lists of ints/floats, or tensors ``[L]``) at hidden width ``hidden`` (a number or scalar tensor; default
+        the model's), with per-layer attention / FFN sublayers kept with probability ``attn_kept`` / ``ffn_kept``
+        (bools, numbers in [0, 1] or tensors ``[L]``; default every one kept). The counts of a skipped sublayer
+        do not matter. Differentiable in every tensor argument."""
+        layers = self.num_layers
+        if len(heads) != layers or len(units) != layers:
+            raise ValueError(f"need one kept count per layer ({layers}), got {len(heads)} head and "
                              f"{len(units)} FFN counts")
-        total = self.empty_ms
-        for h, u in zip(heads, units):
-            total = total + self.layer_ms(h, u)
+        for name, kept in (("attn_kept", attn_kept), ("ffn_kept", ffn_kept)):
+            _check_fractions(name, kept, layers)
+        if hidden is None and attn_kept is None and ffn_kept is None:
+            total = self.empty_ms
+            for h, u in zip(heads, units):
+                total = total + self.layer_ms(h, u)
+            return total
+        self._need_skipping("predicting a narrower hidden width or skipped sublayers")
+        total = self.skipped_ms(hidden)
+        for i, (h, u) in enumerate(zip(heads, units)):
+            a = 1.0 if attn_kept is None else attn_kept[i]
+            f = 1.0 if ffn_kept is None else ffn_kept[i]
+            total = total + a * self.attention_sublayer_ms(h, hidden) + f * self.ffn_sublayer_ms(u, hidden)
         return total
 
     @property
@@ -183,11 +260,24 @@ class LatencyTable:
 
     @property
     def max_speedup(self) -> float:
-        """The speed-up of removing every head and FFN unit (what no target can exceed)."""
-        return self.dense_ms / self.empty_ms
+        """The speed-up of the fastest model the table describes: every sublayer skipped at the smallest hidden
+        width (a version-1 table: every head and FFN unit removed)."""
+        if not self.measures_skipping:
+            return self.dense_ms / self.empty_ms
+        return self.dense_ms / float(self.skipped_ms(self.hidden_grid[0]))
 
-    def speedup(self, heads: Sequence, units: Sequence) -> float:
-        return self.dense_ms / float(self.predict(heads, units))
+    def speedup(self, heads: Sequence, units: Sequence, hidden=None, attn_kept: Sequence | None = None,
+                ffn_kept: Sequence | None = None) -> float:
+        """``dense_ms`` over :meth:`predict` of the same arguments."""
+        return self.dense_ms / float(self.predict(heads, units, hidden, attn_kept, ffn_kept))
+
+    def view(self, hidden: int, attn_kept: Sequence[bool], ffn_kept: Sequence[bool]):
+        """This table at a decided hidden width and set of kept sublayers: a
+        :class:`~structprune.latency.view.TableView` with the interface planners use (``layer_ms``, ``predict``,
+        ``empty_ms``, ...), in which skipped sublayers cost nothing."""
+        from structprune.latency.view import TableView
+
+        return TableView(self, hidden, attn_kept, ffn_kept)
 
     # ---- JSON ---------------------------------------------------------------------------------------
     def report(self, model, heads: Sequence, units: Sequence, measure: bool = False, repeats: int = 10) -> dict:
@@ -230,22 +320,34 @@ class LatencyTable:
                 "repeats": repeats, "measured_threads": t.threads}
 
     def to_dict(self) -> dict:
+        derived = {"attention_fit_ms": self._attn, "ffn_fit_ms": self._ffn, "scale": self.scale,
+                   "fixed_layer_ms": self.fixed_layer_ms, "dense_ms": self.dense_ms, "max_speedup": self.max_speedup,
+                   "attention_fit_ms_by_width": self._attn_rows, "ffn_fit_ms_by_width": self._ffn_rows}
+        if self.measures_skipping:
+            curve, fixed_scale = self._skipped_fit()
+            derived.update(skipped_fit_ms=curve, fixed_scale=fixed_scale)
         return {"key": asdict(self.key), "attention_ms": self.attention_ms, "ffn_grid": self.ffn_grid,
                 "ffn_ms": self.ffn_ms, "empty_ms": self.empty_ms, "dense_measured_ms": self.dense_measured_ms,
-                "spread": self.spread, "notes": self.notes,
-                "derived": {"attention_fit_ms": self._attn, "ffn_fit_ms": self._ffn, "scale": self.scale,
-                            "fixed_layer_ms": self.fixed_layer_ms, "dense_ms": self.dense_ms,
-                            "max_speedup": self.max_speedup}}
+                "hidden_grid": self.hidden_grid, "narrow_attention_ms": self.narrow_attention_ms,
+                "narrow_ffn_ms": self.narrow_ffn_ms, "skipped_measured_ms": self.skipped_measured_ms,
+                "spread": self.spread, "notes": self.notes, "derived": derived}
 
     @classmethod
     def from_dict(cls, data: dict) -> "LatencyTable":
+        """A table from :meth:`to_dict`'s JSON, of this version or version 1 (full width, no skipped sublayers:
+        its key keeps version 1, so :func:`~structprune.latency.get_table` measures it again)."""
         version = data.get("key", {}).get("version")
-        if version != TABLE_VERSION:
-            raise ValueError(f"latency table version {version!r}, this structprune reads version {TABLE_VERSION}")
+        if version not in READ_VERSIONS:
+            raise ValueError(f"latency table version {version!r}, this structprune reads versions {READ_VERSIONS}")
+        skipped = data.get("skipped_measured_ms")
         return cls(key=TableKey(**data["key"]), attention_ms=list(data["attention_ms"]),
                    ffn_grid=[int(g) for g in data["ffn_grid"]], ffn_ms=list(data["ffn_ms"]),
                    empty_ms=float(data["empty_ms"]), dense_measured_ms=float(data["dense_measured_ms"]),
-                   spread=dict(data.get("spread", {})), notes=dict(data.get("notes", {})))
+                   spread=dict(data.get("spread", {})), notes=dict(data.get("notes", {})),
+                   hidden_grid=[int(w) for w in data.get("hidden_grid") or [data["key"]["model"]["hidden"]]],
+                   narrow_attention_ms=[list(r) for r in data.get("narrow_attention_ms", [])],
+                   narrow_ffn_ms=[list(r) for r in data.get("narrow_ffn_ms", [])],
+                   skipped_measured_ms=None if skipped is None else [float(v) for v in skipped])
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -259,3 +361,14 @@ class LatencyTable:
     def load(cls, path: str | Path) -> "LatencyTable":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+
+def _check_fractions(name: str, values, layers: int) -> None:
+    """``values`` (None, or one kept-probability per layer) has ``layers`` entries in [0, 1]."""
+    if values is None:
+        return
+    if len(values) != layers:
+        raise ValueError(f"{name} needs one entry per layer ({layers}), got {len(values)}")
+    t = values.detach().float() if isinstance(values, torch.Tensor) else torch.tensor(
+        [float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in values])
+    if bool(((t < 0) | (t > 1)).any()):
+        raise ValueError(f"{name} must be bools or probabilities in [0, 1], got {t.tolist()}")

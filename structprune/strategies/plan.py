@@ -114,7 +114,7 @@ def plan_masks(table: LatencyTable, importance: dict[str, Sequence[torch.Tensor]
         floor = table.empty_ms
         if budget.latency_ms < floor * (1 - eps):
             raise ValueError(f"a predicted latency of {budget.latency_ms:.3f} ms is out of reach: removing every head "
-                             f"and FFN unit gives {floor:.3f} ms ({table.max_speedup:.2f}x) at {table.describe()}")
+                             f"and FFN unit gives {floor:.3f} ms ({table.dense_ms / floor:.2f}x) at {table.describe()}")
         room = budget.latency_ms - table.empty_ms
         lat_budget = [room * len(g) / st.L for g in groups]
     par_budget = None
@@ -264,7 +264,7 @@ def budget_of(model, target, table: LatencyTable | None) -> Budget:
     if latency is not None and latency < table.empty_ms * (1 - 1e-9):
         asked = f"speed-up {target.speedup:g}x" if target.speedup is not None else f"latency of {latency:.3f} ms"
         raise ValueError(f"a {asked} is out of reach: removing every head and FFN unit gives {table.empty_ms:.3f} ms "
-                         f"({table.max_speedup:.2f}x) at {table.describe()}")
+                         f"({table.dense_ms / table.empty_ms:.2f}x) at {table.describe()}")
     params = None
     if target.params is not None:
         params = float(target.params) * sum(sum(sizes[s]) * unit[s] for s in STRUCTURES)

@@ -11,23 +11,9 @@ from structprune.latency import (LatencyTable, get_table, interpolate, isotonic,
 from structprune.strategies.plan import Budget, plan_masks, unit_params
 from structprune.strategies import PruneTarget, current_masks, gain_masks, random_masks
 from structprune.strategies.targets import parse_at
-from helpers.latency_tables import HEADS, LAYERS, MACHINE, UNITS, counts, synthetic_table
+from helpers.latency_tables import HEADS, LAYERS, MACHINE, UNITS, counts, fake_timer, synthetic_table
 from helpers.models import one_thread_reference_backend, qa_batches, tiny_model  # noqa: F401  (autouse fixture)
 
-
-
-def fake_timer(fns):
-    """Deterministic 'seconds' from the probe names: attention 1 ms/head, FFN 1 ms per 24 units, 0.1 ms fixed."""
-    out = {}
-    for name in fns:
-        kind, n = name.split("/")
-        if kind == "attention":
-            out[name] = [(0.1 + int(n)) * 1e-3]
-        elif kind == "ffn":
-            out[name] = [(0.1 + int(n) / 24) * 1e-3]
-        else:  # model/empty, model/dense
-            out[name] = [(1.0 if n == "empty" else 1.0 + LAYERS * 8.0) * 1e-3]
-    return out
 
 
 @pytest.fixture
@@ -62,7 +48,7 @@ def test_measure_table_with_injected_timer(model):
     assert table.dense_ms == pytest.approx(25.0)
     assert table.predict([2] * 3, [48] * 3) == pytest.approx(1.0 + 3 * 4.0)
     assert table.predict([0] * 3, [0] * 3) == pytest.approx(1.0)
-    assert table.max_speedup == pytest.approx(25.0)
+    assert table.max_speedup == pytest.approx(25.0 / 0.3)  # every sublayer skipped at width 16: 0.2 + 0.1 ms
     assert table.key.machine == MACHINE and table.key.threads == 1 and table.key.backend == "torch"
     assert sp.get_backend() == "torch"  # restored
 
@@ -74,6 +60,9 @@ def test_measure_table_probes_compacted_blocks(model):
     table = measure_table(model, 2, 8, backend="torch", timer=compare_timer(0, 1), machine_info=MACHINE, ffn_points=2)
     assert len(table.attention_ms) == HEADS + 1 and table.ffn_grid == [0, 48, 96]
     assert all(v > 0 for v in table.attention_ms + table.ffn_ms + [table.empty_ms, table.dense_measured_ms])
+    assert table.hidden_grid == [16, 32, 48, 64] and len(table.narrow_attention_ms) == len(table.narrow_ffn_ms) == 3
+    assert all(v > 0 for row in table.narrow_attention_ms + table.narrow_ffn_ms for v in row)
+    assert len(table.skipped_measured_ms) == 4 and all(v > 0 for v in table.skipped_measured_ms)
 
 
 def test_scale_corrects_blocks_to_the_measured_dense(model):

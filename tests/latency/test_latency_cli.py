@@ -83,10 +83,16 @@ def test_latency_table_command(base, tmp_path, capsys):
     path, _ = base
     out = tmp_path / "t.json"
     args = ["latency-table", "--model", str(path), "--at", "2x8", "--backend", "torch", "--threads", "1",
-            "--repeats", "1", "--ffn-points", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--plot", str(tmp_path / "t.png")]
+            "--repeats", "1", "--ffn-points", "2", "--hidden-grid", "0.5,8", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out), "--plot", str(tmp_path / "t.png"), "--json"]
     assert main(args) == 0
     table = LatencyTable.load(out)
     assert table.ffn_grid == [0, 32, 64] and len(table.attention_ms) == 5 and table.key.backend == "torch"
+    assert table.hidden_grid == [8, 16, 32] and len(table.skipped_measured_ms) == 3
     assert (tmp_path / "t.png").stat().st_size > 0
-    assert "attention ms" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "attention ms @8" in printed and "FFN ms @32" in printed and "skipped ms" in printed
+    derived = json.loads(printed.strip().splitlines()[-1])
+    assert len(derived["attention_fit_ms_by_width"]) == 3 and len(derived["skipped_fit_ms"]) == 3
+    assert main(["latency-table", "--model", str(path), "--at", "2x8", "--hidden-grid", "0.5,x"]) == 2
+    assert "--hidden-grid" in capsys.readouterr().err
