@@ -280,13 +280,15 @@ class LatencyTable:
         return TableView(self, hidden, attn_kept, ffn_kept)
 
     # ---- JSON ---------------------------------------------------------------------------------------
-    def report(self, model, heads: Sequence, units: Sequence, measure: bool = False, repeats: int = 10) -> dict:
-        """Predicted latency and speed-up of ``model`` keeping ``heads`` / ``units`` per layer, at this table's
-        batch x sequence length; with ``measure``, also measured: ``model`` and a dense model of its config
-        timed alternated, ``repeats`` rounds, on the table's backend and the current threads."""
+    def report(self, model, heads: Sequence, units: Sequence, measure: bool = False, repeats: int = 10,
+               **kept) -> dict:
+        """Predicted latency and speed-up of ``model`` keeping ``heads`` / ``units`` per layer (and ``hidden``,
+        ``attn_kept``, ``ffn_kept`` as :meth:`predict` takes them), at this table's batch x sequence length; with
+        ``measure``, also measured: ``model`` and a dense model of its config timed alternated, ``repeats`` rounds,
+        on the table's backend and the current threads."""
         k = self.key
-        out = {"at": self.at, "predicted_ms": float(self.predict(heads, units)), "dense_ms": self.dense_ms,
-               "predicted_speedup": self.speedup(heads, units),
+        out = {"at": self.at, "predicted_ms": float(self.predict(heads, units, **kept)), "dense_ms": self.dense_ms,
+               "predicted_speedup": self.speedup(heads, units, **kept),
                "conditions": f"{k.backend}, {k.dtype}, {k.threads} thread(s)"}
         if measure:
             out.update(self._measure(model, repeats))

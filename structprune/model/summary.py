@@ -116,6 +116,12 @@ def summary(model: nn.Module, seq_len: int = 128, latency=None, measure: bool = 
             + ffn_flops(1, seq_len, hidden, ffn_total),
         ))
     if latency is not None:
+        kept = {}
+        if out.hidden_kept is not None:
+            kept["hidden"] = out.hidden_kept
+        if out.skipped:
+            kept["attn_kept"] = [f"attention {i}" not in out.skipped for i in range(len(out.layers))]
+            kept["ffn_kept"] = [f"ffn {i}" not in out.skipped for i in range(len(out.layers))]
         out.latency = latency.report(model, [r.heads_kept for r in out.layers], [r.ffn_kept for r in out.layers],
-                                     measure=measure, repeats=repeats)
+                                     measure=measure, repeats=repeats, **kept)
     return out

@@ -211,6 +211,9 @@ class L0Controller:
         per-layer ``counts`` (tensors ``[L]``, differentiable)."""
         groups = self._groups[name]
         extra = {k: counts[k] for k in ("hidden", "attn_kept", "ffn_kept") if k in counts}
+        if name == "latency" and "hidden" in extra and getattr(self.table, "hidden_grid", None):
+            # below the narrowest width timed the table cannot tell: the constraint pushes the other gates instead
+            extra["hidden"] = extra["hidden"].clamp(min=float(self.table.hidden_grid[0]))
         if name == "latency":
             if not self.target.per_layer:
                 return torch.stack([self.table.predict(counts["heads"], counts["ffn"], **extra)]).float()
@@ -418,7 +421,8 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
     """
     target = as_target(target)
     extra = ExtraGates(model)
-    decided = extra.decide() if extra.present else {}
+    grid = getattr(table if table is not None else target.table, "hidden_grid", None) if target.has_latency else None
+    decided = extra.decide(min_hidden=grid[0] if grid else 0) if extra.present else {}
     gates = {s: layer_gates(model, s) for s in STRUCTURES}
     is_open = {s: [g.deterministic() != 0 for g in gates[s]] for s in STRUCTURES}
     if target.has_budget:  # commensurate across heads and units: each gate's probability of being non-zero

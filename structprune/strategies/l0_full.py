@@ -61,11 +61,11 @@ class ExtraGates:
         return per_layer * expected[key] if key in expected else per_layer
 
     @torch.no_grad()
-    def decide(self, hidden_count: int | None = None) -> dict:
+    def decide(self, hidden_count: int | None = None, min_hidden: int = 0) -> dict:
         """The deterministic decision, set as masks: a sublayer is kept when its gate's probability of being non-zero
         is at least 0.5 and its deterministic value is non-zero; ``hidden_count`` dimensions (default: the expected
         count, rounded) are kept, the highest ``log_alpha`` first, among the unmasked ones whose deterministic value
-        is non-zero. Returns ``{"hidden": int, "attn_kept": [bool], "ffn_kept": [bool]}`` (the keys present)."""
+        is non-zero, at least ``min_hidden`` of them (the narrowest width a latency table timed). Returns ``{"hidden": int, "attn_kept": [bool], "ffn_kept": [bool]}`` (the keys present)."""
         out = {}
         for key, gates in (("attn_kept", self.attn), ("ffn_kept", self.ffn)):
             if gates is None:
@@ -81,7 +81,8 @@ class ExtraGates:
             g = self.hidden
             available = (g.mask != 0) & (g.deterministic() != 0)
             count = int(round(float(g.expected_l0()))) if hidden_count is None else int(hidden_count)
-            count = max(0, min(count, int(available.sum())))
+            count = max(int(min_hidden), 0, min(count, int(available.sum())))
+            count = min(count, int(available.sum()))
             score = torch.where(available, g.log_alpha.detach(), torch.full_like(g.log_alpha, -float("inf")))
             mask = torch.zeros_like(g.mask)
             mask[torch.topk(score, count).indices] = 1.0

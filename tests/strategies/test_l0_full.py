@@ -59,3 +59,26 @@ def test_expected_params_fall_with_the_hidden_width():
 def test_per_layer_targets_refused_with_extra_gates():
     with pytest.raises(ValueError, match="per-layer"):
         L0Controller(full_model(), PruneTarget(heads=0.5, per_layer=True))
+
+
+def test_speed_target_on_the_expected_latency_of_every_structure():
+    """A speed-up target trains heads, units, sublayers and the width against one expected-latency Lagrangian; the
+    decision fixes width and sublayers first, then plans heads and units on the table seen at them, and the
+    decided model's predicted speed-up meets the target."""
+    from helpers.latency_tables import synthetic_v2_table
+
+    model = full_model()
+    table = synthetic_v2_table(model)
+    target = PruneTarget(speedup=3.0, table=table, at=(table.key.batch, table.key.seq_len))
+    ctl = L0Controller(model, target, warmup_steps=10)
+    start = float(ctl.expected("latency").detach())
+    train(model, ctl, steps=40)
+    assert float(ctl.expected("latency").detach()) < start
+    masks = ctl.finalize()
+    kept = {"hidden": int(masks.hidden.sum()), "attn_kept": masks.attn_sublayers.tolist(),
+            "ffn_kept": masks.ffn_sublayers.tolist()}
+    heads = [int(h.sum()) if a else 0 for h, a in zip(masks.heads_per_layer(), kept["attn_kept"])]
+    units = [int(f.sum()) if a else 0 for f, a in zip(masks.ffn, kept["ffn_kept"])]
+    assert table.speedup(heads, units, **kept) >= 3.0 * (1 - 1e-6)
+    report = sp.summary(model, latency=table)
+    assert report.latency["predicted_speedup"] == pytest.approx(table.speedup(heads, units, **kept))
