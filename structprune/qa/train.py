@@ -111,6 +111,7 @@ def train_qa(
     patience: int | None = None,
     min_epochs: float = 0.0,
     stop_fn: Callable[[int], bool] | None = None,
+    model_kwargs: dict | None = None,
 ) -> torch.nn.Module:
     """Fine-tune ``model`` on SQuAD-style data, resuming from ``output_dir`` when it holds a checkpoint.
 
@@ -150,6 +151,9 @@ def train_qa(
             there, finished (``stopped_early`` in ``state.json``), e.g. once L0 gates have reached their target.
             It is called once more on resuming, before training goes on; its answer then is ignored (the step it
             would have stopped at was checked before the checkpoint).
+        model_kwargs: extra keyword arguments of every training forward, e.g. ``{"output_hidden_states": True}``
+            for an ``extra_loss_fn`` that reads the student's hidden states (layerwise distillation); recorded in
+            the run's settings, not checked on resume (they change what the model returns, not the training).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +196,8 @@ def train_qa(
         "epochs": epochs, "lr": lr, "max_length": max_length, "doc_stride": doc_stride,
         "weight_decay": weight_decay, "warmup_ratio": warmup_ratio,
     }
+    if model_kwargs:
+        settings["model_kwargs"] = model_kwargs
     step, elapsed_before, evals = 0, 0.0, []
     ckpt = _find_checkpoint(output_dir)
     if ckpt is not None:
@@ -267,7 +273,7 @@ def train_qa(
         batch[FEATURE_INDEX] = torch.tensor(idx)  # for extra_loss_fn (cached teacher logits); not a model input
         inputs = {k: batch[k] for k in input_names}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = model(**inputs)
+            outputs = model(**inputs, **(model_kwargs or {}))
             loss_qa = qa_task_loss(
                 outputs.start_logits, outputs.end_logits, batch["start_positions"], batch["end_positions"]
             )
