@@ -11,8 +11,9 @@ import structprune as sp
 from structprune.training.layerwise import (LOG_FILE, MODEL_KWARGS, LayerwiseDistiller, SharedTeacher,
                                             default_teacher_layers, layerwise_loss_fn, monotone_matching)
 from structprune.training.trainer import PruningLoss
-from helpers.models import one_thread_reference_backend, tiny_batch, tiny_model  # noqa: F401  (autouse fixture)
+from helpers.models import one_thread_reference_backend, tiny_batch, tiny_model
 
+pytestmark = pytest.mark.usefixtures(one_thread_reference_backend.__name__)  # one thread, the reference backend
 D = 16
 
 
