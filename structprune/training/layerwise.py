@@ -31,8 +31,8 @@ logits): our SQuAD 2.0 run has 19,172 train windows of 192 tokens (MiniLM, d = 3
 19,172 x 192 x 384 x 3 = 4.2e9 values, 17 GB in fp32 (8.5 GB in bf16, which would round the targets), against
 23 GB of RAM on the training machine; BERT-base on SQuAD 2.0 at 384 tokens (about 132k windows, 4 layers of
 768) needs 132e3 x 384 x 768 x 4 x 2 B = 311 GB in bf16. The live teacher costs one forward without backward per
-step, about a third of a dense training step's FLOPs; :class:`SharedTeacher` makes that one forward serve the logit
-distillation too.
+step (by FLOPs a third of a dense student's forward and backward); :class:`SharedTeacher` makes that one forward
+serve the logit distillation too. ``bench/layerwise_overhead.py`` measures the step with and without it.
 
 Use with :func:`structprune.qa.train.train_qa`::
 
@@ -51,11 +51,15 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from structprune.training.distill import model_inputs
 
-DEFAULT_LAYER_WEIGHT = 0.9  # CoFi's distill_loss_alpha (its README's first choice for SQuAD: 0.9 layer, 0.1 logits)
+# CoFi's distill_loss_alpha: its README lists 0.9, 0.7, 0.5 for the layer loss with 0.1, 0.3, 0.5 for the logit KD
+# (temperature 2) on SQuAD, and its trainer then drops the task loss; see structprune.qa.layer_distill for how ours
+# combines with the task loss.
+DEFAULT_LAYER_WEIGHT = 0.9
 MAX_MATCHED_LAYERS = 4      # CoFi matches 4 teacher layers of 12
 MODEL_KWARGS = {"output_hidden_states": True}  # what the student must be called with (train_qa(model_kwargs=...))
 LOG_FILE = "layer_distill.jsonl"
@@ -84,7 +88,7 @@ def monotone_matching(costs: torch.Tensor) -> list[int]:
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).pow(2).mean()
+    return F.mse_loss(a, b)  # one fused pass, forward and backward
 
 
 class LayerwiseDistiller(nn.Module):
@@ -165,20 +169,20 @@ class LayerwiseDistiller(nn.Module):
         device, shape = student[0].device, student[0].shape[:2]
         if any(h.shape[:2] != shape for h in (*student, *teacher)):
             raise ValueError(f"student and teacher hidden states must share [batch, seq] = {tuple(shape)}")
-        keep = None
+        rows = None  # the real tokens' rows of the flattened [batch * seq, d] states
         if attention_mask is not None:
             if tuple(attention_mask.shape) != tuple(shape):
                 raise ValueError(f"attention_mask must be [batch, seq] = {tuple(shape)}, got "
                                  f"{tuple(attention_mask.shape)}")
-            keep = attention_mask.to(device).reshape(-1) != 0
-            if not bool(keep.any()):
+            rows = attention_mask.to(device).reshape(-1).nonzero().squeeze(1)
+            if rows.numel() == 0:
                 raise ValueError("attention_mask keeps no position: nothing to distil")
-            if bool(keep.all()):
-                keep = None
+            if rows.numel() == attention_mask.numel():
+                rows = None
 
         def tokens(h: torch.Tensor) -> torch.Tensor:  # [real tokens, d] in fp32
             h = h.to(device).reshape(-1, self.hidden_size)
-            return (h if keep is None else h[keep]).float()
+            return (h if rows is None else h.index_select(0, rows)).float()
 
         with torch.autocast(device.type, enabled=False):
             s = [tokens(h) for h in student]
