@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from structprune.cli import main
 from structprune.training.layerwise import LOG_FILE
@@ -65,6 +66,19 @@ def test_prune_distill_layers_in_the_l0_selection_phase(teacher, tmp_path):
     assert _prune(teacher, out, "--l0-steps", "3", "--distill-layers", "1", "--layer-distill-weight", "2") == 0
     assert (out / "l0" / "checkpoint" / "extra_params.safetensors").is_file()
     assert (out / "train" / LOG_FILE).is_file() and json.loads((out / "metrics.json").read_text())["f1"] >= 0
+
+
+def test_prune_random_distill_layers_adds_the_map_to_the_default_groups(teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "random"
+    assert main(["prune", "--model", str(teacher), "--method", "random", "--heads", "0.5", "--ffn", "0.5",
+                 "--distill", "--distill-layers", "--max-steps", "10", "--out", str(out), *SMALL]) == 0
+    extra = load_file(str(out / "train" / "checkpoint" / "extra_params.safetensors"))
+    assert sorted(tuple(t.shape) for t in extra.values()) == [(32,), (32, 32)]  # only the map is outside the model
+    assert _records(out / "train" / LOG_FILE)[0]["step"] == 10
+    groups = torch.load(out / "train" / "checkpoint" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [(g["weight_decay"], g.get("name")) for g in groups] == [(0.01, None), (0.0, None), (0.0, "layer_distill")]
 
 
 @pytest.mark.parametrize("extra, message", [
