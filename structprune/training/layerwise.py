@@ -112,12 +112,12 @@ class LayerwiseDistiller(nn.Module):
             raise ValueError(f"hidden_size, teacher_layers and student_layers must be >= 1, got {hidden_size}, "
                              f"{teacher_layers}, {student_layers}")
         matched = default_teacher_layers(teacher_layers) if matched_layers is None else [int(i) for i in matched_layers]
-        if not matched or any(b <= a for a, b in zip(matched, matched[1:])) or not 0 <= matched[0] <= matched[-1] < teacher_layers:
+        if not matched or matched != sorted(set(matched)) or matched[0] < 0 or matched[-1] >= teacher_layers:
             raise ValueError(f"matched_layers must be increasing teacher layer indices in [0, {teacher_layers}), "
                              f"got {list(matched_layers)}")
         self.hidden_size, self.teacher_layers, self.student_layers = hidden_size, teacher_layers, student_layers
         self.matched_layers = matched
-        self.linear = nn.Linear(hidden_size, hidden_size)
+        self.linear = nn.utils.skip_init(nn.Linear, hidden_size, hidden_size)  # draws no random numbers
         with torch.no_grad():
             self.linear.weight.copy_(torch.eye(hidden_size))
             self.linear.bias.zero_()

@@ -94,7 +94,10 @@ def test_loss_and_gradients_match_the_loop_oracle(student_layers, teacher_layers
 
 
 def test_identical_states_match_layer_for_layer_at_loss_zero():
+    rng = torch.get_rng_state()
     distiller = LayerwiseDistiller(D, 6, 6)
+    assert torch.equal(torch.get_rng_state(), rng)  # building it leaves the training's random stream alone
+    assert torch.equal(distiller.linear.weight, torch.eye(D)) and not distiller.linear.bias.any()
     same = states(6, seed=5)
     loss, matching = distiller(same, same, right_padded())
     assert loss.item() == 0.0 and matching == distiller.matched_layers == [1, 3, 5]
