@@ -47,10 +47,11 @@ from structprune.qa.features import build_train_features, collate
 
 FEATURE_INDEX = "feature_index"  # batch key: the index of each row in the train features
 # Settings that fix the batch order and schedule; a resumed run must agree on all of them.
-# (lr and weight_decay too: the optimizer state loaded on resume would silently override new values.)
+# (lr and weight_decay too: the optimizer state loaded on resume would silently override new values; model_kwargs
+# because an extra loss reading what they add, e.g. layerwise distillation, brings its own optimizer parameters.)
 _RESUME_KEYS = (
     "num_features", "batch_size", "total_steps", "warmup_steps", "seed", "lr", "weight_decay", "max_length",
-    "doc_stride",
+    "doc_stride", "model_kwargs",
 )
 
 ExtraLossFn = Callable[[torch.nn.Module, dict, object], torch.Tensor]
@@ -153,7 +154,7 @@ def train_qa(
             would have stopped at was checked before the checkpoint).
         model_kwargs: extra keyword arguments of every training forward, e.g. ``{"output_hidden_states": True}``
             for an ``extra_loss_fn`` that reads the student's hidden states (layerwise distillation); recorded in
-            the run's settings, not checked on resume (they change what the model returns, not the training).
+            the run's settings when given, and a resumed run must give the same.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +204,7 @@ def train_qa(
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
         saved = state["settings"]
-        mismatched = {k: (saved.get(k), settings[k]) for k in _RESUME_KEYS if saved.get(k) != settings[k]}
+        mismatched = {k: (saved.get(k), settings.get(k)) for k in _RESUME_KEYS if saved.get(k) != settings.get(k)}
         if mismatched:
             raise ValueError(
                 f"{ckpt} was written by a run with other settings ({{name: (checkpoint, now)}}: {mismatched}); "

@@ -26,17 +26,21 @@ def teacher(tmp_path_factory):
     return base
 
 
+def _args(teacher, out, *extra):
+    return ["prune", "--model", str(teacher), "--method", "l0", "--heads", "0.5", "--ffn", "0.25",
+            "--l0-warmup-steps", "2", "--distill", "--distill-layers", "--max-steps", "10", "--out", str(out),
+            *SMALL, *extra]
+
+
 def _prune(teacher, out, *extra):
-    return main(["prune", "--model", str(teacher), "--method", "l0", "--heads", "0.5", "--ffn", "0.25",
-                 "--l0-warmup-steps", "2", "--distill", "--distill-layers", "--max-steps", "10", "--out", str(out),
-                 *SMALL, *extra])
+    return main(_args(teacher, out, *extra))
 
 
 def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_prune_distill_layers_trains_logs_and_resumes_exactly(teacher, tmp_path):
+def test_prune_distill_layers_trains_logs_and_resumes_exactly(teacher, tmp_path, capsys):
     from safetensors.torch import load_file
 
     assert _prune(teacher, tmp_path / "ref") == 0
@@ -51,6 +55,8 @@ def test_prune_distill_layers_trains_logs_and_resumes_exactly(teacher, tmp_path)
     assert _prune(teacher, out, "--stop-after-seconds", "0") == 0
     assert json.loads((out / "train" / "checkpoint" / "state.json").read_text())["step"] == 1
     assert not (out / "model").exists()
+    plain = [a for a in _args(teacher, out) if a != "--distill-layers"]  # resumed without the layer loss: refused
+    assert main(plain) != 0 and "model_kwargs" in capsys.readouterr().err
     assert _prune(teacher, out) == 0
     ref, run = (load_file(str(d / "model" / "model.safetensors")) for d in (tmp_path / "ref", out))
     assert ref.keys() == run.keys() and all((ref[k] == run[k]).all() for k in ref)
