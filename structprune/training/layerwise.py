@@ -12,6 +12,8 @@ Where this differs from CoFiPruning's ``trainer.py`` (``calculate_layer_distilla
   least ``|T|`` student layers. Here the greedy goes bottom up and a student layer may be matched more than once
   (``j >= m(i-1)``), so a shallower student (a layer-drop baseline: 2 layers against ``T = {1, 3, 5}``) is matched
   too. Ties go to the lower layer (a fully skipped layer repeats the state below it, which is then chosen).
+* CoFi leaves out the student layers whose attention sublayer is pruned (``head_layer_z == 0``); here every layer
+  is a candidate (a layer with both sublayers skipped ties with the one below and loses the tie).
 * CoFi averages the squared error over padding too (it trims the batch to its longest row); here padding positions
   (``attention_mask == 0``) are left out of every MSE.
 * CoFi's map is an ``nn.Linear`` with the default random initialisation; ours starts at the identity, so an unpruned
