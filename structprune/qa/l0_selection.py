@@ -47,6 +47,7 @@ def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict
     from structprune.model.patching import gate_parameters
 
     from structprune.qa.checkpoints import checkpoint_state
+    from structprune.qa.layer_distill import layer_distill_kwargs
     from structprune.qa.train import train_qa
 
     run_dir = out / "l0"
@@ -64,6 +65,7 @@ def _select_l0(student, tokenizer, train, target, args, out: Path, distill: dict
         groups = [g for g in groups if g["name"] in ("gates", "lagrangian")]
     kwargs = {**_train_kwargs(args), "max_steps": args.l0_steps, "param_groups": groups,
               "extra_loss_fn": _pruning_loss_fn(controller, distill, out, run_dir)}
+    kwargs = layer_distill_kwargs(kwargs, student, distill, args, run_dir)
     if getattr(args, "l0_until_target", False):  # decide as soon as the gates reach the target: no overshoot past it
         kwargs["stop_fn"] = controller.reached_target
     for p in frozen:

@@ -56,6 +56,15 @@ def add_arguments(p) -> None:
     p.add_argument("--distill-alpha", type=float, default=0.5,
                    help="with --distill: weight of the distillation loss (1 - it: the loss on the gold answers)")
     p.add_argument("--temperature", type=float, default=2.0, help="with --distill: softmax temperature of the logits")
+    p.add_argument("--distill-layers", nargs="?", const="auto", default=None, metavar="LAYERS",
+                   help="with --distill: distil the hidden states layer by layer too (CoFi's layerwise distillation: "
+                        "one learned linear map, each listed teacher layer matched to the closest student layer at "
+                        "or above the previous match, every step); LAYERS: teacher layers from 0, e.g. 1,3,5 "
+                        "(default 'auto': at most 4, every ceil(L/4)-th from the top: 1,3,5 of 6 layers, 2,5,8,11 "
+                        "of 12)")
+    p.add_argument("--layer-distill-weight", type=float, default=0.9,
+                   help="with --distill-layers: weight of the layer loss, added to the distillation and task losses "
+                        "(CoFi's 0.9)")
     p.add_argument("--gain-examples", type=int, default=256, help="questions used to estimate gain importance")
     p.add_argument("--gain-steps", type=int, default=1, help="iterative gain pruning steps")
     p.add_argument("--gate-lr", type=float, default=0.01, help="learning rate of the gates' log_alpha")

@@ -15,6 +15,7 @@ from structprune.qa.runs import (_data, _default_model, _progress, _dev_eval_fn,
 from structprune.qa.l0_selection import (_decide_l0, _l0_controller, _pruning_loss_fn, _save_masks, _select_l0,
                                          _steps_left_after_selection)
 from structprune.qa.teacher_cache import cached_teacher_logits
+from structprune.qa.layer_distill import check_layer_distill, layer_distill_kwargs, share_teacher
 
 
 def _gain_batches(model, tokenizer, args):
@@ -59,6 +60,7 @@ def prune(args) -> int:
         return prune_layerdrop(args, measure_speedup)
     args.model = args.model or _default_model()
     out = _start_run(args)
+    check_layer_distill(args)
     torch.set_num_threads(args.threads)
     teacher = load_qa_model(args.model)
     tokenizer = _tokenizer(args.model)
@@ -76,6 +78,7 @@ def prune(args) -> int:
         distill["teacher_cache"] = cached_teacher_logits(teacher, tokenizer, train, args, Path(args.teacher_logits))
     else:
         distill["teacher"] = teacher if args.distill else None
+    distill = share_teacher(distill, args)  # --distill-layers: one teacher forward per step for logits and states
     controller = None
     if args.method == "l0" and args.l0_steps:
         if not _select_l0(student, tokenizer, train, target, args, out, distill):
@@ -110,6 +113,7 @@ def prune(args) -> int:
         kwargs["param_groups"] = groups
     if args.eval_every:  # a dev curve of the continued training; the model kept is the last one
         kwargs.update(eval_fn=_dev_eval_fn(tokenizer, args), eval_every=args.eval_every)
+    kwargs = layer_distill_kwargs(kwargs, student, distill, args, run_dir)
     train_qa(student, tokenizer, train, run_dir, **kwargs)
     if controller is not None:
         controller.save(run_dir)

@@ -47,12 +47,13 @@ from structprune.qa.features import build_train_features, collate
 
 FEATURE_INDEX = "feature_index"  # batch key: the index of each row in the train features
 # Settings that fix the batch order and schedule; a resumed run must agree on all of them.
-# (lr and weight_decay too: the optimizer state loaded on resume would silently override new values; and the
-# autocast precision, so that a run never switches precision half way. A checkpoint from before it was recorded
-# reads as None, full precision.)
+# (lr and weight_decay too: the optimizer state loaded on resume would silently override new values; the autocast
+# precision, so that a run never switches precision half way; and model_kwargs, because an extra loss reading what
+# they add, e.g. layerwise distillation, brings its own optimizer parameters. A checkpoint from before a key was
+# recorded reads as its default.)
 _RESUME_KEYS = (
     "num_features", "batch_size", "total_steps", "warmup_steps", "seed", "lr", "weight_decay", "max_length",
-    "doc_stride", "autocast_dtype",
+    "doc_stride", "autocast_dtype", "model_kwargs",
 )
 
 ExtraLossFn = Callable[[torch.nn.Module, dict, object], torch.Tensor]
@@ -113,6 +114,7 @@ def train_qa(
     patience: int | None = None,
     min_epochs: float = 0.0,
     stop_fn: Callable[[int], bool] | None = None,
+    model_kwargs: dict | None = None,
 ) -> torch.nn.Module:
     """Fine-tune ``model`` on SQuAD-style data, resuming from ``output_dir`` when it holds a checkpoint.
 
@@ -152,6 +154,9 @@ def train_qa(
             there, finished (``stopped_early`` in ``state.json``), e.g. once L0 gates have reached their target.
             It is called once more on resuming, before training goes on; its answer then is ignored (the step it
             would have stopped at was checked before the checkpoint).
+        model_kwargs: extra keyword arguments of every training forward, e.g. ``{"output_hidden_states": True}``
+            for an ``extra_loss_fn`` that reads the student's hidden states (layerwise distillation); recorded in
+            the run's settings when given, and a resumed run must give the same.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -195,12 +200,14 @@ def train_qa(
         "weight_decay": weight_decay, "warmup_ratio": warmup_ratio,
         "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
     }
+    if model_kwargs:
+        settings["model_kwargs"] = model_kwargs
     step, elapsed_before, evals = 0, 0.0, []
     ckpt = _find_checkpoint(output_dir)
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
         saved = state["settings"]
-        mismatched = {k: (saved.get(k), settings[k]) for k in _RESUME_KEYS if saved.get(k) != settings[k]}
+        mismatched = {k: (saved.get(k), settings.get(k)) for k in _RESUME_KEYS if saved.get(k) != settings.get(k)}
         if mismatched:
             raise ValueError(
                 f"{ckpt} was written by a run with other settings ({{name: (checkpoint, now)}}: {mismatched}); "
@@ -270,7 +277,7 @@ def train_qa(
         batch[FEATURE_INDEX] = torch.tensor(idx)  # for extra_loss_fn (cached teacher logits); not a model input
         inputs = {k: batch[k] for k in input_names}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = model(**inputs)
+            outputs = model(**inputs, **(model_kwargs or {}))
             loss_qa = qa_task_loss(
                 outputs.start_logits, outputs.end_logits, batch["start_positions"], batch["end_positions"]
             )
