@@ -21,16 +21,15 @@
    with the null threshold chosen on dev; and on dev.json (``devpred/``), so that report.py can compare the models
    at their own dev-chosen thresholds.
 6. Issue 27, with ``--frontier``: the accuracy-speed frontier. Layer-drop students keeping 3 and 2 of MiniLM's 6
-   layers (``--method layerdrop --keep-layers K``: every other layer with the last, 1,3,5 and 2,5), distilled from
-   the cached logits; ``l0-full`` students (L0 over heads, FFN units, whole sublayers and hidden dimensions, with
-   layerwise distillation) at predicted speed-ups of 3, 4 and 6 on a latency table measured for them
+   layers (``--method layerdrop --keep-layers K``: every other layer with the last, 1,3,5 and 2,5) and ``l0-full``
+   students (L0 over heads, FFN units, whole sublayers and hidden dimensions, with
+   layerwise distillation, as the layer-drop students: both from the live teacher, whose hidden states the layer
+   loss reads) at predicted speed-ups of 3, 4 and 6 on a latency table measured for them
    (``latency-<at>-full.json``); all for STUDENT_EPOCHS with the dev curve, as above. Then held-out and dev
    predictions for the teacher, the existing L0 students and every new student, at the dev-chosen threshold and
    always answering (``--always-answer``: ``heldout/<run>/predictions_always.json``). ``--bf16`` trains the
    frontier students under bf16 autocast (their names end in ``-bf16``); ``--bf16-check`` adds the 3-layer
    layer-drop student in bf16 beside its fp32 run, for report.py's ``--pair`` to show whether bf16 costs accuracy.
-   The l0-full steps use flags being built on main (PENDING_FLAGS); until the installed CLI has them, they are
-   listed but not run (and tests/qa/test_qa_reproduce_plan.py skips them).
 
 Each step is one ``structprune`` command (printed, and stored in commands.txt); a step whose output exists is
 skipped, and a step that was interrupted resumes from its checkpoint when the script is run again. On a GPU machine
@@ -62,8 +61,6 @@ LATENCY_SPEEDUP, LATENCY_AT = "2.52", "32x192"  # the table's prediction for the
 # issue 27's frontier: layers kept by the layer-drop students, predicted speed-ups of the l0-full students
 LAYERDROP_KEEP = (3, 2)
 FULL_SPEEDUPS = ("3", "4", "6")
-PENDING_FLAGS = ("--full", "--distill-layers")  # l0-full's flags, being built on main
-
 
 def student_runs() -> list[tuple[str, float, float, str, bool]]:
     """(name, heads, ffn, method, distill) of every student, the paper's point first."""
@@ -115,8 +112,9 @@ def frontier_students(bf16: bool = False, bf16_check: bool = False, frontier: bo
 
     layerdrop = [(k, bf16) for k in LAYERDROP_KEEP] if frontier else []
     layerdrop += [(LAYERDROP_KEEP[0], False), (LAYERDROP_KEEP[0], True)] if bf16_check else []
-    students = {f"layerdrop-k{k}{tail(in_bf16)}": ["--method", "layerdrop", "--keep-layers", str(k)]
-                + ["--bf16"] * in_bf16 for k, in_bf16 in layerdrop}
+    students = {f"layerdrop-k{k}{tail(in_bf16)}": ["--method", "layerdrop", "--keep-layers", str(k),
+                                                    "--distill-layers"] + ["--bf16"] * in_bf16
+                for k, in_bf16 in layerdrop}
     for speedup in FULL_SPEEDUPS if frontier else ():
         students[f"l0-full-speed{speedup}{tail(bf16)}"] = (
             ["--method", "l0", "--full", "--speedup", speedup, "--latency-table", "{full_table}", "--latency-backend",
@@ -127,8 +125,7 @@ def frontier_students(bf16: bool = False, bf16_check: bool = False, frontier: bo
 def frontier_commands(runs: Path, data: Path, common: list[str], student_epochs: str = STUDENT_EPOCHS,
                       frontier: bool = True, bf16: bool = False, bf16_check: bool = False) -> list[tuple[Path, list[str]]]:
     """Issue 27's steps (see the module docstring): the latency table of the l0-full students, the students (all
-    distilled; the layer-drop ones from the cached logits, the l0-full ones from the live teacher, whose hidden
-    states their layerwise distillation reads), then held-out and dev predictions at the dev-chosen threshold and
+    distilled the same way: logits and layers, from the live teacher, whose hidden states the layer loss reads), then held-out and dev predictions at the dev-chosen threshold and
     always answering, for them and, on the frontier, for the teacher and the L0 students already there."""
     teacher, logits = runs / "teacher" / "model", runs / "teacher-logits.safetensors"
     table = runs / f"latency-{LATENCY_AT}-full.json"
@@ -153,26 +150,6 @@ def frontier_commands(runs: Path, data: Path, common: list[str], student_epochs:
                          ["structprune", "predict", "--model", str(runs / run / "model"), "--data", str(data / data_file),
                           "--out", str(out), "--always-answer", "--threads", threads, "--quiet"]))
     return plan
-
-
-def pending(cmd: list[str]) -> bool:
-    """Whether ``cmd`` uses a flag of PENDING_FLAGS."""
-    return any(flag in cmd for flag in PENDING_FLAGS)
-
-
-def missing_flags() -> list[str]:
-    """The PENDING_FLAGS that the installed ``structprune prune`` does not accept yet."""
-    from structprune.cli import build_parser
-
-    parser, missing = build_parser(), []
-    for flag in PENDING_FLAGS:
-        try:
-            _, unknown = parser.parse_known_args(["prune", "--out", "x", "--method", "l0", flag])
-        except SystemExit:  # it takes a value, or is refused
-            unknown = [flag]
-        if flag in unknown:
-            missing.append(flag)
-    return missing
 
 
 def run(runs: Path, product: Path, cmd: list[str]) -> int:
@@ -208,10 +185,6 @@ def main() -> int:
                     bf16_check=args.bf16_check)
     (runs / "commands.txt").write_text("\n".join(shlex.join(cmd) for _, cmd in plan) + "\n")
     todo = [(product, cmd) for product, cmd in plan if not product.is_file()]
-    missing = missing_flags()
-    if missing and any(pending(cmd) for _, cmd in todo):
-        print(f"not run: the steps using {', '.join(missing)} (not in this structprune yet)", flush=True)
-        todo = [(product, cmd) for product, cmd in todo if not pending(cmd)]
     # a latency table is measured only for a step that will read it
     todo = [(product, cmd) for product, cmd in todo if cmd[1] != "latency-table"
             or any(str(product) in other for _, other in todo if other is not cmd)]

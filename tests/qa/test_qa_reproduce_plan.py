@@ -35,20 +35,18 @@ def test_every_step_parses_and_l0_decides_at_its_target(reproduce, tmp_path):
     assert len(products) == len(plan)
 
 
-def parse_plan(reproduce, plan, check_pending: bool):
-    """``{product: (args, cmd)}`` of the plan's steps, parsed in order; every model a step reads was made before.
-    The steps using reproduce.PENDING_FLAGS are parsed only with ``check_pending``."""
+def parse_plan(plan):
+    """``{product: (args, cmd)}`` of the plan's steps, parsed in order; every model a step reads was made before."""
     parser = build_parser()
     products, parsed = set(), {}
     for product, cmd in plan:
-        if check_pending or not reproduce.pending(cmd):
-            args = parser.parse_args(cmd[1:])  # exits (SystemExit) on an option the CLI does not have
-            for flag in ("model", "latency_table"):
-                path = getattr(args, flag, None)
-                if path is not None and cmd[1] in ("prune", "predict"):
-                    made = Path(path).parent / "metrics.json" if flag == "model" else Path(path)
-                    assert str(made) in products, f"{cmd[1]} reads {path} before a step makes it"
-            parsed[str(product)] = (args, cmd)
+        args = parser.parse_args(cmd[1:])  # exits (SystemExit) on an option the CLI does not have
+        for flag in ("model", "latency_table"):
+            path = getattr(args, flag, None)
+            if path is not None and cmd[1] in ("prune", "predict"):
+                made = Path(path).parent / "metrics.json" if flag == "model" else Path(path)
+                assert str(made) in products, f"{cmd[1]} reads {path} before a step makes it"
+        parsed[str(product)] = (args, cmd)
         assert str(product) not in products, f"two steps make {product}"
         products.add(str(product))
     return parsed
@@ -59,20 +57,18 @@ def test_frontier_steps_parse_and_follow_the_protocol(reproduce, tmp_path):
     plan = reproduce.commands(runs, tmp_path / "data", threads=1, frontier=True)
     base = reproduce.commands(runs, tmp_path / "data", threads=1)
     assert plan[:len(base)] == base  # the frontier adds steps, it changes none
-    parsed = parse_plan(reproduce, plan, check_pending=False)
+    parsed = parse_plan(plan)
     students = {Path(a.out).name: a for a, cmd in parsed.values() if cmd[1] == "prune"}
     layerdrop = {name: a for name, a in students.items() if a.method == "layerdrop"}
     assert {name: a.keep_layers for name, a in layerdrop.items()} == {"layerdrop-k3-distill": 3,
                                                                        "layerdrop-k2-distill": 2}
-    for a in layerdrop.values():  # as the other students: distilled from the cached logits, one epoch, dev curve
-        assert a.distill and a.teacher_logits and a.epochs == 1.0 and a.eval_every and not a.bf16
-        assert a.lr == 5e-5 and a.max_length == 192 and a.batch_size == 16
-    # the l0-full steps wait for their flags (built on main); every one of them says so
-    full = [cmd for _, cmd in plan if "--full" in cmd]
-    assert len(full) == 3 and all(reproduce.pending(cmd) for cmd in full)
-    assert [cmd[cmd.index("--speedup") + 1] for cmd in full] == ["3", "4", "6"]
-    assert all({"--distill", "--distill-layers", "--latency-table"} <= set(cmd) for cmd in full)
-    assert [cmd for _, cmd in plan if reproduce.pending(cmd)] == full
+    for a in layerdrop.values():  # distilled as l0-full is (logits and layers, live teacher), one epoch, dev curve
+        assert a.distill and a.distill_layers and not a.teacher_logits and a.epochs == 1.0 and a.eval_every
+        assert a.lr == 5e-5 and a.max_length == 192 and a.batch_size == 16 and not a.bf16
+    full = [a for a, cmd in parsed.values() if "--full" in cmd]
+    assert [a.speedup for a in full] == [3.0, 4.0, 6.0]
+    assert all(a.method == "l0" and a.distill and a.distill_layers and a.latency_table and a.l0_until_target
+               for a in full)
     # held-out and dev predictions, at the dev-chosen threshold and always answering, for the teacher and every
     # new student
     always = {Path(a.out).relative_to(runs).parts for a, cmd in parsed.values()
@@ -87,28 +83,12 @@ def test_frontier_steps_parse_and_follow_the_protocol(reproduce, tmp_path):
 def test_bf16_frontier_and_the_bf16_check(reproduce, tmp_path):
     runs = tmp_path / "runs"
     plan = reproduce.commands(runs, tmp_path / "data", threads=1, frontier=True, bf16=True, bf16_check=True)
-    parsed = parse_plan(reproduce, plan, check_pending=False)
+    parsed = parse_plan(plan)
     students = {Path(a.out).name: a for a, cmd in parsed.values() if cmd[1] == "prune"}
     assert students["layerdrop-k3-distill-bf16"].bf16 and students["layerdrop-k2-distill-bf16"].bf16
     assert not students["layerdrop-k3-distill"].bf16  # the check's fp32 twin
     assert all("--bf16" in cmd for _, cmd in plan if "--full" in cmd)
     check = reproduce.commands(runs, tmp_path / "data", threads=1, bf16_check=True)
-    names = {Path(a.out).name for a, cmd in parse_plan(reproduce, check, False).values() if cmd[1] == "prune"}
+    names = {Path(a.out).name for a, cmd in parse_plan(check).values() if cmd[1] == "prune"}
     assert names - {n for n, *_ in reproduce.student_runs()} - {f"l0-speed{reproduce.LATENCY_SPEEDUP}-distill"} == {
         "layerdrop-k3-distill", "layerdrop-k3-distill-bf16"}
-
-
-def test_l0_full_steps_parse_once_the_cli_has_their_flags(reproduce, tmp_path):
-    missing = reproduce.missing_flags()
-    if missing:
-        pytest.skip(f"structprune prune has no {', '.join(missing)} yet (issue 27's l0-full, being built on main)")
-    plan = reproduce.commands(tmp_path / "runs", tmp_path / "data", threads=1, frontier=True)
-    parsed = parse_plan(reproduce, plan, check_pending=True)
-    full = [a for a, cmd in parsed.values() if "--full" in cmd]
-    assert len(full) == 3 and all(a.method == "l0" and a.distill and a.l0_until_target for a in full)
-
-
-def test_missing_flags_names_the_flags_the_cli_lacks(reproduce, monkeypatch):
-    assert set(reproduce.missing_flags()) <= set(reproduce.PENDING_FLAGS)
-    monkeypatch.setattr(reproduce, "PENDING_FLAGS", ("--distill", "--no-such-flag"))
-    assert reproduce.missing_flags() == ["--no-such-flag"]
