@@ -72,6 +72,9 @@ def prune_layerdrop(args, measure_speedup) -> int:
     from structprune.model.layer_drop import drop_layers, layers_to_keep
 
     check_layerdrop_args(args)
+    from structprune.qa.layer_distill import check_layer_distill
+
+    check_layer_distill(args)
     args.model = args.model or _default_model()
     if (check_model_dir(args.model) / "structprune_config.json").is_file():
         raise UsageError(f"--model {args.model} is a structprune (pruned) save; --method layerdrop starts from the "
@@ -109,6 +112,7 @@ def _train(student, teacher, tokenizer, args, out: Path) -> bool:
     """Train the student in ``out/train`` as prune trains every student (distilled from the live teacher or its
     cached logits with ``--distill``, a dev curve with ``--eval-every``); False when it paused before the end."""
     from structprune.qa.l0_selection import _pruning_loss_fn
+    from structprune.qa.layer_distill import layer_distill_kwargs, share_teacher
     from structprune.qa.teacher_cache import cached_teacher_logits
     from structprune.qa.train import train_qa
 
@@ -121,7 +125,9 @@ def _train(student, teacher, tokenizer, args, out: Path) -> bool:
             distill["teacher_cache"] = cached_teacher_logits(teacher, tokenizer, train, args, Path(args.teacher_logits))
         else:
             distill["teacher"] = teacher
+        distill = share_teacher(distill, args)  # one teacher forward for the logits and, with --distill-layers, layers
         kwargs["extra_loss_fn"] = _pruning_loss_fn(None, distill, out, run_dir)
+        kwargs = layer_distill_kwargs(kwargs, student, distill, args, run_dir)
     if args.eval_every:  # a dev curve of the training; the model kept is the last one
         kwargs.update(eval_fn=_dev_eval_fn(tokenizer, args), eval_every=args.eval_every)
     train_qa(student, tokenizer, train, run_dir, **kwargs)

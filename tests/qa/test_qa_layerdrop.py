@@ -86,3 +86,14 @@ def test_layerdrop_max_steps_0_saves_the_teachers_kept_layers(teacher, tmp_path)
 def test_layerdrop_bad_arguments_are_refused(teacher, tmp_path, capsys, extra, message):
     rc = main(["prune", "--model", str(teacher), "--out", str(tmp_path / "bad"), "--max-steps", "1"] + extra + SMALL)
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_layerdrop_distilled_layer_by_layer_from_the_live_teacher(teacher, tmp_path):
+    """``--distill --distill-layers``: the shallower student's layers are matched to the teacher's (issue 27: the
+    layer-drop baseline distilled as l0-full is)."""
+    out = tmp_path / "k2-layers"
+    assert main(["prune", "--model", str(teacher), "--method", "layerdrop", "--keep-layers", "2", "--out", str(out),
+                 "--max-steps", "10", "--distill", "--distill-layers"] + SMALL) == 0
+    logged = [json.loads(line) for line in (out / "train" / "layer_distill.jsonl").read_text().splitlines()]
+    assert logged and all(r["layer_loss"] >= 0 for r in logged)
+    assert json.loads((out / "metrics.json").read_text())["method"] == "layerdrop"
