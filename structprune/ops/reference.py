@@ -30,6 +30,8 @@ def activation_fn(name: str):
         return lambda t: F.gelu(t, approximate="tanh")
     if name == "relu":
         return F.relu
+    if name == "silu":
+        return F.silu
     raise NotImplementedError(f"structprune.ops.activations lists {name!r}, which the reference does not compute")
 
 
