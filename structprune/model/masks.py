@@ -15,10 +15,13 @@ class Masks:
 
     heads: bool ``[L, H]`` when every layer has the same head count, else a list of bool ``[H_l]``.
     ffn: list of bool ``[I_l]``, one per layer.
+    kv_heads: grouped-query attention (decoders): the KV heads kept (those a kept query head reads), bool
+    ``[L, Hkv]`` or a list of ``[Hkv_l]``; None for the other families.
     """
 
     heads: torch.Tensor | list[torch.Tensor]
     ffn: list[torch.Tensor]
+    kv_heads: torch.Tensor | list[torch.Tensor] | None = None
 
     def heads_per_layer(self) -> list[torch.Tensor]:
         return list(self.heads)
@@ -64,15 +67,26 @@ def _per_layer(name: str, value, sizes: list[int], device: torch.device) -> list
 
 
 @torch.no_grad()
-def set_masks(model: nn.Module, heads=None, ffn=None) -> nn.Module:
+def set_masks(model: nn.Module, heads=None, ffn=None, kv_heads=None) -> nn.Module:
     """Set fixed 0/1 masks (1 = keep). ``heads``: ``[L, H]`` or per-layer list; ``ffn``: ``[L, I]`` or
-    per-layer list. Either may be None to leave it unchanged. All inputs are validated before any change."""
+    per-layer list. Either may be None to leave it unchanged. All inputs are validated before any change.
+
+    ``kv_heads`` (grouped-query attention only): ``[L, Hkv]`` or per-layer list; a pruned KV head prunes the query
+    heads that read it (on top of ``heads``, or of the current head masks when ``heads`` is None). A KV head whose
+    query heads are all pruned is pruned with them whether or not ``kv_heads`` says so."""
     parts = layer_parts(model)
     device = parts[0].device
     head_gates = [p.head_gate for p in parts]
     unit_gates = [p.unit_gate for p in parts]
     head_rows = _per_layer("heads", heads, [g.n for g in head_gates], device) if heads is not None else None
     ffn_rows = _per_layer("ffn", ffn, [g.n for g in unit_gates], device) if ffn is not None else None
+    if kv_heads is not None:
+        if any(p.kv_index is None for p in parts):
+            raise TypeError(f"kv_heads masks are for grouped-query attention (decoders); {type(model).__name__} "
+                            "has one KV head per query head: mask its heads")
+        kv_rows = _per_layer("kv_heads", kv_heads, [p.num_kv_heads for p in parts], device)
+        base = head_rows if head_rows is not None else [g.mask.clone() for g in head_gates]
+        head_rows = [h * k.index_select(0, p.kv_index.to(device)) for h, k, p in zip(base, kv_rows, parts)]
     if head_rows is not None:
         for gate, row in zip(head_gates, head_rows):
             gate.set_mask(row)
@@ -89,7 +103,12 @@ def get_masks(model: nn.Module) -> Masks:
     heads = [(p.head_gate.deterministic() != 0).cpu() for p in parts]
     ffn = [(p.unit_gate.deterministic() != 0).cpu() for p in parts]
     same = len({h.numel() for h in heads}) == 1
-    return Masks(heads=torch.stack(heads) if same else heads, ffn=ffn)
+    kv = None
+    if all(p.kv_index is not None for p in parts):
+        kv = [torch.zeros(p.num_kv_heads, dtype=torch.bool).index_fill_(0, p.kv_index.cpu()[h], True)
+              for p, h in zip(parts, heads)]
+        kv = torch.stack(kv) if len({k.numel() for k in kv}) == 1 else kv
+    return Masks(heads=torch.stack(heads) if same else heads, ffn=ffn, kv_heads=kv)
 
 
 def gate_sizes(model: nn.Module) -> dict[str, list[int]]:
