@@ -1,0 +1,254 @@
+"""Decoders with grouped-query attention (Llama, Mistral with a sliding window, Qwen2, Qwen3 with its q/k norms), on a
+left-padded batch: open gates compute what Hugging Face's model computes; under masks (a whole KV group pruned in
+one layer, one query head in another, a layer with no FFN unit left) the patched model, on the reference and on
+the cpp backend, and the compacted model compute what an oracle zeroing the pruned heads' and units' columns
+computes, greedy generation with HF's DynamicCache gives the oracle's tokens, and save/load keeps the outputs."""
+import pytest
+import torch
+
+import structprune as sp
+from helpers.decoders import (FAMILIES, H, HEADS, I, KV, L, WINDOW, greedy, head_dim, left_padded, masks, oracle,
+                              outputs, tiny_model)
+from helpers.models import one_thread_reference_backend  # noqa: F401  (autouse fixture)
+
+
+def _cpp_or_skip():
+    from structprune.backends.cpp import ops as cpp_ops
+
+    if cpp_ops.load_error() is not None:
+        pytest.skip(f"C++ extension unavailable: {cpp_ops.load_error()}")
+
+
+def _masked(family, head="lm", attn="sdpa"):
+    heads, ffn = masks()
+    model = sp.patch(tiny_model(family, head, attn))
+    sp.set_masks(model, heads=heads, ffn=ffn)
+    return model
+
+
+def test_the_batch_and_the_window_matter():
+    """Controls: the batch is left-padded, Mistral's window is shorter than it and changes the outputs, and the
+    masks change every family's outputs (the comparisons below could not pass otherwise)."""
+    inputs = left_padded()
+    assert inputs["attention_mask"][:, 0].tolist() == [1, 0, 0] and inputs["input_ids"].shape[1] > WINDOW
+    narrow, wide = outputs(tiny_model("mistral"), inputs), outputs(tiny_model("mistral", sliding_window=64), inputs)
+    assert (narrow - wide).abs().max() > 1e-3
+    heads, ffn = masks()
+    for family in FAMILIES:
+        full = outputs(tiny_model(family), inputs)
+        pruned = outputs(oracle(tiny_model(family), heads, ffn, head_dim(family)), inputs)
+        assert (full - pruned).abs().max() > 1e-3, family
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_open_gates_match_hf(family, head):
+    model, inputs = tiny_model(family, head), left_padded()
+    want = outputs(model, inputs)
+    sp.patch(model)
+    torch.testing.assert_close(outputs(model, inputs), want, atol=1e-5, rtol=0)
+    assert {k: sp.last_backends()[k] for k in ("qkv", "attention", "ffn")} == dict.fromkeys(
+        ("qkv", "attention", "ffn"), "torch")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_open_gates_match_hf_eager(family):
+    model, inputs = tiny_model(family, attn="eager"), left_padded()
+    want = outputs(model, inputs)
+    torch.testing.assert_close(outputs(sp.patch(model), inputs), want, atol=1e-5, rtol=0)
+
+
+def test_windows_per_layer():
+    assert [layer.self_attn.window for layer in sp.patch(tiny_model("mistral")).model.layers] == [WINDOW] * L
+    assert [layer.self_attn.window for layer in sp.patch(tiny_model("llama")).model.layers] == [-1] * L
+    qwen = sp.patch(tiny_model("qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1))
+    assert [layer.self_attn.window for layer in qwen.model.layers] == [-1, 5, 5]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masks_match_the_oracle_on_reference_and_cpp(family):
+    """The reference and the cpp backend (which then runs the projections, the attention and the FFN) compute
+    what the oracle computes; padding positions included (the kernels give a query with no visible key a zero
+    context, as HF's SDPA layers do)."""
+    _cpp_or_skip()
+    heads, ffn = masks()
+    inputs = left_padded()
+    want = outputs(oracle(tiny_model(family), heads, ffn, head_dim(family)), inputs)
+    model = _masked(family)
+    torch.testing.assert_close(outputs(model, inputs), want, atol=1e-5, rtol=0)
+    for name in ("cpp", "auto"):
+        with sp.use_backend(name):
+            got = outputs(model, inputs)
+            assert not sp.fallback_reasons()
+        assert {k: sp.last_backends()[k] for k in ("qkv", "attention", "ffn")} == dict.fromkeys(
+            ("qkv", "attention", "ffn"), "cpp")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_eager_masks_match_the_oracle(family):
+    """attn_implementation "eager" (additive masks): the reference matches everywhere; the cpp backend on the real
+    tokens (HF's eager layers give a query with no visible key a uniform context, the kernels a zero one)."""
+    _cpp_or_skip()
+    heads, ffn = masks()
+    inputs = left_padded()
+    want = outputs(oracle(tiny_model(family, attn="eager"), heads, ffn, head_dim(family)), inputs)
+    model = _masked(family, attn="eager")
+    torch.testing.assert_close(outputs(model, inputs), want, atol=1e-5, rtol=0)
+    real = inputs["attention_mask"].bool()
+    with sp.use_backend("cpp"):
+        got = outputs(model, inputs)
+    assert sp.last_backends()["attention"] == "cpp"
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compaction_removes_pruned_kv_heads_and_keeps_outputs(family):
+    heads, ffn = masks()
+    inputs = left_padded()
+    model = _masked(family)
+    want = outputs(model, inputs)
+    sp.compact(model)
+    attn = [layer.self_attn for layer in model.model.layers]
+    d = head_dim(family)
+    assert [a.num_heads for a in attn] == [5, 7, 8] and [a.num_kv_heads for a in attn] == [3, 4, 4]
+    assert [a.k_proj.weight.shape[0] for a in attn] == [3 * d, 4 * d, 4 * d]
+    assert [a.v_proj.weight.shape[0] for a in attn] == [3 * d, 4 * d, 4 * d]
+    assert attn[0].kv_index.tolist() == [0, 0, 1, 1, 2] and attn[1].kv_index.tolist() == [0, 0, 1, 1, 2, 3, 3]
+    assert [layer.mlp.gate_proj.out_features for layer in model.model.layers] == [int(u.sum()) for u in ffn]
+    torch.testing.assert_close(outputs(model, inputs), want, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).cache
+    kv_slots = [layer.keys.shape[1] for layer in cache.layers]
+    assert kv_slots == [3, 4, 4]
+
+
+def test_masked_model_caches_only_the_kept_kv_heads():
+    """Before compaction the patched model computes and caches the kept KV heads only."""
+    model = _masked("llama")
+    with torch.no_grad():
+        cache = model(**left_padded(), use_cache=True).cache
+    assert [layer.keys.shape[1] for layer in cache.layers] == [3, KV, KV]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_gives_the_oracles_tokens(family):
+    """HF's generate() with its DynamicCache (Mistral: the sliding-window cache) gives the oracle's tokens, patched
+    (reference and cpp backend: prefill and decode steps through the kernels) and compacted."""
+    _cpp_or_skip()
+    heads, ffn = masks()
+    inputs = left_padded()
+    want = greedy(oracle(tiny_model(family), heads, ffn, head_dim(family)), inputs)
+    model = _masked(family)
+    assert torch.equal(greedy(model, inputs), want)
+    with sp.use_backend("cpp"):
+        assert torch.equal(greedy(model, inputs), want)
+        assert not sp.fallback_reasons()
+    assert {k: sp.last_backends()[k] for k in ("qkv", "attention", "ffn")} == dict.fromkeys(
+        ("qkv", "attention", "ffn"), "cpp")
+    sp.compact(model)
+    assert torch.equal(greedy(model, inputs), want)
+    with sp.use_backend("cpp"):
+        assert torch.equal(greedy(model, inputs), want)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_save_load_keeps_outputs(family, tmp_path):
+    inputs = left_padded()
+    model = _masked(family, "cls")
+    want = outputs(model, inputs)
+    sp.save_pretrained(model, tmp_path / "masked")  # masks kept, not compacted
+    torch.testing.assert_close(outputs(sp.from_pretrained(tmp_path / "masked"), inputs), want, atol=1e-5, rtol=0)
+    sp.compact(model)
+    sp.save_pretrained(model, tmp_path / "compact")
+    loaded = sp.from_pretrained(tmp_path / "compact")
+    assert [a.self_attn.kv_index.tolist() for a in loaded.model.layers] == \
+        [a.self_attn.kv_index.tolist() for a in model.model.layers]
+    torch.testing.assert_close(outputs(loaded, inputs), want, atol=1e-5, rtol=0)
+
+
+def test_kv_heads_mask_prunes_its_query_heads():
+    model = sp.patch(tiny_model("llama"))
+    kv = torch.ones(L, KV, dtype=torch.bool)
+    kv[1, 2] = False
+    heads = torch.ones(L, H, dtype=torch.bool)
+    heads[0, [0, 1]] = False  # all of KV head 0's query heads: KV head 0 goes too
+    sp.set_masks(model, heads=heads, kv_heads=kv)
+    got = sp.get_masks(model)
+    assert got.heads[1].tolist() == [True] * 4 + [False] * 2 + [True] * 2 and got.heads[0, :2].sum() == 0
+    assert got.kv_heads.tolist() == [[False, True, True, True], [True, True, False, True], [True] * 4]
+    sp.set_masks(model, kv_heads=torch.ones(L, KV))  # on top of the current head masks: nothing comes back
+    assert torch.equal(sp.get_masks(model).heads, got.heads)
+    with pytest.raises(ValueError, match=r"kv_heads mask must be \[3, 4\]"):
+        sp.set_masks(model, kv_heads=torch.ones(L, H))
+    bert = sp.patch(__import__("helpers.models", fromlist=["tiny_model"]).tiny_model("bert"))
+    with pytest.raises(TypeError, match="grouped-query attention"):
+        sp.set_masks(bert, kv_heads=torch.ones(3, 4))
+
+
+def test_summary_counts_kv_heads_and_cache_bytes():
+    model = _masked("qwen3")
+    s = sp.summary(model, seq_len=16)
+    assert [r.heads_kept for r in s.layers] == [5, 7, 8] and [r.kv_heads_kept for r in s.layers] == [3, 4, 4]
+    assert [r.ffn_kept for r in s.layers] == [int(u.sum()) for u in masks()[1]]
+    assert [r.kv_cache_bytes for r in s.layers] == [3 * 2 * 16 * 4, 4 * 2 * 16 * 4, 4 * 2 * 16 * 4]
+    assert s.layers[0].kv_cache_bytes_original == KV * 2 * 16 * 4
+    text = str(s)
+    assert "kv heads" in text and "KV cache B/token" in text
+    # parameters: what the compacted layers hold (projections and GLU weights, two RMSNorms, q/k norms not counted)
+    sp.compact(model)
+    for row, layer in zip(s.layers, model.model.layers):
+        held = sum(p.numel() for n, p in layer.named_parameters()
+                   if not n.endswith("log_alpha") and "q_norm" not in n and "k_norm" not in n)
+        assert row.params == held
+
+
+def test_unpatch_needs_equal_groups():
+    inputs = left_padded()
+    model = _masked("llama")
+    with pytest.raises(ValueError, match="unequal"):
+        sp.unpatch(model)
+    assert sp.is_patched(model)  # nothing changed
+    heads = torch.ones(L, H, dtype=torch.bool)
+    heads[0, [2, 3]] = False  # a whole KV group: the groups stay equal
+    sp.set_masks(model, heads=heads, ffn=torch.ones(L, I))
+    want = outputs(model, inputs)
+    plain = sp.unpatch(model)
+    assert not sp.is_patched(plain) and plain.model.layers[0].self_attn.k_proj.out_features == 3 * 8
+    torch.testing.assert_close(outputs(plain, inputs), want, atol=1e-5, rtol=0)
+
+
+def test_custom_mask_falls_back_to_the_reference_with_a_reason():
+    """A 4D mask that is not causal + key padding + window (here: a hole in the causal part) runs on the
+    reference even when the cpp backend is asked for, and fallback_reasons says why."""
+    _cpp_or_skip()
+    model = _masked("llama", "bare")
+    inputs = left_padded()
+    s = inputs["input_ids"].shape[1]
+    mask = torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(3, 1, s, s).clone()
+    mask[:, :, 6, 2] = False
+    with sp.use_backend("cpp"), torch.no_grad():
+        got = model(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+        assert sp.last_backends()["attention"] == "torch"
+        assert "not causal" in sp.fallback_reasons()["attention"]
+    with torch.no_grad():
+        want = model(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_training_step_through_the_cpp_backend():
+    """Gradients reach the kept weights and the gates through the cpp decoder ops (loss of the causal LM)."""
+    _cpp_or_skip()
+    inputs = left_padded()
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    grads = {}
+    for name in ("torch", "cpp"):
+        model = _masked("qwen3")
+        model.train()
+        with sp.use_backend(name):
+            model(**inputs, labels=labels).loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert sp.last_backends()["attention"] == "cpp"
+    assert grads["cpp"].keys() == grads["torch"].keys() and "model.layers.0.self_attn.head_gate.log_alpha" in grads["cpp"]
+    for n, g in grads["torch"].items():
+        torch.testing.assert_close(grads["cpp"][n], g, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
