@@ -252,3 +252,45 @@ def test_training_step_through_the_cpp_backend():
     assert grads["cpp"].keys() == grads["torch"].keys() and "model.layers.0.self_attn.head_gate.log_alpha" in grads["cpp"]
     for n, g in grads["torch"].items():
         torch.testing.assert_close(grads["cpp"][n], g, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_plain_transformers_loads_the_compacted_decoders(tmp_path):
+    """A compacted decoder saved with sp.save_pretrained loads with AutoModelFor<Task>.from_pretrained(dir,
+    trust_remote_code=True) in a process where structprune cannot be imported, with the per-layer heads, KV heads,
+    head -> KV maps and units in config.json; outputs and greedy tokens (with HF's DynamicCache) are the same."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    loader = Path(__file__).resolve().parents[1] / "helpers" / "standalone_loader.py"
+    inputs = left_padded()
+    jobs, expected = [], {}
+    autos = {"lm": "AutoModelForCausalLM", "cls": "AutoModelForSequenceClassification", "bare": "AutoModel"}
+    for family in FAMILIES:
+        for head in ("lm", "cls", "bare") if family == "qwen3" else ("lm",):
+            model = sp.compact(_masked(family, head))
+            directory = tmp_path / f"{family}-{head}"
+            sp.save_pretrained(model, directory)
+            config = json.loads((directory / "config.json").read_text())
+            assert config["structprune_heads_per_layer"] == [5, 7, 8]
+            assert config["structprune_kv_heads_per_layer"] == [3, 4, 4]
+            assert config["structprune_kv_index_per_layer"][0] == [0, 0, 1, 1, 2]
+            assert config["structprune_ffn_units_per_layer"] == [int(u.sum()) for u in masks()[1]]
+            assert config["auto_map"][autos[head]].endswith(f"{type(model).__name__}")
+            expected[(family, head)] = (outputs(model, inputs), greedy(model, inputs) if head == "lm" else None)
+            jobs.append([str(directory), autos[head], str(tmp_path / f"{family}-{head}.pt")]
+                        + ([{"generate": 6}] if head == "lm" else []))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "jobs.json").write_text(json.dumps({"inputs": str(tmp_path / "inputs.pt"), "jobs": jobs}))
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-I", str(loader), str(tmp_path / "jobs.json")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for (family, head), (want, tokens) in expected.items():
+        result = torch.load(tmp_path / f"{family}-{head}.pt")
+        assert result["_class"].startswith("Pruned") and result["_structprune_modules"] == []
+        got = result.get("logits", result.get("last_hidden_state"))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m, f=family, h=head: f"{f}-{h}: {m}")
+        if tokens is not None:
+            assert torch.equal(result["generated"], tokens), family

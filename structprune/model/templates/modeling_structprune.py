@@ -175,7 +175,8 @@ class PrunedDecoderAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv * head_dim, bias=bias["v_proj"])
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias["o_proj"])
         self.q_norm, self.k_norm = getattr(hf_attention, "q_norm", None), getattr(hf_attention, "k_norm", None)
-        self.register_buffer("kv_index", torch.tensor(kv_index, dtype=torch.long), persistent=False)
+        # saved: from_pretrained builds the model on the meta device and fills what the checkpoint holds
+        self.register_buffer("kv_index", torch.tensor(kv_index, dtype=torch.long))
         self.dropout = float(getattr(hf_attention, "attention_dropout", 0.0) or 0.0)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
@@ -253,7 +254,7 @@ def _pruned_class(base: type) -> type:
         "__init__": __init__, "__module__": __name__,
         "__doc__": f"``{base.__name__}`` with structprune's per-layer head and FFN sizes.",
         # structprune's gate state, all ones in a model this file is written for
-        "_keys_to_ignore_on_load_unexpected": [r"\.head_gate\.", r"\.unit_gate\.", r"\.kv_index$"],
+        "_keys_to_ignore_on_load_unexpected": [r"\.head_gate\.", r"\.unit_gate\."],
     })
 
 
