@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import structprune  # noqa: F401  (registers the ops)
 from structprune.ops import dispatch, padding, reference
 from structprune.ops.support import Backend, OpInputs
 
