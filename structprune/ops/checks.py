@@ -242,7 +242,7 @@ def check_decoder_qkv_inputs(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos
 
 
 def check_decoder_attention_inputs(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window, key_mask=None,
-                                   dropout_p=0.0) -> None:
+                                   dropout_p=0.0, attn_mask=None) -> None:
     """Inputs of ``gated_decoder_attention``: q [B, A, Sq, D]; k, v [B, Akv, Sk, D] with Sk >= Sq (the queries are
     the last Sq keys); wo [E, H*D], bo [E] or None; head_gates [H]; ``active_heads`` the A sorted unique heads of
     q (None: A = H); ``q_to_kv`` [A] int64 indices in [0, Akv); window an int >= -1 (-1 or 0: none); key_mask
@@ -252,8 +252,8 @@ def check_decoder_attention_inputs(q, k, v, wo, bo, head_gates, active_heads, q_
     _check_heads_tensor("k", k, (B, None, None, D), q)
     Akv, Sk = k.shape[1], k.shape[2]
     _check_heads_tensor("v", v, (B, Akv, Sk, D), q)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
+    for name, t in (("k", k), ("v", v)):  # under autocast (HF's RMSNorm returns fp32) SDPA casts them
+        if t.dtype != q.dtype and not torch.is_autocast_enabled(q.device.type):
             raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
     if Sk < Sq:
         raise ValueError(f"k and v must hold at least the {Sq} query positions (the queries are the last keys), "
@@ -279,4 +279,10 @@ def check_decoder_attention_inputs(q, k, v, wo, bo, head_gates, active_heads, q_
     if key_mask is not None and (not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or
                                  tuple(key_mask.shape) != (B, Sk) or key_mask.device != q.device):
         raise ValueError(f"key_mask must be a bool tensor [{B}, {Sk}] on {q.device}, got {_describe(key_mask)}")
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.device != q.device or
+                                  attn_mask.dim() not in (2, 4) or attn_mask.shape[0] not in (1, B) or
+                                  attn_mask.shape[-1] != Sk or (attn_mask.dim() == 4 and
+                                                                attn_mask.shape[2] not in (1, Sq))):
+        raise ValueError(f"attention mask must be [B, {Sk}] or [B, 1, {Sq}, {Sk}] with B = {B} on {q.device}, got "
+                         f"{_describe(attn_mask)}")
     check_dropout(dropout_p)

@@ -377,7 +377,8 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
     (:func:`structprune.ops.padding.causal_key_mask`), else the reference runs and ``fallback_reasons`` says why.
     A query with no visible key (a left-padding position) gets a zero context from the kernels, as from HF's SDPA
     layers; HF's eager layers give it a uniform one (padding outputs only)."""
-    check_decoder_attention_inputs(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window, None, dropout_p)
+    check_decoder_attention_inputs(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window, None, dropout_p,
+                                   attn_mask)
     inputs = OpInputs("attention", q.device, q.dtype, num_heads=q.shape[1], dropout_p=float(dropout_p),
                       compiling=torch.compiler.is_compiling(), decoder=True)
     backend = _choose(inputs)

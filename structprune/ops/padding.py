@@ -101,7 +101,7 @@ def banded_key_row(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attn_mask[:, 0].any(dim=1) if attn_mask.dtype == torch.bool else attn_mask[:, 0].amax(dim=1)
 
 
-_checked_causal: dict = {}  # (id of a 4D mask, Sq, Sk, window) -> (weakref, version, key mask or reason)
+_checked_causal: dict = {}  # (id of a 4D mask, Sq, Sk, window) -> (weakref, version, key mask, reason)
 
 
 def causal_key_mask(attn_mask: torch.Tensor | None, q_len: int, k_len: int, window: int):
@@ -122,20 +122,22 @@ def causal_key_mask(attn_mask: torch.Tensor | None, q_len: int, k_len: int, wind
     if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != q_len or \
             attn_mask.shape[3] != k_len:
         return None, f"a decoder mask of shape {tuple(attn_mask.shape)} for {q_len} queries and {k_len} keys"
+    cache_key = (id(attn_mask), q_len, k_len, window)
+    hit = _checked_causal.get(cache_key)
+    if hit is not None and hit[0]() is attn_mask and hit[1] == attn_mask._version and \
+            not torch.compiler.is_compiling():
+        return hit[2], hit[3]
     allowed = attn_mask[:, 0] if attn_mask.dtype == torch.bool else \
         attn_mask[:, 0] > torch.finfo(attn_mask.dtype).min / 2
     key_mask = allowed.any(dim=1)
     if torch.compiler.is_compiling():
         return key_mask, None
-    cache_key = (id(attn_mask), q_len, k_len, window)
-    hit = _checked_causal.get(cache_key)
-    if hit is not None and hit[0]() is attn_mask and hit[1] == attn_mask._version:
-        return (key_mask, None) if hit[2] is None else (None, hit[2])
     rebuilt = key_mask[:, None, :] & reference.causal_band(q_len, k_len, window, attn_mask.device)[None]
     reason = None if bool((rebuilt == allowed).all()) else \
         "a decoder mask that is not causal + key padding + the layer's window (packed sequences, a custom mask)"
+    result = (key_mask, None) if reason is None else (None, reason)
     if not attn_mask.is_inference():
         if len(_checked_causal) >= 8:
             _checked_causal.clear()
-        _checked_causal[cache_key] = (weakref.ref(attn_mask), attn_mask._version, reason)
-    return (key_mask, None) if reason is None else (None, reason)
+        _checked_causal[cache_key] = (weakref.ref(attn_mask), attn_mask._version, *result)
+    return result

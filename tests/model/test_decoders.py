@@ -19,6 +19,11 @@ def _cpp_or_skip():
         pytest.skip(f"C++ extension unavailable: {cpp_ops.load_error()}")
 
 
+def _decoder_fallbacks() -> dict:
+    """Why the decoder's ops last fell back, if they did (other tests may leave reasons of other ops)."""
+    return {k: v for k, v in sp.fallback_reasons().items() if k in ("qkv", "attention", "ffn")}
+
+
 def _masked(family, head="lm", attn="sdpa"):
     heads, ffn = masks()
     model = sp.patch(tiny_model(family, head, attn))
@@ -79,7 +84,7 @@ def test_masks_match_the_oracle_on_reference_and_cpp(family):
     for name in ("cpp", "auto"):
         with sp.use_backend(name):
             got = outputs(model, inputs)
-            assert not sp.fallback_reasons()
+            assert not _decoder_fallbacks()
         assert {k: sp.last_backends()[k] for k in ("qkv", "attention", "ffn")} == dict.fromkeys(
             ("qkv", "attention", "ffn"), "cpp")
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -143,7 +148,7 @@ def test_greedy_generation_gives_the_oracles_tokens(family):
     assert torch.equal(greedy(model, inputs), want)
     with sp.use_backend("cpp"):
         assert torch.equal(greedy(model, inputs), want)
-        assert not sp.fallback_reasons()
+        assert not _decoder_fallbacks()
     assert {k: sp.last_backends()[k] for k in ("qkv", "attention", "ffn")} == dict.fromkeys(
         ("qkv", "attention", "ffn"), "cpp")
     sp.compact(model)
@@ -294,3 +299,37 @@ def test_plain_transformers_loads_the_compacted_decoders(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m, f=family, h=head: f"{f}-{h}: {m}")
         if tokens is not None:
             assert torch.equal(result["generated"], tokens), family
+
+
+def test_deepcopy_and_pickle_after_a_forward(tmp_path):
+    """The routing and fused-weight caches the modules keep are not part of a copy or a pickle."""
+    import copy
+    import pickle
+
+    inputs = left_padded()
+    model = _masked("llama")
+    want = outputs(model, inputs)  # fills the caches
+    torch.testing.assert_close(outputs(copy.deepcopy(model), inputs), want, atol=0, rtol=0)
+    clone = pickle.loads(pickle.dumps(model))
+    assert clone.model.layers[0].mlp.__dict__["_fused"] is None and clone.model.layers[0].self_attn._routing is None
+    torch.testing.assert_close(outputs(clone, inputs), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_bf16_autocast_stays_within_hfs_own_rounding(family):
+    """Under torch.autocast(bf16) the patched model (reference and cpp backends) is as close to HF's fp32 outputs
+    as HF's own bf16-autocast outputs are (the half-precision rule of tests/helpers/tolerances.py)."""
+    _cpp_or_skip()
+    from helpers.tolerances import check_close
+
+    inputs = left_padded()
+    model = tiny_model(family, "bare")
+    ref32 = outputs(model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = outputs(model, inputs)
+    sp.patch(model)
+    for name in ("torch", "cpp"):
+        with sp.use_backend(name), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = outputs(model, inputs)
+        assert sp.last_backends()["attention"] == name
+        check_close(f"{family} {name}", got, ref32, plain, torch.bfloat16)

@@ -17,8 +17,6 @@ stores), calls the HF cache's ``update`` between the two decoder ops, and attend
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -80,16 +78,21 @@ class GatedDecoderAttention(nn.Module):
         kv = self.kv_index
         if active is None or torch.compiler.is_compiling():
             return None, (kv if active is None else kv.index_select(0, active))
-        key = (id(active), active._version if not active.is_inference() else None, id(kv), kv._version, active.numel())
-        if self._routing is not None and self._routing[0] == key and self._routing[1]() is active:
-            return self._routing[2]
+        cached = self._routing  # (active, its version, kv_index, its version, result): the very tensors, unchanged
+        if cached is not None and cached[0] is active and cached[2] is kv and not active.is_inference() and \
+                cached[1] == active._version and cached[3] == kv._version:
+            return cached[4]
         needed = kv.index_select(0, active.to(kv.device))
         keep = torch.unique(needed)
         result = (None if keep.numel() == self.num_kv_heads else keep.cpu(),
                   torch.searchsorted(keep, needed).cpu())
-        if key[1] is not None:
-            self._routing = (key, weakref.ref(active), result)
+        if not active.is_inference():
+            self._routing = (active, active._version, kv, kv._version, result)
         return result
+
+    def __getstate__(self):  # pickling and deepcopy: the routing cache is rebuilt on use
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_routing": None}
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
@@ -146,6 +149,10 @@ class GatedDecoderMLP(nn.Module):
         if cached is None or cached[0] != key:
             cached = self.__dict__["_fused"] = (key, fuse())
         return cached[1]
+
+    def __getstate__(self):  # pickling and deepcopy: the fused copy is rebuilt on use
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_fused": None}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gates, kept = gate_values(self.unit_gate)
