@@ -35,7 +35,7 @@ from structprune.ops.checks import check_glu_ffn_inputs, check_rotary_attention_
 from structprune.ops.checks import check_decoder_attention_inputs, check_decoder_qkv_inputs
 from structprune.ops.support import OpInputs
 from structprune.ops.padding import banded_key_row, fully_padded, kernel_key_bias, key_bias_from_mask, padded_sequence_output
-from structprune.ops.padding import causal_key_mask
+from structprune.ops.padding import allowed, causal_key_mask
 
 BACKENDS = backends.names()  # the registered backends at import: ("torch", "triton", "cpp")
 
@@ -385,10 +385,14 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
     key_mask = None
     if backend.name != "torch":
         key_mask, reason = causal_key_mask(attn_mask, q.shape[2], k.shape[2], int(window))
+        if key_mask is not None and key_mask.shape[0] != q.shape[0]:  # a mask of batch 1, for every sequence
+            key_mask = key_mask.expand(q.shape[0], -1)
         if reason is not None:
             _why["attention"] = f"{backend.name}: {reason}"
             backend = backends.load("torch")
     if backend.name == "torch":
+        if attn_mask is not None and attn_mask.dim() == 2:  # a [B, Sk] key mask: with the causal band and window
+            attn_mask = reference.decoder_mask(allowed(attn_mask), q.shape[2], k.shape[2], int(window), q.device)
         out = reference.gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, int(window),
                                                 attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
     else:

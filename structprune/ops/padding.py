@@ -101,6 +101,13 @@ def banded_key_row(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attn_mask[:, 0].any(dim=1) if attn_mask.dtype == torch.bool else attn_mask[:, 0].amax(dim=1)
 
 
+def allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Bool "may attend" of a mask: bool as is, additive float above half of ``finfo.min``, integer non-zero."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask != 0
+
+
 _checked_causal: dict = {}  # (id of a 4D mask, Sq, Sk, window) -> (weakref, version, key mask, reason)
 
 
@@ -117,8 +124,7 @@ def causal_key_mask(attn_mask: torch.Tensor | None, q_len: int, k_len: int, wind
             return None, "no mask with more keys than queries (HF's static-cache prefill: causal from the top left)"
         return None, None
     if attn_mask.dim() == 2:
-        return attn_mask.to(torch.bool) if attn_mask.dtype == torch.bool else attn_mask > \
-            torch.finfo(attn_mask.dtype).min / 2, None
+        return allowed(attn_mask), None
     if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != q_len or \
             attn_mask.shape[3] != k_len:
         return None, f"a decoder mask of shape {tuple(attn_mask.shape)} for {q_len} queries and {k_len} keys"
@@ -127,13 +133,12 @@ def causal_key_mask(attn_mask: torch.Tensor | None, q_len: int, k_len: int, wind
     if hit is not None and hit[0]() is attn_mask and hit[1] == attn_mask._version and \
             not torch.compiler.is_compiling():
         return hit[2], hit[3]
-    allowed = attn_mask[:, 0] if attn_mask.dtype == torch.bool else \
-        attn_mask[:, 0] > torch.finfo(attn_mask.dtype).min / 2
-    key_mask = allowed.any(dim=1)
+    may = allowed(attn_mask[:, 0])
+    key_mask = may.any(dim=1)
     if torch.compiler.is_compiling():
         return key_mask, None
     rebuilt = key_mask[:, None, :] & reference.causal_band(q_len, k_len, window, attn_mask.device)[None]
-    reason = None if bool((rebuilt == allowed).all()) else \
+    reason = None if bool((rebuilt == may).all()) else \
         "a decoder mask that is not causal + key padding + the layer's window (packed sequences, a custom mask)"
     result = (key_mask, None) if reason is None else (None, reason)
     if not attn_mask.is_inference():

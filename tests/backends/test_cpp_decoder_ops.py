@@ -151,3 +151,28 @@ def test_dispatcher_runs_both_decoder_ops_on_cpp():
     with sp.use_backend("cpp"):  # the public op names the backend
         pub = torch.ops.structprune.gated_decoder_attention(*tensors, active, q_to_kv, key_mask, -1, "cpp")
     torch.testing.assert_close(pub, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [-1, 4])
+def test_the_masks_a_layer_may_get_give_the_same_outputs(window):
+    """HF's 4D bool and additive masks, a [B, Sk] key mask and a batch-1 mask: the same outputs on the reference
+    and on the cpp backend (which gets the key padding row and the window). Right padding: every query sees a key
+    (a left-padding query would get a uniform context from an additive mask on the reference, as in HF's eager
+    layers)."""
+    tensors, active, q_to_kv, _ = attention_case("unequal", S)
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    key_mask[1, 9:] = False  # two padding keys: every window still holds a real key
+    want = reference.gated_decoder_attention(*tensors, active, q_to_kv, window, key_mask=key_mask)
+    bool4d = reference.decoder_mask(key_mask, S, S, window, "cpu")
+    additive = torch.zeros(bool4d.shape).masked_fill(~bool4d, torch.finfo(torch.float32).min)
+    for mask in (bool4d, additive, key_mask.long()):
+        for name in ("torch", "cpp"):
+            with sp.use_backend(name):
+                got = dispatch.gated_decoder_attention(*tensors, active, q_to_kv, window, attn_mask=mask)
+            assert sp.last_backends()["attention"] == name
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    one = reference.decoder_mask(torch.ones(1, S, dtype=torch.bool), S, S, window, "cpu")
+    want = reference.gated_decoder_attention(*tensors, active, q_to_kv, window)
+    with sp.use_backend("cpp"):
+        torch.testing.assert_close(dispatch.gated_decoder_attention(*tensors, active, q_to_kv, window, attn_mask=one),
+                                   want, atol=1e-5, rtol=1e-5)
