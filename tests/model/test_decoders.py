@@ -272,16 +272,24 @@ def test_plain_transformers_loads_the_compacted_decoders(tmp_path):
     inputs = left_padded()
     jobs, expected = [], {}
     autos = {"lm": "AutoModelForCausalLM", "cls": "AutoModelForSequenceClassification", "bare": "AutoModel"}
-    for family in FAMILIES:
+    no_head = torch.ones(L, H, dtype=torch.bool)
+    no_head[1] = False  # a layer with no head (and no KV head) left
+    for family in FAMILIES + ("llama-no-head",):
         for head in ("lm", "cls", "bare") if family == "qwen3" else ("lm",):
-            model = sp.compact(_masked(family, head))
+            if family == "llama-no-head":
+                model = sp.compact(sp.set_masks(sp.patch(tiny_model("llama")), heads=no_head))
+            else:
+                model = sp.compact(_masked(family, head))
             directory = tmp_path / f"{family}-{head}"
             sp.save_pretrained(model, directory)
             config = json.loads((directory / "config.json").read_text())
-            assert config["structprune_heads_per_layer"] == [5, 7, 8]
-            assert config["structprune_kv_heads_per_layer"] == [3, 4, 4]
-            assert config["structprune_kv_index_per_layer"][0] == [0, 0, 1, 1, 2]
-            assert config["structprune_ffn_units_per_layer"] == [int(u.sum()) for u in masks()[1]]
+            if family == "llama-no-head":
+                assert config["structprune_kv_heads_per_layer"] == [KV, 0, KV]
+            else:
+                assert config["structprune_heads_per_layer"] == [5, 7, 8]
+                assert config["structprune_kv_heads_per_layer"] == [3, 4, 4]
+                assert config["structprune_kv_index_per_layer"][0] == [0, 0, 1, 1, 2]
+                assert config["structprune_ffn_units_per_layer"] == [int(u.sum()) for u in masks()[1]]
             assert config["auto_map"][autos[head]].endswith(f"{type(model).__name__}")
             expected[(family, head)] = (outputs(model, inputs), greedy(model, inputs) if head == "lm" else None)
             jobs.append([str(directory), autos[head], str(tmp_path / f"{family}-{head}.pt")]
@@ -333,3 +341,29 @@ def test_bf16_autocast_stays_within_hfs_own_rounding(family):
             got = outputs(model, inputs)
         assert sp.last_backends()["attention"] == name
         check_close(f"{family} {name}", got, ref32, plain, torch.bfloat16)
+
+
+def test_a_layer_with_no_head_left(tmp_path):
+    """Every query head of layer 1 pruned: the layer adds its residual only (no o_proj bias here); generation,
+    compaction (no q/k/v rows, no cache slot), save/load and unpatch (a zero-weight head) keep the oracle's
+    outputs and tokens."""
+    heads = torch.ones(L, H, dtype=torch.bool)
+    heads[1] = False
+    heads[2, 1:] = False  # one head, one KV head
+    ffn = torch.ones(L, I, dtype=torch.bool)
+    inputs = left_padded()
+    oracle_model = oracle(tiny_model("llama"), heads, ffn, head_dim("llama"))
+    want, tokens = outputs(oracle_model, inputs), greedy(oracle_model, inputs)
+    model = sp.patch(tiny_model("llama"))
+    sp.set_masks(model, heads=heads)
+    assert sp.get_masks(model).kv_heads[1].sum() == 0 and sp.get_masks(model).kv_heads[2].tolist() == [True] + [False] * 3
+    sp.compact(model)
+    assert [a.self_attn.num_kv_heads for a in model.model.layers] == [KV, 0, 1]
+    torch.testing.assert_close(outputs(model, inputs), want, atol=1e-5, rtol=0)
+    assert torch.equal(greedy(model, inputs), tokens)
+    sp.save_pretrained(model, tmp_path / "m")
+    loaded = sp.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(outputs(loaded, inputs), want, atol=1e-5, rtol=0)
+    plain = sp.unpatch(loaded)
+    torch.testing.assert_close(outputs(plain, inputs), want, atol=1e-5, rtol=0)
+    assert torch.equal(greedy(plain, inputs), tokens)
