@@ -131,7 +131,8 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
     active = torch.arange(A, device=q.device) if active_heads is None else active_heads.to(q.device)
     if A == 0:
         return F.linear(q.new_zeros(B, Sq, 0), wo[:, :0], bo)
-    G, pos = _group_layout(q_to_kv.to(q.device), Akv)
+    G, pos = _packed(("layout", _tensor_key(q_to_kv), Akv, q.device), lambda: _group_layout(q_to_kv.to(q.device), Akv),
+                     (q_to_kv,))
     if G * Akv == A and bool((pos == torch.arange(A, device=q.device)).all()):
         q_pad = q  # equal groups in order: the fold is a view
     else:
