@@ -24,6 +24,7 @@ const std::pair<const char*, Act> kActivations[] = {
     {"gelu", Act::Gelu},
     {"gelu_tanh", Act::GeluTanh},
     {"relu", Act::Relu},
+    {"silu", Act::Silu},
 };
 
 }  // namespace

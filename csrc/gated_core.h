@@ -16,7 +16,7 @@
 
 namespace structprune {
 
-enum class Act { Gelu, GeluTanh, Relu };
+enum class Act { Gelu, GeluTanh, Relu, Silu };
 // The activation called `name` (one of activation_names(), else an error naming them).
 Act parse_activation(const std::string& name);
 // The activation names the FFN ops accept, in table order: the same as structprune/activations.py's ACTIVATIONS.

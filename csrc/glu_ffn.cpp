@@ -54,6 +54,8 @@ at::Tensor act_forward(const at::Tensor& a, Act act) {
       return at::gelu(a, "tanh");
     case Act::Relu:
       return at::relu(a);
+    case Act::Silu:
+      return at::silu(a);
   }
   TORCH_CHECK(false, "structprune: unknown activation");
 }
@@ -67,6 +69,8 @@ at::Tensor act_grad(const at::Tensor& grad, const at::Tensor& a, Act act) {
       return at::gelu_backward(grad, a, "tanh");
     case Act::Relu:
       return at::threshold_backward(grad, a, 0);
+    case Act::Silu:
+      return at::silu_backward(grad, a);
   }
   TORCH_CHECK(false, "structprune: unknown activation");
 }

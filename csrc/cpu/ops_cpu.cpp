@@ -56,6 +56,8 @@ inline Vec act_fwd(const Vec& x, Act act) {
       const Vec inner = Vec(kTanhBeta) * (x + Vec(kTanhKappa) * x * x * x);
       return Vec(0.5f) * x * (Vec(1.0f) + inner.tanh());
     }
+    case Act::Silu:
+      return x / (Vec(1.0f) + x.neg().exp());
     case Act::Relu:
     default:
       return at::vec::clamp_min(x, Vec(0.0f));
@@ -75,6 +77,10 @@ inline Vec act_grad(const Vec& x, Act act) {  // d act / d x, as torch's gelu_ba
       const Vec left = Vec(0.5f) * (Vec(1.0f) + t);
       const Vec right = Vec(0.5f) * x * (Vec(1.0f) - t * t) * Vec(kTanhBeta) * (Vec(1.0f) + Vec(3.0f * kTanhKappa) * x2);
       return left + right;
+    }
+    case Act::Silu: {
+      const Vec sg = Vec(1.0f) / (Vec(1.0f) + x.neg().exp());
+      return sg * (Vec(1.0f) + x * (Vec(1.0f) - sg));
     }
     case Act::Relu:
     default:
@@ -119,18 +125,26 @@ void act_backward_impl(T* dh, const T* pre, int64_t N, int64_t K, Act act) {
   });
 }
 
-// GELU goes through ATen's gelu kernel: it is dispatched at run time to AVX2/AVX-512 code, while this file is
-// compiled for the baseline ISA, where at::vec's erf/tanh are scalar loops (measured ~4x slower than at::gelu_).
-// ReLU (and the bias / gate for it) is one fused at::vec pass.
+// GELU and SiLU go through ATen's kernels: they are dispatched at run time to AVX2/AVX-512 code, while this file
+// is compiled for the baseline ISA, where at::vec's erf/tanh/exp are scalar loops (measured ~4x slower than
+// at::gelu_). ReLU (and the bias / gate for it) is one fused at::vec pass.
 void cpu_bias_act(at::Tensor& a, const at::Tensor& bias, const at::Tensor& col_scale, Act act, at::Tensor* h_out) {
   TORCH_INTERNAL_ASSERT(a.is_contiguous() && a.dim() == 2);
   if (act != Act::Relu) {
     const c10::string_view approximate = act == Act::GeluTanh ? "tanh" : "none";
     if (bias.defined()) a.add_(bias);
     if (h_out) {
-      at::gelu_out(*h_out, a, approximate);
+      if (act == Act::Silu) {
+        at::silu_out(*h_out, a);
+      } else {
+        at::gelu_out(*h_out, a, approximate);
+      }
     } else {
-      at::gelu_(a, approximate);
+      if (act == Act::Silu) {
+        at::silu_(a);
+      } else {
+        at::gelu_(a, approximate);
+      }
       if (col_scale.defined()) a.mul_(col_scale);
     }
     return;
@@ -147,7 +161,7 @@ void cpu_bias_act(at::Tensor& a, const at::Tensor& bias, const at::Tensor& col_s
 void cpu_act_backward(at::Tensor& dh, const at::Tensor& pre, Act act) {
   TORCH_INTERNAL_ASSERT(dh.is_contiguous() && pre.is_contiguous() && dh.sizes() == pre.sizes());
   if (act != Act::Relu) {  // see cpu_bias_act
-    dh = at::gelu_backward(dh, pre, act == Act::GeluTanh ? "tanh" : "none");
+    dh = act == Act::Silu ? at::silu_backward(dh, pre) : at::gelu_backward(dh, pre, act == Act::GeluTanh ? "tanh" : "none");
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dh.scalar_type(), "structprune_act_backward", [&] {

@@ -40,6 +40,7 @@ __device__ __forceinline__ float act_fwd(float x, int act) {
   if (act == static_cast<int>(ActKind::Gelu)) return 0.5f * x * (1.0f + erff(x * kSqrt1_2));
   if (act == static_cast<int>(ActKind::GeluTanh))
     return 0.5f * x * (1.0f + tanhf(kTanhBeta * (x + kTanhKappa * x * x * x)));
+  if (act == static_cast<int>(ActKind::Silu)) return x / (1.0f + expf(-x));
   return x > 0.0f ? x : 0.0f;
 }
 
@@ -52,6 +53,10 @@ __device__ __forceinline__ float act_grad(float x, int act) {
     const float x2 = x * x;
     const float t = tanhf(kTanhBeta * (x + kTanhKappa * x2 * x));
     return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kTanhBeta * (1.0f + 3.0f * kTanhKappa * x2);
+  }
+  if (act == static_cast<int>(ActKind::Silu)) {  // as ATen's silu_backward: s * (1 + x * (1 - s))
+    const float sg = 1.0f / (1.0f + expf(-x));
+    return sg * (1.0f + x * (1.0f - sg));
   }
   return x > 0.0f ? 1.0f : 0.0f;
 }

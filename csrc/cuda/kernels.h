@@ -8,7 +8,7 @@ namespace structprune {
 namespace cuda {
 
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
-enum class ActKind : int { Gelu = 0, GeluTanh = 1, Relu = 2 };
+enum class ActKind : int { Gelu = 0, GeluTanh = 1, Relu = 2, Silu = 3 };
 
 // a [rows, cols] row-major: a <- act(a + bias[c]) * col_scale[c] (bias and col_scale may be null). With h_out non-null:
 // a <- a + bias (pre-activation) and h_out <- act(a + bias) (ungated).

@@ -33,6 +33,8 @@ cuda::ActKind act_kind(Act act) {
       return cuda::ActKind::Gelu;
     case Act::GeluTanh:
       return cuda::ActKind::GeluTanh;
+    case Act::Silu:
+      return cuda::ActKind::Silu;
     default:
       return cuda::ActKind::Relu;
   }

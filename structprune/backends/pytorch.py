@@ -10,6 +10,7 @@ from __future__ import annotations
 from structprune.ops import reference
 from structprune.ops.checks import check_attention_inputs, check_ffn_inputs, check_glu_ffn_inputs, \
     check_rotary_attention_inputs
+from structprune.ops.checks import check_decoder_attention_inputs, check_decoder_qkv_inputs
 from structprune.ops.support import Backend
 
 
@@ -44,6 +45,23 @@ def gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "
     return reference.gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, activation)
 
 
+def gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, head_dim, active_heads=None,
+                      active_kv=None):
+    """:func:`structprune.ops.reference.gated_decoder_qkv`."""
+    check_decoder_qkv_inputs(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, head_dim, active_heads,
+                             active_kv)
+    return reference.gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, head_dim,
+                                       active_heads, active_kv)
+
+
+def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, key_mask, window: int):
+    """:func:`structprune.ops.reference.gated_decoder_attention` with the key mask and the window."""
+    check_decoder_attention_inputs(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window, key_mask)
+    return reference.gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window,
+                                             key_mask=key_mask)
+
+
 BACKEND = Backend(name="torch", availability=lambda device: None, reference=True,
                   gated_attention=gated_attention, gated_ffn=gated_ffn,
-                  gated_rotary_attention=gated_rotary_attention, gated_glu_ffn=gated_glu_ffn)
+                  gated_rotary_attention=gated_rotary_attention, gated_glu_ffn=gated_glu_ffn,
+                  gated_decoder_qkv=gated_decoder_qkv, gated_decoder_attention=gated_decoder_attention)

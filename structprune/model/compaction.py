@@ -66,23 +66,38 @@ def _unit_rows(parts: LayerParts, units: torch.Tensor, n_units: int) -> torch.Te
     return units if parts.family is None else parts.family.unit_rows(units, n_units)
 
 
+def _ffn_in_roles(parts: LayerParts) -> tuple[str, ...]:
+    return ("ffn_in",) if parts.family is None else parts.family.ffn_in_roles
+
+
+def _head_rows(heads: torch.Tensor, dim: int) -> torch.Tensor:
+    return (heads[:, None] * dim + torch.arange(dim, device=heads.device)[None, :]).flatten()
+
+
 @torch.no_grad()
-def slice_layer(layer, heads: torch.Tensor, units: torch.Tensor) -> None:
+def slice_layer(layer, heads: torch.Tensor, units: torch.Tensor, kv_heads: torch.Tensor | None = None) -> None:
     """Keep only the heads ``heads`` and FFN units ``units`` (indices) of a patched layer, in place: the
-    projections are sliced and the gates shrunk. Compaction and loading a compacted model both use it."""
+    projections are sliced and the gates shrunk. Compaction and loading a compacted model both use it.
+
+    Grouped-query attention: ``key``/``value`` keep the KV heads the kept heads read (a KV head none of them reads
+    is removed), and the head -> KV-head map is renumbered; ``kv_heads`` (loading) gives the KV heads to keep."""
     parts = parts_of(layer)
     dim = parts.head_dim
-    rows = (heads[:, None] * dim + torch.arange(dim, device=heads.device)[None, :]).flatten()
+    rows = _head_rows(heads, dim)
+    kv_rows = rows
+    if parts.kv_index is not None:
+        kv_rows = _head_rows(parts.attention.keep_heads(heads, kv_heads), dim)
     if _fused_qkv(parts):  # one matrix, three row blocks of num_heads * head_dim rows
         width = parts.num_heads * dim
         parts.replace("qkv", _select_linear(parts["qkv"], rows=torch.cat([rows, rows + width, rows + 2 * width])))
     else:
-        for role in ("query", "key", "value"):
-            parts.replace(role, _select_linear(parts[role], rows=rows))
+        for role, r in (("query", rows), ("key", kv_rows), ("value", kv_rows)):
+            parts.replace(role, _select_linear(parts[role], rows=r))
     parts.replace("attn_out", _select_linear(parts["attn_out"], cols=rows))
     parts.attention.num_heads = int(heads.numel())
     parts.head_gate.keep_only_(heads)
-    parts.replace("ffn_in", _select_linear(parts["ffn_in"], rows=_unit_rows(parts, units, parts.unit_gate.n)))
+    for role in _ffn_in_roles(parts):
+        parts.replace(role, _select_linear(parts[role], rows=_unit_rows(parts, units, parts.unit_gate.n)))
     parts.replace("ffn_out", _select_linear(parts["ffn_out"], cols=units))
     parts.unit_gate.keep_only_(units)
 
@@ -225,14 +240,17 @@ def zeroed_slot(layer) -> None:
             parts.replace("qkv", _zero_linear(hidden, 3 * dim, like, with_bias=parts["qkv"].bias is not None))
         else:
             for role in ("query", "key", "value"):
-                parts.replace(role, _zero_linear(hidden, dim, like))
+                parts.replace(role, _zero_linear(hidden, dim, like, with_bias=parts[role].bias is not None))
         parts.replace("attn_out", _zero_linear(dim, hidden, like, bias=parts["attn_out"].bias,
                                                with_bias=parts["attn_out"].bias is not None))
+        if parts.kv_index is not None:
+            parts.attention.kv_index = torch.zeros(1, dtype=torch.long, device=parts.kv_index.device)
         parts.attention.num_heads = 1
     if parts.unit_gate.n == 0:
         hidden = parts["ffn_in"].in_features
         rows = int(_unit_rows(parts, torch.zeros(1, dtype=torch.long), 1).numel())
-        parts.replace("ffn_in", _zero_linear(hidden, rows, like, with_bias=parts["ffn_in"].bias is not None))
+        for role in _ffn_in_roles(parts):
+            parts.replace(role, _zero_linear(hidden, rows, like, with_bias=parts[role].bias is not None))
         parts.replace("ffn_out", _zero_linear(1, hidden, like, bias=parts["ffn_out"].bias,
                                               with_bias=parts["ffn_out"].bias is not None))
 
@@ -276,6 +294,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     :func:`structprune.save_pretrained` (per-layer sizes) or patch it again.
     """
     family = family_of(model)
+    for i, layer in enumerate(gated_layers(model)):  # every layer checked before any is changed
+        reason = family.unpatch_reason(family.parts(layer))
+        if reason is not None:
+            raise ValueError(f"cannot unpatch layer {i} of {type(model).__name__}: {reason}")
     skipped = [i for i, parts in enumerate(layer_parts(model))
                if _closed(parts.get("attn_sublayer_gate")) or _closed(parts.get("ffn_sublayer_gate"))]
     if skipped:

@@ -33,10 +33,10 @@ _AUTO_CLASSES = {"Model": "AutoModel", "ForQuestionAnswering": "AutoModelForQues
                  "ForSequenceClassification": "AutoModelForSequenceClassification",
                  "ForTokenClassification": "AutoModelForTokenClassification", "ForMaskedLM": "AutoModelForMaskedLM",
                  "ForMultipleChoice": "AutoModelForMultipleChoice", "ForPreTraining": "AutoModelForPreTraining",
-                 "ForNextSentencePrediction": "AutoModelForNextSentencePrediction"}
+                 "ForNextSentencePrediction": "AutoModelForNextSentencePrediction", "ForCausalLM": "AutoModelForCausalLM"}
 _STANDALONE_KEYS = ("auto_map", "structprune_heads_per_layer", "structprune_ffn_units_per_layer",
                     "structprune_hidden_size", "structprune_skip_attention", "structprune_skip_ffn",
-                    "structprune_modeling_version")
+                    "structprune_kv_heads_per_layer", "structprune_kv_index_per_layer", "structprune_modeling_version")
 
 
 def modeling_version() -> str:
@@ -67,8 +67,9 @@ def _standalone_config(model: nn.Module, structure: dict):
     if not is_standalone_exportable(model):
         return config, False
     family = family_of(model).class_prefixes[structure["model_type"]]
+    template = _MODELING_TEMPLATE.read_text()  # the classes it defines: its _BASES
     config.auto_map = {auto: f"{MODELING_FILE[:-3]}.Pruned{family}{suffix}"
-                       for suffix, auto in _AUTO_CLASSES.items() if hasattr(transformers, family + suffix)}
+                       for suffix, auto in _AUTO_CLASSES.items() if f'"{family}{suffix}"' in template}
     config.structprune_heads_per_layer = structure["heads_per_layer"]
     config.structprune_ffn_units_per_layer = structure["ffn_units_per_layer"]
     if structure.get("hidden_kept") is not None:
@@ -76,13 +77,16 @@ def _standalone_config(model: nn.Module, structure: dict):
     if structure.get("attn_sublayers_kept") is not None:
         config.structprune_skip_attention = [not k for k in structure["attn_sublayers_kept"]]
         config.structprune_skip_ffn = [not k for k in structure["ffn_sublayers_kept"]]
+    if "kv_heads_per_layer" in structure:  # grouped-query attention: each layer's KV heads and head -> KV-head map
+        config.structprune_kv_heads_per_layer = structure["kv_heads_per_layer"]
+        config.structprune_kv_index_per_layer = [p.kv_index.tolist() for p in layer_parts(model)]
     config.structprune_modeling_version = modeling_version()
     return config, True
 
 
 def _structure(model: nn.Module) -> dict:
     parts = layer_parts(model)
-    return {
+    structure = {
         "format_version": FORMAT_VERSION,
         "structprune_version": __version__,
         "architecture": type(model).__name__,
@@ -92,6 +96,9 @@ def _structure(model: nn.Module) -> dict:
         "gate_sampling": [p.head_gate.sampling for p in parts],
         **_full_structure(model, parts),
     }
+    if all(p.kv_index is not None for p in parts):
+        structure["kv_heads_per_layer"] = [p.num_kv_heads for p in parts]
+    return structure
 
 
 def _full_structure(model: nn.Module, parts) -> dict:
@@ -207,6 +214,8 @@ def _check_meta(meta: dict, path: Path) -> None:
         if value is not None and (not isinstance(value, list) or len(value) != len(heads)
                                   or not all(isinstance(v, bool) for v in value)):
             raise CorruptFileError(f"{path}: {key} should be a list of {len(heads)} booleans, found {value!r}")
+    if "kv_heads_per_layer" in meta:
+        _int_list(meta, "kv_heads_per_layer", path, len(heads))
     sampling = meta.get("gate_sampling")
     if not isinstance(sampling, list) or len(sampling) != len(heads) or not all(isinstance(v, bool) for v in sampling):
         raise CorruptFileError(f"{path}: gate_sampling should be a list of {len(heads)} booleans, found {sampling!r}")
@@ -228,7 +237,7 @@ def _check_config(config: dict, meta: dict, path: Path, meta_path: Path) -> Fami
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
             raise CorruptFileError(f"{path}: {key} should be an int in [1, {limit}], found {value!r}")
     sizes = family.sizes(config)
-    if sizes.hidden % sizes.heads:
+    if sizes.explicit_head_dim is None and sizes.hidden % sizes.heads:
         raise CorruptFileError(f"{path}: {keys['hidden']} {sizes.hidden} is not a multiple of {keys['heads']} "
                                f"{sizes.heads}")
     layers = len(meta["heads_per_layer"])
@@ -241,6 +250,14 @@ def _check_config(config: dict, meta: dict, path: Path, meta_path: Path) -> Fami
         if h > sizes.heads or u > sizes.intermediate:
             raise ValueError(f"{meta_path}: layer {i} keeps {h} heads and {u} FFN units, more than {path} allows "
                              f"({sizes.heads} heads, {keys['intermediate']} {sizes.intermediate})")
+    if family.grouped_kv != ("kv_heads_per_layer" in meta):
+        raise CorruptFileError(f"{meta_path}: kv_heads_per_layer is {'missing' if family.grouped_kv else 'unexpected'}"
+                               f" for model_type {meta['model_type']!r}")
+    for i, kv in enumerate(meta.get("kv_heads_per_layer", [])):
+        if kv > (sizes.kv_heads or sizes.heads) or kv > max(meta["heads_per_layer"][i], 1) or \
+                (kv == 0) != (meta["heads_per_layer"][i] == 0):
+            raise ValueError(f"{meta_path}: layer {i} keeps {kv} KV heads for {meta['heads_per_layer'][i]} heads "
+                             f"(the config has {sizes.kv_heads} KV heads)")
     return family
 
 
@@ -278,9 +295,12 @@ def _safetensors_header(path: Path) -> dict:
     return header
 
 
-def _expected_layer_shapes(family: Family, hidden: int, head_dim: int, heads: int, units: int) -> dict:
+def _expected_layer_shapes(family: Family, hidden: int, head_dim: int, heads: int, units: int,
+                           kv_heads: int | None = None) -> dict:
     """Tensor name inside a layer -> the shape a save with ``heads`` heads and ``units`` FFN units gives it."""
-    return family.layer_shapes(hidden, head_dim, heads, units)
+    if kv_heads is None:
+        return family.layer_shapes(hidden, head_dim, heads, units)
+    return family.layer_shapes(hidden, head_dim, heads, units, kv_heads=kv_heads)
 
 
 def _check_weights(header: dict, family: Family, config: dict, meta: dict, path: Path) -> None:
@@ -296,8 +316,9 @@ def _check_weights(header: dict, family: Family, config: dict, meta: dict, path:
         if i >= layers:
             raise ValueError(f"{path} holds {name} but the configs describe {layers} layers")
         width = meta["hidden_kept"] if meta.get("hidden_kept") is not None else sizes.hidden
+        kv = meta["kv_heads_per_layer"][i] if "kv_heads_per_layer" in meta else None
         want = _expected_layer_shapes(family, width, sizes.head_dim, meta["heads_per_layer"][i],
-                                      meta["ffn_units_per_layer"][i]).get(m.group(2))
+                                      meta["ffn_units_per_layer"][i], kv).get(m.group(2))
         if want is not None and tuple(info["shape"]) != want:
             raise ValueError(f"{path}: {name} has shape {tuple(info['shape'])}, the configs say {want} "
                              "(files from different saves?)")
@@ -344,9 +365,11 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     parts = layer_parts(model)
     if len(parts) != len(meta["heads_per_layer"]):
         raise ValueError(f"{meta_path} describes {len(meta['heads_per_layer'])} layers, config has {len(parts)}")
-    for layer, heads, units, sampling in zip(parts, meta["heads_per_layer"], meta["ffn_units_per_layer"],
-                                             meta["gate_sampling"]):
-        slice_layer(layer, torch.arange(heads), torch.arange(units))  # values are loaded below
+    kv_heads = meta.get("kv_heads_per_layer", [None] * len(parts))
+    for layer, heads, units, sampling, kv in zip(parts, meta["heads_per_layer"], meta["ffn_units_per_layer"],
+                                                 meta["gate_sampling"], kv_heads):
+        slice_layer(layer, torch.arange(heads), torch.arange(units),  # values (and a decoder's head -> KV-head
+                    None if kv is None else torch.arange(kv))  # map) are loaded below
         for gate in layer.all_gates:
             gate.sampling = sampling
     if meta.get("hidden_kept") is not None:

@@ -18,6 +18,8 @@ class Masks:
     ffn: list of bool ``[I_l]``, one per layer.
     hidden: bool ``[d]`` (the hidden dimensions kept), or None when the model has no hidden-dimension gate.
     attn_sublayers, ffn_sublayers: bool ``[L]`` (whole sublayers kept), or None without sublayer gates.
+    kv_heads: grouped-query attention (decoders): the KV heads kept (those a kept query head reads), bool
+    ``[L, Hkv]`` or a list of ``[Hkv_l]``; None for the other families.
     """
 
     heads: torch.Tensor | list[torch.Tensor]
@@ -25,6 +27,7 @@ class Masks:
     hidden: torch.Tensor | None = None
     attn_sublayers: torch.Tensor | None = None
     ffn_sublayers: torch.Tensor | None = None
+    kv_heads: torch.Tensor | list[torch.Tensor] | None = None
 
     def heads_per_layer(self) -> list[torch.Tensor]:
         return list(self.heads)
@@ -80,19 +83,31 @@ def _extra_gates(model: nn.Module, name: str) -> list:
 
 
 @torch.no_grad()
-def set_masks(model: nn.Module, heads=None, ffn=None, hidden=None, attn_sublayers=None,
+def set_masks(model: nn.Module, heads=None, ffn=None, kv_heads=None, hidden=None, attn_sublayers=None,
               ffn_sublayers=None) -> nn.Module:
     """Set fixed 0/1 masks (1 = keep). ``heads``: ``[L, H]`` or per-layer list; ``ffn``: ``[L, I]`` or
     per-layer list; ``hidden``: ``[d]``; ``attn_sublayers`` / ``ffn_sublayers``: ``[L]`` (the last three need the
     model patched with ``hidden=True`` / ``sublayers=True``). Any may be None to leave it unchanged. All inputs are
-    validated before any change."""
+    validated before any change.
+
+    ``kv_heads`` (grouped-query attention only): ``[L, Hkv]`` or per-layer list; a pruned KV head prunes the query
+    heads that read it (on top of ``heads``, or of the current head masks when ``heads`` is None). A KV head whose
+    query heads are all pruned is pruned with them whether or not ``kv_heads`` says so."""
     parts = layer_parts(model)
     device = parts[0].device
     head_gates = [p.head_gate for p in parts]
     unit_gates = [p.unit_gate for p in parts]
+    head_rows = _per_layer("heads", heads, [g.n for g in head_gates], device) if heads is not None else None
+    if kv_heads is not None:
+        if any(p.kv_index is None for p in parts):
+            raise TypeError(f"kv_heads masks are for grouped-query attention (decoders); {type(model).__name__} "
+                            "has one KV head per query head: mask its heads")
+        kv_rows = _per_layer("kv_heads", kv_heads, [p.num_kv_heads for p in parts], device)
+        base = head_rows if head_rows is not None else [g.mask.clone() for g in head_gates]
+        head_rows = [h * k.index_select(0, p.kv_index.to(device)) for h, k, p in zip(base, kv_rows, parts)]
     rows = []
-    if heads is not None:
-        rows.append((head_gates, _per_layer("heads", heads, [g.n for g in head_gates], device)))
+    if head_rows is not None:
+        rows.append((head_gates, head_rows))
     if ffn is not None:
         rows.append((unit_gates, _per_layer("ffn", ffn, [g.n for g in unit_gates], device)))
     if hidden is not None:
@@ -129,7 +144,12 @@ def get_masks(model: nn.Module) -> Masks:
         gates = sublayer_gates(model, name)
         if all(g is not None for g in gates):
             extra[name] = torch.cat([(g.deterministic() != 0).cpu() for g in gates])
-    return Masks(heads=torch.stack(heads) if same else heads, ffn=ffn, **extra)
+    kv = None
+    if all(p.kv_index is not None for p in parts):
+        kv = [torch.zeros(p.num_kv_heads, dtype=torch.bool).index_fill_(0, p.kv_index.cpu()[h], True)
+              for p, h in zip(parts, heads)]
+        kv = torch.stack(kv) if len({k.numel() for k in kv}) == 1 else kv
+    return Masks(heads=torch.stack(heads) if same else heads, ffn=ffn, kv_heads=kv, **extra)
 
 
 def gate_sizes(model: nn.Module) -> dict[str, list[int]]:

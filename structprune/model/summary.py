@@ -1,4 +1,5 @@
-"""Per-layer report of what a patched model keeps: heads, FFN units, parameters and FLOPs vs the original."""
+"""Per-layer report of what a patched model keeps: heads, FFN units, parameters and FLOPs vs the original; for
+decoders with grouped-query attention also the KV heads and the KV-cache bytes per token."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,9 +7,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from structprune.model.cofi import hidden_gate
-from structprune.model.families import sizes_of
+from structprune.model.families import family_of
 from structprune.model.patching import layer_parts
-from structprune.ops.reference import attention_flops, ffn_flops
 
 
 @dataclass
@@ -21,6 +21,10 @@ class LayerSummary:
     params_original: int
     flops: int
     flops_original: int
+    kv_heads_kept: int | None = None  # grouped-query attention only: KV heads a kept head reads
+    kv_heads_total: int | None = None
+    kv_cache_bytes: int | None = None  # per token: keys and values of the kept KV heads, in the model's dtype
+    kv_cache_bytes_original: int | None = None
 
 
 @dataclass
@@ -46,17 +50,24 @@ class Summary:
         return self.total("ffn_kept") / max(1, self.total("ffn_total"))
 
     def __str__(self) -> str:
-        head = f"{'layer':>5} {'heads':>9} {'ffn units':>13} {'params':>21} {f'GFLOPs (seq {self.seq_len})':>21}"
+        kv = bool(self.layers) and self.layers[0].kv_heads_total is not None
+        head = f"{'layer':>5} {'heads':>9} " + (f"{'kv heads':>9} " if kv else "") + \
+            f"{'ffn units':>13} {'params':>21} {f'GFLOPs (seq {self.seq_len})':>21}" + \
+            (f" {'KV cache B/token':>18}" if kv else "")
         lines = [head, "-" * len(head)]
 
         def row(name, r):
-            return (f"{name:>5} {r.heads_kept:>4}/{r.heads_total:<4} {r.ffn_kept:>6}/{r.ffn_total:<6} "
+            kv_heads = f"{r.kv_heads_kept:>4}/{r.kv_heads_total:<4} " if kv else ""
+            cache = f" {r.kv_cache_bytes:>7}/{r.kv_cache_bytes_original:<7}" if kv else ""
+            return (f"{name:>5} {r.heads_kept:>4}/{r.heads_total:<4} {kv_heads}{r.ffn_kept:>6}/{r.ffn_total:<6} "
                     f"{r.params / 1e6:>8.3f}M/{r.params_original / 1e6:.3f}M ({r.params / max(1, r.params_original):>4.0%}) "
-                    f"{r.flops / 1e9:>7.3f}/{r.flops_original / 1e9:.3f} ({r.flops / max(1, r.flops_original):>4.0%})")
+                    f"{r.flops / 1e9:>7.3f}/{r.flops_original / 1e9:.3f} ({r.flops / max(1, r.flops_original):>4.0%})"
+                    f"{cache}")
 
         for i, r in enumerate(self.layers):
             lines.append(row(str(i), r))
-        total = LayerSummary(*(self.total(a) for a in LayerSummary.__dataclass_fields__))
+        total = LayerSummary(*(self.total(a) if kv or a not in _KV_FIELDS else None
+                               for a in LayerSummary.__dataclass_fields__))
         lines.append("-" * len(head))
         lines.append(row("all", total))
         if self.hidden_kept is not None:
@@ -75,10 +86,7 @@ class Summary:
         return "\n".join(lines)
 
 
-def _layer_params(hidden: int, inner: int, units: int, attention_kept: bool = True, ffn_kept: bool = True) -> int:
-    attention = 4 * hidden * inner + 3 * inner + hidden + 2 * hidden  # q,k,v,o weights; biases; LayerNorm
-    ffn = 2 * hidden * units + units + hidden + 2 * hidden
-    return attention * attention_kept + ffn * ffn_kept
+_KV_FIELDS = ("kv_heads_kept", "kv_heads_total", "kv_cache_bytes", "kv_cache_bytes_original")
 
 
 def summary(model: nn.Module, seq_len: int = 128, latency=None, measure: bool = False, repeats: int = 10) -> Summary:
@@ -93,28 +101,39 @@ def summary(model: nn.Module, seq_len: int = 128, latency=None, measure: bool = 
     the measured ones (the model and a dense model of its config timed alternated, ``repeats`` rounds, on the
     table's backend and the current threads).
     """
-    sizes = sizes_of(model)
-    hidden, heads_total, ffn_total, head_dim = sizes.hidden, sizes.heads, sizes.intermediate, sizes.head_dim
+    family = family_of(model)
+    sizes = family.sizes(model.config)
+    heads_total, ffn_total = sizes.heads, sizes.intermediate
     out = Summary(seq_len=seq_len)
     gate = hidden_gate(model)
-    width = hidden
+    cofi = {}
     if gate is not None:
-        width = int((gate.deterministic() != 0).sum())
-        out.hidden_kept, out.hidden_total = width, hidden
+        out.hidden_kept, out.hidden_total = int((gate.deterministic() != 0).sum()), sizes.hidden
+        cofi["hidden"] = out.hidden_kept
     for i, parts in enumerate(layer_parts(model)):
-        kept = {name: parts.get(f"{name}_sublayer_gate") is None
+        subs = {name: parts.get(f"{name}_sublayer_gate") is None
                 or bool((parts[f"{name}_sublayer_gate"].deterministic() != 0).item()) for name in ("attn", "ffn")}
-        out.skipped += [f"{'attention' if n == 'attn' else n} {i}" for n, k in kept.items() if not k]
-        heads = int((parts.head_gate.deterministic() != 0).sum()) if kept["attn"] else 0
-        units = int((parts.unit_gate.deterministic() != 0).sum()) if kept["ffn"] else 0
-        out.layers.append(LayerSummary(
-            heads_kept=heads, heads_total=heads_total, ffn_kept=units, ffn_total=ffn_total,
-            params=_layer_params(width, heads * head_dim, units, kept["attn"], kept["ffn"]),
-            params_original=_layer_params(hidden, heads_total * head_dim, ffn_total),
-            flops=attention_flops(1, seq_len, width, heads, head_dim) + ffn_flops(1, seq_len, width, units),
-            flops_original=attention_flops(1, seq_len, hidden, heads_total, head_dim)
-            + ffn_flops(1, seq_len, hidden, ffn_total),
-        ))
+        out.skipped += [f"{'attention' if n == 'attn' else n} {i}" for n, k in subs.items() if not k]
+        if not all(subs.values()):
+            cofi.update(attention_kept=subs["attn"], ffn_kept=subs["ffn"])
+        elif "attention_kept" in cofi:
+            cofi.update(attention_kept=True, ffn_kept=True)
+        kept = (parts.head_gate.deterministic() != 0) & subs["attn"]
+        heads = int(kept.sum())
+        units = int((parts.unit_gate.deterministic() != 0).sum()) if subs["ffn"] else 0
+        kv = kv_total = None
+        if parts.kv_index is not None:
+            kv = int(parts.kv_index[kept.to(parts.kv_index.device)].unique().numel())
+            kv_total = sizes.kv_heads
+        params, flops = family.layer_cost(sizes, seq_len, heads, units, kv, **cofi)
+        params0, flops0 = family.layer_cost(sizes, seq_len, heads_total, ffn_total, kv_total)
+        row = LayerSummary(heads_kept=heads, heads_total=heads_total, ffn_kept=units, ffn_total=ffn_total,
+                           params=params, params_original=params0, flops=flops, flops_original=flops0)
+        if kv is not None:
+            per_head = 2 * sizes.head_dim * parts["key"].weight.element_size()  # a key and a value
+            row.kv_heads_kept, row.kv_heads_total = kv, kv_total
+            row.kv_cache_bytes, row.kv_cache_bytes_original = kv * per_head, kv_total * per_head
+        out.layers.append(row)
     if latency is not None:
         kept = {}
         if out.hidden_kept is not None:

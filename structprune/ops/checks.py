@@ -198,3 +198,91 @@ def check_glu_ffn_inputs(x, w1, b1, w2, b2, unit_gates, kept_units, activation, 
     _check_tensor("unit_gates", unit_gates, (n,), x, same_dtype=False)
     _check_index("kept_units", kept_units, n, x, required=kernel)
     check_activation(activation)
+
+
+# --- decoder attention with grouped queries (Llama, Mistral, Qwen2, Qwen3) ----------------------------------------
+def _check_heads_tensor(name: str, t, shape: tuple, like: torch.Tensor) -> None:
+    """[B, heads, S, D] tensors of the decoder ops: floating, on ``like``'s device, of ``shape`` (None: free)."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES or t.dim() != len(shape) or \
+            any(s is not None and s != d for s, d in zip(shape, t.shape)) or t.device != like.device:
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must be a float32, float16 or bfloat16 tensor {want} on {like.device}, got "
+                         f"{_describe(t)}" + (f" on {t.device}" if isinstance(t, torch.Tensor) else ""))
+
+
+def check_decoder_qkv_inputs(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, head_dim, active_heads,
+                             active_kv) -> None:
+    """Inputs of ``gated_decoder_qkv``: x [B, S, E]; wq [H*D, E], wk/wv [Hkv*D, E] (``head_dim`` D >= 2, even),
+    biases [rows] or None; q_norm/k_norm [D] or None; eps > 0; cos/sin [B or 1, S, D]; ``active_heads`` /
+    ``active_kv`` sorted unique indices into the H query / Hkv KV heads, or None (every head)."""
+    _check_x(x, "[B, S, E]", 3)
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be an even int >= 2 (rotary positions rotate pairs), got {head_dim!r}")
+    B, S, E = x.shape
+    _check_tensor("wq", wq, (None, E), x)
+    _check_tensor("wk", wk, (None, E), x)
+    if wq.shape[0] % head_dim or wk.shape[0] % head_dim:
+        raise ValueError(f"wq ({wq.shape[0]} rows) and wk ({wk.shape[0]} rows) must hold whole heads of "
+                         f"head_dim {head_dim}")
+    H, Hkv = wq.shape[0] // head_dim, wk.shape[0] // head_dim
+    _check_tensor("wv", wv, (Hkv * head_dim, E), x)
+    for name, t, n in (("bq", bq, H), ("bk", bk, Hkv), ("bv", bv, Hkv)):
+        _check_optional(name, t, (n * head_dim,), x)
+    for name, t in (("q_norm", q_norm), ("k_norm", k_norm)):
+        _check_optional(name, t, (head_dim,), x)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1] != S or \
+                t.shape[2] != head_dim or t.dtype not in _FLOAT_DTYPES or t.device != x.device:
+            raise ValueError(f"{name} must be a floating tensor [1 or {B}, {S}, {head_dim}] on {x.device}, got "
+                             f"{_describe(t)}" + (f" on {t.device}" if isinstance(t, torch.Tensor) else ""))
+    _check_index("active_heads", active_heads, H, x, required=False)
+    _check_index("active_kv", active_kv, Hkv, x, required=False)
+
+
+def check_decoder_attention_inputs(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window, key_mask=None,
+                                   dropout_p=0.0, attn_mask=None) -> None:
+    """Inputs of ``gated_decoder_attention``: q [B, A, Sq, D]; k, v [B, Akv, Sk, D] with Sk >= Sq (the queries are
+    the last Sq keys); wo [E, H*D], bo [E] or None; head_gates [H]; ``active_heads`` the A sorted unique heads of
+    q (None: A = H); ``q_to_kv`` [A] int64 indices in [0, Akv); window an int >= -1 (-1 or 0: none); key_mask
+    [B, Sk] bool or None."""
+    _check_heads_tensor("q", q, (None, None, None, None), q)
+    B, A, Sq, D = q.shape
+    _check_heads_tensor("k", k, (B, None, None, D), q)
+    Akv, Sk = k.shape[1], k.shape[2]
+    _check_heads_tensor("v", v, (B, Akv, Sk, D), q)
+    for name, t in (("k", k), ("v", v)):  # under autocast (HF's RMSNorm returns fp32) SDPA casts them
+        if t.dtype != q.dtype and not torch.is_autocast_enabled(q.device.type):
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    if Sk < Sq:
+        raise ValueError(f"k and v must hold at least the {Sq} query positions (the queries are the last keys), "
+                         f"got {Sk} keys")
+    if not isinstance(wo, torch.Tensor) or wo.dim() != 2 or wo.shape[1] % D or wo.device != q.device:
+        raise ValueError(f"wo must be a tensor [E, heads * {D}] on {q.device}, got {_describe(wo)}")
+    H = wo.shape[1] // D
+    _check_tensor("wo", wo, (None, H * D), q)
+    _check_optional("bo", bo, (wo.shape[0],), q)
+    _check_tensor("head_gates", head_gates, (H,), q, same_dtype=False)
+    _check_index("active_heads", active_heads, H, q, required=False)
+    if (active_heads.numel() if active_heads is not None else H) != A:
+        raise ValueError(f"q holds {A} heads but active_heads lists "
+                         f"{active_heads.numel() if active_heads is not None else H}")
+    if not isinstance(q_to_kv, torch.Tensor) or q_to_kv.dtype != torch.int64 or tuple(q_to_kv.shape) != (A,) or \
+            (q_to_kv.device != q.device and q_to_kv.device.type != "cpu"):
+        raise ValueError(f"q_to_kv must be an int64 tensor [{A}] on {q.device} or the CPU, got {_describe(q_to_kv)}")
+    if A and q_to_kv.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            (int(q_to_kv.min()) < 0 or int(q_to_kv.max()) >= Akv):
+        raise ValueError(f"q_to_kv must hold KV head indices in [0, {Akv}), got {q_to_kv.tolist()[:8]}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < -1:
+        raise ValueError(f"window must be an int >= -1 (-1: no sliding window), got {window!r}")
+    if key_mask is not None and (not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or
+                                 tuple(key_mask.shape) != (B, Sk) or key_mask.device != q.device):
+        raise ValueError(f"key_mask must be a bool tensor [{B}, {Sk}] on {q.device}, got {_describe(key_mask)}")
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.device != q.device or
+                                  attn_mask.dim() not in (2, 4) or attn_mask.shape[0] not in (1, B) or
+                                  attn_mask.shape[-1] != Sk or (attn_mask.dim() == 4 and
+                                                                attn_mask.shape[2] not in (1, Sq))):
+        raise ValueError(f"attention mask must be [B, {Sk}] or [B, 1, {Sq}, {Sk}] with B = {B} on {q.device}, got "
+                         f"{_describe(attn_mask)}")
+    check_dropout(dropout_p)

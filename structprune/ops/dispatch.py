@@ -32,8 +32,10 @@ from structprune.ops import registry as backends
 from structprune.ops import reference
 from structprune.ops.checks import check_attention_inputs, check_ffn_inputs  # noqa: F401  (part of the op boundary)
 from structprune.ops.checks import check_glu_ffn_inputs, check_rotary_attention_inputs
+from structprune.ops.checks import check_decoder_attention_inputs, check_decoder_qkv_inputs
 from structprune.ops.support import OpInputs
 from structprune.ops.padding import banded_key_row, fully_padded, kernel_key_bias, key_bias_from_mask, padded_sequence_output
+from structprune.ops.padding import allowed, causal_key_mask
 
 BACKENDS = backends.names()  # the registered backends at import: ("torch", "triton", "cpp")
 
@@ -341,4 +343,60 @@ def gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "
     else:
         out = backend.gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
     _last["ffn"] = backend.name
+    return out
+
+
+# --- decoder attention with grouped queries (Llama, Mistral, Qwen2, Qwen3) ----------------------------------------
+def gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps: float, cos, sin, head_dim: int,
+                      active_heads=None, active_kv=None):
+    """``(q, k, v)`` of a decoder layer: q [B, A, S, D] of the query heads ``active_heads``, k and v [B, Akv, S, D]
+    of the KV heads ``active_kv`` (None: every head), each with its RMSNorm (``q_norm`` / ``k_norm``, Qwen3; else
+    None) and the rotary positions ``cos``/``sin`` (see :func:`structprune.ops.reference.gated_decoder_qkv`). What
+    this returns is what a KV cache stores."""
+    check_decoder_qkv_inputs(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, head_dim, active_heads,
+                             active_kv)
+    backend = _choose(OpInputs("qkv", x.device, x.dtype, compiling=torch.compiler.is_compiling(), decoder=True))
+    if backend.name == "torch":
+        out = reference.gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, float(eps), cos, sin, head_dim,
+                                          active_heads, active_kv)
+    else:
+        out = backend.gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, float(eps), cos, sin, head_dim,
+                                        active_heads, active_kv)
+    _last["qkv"] = backend.name
+    return out
+
+
+def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window: int = -1, attn_mask=None,
+                            dropout_p: float = 0.0, impl: str = "sdpa"):
+    """Causal grouped-query attention of the active heads (query head ``active_heads[a]`` reads KV head
+    ``q_to_kv[a]`` of k/v) and the gated output projection, ``[B, Sq, E]`` (see
+    :func:`structprune.ops.reference.gated_decoder_attention`). The Sq queries are the last Sq of the Sk keys.
+
+    ``attn_mask``: HF's decoder mask for the layer (None, or [B, 1, Sq, Sk] bool or additive): the reference
+    applies it as it is; a kernel backend gets its key padding row and ``window`` when they rebuild it exactly
+    (:func:`structprune.ops.padding.causal_key_mask`), else the reference runs and ``fallback_reasons`` says why.
+    A query with no visible key (a left-padding position) gets a zero context from the kernels, as from HF's SDPA
+    layers; HF's eager layers give it a uniform one (padding outputs only)."""
+    check_decoder_attention_inputs(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window, None, dropout_p,
+                                   attn_mask)
+    inputs = OpInputs("attention", q.device, q.dtype, num_heads=q.shape[1], dropout_p=float(dropout_p),
+                      compiling=torch.compiler.is_compiling(), decoder=True)
+    backend = _choose(inputs)
+    key_mask = None
+    if backend.name != "torch":
+        key_mask, reason = causal_key_mask(attn_mask, q.shape[2], k.shape[2], int(window))
+        if key_mask is not None and key_mask.shape[0] != q.shape[0]:  # a mask of batch 1, for every sequence
+            key_mask = key_mask.expand(q.shape[0], -1)
+        if reason is not None:
+            _why["attention"] = f"{backend.name}: {reason}"
+            backend = backends.load("torch")
+    if backend.name == "torch":
+        if attn_mask is not None and attn_mask.dim() == 2:  # a [B, Sk] key mask: with the causal band and window
+            attn_mask = reference.decoder_mask(allowed(attn_mask), q.shape[2], k.shape[2], int(window), q.device)
+        out = reference.gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, int(window),
+                                                attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
+    else:
+        out = backend.gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, key_mask,
+                                              int(window))
+    _last["attention"] = backend.name
     return out

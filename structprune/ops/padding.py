@@ -99,3 +99,50 @@ def banded_key_row(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
         raise ValueError(f"attention mask must be [B, K] or [B, 1, Q, K], got shape {tuple(attn_mask.shape)}")
     return attn_mask[:, 0].any(dim=1) if attn_mask.dtype == torch.bool else attn_mask[:, 0].amax(dim=1)
+
+
+def allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Bool "may attend" of a mask: bool as is, additive float above half of ``finfo.min``, integer non-zero."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask != 0
+
+
+_checked_causal: dict = {}  # (id of a 4D mask, Sq, Sk, window) -> (weakref, version, key mask, reason)
+
+
+def causal_key_mask(attn_mask: torch.Tensor | None, q_len: int, k_len: int, window: int):
+    """``(key_mask, reason)``: the [B, Sk] bool key mask (True = attend; None: every key) that, with the causal band
+    aligned bottom-right and the sliding window (:func:`structprune.ops.reference.causal_band`), gives HF's decoder
+    mask ``attn_mask`` ([B, 1, Sq, Sk] bool or additive, or None), and None as the reason; or ``(None, reason)``
+    when the mask is not of that form (packed sequences, a static cache, a custom mask): the reference then runs.
+
+    A key is kept when some query may attend it. The check that the rebuilt mask is HF's (a pass over the mask,
+    one host sync) is done once per mask object, not once per layer; under ``torch.compile`` it is skipped."""
+    if attn_mask is None:
+        if 1 < q_len != k_len:
+            return None, "no mask with more keys than queries (HF's static-cache prefill: causal from the top left)"
+        return None, None
+    if attn_mask.dim() == 2:
+        return allowed(attn_mask), None
+    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != q_len or \
+            attn_mask.shape[3] != k_len:
+        return None, f"a decoder mask of shape {tuple(attn_mask.shape)} for {q_len} queries and {k_len} keys"
+    cache_key = (id(attn_mask), q_len, k_len, window)
+    hit = _checked_causal.get(cache_key)
+    if hit is not None and hit[0]() is attn_mask and hit[1] == attn_mask._version and \
+            not torch.compiler.is_compiling():
+        return hit[2], hit[3]
+    may = allowed(attn_mask[:, 0])
+    key_mask = may.any(dim=1)
+    if torch.compiler.is_compiling():
+        return key_mask, None
+    rebuilt = key_mask[:, None, :] & reference.causal_band(q_len, k_len, window, attn_mask.device)[None]
+    reason = None if bool((rebuilt == may).all()) else \
+        "a decoder mask that is not causal + key padding + the layer's window (packed sequences, a custom mask)"
+    result = (key_mask, None) if reason is None else (None, reason)
+    if not attn_mask.is_inference():
+        if len(_checked_causal) >= 8:
+            _checked_causal.clear()
+        _checked_causal[cache_key] = (weakref.ref(attn_mask), attn_mask._version, *result)
+    return result

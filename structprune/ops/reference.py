@@ -30,6 +30,8 @@ def activation_fn(name: str):
         return lambda t: F.gelu(t, approximate="tanh")
     if name == "relu":
         return F.relu
+    if name == "silu":
+        return F.silu
     raise NotImplementedError(f"structprune.ops.activations lists {name!r}, which the reference does not compute")
 
 
@@ -177,3 +179,94 @@ def gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, activation: str = "gelu"):
 
 def glu_ffn_flops(batch: int, seq: int, hidden: int, units_kept: int) -> int:
     return 2 * batch * seq * hidden * units_kept * 3
+
+
+# --- decoder attention with grouped queries (Llama, Mistral, Qwen2, Qwen3) ---------------------------------------
+# Two ops, so that a KV cache update fits between them: gated_decoder_qkv projects (q: the active query heads; k, v:
+# the active KV heads), applies the per-head q/k RMSNorm (Qwen3) and the rotary positions as HF does (in the
+# input's dtype); gated_decoder_attention attends (causal, aligned bottom-right: the Sq queries are the last Sq of
+# the Sk keys, as with HF's caches; key padding; an optional sliding window: keys with q - k < window) with each
+# query head reading its KV head through ``q_to_kv`` and projects the gated contexts with ``wo``. Shapes:
+#   q: [B, A, Sq, D] (the heads ``active_heads``, in that order; every head when None); k, v: [B, Akv, Sk, D];
+#   q_to_kv: [A] int64, the index in k/v's head axis of each active head's KV head; key_mask: [B, Sk] bool
+#   (True = attend) or None. A query with no visible key gets a zero context, as SDPA gives it.
+def rms_norm(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's Llama / Qwen3 RMSNorm over the last axis: fp32 statistics, ``weight * normed.to(t.dtype)``."""
+    tf = t.float()
+    tf = tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * tf.to(t.dtype)
+
+
+def apply_rotary_native(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on ``t`` [B, H, S, D] in its own dtype, as HF's decoders' ``apply_rotary_pos_emb``."""
+    c, s = cos[:, None].to(t.dtype), sin[:, None].to(t.dtype)
+    return t * c + rotate_half(t) * s
+
+
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rows (of q/k/v projections; columns of the output projection) that heads ``heads`` own."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)[None, :]).reshape(-1)
+
+
+def gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps: float, cos, sin, head_dim: int,
+                      active_heads=None, active_kv=None):
+    """(q, k, v) of a decoder layer (see above): q [B, A, S, D] of ``active_heads``, k and v [B, Akv, S, D] of the
+    KV heads ``active_kv`` (None: every head). Biases and norms may be None."""
+    B, S, _ = x.shape
+
+    def heads(t, norm):
+        t = t.view(B, S, t.shape[-1] // head_dim, head_dim)
+        return (t if norm is None else rms_norm(t, norm, eps)).transpose(1, 2)
+
+    q = apply_rotary_native(heads(F.linear(x, wq, bq), q_norm), cos, sin)
+    k = apply_rotary_native(heads(F.linear(x, wk, bk), k_norm), cos, sin)
+    v = heads(F.linear(x, wv, bv), None)
+    if active_heads is not None:
+        q = q.index_select(1, active_heads.to(x.device))
+    if active_kv is not None:
+        k, v = k.index_select(1, active_kv.to(x.device)), v.index_select(1, active_kv.to(x.device))
+    return q, k, v
+
+
+def causal_band(q_len: int, k_len: int, window: int, device) -> torch.Tensor:
+    """[Sq, Sk] bool: query i (the key position ``k_len - q_len + i``) may see key j: ``j <= pos`` and, for
+    ``window > 0``, ``pos - j < window``."""
+    pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    key = torch.arange(k_len, device=device)[None, :]
+    allowed = key <= pos
+    return allowed & (pos - key < window) if window > 0 else allowed
+
+
+def decoder_mask(key_mask, q_len: int, k_len: int, window: int, device) -> torch.Tensor:
+    """[B|1, 1, Sq, Sk] bool: the causal band (:func:`causal_band`) and the key mask ([B, Sk] bool or None)."""
+    band = causal_band(q_len, k_len, window, device)[None, None]
+    return band if key_mask is None else band & key_mask[:, None, None, :].to(torch.bool)
+
+
+def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window: int = -1, key_mask=None,
+                            attn_mask=None, dropout_p: float = 0.0, impl: str = "sdpa"):
+    """Grouped-query attention of the active heads and the gated output projection: ``[B, Sq, E]`` (bias included).
+
+    The reference repeats each KV head for its query heads (``index_select``). ``attn_mask`` (HF's 4D mask, bool or
+    additive) takes precedence over ``key_mask`` and ``window``; ``impl`` "eager" computes as HF's eager layers."""
+    B, A, Sq, D = q.shape
+    if active_heads is None:
+        active_heads = torch.arange(A, device=q.device)
+    active_heads = active_heads.to(q.device)
+    if A == 0:
+        return F.linear(q.new_zeros(B, Sq, 0), wo[:, :0], bo)
+    idx = q_to_kv.to(q.device)
+    k, v = k.index_select(1, idx), v.index_select(1, idx)
+    mask = attn_mask if attn_mask is not None else decoder_mask(key_mask, Sq, k.shape[2], window, q.device)
+    if impl == "eager":
+        scores = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill(
+                ~mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+        ctx = torch.matmul(F.dropout(probs, p=dropout_p, training=dropout_p > 0), v)
+    else:
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=D ** -0.5)
+    ctx = ctx * head_gates.index_select(0, active_heads).to(ctx.dtype)[None, :, None, None]
+    ctx = ctx.transpose(1, 2).reshape(B, Sq, A * D)
+    return F.linear(ctx, wo.index_select(1, head_rows(active_heads, D)), bo)

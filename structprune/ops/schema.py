@@ -7,6 +7,10 @@
     torch.ops.structprune.gated_rotary_attention(x, wq, bq?, wk, bk?, wv, bv?, wo, bo?, head_gates, active_heads,
                                                  key_bias, cos, sin, window, num_heads, backend) -> Tensor
     torch.ops.structprune.gated_glu_ffn(x, w1, b1?, w2, b2?, unit_gates, kept_units, activation, backend) -> Tensor
+    torch.ops.structprune.gated_decoder_qkv(x, wq, bq?, wk, bk?, wv, bv?, q_norm?, k_norm?, eps, cos, sin, head_dim,
+                                            active_heads?, active_kv?, backend) -> (q, k, v)
+    torch.ops.structprune.gated_decoder_attention(q, k, v, wo, bo?, head_gates, active_heads?, q_to_kv, key_mask?,
+                                                  window, backend) -> Tensor
 
 ``backend`` names a registered backend (:mod:`structprune.ops.registry`); the arguments are those of the op contract
 (:mod:`structprune.ops.support`). The dispatcher (:mod:`structprune.ops.dispatch`) calls these after choosing the backend;
@@ -38,6 +42,14 @@ _lib.define("gated_rotary_attention(Tensor x, Tensor wq, Tensor? bq, Tensor wk, 
             "Tensor sin, int window, int num_heads, str backend) -> Tensor")
 _lib.define("gated_glu_ffn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor unit_gates, "
             "Tensor kept_units, str activation, str backend) -> Tensor")
+# Decoders with grouped queries (Llama, Mistral, Qwen2, Qwen3): the projections (q of the active heads, k and v of the
+# active KV heads; Qwen3's q/k RMSNorm; rotary positions), then, after the KV cache update, causal attention with
+# key padding and a sliding window (``window`` > 0: keys with q - k < window) and the gated output projection.
+_lib.define("gated_decoder_qkv(Tensor x, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv, "
+            "Tensor? q_norm, Tensor? k_norm, float eps, Tensor cos, Tensor sin, int head_dim, Tensor? active_heads, "
+            "Tensor? active_kv, str backend) -> (Tensor, Tensor, Tensor)")
+_lib.define("gated_decoder_attention(Tensor q, Tensor k, Tensor v, Tensor wo, Tensor? bo, Tensor head_gates, "
+            "Tensor? active_heads, Tensor q_to_kv, Tensor? key_mask, int window, str backend) -> Tensor")
 
 
 def _backend(name: str, op: str):
@@ -85,6 +97,17 @@ def _gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation, backen
     return _extra_op(backend, "gated_glu_ffn")(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
 
 
+def _gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, head_dim, active_heads, active_kv,
+                       backend):
+    return _extra_op(backend, "gated_decoder_qkv")(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin,
+                                                   head_dim, active_heads, active_kv)
+
+
+def _gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, key_mask, window, backend):
+    return _extra_op(backend, "gated_decoder_attention")(q, k, v, wo, bo, head_gates, active_heads, q_to_kv,
+                                                         key_mask, window)
+
+
 def _has_sampler(name: str) -> bool:
     backend = backends.load(name)
     return backend is not None and backend.hard_concrete_sample is not None
@@ -92,5 +115,6 @@ def _has_sampler(name: str) -> bool:
 
 for _name, _fn in (("gated_attention", _gated_attention), ("gated_ffn", _gated_ffn),
                    ("hard_concrete_sample", _hard_concrete_sample),
-                   ("gated_rotary_attention", _gated_rotary_attention), ("gated_glu_ffn", _gated_glu_ffn)):
+                   ("gated_rotary_attention", _gated_rotary_attention), ("gated_glu_ffn", _gated_glu_ffn),
+                   ("gated_decoder_qkv", _gated_decoder_qkv), ("gated_decoder_attention", _gated_decoder_attention)):
     _lib.impl(_name, _fn, "CompositeImplicitAutograd")

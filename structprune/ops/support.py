@@ -16,6 +16,11 @@ The op contract (every backend, the same arguments; see :mod:`structprune.ops.re
 * ``gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)`` -> ``[B, S, E]``.
 * ``hard_concrete_sample(log_alpha, seed, offset, beta)`` -> a sample shaped like ``log_alpha`` whose noise
   is the backend's own counter-based stream ``hard_concrete_uniform(n, seed, offset, device)``.
+* optional: ``gated_rotary_attention`` / ``gated_glu_ffn`` (ModernBERT), and the decoder pair
+  ``gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, head_dim, active_heads,
+  active_kv)`` -> ``(q, k, v)`` and ``gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv,
+  key_mask, window)`` -> ``[B, Sq, E]`` (the KV cache update sits between them; see
+  :mod:`structprune.ops.reference`'s decoder section for the shapes).
 
 Each is differentiable in every floating tensor argument but ``key_bias``; the backward ops take an
 ``output_mask`` (:func:`grad_output_mask`) and skip the gradients nobody asked for.
@@ -28,7 +33,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-OPS = ("attention", "ffn", "hard_concrete")
+OPS = ("attention", "ffn", "hard_concrete", "qkv")
 
 
 class OpInputs(NamedTuple):
@@ -43,6 +48,7 @@ class OpInputs(NamedTuple):
     rotary: bool = False  # attention only: rotary positions between the projections and the attention
     window: int = -1  # attention only: a sliding window (keys within |q - k| <= window), -1 for none
     glu: bool = False  # ffn only: a GLU FFN (w1 holds the input and the gate halves)
+    decoder: bool = False  # the decoder pair: gated_decoder_qkv ("qkv") and gated_decoder_attention ("attention")
 
 
 def _never(device: torch.device) -> bool:
@@ -68,6 +74,8 @@ class Backend:
     hard_concrete_uniform: Optional[Callable] = None
     gated_rotary_attention: Optional[Callable] = None  # rotary / sliding-window attention (None: not implemented)
     gated_glu_ffn: Optional[Callable] = None  # the GLU FFN (None: not implemented)
+    gated_decoder_qkv: Optional[Callable] = None  # decoder q/k/v projection + q/k norm + rotary (None: not implemented)
+    gated_decoder_attention: Optional[Callable] = None  # causal grouped-query attention + gated wo (None: idem)
     supports_attention_dropout: Callable[[torch.device], bool] = _never
     takes_tensor_seed: bool = False  # gated_attention also takes the dropout seed as a one-element int64 CPU tensor
     reference: bool = False  # computes everything: refuses nothing
@@ -89,12 +97,14 @@ def _kernel_reasons(backend: Backend, inputs: OpInputs) -> list[str]:
         reasons.append("rotary positions / a sliding-window key mask (no gated_rotary_attention kernel)")
     if inputs.glu and backend.gated_glu_ffn is None:
         reasons.append("a GLU FFN (no gated_glu_ffn kernel)")
+    if inputs.decoder and (backend.gated_decoder_qkv is None or backend.gated_decoder_attention is None):
+        reasons.append("decoder grouped-query attention (no gated_decoder_qkv / gated_decoder_attention kernels)")
     if inputs.op == "attention":
         if inputs.num_heads == 0:
             reasons.append("no head left (the layer is its output bias, which the reference returns)")
         if inputs.dropout_p > 0.0:
-            if inputs.rotary or inputs.window >= 0:
-                reasons.append("attention dropout with rotary positions (the rotary op has no dropout: reference)")
+            if inputs.rotary or inputs.window >= 0 or inputs.decoder:
+                reasons.append("attention dropout with rotary positions (the rotary ops have no dropout: reference)")
             elif inputs.compiling and not backend.takes_tensor_seed:
                 reasons.append("attention dropout under torch.compile (this backend takes no tensor seed, and a "
                                "host-side seed would break the graph)")

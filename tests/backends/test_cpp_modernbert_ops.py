@@ -13,6 +13,7 @@ import structprune as sp
 import structprune.backends.cpp.ops as ext
 from structprune.backends.cpp import modernbert as mb
 from structprune.ops import dispatch, reference
+from structprune.ops.activations import ACTIVATIONS
 from structprune.ops.support import OpInputs
 
 if ext.load_error() is not None:
@@ -82,7 +83,7 @@ def _check_all(name, got, ref32, plain, dtype, kept):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("kept", ["none", "some", "all"])
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_glu_ffn_matches_the_reference(activation, kept, bias, dtype):
     params, gates, kept_units = glu_case(kept, bias, seed=hash((activation, kept, bias)) % 1000)
     grad_out = torch.randn(B, S, E, generator=torch.Generator().manual_seed(7))

@@ -23,6 +23,7 @@ import structprune.backends.cpp.build as build
 import structprune.backends.cpp.ops as ext
 from structprune.model import gates as gates_mod
 from structprune.ops import reference
+from structprune.ops.activations import ACTIVATIONS
 
 if ext.load_error() is not None:
     pytest.skip(f"C++ extension unavailable: {ext.load_error()}", allow_module_level=True)
@@ -168,7 +169,7 @@ def test_attention_saved_tensors_and_both_backward_paths(kept, padding):
 
 
 @pytest.mark.parametrize("kept", ["none", "some", "all"])
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_ffn_saved_tensors_and_both_backward_paths(kept, activation):
     B, S, E, I = 2, 7, 48, 96
     params, ug, kept_units = _ffn_case(B, S, E, I, kept, seed=4)
@@ -509,7 +510,7 @@ def test_raw_ops_guard_their_memory():
 def test_cpp_accepts_exactly_the_python_activation_names():
     """The C++ switch over activation names (csrc/ffn.cpp) and structprune/ops/activations.py agree: the op lists the
     same names, runs each, and refuses others naming them."""
-    from structprune.ops.activations import ACTIVATIONS, HF_ACTIVATIONS
+    from structprune.ops.activations import HF_ACTIVATIONS
 
     assert tuple(torch.ops.structprune.activation_names()) == ACTIVATIONS
     fparams, ug, kept = _ffn_case(1, 3, 32, 64, "some")
@@ -517,8 +518,9 @@ def test_cpp_accepts_exactly_the_python_activation_names():
     for name in ACTIVATIONS:
         y = torch.ops.structprune.cpp_gated_ffn(*w, ug.detach(), kept, name)[0]
         check_close(f"y {name}", y, reference.gated_ffn(*w, ug.detach(), name), None, torch.float32)
-    for name in sorted(set(HF_ACTIVATIONS) - set(ACTIVATIONS)) + ["GELU", "", "silu"]:
-        with pytest.raises(RuntimeError, match="activation must be one of 'gelu', 'gelu_tanh', 'relu', got"):
+    expected = ", ".join(f"'{n}'" for n in ACTIVATIONS)
+    for name in sorted(set(HF_ACTIVATIONS) - set(ACTIVATIONS)) + ["GELU", "", "SiLU", "swiglu"]:
+        with pytest.raises(RuntimeError, match=f"activation must be one of {expected}, got"):
             torch.ops.structprune.cpp_gated_ffn(*w, ug.detach(), kept, name)
 
 

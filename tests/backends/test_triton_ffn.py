@@ -6,6 +6,7 @@ torch.compile, the kernels' own input checks and TF32. Runs on CPU under the Tri
 TRITON_INTERPRET=1 when there is no CUDA) and on CUDA when present; tolerances from tests/helpers/tolerances.py.
 """
 import os
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from helpers.tolerances import check_close
 triton = pytest.importorskip("triton")
 
 from structprune.ops import reference  # noqa: E402
+from structprune.ops.activations import ACTIVATIONS  # noqa: E402
 import structprune.backends.triton as K  # noqa: E402
 
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
@@ -128,7 +130,7 @@ FROZEN = {"weights": [True, False, True], "gates": [True, True, False], "x": [Fa
           "x+weights": [False, False, True], "w1": [True, True, True]}
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
 @pytest.mark.parametrize("frozen", list(FROZEN))
 def test_frozen_inputs_get_no_gradient(frozen, activation, monkeypatch):
     """Leaves requiring grad get the reference gradients; frozen ones get None, and the backward op was asked for
@@ -232,7 +234,7 @@ def test_input_errors():
     with pytest.raises(ValueError, match=r"b1 must have the dtype of x \(torch.float16\), got torch.float32"):
         K.gated_ffn(leaves[0].half(), leaves[1].half(), leaves[2], leaves[3].half(),
                     leaves[4].half(), leaves[5], kept_units, "gelu")
-    with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'gelu_tanh', 'relu'\), got 'swish'"):
+    with pytest.raises(ValueError, match="activation must be one of " + re.escape(str(ACTIVATIONS)) + ", got 'swish'"):
         K.gated_ffn(*leaves, kept_units, "swish")
     with pytest.raises(ValueError, match="kept_units must be a 1-D int64 tensor, got torch.int32"):
         K.gated_ffn(*leaves, kept_units.int(), "gelu")

@@ -3,7 +3,8 @@ transformers while ``import structprune`` is made impossible, and saves their ou
 
     python -I standalone_loader.py JOBS.json
 
-JOBS.json: ``{"inputs": "in.pt", "jobs": [[model_dir, auto_class, out.pt], ...]}``.
+JOBS.json: ``{"inputs": "in.pt", "jobs": [[model_dir, auto_class, out.pt], ...]}``; a job may add a fourth entry,
+``{"generate": N}``: greedy ``generate`` of N new tokens, saved as ``"generated"``.
 """
 import importlib.abc
 import json
@@ -35,11 +36,16 @@ def main(jobs_file):
     torch.set_num_threads(1)
     spec = json.load(open(jobs_file))
     batch = torch.load(spec["inputs"])
-    for model_dir, auto_class, out in spec["jobs"]:
+    for model_dir, auto_class, out, *options in spec["jobs"]:
+        options = options[0] if options else {}
         model = getattr(transformers, auto_class).from_pretrained(model_dir, trust_remote_code=True).eval()
         with torch.no_grad():
             o = model(**batch)
         result = {k: v for k, v in o.items() if isinstance(v, torch.Tensor)}
+        if "generate" in options:
+            with torch.no_grad():
+                result["generated"] = model.generate(**batch, max_new_tokens=options["generate"], do_sample=False,
+                                                     pad_token_id=model.config.pad_token_id)
         result["_class"] = type(model).__name__
         result["_structprune_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "structprune")
         torch.save(result, out)

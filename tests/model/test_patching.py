@@ -11,7 +11,7 @@ from helpers.models import outputs, tiny_batch, tiny_model
 # Exactness for every family, task head and attention implementation: tests/model/test_families.py.
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
 def test_patch_exact_for_each_activation(act):
     model = tiny_model("bert", "qa", act=act)
     batch = tiny_batch()

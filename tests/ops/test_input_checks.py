@@ -2,11 +2,14 @@
 dispatcher and from every backend's own op entry (structprune/_input_checks.py is the one copy they all call)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from structprune.ops import dispatch as ops
 from structprune.ops import registry as backends
+from structprune.ops.activations import ACTIVATIONS
 
 BACKENDS = [b for b in ops.BACKENDS if ops.availability(b, "cpu") is None]
 
@@ -57,8 +60,8 @@ FFN_CASES = {
     "b1 dtype": (dict(b1=torch.randn(6).bfloat16()), "b1 must have the dtype of x"),
     "gates": (dict(unit_gates=torch.ones(5)), "unit_gates must have shape \\[6\\]"),
     "kept": (dict(kept_units=torch.tensor([0, 6])), "kept_units must hold sorted unique indices in \\[0, 6\\)"),
-    "activation": (dict(activation="swish"),
-                   "activation must be one of \\('gelu', 'gelu_tanh', 'relu'\\), got 'swish'"),
+    "activation": (dict(activation="swiglu"),
+                   "activation must be one of " + re.escape(str(ACTIVATIONS)) + ", got 'swiglu'"),
     "x int": (dict(x=torch.ones(2, 5, 8, dtype=torch.int64)),
               "x must be a float32, float16 or bfloat16 tensor \\[\\.\\.\\., E\\], got torch.int64"),
     "kept order": (dict(kept_units=torch.tensor([3, 1])), "kept_units must hold sorted unique indices in \\[0, 6\\), "

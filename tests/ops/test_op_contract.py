@@ -10,6 +10,8 @@ A new backend runs all of this by registering; its own test file keeps only what
 The grids are crossed in part, not in full, to bound the time the Triton interpreter takes: shape x kept in fp32,
 dtype x kept (or activation) on one padded shape, every frozen-input pattern on one shape.
 """
+import re
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -20,6 +22,7 @@ from structprune.ops import registry as backends
 from structprune.model import gates
 from structprune.ops import dispatch as ops
 from structprune.ops import reference
+from structprune.ops.activations import ACTIVATIONS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TARGETS = [pytest.param((name, device), id=f"{name}-{device}") for name in backends.names() for device in DEVICES
@@ -205,7 +208,8 @@ def test_attention_frozen_inputs(target, frozen):
 # B, S, E, I, activation
 FFN_SHAPES = [pytest.param((1, 1, 32, 64, "gelu"), id="s1-gelu"),
               pytest.param((2, 7, 48, 96, "gelu_tanh"), id="s7-gelu_tanh"),
-              pytest.param((2, 33, 64, 130, "relu"), id="s33-i130-relu")]
+              pytest.param((2, 33, 64, 130, "relu"), id="s33-i130-relu"),
+              pytest.param((2, 9, 40, 72, "silu"), id="s9-silu")]
 
 
 @pytest.mark.parametrize("kept", ["none", "some", "all"])
@@ -215,7 +219,7 @@ def test_ffn_matches_reference(target, shape, kept):
     compare_ffn(target, ffn_case(*dims, kept, target[1]), activation, torch.float32)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_ffn_half_precision(target, dtype, activation):
     compare_ffn(target, ffn_case(3, 11, 64, 96, "some", target[1], seed=1), activation, dtype)
@@ -397,5 +401,5 @@ def test_checks_inputs_like_the_dispatcher(target):
     for call in (lambda: backend.gated_ffn(*fleaves, kept_units, "swish"),
                  lambda: torch.ops.structprune.gated_ffn(*fleaves, kept_units, "swish", backend.name),
                  lambda: ops.gated_ffn(*fleaves, kept_units, "swish")):
-        with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'gelu_tanh', 'relu'\), got 'swish'"):
+        with pytest.raises(ValueError, match="activation must be one of " + re.escape(str(ACTIVATIONS)) + ", got 'swish'"):
             call()

@@ -30,9 +30,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from structprune.backends.cpp import modernbert
-from structprune.backends.cpp.build import (_require, availability, build_info, cache_size, clear_cache, load_error,
+from structprune.backends.cpp import decoder, modernbert
+from structprune.backends.cpp.build import (_require, availability, build_info, cache_size, load_error,
                                            record_error)
+from structprune.backends.cpp.build import clear_cache as _clear_ext_cache
 from structprune.ops.checks import check_attention_inputs, check_dropout, check_ffn_inputs
 from structprune.backends.cpp.autograd import ffn_autograd
 from structprune.ops.support import Backend, grad_output_mask, grad_placeholders, masked_grads, register_autocast
@@ -40,6 +41,12 @@ from structprune.ops.support import Backend, grad_output_mask, grad_placeholders
 __all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
            "clear_cache", "cache_size", "build_info", "load_error", "supports_attention_dropout",
            "attention_dropout_scale"]
+
+def clear_cache() -> None:
+    """Drop every packed weight: the extension's pack cache and the decoder ops' (:mod:`.decoder`)."""
+    _clear_ext_cache()
+    decoder.clear_pack_cache()
+
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -297,4 +304,5 @@ BACKEND = Backend(name="cpp", availability=availability, supports_attention_drop
                   gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
                   hard_concrete_uniform=hard_concrete_uniform, gated_glu_ffn=modernbert.gated_glu_ffn,
                   gated_rotary_attention=modernbert.gated_rotary_attention, extra_reasons=modernbert.extra_reasons,
+                  gated_decoder_qkv=decoder.gated_decoder_qkv, gated_decoder_attention=decoder.gated_decoder_attention,
                   module=sys.modules[__name__])

@@ -9,6 +9,7 @@ from torch import nn
 
 from structprune.model.families.base import LINEAR_ROLES, ROLES, Family, LayerParts, Sizes
 from structprune.model.families.bert import BertFamily
+from structprune.model.families.decoder import DecoderFamily
 from structprune.model.families.distilbert import DistilBertFamily
 from structprune.model.families.modernbert import ModernBertFamily
 
@@ -22,7 +23,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-for _family in (BertFamily(), DistilBertFamily(), ModernBertFamily()):
+for _family in (BertFamily(), DistilBertFamily(), ModernBertFamily(), DecoderFamily()):
     register_family(_family)
 
 
@@ -68,4 +69,4 @@ def sizes_of(model: nn.Module) -> Sizes:
 
 
 __all__ = ["Family", "LayerParts", "Sizes", "ROLES", "LINEAR_ROLES", "register_family", "family_of", "family_for_type",
-           "sizes_of", "supported_model_types", "BertFamily", "DistilBertFamily", "ModernBertFamily"]
+           "sizes_of", "supported_model_types", "BertFamily", "DistilBertFamily", "ModernBertFamily", "DecoderFamily"]

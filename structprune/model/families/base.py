@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from structprune.ops.activations import HF_ACTIVATIONS
+from structprune.ops.reference import attention_flops, ffn_flops
 
 # The roles of a patched layer's pieces (see Family.paths).
 LINEAR_ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
@@ -31,10 +32,12 @@ class Sizes:
     intermediate: int
     layers: int
     activation: str  # the HF name, e.g. "gelu"
+    kv_heads: int | None = None  # grouped-query attention: the KV heads (None: one per head, no KV sharing)
+    explicit_head_dim: int | None = None  # a config's own ``head_dim`` (decoders), else hidden // heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.explicit_head_dim or self.hidden // self.heads
 
     @property
     def kernel_activation(self) -> str:
@@ -113,6 +116,17 @@ class LayerParts:
     def device(self):
         return self["query"].weight.device
 
+    @property
+    def kv_index(self) -> torch.Tensor | None:
+        """Grouped-query attention: the KV head of each query head (the attention's ``kv_index``), else None."""
+        return getattr(self.attention, "kv_index", None) if self.family is not None and self.family.grouped_kv \
+            else None
+
+    @property
+    def num_kv_heads(self) -> int:
+        """The layer's KV heads (its query heads where each has its own)."""
+        return self.attention.num_kv_heads if self.kv_index is not None else self.num_heads
+
 
 class Family:
     """A model-family adapter. Subclasses set the class attributes and implement the layer swap.
@@ -171,6 +185,8 @@ class Family:
 
     # --- slicing hooks (compaction, loading): how heads and units map to rows of the input projections -------------
     fused_qkv: bool = False  # query/key/value are three row blocks of one nn.Linear at paths["qkv"] (ModernBERT)
+    ffn_in_roles: tuple[str, ...] = ("ffn_in",)  # the FFN input projections whose rows the units own (split GLU: 2)
+    grouped_kv: bool = False  # key/value hold KV heads shared by query heads (the attention's ``kv_index``)
 
     # --- sublayer and hidden-dimension gates (structprune.model.cofi); empty: the family does not support them ----
     embeddings: str = ""  # the embeddings module, from the base model
@@ -183,8 +199,9 @@ class Family:
         units themselves here; a GLU family's ``(u, u + n_units)`` pairs."""
         return units
 
-    def layer_shapes(self, hidden: int, head_dim: int, heads: int, units: int) -> dict:
-        """Tensor name inside a layer -> the shape a save with ``heads`` heads and ``units`` FFN units gives it."""
+    def layer_shapes(self, hidden: int, head_dim: int, heads: int, units: int, kv_heads: int | None = None) -> dict:
+        """Tensor name inside a layer -> the shape a save with ``heads`` heads and ``units`` FFN units (and
+        ``kv_heads`` KV heads, grouped-query families) gives it."""
         a = heads * head_dim
         p = self.paths
         shapes = {f"{p[r]}.weight": (a, hidden) for r in ("query", "key", "value")}
@@ -194,6 +211,23 @@ class Family:
                        f"{p['ffn_in']}.bias": (units,), f"{p['unit_gate']}.log_alpha": (units,),
                        f"{p['unit_gate']}.mask": (units,), f"{p['ffn_out']}.weight": (hidden, units)})
         return shapes
+
+    def layer_cost(self, sizes: Sizes, seq_len: int, heads: int, units: int, kv_heads: int | None = None,
+                   hidden: int | None = None, attention_kept: bool = True, ffn_kept: bool = True):
+        """(parameters, FLOPs of one sequence of ``seq_len`` tokens) of a layer keeping ``heads`` heads and
+        ``units`` FFN units: an encoder layer's q/k/v/o projections, biases, two LayerNorms, FFN; at the hidden width
+        ``hidden`` (default: the model's), without the sublayers not kept (CoFi's structures)."""
+        hidden = sizes.hidden if hidden is None else hidden
+        inner = heads * sizes.head_dim
+        attention = (4 * hidden * inner + 3 * inner + 3 * hidden, attention_flops(1, seq_len, hidden, heads,
+                                                                                 sizes.head_dim))
+        ffn = (2 * hidden * units + units + 3 * hidden, ffn_flops(1, seq_len, hidden, units))
+        return (attention[0] * attention_kept + ffn[0] * ffn_kept, attention[1] * attention_kept + ffn[1] * ffn_kept)
+
+    def unpatch_reason(self, parts: LayerParts) -> str | None:
+        """Why a patched layer cannot go back to plain HF modules (checked for every layer before any change), or
+        None."""
+        return None
 
     def check(self, model: nn.Module) -> None:
         """Raise a TypeError for a configuration of this family that structprune does not gate (decoders)."""

@@ -150,7 +150,7 @@ class ModernBertFamily(Family):
         config.layer_types = layer_types
         return config
 
-    def layer_shapes(self, hidden: int, head_dim: int, heads: int, units: int) -> dict:
+    def layer_shapes(self, hidden: int, head_dim: int, heads: int, units: int, kv_heads: int | None = None) -> dict:
         a = heads * head_dim
         return {"attn.Wqkv.weight": (3 * a, hidden), "attn.Wqkv.bias": (3 * a,), "attn.Wo.weight": (hidden, a),
                 "attn.head_gate.log_alpha": (heads,), "attn.head_gate.mask": (heads,),

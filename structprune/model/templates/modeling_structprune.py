@@ -1,5 +1,7 @@
 """Plain-PyTorch modeling code for a model compacted by structprune (per-layer head and FFN sizes): BERT,
-RoBERTa, ELECTRA, XLM-RoBERTa, DistilBERT and ModernBERT.
+RoBERTa, ELECTRA, XLM-RoBERTa, DistilBERT, ModernBERT, and the decoders Llama, Mistral, Qwen2 and Qwen3 (whose
+layers also keep their own KV heads, ``config.structprune_kv_heads_per_layer``, and head -> KV-head map,
+``config.structprune_kv_index_per_layer``: the query heads per KV head may differ within a layer).
 
 Written next to the weights by ``structprune.save_pretrained``; it needs only ``torch`` and ``transformers``
 (not structprune). Load with ``AutoModelFor<Task>.from_pretrained(directory, trust_remote_code=True)``.
@@ -158,11 +160,85 @@ def _resize_modernbert(model: nn.Module, config) -> None:
         layer.mlp.Wo = nn.Linear(u, hidden, bias=config.mlp_bias)
 
 
+def _rotate_half(t):
+    half = t.shape[-1] // 2
+    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+
+class PrunedDecoderAttention(nn.Module):
+    """A decoder's self-attention (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, Qwen3's ``q_norm`` / ``k_norm``)
+    with ``heads`` query heads reading the KV heads ``kv_index`` (any grouping; a KV head's k/v are read where its
+    query heads need them, as HF's ``repeat_kv`` does for equal groups); HF's rotary positions, cache and mask."""
+
+    def __init__(self, hf_attention: nn.Module, hidden: int, head_dim: int, heads: int, kv: int, kv_index: list):
+        super().__init__()
+        if len(kv_index) != heads or any(not 0 <= j < kv for j in kv_index):
+            raise ValueError(f"a layer with {heads} heads and {kv} KV heads has the head -> KV map {kv_index}")
+        self.layer_idx, self.head_dim, self.num_heads = hf_attention.layer_idx, head_dim, heads
+        bias = {n: getattr(hf_attention, n).bias is not None for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias["q_proj"])
+        self.k_proj = nn.Linear(hidden, kv * head_dim, bias=bias["k_proj"])
+        self.v_proj = nn.Linear(hidden, kv * head_dim, bias=bias["v_proj"])
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias["o_proj"])
+        self.q_norm, self.k_norm = getattr(hf_attention, "q_norm", None), getattr(hf_attention, "k_norm", None)
+        # saved: from_pretrained builds the model on the meta device and fills what the checkpoint holds
+        self.register_buffer("kv_index", torch.tensor(kv_index, dtype=torch.long))
+        self.dropout = float(getattr(hf_attention, "attention_dropout", 0.0) or 0.0)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        batch, seq = hidden_states.shape[:2]
+
+        def heads(t, norm):
+            t = t.view(batch, seq, -1, self.head_dim)
+            return (t if norm is None else norm(t)).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = heads(self.q_proj(hidden_states), self.q_norm), heads(self.k_proj(hidden_states), self.k_norm)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        v = heads(self.v_proj(hidden_states), None)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        if self.num_heads == 0:
+            return self.o_proj(hidden_states.new_zeros(batch, seq, 0)), None
+        k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+        causal = attention_mask is None and seq > 1
+        ctx = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal,
+                                                         dropout_p=self.dropout if self.training else 0.0,
+                                                         scale=self.head_dim ** -0.5)
+        return self.o_proj(ctx.transpose(1, 2).reshape(batch, seq, -1)), None
+
+
+def _resize_decoder(model: nn.Module, config) -> None:
+    """Llama, Mistral, Qwen2, Qwen3: per-layer query heads, KV heads (``kv_index``) and GLU units."""
+    layers = model.base_model.layers
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv_heads, kv_maps = list(config.structprune_kv_heads_per_layer), list(config.structprune_kv_index_per_layer)
+    if not len(kv_heads) == len(kv_maps) == len(layers):
+        raise ValueError(f"config has {len(layers)} layers but structprune KV heads for {len(kv_heads)} and head -> "
+                         f"KV maps for {len(kv_maps)}")
+    for layer, h, u, kv, kv_index in zip(layers, *_sizes(config, layers), kv_heads, kv_maps):
+        layer.self_attn = PrunedDecoderAttention(layer.self_attn, hidden, head_dim, h, kv, kv_index)
+        mlp = layer.mlp
+        bias = mlp.down_proj.bias is not None
+        mlp.gate_proj = nn.Linear(hidden, u, bias=bias)
+        mlp.up_proj = nn.Linear(hidden, u, bias=bias)
+        mlp.down_proj = nn.Linear(u, hidden, bias=bias)
+
+
+_DECODERS = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def _resize_encoder(model: nn.Module, config) -> None:
     if config.model_type == "distilbert":
         return _resize_distilbert(model, config)
     if config.model_type == "modernbert":
         return _resize_modernbert(model, config)
+    if config.model_type in _DECODERS:
+        return _resize_decoder(model, config)
     layers = model.base_model.encoder.layer
     head_dim = config.hidden_size // config.num_attention_heads
     hidden = getattr(config, "structprune_hidden_size", None) or config.hidden_size
@@ -225,6 +301,12 @@ _BASES = ("BertModel", "BertForQuestionAnswering", "BertForSequenceClassificatio
           "DistilBertModel", "DistilBertForQuestionAnswering", "DistilBertForSequenceClassification",
           "DistilBertForTokenClassification", "DistilBertForMaskedLM", "DistilBertForMultipleChoice",
           "ModernBertModel", "ModernBertForQuestionAnswering", "ModernBertForSequenceClassification",
-          "ModernBertForTokenClassification", "ModernBertForMaskedLM", "ModernBertForMultipleChoice")
+          "ModernBertForTokenClassification", "ModernBertForMaskedLM", "ModernBertForMultipleChoice",
+          "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaForTokenClassification",
+          "LlamaForQuestionAnswering", "MistralModel", "MistralForCausalLM", "MistralForSequenceClassification",
+          "MistralForTokenClassification", "MistralForQuestionAnswering", "Qwen2Model", "Qwen2ForCausalLM",
+          "Qwen2ForSequenceClassification", "Qwen2ForTokenClassification", "Qwen2ForQuestionAnswering",
+          "Qwen3Model", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", "Qwen3ForTokenClassification",
+          "Qwen3ForQuestionAnswering")
 for _name in _BASES:
     globals()[f"Pruned{_name}"] = _pruned_class(getattr(transformers, _name))

@@ -1,0 +1,150 @@
+"""The "cpp" backend's decoder ops (Llama, Mistral, Qwen2, Qwen3): grouped-query attention as ATen compositions on
+the kept heads, so that on the CPU a kernel backend, not the reference, runs a gated decoder layer.
+
+``gated_decoder_qkv`` projects with one GEMM over the packed rows of the active query heads of ``wq`` and of the
+active KV heads of ``wk``/``wv`` (pruned heads cost nothing), then applies Qwen3's per-head RMSNorm and the
+rotary positions as HF does. The packed weights are cached per (weights, versions, kept heads) while no gradient
+is needed (inference, generation); in training they are gathered per call so that gradients reach the full weights.
+
+``gated_decoder_attention`` never materialises ``repeat_kv``: the query heads of each KV head are folded into the
+query axis (group ``j``'s ``g_j`` heads become ``g_j * Sq`` query rows against KV head ``j``, as HF's decode path
+``pack_gqa`` does for one query), padded to the largest group ``G`` of the layer with zero queries whose rows are
+dropped afterwards (groups may be unequal after pruning), and one ``scaled_dot_product_attention`` call runs over
+the ``Akv`` KV heads with the causal band, the window and the key padding as one boolean ``[B, 1, G*Sq, Sk]`` mask
+(a query with no visible key gets a zero context). The contexts are gated and projected with the kept columns of
+``wo`` (cached like the input weights). Autograd runs through the ATen ops.
+
+What a fused kernel (C++ or Triton) would still have to do: one flash-attention pass per (batch, KV head, query
+tile) whose row tile holds the group's query heads (no padding rows, no mask tensor: causal and window from the
+indices, key padding from the [B, Sk] row, fully masked tiles skipped), a split-K (flash-decoding) path for one
+query against a long cache, the q/k/v GEMM with the RMSNorm + rotary epilogue writing k/v straight into a
+preallocated cache (DynamicCache concatenates the whole cache at every step), the packed weights kept in the C++
+pack cache (keyed like ``csrc/pack_cache.cpp``), and a backward that recomputes the probabilities.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from structprune.backends.cpp.build import _require
+from structprune.ops.checks import check_decoder_attention_inputs, check_decoder_qkv_inputs
+from structprune.ops.reference import apply_rotary_native, decoder_mask, head_rows, rms_norm
+
+__all__ = ["gated_decoder_qkv", "gated_decoder_attention", "clear_pack_cache"]
+
+_PACKS: dict = {}  # key -> (weak references to the source tensors, packed tensor), while no gradient is needed
+_MAX_PACKS = 512
+
+
+def clear_pack_cache() -> None:
+    """Drop the packed decoder weights (``sp.clear_cache()`` also drops them)."""
+    _PACKS.clear()
+
+
+def _tensor_key(t):
+    if t is None:
+        return None
+    return (id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+
+
+def _index_key(idx):
+    return None if idx is None else tuple(idx.tolist())
+
+
+def _packed(key, make, tensors):
+    """``make()``, cached under ``key`` when no gradient flows to ``tensors`` (a fresh gather otherwise)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return make()
+    if any(t is not None and t.is_inference() for t in tensors) or torch.compiler.is_compiling():
+        return make()
+    live = [t for t in tensors if t is not None]
+    hit = _PACKS.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], live)):  # the very tensors, still alive
+        return hit[1]
+    if len(_PACKS) >= _MAX_PACKS:
+        _PACKS.clear()
+    value = make()
+    _PACKS[key] = ([weakref.ref(t) for t in live], value)
+    return value
+
+
+def _rows(t, rows):
+    return t if rows is None or t is None else t.index_select(0, rows)
+
+
+def gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, head_dim: int, active_heads=None,
+                      active_kv=None):
+    """(q, k, v) equal to :func:`structprune.ops.reference.gated_decoder_qkv`, from one GEMM over the packed rows of
+    the active heads."""
+    _require()
+    check_decoder_qkv_inputs(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, head_dim, active_heads,
+                             active_kv)
+    B, S, _ = x.shape
+    D = head_dim
+    rq = None if active_heads is None else head_rows(active_heads.to(x.device), D)
+    rkv = None if active_kv is None else head_rows(active_kv.to(x.device), D)
+    nq = wq.shape[0] if rq is None else rq.numel()
+    nkv = wk.shape[0] if rkv is None else rkv.numel()
+
+    def weight():
+        return torch.cat([_rows(wq, rq), _rows(wk, rkv), _rows(wv, rkv)])
+
+    def bias():
+        parts = [(_rows(b, r) if b is not None else x.new_zeros(n)) for b, r, n in
+                 ((bq, rq, nq), (bk, rkv, nkv), (bv, rkv, nkv))]
+        return torch.cat(parts)
+
+    tensors = (wq, wk, wv, bq, bk, bv)
+    key = ("qkv",) + tuple(_tensor_key(t) for t in tensors) + (_index_key(active_heads), _index_key(active_kv))
+    w = _packed(key + ("w",), weight, tensors)
+    b = None if bq is None and bk is None and bv is None else _packed(key + ("b",), bias, tensors)
+    qkv = F.linear(x, w, b)
+    q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
+
+    def heads(t, norm):
+        t = t.reshape(B, S, t.shape[-1] // D, D)
+        return (t if norm is None else rms_norm(t, norm, eps)).transpose(1, 2)
+
+    return (apply_rotary_native(heads(q, q_norm), cos, sin), apply_rotary_native(heads(k, k_norm), cos, sin),
+            heads(v, None))
+
+
+def _group_layout(q_to_kv: torch.Tensor, num_kv: int):
+    """(G, pos): the largest group size and, for each active head, its slot ``kv * G + rank`` in the padded
+    [Akv * G] head axis (``rank``: its place among the heads of its KV head)."""
+    onehot = torch.nn.functional.one_hot(q_to_kv, num_kv)  # [A, Akv]
+    counts = onehot.sum(0)
+    G = int(counts.max()) if q_to_kv.numel() else 1
+    rank = (onehot.cumsum(0) - 1).gather(1, q_to_kv[:, None]).squeeze(1)
+    return G, q_to_kv * G + rank
+
+
+def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, key_mask, window: int):
+    """Equal to :func:`structprune.ops.reference.gated_decoder_attention` with ``key_mask`` and ``window``, without
+    repeating k and v (see the module docstring). Biases may be None."""
+    _require()
+    check_decoder_attention_inputs(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window, key_mask)
+    B, A, Sq, D = q.shape
+    Akv, Sk = k.shape[1], k.shape[2]
+    active = torch.arange(A, device=q.device) if active_heads is None else active_heads.to(q.device)
+    if A == 0:
+        return F.linear(q.new_zeros(B, Sq, 0), wo[:, :0], bo)
+    G, pos = _packed(("layout", _tensor_key(q_to_kv), Akv, q.device), lambda: _group_layout(q_to_kv.to(q.device), Akv),
+                     (q_to_kv,))
+    if G * Akv == A and bool((pos == torch.arange(A, device=q.device)).all()):
+        q_pad = q  # equal groups in order: the fold is a view
+    else:
+        q_pad = q.new_zeros(B, Akv * G, Sq, D).index_copy(1, pos, q)
+    mask = decoder_mask(key_mask, Sq, Sk, window, q.device)  # [B|1, 1, Sq, Sk]
+    ctx = F.scaled_dot_product_attention(q_pad.reshape(B, Akv, G * Sq, D), k, v, attn_mask=mask.repeat(1, 1, G, 1),
+                                         scale=D ** -0.5)
+    ctx = ctx.reshape(B, Akv * G, Sq, D)
+    if ctx.shape[1] != A or q_pad is not q:
+        ctx = ctx.index_select(1, pos)
+    ctx = ctx * head_gates.index_select(0, active).to(ctx.dtype)[None, :, None, None]
+    cols = head_rows(active, D)
+    w = _packed(("wo", _tensor_key(wo), _index_key(active)), lambda: wo.index_select(1, cols), (wo,))
+    return F.linear(ctx.transpose(1, 2).reshape(B, Sq, A * D), w, bo)
+
