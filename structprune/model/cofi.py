@@ -47,7 +47,11 @@ def hidden_gate(model: nn.Module) -> SharedGate | None:
     family = family_of(model)
     if not family.embeddings:
         return None
-    return getattr(embeddings_of(model, family), "hidden_gate", None)
+    try:
+        embeddings = embeddings_of(model, family)
+    except AttributeError:  # layers without their model (a benchmark's single layer): no hidden gate
+        return None
+    return getattr(embeddings, "hidden_gate", None)
 
 
 def hidden_readers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
