@@ -6,10 +6,12 @@ import torch
 
 import structprune as sp
 from helpers.decoders import H, I, KV, L, VOCAB, left_padded, outputs, tiny_model
-from helpers.models import one_thread_reference_backend  # noqa: F401  (autouse fixture)
+from helpers import models as _models
 from structprune.strategies import L0Controller, PruneTarget, apply_masks, finalize_l0, gain_masks, random_masks
 from structprune.strategies.groups import expected_kv
 from structprune.strategies.targets import select_groups
+
+one_thread_reference_backend = _models.one_thread_reference_backend  # the autouse fixture: reference ops, one thread
 
 
 def lm_batches(n=2, b=3, s=10, seed=5):

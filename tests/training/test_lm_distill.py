@@ -9,10 +9,12 @@ from transformers import TrainingArguments
 
 import structprune as sp
 from helpers.decoders import VOCAB, left_padded, tiny_model
-from helpers.models import one_thread_reference_backend  # noqa: F401  (autouse fixture)
+from helpers import models as _models
 from structprune.strategies import L0Controller, PruneTarget
 from structprune.training.distill import lm_distillation_loss
 from structprune.training.trainer import PruningLoss, PruningTrainer
+
+one_thread_reference_backend = _models.one_thread_reference_backend  # the autouse fixture: reference ops, one thread
 
 
 def _manual(student, teacher, t, mask):
