@@ -13,8 +13,8 @@ from structprune import atomic
 
 TASKS = ("qa", "causal-lm")
 _LM_ONLY = ("data", "kv_heads")
-_UNSUPPORTED = {"speedup": "--speedup", "latency_ms": "--latency-ms", "max_params": "--max-params",
-                "teacher_logits": "--teacher-logits", "distill_layers": "--distill-layers",
+_UNSUPPORTED = {"speedup": "--speedup (latency tables do not time decoders yet)",
+                "latency_ms": "--latency-ms (latency tables do not time decoders yet)", "teacher_logits": "--teacher-logits", "distill_layers": "--distill-layers",
                 "keep_layers": "--keep-layers"}
 
 
@@ -46,8 +46,8 @@ def _check(args, command: str) -> None:
         if args.method == "layerdrop" or args.full:
             given.append(f"--method {args.method}" if args.method == "layerdrop" else "--full")
         if given:
-            raise UsageError(f"{', '.join(given)}: not available with --task causal-lm (counts and fractions of "
-                             "heads, KV heads and FFN units; methods random, gain, l0)")
+            raise UsageError(f"{', '.join(given)}: not available with --task causal-lm (fractions of heads, KV heads "
+                             "and FFN units, or --max-params; methods random, gain, l0)")
 
 
 def prune_cmd(args) -> int:
@@ -70,7 +70,7 @@ def prune_cmd(args) -> int:
     n_batches = math.ceil(blocks["input_ids"].shape[0] / args.batch_size)
     steps = args.max_steps if args.max_steps is not None else math.ceil(args.epochs * n_batches)
     target = PruneTarget(heads=args.heads or 1.0, ffn=args.ffn or 1.0, kv_heads=args.kv_heads,
-                         per_layer=args.per_layer)
+                         params=args.max_params, per_layer=args.per_layer)
     log_path = out / "log.jsonl"
     log_path.write_text("")
 

@@ -21,7 +21,6 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from structprune.model.families import sizes_of
 from structprune.model.masks import Masks
 from structprune.model.patching import gated_layers
 from structprune.strategies.groups import kv_kept, kv_maps, kv_sizes
@@ -205,7 +204,7 @@ def _gain_budget_masks(model: nn.Module, batches, target: PruneTarget, loss_fn, 
     """gain_masks for a budget target: ``steps`` budgets from the present prediction down to the target."""
     import dataclasses
 
-    from structprune.strategies.plan import budget_of, table_for, unit_params
+    from structprune.strategies.plan import budget_of, model_unit_params, table_for
     from structprune.strategies.targets import masks_for_scores
 
     table = table_for(model, target) if target.has_latency else None
@@ -214,10 +213,13 @@ def _gain_budget_masks(model: nn.Module, batches, target: PruneTarget, loss_fn, 
     now_ms = None
     if table is not None:
         now_ms = table.predict([int(m.sum()) for m in start["heads"]], [int(m.sum()) for m in start["ffn"]])
-    c = sizes_of(model)
-    unit = unit_params(c.hidden, c.head_dim)
+    unit = model_unit_params(model)
     now_params = sum(int(m.sum()) * unit[s] for s in STRUCTURES for m in start[s])
     total_params = sum(m.numel() * unit[s] for s in STRUCTURES for m in start[s])
+    if "kv_heads" in unit:  # decoders: the KV heads the kept query heads read
+        kv = kv_kept(start["heads"], kv_maps(model), kv_sizes(model))
+        now_params += sum(int(k.sum()) for k in kv) * unit["kv_heads"]
+        total_params += sum(k.numel() for k in kv) * unit["kv_heads"]
     saved = [g.mask.clone() for s in STRUCTURES for g in layer_gates(model, s)]
     masks = start
     try:

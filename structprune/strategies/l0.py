@@ -49,6 +49,7 @@ from structprune.model.masks import Masks, gate_sizes, get_masks
 from structprune.model.patching import gate_parameters, gated_layers, set_gate_sampling
 from structprune.strategies.l0_full import ExtraGates, planning_table, without_skipped
 from structprune.strategies.groups import expected_kv, group_sum, kv_kept, kv_maps, kv_sizes
+from structprune.strategies.param_groups import weight_param_groups
 from structprune.strategies.targets import (STRUCTURES, PruneTarget, as_target, layer_gates, masks_for_scores,
                                             structure_counts)
 
@@ -78,26 +79,6 @@ class Lagrangian(nn.Module):
 
     def lambdas(self, structure: str) -> tuple[nn.Parameter, nn.Parameter]:
         return getattr(self, f"{structure}_lambda1"), getattr(self, f"{structure}_lambda2")
-
-
-def _is_no_decay(name: str, param: nn.Parameter) -> bool:
-    lowered = name.lower()
-    return param.ndim < 2 or lowered.endswith("bias") or "layernorm" in lowered or "layer_norm" in lowered
-
-
-def weight_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                        exclude: set[int] | None = None) -> list[dict]:
-    """The model's trainable weights (minus ``exclude`` ids, e.g. the gates), decayed except biases,
-    norms and other 1-D parameters."""
-    exclude = exclude or set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in exclude:
-            continue
-        (no_decay if _is_no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "weights"},
-              {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "weights_no_decay"}]
-    return [g for g in groups if g["params"]]
 
 
 class L0Controller:
@@ -188,7 +169,7 @@ class L0Controller:
     def _budget_constraints(self, model: nn.Module) -> list[str]:
         """Set up the "latency" (expected ms through the cost table) and "params" constraints of a budget target;
         one group for the model or, per layer, one per layer. Returns the constraint names."""
-        from structprune.strategies.plan import budget_of, table_for, unit_params
+        from structprune.strategies.plan import budget_of, model_unit_params, table_for
 
         t = self.target
         self.table = table_for(model, t) if t.has_latency else None
@@ -199,8 +180,12 @@ class L0Controller:
         full = {s: torch.tensor([float(g.n) for g in layer_gates(model, s)]) for s in STRUCTURES}
         kept.update(self.extra.kept())
         full.update(self.extra.full())
-        c = sizes_of(model)
-        self._unit = unit_params(c.hidden, c.head_dim)
+        self._unit = model_unit_params(model)
+        if "kv_heads" in self._unit:  # decoders: the KV heads the kept query heads read cost parameters too
+            self._kv = (kv_maps(model), kv_sizes(model))
+            heads = [g.mask != 0 for g in layer_gates(model, "heads")]
+            kept["kv_heads"] = torch.tensor([float(k.sum()) for k in kv_kept(heads, *self._kv)])
+            full["kv_heads"] = torch.tensor([float(n) for n in self._kv[1]])
         names = []
         if self.table is not None:
             names.append("latency")
@@ -241,6 +226,8 @@ class L0Controller:
         heads = self.extra.scale_counts("heads", counts["heads"], extra)
         ffn = self.extra.scale_counts("ffn", counts["ffn"], extra)
         per_layer = heads * unit["heads"] + ffn * unit["ffn"]
+        if "kv_heads" in counts:
+            per_layer = per_layer + counts["kv_heads"] * unit["kv_heads"]
         return torch.stack([per_layer[g].sum() for g in groups]).float()
 
     # ---- the constraint -------------------------------------------------------------------------
@@ -250,16 +237,22 @@ class L0Controller:
         expected kept counts."""
         if structure in ("latency", "params"):
             counts = {s: torch.stack([g.expected_l0() for g in layer_gates(self.model, s)]) for s in STRUCTURES}
+            if "kv_heads" in self._unit:
+                counts["kv_heads"] = self._expected_kv()
             counts.update(self.extra.expected())
             return self._cost(structure, counts)
         if structure == "kv_heads":  # a KV head is kept while one of its query heads is
-            per_layer = torch.stack([expected_kv(expected_l0(g.log_alpha, g.beta) * g.mask, m, n) for g, m, n in
-                                     zip(layer_gates(self.model, "heads"), *self._kv)])
+            per_layer = self._expected_kv()
             return torch.stack([per_layer[g].sum() for g in self._groups[structure]])
         gates = layer_gates(self.model, structure)
         per_layer = self.extra.scale_counts(structure, torch.stack([g.expected_l0() for g in gates]),
                                             self.extra.expected())
         return torch.stack([per_layer[g].sum() for g in self._groups[structure]])
+
+    def _expected_kv(self) -> torch.Tensor:
+        """Per layer, the expected KV heads kept (:func:`~structprune.strategies.groups.expected_kv`)."""
+        return torch.stack([expected_kv(expected_l0(g.log_alpha, g.beta) * g.mask, m, n) for g, m, n in
+                            zip(layer_gates(self.model, "heads"), *self._kv)])
 
     def target_counts(self, structure: str, step: int) -> torch.Tensor:
         """``t(step)`` per constraint group: linear from the start size to the final target."""
@@ -299,7 +292,8 @@ class L0Controller:
         return all((s, g) in self.frozen for s in self.structures for g in range(len(self._groups[s])))
 
     def _freeze(self, structure: str, layers: list[int]) -> None:
-        gated = STRUCTURES if structure in ("latency", "params") else ["heads" if structure == "kv_heads" else structure]
+        gated = (STRUCTURES if structure in ("latency", "params")
+                 else ["heads" if structure == "kv_heads" else structure])
         for s in gated:
             gates = layer_gates(self.model, s)
             for i in layers:

@@ -138,3 +138,77 @@ def test_kv_target_needs_grouped_attention_and_counts():
         PruneTarget(kv_heads=0.5, params=0.5)
     with pytest.raises(ValueError, match="fraction kept must be in"):
         PruneTarget(kv_heads=1.5)
+
+
+def _gated_params(model) -> int:
+    """Parameters of every layer's q/k/v/o and gate/up/down projections (what heads, KV heads and units hold)."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return sum(p.numel() for n, p in model.named_parameters() if any(f".{k}." in n for k in names))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_unit_params_are_what_compaction_removes(family):
+    """A query head, a KV head and a GLU unit carry what compaction takes away (Qwen2: with the q/k/v biases)."""
+    from structprune.strategies.plan import model_unit_params
+
+    model = sp.patch(tiny_model(family))
+    unit = model_unit_params(model)
+    dense = _gated_params(model)
+    heads = torch.ones(L, H, dtype=torch.bool)
+    heads[0, [0, 1, 5]] = False  # KV head 0 of layer 0 goes, and one more query head
+    ffn = [torch.arange(I) >= 7, torch.ones(I, dtype=torch.bool), torch.ones(I, dtype=torch.bool)]
+    sp.set_masks(model, heads=heads, ffn=ffn)
+    sp.compact(model)
+    assert dense - _gated_params(model) == 3 * unit["heads"] + unit["kv_heads"] + 7 * unit["ffn"]
+    assert unit["heads"] == 2 * 64 * 8 + (8 if family == "qwen2" else 0)
+
+
+@pytest.mark.parametrize("strategy", ["random", "gain", "l0"])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_parameter_budget_on_decoders(strategy, per_layer):
+    """A parameter budget counts the KV heads the kept query heads read: the compacted model holds at most the
+    budget, and no unit more would fit."""
+    from structprune.strategies.plan import model_unit_params
+
+    model = sp.patch(tiny_model("qwen2"))
+    unit = model_unit_params(model)
+    dense = _gated_params(model)
+    masks = decide(strategy, model, PruneTarget(params=0.4, per_layer=per_layer))
+    apply_masks(model, masks)
+    sp.compact(model)
+    kept = _gated_params(model)
+    assert 0.4 * dense - unit["heads"] - unit["kv_heads"] - unit["ffn"] < kept <= 0.4 * dense
+
+
+def test_l0_parameter_lagrangian_counts_kv_heads():
+    """The expected parameters start at the dense count (KV heads included) and fall under the Lagrangian; the
+    decision meets the budget."""
+    from structprune.strategies.plan import model_unit_params
+
+    model = sp.patch(tiny_model("llama")).train()
+    dense = _gated_params(model)
+    ctl = L0Controller(model, PruneTarget(params=0.5), warmup_steps=4, init_log_alpha=0.5)
+    assert ctl.structures == ["params"]
+    with torch.no_grad():
+        for g in sp.iter_gates(model):
+            g.log_alpha.fill_(20.0)  # every gate surely on: the expectation is the dense count
+        assert float(ctl.expected("params")) == pytest.approx(dense, rel=1e-4)
+        for g in sp.iter_gates(model):
+            g.log_alpha.fill_(0.5)
+    start = float(ctl.expected("params").detach())
+    opt = torch.optim.AdamW(ctl.param_groups(model, lr=1e-3, gate_lr=0.2, lambda_lr=0.5))
+    for step, batch in enumerate(lm_batches(n=10)):
+        (model(**batch).loss + ctl.penalty(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(ctl.expected("params").detach()) < start - 0.02 * dense
+    ctl.finalize(keep_dead=True)
+    sp.compact(model.eval())
+    unit = model_unit_params(model)
+    assert 0.5 * dense - unit["heads"] - unit["kv_heads"] - unit["ffn"] < _gated_params(model) <= 0.5 * dense
+
+
+def test_latency_targets_say_decoders_are_not_timed():
+    model = sp.patch(tiny_model("llama"))
+    with pytest.raises(ValueError, match="not measured yet"):
+        random_masks(model, PruneTarget(speedup=1.5, at=(1, 16)))
