@@ -15,7 +15,10 @@ TASKS = ("qa", "causal-lm")
 _LM_ONLY = ("data", "kv_heads")
 _UNSUPPORTED = {"speedup": "--speedup (latency tables do not time decoders yet)",
                 "latency_ms": "--latency-ms (latency tables do not time decoders yet)", "teacher_logits": "--teacher-logits", "distill_layers": "--distill-layers",
-                "keep_layers": "--keep-layers"}
+                "keep_layers": "--keep-layers", "stop_after_seconds": "--stop-after-seconds (no resuming yet)",
+                "eval_every": "--eval-every"}
+_UNSUPPORTED_FLAGS = {"full": "--full", "bf16": "--bf16", "l0_steps": "--l0-steps", "l0_until_target":
+                      "--l0-until-target", "l0_train_weights": "--l0-train-weights"}
 
 
 def load_lm(path: str):
@@ -43,8 +46,9 @@ def _check(args, command: str) -> None:
             raise UsageError(f"{path}: no such file; pass a plain text file")
     if command == "prune":
         given = [flag for key, flag in _UNSUPPORTED.items() if getattr(args, key, None) is not None]
-        if args.method == "layerdrop" or args.full:
-            given.append(f"--method {args.method}" if args.method == "layerdrop" else "--full")
+        given += [flag for key, flag in _UNSUPPORTED_FLAGS.items() if getattr(args, key, None)]
+        if args.method == "layerdrop":
+            given.append("--method layerdrop")
         if given:
             raise UsageError(f"{', '.join(given)}: not available with --task causal-lm (fractions of heads, KV heads "
                              "and FFN units, or --max-params; methods random, gain, l0)")
@@ -83,7 +87,7 @@ def prune_cmd(args) -> int:
                             gate_lr=args.gate_lr, lambda_lr=args.gate_lr if args.lambda_lr is None else args.lambda_lr,
                             warmup_steps=min(args.l0_warmup_steps, steps), gain_batches=max(1, args.gain_examples
                                                                                             // args.batch_size),
-                            gain_steps=args.gain_steps, seed=args.seed, log=log)
+                            gain_steps=args.gain_steps, keep_dead=args.l0_keep_dead, seed=args.seed, log=log)
     save_pretrained(model, out / "model", overwrite=True, tokenizer=tokenizer)
     pruned = perplexity(model, batches(dev, args.eval_batch_size))
     s = summary(model)

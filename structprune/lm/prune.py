@@ -31,14 +31,15 @@ def _cycle(blocks: dict, batch_size: int, seed: int):
 def prune_lm(model: nn.Module, blocks: dict, method: str, target: PruneTarget, steps: int, batch_size: int = 8,
              lr: float = 5e-5, distill: bool = False, alpha: float = 0.5, temperature: float = 2.0,
              gate_lr: float = 0.01, lambda_lr: float = 0.01, warmup_steps: int = 0, gain_batches: int = 8,
-             gain_steps: int = 1, seed: int = 0, log: Callable[[dict], None] | None = None) -> tuple[nn.Module, Masks]:
+             gain_steps: int = 1, keep_dead: bool = False, seed: int = 0, log: Callable[[dict], None] | None = None) -> tuple[nn.Module, Masks]:
     """Prune ``model`` (a HF causal LM, patched here when it is not) to ``target`` on ``blocks``
     (:func:`structprune.lm.data.tokenize_blocks`) and return ``(the compacted model, the masks kept)``.
 
     ``method``: "random" or "gain" decide first (gain on ``gain_batches`` batches, in ``gain_steps`` steps) and then
     train the survivors for ``steps`` optimizer steps; "l0" trains weights and gates together for ``steps`` steps
     (the target reached over ``warmup_steps``) and then decides. With ``distill`` the unpruned model is the teacher:
-    ``alpha * KD + (1 - alpha) * LM loss`` at ``temperature``. ``log`` gets one dict per step."""
+    ``alpha * KD + (1 - alpha) * LM loss`` at ``temperature``. ``keep_dead``: see
+    :func:`~structprune.strategies.finalize_l0`. ``log`` gets one dict per step."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if steps < 0:
@@ -72,7 +73,7 @@ def prune_lm(model: nn.Module, blocks: dict, method: str, target: PruneTarget, s
                 entry.update(controller.stats(step))
             log(entry)
     model.eval()
-    masks = controller.finalize() if controller is not None else get_masks(model)
+    masks = controller.finalize(keep_dead=keep_dead) if controller is not None else get_masks(model)
     return compact(model), masks
 
 

@@ -122,5 +122,7 @@ def test_bad_input_is_one_line(lm_dir, tmp_path, capsys):
     assert main(base) == 2 and "needs --data" in capsys.readouterr().err
     assert main(base + ["--data", str(lm_dir / "train.txt"), "--speedup", "2"]) == 2
     assert "--speedup (latency tables do not time decoders yet): not available" in capsys.readouterr().err
+    assert main(base + ["--data", str(lm_dir / "train.txt"), "--bf16", "--l0-steps", "3"]) == 2
+    assert "--bf16, --l0-steps: not available" in capsys.readouterr().err
     assert main(["prune", "--method", "l0", "--kv-heads", "0.5", "--out", str(tmp_path)]) == 2
     assert "--kv-heads is for --task causal-lm" in capsys.readouterr().err
