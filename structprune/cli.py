@@ -7,9 +7,9 @@ import importlib
 import sys
 from pathlib import Path
 
-COMMAND_MODULES = ("structprune.tools.demo", "structprune.tools.info", "structprune.qa.commands", "structprune.qa.predict",
-                   "structprune.benchmark", "structprune.tools.kernel_report", "structprune.latency.command",
-                   "structprune.export.command")
+COMMAND_MODULES = ("structprune.tools.demo", "structprune.tools.info", "structprune.qa.commands",
+                   "structprune.lm.command", "structprune.qa.predict", "structprune.benchmark",
+                   "structprune.tools.kernel_report", "structprune.latency.command", "structprune.export.command")
 
 
 class UsageError(ValueError):

@@ -11,7 +11,7 @@ KERNEL_WING = ("structprune.ops", "structprune.backends", "structprune._kernels"
 MODEL_WING = ("structprune.model",)
 USER_WING = ("structprune.qa", "structprune.strategies", "structprune.latency", "structprune.training",
              "structprune.export", "structprune.serving", "structprune.tools", "structprune.benchmark",
-             "structprune.cli")
+             "structprune.lm", "structprune.cli")
 DISPATCHER = ("structprune.ops.dispatch", "structprune.ops.schema", "structprune.ops.registry")
 
 

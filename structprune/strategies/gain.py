@@ -21,12 +21,11 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from structprune.model.families import sizes_of
 from structprune.model.masks import Masks
 from structprune.model.patching import gated_layers
-from structprune.model.masks import gate_sizes
-from structprune.strategies.targets import (STRUCTURES, PruneTarget, as_target, current_masks, layer_gates, select_top,
-                      to_masks)
+from structprune.strategies.groups import kv_kept, kv_maps, kv_sizes
+from structprune.strategies.targets import (STRUCTURES, PruneTarget, as_target, current_masks, layer_gates,
+                                            select_counts, structure_counts, to_masks)
 
 LossFn = Callable[[nn.Module, Mapping], torch.Tensor]
 
@@ -144,6 +143,10 @@ def gain_masks(model: nn.Module, batches: Iterable[Mapping], target: PruneTarget
             importance on the partially pruned model after each (Michel et al.'s iterative procedure).
         max_batches: use at most this many batches per estimate.
 
+    With ``target.kv_heads`` (decoders) whole KV groups are ranked first, a group's importance being the sum of
+    its query heads' (normalised) importances; for a causal LM the default loss is the LM loss of batches that
+    carry ``labels``.
+
     The model's masks are restored before returning (apply the result with
     :func:`~structprune.strategies.apply_masks` or ``sp.set_masks``).
 
@@ -158,33 +161,29 @@ def gain_masks(model: nn.Module, batches: Iterable[Mapping], target: PruneTarget
         batches = _reiterable(batches, max_batches)
     if target.has_budget:
         return _gain_budget_masks(model, batches, target, loss_fn, steps, max_batches)
-    sizes = gate_sizes(model)
     start = current_masks(model)
-    finals = {s: target.counts(s, sizes[s]) for s in STRUCTURES}
+    finals = structure_counts(target, model)
+    if finals.get("kv_heads") is not None:
+        start["kv_heads"] = kv_kept(start["heads"], kv_maps(model), kv_sizes(model))
     start_counts = {}
-    for s in STRUCTURES:
-        if isinstance(finals[s], int):
+    for s, final in finals.items():
+        if isinstance(final, int):
             start_counts[s] = int(sum(int(m.sum()) for m in start[s]))
-        elif finals[s] is not None:
+        elif final is not None:
             start_counts[s] = [int(m.sum()) for m in start[s]]
     saved = [g.mask.clone() for s in STRUCTURES for g in layer_gates(model, s)]
     masks = start
     try:
         for k in range(1, steps + 1):
             imp = gain_importance(model, batches, loss_fn, max_batches, normalize)
-            new = {}
-            for s in STRUCTURES:
-                if finals[s] is None:
-                    new[s] = masks[s]
-                else:
-                    count = _interpolate(start_counts[s], finals[s], k, steps)
-                    new[s] = select_top(imp[s], masks[s], count, s)
-            masks = new
+            counts = {s: None if final is None else _interpolate(start_counts[s], final, k, steps)
+                      for s, final in finals.items()}
+            masks = select_counts(model, {"heads": imp.heads, "ffn": imp.ffn}, masks, counts)
             if k < steps:
                 _narrow_masks(model, masks)
     finally:
         _restore_masks(model, saved)
-    return to_masks(masks["heads"], masks["ffn"])
+    return to_masks(masks["heads"], masks["ffn"], masks.get("kv_heads"))
 
 
 def _narrow_masks(model: nn.Module, masks: dict) -> None:
@@ -205,7 +204,7 @@ def _gain_budget_masks(model: nn.Module, batches, target: PruneTarget, loss_fn, 
     """gain_masks for a budget target: ``steps`` budgets from the present prediction down to the target."""
     import dataclasses
 
-    from structprune.strategies.plan import budget_of, table_for, unit_params
+    from structprune.strategies.plan import budget_of, model_unit_params, table_for
     from structprune.strategies.targets import masks_for_scores
 
     table = table_for(model, target) if target.has_latency else None
@@ -214,10 +213,13 @@ def _gain_budget_masks(model: nn.Module, batches, target: PruneTarget, loss_fn, 
     now_ms = None
     if table is not None:
         now_ms = table.predict([int(m.sum()) for m in start["heads"]], [int(m.sum()) for m in start["ffn"]])
-    c = sizes_of(model)
-    unit = unit_params(c.hidden, c.head_dim)
+    unit = model_unit_params(model)
     now_params = sum(int(m.sum()) * unit[s] for s in STRUCTURES for m in start[s])
     total_params = sum(m.numel() * unit[s] for s in STRUCTURES for m in start[s])
+    if "kv_heads" in unit:  # decoders: the KV heads the kept query heads read
+        kv = kv_kept(start["heads"], kv_maps(model), kv_sizes(model))
+        now_params += sum(int(k.sum()) for k in kv) * unit["kv_heads"]
+        total_params += sum(k.numel() for k in kv) * unit["kv_heads"]
     saved = [g.mask.clone() for s in STRUCTURES for g in layer_gates(model, s)]
     masks = start
     try:

@@ -29,6 +29,9 @@ the expected LATENCY instead: the expected kept counts of every layer go through
 dense model's ms, and ``t(step)`` goes from the present prediction to the budget; a ``params`` budget adds a
 constraint on the expected parameters. Heads and FFN units are gated together, and :meth:`L0Controller.finalize`
 plans exact counts meeting the budget with each gate's probability of being non-zero as its importance.
+
+``PruneTarget(kv_heads=...)`` (decoders) constrains the expected KV heads kept, ``sum_g 1 - prod_{h in g} (1 - p_h)``
+(``p_h``: a query head's probability of being non-zero); groups are decided by the sum of their heads' ``p_h``.
 """
 from __future__ import annotations
 
@@ -45,7 +48,10 @@ from structprune.model.gates import expected_l0
 from structprune.model.masks import Masks, gate_sizes, get_masks
 from structprune.model.patching import gate_parameters, gated_layers, set_gate_sampling
 from structprune.strategies.l0_full import ExtraGates, planning_table, without_skipped
-from structprune.strategies.targets import STRUCTURES, PruneTarget, as_target, layer_gates, masks_for_scores
+from structprune.strategies.groups import expected_kv, group_sum, kv_kept, kv_maps, kv_sizes
+from structprune.strategies.param_groups import weight_param_groups
+from structprune.strategies.targets import (STRUCTURES, PruneTarget, as_target, layer_gates, masks_for_scores,
+                                            structure_counts)
 
 DEFAULT_INIT_LOG_ALPHA = 2.5
 LAGRANGIAN_FILE = "structprune_lagrangian.safetensors"
@@ -73,26 +79,6 @@ class Lagrangian(nn.Module):
 
     def lambdas(self, structure: str) -> tuple[nn.Parameter, nn.Parameter]:
         return getattr(self, f"{structure}_lambda1"), getattr(self, f"{structure}_lambda2")
-
-
-def _is_no_decay(name: str, param: nn.Parameter) -> bool:
-    lowered = name.lower()
-    return param.ndim < 2 or lowered.endswith("bias") or "layernorm" in lowered or "layer_norm" in lowered
-
-
-def weight_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                        exclude: set[int] | None = None) -> list[dict]:
-    """The model's trainable weights (minus ``exclude`` ids, e.g. the gates), decayed except biases,
-    norms and other 1-D parameters."""
-    exclude = exclude or set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in exclude:
-            continue
-        (no_decay if _is_no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "weights"},
-              {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "weights_no_decay"}]
-    return [g for g in groups if g["params"]]
 
 
 class L0Controller:
@@ -133,20 +119,30 @@ class L0Controller:
                              "global target")
         # per constraint: list of groups, each a list of layer indices; original size; start and final values
         self._groups, self._size, self._start, self._final = {}, {}, {}, {}
+        counts = {} if self.target.has_budget else structure_counts(self.target, model)
         if self.target.has_budget:
             self.structures = self._budget_constraints(model)
             gated = list(STRUCTURES)
         else:
-            self.structures = [s for s in STRUCTURES if getattr(self.target, s) is not None]
-            gated = self.structures
-        for s in [] if self.target.has_budget else self.structures:
-            count = self.target.counts(s, sizes[s])
-            gates = layer_gates(model, s)
-            groups = [[i] for i in range(len(gates))] if isinstance(count, list) else [list(range(len(gates)))]
+            self.structures = [s for s in (*STRUCTURES, "kv_heads") if counts.get(s) is not None]
+            gated = sorted({"heads" if s == "kv_heads" else s for s in self.structures})
+        if "kv_heads" in self.structures:
+            if self.extra.present:
+                raise ValueError("a kv_heads target cannot be trained with sublayer or hidden-dimension gates")
+            self._kv = (kv_maps(model), kv_sizes(model))
+            sizes["kv_heads"] = self._kv[1]
+        for s in self.structures if counts else []:
+            count = counts[s]
+            layers = len(sizes[s])
+            groups = [[i] for i in range(layers)] if isinstance(count, list) else [list(range(layers))]
             finals = count if isinstance(count, list) else [count]
+            if s == "kv_heads":
+                now = [int(k.sum()) for k in kv_kept([g.mask != 0 for g in layer_gates(model, "heads")], *self._kv)]
+            else:
+                now = [int((g.mask != 0).sum()) for g in layer_gates(model, s)]
             self._groups[s] = groups
             self._size[s] = torch.tensor([float(sum(sizes[s][i] for i in g)) for g in groups])
-            self._start[s] = torch.tensor([float(sum(int((gates[i].mask != 0).sum()) for i in g)) for g in groups])
+            self._start[s] = torch.tensor([float(sum(now[i] for i in g)) for g in groups])
             self._final[s] = torch.tensor([float(c) for c in finals])
             bad = self._final[s] > self._start[s]
             if bool(bad.any()):
@@ -173,7 +169,7 @@ class L0Controller:
     def _budget_constraints(self, model: nn.Module) -> list[str]:
         """Set up the "latency" (expected ms through the cost table) and "params" constraints of a budget target;
         one group for the model or, per layer, one per layer. Returns the constraint names."""
-        from structprune.strategies.plan import budget_of, table_for, unit_params
+        from structprune.strategies.plan import budget_of, model_unit_params, table_for
 
         t = self.target
         self.table = table_for(model, t) if t.has_latency else None
@@ -184,8 +180,12 @@ class L0Controller:
         full = {s: torch.tensor([float(g.n) for g in layer_gates(model, s)]) for s in STRUCTURES}
         kept.update(self.extra.kept())
         full.update(self.extra.full())
-        c = sizes_of(model)
-        self._unit = unit_params(c.hidden, c.head_dim)
+        self._unit = model_unit_params(model)
+        if "kv_heads" in self._unit:  # decoders: the KV heads the kept query heads read cost parameters too
+            self._kv = (kv_maps(model), kv_sizes(model))
+            heads = [g.mask != 0 for g in layer_gates(model, "heads")]
+            kept["kv_heads"] = torch.tensor([float(k.sum()) for k in kv_kept(heads, *self._kv)])
+            full["kv_heads"] = torch.tensor([float(n) for n in self._kv[1]])
         names = []
         if self.table is not None:
             names.append("latency")
@@ -226,6 +226,8 @@ class L0Controller:
         heads = self.extra.scale_counts("heads", counts["heads"], extra)
         ffn = self.extra.scale_counts("ffn", counts["ffn"], extra)
         per_layer = heads * unit["heads"] + ffn * unit["ffn"]
+        if "kv_heads" in counts:
+            per_layer = per_layer + counts["kv_heads"] * unit["kv_heads"]
         return torch.stack([per_layer[g].sum() for g in groups]).float()
 
     # ---- the constraint -------------------------------------------------------------------------
@@ -235,12 +237,22 @@ class L0Controller:
         expected kept counts."""
         if structure in ("latency", "params"):
             counts = {s: torch.stack([g.expected_l0() for g in layer_gates(self.model, s)]) for s in STRUCTURES}
+            if "kv_heads" in self._unit:
+                counts["kv_heads"] = self._expected_kv()
             counts.update(self.extra.expected())
             return self._cost(structure, counts)
+        if structure == "kv_heads":  # a KV head is kept while one of its query heads is
+            per_layer = self._expected_kv()
+            return torch.stack([per_layer[g].sum() for g in self._groups[structure]])
         gates = layer_gates(self.model, structure)
         per_layer = self.extra.scale_counts(structure, torch.stack([g.expected_l0() for g in gates]),
                                             self.extra.expected())
         return torch.stack([per_layer[g].sum() for g in self._groups[structure]])
+
+    def _expected_kv(self) -> torch.Tensor:
+        """Per layer, the expected KV heads kept (:func:`~structprune.strategies.groups.expected_kv`)."""
+        return torch.stack([expected_kv(expected_l0(g.log_alpha, g.beta) * g.mask, m, n) for g, m, n in
+                            zip(layer_gates(self.model, "heads"), *self._kv)])
 
     def target_counts(self, structure: str, step: int) -> torch.Tensor:
         """``t(step)`` per constraint group: linear from the start size to the final target."""
@@ -280,7 +292,8 @@ class L0Controller:
         return all((s, g) in self.frozen for s in self.structures for g in range(len(self._groups[s])))
 
     def _freeze(self, structure: str, layers: list[int]) -> None:
-        gated = STRUCTURES if structure in ("latency", "params") else [structure]
+        gated = (STRUCTURES if structure in ("latency", "params")
+                 else ["heads" if structure == "kv_heads" else structure])
         for s in gated:
             gates = layer_gates(self.model, s)
             for i in layers:
@@ -328,6 +341,11 @@ class L0Controller:
                 l1, l2 = self.lagrangian.lambdas(s)
                 out[f"lambda1_{s}"] = float(l1.mean())
                 out[f"lambda2_{s}"] = float(l2.mean())
+        if "kv_heads" in self.structures and not self.finalized:
+            out["expected_kv_heads"] = float(self.expected("kv_heads").sum())
+            out["target_kv_heads"] = float(self.target_counts("kv_heads", step).sum())
+            l1, l2 = self.lagrangian.lambdas("kv_heads")
+            out["lambda1_kv_heads"], out["lambda2_kv_heads"] = float(l1.mean()), float(l2.mean())
         for name in (self.structures if self.target.has_budget and not self.finalized else []):
             unit = "ms" if name == "latency" else "params"
             out[f"expected_{name}_{unit}"] = float(self.expected(name).sum())
@@ -430,6 +448,9 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
                       for g, o in zip(gates[s], is_open[s])] for s in STRUCTURES}
     else:
         scores = {s: [g.log_alpha.detach() for g in gates[s]] for s in STRUCTURES}
+        if target.kv_heads is not None:  # a KV group's importance: the sum of its heads' probabilities of being on
+            scores["kv_heads"] = [group_sum(expected_l0(g.log_alpha.detach(), g.beta) * g.mask, m, n)
+                                  for g, m, n in zip(gates["heads"], kv_maps(model), kv_sizes(model))]
     start = without_skipped({s: [(g.mask != 0).cpu() for g in gates[s]] for s in STRUCTURES}, decided)
     plan_table = None
     if decided and not target.has_budget:  # counts: at most what the kept sublayers still hold
@@ -459,6 +480,8 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
     if fold:
         fold_gates(model)
     set_gate_sampling(model, False)
+    if masks.kv_heads is not None or target.kv_heads is not None:  # the KV heads the kept query heads read
+        masks = Masks(heads=masks.heads, ffn=masks.ffn, kv_heads=get_masks(model).kv_heads)
     if decided:
         current = get_masks(model)
         masks = Masks(heads=masks.heads, ffn=masks.ffn, hidden=current.hidden, attn_sublayers=current.attn_sublayers,

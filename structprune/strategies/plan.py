@@ -31,6 +31,28 @@ def unit_params(hidden: int, head_dim: int) -> dict[str, int]:
     return {"heads": 4 * hidden * head_dim + 3 * head_dim, "ffn": 2 * hidden + 1}
 
 
+def model_unit_params(model) -> dict[str, int]:
+    """Parameters one head and one FFN unit of ``model`` carry: :func:`unit_params` for encoders; for decoders with
+    grouped-query attention (read from the first layer's projections) a query head's ``q_proj`` rows and ``o_proj``
+    columns, a KV head's ``k_proj``/``v_proj`` rows (``"kv_heads"``), a GLU unit's ``gate_proj``/``up_proj`` rows
+    and ``down_proj`` column, biases included."""
+    from structprune.model.patching import layer_parts
+
+    parts = layer_parts(model)[0]
+    if parts.kv_index is None:
+        c = sizes_of(model)
+        return unit_params(c.hidden, c.head_dim)
+
+    def rows(linear, n):  # parameters of n output rows of a linear
+        return n * linear.in_features + (n if linear.bias is not None else 0)
+
+    d = parts.attention.head_dim
+    q, k, v, o = (parts[r] for r in ("query", "key", "value", "attn_out"))
+    gate, up, down = (parts[r] for r in ("ffn_in", "ffn_up", "ffn_out"))
+    return {"heads": rows(q, d) + d * o.out_features, "kv_heads": rows(k, d) + rows(v, d),
+            "ffn": rows(gate, 1) + rows(up, 1) + down.out_features}
+
+
 @dataclass
 class Budget:
     """What the plan must meet; None means no such constraint.
@@ -48,7 +70,7 @@ class Budget:
 
 
 class _State:
-    def __init__(self, table, importance, available, sizes_params, ffn_on_grid: bool):
+    def __init__(self, table, importance, available, sizes_params, ffn_on_grid: bool, kv_maps=None):
         self.table = table
         self.L = table.num_layers
         self.order, self.imp, self.kept = {}, {}, {}
@@ -68,7 +90,17 @@ class _State:
         self.allowed = {"heads": [list(range(n + 1)) for n in self.kept["heads"]],
                         "ffn": [sorted({g for g in grid if g <= n} | {n}) for n in self.kept["ffn"]]}
         self.unit = sizes_params
+        self.kv = None  # grouped-query attention: per layer, the KV heads the top-k heads read, for every k
+        if kv_maps is not None:
+            self.kv = [[0] + [len({int(m[h]) for h in order[len(order) - k:]}) for k in range(1, len(order) + 1)]
+                       for order, m in zip(self.order["heads"], kv_maps)]
         self.lat = [self.layer_lat(l) for l in range(self.L)]
+
+    def cost(self, s, l, k) -> float:
+        """Parameters of ``k`` kept units of structure ``s`` in layer ``l`` (the top-``k`` by importance): a query
+        head's share, plus for decoders the KV heads those heads read."""
+        extra = self.kv[l][k] * self.unit["kv_heads"] if s == "heads" and self.kv is not None else 0
+        return k * self.unit[s] + extra
 
     def layer_lat(self, l, s=None, k=None) -> float:
         h = k if s == "heads" else self.kept["heads"][l]
@@ -80,7 +112,7 @@ class _State:
         return sum(self.imp[s][l][n - k_from:n - k_to])
 
     def params(self, l) -> float:
-        return sum(self.kept[s][l] * self.unit[s] for s in STRUCTURES)
+        return sum(self.cost(s, l, self.kept[s][l]) for s in STRUCTURES)
 
     def below(self, s, l, k) -> int | None:
         """The next allowed count below ``k`` (None at 0)."""
@@ -102,11 +134,14 @@ def _groups(L: int, per_layer: bool) -> list[list[int]]:
 
 def plan_masks(table: LatencyTable, importance: dict[str, Sequence[torch.Tensor]],
                available: dict[str, Sequence[torch.Tensor]], budget: Budget, hidden: int, head_dim: int,
-               ffn_on_grid: bool = True) -> dict[str, list[torch.Tensor]]:
+               ffn_on_grid: bool = True, unit: dict | None = None,
+               kv_maps: Sequence[torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
     """Per-layer bool keep masks meeting ``budget`` (see the module docstring); units not ``available``
     (already pruned) stay pruned. With ``ffn_on_grid`` FFN counts are limited to the table's grid points (where
-    the cost was measured, not interpolated). Raises ValueError when no choice meets it."""
-    st = _State(table, importance, available, unit_params(hidden, head_dim), ffn_on_grid)
+    the cost was measured, not interpolated). ``unit``: the parameters per unit (default :func:`unit_params`);
+    ``kv_maps`` (decoders: each layer's head -> KV-head map) counts the KV heads the kept heads read, at
+    ``unit["kv_heads"]`` each. Raises ValueError when no choice meets it."""
+    st = _State(table, importance, available, unit or unit_params(hidden, head_dim), ffn_on_grid, kv_maps)
     groups = _groups(st.L, budget.per_layer)
     eps = 1e-9
     lat_budget = None
@@ -165,7 +200,7 @@ def plan_masks(table: LatencyTable, importance: dict[str, Sequence[torch.Tensor]
                     k2 = st.below(s, l, k)
                     if k2 is None:
                         continue
-                    score = st.removed_importance(s, l, k, k2) / (st.unit[s] * (k - k2))
+                    score = st.removed_importance(s, l, k, k2) / (st.cost(s, l, k) - st.cost(s, l, k2))
                     if best is None or score < best[0]:
                         best = (score, s, l, k2)
         if best is None:
@@ -193,7 +228,8 @@ def plan_masks(table: LatencyTable, importance: dict[str, Sequence[torch.Tensor]
         if lat_budget is not None:
             if group_lat(g) - st.lat[l] + new_lat > lat_budget[g] * (1 + eps) + eps:
                 return False
-        if par_budget is not None and group_params(g) + added * st.unit[s] > par_budget[g] * (1 + eps) + eps:
+        more = st.cost(s, l, st.kept[s][l] + added) - st.cost(s, l, st.kept[s][l])
+        if par_budget is not None and group_params(g) + more > par_budget[g] * (1 + eps) + eps:
             return False
         if s in caps:
             for layers, cap in cap_groups(s):
@@ -252,10 +288,10 @@ def budget_of(model, target, table: LatencyTable | None) -> Budget:
     """The :class:`Budget` of a budget ``target`` for ``model``: ms from the speed-up, parameters from the
     fraction, caps from ``heads``/``ffn`` (original sizes)."""
     from structprune.model.masks import gate_sizes
+    from structprune.model.patching import layer_parts
 
     sizes = gate_sizes(model)
-    c = sizes_of(model)
-    unit = unit_params(c.hidden, c.head_dim)
+    unit = model_unit_params(model)
     latency = None
     if target.speedup is not None:
         latency = table.dense_ms / float(target.speedup)
@@ -267,7 +303,8 @@ def budget_of(model, target, table: LatencyTable | None) -> Budget:
                          f"({table.dense_ms / table.empty_ms:.2f}x) at {table.describe()}")
     params = None
     if target.params is not None:
-        params = float(target.params) * sum(sum(sizes[s]) * unit[s] for s in STRUCTURES)
+        kv = sum(p.num_kv_heads for p in layer_parts(model)) * unit["kv_heads"] if "kv_heads" in unit else 0
+        params = float(target.params) * (sum(sum(sizes[s]) * unit[s] for s in STRUCTURES) + kv)
     caps = {s: target.counts(s, sizes[s]) for s in STRUCTURES}
     return Budget(latency_ms=latency, params=params, per_layer=target.per_layer, caps=caps)
 
@@ -284,8 +321,14 @@ def budget_masks(model, target, scores: dict, start: dict, ffn_on_grid: bool = T
     on_grid = table is not None and ffn_on_grid
     if table is None:  # a parameter budget only: a flat table makes the plan ignore latency, any count allowed
         table = _flat_table(model)
-    return plan_masks(table, scores, start, budget, c.hidden, c.head_dim,
-                      ffn_on_grid=on_grid)
+    unit = model_unit_params(model)
+    maps = None
+    if "kv_heads" in unit:
+        from structprune.strategies.groups import kv_maps
+
+        maps = kv_maps(model)
+    return plan_masks(table, scores, start, budget, c.hidden, c.head_dim, ffn_on_grid=on_grid, unit=unit,
+                      kv_maps=maps)
 
 
 def _flat_table(model) -> LatencyTable:

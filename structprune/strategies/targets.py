@@ -16,6 +16,7 @@ from torch import nn
 
 from structprune.model.masks import Masks, gate_sizes, get_masks, set_masks
 from structprune.model.patching import layer_parts
+from structprune.strategies.groups import group_sum, kv_kept, kv_maps, kv_sizes
 
 Amount = Union[float, int, Sequence[Union[float, int]], None]
 STRUCTURES = ("heads", "ffn")
@@ -48,6 +49,11 @@ class PruneTarget:
       speed target: ``PruneTarget(speedup=2.0, params=0.4)``);
     * with a budget, ``heads``/``ffn`` are caps (at most that many kept; 1.0: no cap) and ``per_layer=True``
       gives every layer the same share of the budget.
+
+    ``kv_heads`` (grouped-query attention, decoders; an amount as above, counted in KV heads): prune whole KV
+    groups, a KV head with every query head that reads it. ``PruneTarget(kv_heads=0.5)`` keeps half the KV heads
+    and all the query heads of the kept groups; with ``heads`` below 1.0 the query heads are then ranked among
+    the kept groups, each kept group keeping at least one. A group's importance is the sum of its query heads'.
     """
 
     heads: Amount = 1.0
@@ -60,11 +66,15 @@ class PruneTarget:
     backend: str = "cpp"
     dtype: str = "fp32"
     table: Any = field(default=None, compare=False, repr=False)
+    kv_heads: Amount = None
 
     def __post_init__(self):
-        for name in STRUCTURES:
+        for name in STRUCTURES + ("kv_heads",):
             _check_amount(name, getattr(self, name))
         _check_budget(self)
+        if self.kv_heads is not None and self.has_budget:
+            raise ValueError("PruneTarget.kv_heads takes a count or fraction of KV groups kept, not with a speed, "
+                             "latency or parameter budget")
 
     @property
     def has_budget(self) -> bool:
@@ -162,6 +172,18 @@ def as_target(target: PruneTarget | dict | float) -> PruneTarget:
     raise TypeError(f"target must be a PruneTarget, a dict of its fields or a float fraction kept, got {target!r}")
 
 
+def structure_counts(target: PruneTarget, model: nn.Module) -> dict:
+    """Kept counts per structure (:meth:`PruneTarget.counts`), with ``"kv_heads"`` when the target has one; then
+    ``heads=1.0`` means every query head of the kept groups (count None)."""
+    sizes = gate_sizes(model)
+    counts = {s: target.counts(s, sizes[s]) for s in STRUCTURES}
+    if target.kv_heads is not None:
+        counts["kv_heads"] = target.counts("kv_heads", kv_sizes(model))
+        if isinstance(target.heads, float) and target.heads == 1.0:
+            counts["heads"] = None
+    return counts
+
+
 def layer_gates(model: nn.Module, structure: str) -> list:
     """The per-layer HardConcreteGate of ``structure`` ("heads" or "ffn")."""
     parts = layer_parts(model)
@@ -214,10 +236,70 @@ def select_top(scores: Sequence[torch.Tensor], available: Sequence[torch.Tensor]
     return out
 
 
-def to_masks(heads: list[torch.Tensor], ffn: list[torch.Tensor]) -> Masks:
-    """Per-layer bool lists as a :class:`~structprune.Masks` (heads stacked ``[L, H]`` when sizes agree)."""
-    same = len({h.numel() for h in heads}) == 1
-    return Masks(heads=torch.stack(heads) if same else list(heads), ffn=list(ffn))
+def to_masks(heads: list[torch.Tensor], ffn: list[torch.Tensor], kv_heads: list[torch.Tensor] | None = None) -> Masks:
+    """Per-layer bool lists as a :class:`~structprune.Masks` (heads and KV heads stacked ``[L, N]`` when sizes
+    agree)."""
+    def stack(rows):
+        return torch.stack(rows) if len({r.numel() for r in rows}) == 1 else list(rows)
+
+    return Masks(heads=stack(heads), ffn=list(ffn), kv_heads=None if kv_heads is None else stack(kv_heads))
+
+
+def select_counts(model: nn.Module, scores: dict, start: dict, counts: dict) -> dict[str, list[torch.Tensor]]:
+    """Per structure, the top-scoring units among ``start`` for ``counts`` (:func:`structure_counts`; a None count
+    keeps ``start``); with a ``"kv_heads"`` count the KV groups are chosen first (:func:`select_groups`, scored by
+    ``scores["kv_heads"]`` when given, else the sum of their heads' scores). Adds ``"kv_heads"`` for decoders."""
+    result = {}
+    for s in STRUCTURES:
+        if counts.get(s) is None:
+            result[s] = [m.clone() for m in start[s]]
+        elif s != "heads" or counts.get("kv_heads") is None:
+            result[s] = select_top(scores[s], start[s], counts[s], s)
+    if counts.get("kv_heads") is not None:
+        maps, sizes = kv_maps(model), kv_sizes(model)
+        result["heads"], result["kv_heads"] = select_groups(scores["heads"], start["heads"], maps, sizes,
+                                                            counts["kv_heads"], counts["heads"],
+                                                            scores.get("kv_heads"))
+    elif all(p.kv_index is not None for p in layer_parts(model)):
+        result["kv_heads"] = kv_kept(result["heads"], kv_maps(model), kv_sizes(model))
+    return result
+
+
+def select_groups(head_scores: Sequence[torch.Tensor], heads_available: Sequence[torch.Tensor],
+                  maps: Sequence[torch.Tensor], sizes: Sequence[int], kv_count, heads_count,
+                  kv_scores: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keep ``kv_count`` KV groups (an int: ranked over the model; a list: per layer), then ``heads_count`` query
+    heads among the kept groups (None: all of them), every kept group keeping at least one head.
+
+    ``kv_scores`` (per layer ``[Hkv_l]``) default to the sum of the available heads' ``head_scores``. Returns
+    ``(heads, kv_heads)`` per-layer bool masks (CPU)."""
+    head_scores = [s.detach().float().cpu().flatten() for s in head_scores]
+    avail = [a.detach().bool().cpu().flatten() for a in heads_available]
+    kv_avail = kv_kept(avail, maps, sizes)
+    if kv_scores is None:
+        kv_scores = [group_sum(s * a, m, n) for s, a, m, n in zip(head_scores, avail, maps, sizes)]
+    kv = select_top(kv_scores, kv_avail, kv_count, "kv_heads")
+    in_kept = [a & k.index_select(0, m) for a, k, m in zip(avail, kv, maps)]
+    if heads_count is None:
+        return in_kept, kv
+    forced = []  # the best available head of every kept group ranks above every other head
+    for s, a, m, n in zip(head_scores, in_kept, maps, sizes):
+        best = torch.full((n,), -math.inf).scatter_reduce(0, m, torch.where(a, s, -math.inf), "amax")
+        forced.append(a & (s == best.index_select(0, m)))
+        for g in range(n):  # ties within a group: only the first head is forced
+            idx = torch.nonzero(forced[-1] & (m == g)).flatten()
+            forced[-1][idx[1:]] = False
+    need = [int(f.sum()) for f in forced]
+    wanted = heads_count if isinstance(heads_count, int) else list(heads_count)
+    if (sum(need) > wanted) if isinstance(wanted, int) else any(n > w for n, w in zip(need, wanted)):
+        raise ValueError(f"cannot keep {wanted} query heads with {need} KV groups kept: every kept KV group needs "
+                         "one of its query heads")
+    finite = [s[torch.isfinite(s)] for s in head_scores]
+    span = max([float(f.abs().max()) for f in finite if f.numel()] + [1.0])
+    boosted = [torch.where(f, s + 4.0 * span, s) for s, f in zip(head_scores, forced)]
+    heads = select_top(boosted, in_kept, wanted, "heads")
+    return heads, kv_kept(heads, maps, sizes)
+
 
 
 def apply_masks(model: nn.Module, masks: Masks) -> nn.Module:
@@ -234,18 +316,11 @@ def masks_for_scores(model: nn.Module, target: PruneTarget, scores: dict[str, Se
     counts are planned by :func:`structprune.strategies.plan.budget_masks` (FFN counts on the latency table's grid
     unless ``ffn_on_grid=False``); ``table`` replaces the target's cost table (e.g. a view at a pruned width)."""
     target = as_target(target)
-    sizes = gate_sizes(model)
     start = current_masks(model) if start is None else start
     if target.has_budget:  # speed / latency / parameter budget: per-layer counts planned on the cost table
         from structprune.strategies.plan import budget_masks
 
         planned = budget_masks(model, target, scores, start, ffn_on_grid=ffn_on_grid, table=table)
         return to_masks(planned["heads"], planned["ffn"])
-    result = {}
-    for structure in STRUCTURES:
-        count = target.counts(structure, sizes[structure])
-        if count is None:
-            result[structure] = [m.clone() for m in start[structure]]
-        else:
-            result[structure] = select_top(scores[structure], start[structure], count, structure)
-    return to_masks(result["heads"], result["ffn"])
+    result = select_counts(model, scores, start, structure_counts(target, model))
+    return to_masks(result["heads"], result["ffn"], result.get("kv_heads"))

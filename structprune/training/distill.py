@@ -1,5 +1,6 @@
-"""Knowledge distillation of a pruned QA student from the unpruned teacher (McCarley et al. 2019 distil the
-pruned model from the full one with a KL loss on the start and end logits).
+"""Knowledge distillation of a pruned student from the unpruned teacher: QA (McCarley et al. 2019 distil the pruned
+model from the full one with a KL loss on the start and end logits) and causal LMs (:func:`lm_distillation_loss`, the
+same KL with temperature on the next-token logits over the vocabulary).
 
 Defaults: ``temperature=2.0`` and ``alpha=0.5`` (half KD loss, half task loss). These are the defaults of
 Hugging Face's SQuAD distillation recipe (``run_squad_w_distillation.py``: ``alpha_ce=0.5``,
@@ -70,6 +71,30 @@ def qa_distill_loss(task_loss: torch.Tensor | None, student_start: torch.Tensor,
     return alpha * kd + (1.0 - alpha) * task_loss
 
 
+def lm_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token distillation of a causal LM: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` over the vocabulary at
+    each position, averaged over the real tokens.
+
+    ``student`` / ``teacher``: logits ``[batch, seq, vocab]`` (the teacher's detached); ``mask`` (``[batch, seq]``,
+    1 = real token, e.g. the ``attention_mask``) leaves padding positions out; None counts every position.
+    Computed in fp32. Both models predict the next token at the same positions, so no shift is needed."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student.shape != teacher.shape or student.dim() != 3:
+        raise ValueError(f"student and teacher logits must both be [batch, seq, vocab]; got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    if mask is not None and tuple(mask.shape) != tuple(student.shape[:2]):
+        raise ValueError(f"mask must be [batch, seq] = {tuple(student.shape[:2])}, got {tuple(mask.shape)}")
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    per_token = (t.exp() * (t - s)).sum(-1)  # KL(p_t || p_s) at each position
+    if mask is None:
+        return per_token.mean() * temperature ** 2
+    keep = mask.to(per_token.device).bool()
+    return per_token[keep].sum() / keep.sum().clamp(min=1) * temperature ** 2
+
+
 def model_inputs(batch: Mapping, drop: Sequence[str] = ()) -> dict:
     """The batch without labels and the given extra keys (what the teacher is called with)."""
     return {k: v for k, v in batch.items() if k not in LABEL_KEYS and k not in drop}
@@ -82,6 +107,14 @@ def teacher_logits(teacher: nn.Module, batch: Mapping, drop: Sequence[str] = ())
         teacher.eval()
     out = teacher(**model_inputs(batch, drop))
     return out.start_logits.detach(), out.end_logits.detach()
+
+
+@torch.no_grad()
+def teacher_lm_logits(teacher: nn.Module, batch: Mapping, drop: Sequence[str] = ()) -> torch.Tensor:
+    """``[batch, seq, vocab]`` next-token logits of a causal-LM ``teacher`` (eval, no gradients, no labels)."""
+    if teacher.training:
+        teacher.eval()
+    return teacher(**model_inputs(batch, drop)).logits.detach()
 
 
 class TeacherCache:

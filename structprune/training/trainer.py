@@ -33,7 +33,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from structprune.training.distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, TeacherCache, distillation_loss, teacher_logits
+from structprune.training.distill import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, TeacherCache, distillation_loss,
+                                         lm_distillation_loss, teacher_lm_logits, teacher_logits)
 from structprune.training.losses import qa_task_loss
 from structprune.model.patching import gate_parameters
 from structprune.strategies.l0 import LAGRANGIAN_FILE, L0Controller
@@ -45,9 +46,12 @@ DEFAULT_INDEX_KEY = "feature_index"
 class PruningLoss:
     """``loss = pruning_loss(model_outputs, batch, step)``: task loss, distillation and L0 penalty.
 
-    * task loss: ``model_outputs.loss`` (the QA loss when the batch carries start/end positions);
+    * task loss: ``model_outputs.loss`` (the QA loss when the batch carries start/end positions; a causal LM's
+      next-token loss when it carries ``labels``);
     * distillation (with ``teacher`` or ``teacher_cache``): ``alpha * KD + (1 - alpha) * task``, KD from
-      :func:`~structprune.training.distill.distillation_loss` at ``temperature``; with ``mask_padding`` the KD
+      :func:`~structprune.training.distill.distillation_loss` at ``temperature`` (for outputs with ``logits`` and
+      no ``start_logits``, a causal LM: :func:`~structprune.training.distill.lm_distillation_loss`, teacher model
+      only); with ``mask_padding`` the KD
       distributions cover only real tokens (``attention_mask``), which makes cached and on-the-fly teacher
       logits give the same loss. A cache is looked up by ``batch[index_key]``;
     * L0: ``controller.penalty(step)`` added when a controller is given.
@@ -90,6 +94,13 @@ class PruningLoss:
         start, end = teacher_logits(self.teacher, inputs, drop=(self.index_key,))
         return start.to(device), end.to(device)
 
+    def teacher_lm_logits(self, batch: Mapping, device: torch.device) -> torch.Tensor:
+        if self.teacher is None:
+            raise ValueError("distilling a causal LM needs the teacher model (a teacher_cache holds QA logits)")
+        teacher_device = next(self.teacher.parameters()).device
+        inputs = {k: v.to(teacher_device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return teacher_lm_logits(self.teacher, inputs, drop=(self.index_key,)).to(device)
+
     def task_loss(self, outputs, batch: Mapping) -> torch.Tensor | None:
         """``outputs.loss``; when the model was called without labels, the QA loss from the batch's
         ``start_positions``/``end_positions`` computed as ``BertForQuestionAnswering`` does (None without them)."""
@@ -103,10 +114,14 @@ class PruningLoss:
         task = self.task_loss(outputs, batch)
         last = {}
         if self.distills:
-            start, end = outputs["start_logits"], outputs["end_logits"]
-            t_start, t_end = self.teacher_logits(batch, start.shape[-1], start.device)
             mask = batch.get("attention_mask") if self.mask_padding else None
-            kd = distillation_loss(start, end, t_start, t_end, self.temperature, mask)
+            if outputs.get("start_logits") is None:  # a causal LM: next-token logits over the vocabulary
+                kd = lm_distillation_loss(outputs["logits"], self.teacher_lm_logits(batch, outputs["logits"].device),
+                                          self.temperature, mask)
+            else:
+                start, end = outputs["start_logits"], outputs["end_logits"]
+                t_start, t_end = self.teacher_logits(batch, start.shape[-1], start.device)
+                kd = distillation_loss(start, end, t_start, t_end, self.temperature, mask)
             loss = kd if task is None else self.alpha * kd + (1.0 - self.alpha) * task
             last["kd_loss"] = float(kd.detach())
         elif task is not None:
@@ -174,7 +189,7 @@ def _constant(_step: int) -> float:
 
 
 class PruningTrainer(Trainer):
-    """A :class:`transformers.Trainer` for L0 pruning and/or distillation of a patched QA model.
+    """A :class:`transformers.Trainer` for L0 pruning and/or distillation of a patched QA model or causal LM.
 
     Extra keyword arguments (everything else goes to ``Trainer``):
         controller: an :class:`~structprune.strategies.L0Controller` (None: no L0 term; gates are frozen,
