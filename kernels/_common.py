@@ -27,11 +27,12 @@ from . import _configs
 # Which dimension of the GEMM goes through the index list.
 NO_GATHER, GATHER_BK, GATHER_BN, SCATTER_CM, SCATTER_CN = 0, 1, 2, 3, 4
 
-# Activation codes of the fused epilogues (``ACT`` of :func:`_act_fwd` / :func:`_act_bwd`), one per name of
-# structprune/ops/activations.py, which says which activations exist.
-ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU = 0, 1, 2, 3
-ACTIVATION_CODES = {"gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU}
-if set(ACTIVATION_CODES) != set(ACTIVATIONS):
+# Activation codes of the fused epilogues (``ACT`` of :func:`_act_fwd` / :func:`_act_bwd`), one for every name of
+# structprune/ops/activations.py, which says which activations the ops take (the kernels may know more: "silu",
+# x * sigmoid(x), is computed here before the table lists it; tests/backends/test_triton_glu_ffn.py calls it).
+ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU = 0, 1, 2, 3, 4
+ACTIVATION_CODES = {"gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU, "silu": ACT_SILU}
+if not set(ACTIVATIONS) <= set(ACTIVATION_CODES):
     raise ImportError(f"kernels/_common.py: epilogue codes for {sorted(ACTIVATION_CODES)}, but structprune.ops.activations "
                       f"lists {sorted(ACTIVATIONS)}")
 
@@ -205,6 +206,8 @@ def _act_fwd(a, ACT: tl.constexpr):
         return 0.5 * a * (1.0 + _tanh(0.7978845608028654 * (a + 0.044715 * a * a * a)))
     elif ACT == 3:
         return tl.maximum(a, 0.0)
+    elif ACT == 4:  # silu
+        return a * tl.sigmoid(a)
     else:
         return a
 
@@ -222,6 +225,9 @@ def _act_bwd(a, ACT: tl.constexpr):
         return 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)
     elif ACT == 3:
         return tl.where(a > 0.0, 1.0, 0.0)
+    elif ACT == 4:  # silu: sigmoid(a) * (1 + a * (1 - sigmoid(a)))
+        sg = tl.sigmoid(a)
+        return sg * (1.0 + a * (1.0 - sg))
     else:
         return a * 0.0 + 1.0
 
