@@ -138,7 +138,7 @@ def triton_gated_glu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.T
         return y.reshape(x.shape), pre, h
     h = torch.empty((N, K), dtype=x.dtype, device=x.device)
     pre = torch.empty((N, 2 * K), dtype=x.dtype, device=x.device) if save_for_backward else h
-    cfg = C.gemm_config(x.device, N, K, E, x.dtype)
+    cfg = C.glu_config(x.device, N, K, x.dtype)
     _glu_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]))](
         x2, w1, kept_units, b1 if b1 is not None else h, unit_gates, h, pre, N, K, E, I * w1.stride(0),
         I * (b1.stride(0) if b1 is not None else 0), x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1),

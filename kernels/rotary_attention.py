@@ -305,7 +305,7 @@ def triton_gated_rotary_attention(x: torch.Tensor, wq: torch.Tensor, bq: Optiona
     ctx = torch.empty((N, A * D), dtype=x.dtype, device=x.device)
     o = torch.empty((N, A * D), dtype=x.dtype, device=x.device) if save_for_backward else ctx
     stats = torch.empty((2, B * A, S), dtype=torch.float32, device=x.device) if save_for_backward else ctx
-    cfg = C.flash_config(x.device, D, x.dtype, backward=False)
+    cfg = C.rotary_flash_config(x.device, D, x.dtype, backward=False)
     args, flags = _flash_args(B, S, A, D, window, cos, key_bias)
     _rot_fwd_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_M"]))](
         q, k, v, cos, sin, key_bias if key_bias is not None else ctx, head_gates, active_heads, ctx, o, stats,
@@ -356,7 +356,7 @@ def triton_gated_rotary_attention_backward(
     if need_w:
         C.gemm(dy2, ctx, dws[6], M=E, N=A * D, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=ctx.stride(),
                out_strides=dws[6].stride(), idx=active_heads, gather=C.SCATTER_CN, group=D)
-    cfg = C.flash_config(x.device, D, x.dtype, backward=True)
+    cfg = C.rotary_flash_config(x.device, D, x.dtype, backward=True)
     drow = torch.empty((B * A, S), dtype=torch.float32, device=x.device)
     _attn_bwd_pre_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_M"]))](
         dctx, o, drow, S, A, D, A * D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])

@@ -287,3 +287,49 @@ def test_rotary_attention_matches_the_reference(kept, bias, padding, window, dty
             assert (a[pruned] == 0).all()
             a, r, p = a[active], r[active], p[active]
         check_close(f"d{n}", a, r, p, dtype)
+
+
+@pytest.mark.parametrize("window", [0, 5, 64, 70, 147])
+@pytest.mark.parametrize("padding", [False, True], ids=["unpadded", "padded"])
+def test_banded_attention_matches_one_masked_attention(window, padding):
+    """S = 150: three blocks of 64 queries for the C++ kernel (no gradient), each visiting only its band's keys; the
+    same output as one attention over all keys with the banded mask (padding queries excluded, as above), with
+    q / k / v strided views like the op's; with gradients (the masked SDPA) the same gradients too."""
+    gen = torch.Generator().manual_seed(window)
+    Bq, Hq, Sq, Dq = 2, 3, 150, 8
+    qkv = torch.randn(Bq, Sq, 3, Hq, Dq, generator=gen)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, S, D] views, as the op makes them
+    key_bias, keep = None, torch.ones(Bq, Sq, 1, 1)
+    if padding:
+        key_bias = torch.zeros(Bq, Sq)
+        key_bias[1, 120:] = NEG
+        keep[1, 120:] = 0
+    mask = reference.banded_key_mask(key_bias, Sq, window, torch.float32, "cpu")
+
+    def want_of(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2) * keep
+
+    with torch.no_grad():
+        got = mb.banded_attention(q, k, v, key_bias, window) * keep
+        torch.testing.assert_close(got, want_of(q, k, v), atol=1e-5, rtol=1e-5)
+        half = mb.banded_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_bias, window)
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float() * keep, got, atol=3e-2, rtol=3e-2)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    got = mb.banded_attention(*leaves, key_bias, window) * keep
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = want_of(*ref_leaves)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    dy = torch.randn(got.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, leaves, dy), torch.autograd.grad(want, ref_leaves, dy)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_banded_kernel_opcheck_and_refusals():
+    q = torch.randn(1, 2, 70, 8)
+    torch.library.opcheck(torch.ops.structprune.cpp_banded_attention.default, (q, q, q, None, 3, 0.35, 64),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="window >= 0"):
+        torch.ops.structprune.cpp_banded_attention(q, q, q, None, -1, 0.35, 64)
+    with pytest.raises(RuntimeError, match="one shape"):
+        torch.ops.structprune.cpp_banded_attention(q, q[:, :1], q, None, 3, 0.35, 64)
