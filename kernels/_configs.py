@@ -172,11 +172,11 @@ def flash_config(cc: tuple[int, int], D: int, dtype: torch.dtype, backward: bool
 
 def rotary_flash_smem(cfg: dict, dtype: torch.dtype, backward: bool) -> int:
     """Shared-memory bound of the rotary flash kernels (``kernels/rotary_attention.py``): :func:`flash_smem`, plus
-    the fp32 cos and sin tiles of the rows each loop step loads (pipelined like them) and the rotated copy of that
-    tile (``structprune kernels``, sm_90 bf16, head_dim 64, 64 x 64 with 2 stages: the forward takes 72 KB where
-    :func:`flash_smem` counts 49)."""
+    the extra pipeline buffers of the fp32 cos and sin tiles of the rows each loop step loads and the rotated copy
+    of that tile (``structprune kernels``, sm_90 bf16, head_dim 64, 64 x 64 with 2 stages: the forward takes 72 KB
+    where :func:`flash_smem` counts 49)."""
     rows = max(cfg["BLOCK_M"], cfg["BLOCK_N"]) if backward else cfg["BLOCK_N"]
-    tables = max(cfg["num_stages"], 1) * 2 * rows * cfg["BLOCK_D"] * 4
+    tables = max(cfg["num_stages"] - 1, 0) * 2 * rows * cfg["BLOCK_D"] * 4
     return flash_smem(cfg, dtype, backward) + tables + rows * cfg["BLOCK_D"] * _esize(dtype)
 
 

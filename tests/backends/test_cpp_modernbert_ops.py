@@ -291,12 +291,13 @@ def test_rotary_attention_matches_the_reference(kept, bias, padding, window, dty
 
 @pytest.mark.parametrize("window", [0, 5, 64, 70, 147])
 @pytest.mark.parametrize("padding", [False, True], ids=["unpadded", "padded"])
-def test_banded_attention_matches_one_masked_attention(window, padding):
-    """S = 150: three blocks of 64 queries for the C++ kernel (no gradient), each visiting only its band's keys; the
-    same output as one attention over all keys with the banded mask (padding queries excluded, as above), with
-    q / k / v strided views like the op's; with gradients (the masked SDPA) the same gradients too."""
+@pytest.mark.parametrize("Dq", [16, 6], ids=["hd16", "hd6"])  # 16: the AVX2 path where the CPU has it; 6: plain loops
+def test_banded_attention_matches_one_masked_attention(window, padding, Dq):
+    """S = 150: three blocks of 64 queries for the C++ kernel (no gradient), each query visiting only its band's
+    keys; the same output as one attention over all keys with the banded mask (padding queries excluded, as above),
+    with q / k / v strided views like the op's; with gradients (the masked SDPA) the same gradients too."""
     gen = torch.Generator().manual_seed(window)
-    Bq, Hq, Sq, Dq = 2, 3, 150, 8
+    Bq, Hq, Sq = 2, 3, 150
     qkv = torch.randn(Bq, Sq, 3, Hq, Dq, generator=gen)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, S, D] views, as the op makes them
     key_bias, keep = None, torch.ones(Bq, Sq, 1, 1)

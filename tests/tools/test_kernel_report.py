@@ -138,3 +138,19 @@ def test_compiles_for_sm86_fp32_head_dim_128_within_limits():
         if r["shared_estimate"] is not None:
             assert r["shared_bytes"] <= r["shared_estimate"], r
         assert r["registers"] is None or r["registers"] > 0
+
+
+@pytest.mark.parametrize("cc", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rotary_and_glu_configs_fit_the_target(cc, dtype):
+    """The rotary flash kernels (cos / sin tiles too) and the GLU forward (two weight tiles) get configs whose own
+    shared-memory bounds fit the target."""
+    limit = _configs.smem_limit(cc)
+    for D in (32, 64, 128):
+        for backward in (False, True):
+            cfg = _configs.rotary_flash_config(cc, D, dtype, backward)
+            assert _configs.rotary_flash_smem(cfg, dtype, backward) <= limit
+            assert _configs.rotary_flash_smem(cfg, dtype, backward) > _configs.flash_smem(cfg, dtype, backward)
+    for M, N in ((12288, 346), (100, 40)):
+        cfg = _configs.glu_config(cc, M, N, dtype)
+        assert _configs.glu_smem(cfg, dtype) <= limit
