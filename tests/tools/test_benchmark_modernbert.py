@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from structprune.benchmark import command
+from structprune.benchmark.command import main
 from structprune.ops import dispatch as ops
 
 
 def test_cli_writes_paired_ratios_for_a_global_and_a_local_layer(tmp_path, capsys):
     backend = "cpp" if ops.availability("cpp") is None else "torch"
-    code = command.main(["--shape", "modernbert-tiny", "--seq", "40", "24", "--batch", "2", "--local-attention", "8",
+    code = main(["--shape", "modernbert-tiny", "--seq", "40", "24", "--batch", "2", "--local-attention", "8",
                          "--heads-kept", "0.5", "--ffn-kept", "0.3", "--threads", "1", "--warmup", "0", "--repeats",
                          "3", "--backend", backend, "--quiet", "--out", str(tmp_path)])
     assert code == 0
@@ -32,8 +32,8 @@ def test_cli_writes_paired_ratios_for_a_global_and_a_local_layer(tmp_path, capsy
 
 def test_modernbert_shape_refuses_what_it_cannot_run():
     with pytest.raises(SystemExit, match="runs alone"):
-        command.main(["--shape", "modernbert-tiny", "tiny"])
+        main(["--shape", "modernbert-tiny", "tiny"])
     with pytest.raises(SystemExit, match="one --heads-kept"):
-        command.main(["--shape", "modernbert-tiny", "--heads-kept", "0.5,1"])
+        main(["--shape", "modernbert-tiny", "--heads-kept", "0.5,1"])
     with pytest.raises(SystemExit, match="one --seq"):
-        command.main(["--shape", "tiny", "--seq", "16", "32", "--quick"])
+        main(["--shape", "tiny", "--seq", "16", "32", "--quick"])

@@ -9,9 +9,10 @@ call costs two GEMMs over the kept units; its backward op ``cpp_gated_glu_ffn_ba
 only so far: on CUDA the backend refuses the GLU FFN (``extra_reasons``) and the dispatcher falls back.
 
 ``gated_rotary_attention`` projects with the kept heads' rows of ``wq``/``wk``/``wv`` (one GEMM), applies the rotary
-positions to q and k in fp32 like the reference, and runs :func:`banded_attention` over the kept heads: ATen's SDPA
+positions to q and k in fp32 like the reference (without gradients the C++ kernel ``cpp_rotary_qk``, one pass over
+the projection; the kept heads' weights are gathered by :mod:`.packing`, cached for inference), and runs :func:`banded_attention` over the kept heads: ATen's SDPA
 for a global layer; for a local one without gradients the C++ kernel ``cpp_banded_attention``
-(``csrc/cpu/banded_attention_cpu.cpp``: each block of queries visits only its band's keys, so a local layer does
+(``csrc/cpu/modernbert_cpu.cpp``: each block of queries visits only its band's keys, so a local layer does
 ``O(S * window)`` work), with gradients one masked SDPA. The gates scale the kept columns of ``wo``. Pruned heads
 cost nothing, and their weights' and gates' gradients are 0 (autograd through ATen ops).
 """
@@ -25,6 +26,7 @@ from structprune.backends.cpp.build import _require
 from structprune.ops.checks import check_glu_ffn_inputs, check_rotary_attention_inputs
 from structprune.ops.reference import banded_key_mask
 from structprune.backends.cpp.autograd import ffn_autograd
+from structprune.backends.cpp.packing import pack_heads
 from structprune.ops.support import OpInputs, register_autocast
 
 __all__ = ["gated_glu_ffn", "gated_rotary_attention", "extra_reasons", "register"]
@@ -53,20 +55,19 @@ def gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active
                                   window, key_bias=key_bias, kernel=True)
     B, S, _ = x.shape
     D = wq.shape[0] // num_heads
-    idx = active_heads.to(x.device)
-    A = idx.numel()
-    rows = (idx[:, None] * D + torch.arange(D, device=x.device)[None, :]).reshape(A * D)
-    w_qkv = torch.cat([w.index_select(0, rows) for w in (wq, wk, wv)])
-    b_qkv = None
-    if not (bq is None and bk is None and bv is None):
-        b_qkv = torch.cat([x.new_zeros(A * D) if b is None else b.index_select(0, rows) for b in (bq, bk, bv)])
+    A = active_heads.numel()
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates))
+    w_qkv, b_qkv, wo_kept = pack_heads(wq, bq, wk, bk, wv, bv, wo, head_gates, active_heads, D, x.dtype,
+                                       cache=not grad and not torch.compiler.is_compiling())
     qkv = F.linear(x, w_qkv, b_qkv).view(B, S, 3, A, D)
-    qk = rotary_qk(qkv[:, :, :2], cos, sin)  # [B, S, 2, A, D]: q and k rotated in one pass
+    if not grad and x.device.type == "cpu":  # the C++ kernel: one pass, no temporaries
+        qk = torch.ops.structprune.cpp_rotary_qk(qkv, *torch.broadcast_tensors(cos, sin))
+    else:
+        qk = rotary_qk(qkv[:, :, :2], cos, sin)  # [B, S, 2, A, D]: q and k rotated in one pass
     q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
     ctx = banded_attention(q, k, v, key_bias, window)  # [B, S, A, D]
-    # the gates scale wo's kept columns (E x A*D) rather than the context (B x S x A*D)
-    g = head_gates.index_select(0, idx).to(x.dtype).repeat_interleave(D)
-    return F.linear(ctx.reshape(B, S, A * D), wo.index_select(1, rows) * g, bo)
+    return F.linear(ctx.reshape(B, S, A * D), wo_kept, bo)
 
 
 def rotary_qk(qk, cos, sin):
@@ -88,7 +89,7 @@ def banded_attention(q, k, v, key_bias, window: int):
     output projection reads).
 
     A global layer (no window, or one reaching every key) runs ATen's SDPA. A local layer without gradients runs
-    ``cpp_banded_attention`` (``csrc/cpu/banded_attention_cpu.cpp``): blocks of :data:`QUERY_BLOCK` queries, each
+    ``cpp_banded_attention`` (``csrc/cpu/modernbert_cpu.cpp``): blocks of :data:`QUERY_BLOCK` queries, each
     visiting only the keys of its band, so its cost grows as ``S * window``, not ``S^2``. With gradients, one SDPA
     over every key with the band as a mask (:func:`banded_key_mask`, differentiable): ATen has no banded kernel,
     and blocking the queries through its SDPA was measured slower on CPU than one masked call."""
@@ -139,6 +140,11 @@ def register() -> None:
     def _glu_bwd_fake(grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, activation, pre=None, h=None,
                       output_mask=(True, True, True)):
         return _glu_grad_placeholders(output_mask, x, w1, b1, w2, b2, unit_gates)
+
+    @torch.library.register_fake(lib + "cpp_rotary_qk")
+    def _rotary_fake(qkv, cos, sin):
+        B, S, _, A, D = qkv.shape
+        return qkv.new_empty((B, S, 2, A, D))
 
     @torch.library.register_fake(lib + "cpp_banded_attention")
     def _banded_fake(q, k, v, key_bias, window, scale, block):

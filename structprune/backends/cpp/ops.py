@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from structprune.backends.cpp import modernbert
-from structprune.backends.cpp.build import (_require, availability, build_info, cache_size, clear_cache, load_error,
-                                           record_error)
+from structprune.backends.cpp import build, packing
+from structprune.backends.cpp.build import _require, availability, build_info, cache_size, load_error, record_error
 from structprune.ops.checks import check_attention_inputs, check_dropout, check_ffn_inputs
 from structprune.backends.cpp.autograd import ffn_autograd
 from structprune.ops.support import Backend, grad_output_mask, grad_placeholders, masked_grads, register_autocast
@@ -40,6 +40,12 @@ from structprune.ops.support import Backend, grad_output_mask, grad_placeholders
 __all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
            "clear_cache", "cache_size", "build_info", "load_error", "supports_attention_dropout",
            "attention_dropout_scale"]
+
+def clear_cache() -> None:
+    """Drop every packed weight: the C++ pack cache's and the rotary attention's (:mod:`.packing`)."""
+    build.clear_cache()
+    packing.clear()
+
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -1,4 +1,5 @@
-// Sliding-window (banded) softmax attention on the CPU, for inference: each query visits only the keys of its band
+// ModernBERT's attention kernels on the CPU, for inference: rotary positions on q and k (rotary_qk_cpu, at the end)
+// and sliding-window (banded) softmax attention: each query visits only the keys of its band
 // |q - k| <= window, so a local layer costs O(S * window) instead of O(S^2).
 //
 //   out[b, s, a, :] = softmax_k(q[b, a, s] . k[b, a, k] * scale + key_bias[b, k], k in band(s)) @ v[b, a, k]
@@ -14,6 +15,7 @@
 // output projection reads). No autograd: the Python entry (structprune/backends/cpp/modernbert.py) calls it only
 // when no gradient is needed.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -277,7 +279,54 @@ at::Tensor banded_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   return out.scalar_type() == q_in.scalar_type() ? out : out.to(q_in.scalar_type());
 }
 
+// Rotary positions on the q and k blocks of the fused projection, for inference: qkv [B, S, P >= 2, A, D]
+// (contiguous), cos / sin [1 or B, S, D] -> [B, S, 2, A, D] in qkv's dtype, each head's halves rotated together
+// (r1 = t1 c1 - t2 s1, r2 = t2 c2 + t1 s2) in fp32 and rounded once, as structprune.ops.reference.apply_rotary.
+template <typename T>
+void rotary_rows(const T* in, T* out, const float* c, const float* s, int64_t A, int64_t D, int64_t in_row) {
+  const int64_t h = D / 2;
+  for (int64_t pa = 0; pa < 2 * A; ++pa) {  // the q heads, then the k heads
+    const T* t = in + (pa / A) * in_row + (pa % A) * D;
+    T* o = out + pa * D;
+    for (int64_t d = 0; d < h; ++d) {
+      const float t1 = static_cast<float>(t[d]), t2 = static_cast<float>(t[d + h]);
+      o[d] = static_cast<T>(t1 * c[d] - t2 * s[d]);
+      o[d + h] = static_cast<T>(t2 * c[d + h] + t1 * s[d + h]);
+    }
+  }
+}
+
+at::Tensor rotary_qk_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) >= 2 && qkv.size(4) % 2 == 0 && qkv.is_contiguous(),
+              "structprune: rotary_qk takes a contiguous [B, S, P >= 2, A, D] projection with D even, got ",
+              qkv.sizes());
+  const int64_t B = qkv.size(0), S = qkv.size(1), P = qkv.size(2), A = qkv.size(3), D = qkv.size(4);
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && (cos.size(0) == 1 || cos.size(0) == B) &&
+                  cos.size(1) == S && cos.size(2) == D,
+              "structprune: rotary_qk takes cos and sin of one shape [1 or B, S, D] = [1 or ", B, ", ", S, ", ", D,
+              "], got ", cos.sizes(), " and ", sin.sizes());
+  const auto c = cos.to(at::kFloat).contiguous(), sn = sin.to(at::kFloat).contiguous();
+  auto out = at::empty({B, S, 2, A, D}, qkv.options());
+  const float *cp = c.data_ptr<float>(), *sp = sn.data_ptr<float>();
+  const int64_t table_b = cos.size(0) == 1 ? 0 : S * D;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rotary_qk_cpu", [&] {
+    const scalar_t* in = qkv.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * S, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / S, pos = r % S;
+        rotary_rows(in + r * P * A * D, o + r * 2 * A * D, cp + b * table_b + pos * D, sp + b * table_b + pos * D,
+                    A, D, A * D);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace structprune
 
-TORCH_LIBRARY_IMPL(structprune, CPU, m) { m.impl("cpp_banded_attention", &structprune::banded_attention_cpu); }
+TORCH_LIBRARY_IMPL(structprune, CPU, m) {
+  m.impl("cpp_banded_attention", &structprune::banded_attention_cpu);
+  m.impl("cpp_rotary_qk", &structprune::rotary_qk_cpu);
+}
