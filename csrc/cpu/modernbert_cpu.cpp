@@ -43,8 +43,8 @@ __attribute__((always_inline)) inline float exp_nonpositive(float x) {
   const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // trunc toward 0 of a negative: round
   const float nf = static_cast<float>(n);
   const float r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
-  const float poly =
-      1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
+  float poly = 1.3888889e-3f;  // 1/720, then Horner down to 1
+  for (const float c : {8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.0f, 1.0f}) poly = poly * r + c;
   return poly * __builtin_bit_cast(float, (n + 127) << 23);
 }
 

@@ -39,7 +39,8 @@ def modernbert_config(shape: Shape, local_attention: int):
     from transformers import ModernBertConfig
 
     return ModernBertConfig(vocab_size=64, hidden_size=shape.hidden, num_hidden_layers=4,
-                            num_attention_heads=shape.heads, intermediate_size=shape.ffn, local_attention=local_attention,
+                            num_attention_heads=shape.heads, intermediate_size=shape.ffn,
+                            local_attention=local_attention,
                             global_attn_every_n_layers=3, attention_dropout=0.0, mlp_dropout=0.0, embedding_dropout=0.0,
                             max_position_embeddings=8192, attn_implementation="sdpa", pad_token_id=0)
 

@@ -1,5 +1,5 @@
 """The "cpp" backend's ops for ModernBERT's layers: the GLU FFN (a C++ op on packed kept units) and rotary /
-sliding-window attention (ATen ops on the kept heads' weight slices).
+sliding-window attention (C++ kernels for CPU inference, ATen ops on the kept heads' weight slices otherwise).
 
 ``gated_glu_ffn`` runs ``torch.ops.structprune.cpp_gated_glu_ffn`` (``csrc/glu_ffn.cpp``): the kept units' row pairs
 ``(u, u + I)`` of ``w1`` are packed into one ``[2K, E]`` matrix and the kept columns of ``w2`` (gated on the CPU)
@@ -8,13 +8,13 @@ call costs two GEMMs over the kept units; its backward op ``cpp_gated_glu_ffn_ba
 ``output_mask`` as the other backward ops and returns zero rows / columns / gate gradients for pruned units. CPU
 only so far: on CUDA the backend refuses the GLU FFN (``extra_reasons``) and the dispatcher falls back.
 
-``gated_rotary_attention`` projects with the kept heads' rows of ``wq``/``wk``/``wv`` (one GEMM), applies the rotary
-positions to q and k in fp32 like the reference (without gradients the C++ kernel ``cpp_rotary_qk``, one pass over
-the projection; the kept heads' weights are gathered by :mod:`.packing`, cached for inference), and runs :func:`banded_attention` over the kept heads: ATen's SDPA
-for a global layer; for a local one without gradients the C++ kernel ``cpp_banded_attention``
-(``csrc/cpu/modernbert_cpu.cpp``: each block of queries visits only its band's keys, so a local layer does
-``O(S * window)`` work), with gradients one masked SDPA. The gates scale the kept columns of ``wo``. Pruned heads
-cost nothing, and their weights' and gates' gradients are 0 (autograd through ATen ops).
+``gated_rotary_attention`` projects with the kept heads' rows of ``wq``/``wk``/``wv`` (one GEMM; the kept heads'
+weights gathered by :mod:`.packing`, cached for CPU inference), applies the rotary positions to q and k in fp32 like
+the reference (for CPU inference the C++ kernel ``cpp_rotary_qk``, one pass over the projection), and runs
+:func:`banded_attention` over the kept heads: ATen's SDPA for a global layer; for a local one, in CPU inference, the
+C++ kernel ``cpp_banded_attention`` (``csrc/cpu/modernbert_cpu.cpp``: each query visits only its band's keys, so a
+local layer does ``O(S * window)`` work), with gradients one masked SDPA. The gates scale the kept columns of
+``wo``. Pruned heads cost nothing, and their weights' and gates' gradients are 0 (autograd through ATen ops).
 """
 from __future__ import annotations
 
@@ -58,10 +58,11 @@ def gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active
     A = active_heads.numel()
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates))
+    cpu_inference = not grad and x.device.type == "cpu"
     w_qkv, b_qkv, wo_kept = pack_heads(wq, bq, wk, bk, wv, bv, wo, head_gates, active_heads, D, x.dtype,
-                                       cache=not grad and not torch.compiler.is_compiling())
+                                       cache=cpu_inference and not torch.compiler.is_compiling())
     qkv = F.linear(x, w_qkv, b_qkv).view(B, S, 3, A, D)
-    if not grad and x.device.type == "cpu":  # the C++ kernel: one pass, no temporaries
+    if cpu_inference:  # the C++ kernel: one pass, no temporaries
         qk = torch.ops.structprune.cpp_rotary_qk(qkv, *torch.broadcast_tensors(cos, sin))
     else:
         qk = rotary_qk(qkv[:, :, :2], cos, sin)  # [B, S, 2, A, D]: q and k rotated in one pass

@@ -2,10 +2,11 @@
 
 :func:`pack_heads` gathers the rows of ``wq``/``wk``/``wv`` of the kept heads into one ``[3 * A * D, E]`` matrix (one
 GEMM for the three projections) and the kept columns of ``wo`` times their heads' gates. Gathering costs a pass over
-those weights per call (about 5 MB for a ModernBERT-base layer at 50% heads), so without gradients the result is
-cached, one entry per layer (keyed on ``wq``, or on the fused weight it is a block of), like the C++ pack cache of :mod:`structprune.backends.cpp.build`: it
-is reused while every weight has the same storage, shape and ``_version`` and the same values at 16 sampled positions
-(a rewrite through ``.data`` bumps no version), and the kept heads and their gate values are the same.
+those weights per call (about 5 MB for a ModernBERT-base layer at 50% heads), so in CPU inference (the stamp reads a
+few values back: no device sync wanted on CUDA) the result is cached, one entry per layer (keyed on ``wq``, or on the
+fused weight it is a block of), like the C++ pack cache of :mod:`structprune.backends.cpp.build`: it is reused while
+every weight has the same storage, shape and ``_version`` and the same values at 16 sampled positions (a rewrite
+through ``.data`` bumps no version), and the kept heads and their gate values are the same.
 ``structprune.clear_cache()`` / :func:`clear` empty it. With gradients nothing is cached (autograd must see the
 gather).
 """
