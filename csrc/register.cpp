@@ -81,6 +81,11 @@ TORCH_LIBRARY(structprune, m) {
       "Tensor unit_gates, Tensor kept_units, str activation, Tensor? pre=None, Tensor? h=None, "
       "bool[3] output_mask=[True, True, True]) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Sliding-window attention for inference (cpu/modernbert_cpu.cpp): q, k, v [B, A, S, D] -> [B, S, A, D].
+  m.def("cpp_banded_attention(Tensor q, Tensor k, Tensor v, Tensor? key_bias, int window, float scale, int block) -> "
+        "Tensor");
+  // Rotary positions on q and k of the fused projection [B, S, P, A, D] -> [B, S, 2, A, D] (the same file).
+  m.def("cpp_rotary_qk(Tensor qkv, Tensor cos, Tensor sin) -> Tensor");
   m.def("cpp_hard_concrete_sample(Tensor log_alpha, int seed, int offset, float beta, Tensor? mask=None) -> Tensor");
   m.def(
       "cpp_hard_concrete_sample_backward(Tensor grad, Tensor log_alpha, int seed, int offset, float beta, "

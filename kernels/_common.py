@@ -56,6 +56,15 @@ def gemm_config(device: torch.device, M: int, N: int, K: int, dtype: torch.dtype
     return _configs.gemm_config(cc, M, N, dtype)
 
 
+def glu_config(device: torch.device, M: int, N: int, dtype: torch.dtype = torch.float32) -> dict:
+    """Block sizes of the GLU forward kernel (two weight tiles per step): :func:`gemm_config`'s on the
+    interpreter, else the largest tile whose shared memory fits the target (:func:`._configs.glu_config`)."""
+    cc = _configs.capability(device, INTERPRET)
+    if cc is None:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
+    return _configs.glu_config(cc, M, N, dtype)
+
+
 def flash_config(device: torch.device, D: int, dtype: torch.dtype, backward: bool) -> dict:
     """Block sizes of the flash-attention forward, or of its backward kernels (dq, dk/dv and the ``Delta``
     pre-pass share one config), for head_dim ``D`` and operands of ``dtype``: under the interpreter 32 x 32
@@ -66,6 +75,16 @@ def flash_config(device: torch.device, D: int, dtype: torch.dtype, backward: boo
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=1, num_stages=1)
     fma = dtype == torch.float32 and dot_mode(dtype) == DOT_IEEE  # fp32 dots on CUDA cores
     return _configs.flash_config(cc, D, dtype, backward, fma=fma)
+
+
+def rotary_flash_config(device: torch.device, D: int, dtype: torch.dtype, backward: bool) -> dict:
+    """:func:`flash_config` for the rotary flash kernels, whose cos / sin tiles take shared memory too
+    (:func:`._configs.rotary_flash_config`); the interpreter's config is the same."""
+    cc = _configs.capability(device, INTERPRET)
+    if cc is None:
+        return flash_config(device, D, dtype, backward)
+    fma = dtype == torch.float32 and dot_mode(dtype) == DOT_IEEE
+    return _configs.rotary_flash_config(cc, D, dtype, backward, fma=fma)
 
 
 # How the kernels' ``tl.dot`` multiplies (the ``DOT`` constexpr of every kernel, see :func:`dot_mode`).
@@ -224,7 +243,7 @@ def _act_bwd(a, ACT: tl.constexpr):
         return 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)
     elif ACT == 3:
         return tl.where(a > 0.0, 1.0, 0.0)
-    elif ACT == 4:
+    elif ACT == 4:  # silu: sigmoid(a) * (1 + a * (1 - sigmoid(a)))
         sg = tl.sigmoid(a)
         return sg * (1.0 + a * (1.0 - sg))
     else:

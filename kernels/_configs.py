@@ -112,6 +112,17 @@ def gemm_config(cc: tuple[int, int], M: int, N: int, dtype: torch.dtype) -> dict
     return _first_fit(gemm_candidates(M, N), lambda c: gemm_smem(c, dtype), smem_limit(cc), "gemm", cc, dtype)
 
 
+def glu_smem(cfg: dict, dtype: torch.dtype) -> int:
+    """Shared-memory bound of the GLU forward (``kernels/glu_ffn.py``): the GEMM's, with two B tiles per stage
+    (the input and gate halves of the kept units) and two output tiles."""
+    return gemm_smem(dict(cfg, BLOCK_N=2 * cfg["BLOCK_N"]), dtype)
+
+
+def glu_config(cc: tuple[int, int], M: int, N: int, dtype: torch.dtype) -> dict:
+    """The first GEMM candidate whose GLU-forward shared memory fits compute capability ``cc``."""
+    return _first_fit(gemm_candidates(M, N), lambda c: glu_smem(c, dtype), smem_limit(cc), "GLU gemm", cc, dtype)
+
+
 # ---------------------------------------------------------------------------------------- flash attention
 def flash_smem(cfg: dict, dtype: torch.dtype, backward: bool) -> int:
     """Shared-memory bound of the flash forward, or of the heavier backward kernel (dq or dk/dv).
@@ -157,6 +168,22 @@ def flash_config(cc: tuple[int, int], D: int, dtype: torch.dtype, backward: bool
     compute capability ``cc``; ``fma``: fp32 dots on CUDA cores (see :func:`flash_candidates`)."""
     return _first_fit(flash_candidates(D, fma=fma and backward), lambda c: flash_smem(c, dtype, backward),
                       smem_limit(cc), "flash attention", cc, dtype)
+
+
+def rotary_flash_smem(cfg: dict, dtype: torch.dtype, backward: bool) -> int:
+    """Shared-memory bound of the rotary flash kernels (``kernels/rotary_attention.py``): :func:`flash_smem`, plus
+    the extra pipeline buffers of the fp32 cos and sin tiles of the rows each loop step loads and the rotated copy
+    of that tile (``structprune kernels``, sm_90 bf16, head_dim 64, 64 x 64 with 2 stages: the forward takes 72 KB
+    where :func:`flash_smem` counts 49)."""
+    rows = max(cfg["BLOCK_M"], cfg["BLOCK_N"]) if backward else cfg["BLOCK_N"]
+    tables = max(cfg["num_stages"] - 1, 0) * 2 * rows * cfg["BLOCK_D"] * 4
+    return flash_smem(cfg, dtype, backward) + tables + rows * cfg["BLOCK_D"] * _esize(dtype)
+
+
+def rotary_flash_config(cc: tuple[int, int], D: int, dtype: torch.dtype, backward: bool, fma: bool = False) -> dict:
+    """:func:`flash_config` for the rotary flash kernels: the first candidate whose :func:`rotary_flash_smem` fits."""
+    return _first_fit(flash_candidates(D, fma=fma and backward), lambda c: rotary_flash_smem(c, dtype, backward),
+                      smem_limit(cc), "rotary flash attention", cc, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -9,6 +9,9 @@ with fake and autograd registrations; the backwards are custom ops too) and its 
 * :mod:`.attention` -- ``gated_attention``: gathered QKV GEMMs over active heads, flash attention with the
   gate in the epilogue, gathered output projection; flash backward for dq/dk/dv.
 * :mod:`.ffn` -- ``gated_ffn``: gathered GEMM1 with bias/activation/gate epilogue, gathered GEMM2.
+* :mod:`.glu_ffn` -- ``gated_glu_ffn``: the GLU FFN over packed kept units (both halves of a unit in one tile).
+* :mod:`.rotary_attention` -- ``gated_rotary_attention``: :mod:`.attention` with rotary positions in the flash
+  kernels' prologue and a sliding-window band that bounds the key (and, backward, query) blocks visited.
 * :mod:`.hard_concrete` -- ``hard_concrete_sample`` / ``hard_concrete_uniform``: fused Philox sampling.
 * :mod:`._common` -- the gathered GEMM shared by both, launch configs, checks.
 
@@ -26,13 +29,15 @@ import torch
 
 from structprune.ops.support import Backend
 
-__all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
-           "supports_attention_dropout", "attention_dropout_scale"]
+__all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "gated_glu_ffn", "gated_rotary_attention",
+           "hard_concrete_sample", "hard_concrete_uniform", "supports_attention_dropout", "attention_dropout_scale"]
 
 try:
     from structprune._kernels import _common
     from structprune._kernels.attention import attention_dropout_scale, gated_attention, supports_attention_dropout
     from structprune._kernels.ffn import gated_ffn
+    from structprune._kernels.glu_ffn import gated_glu_ffn
+    from structprune._kernels.rotary_attention import gated_rotary_attention
     from structprune._kernels.hard_concrete import hard_concrete_sample, hard_concrete_uniform
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # triton missing, or an incompatible version
@@ -42,6 +47,7 @@ except Exception as exc:  # triton missing, or an incompatible version
         raise RuntimeError(f"structprune Triton backend unavailable: {_IMPORT_ERROR}")
 
     gated_attention = gated_ffn = hard_concrete_sample = hard_concrete_uniform = _unavailable
+    gated_glu_ffn = gated_rotary_attention = _unavailable
     attention_dropout_scale = _unavailable
 
     def supports_attention_dropout(device) -> bool:
@@ -70,4 +76,5 @@ def availability(device: torch.device) -> str | None:
 
 BACKEND = Backend(name="triton", availability=availability, supports_attention_dropout=supports_attention_dropout,
                   gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
-                  hard_concrete_uniform=hard_concrete_uniform, module=sys.modules[__name__])
+                  hard_concrete_uniform=hard_concrete_uniform, gated_glu_ffn=gated_glu_ffn,
+                  gated_rotary_attention=gated_rotary_attention, module=sys.modules[__name__])

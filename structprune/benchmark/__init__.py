@@ -19,6 +19,9 @@ Every row carries the median time and IQR, achieved FLOP/s and bytes/s from a si
 kept heads/units + activations in and out of each op; training counts 3x both), the speedup vs ``dense-sdpa``
 and vs ``compacted`` measured in the same run, and the fraction of the FLOP-proportional ideal speedup reached.
 
+``--shape modernbert-base`` (or ``modernbert-tiny``) times a ModernBERT layer instead, global and local, masked vs
+compacted vs dense HF with paired interleaved ratios: :mod:`structprune.benchmark.modernbert`.
+
 Library use::
 
     from structprune.benchmark import BenchConfig, run_benchmark

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from structprune import atomic
 from structprune.ops import dispatch as ops
-from structprune.benchmark.config import (DEFAULT_FFN_FRACS, DEFAULT_HEAD_FRACS, DTYPES, MODES, QUICK_FRACS, SHAPES, VARIANT_KINDS,
-                     BenchConfig)
+from structprune.benchmark.config import (DEFAULT_FFN_FRACS, DEFAULT_HEAD_FRACS, DTYPES, MODERNBERT_SHAPES, MODES,
+                                          QUICK_FRACS, SHAPES, VARIANT_KINDS, BenchConfig)
 from structprune.benchmark.results import BenchResult
 from structprune.benchmark.runner import run_benchmark
 
@@ -26,9 +26,15 @@ def _fracs(text: str) -> tuple[float, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", nargs="+", default=None, metavar="SHAPE",
-                   help=f"layer shapes: {', '.join(SHAPES)} or HIDDENxHEADSxFFN (default bert-base; tiny with --quick)")
+                   help=f"layer shapes: {', '.join(SHAPES)} or HIDDENxHEADSxFFN (default bert-base; tiny with --quick); "
+                        f"or one ModernBERT shape ({', '.join(MODERNBERT_SHAPES)}): its global and local layer, "
+                        "masked vs compacted vs dense HF, paired interleaved ratios")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 8 on CPU, 32 on CUDA)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default 128 on CPU, 384 on CUDA)")
+    p.add_argument("--seq", type=int, nargs="+", default=None,
+                   help="sequence length (default 128 on CPU, 384 on CUDA); several only for a ModernBERT shape")
+    p.add_argument("--local-attention", type=int, default=128,
+                   help="ModernBERT shapes: the local layers' attention width (default 128, ModernBERT-base's: keys "
+                        "within |q - k| <= 64)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
                    help="dtypes (default fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -74,10 +80,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     quick = args.quick
     if args.profile and not args.out:
         raise SystemExit("structprune bench: --profile needs --out DIR")
+    if args.seq and len(args.seq) > 1:
+        raise SystemExit(f"structprune bench: one --seq for BERT-layer shapes, got {args.seq}")
     return BenchConfig(
         shapes=args.shape or (["tiny"] if quick else ["bert-base"]),
         batch=args.batch or (2 if quick else None),
-        seq=args.seq or (16 if quick else None),
+        seq=args.seq[0] if args.seq else (16 if quick else None),
         dtypes=args.dtype,
         device=args.device,
         threads=args.threads,
@@ -104,6 +112,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def command(args: argparse.Namespace) -> int:
     os.environ.setdefault("STRUCTPRUNE_QUIET", "1")  # the auto-backend warning is noise here: backends are explicit
+    if args.shape and any(s in MODERNBERT_SHAPES for s in args.shape):
+        return modernbert_command(args)
     cfg = config_from_args(args)
     if cfg.backends and "triton" in cfg.backends and cfg.resolved_device().type == "cpu" and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton runs CPU tensors only in its interpreter
@@ -127,6 +137,32 @@ def command(args: argparse.Namespace) -> int:
     failed = [s for s in result.skipped if s.get("error")]
     print(f"\n{len(result.rows)} rows in {result.elapsed_s:.0f}s" + (f"; {len(failed)} cases failed" if failed else ""))
     return 1 if failed and not result.rows else 0
+
+
+def modernbert_command(args: argparse.Namespace) -> int:
+    """``--shape modernbert-*``: the paired benchmark of :mod:`structprune.benchmark.modernbert`."""
+    from structprune.benchmark import modernbert
+
+    if len(args.shape) != 1:
+        raise SystemExit(f"structprune bench: a ModernBERT shape runs alone, got {args.shape}")
+    fracs = [f for f in (args.heads_kept, args.ffn_kept) if f is not None]
+    if any(len(f) != 1 for f in fracs):
+        raise SystemExit("structprune bench: a ModernBERT shape takes one --heads-kept and one --ffn-kept fraction")
+    backend = args.backend[0] if args.backend else "cpp"
+    result = modernbert.run(MODERNBERT_SHAPES[args.shape[0]], args.seq or [512], args.batch or 8,
+                            args.heads_kept[0] if args.heads_kept else 0.5, args.ffn_kept[0] if args.ffn_kept else 0.3,
+                            backend=backend, local_attention=args.local_attention,
+                            warmup=3 if args.warmup is None else args.warmup, repeats=args.repeats or 10,
+                            threads=args.threads, seed=args.seed, quiet=args.quiet)
+    result["command"] = " ".join(["structprune", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None
+    table = modernbert.format_rows(result)
+    print(table)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic.write_json(Path(args.out) / "results.json", result, indent=1)
+        (Path(args.out) / "table.txt").write_text(table + "\n")
+        print(f"\nwrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'table.txt'}")
+    return 0
 
 
 _DESCRIPTION = ("Time one BERT encoder layer dense, compacted and pruned (per kernel backend, eager and compiled) "

@@ -24,6 +24,12 @@ SHAPES = {
     "bert-base": Shape("bert-base", 768, 12, 3072),
     "bert-large": Shape("bert-large", 1024, 16, 4096),
 }
+# ModernBERT-shaped layers (GLU FFN of ``ffn`` units, rotary positions, global and local attention): timed by
+# :mod:`structprune.benchmark.modernbert` (paired, interleaved ratios), not by the BERT-layer runner.
+MODERNBERT_SHAPES = {
+    "modernbert-base": Shape("modernbert-base", 768, 12, 1152),
+    "modernbert-tiny": Shape("modernbert-tiny", 64, 4, 48),
+}
 VARIANT_KINDS = ("dense-eager", "dense-sdpa", "compacted", "pruned")
 BASELINE = "dense-sdpa"
 MODES = ("inference", "training")

@@ -98,7 +98,10 @@ def banded_key_row(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
         return attn_mask
     if attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
         raise ValueError(f"attention mask must be [B, K] or [B, 1, Q, K], got shape {tuple(attn_mask.shape)}")
-    return attn_mask[:, 0].any(dim=1) if attn_mask.dtype == torch.bool else attn_mask[:, 0].amax(dim=1)
+    rows = attn_mask[:, 0]
+    if rows.shape[-2] == rows.shape[-1]:  # key k lies in query k's band: the diagonal is the row (O(S), not O(S^2))
+        return rows.diagonal(dim1=-2, dim2=-1)
+    return rows.any(dim=1) if attn_mask.dtype == torch.bool else rows.amax(dim=1)
 
 
 def allowed(mask: torch.Tensor) -> torch.Tensor:

@@ -129,6 +129,57 @@ def _ffn_launches(shape: Shape, dtype, ffn_kept: float, batch: int, seq: int, si
                   output_mask=list(mask))
 
 
+def _glu_ffn_launches(shape: Shape, dtype, ffn_kept: float, batch: int, seq: int, sink: list) -> None:
+    """The GLU FFN (ModernBERT's, ``intermediate`` units of two weight rows each), with and without biases."""
+    from structprune._kernels import glu_ffn as G
+
+    E, I = shape.hidden, shape.intermediate
+
+    def meta(*s):
+        return torch.empty(s, dtype=dtype, device="meta")
+
+    kept = torch.empty((max(1, round(I * ffn_kept)),), dtype=torch.int64, device="meta")
+    for bias in (False, True):
+        w = dict(x=meta(batch, seq, E), w1=meta(2 * I, E), b1=meta(2 * I) if bias else None, w2=meta(E, I),
+                 b2=meta(E) if bias else None, unit_gates=meta(I), kept_units=kept, activation=shape.activation)
+        with record_launches(sink, "glu ffn forward, inference"):
+            _call(_impl(G.triton_gated_glu_ffn), **w, save_for_backward=False)
+        with record_launches(sink, "glu ffn forward, training"):
+            _, pre, h = _call(_impl(G.triton_gated_glu_ffn), **w, save_for_backward=True)
+        for mask, what in (((True, True, True), "all grads"), ((False, False, True), "gates only")):
+            with record_launches(sink, f"glu ffn backward, {what}"):
+                _call(_impl(G.triton_gated_glu_ffn_backward), dy=meta(batch, seq, E), **w, pre=pre, h=h,
+                      has_b1=bias, has_b2=bias, output_mask=list(mask))
+
+
+def _rotary_attention_launches(shape: Shape, dtype, heads_kept: float, batch: int, seq: int, sink: list) -> None:
+    """Rotary attention, global (no window) and local (a window of ``min(128, seq // 4)``: the banded kernels),
+    with and without a padding mask; ModernBERT's layers have no biases."""
+    from structprune._kernels import rotary_attention as R
+
+    E, H, D = shape.hidden, shape.heads, shape.head_dim
+
+    def meta(*s, dt=dtype):
+        return torch.empty(s, dtype=dt, device="meta")
+
+    active = torch.empty((max(1, round(H * heads_kept)),), dtype=torch.int64, device="meta")
+    w = dict(x=meta(batch, seq, E), wq=meta(H * D, E), bq=None, wk=meta(H * D, E), bk=None, wv=meta(H * D, E),
+             bv=None, wo=meta(E, H * D), bo=None, head_gates=meta(H), active_heads=active,
+             cos=meta(1, seq, D, dt=torch.float32), sin=meta(1, seq, D, dt=torch.float32), num_heads=H)
+    forward, backward = _impl(R.triton_gated_rotary_attention), _impl(R.triton_gated_rotary_attention_backward)
+    for window in (-1, min(128, seq // 4)):
+        for key_bias in (None, meta(batch, seq, dt=torch.float32)):
+            what = f"{'local' if window >= 0 else 'global'}, {'padded' if key_bias is not None else 'unpadded'}"
+            with record_launches(sink, f"rotary attention forward, inference, {what}"):
+                _call(forward, **w, key_bias=key_bias, window=window, save_for_backward=False)
+            with record_launches(sink, f"rotary attention forward, training, {what}"):
+                y, q, k, v, ctx, o, stats = _call(forward, **w, key_bias=key_bias, window=window,
+                                                  save_for_backward=True)
+            with record_launches(sink, f"rotary attention backward, all grads, {what}"):
+                _call(backward, dy=meta(batch, seq, E), **w, key_bias=key_bias, window=window,
+                      biases=[False] * 4, q=q, k=k, v=v, ctx=ctx, o=o, stats=stats, output_mask=[True] * 3)
+
+
 def _gate_launches(shape: Shape, sink: list) -> None:
     from structprune._kernels import hard_concrete as HC
 
@@ -153,7 +204,7 @@ def _matmul_precision(precision: str):
         torch.set_float32_matmul_precision(saved)
 
 
-OPS = ("attention", "ffn", "gates")
+OPS = ("attention", "ffn", "gates", "rotary_attention", "glu_ffn")
 
 
 def collect_launches(shape: Shape, cc: tuple[int, int], dtype_name: str, heads_kept: float, ffn_kept: float,
@@ -170,4 +221,8 @@ def collect_launches(shape: Shape, cc: tuple[int, int], dtype_name: str, heads_k
             _ffn_launches(shape, dtype, ffn_kept, batch, seq, sink)
         if "gates" in ops:
             _gate_launches(shape, sink)
+        if "rotary_attention" in ops:
+            _rotary_attention_launches(shape, dtype, heads_kept, batch, seq, sink)
+        if "glu_ffn" in ops:
+            _glu_ffn_launches(shape, dtype, ffn_kept, batch, seq, sink)
     return sink

@@ -28,6 +28,7 @@ from structprune.tools.kernel_launches import DTYPES, OPS, Launch, Shape, collec
 SHAPES = {  # hidden size, attention heads, FFN size, activation
     "bert-base": (768, 12, 3072, "gelu"),
     "minilm": (384, 12, 1536, "gelu"),
+    "modernbert-base": (768, 12, 1152, "gelu"),  # GLU FFN of 1152 units (Wi: 2304 rows)
 }
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 # Constexprs shown as the variant of a kernel (the block sizes have their own columns).
@@ -144,8 +145,14 @@ def _estimate(name: str, blocks: dict, num_stages: int, dtype) -> int | None:
     from structprune._kernels import _configs
 
     cfg = dict(blocks, num_stages=num_stages)
-    if name in ("gemm_kernel", "_ffn_bwd_act_kernel"):
+    if name in ("gemm_kernel", "_ffn_bwd_act_kernel", "_glu_bwd_kernel"):
         return _configs.gemm_smem(cfg, dtype)
+    if name == "_glu_fwd_kernel":
+        return _configs.glu_smem(cfg, dtype)
+    if name == "_rot_fwd_kernel":
+        return _configs.rotary_flash_smem(cfg, dtype, backward=False)
+    if name in ("_rot_bwd_dq_kernel", "_rot_bwd_dkdv_kernel"):
+        return _configs.rotary_flash_smem(cfg, dtype, backward=True)
     if name == "_attn_fwd_kernel":
         return _configs.flash_smem(cfg, dtype, backward=False)
     if name in ("_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):

@@ -288,3 +288,106 @@ def test_rotary_attention_matches_the_reference(kept, bias, padding, window, dty
             assert (a[pruned] == 0).all()
             a, r, p = a[active], r[active], p[active]
         check_close(f"d{n}", a, r, p, dtype)
+
+
+@pytest.mark.parametrize("window", [0, 5, 64, 70, 147])
+@pytest.mark.parametrize("padding", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("Dq", [16, 6], ids=["hd16", "hd6"])  # 16: the AVX2 path where the CPU has it; 6: plain loops
+def test_banded_attention_matches_one_masked_attention(window, padding, Dq):
+    """S = 150: three blocks of 64 queries for the C++ kernel (no gradient), each query visiting only its band's
+    keys; the same output as one attention over all keys with the banded mask (padding queries excluded, as above),
+    with q / k / v strided views like the op's; with gradients (the masked SDPA) the same gradients too."""
+    gen = torch.Generator().manual_seed(window)
+    Bq, Hq, Sq = 2, 3, 150
+    qkv = torch.randn(Bq, Sq, 3, Hq, Dq, generator=gen)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, S, D] views, as the op makes them
+    key_bias, keep = None, torch.ones(Bq, Sq, 1, 1)
+    if padding:
+        key_bias = torch.zeros(Bq, Sq)
+        key_bias[1, 120:] = NEG
+        keep[1, 120:] = 0
+    mask = reference.banded_key_mask(key_bias, Sq, window, torch.float32, "cpu")
+
+    def want_of(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2) * keep
+
+    with torch.no_grad():
+        got = mb.banded_attention(q, k, v, key_bias, window) * keep
+        torch.testing.assert_close(got, want_of(q, k, v), atol=1e-5, rtol=1e-5)
+        half = mb.banded_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_bias, window)
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float() * keep, got, atol=3e-2, rtol=3e-2)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    got = mb.banded_attention(*leaves, key_bias, window) * keep
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = want_of(*ref_leaves)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    dy = torch.randn(got.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, leaves, dy), torch.autograd.grad(want, ref_leaves, dy)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_banded_kernel_opcheck_and_refusals():
+    q = torch.randn(1, 2, 70, 8)
+    torch.library.opcheck(torch.ops.structprune.cpp_banded_attention.default, (q, q, q, None, 3, 0.35, 64),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="window >= 0"):
+        torch.ops.structprune.cpp_banded_attention(q, q, q, None, -1, 0.35, 64)
+    with pytest.raises(RuntimeError, match="one shape"):
+        torch.ops.structprune.cpp_banded_attention(q, q[:, :1], q, None, 3, 0.35, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["shared", "per_sequence"])
+def test_rotary_kernel_matches_the_reference(dtype, per_sequence):
+    """cpp_rotary_qk on the fused projection [B, S, 3, A, D] gives the reference's rotated q and k, rounded once."""
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, SA, 3, NH, D, generator=gen).to(dtype)
+    cos, sin = rotary_tables()
+    if per_sequence:
+        cos, sin = torch.cat([cos, cos.roll(1, 1)]), torch.cat([sin, sin.roll(1, 1)])
+    got = torch.ops.structprune.cpp_rotary_qk(qkv, cos, sin)
+    assert got.shape == (B, SA, 2, NH, D) and got.dtype == dtype
+    for p in range(2):
+        want = reference.apply_rotary(qkv[:, :, p].transpose(1, 2), cos, sin).transpose(1, 2)
+        torch.testing.assert_close(got[:, :, p], want, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+    torch.library.opcheck(torch.ops.structprune.cpp_rotary_qk.default, (qkv, cos, sin),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="one shape"):
+        torch.ops.structprune.cpp_rotary_qk(qkv, cos[:, :-1], sin)
+
+
+def test_rotary_attention_pack_cache_follows_mask_gate_and_weight_changes():
+    """Without gradients the kept heads' packed weights are cached per layer (structprune/backends/cpp/packing.py):
+    a new mask, new gate values, an in-place update and a rewrite through .data each give the new result."""
+    from structprune.backends.cpp import packing
+
+    params, gates, active, key_bias = attention_case("some", True, True, seed=3)
+    p = list(params.values())
+    cos, sin = rotary_tables()
+    keep = torch.ones(B, SA, 1)
+    keep[1, 7:] = 0
+
+    def check(g, act):
+        with torch.no_grad():
+            got = mb.gated_rotary_attention(*p, g, act, key_bias, cos, sin, 3, NH)
+            mask = reference.banded_key_mask(key_bias, SA, 3, torch.float32, "cpu")
+            want = reference.gated_rotary_attention(*p, g, NH, cos, sin, window=3, attn_mask=mask)
+        torch.testing.assert_close(got * keep, want * keep, atol=1e-5, rtol=1e-5)
+
+    packing.clear()
+    check(gates, active)
+    assert packing.size() == 1
+    check(gates, active)  # a hit
+    other = torch.tensor([1])
+    check(_gates(NH, other, torch.Generator().manual_seed(1)), other)  # another mask
+    check(gates * 0.5, active)  # other gate values (folded into wo's kept columns)
+    with torch.no_grad():
+        p[1].mul_(1.5)  # an in-place update of wq
+    check(gates, active)
+    p[7].data = p[7].data * 2.0  # a rewrite of wo through .data
+    check(gates, active)
+    p[3].data.copy_(p[3].data * 0.5)  # a rewrite of wk's values through .data: no version bump
+    check(gates, active)
+    sp.clear_cache()
+    assert packing.size() == 0

@@ -91,3 +91,21 @@ def test_non_padding_4d_mask_is_refused(backend):
     padding[0, 0, 2, 1] = False  # changed in place after a successful check: checked again, and refused
     with pytest.raises(ValueError, match="varies over the query axis"):
         layer(x, attention_mask=padding)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_banded_key_row_of_an_hf_sliding_mask_is_its_padding_row(kind):
+    """The key row of a [B, 1, S, S] banded mask (read off its diagonal) is the padding row: a key nobody may attend
+    is padding, whatever the band."""
+    from structprune.ops.padding import banded_key_row
+
+    S, window = 12, 2
+    keep = torch.ones(2, S, dtype=torch.bool)
+    keep[1, 8:] = False
+    pos = torch.arange(S)
+    band = (pos[:, None] - pos[None, :]).abs() <= window
+    allowed = band[None, None] & keep[:, None, None, :]
+    mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    row = banded_key_row(mask)
+    want = allowed[:, 0].any(dim=1) if kind == "bool" else mask[:, 0].amax(dim=1)
+    assert torch.equal(row, want)

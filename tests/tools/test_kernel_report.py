@@ -138,3 +138,38 @@ def test_compiles_for_sm86_fp32_head_dim_128_within_limits():
         if r["shared_estimate"] is not None:
             assert r["shared_bytes"] <= r["shared_estimate"], r
         assert r["registers"] is None or r["registers"] > 0
+
+
+@pytest.mark.parametrize("cc", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rotary_and_glu_configs_fit_the_target(cc, dtype):
+    """The rotary flash kernels (cos / sin tiles too) and the GLU forward (two weight tiles) get configs whose own
+    shared-memory bounds fit the target."""
+    limit = _configs.smem_limit(cc)
+    for D in (32, 64, 128):
+        for backward in (False, True):
+            cfg = _configs.rotary_flash_config(cc, D, dtype, backward)
+            assert _configs.rotary_flash_smem(cfg, dtype, backward) <= limit
+            assert _configs.rotary_flash_smem(cfg, dtype, backward) > _configs.flash_smem(cfg, dtype, backward)
+    for M, N in ((12288, 346), (100, 40)):
+        cfg = _configs.glu_config(cc, M, N, dtype)
+        assert _configs.glu_smem(cfg, dtype) <= limit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_modernbert_kernels_compile_within_limits(arch):
+    """The rotary attention and GLU FFN kernels (global and banded, padded or not, with and without biases) compile
+    for sm_80 and sm_90 in bf16, fit, and stay within their shared-memory bounds."""
+    out = _run_cli("--shape", "modernbert-base", "--arch", arch, "--dtype", "bf16", "--batch", "2", "--seq", "256",
+                   "--heads", "0.5", "--ffn", "0.3", "--ops", "rotary_attention", "glu_ffn", "--sample", "--json",
+                   timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["ok"]
+    assert {r["kernel"] for r in report["kernels"]} >= {"_rot_fwd_kernel", "_rot_bwd_dq_kernel", "_rot_bwd_dkdv_kernel",
+                                                       "_glu_fwd_kernel", "_glu_bwd_kernel"}
+    for r in report["kernels"]:
+        assert r["shared_bytes"] is not None and r["shared_bytes"] <= r["shared_limit"]
+        if r["shared_estimate"] is not None:
+            assert r["shared_bytes"] <= r["shared_estimate"], r

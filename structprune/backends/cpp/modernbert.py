@@ -1,5 +1,5 @@
 """The "cpp" backend's ops for ModernBERT's layers: the GLU FFN (a C++ op on packed kept units) and rotary /
-sliding-window attention (ATen ops on the kept heads' weight slices).
+sliding-window attention (C++ kernels for CPU inference, ATen ops on the kept heads' weight slices otherwise).
 
 ``gated_glu_ffn`` runs ``torch.ops.structprune.cpp_gated_glu_ffn`` (``csrc/glu_ffn.cpp``): the kept units' row pairs
 ``(u, u + I)`` of ``w1`` are packed into one ``[2K, E]`` matrix and the kept columns of ``w2`` (gated on the CPU)
@@ -8,11 +8,13 @@ call costs two GEMMs over the kept units; its backward op ``cpp_gated_glu_ffn_ba
 ``output_mask`` as the other backward ops and returns zero rows / columns / gate gradients for pruned units. CPU
 only so far: on CUDA the backend refuses the GLU FFN (``extra_reasons``) and the dispatcher falls back.
 
-``gated_rotary_attention`` projects with the kept heads' rows of ``wq``/``wk``/``wv`` (one GEMM), applies the rotary
-positions to q and k in fp32 like the reference, runs ``scaled_dot_product_attention`` with the key padding bias
-and the band ``|q - k| <= window`` as one additive mask, scales each kept head's context by its gate and
-projects with the kept columns of ``wo``: pruned heads cost nothing, and their weights' and gates' gradients are 0
-(autograd through ATen ops; no C++ kernel of its own yet).
+``gated_rotary_attention`` projects with the kept heads' rows of ``wq``/``wk``/``wv`` (one GEMM; the kept heads'
+weights gathered by :mod:`.packing`, cached for CPU inference), applies the rotary positions to q and k in fp32 like
+the reference (for CPU inference the C++ kernel ``cpp_rotary_qk``, one pass over the projection), and runs
+:func:`banded_attention` over the kept heads: ATen's SDPA for a global layer; for a local one, in CPU inference, the
+C++ kernel ``cpp_banded_attention`` (``csrc/cpu/modernbert_cpu.cpp``: each query visits only its band's keys, so a
+local layer does ``O(S * window)`` work), with gradients one masked SDPA. The gates scale the kept columns of
+``wo``. Pruned heads cost nothing, and their weights' and gates' gradients are 0 (autograd through ATen ops).
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import torch.nn.functional as F
 
 from structprune.backends.cpp.build import _require
 from structprune.ops.checks import check_glu_ffn_inputs, check_rotary_attention_inputs
-from structprune.ops.reference import apply_rotary, banded_key_mask
+from structprune.ops.reference import banded_key_mask
 from structprune.backends.cpp.autograd import ffn_autograd
+from structprune.backends.cpp.packing import pack_heads
 from structprune.ops.support import OpInputs, register_autocast
 
 __all__ = ["gated_glu_ffn", "gated_rotary_attention", "extra_reasons", "register"]
@@ -52,19 +55,55 @@ def gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active
                                   window, key_bias=key_bias, kernel=True)
     B, S, _ = x.shape
     D = wq.shape[0] // num_heads
-    idx = active_heads.to(x.device)
-    A = idx.numel()
-    rows = (idx[:, None] * D + torch.arange(D, device=x.device)[None, :]).reshape(A * D)
-    w_qkv = torch.cat([w.index_select(0, rows) for w in (wq, wk, wv)])
-    b_qkv = None
-    if not (bq is None and bk is None and bv is None):
-        b_qkv = torch.cat([x.new_zeros(A * D) if b is None else b.index_select(0, rows) for b in (bq, bk, bv)])
-    qkv = F.linear(x, w_qkv, b_qkv).view(B, S, 3, A, D).permute(2, 0, 3, 1, 4)  # [3, B, A, S, D]
-    q, k = apply_rotary(qkv[0], cos, sin), apply_rotary(qkv[1], cos, sin)
-    mask = banded_key_mask(key_bias, S, window, q.dtype, x.device)
-    ctx = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=mask, scale=D ** -0.5)  # [B, A, S, D]
-    ctx = ctx * head_gates.index_select(0, idx).to(ctx.dtype)[None, :, None, None]
-    return F.linear(ctx.transpose(1, 2).reshape(B, S, A * D), wo.index_select(1, rows), bo)
+    A = active_heads.numel()
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates))
+    cpu_inference = not grad and x.device.type == "cpu"
+    w_qkv, b_qkv, wo_kept = pack_heads(wq, bq, wk, bk, wv, bv, wo, head_gates, active_heads, D, x.dtype,
+                                       cache=cpu_inference and not torch.compiler.is_compiling())
+    qkv = F.linear(x, w_qkv, b_qkv).view(B, S, 3, A, D)
+    if cpu_inference:  # the C++ kernel: one pass, no temporaries
+        qk = torch.ops.structprune.cpp_rotary_qk(qkv, *torch.broadcast_tensors(cos, sin))
+    else:
+        qk = rotary_qk(qkv[:, :, :2], cos, sin)  # [B, S, 2, A, D]: q and k rotated in one pass
+    q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+    ctx = banded_attention(q, k, v, key_bias, window)  # [B, S, A, D]
+    return F.linear(ctx.reshape(B, S, A * D), wo_kept, bo)
+
+
+def rotary_qk(qk, cos, sin):
+    """:func:`structprune.ops.reference.apply_rotary` on q and k at once, in the [B, S, 2, A, D] layout of the fused
+    projection (no transposes): fp32 arithmetic, rounded back to the input's dtype, as the reference."""
+    t = qk.float()
+    c, s = cos.float()[:, :, None, None, :], sin.float()[:, :, None, None, :]
+    half = t.shape[-1] // 2
+    rot = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+    return torch.addcmul(t * c, rot, s).to(qk.dtype)
+
+
+QUERY_BLOCK = 64  # queries per block of the C++ banded kernel: a block visits QUERY_BLOCK + 2 * window keys
+
+
+def banded_attention(q, k, v, key_bias, window: int):
+    """Softmax attention of [B, A, S, D] tensors with the additive [B, S] ``key_bias`` (or None) and, for
+    ``window >= 0``, only the keys within ``|q - k| <= window``; returns the context [B, S, A, D] (the layout the
+    output projection reads).
+
+    A global layer (no window, or one reaching every key) runs ATen's SDPA. A local layer without gradients runs
+    ``cpp_banded_attention`` (``csrc/cpu/modernbert_cpu.cpp``): blocks of :data:`QUERY_BLOCK` queries, each
+    visiting only the keys of its band, so its cost grows as ``S * window``, not ``S^2``. With gradients, one SDPA
+    over every key with the band as a mask (:func:`banded_key_mask`, differentiable): ATen has no banded kernel,
+    and blocking the queries through its SDPA was measured slower on CPU than one masked call."""
+    B, A, S, D = q.shape
+    scale = D ** -0.5
+    if window < 0 or window >= S - 1:
+        mask = None if key_bias is None else key_bias.to(q.dtype)[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not grad and q.device.type == "cpu":
+        return torch.ops.structprune.cpp_banded_attention(q, k, v, key_bias, window, scale, QUERY_BLOCK)
+    mask = banded_key_mask(key_bias, S, window, q.dtype, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
 
 
 def extra_reasons(inputs: OpInputs) -> list[str]:
@@ -75,7 +114,7 @@ def extra_reasons(inputs: OpInputs) -> list[str]:
     return []
 
 
-# --- fake kernels, autograd and autocast of the C++ GLU ops -----------------------------------------------------------
+# --- fake kernels, autograd and autocast of the C++ ops -----------------------------------------------------------
 def _glu_grad_placeholders(output_mask, x, w1, b1, w2, b2, unit_gates):
     need_x, need_w, need_g = output_mask
 
@@ -102,6 +141,16 @@ def register() -> None:
     def _glu_bwd_fake(grad_out, x, w1, b1, w2, b2, unit_gates, kept_units, activation, pre=None, h=None,
                       output_mask=(True, True, True)):
         return _glu_grad_placeholders(output_mask, x, w1, b1, w2, b2, unit_gates)
+
+    @torch.library.register_fake(lib + "cpp_rotary_qk")
+    def _rotary_fake(qkv, cos, sin):
+        B, S, _, A, D = qkv.shape
+        return qkv.new_empty((B, S, 2, A, D))
+
+    @torch.library.register_fake(lib + "cpp_banded_attention")
+    def _banded_fake(q, k, v, key_bias, window, scale, block):
+        B, A, S, D = q.shape
+        return q.new_empty((B, S, A, D))
 
     _setup, _backward = ffn_autograd("cpp_gated_glu_ffn_backward")
     torch.library.register_autograd(lib + "cpp_gated_glu_ffn", _backward, setup_context=_setup)

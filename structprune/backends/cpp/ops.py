@@ -30,10 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from structprune.backends.cpp import decoder, modernbert
-from structprune.backends.cpp.build import (_require, availability, build_info, cache_size, load_error,
-                                           record_error)
-from structprune.backends.cpp.build import clear_cache as _clear_ext_cache
+from structprune.backends.cpp import build, decoder, modernbert, packing
+from structprune.backends.cpp.build import _require, availability, build_info, cache_size, load_error, record_error
 from structprune.ops.checks import check_attention_inputs, check_dropout, check_ffn_inputs
 from structprune.backends.cpp.autograd import ffn_autograd
 from structprune.ops.support import Backend, grad_output_mask, grad_placeholders, masked_grads, register_autocast
@@ -43,9 +41,11 @@ __all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_conc
            "attention_dropout_scale"]
 
 def clear_cache() -> None:
-    """Drop every packed weight: the extension's pack cache and the decoder ops' (:mod:`.decoder`)."""
-    _clear_ext_cache()
+    """Drop every packed weight: the C++ pack cache's, the decoder ops' (:mod:`.decoder`) and the rotary
+    attention's (:mod:`.packing`)."""
+    build.clear_cache()
     decoder.clear_pack_cache()
+    packing.clear()
 
 
 def _needs_grad(*tensors) -> bool:
