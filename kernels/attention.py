@@ -425,6 +425,11 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
     active_heads = active_heads.to(x.device).contiguous()
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates))
+    if isinstance(seed, torch.Tensor):  # the seed a torch.compile graph draws: see triton_gated_attention_seeded
+        return torch.ops.structprune.triton_gated_attention_seeded(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates,
+                                                                   active_heads, key_bias, num_heads, save,
+                                                                   float(dropout_p), seed)[0]
     return torch.ops.structprune.triton_gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates,
                                                         active_heads, key_bias, num_heads, save,
                                                         float(dropout_p), int(seed))[0]
+

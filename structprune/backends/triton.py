@@ -35,6 +35,7 @@ __all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "gated_glu
 try:
     from structprune._kernels import _common
     from structprune._kernels.attention import attention_dropout_scale, gated_attention, supports_attention_dropout
+    from structprune._kernels.attention_seeded import TAKES_TENSOR_SEED
     from structprune._kernels.ffn import gated_ffn
     from structprune._kernels.glu_ffn import gated_glu_ffn
     from structprune._kernels.rotary_attention import gated_rotary_attention
@@ -52,6 +53,8 @@ except Exception as exc:  # triton missing, or an incompatible version
 
     def supports_attention_dropout(device) -> bool:
         return False
+
+    TAKES_TENSOR_SEED = False
 
 
 def availability(device: torch.device) -> str | None:
@@ -77,4 +80,5 @@ def availability(device: torch.device) -> str | None:
 BACKEND = Backend(name="triton", availability=availability, supports_attention_dropout=supports_attention_dropout,
                   gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
                   hard_concrete_uniform=hard_concrete_uniform, gated_glu_ffn=gated_glu_ffn,
-                  gated_rotary_attention=gated_rotary_attention, module=sys.modules[__name__])
+                  gated_rotary_attention=gated_rotary_attention, takes_tensor_seed=TAKES_TENSOR_SEED,
+                  module=sys.modules[__name__])

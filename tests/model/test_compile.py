@@ -151,12 +151,12 @@ def test_compiled_model_follows_mask_changes():
         torch.testing.assert_close(outputs(compiled, batch), outputs(model, batch), atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif("cpp" not in KERNEL_BACKENDS, reason="needs the cpp backend")
-def test_attention_dropout_under_compile_runs_in_the_kernel_with_a_graph_seed():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_attention_dropout_under_compile_runs_in_the_kernel_with_a_graph_seed(backend):
     """Dropout in training: the seed is drawn in the graph from torch's generator (a graph value, not a constant),
-    so two runs differ, torch.manual_seed reproduces eager (aot_eager draws in the same order), and the cpp kernel
+    so two runs differ, torch.manual_seed reproduces eager (aot_eager draws in the same order), and the kernel
     (its tensor-seed op) runs the dropout."""
-    sp.set_backend("cpp")
+    sp.set_backend(backend)
     model, batch = pruned(attention_dropout=0.3), qa_batch()
     model.train()
     loss, grads = train_step(model, batch, seed=11)
@@ -170,8 +170,9 @@ def test_attention_dropout_under_compile_runs_in_the_kernel_with_a_graph_seed():
     other_loss, _ = train_step(compiled, batch, seed=12)
     assert other_loss != got_loss  # a fresh seed per run, not one baked into the graph
     names = ran_ops(lambda: train_step(compiled, batch))
-    assert {"structprune::cpp_gated_attention_seeded", "structprune::cpp_gated_attention_seeded_backward"} <= names
-    assert sp.last_backends()["attention"] == "cpp"
+    assert {f"structprune::{backend}_gated_attention_seeded",
+            f"structprune::{backend}_gated_attention_seeded_backward"} <= names
+    assert sp.last_backends()["attention"] == backend
 
 
 @pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS[:1])
