@@ -58,7 +58,7 @@ class HiddenGatedLayerNorm(nn.LayerNorm):
         weight = self.weight.index_select(0, kept) if self.weight is not None else None
         bias = self.bias.index_select(0, kept) if self.bias is not None else None
         yk = F.layer_norm(xk, (int(kept.numel()),), weight, bias, self.eps) * z
-        return x.new_zeros(x.shape).index_copy(-1, kept, yk)
+        return yk.new_zeros(x.shape).index_copy(-1, kept, yk)  # in the norm's dtype (fp32 under CPU autocast)
 
     def plain(self) -> nn.LayerNorm:
         """A plain ``nn.LayerNorm`` holding this one's parameters."""

@@ -203,3 +203,24 @@ def test_summary_counts_the_kept_width_and_skipped_sublayers():
                     if "gate" not in n and not (n.startswith("attention.") and layer is model.bert.encoder.layer[1])
                     and not (n.startswith(("intermediate.", "output.")) and layer is model.bert.encoder.layer[2]))
     assert report.total("params") == compacted
+
+
+def test_bf16_autocast_close_to_fp32_and_trains():
+    """Under CPU bf16 autocast (``prune --bf16``) the masked model stays within bf16 rounding of fp32, and an L0
+    step with every gate sampling has finite gradients."""
+    model = sp.patch(tiny_model("bert", "qa"), sublayers=True, hidden=True)
+    sp.set_masks(model, **masks())
+    with torch.no_grad():
+        fp32 = model(**tiny_batch()).start_logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(**tiny_batch()).start_logits
+    torch.testing.assert_close(bf16.float(), fp32, atol=2e-2, rtol=2e-2)
+    model = sp.patch(tiny_model("bert", "qa"), sampling=True, sublayers=True, hidden=True).train()
+    with torch.no_grad():
+        for gate in sp.iter_gates(model):
+            gate.log_alpha.fill_(0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**tiny_batch())
+    out.start_logits.float().square().mean().backward()
+    assert all(torch.isfinite(g.log_alpha.grad).all() for g in sp.iter_gates(model) if g.log_alpha.grad is not None)
+    assert hidden_gate(model).log_alpha.grad is not None
