@@ -22,7 +22,8 @@ def check_full_support(model: nn.Module, family: Family, hidden: bool) -> None:
     hidden-dimension) gates."""
     if not family.embeddings:
         raise TypeError(f"sublayer and hidden-dimension gates are implemented for the BERT layout (bert, roberta, "
-                        f"electra, xlm-roberta); {family.name} models take head and FFN-unit gates only")
+                        f"electra, xlm-roberta) and DistilBERT; {family.name} models take head and FFN-unit gates "
+                        "only")
     if hidden and hasattr(getattr(model, "base_model", model), "embeddings_project"):
         raise TypeError("hidden-dimension gates need the embeddings to write the hidden states themselves; this model "
                         "projects them (ELECTRA with embedding_size != hidden_size), which is not supported")
@@ -60,7 +61,7 @@ def hidden_readers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     base = getattr(model, "base_model", model)
     prefix = getattr(model, "base_model_prefix", "")
     out = []
-    for path in family.hidden_readers:
+    for path in family.reader_paths(model):
         for root, where in ((model, path), (base, f"{prefix}.{path}" if base is not model else path)):
             try:
                 module = operator.attrgetter(path)(root)

@@ -44,6 +44,8 @@ def oracle(model, m):
     for mod in model.modules():
         if isinstance(mod, torch.nn.LayerNorm):
             mod.register_forward_hook(ln)
+    if model.config.model_type == "distilbert":
+        return _distilbert_oracle(model, m)
     for i, layer in enumerate(model.base_model.encoder.layer):
         heads = m["heads"][i].repeat_interleave(D // H)
         layer.attention.output.dense.register_forward_pre_hook(lambda mod, a, h=heads: (a[0] * h,))
@@ -52,6 +54,23 @@ def oracle(model, m):
             layer.attention.register_forward_hook(lambda mod, inputs, out: (inputs[0],) + tuple(out[1:]))
         if not m["ffn_sublayers"][i]:
             layer.feed_forward_chunk = types.MethodType(lambda self, a: a, layer)
+    return model
+
+
+def _distilbert_oracle(model, m):
+    """DistilBERT: the same hooks on ``out_lin`` / ``lin2``; a skipped sublayer as HF's block forward without it."""
+    for i, layer in enumerate(model.base_model.transformer.layer):
+        heads = m["heads"][i].repeat_interleave(D // H)
+        layer.attention.out_lin.register_forward_pre_hook(lambda mod, a, h=heads: (a[0] * h,))
+        layer.ffn.lin2.register_forward_pre_hook(lambda mod, a, u=m["ffn"][i]: (a[0] * u,))
+
+        def forward(self, x, attention_mask=None, skip_a=not m["attn_sublayers"][i],
+                    skip_f=not m["ffn_sublayers"][i], **kwargs):
+            if not skip_a:
+                x = self.sa_layer_norm(self.attention(x, attention_mask=attention_mask, **kwargs)[0] + x)
+            return x if skip_f else self.output_layer_norm(self.ffn(x) + x)
+
+        layer.forward = types.MethodType(forward, layer)
     return model
 
 
@@ -72,7 +91,7 @@ def close(a, b, kept=None, tol=1e-5):
         torch.testing.assert_close(x, y, atol=tol, rtol=tol, msg=lambda msg: f"{k}: {msg}")
 
 
-@pytest.mark.parametrize("family", BERT_LAYOUT)
+@pytest.mark.parametrize("family", BERT_LAYOUT + ("distilbert",))
 @pytest.mark.parametrize("head", ["qa", "cls", "ForTokenClassification", "bare"])
 def test_open_gates_change_nothing(family, head):
     batch = tiny_batch()
@@ -82,7 +101,7 @@ def test_open_gates_change_nothing(family, head):
 
 
 @pytest.mark.parametrize("family,head", [("bert", "qa"), ("roberta", "cls"), ("bert", "ForTokenClassification"),
-                                         ("xlm-roberta", "bare")])
+                                         ("xlm-roberta", "bare"), ("distilbert", "qa"), ("distilbert", "cls")])
 def test_masks_equal_oracle_compaction_and_save_load(family, head, tmp_path):
     batch = tiny_batch()
     model = tiny_model(family, head)
@@ -100,8 +119,9 @@ def test_masks_equal_oracle_compaction_and_save_load(family, head, tmp_path):
     kept = m["hidden"].nonzero().flatten()
     sp.compact(model)
     assert model.base_model.embeddings.word_embeddings.weight.shape[1] == len(kept)
-    assert model.base_model.encoder.layer[1].attention.self.query.weight.shape[0] == 0  # skipped: no head left
-    assert model.base_model.encoder.layer[2].intermediate.dense.weight.shape[0] == 0
+    parts = [sp.family_of(model).parts(layer) for layer in sp.family_of(model).layers(model)]
+    assert parts[1]["query"].weight.shape[0] == 0  # skipped: no head left
+    assert parts[2]["ffn_in"].weight.shape[0] == 0
     close(run(model, batch), expected, kept)
     sp.save_pretrained(model, tmp_path / "m")
     close(run(sp.from_pretrained(tmp_path / "m"), batch), expected, kept)
@@ -124,7 +144,8 @@ def test_plain_transformers_loads_compacted(tmp_path):
     jobs, expected = [], {}
     for family, head, auto in (("bert", "qa", "AutoModelForQuestionAnswering"),
                                ("roberta", "cls", "AutoModelForSequenceClassification"),
-                               ("bert", "bare", "AutoModel")):
+                               ("bert", "bare", "AutoModel"), ("distilbert", "qa", "AutoModelForQuestionAnswering"),
+                               ("distilbert", "cls", "AutoModelForSequenceClassification")):
         model = sp.patch(tiny_model(family, head), sublayers=True, hidden=True)
         sp.set_masks(model, **masks())
         sp.compact(model)
@@ -158,8 +179,10 @@ def test_training_draws_one_hidden_sample_per_forward_and_trains_the_gates():
 
 
 def test_clear_errors():
+    from model.test_modernbert import tiny_model as tiny_modernbert
+
     with pytest.raises(TypeError, match="BERT layout"):
-        sp.patch(tiny_model("distilbert", "qa"), sublayers=True)
+        sp.patch(tiny_modernbert("qa"), sublayers=True)
     with pytest.raises(TypeError, match="projects them"):
         sp.patch(tiny_model("electra", "qa"), hidden=True)
     with pytest.raises(TypeError, match="language-modelling head"):

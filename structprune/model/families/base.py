@@ -194,6 +194,10 @@ class Family:
     embedding_norm: str = ""  # its LayerNorm attribute
     hidden_readers: tuple[str, ...] = ()  # linear layers after the encoder reading the hidden states (model or base)
 
+    def reader_paths(self, model: nn.Module) -> tuple[str, ...]:
+        """The :attr:`hidden_readers` that read the hidden states in ``model`` (its task head)."""
+        return self.hidden_readers
+
     def unit_rows(self, units: torch.Tensor, n_units: int) -> torch.Tensor:
         """The rows of the FFN input projection that FFN units ``units`` own, in a layer of ``n_units`` units: the
         units themselves here; a GLU family's ``(u, u + n_units)`` pairs."""

@@ -7,7 +7,8 @@ from torch import nn
 
 from structprune.model.families.base import Family
 from structprune.model.gates import HardConcreteGate
-from structprune.model.modules import attend, gate_values, stash_hf_module, unstash_hf_module
+from structprune.model.hidden import hidden_scale
+from structprune.model.modules import attend, gate_values, stash_hf_module, sublayer_scale, unstash_hf_module
 from structprune.ops import dispatch as ops
 from structprune.ops.activations import check_activation
 
@@ -17,7 +18,7 @@ class GatedDistilBertAttention(nn.Module):
     Returns ``(output, None)``; the block adds the residual and its LayerNorm."""
 
     def __init__(self, q_lin: nn.Linear, k_lin: nn.Linear, v_lin: nn.Linear, out_lin: nn.Linear, head_dim: int,
-                 dropout: float, config, sampling: bool = False):
+                 dropout: float, config, sampling: bool = False, sublayer: bool = False):
         super().__init__()
         self.q_lin, self.k_lin, self.v_lin, self.out_lin = q_lin, k_lin, v_lin, out_lin
         self.head_dim = head_dim
@@ -25,6 +26,8 @@ class GatedDistilBertAttention(nn.Module):
         self.attention_dropout = dropout
         self.config = config
         self.head_gate = HardConcreteGate(self.num_heads, sampling=sampling)
+        self.sublayer_gate = HardConcreteGate(1, sampling=sampling) if sublayer else None  # the whole sublayer
+        self.__dict__["hidden_gate"] = None  # set by structprune.model.cofi.install_hidden_gate
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
@@ -38,12 +41,14 @@ class GatedDistilBertAttention(nn.Module):
 class GatedDistilBertFFN(nn.Module):
     """Drop-in for DistilBERT's ``FFN``: ``dropout(lin2(act(lin1(x)) * gate))`` as one fused gated op."""
 
-    def __init__(self, lin1: nn.Linear, lin2: nn.Linear, dropout: nn.Module, activation: str, sampling: bool = False):
+    def __init__(self, lin1: nn.Linear, lin2: nn.Linear, dropout: nn.Module, activation: str, sampling: bool = False,
+                 sublayer: bool = False):
         super().__init__()
         check_activation(activation)
         self.lin1, self.lin2, self.dropout = lin1, lin2, dropout
         self.activation = activation
         self.unit_gate = HardConcreteGate(lin1.out_features, sampling=sampling)
+        self.sublayer_gate = HardConcreteGate(1, sampling=sampling) if sublayer else None  # the whole sublayer
 
     def extra_repr(self) -> str:
         return f"units={self.lin1.out_features}, activation={self.activation}"
@@ -55,6 +60,30 @@ class GatedDistilBertFFN(nn.Module):
         return self.dropout(out)
 
 
+def _scaled(out: torch.Tensor, sublayer: torch.Tensor | None, hidden_gate) -> torch.Tensor:
+    if sublayer is not None:
+        out = out * sublayer.to(out.dtype)
+    hidden = hidden_scale(hidden_gate, out.dtype)
+    return out * hidden if hidden is not None else out
+
+
+class GatedBlockMixin:
+    """Mixed into a copy of ``TransformerBlock``: its forward (HF's: attention, residual, LayerNorm, FFN, residual,
+    LayerNorm), with a closed sublayer gate skipping its sublayer and LayerNorm, and the hidden gate scaling each
+    sublayer's output (CoFi's structures; see :mod:`structprune.model.cofi`)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        hidden_gate = self.attention.__dict__["hidden_gate"]
+        scale, skipped = sublayer_scale(self.attention.sublayer_gate)
+        if not skipped:
+            out, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+            hidden_states = self.sa_layer_norm(_scaled(out, scale, hidden_gate) + hidden_states)
+        scale, skipped = sublayer_scale(self.ffn.sublayer_gate)
+        if skipped:
+            return hidden_states
+        return self.output_layer_norm(_scaled(self.ffn(hidden_states), scale, hidden_gate) + hidden_states)
+
+
 class DistilBertFamily(Family):
     name = "distilbert"
     model_types = ("distilbert",)
@@ -64,21 +93,32 @@ class DistilBertFamily(Family):
                    "activation": "activation"}
     paths = {"attention": "attention", "query": "attention.q_lin", "key": "attention.k_lin",
              "value": "attention.v_lin", "attn_out": "attention.out_lin", "ffn": "ffn", "ffn_in": "ffn.lin1",
-             "ffn_out": "ffn.lin2", "head_gate": "attention.head_gate", "unit_gate": "ffn.unit_gate"}
+             "ffn_out": "ffn.lin2", "head_gate": "attention.head_gate", "unit_gate": "ffn.unit_gate",
+             "attn_sublayer_gate": "attention.sublayer_gate", "ffn_sublayer_gate": "ffn.sublayer_gate",
+             "attn_norm": "sa_layer_norm", "ffn_norm": "output_layer_norm", "attention_block": "attention"}
     layer_classes = ("TransformerBlock",)
+    layer_mixin = GatedBlockMixin
+    embeddings = "embeddings"
+    embedding_tables = ("word_embeddings", "position_embeddings")
+    embedding_norm = "LayerNorm"
+    hidden_readers = ("qa_outputs", "pre_classifier", "classifier")
+
+    def reader_paths(self, model: nn.Module) -> tuple[str, ...]:
+        # sequence classification and multiple choice read the hidden states through pre_classifier only
+        return tuple(p for p in self.hidden_readers if not (p == "classifier" and hasattr(model, "pre_classifier")))
     ffn_block_name = "ffn"
 
     def ffn_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return layer.output_layer_norm(layer.ffn(hidden) + hidden)
 
-    def patch_layer(self, layer: nn.Module, config, sampling: bool) -> None:
+    def patch_layer(self, layer: nn.Module, config, sampling: bool, sublayers: bool = False) -> None:
         hf = layer.attention
         gated = GatedDistilBertAttention(hf.q_lin, hf.k_lin, hf.v_lin, hf.out_lin, hf.attention_head_size,
-                                         float(hf.dropout.p), config, sampling=sampling)
+                                         float(hf.dropout.p), config, sampling=sampling, sublayer=sublayers)
         stash_hf_module(gated, hf, ("q_lin", "k_lin", "v_lin", "out_lin"))
         layer.attention = gated
         ffn = GatedDistilBertFFN(layer.ffn.lin1, layer.ffn.lin2, layer.ffn.dropout,
-                                 self.sizes(config).kernel_activation, sampling=sampling)
+                                 self.sizes(config).kernel_activation, sampling=sampling, sublayer=sublayers)
         stash_hf_module(ffn, layer.ffn, ("lin1", "lin2"))
         layer.ffn = ffn
 

@@ -124,12 +124,45 @@ def _sizes(config, layers) -> tuple[list[int], list[int]]:
     return heads, units
 
 
+class _SkippingBlock:
+    """Mixed into DistilBERT's ``TransformerBlock``: HF's forward, with a whole sublayer (its LayerNorm included)
+    skipped where ``skip_attention`` / ``skip_ffn`` say."""
+
+    skip_attention = skip_ffn = False
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if not self.skip_attention:
+            out, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+            hidden_states = self.sa_layer_norm(out + hidden_states)
+        if self.skip_ffn:
+            return hidden_states
+        return self.output_layer_norm(self.ffn(hidden_states) + hidden_states)
+
+
 def _resize_distilbert(model: nn.Module, config) -> None:
     layers = model.base_model.transformer.layer
     head_dim = config.dim // config.n_heads
-    for layer, h, u in zip(layers, *_sizes(config, layers)):
-        layer.attention = PrunedDistilBertAttention(config.dim, h, head_dim, config.attention_dropout)
-        layer.ffn = PrunedDistilBertFFN(config.dim, u, config.activation, config.dropout)
+    dim = getattr(config, "structprune_hidden_size", None) or config.dim
+    if dim != config.dim:
+        emb = model.base_model.embeddings
+        emb.word_embeddings = nn.Embedding(config.vocab_size, dim, padding_idx=config.pad_token_id)
+        emb.position_embeddings = nn.Embedding(config.max_position_embeddings, dim)
+        emb.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
+        for name in ("qa_outputs", "pre_classifier") + (() if hasattr(model, "pre_classifier") else ("classifier",)):
+            linear = getattr(model, name, None)
+            if isinstance(linear, nn.Linear):
+                setattr(model, name, nn.Linear(dim, linear.out_features))
+    skip_attn = getattr(config, "structprune_skip_attention", None) or [False] * len(layers)
+    skip_ffn = getattr(config, "structprune_skip_ffn", None) or [False] * len(layers)
+    for layer, h, u, sa, sf in zip(layers, *_sizes(config, layers), skip_attn, skip_ffn):
+        layer.attention = PrunedDistilBertAttention(dim, h, head_dim, config.attention_dropout)
+        layer.ffn = PrunedDistilBertFFN(dim, u, config.activation, config.dropout)
+        if dim != config.dim:
+            layer.sa_layer_norm = nn.LayerNorm(dim, eps=1e-12)
+            layer.output_layer_norm = nn.LayerNorm(dim, eps=1e-12)
+        if sa or sf:
+            layer.__class__ = type(f"Skipping{type(layer).__name__}", (_SkippingBlock, type(layer)), {})
+            layer.skip_attention, layer.skip_ffn = bool(sa), bool(sf)
 
 
 class _NoHeadAttention(nn.Module):
