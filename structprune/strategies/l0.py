@@ -466,7 +466,11 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
     if target.has_latency and decided:
         from structprune.strategies.plan import table_for
 
-        plan_table = planning_table(table if table is not None else table_for(model, target), decided)
+        full_table = table if table is not None else table_for(model, target)
+        latency = full_table.dense_ms / float(target.speedup) if target.speedup is not None else target.latency_ms
+        decided = extra.tighten(decided, full_table, float(latency), min_hidden=grid[0] if grid else 0)
+        start = without_skipped(start, decided)
+        plan_table = planning_table(full_table, decided)
     # A budget is planned with the interpolated FFN costs the Lagrangian trained against, not on the table's
     # grid: rounding a layer's open units down to a grid point would close units (or whole heads) that trained open.
     masks = masks_for_scores(model, target, scores, start=start, ffn_on_grid=False, table=plan_table)

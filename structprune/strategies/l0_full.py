@@ -90,6 +90,40 @@ class ExtraGates:
             out["hidden"] = count
         return out
 
+    @torch.no_grad()
+    def tighten(self, decided: dict, table, latency_ms: float, min_hidden: int = 0) -> dict:
+        """Close more of the decision until removing every head and unit left could meet ``latency_ms`` on ``table``
+        (the discrete decision may keep more than the expected values trained toward): each time, the kept sublayer
+        or the step of hidden dimensions (1/16 of the width, never below ``min_hidden``) least likely kept, by the
+        gates' probability of being non-zero. Masks and ``decided`` are updated; returns ``decided``."""
+        step = max(1, (self.hidden.n if self.hidden is not None else 0) // 16)
+        while planning_table(table, decided).empty_ms > latency_ms * (1 + 1e-9):
+            options = []
+            for key, gates in (("attn_kept", self.attn), ("ffn_kept", self.ffn)):
+                for i, g in enumerate(gates or []):
+                    if decided[key][i]:
+                        options.append((float(expected_l0(g.log_alpha, g.beta)), key, i))
+            if self.hidden is not None and decided["hidden"] - step >= max(min_hidden, 1):
+                kept = torch.nonzero(self.hidden.mask != 0).flatten()
+                p = expected_l0(self.hidden.log_alpha, self.hidden.beta)[kept]
+                options.append((float(torch.sort(p).values[:step].mean()), "hidden", step))
+            if not options:
+                break
+            _, key, what = min(options)
+            if key == "hidden":
+                g = self.hidden
+                kept = torch.nonzero(g.mask != 0).flatten()
+                drop = kept[torch.argsort(g.log_alpha.detach()[kept])[:what]]
+                mask = g.mask.clone()
+                mask[drop] = 0.0
+                g.set_mask(mask)
+                decided["hidden"] -= what
+            else:
+                gates = self.attn if key == "attn_kept" else self.ffn
+                gates[what].set_mask(torch.zeros_like(gates[what].mask))
+                decided[key][what] = False
+        return decided
+
     def sampling(self, on: bool) -> None:
         for g in self.gates:
             g.sampling = on

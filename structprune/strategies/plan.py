@@ -15,6 +15,7 @@ L0 the gates' probability of being non-zero. FFN counts stay on the table's grid
 from __future__ import annotations
 
 import bisect
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -297,16 +298,36 @@ def budget_of(model, target, table: LatencyTable | None) -> Budget:
         latency = table.dense_ms / float(target.speedup)
     elif target.latency_ms is not None:
         latency = float(target.latency_ms)
-    if latency is not None and latency < table.empty_ms * (1 - 1e-9):
-        asked = f"speed-up {target.speedup:g}x" if target.speedup is not None else f"latency of {latency:.3f} ms"
-        raise ValueError(f"a {asked} is out of reach: removing every head and FFN unit gives {table.empty_ms:.3f} ms "
-                         f"({table.dense_ms / table.empty_ms:.2f}x) at {table.describe()}")
+    if latency is not None:
+        latency = _check_reachable(model, target, table, latency)
     params = None
     if target.params is not None:
         kv = sum(p.num_kv_heads for p in layer_parts(model)) * unit["kv_heads"] if "kv_heads" in unit else 0
         params = float(target.params) * (sum(sum(sizes[s]) * unit[s] for s in STRUCTURES) + kv)
     caps = {s: target.counts(s, sizes[s]) for s in STRUCTURES}
     return Budget(latency_ms=latency, params=params, per_layer=target.per_layer, caps=caps)
+
+
+def _check_reachable(model, target, table, latency: float) -> float:
+    """``latency`` when some model the gates can make meets it; else a ValueError (removing every head and FFN unit,
+    or, with sublayer and hidden-dimension gates, skipping every sublayer at the narrowest width the table timed,
+    is still slower). On a view (the width and sublayers already decided: the end of L0 training) a warning
+    instead, and the latency of removing every head and unit left, which the plan then goes to."""
+    from structprune.latency.view import TableView
+    from structprune.strategies.l0_full import ExtraGates
+
+    floor, what = table.empty_ms, "removing every head and FFN unit"
+    if not isinstance(table, TableView) and ExtraGates(model).present and getattr(table, "measures_skipping", False):
+        floor, what = table.dense_ms / table.max_speedup, "skipping every sublayer at the narrowest width timed"
+    if latency >= floor * (1 - 1e-9):
+        return latency
+    asked = f"speed-up {target.speedup:g}x" if target.speedup is not None else f"latency of {latency:.3f} ms"
+    message = (f"a {asked} is out of reach: {what} gives {floor:.3f} ms ({table.dense_ms / floor:.2f}x) at "
+               f"{table.describe()}")
+    if isinstance(table, TableView):
+        warnings.warn(message + "; every head and FFN unit left is removed", stacklevel=3)
+        return floor
+    raise ValueError(message)
 
 
 def budget_masks(model, target, scores: dict, start: dict, ffn_on_grid: bool = True,

@@ -209,3 +209,23 @@ def test_full_needs_l0(teacher, tmp_path, capsys):
     assert main(["prune", "--model", str(teacher / "model"), "--method", "random", "--full", "--heads", "0.5",
                  "--out", str(tmp_path / "bad")] + SMALL) != 0
     assert "--full gates sublayers and hidden dimensions for --method l0 only" in capsys.readouterr().err
+
+
+def test_prune_l0_full_to_a_measured_speed_target_with_layerwise_distillation(teacher, tmp_path):
+    """The frontier's l0-full command on a tiny model: a version-2 latency table measured here (hidden widths and
+    the skipped-sublayer model), then L0 over every structure toward a speed-up, distilled by logits and layers; the
+    decided model's predicted speed-up meets the target."""
+    table = tmp_path / "table.json"
+    assert main(["latency-table", "--model", str(teacher / "model"), "--at", "2x32", "--backend", "cpp", "--threads",
+                 "1", "--repeats", "2", "--hidden-grid", "16,32", "--out", str(table),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = tmp_path / "l0-full-speed"
+    assert main(["prune", "--model", str(teacher / "model"), "--method", "l0", "--full", "--speedup", "1.5",
+                 "--latency-table", str(table), "--out", str(out), "--max-steps", "40", "--l0-steps", "39",
+                 "--l0-warmup-steps", "3", "--gate-lr", "0.5", "--l0-train-weights", "--l0-until-target", "--distill",
+                 "--distill-layers"]
+                + SMALL) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "l0-full" and metrics["predicted_speedup"] >= 1.5 * (1 - 1e-6)
+    state = json.loads((out / "train" / "checkpoint" / "state.json").read_text())
+    assert state["settings"]["model_kwargs"] == {"output_hidden_states": True}  # the layer loss read the states

@@ -82,3 +82,23 @@ def test_speed_target_on_the_expected_latency_of_every_structure():
     assert table.speedup(heads, units, **kept) >= 3.0 * (1 - 1e-6)
     report = sp.summary(model, latency=table)
     assert report.latency["predicted_speedup"] == pytest.approx(table.speedup(heads, units, **kept))
+
+
+def test_the_decision_tightens_width_and_sublayers_until_the_speed_target_is_reachable():
+    """Gates still open (no training): heads and units alone cannot reach 4x on the synthetic table, so the decision
+    closes the least likely sublayers and hidden steps first; the planned model then meets the target."""
+    from helpers.latency_tables import synthetic_v2_table
+
+    import dataclasses
+
+    model = full_model()
+    table = dataclasses.replace(synthetic_v2_table(model), empty_ms=10.0)  # heavy fixed costs: 2.5x at most
+    assert table.dense_ms / table.empty_ms < 4.0 < table.max_speedup
+    target = PruneTarget(speedup=4.0, table=table, at=(table.key.batch, table.key.seq_len))
+    masks = L0Controller(model, target).finalize()
+    kept = {"hidden": int(masks.hidden.sum()), "attn_kept": masks.attn_sublayers.tolist(),
+            "ffn_kept": masks.ffn_sublayers.tolist()}
+    heads = [int(h.sum()) if a else 0 for h, a in zip(masks.heads_per_layer(), kept["attn_kept"])]
+    units = [int(f.sum()) if a else 0 for f, a in zip(masks.ffn, kept["ffn_kept"])]
+    assert table.speedup(heads, units, **kept) >= 4.0 * (1 - 1e-6)
+    assert kept["hidden"] < 64 or not all(kept["attn_kept"] + kept["ffn_kept"])
