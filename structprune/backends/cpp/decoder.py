@@ -70,6 +70,24 @@ def _packed(key, make, tensors):
     return value
 
 
+def _cast_dtype(x, tensors):
+    """The autocast dtype when ``x``'s device is under autocast and no gradient flows to ``tensors`` (the packed
+    weights are then cached in that dtype instead of cast at every call), else None."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return None
+    dt = torch.get_autocast_dtype(kind)
+    return dt if x.is_floating_point() and x.dtype != torch.float64 else None
+
+
+def _linear(x, w, b):
+    """``F.linear`` over the rows of ``x`` as one 2-D GEMM (a 3-D bf16 input with one row goes through a batched
+    matmul that copies the transposed weight on the CPU)."""
+    return F.linear(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[0])
+
+
 def _rows(t, rows):
     return t if rows is None or t is None else t.index_select(0, rows)
 
@@ -97,10 +115,12 @@ def gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, 
         return torch.cat(parts)
 
     tensors = (wq, wk, wv, bq, bk, bv)
-    key = ("qkv",) + tuple(_tensor_key(t) for t in tensors) + (_index_key(active_heads), _index_key(active_kv))
-    w = _packed(key + ("w",), weight, tensors)
-    b = None if bq is None and bk is None and bv is None else _packed(key + ("b",), bias, tensors)
-    qkv = F.linear(x, w, b)
+    dt = _cast_dtype(x, tensors)
+    key = ("qkv", dt) + tuple(_tensor_key(t) for t in tensors) + (_index_key(active_heads), _index_key(active_kv))
+    w = _packed(key + ("w",), weight if dt is None else lambda: weight().to(dt), tensors)
+    b = None if bq is None and bk is None and bv is None else _packed(
+        key + ("b",), bias if dt is None else lambda: bias().to(dt), tensors)
+    qkv = _linear(x if dt is None else x.to(dt), w, b)
     q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
 
     def heads(t, norm):
@@ -137,14 +157,21 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
         q_pad = q  # equal groups in order: the fold is a view
     else:
         q_pad = q.new_zeros(B, Akv * G, Sq, D).index_copy(1, pos, q)
-    mask = decoder_mask(key_mask, Sq, Sk, window, q.device)  # [B|1, 1, Sq, Sk]
-    ctx = F.scaled_dot_product_attention(q_pad.reshape(B, Akv, G * Sq, D), k, v, attn_mask=mask.repeat(1, 1, G, 1),
-                                         scale=D ** -0.5)
+    if Sq == 1 and key_mask is None and (window <= 0 or Sk <= window):
+        mask = None  # a decode step that sees every key
+    else:
+        mask = decoder_mask(key_mask, Sq, Sk, window, q.device).repeat(1, 1, G, 1)  # [B|1, 1, G*Sq, Sk]
+    ctx = F.scaled_dot_product_attention(q_pad.reshape(B, Akv, G * Sq, D), k, v, attn_mask=mask, scale=D ** -0.5)
     ctx = ctx.reshape(B, Akv * G, Sq, D)
     if ctx.shape[1] != A or q_pad is not q:
         ctx = ctx.index_select(1, pos)
     ctx = ctx * head_gates.index_select(0, active).to(ctx.dtype)[None, :, None, None]
     cols = head_rows(active, D)
-    w = _packed(("wo", _tensor_key(wo), _index_key(active)), lambda: wo.index_select(1, cols), (wo,))
-    return F.linear(ctx.transpose(1, 2).reshape(B, Sq, A * D), w, bo)
+    dt = _cast_dtype(ctx, (wo, bo))
+    w = _packed(("wo", dt, _tensor_key(wo), _index_key(active)),
+                lambda: wo.index_select(1, cols) if dt is None else wo.index_select(1, cols).to(dt), (wo,))
+    if dt is not None:
+        ctx = ctx.to(dt)
+        bo = None if bo is None else _packed(("bo", dt, _tensor_key(bo)), lambda: bo.to(dt), (bo,))
+    return _linear(ctx.transpose(1, 2).reshape(B, Sq, A * D), w, bo)
 

@@ -116,7 +116,8 @@ class GatedDecoderAttention(nn.Module):
 class GatedDecoderMLP(nn.Module):
     """Drop-in for ``LlamaMLP``: ``down_proj(act(gate_proj(x)) * up_proj(x) * gate)``, one gate per unit; holds
     HF's very linears. Runs ``gated_glu_ffn`` on ``[gate_proj; up_proj]`` (concatenated once per weight change
-    while no gradient is needed, so the kernels' packed weights stay cached; per call in training)."""
+    while no gradient is needed, so the kernels' packed weights stay cached; per call in training); under autocast
+    without gradients the weights are cast once per version to the autocast dtype, not at every call."""
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, activation: str,
                  sampling: bool = False):
@@ -130,23 +131,33 @@ class GatedDecoderMLP(nn.Module):
     def extra_repr(self) -> str:
         return f"units={self.down_proj.in_features}, activation={self.activation}"
 
-    def fused_input(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``([gate_proj.weight; up_proj.weight], [gate_proj.bias; up_proj.bias] or None)``."""
-        g, u = self.gate_proj, self.up_proj
-        tensors = [t for t in (g.weight, u.weight, g.bias, u.bias) if t is not None]
+    def fused_input(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([gate_proj.weight; up_proj.weight], [gate_proj.bias; up_proj.bias] or None)``, cast to ``dtype``
+        when given."""
+        return self._weights(dtype)[:2]
+
+    def _weights(self, dtype: torch.dtype | None):
+        """(w1, b1, w2, b2): the fused input weights and ``down_proj``'s, in ``dtype`` (None: as they are); cached
+        per weight version and dtype while no gradient is needed."""
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        tensors = [t for t in (g.weight, u.weight, g.bias, u.bias, d.weight, d.bias) if t is not None]
+
+        def cast(t):
+            return t if t is None or dtype is None else t.to(dtype)
 
         def fuse():
             bias = None if g.bias is None and u.bias is None else torch.cat(
                 [g.weight.new_zeros(g.out_features) if g.bias is None else g.bias,
                  u.weight.new_zeros(u.out_features) if u.bias is None else u.bias])
-            return torch.cat([g.weight, u.weight]), bias
+            return cast(torch.cat([g.weight, u.weight])), cast(bias), cast(d.weight), cast(d.bias)
 
         if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or torch.compiler.is_compiling() \
                 or any(t.is_inference() for t in tensors):
             return fuse()
-        key = tuple((id(t), t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
+        key = (dtype,) + tuple((id(t), t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
         cached = self.__dict__.get("_fused")
         if cached is None or cached[0] != key:
+            self.__dict__["_fused"] = None  # the old copy goes before the new one is made
             cached = self.__dict__["_fused"] = (key, fuse())
         return cached[1]
 
@@ -156,9 +167,10 @@ class GatedDecoderMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gates, kept = gate_values(self.unit_gate)
-        w1, b1 = self.fused_input()
-        return ops.gated_glu_ffn(hidden_states, w1, b1, self.down_proj.weight, self.down_proj.bias, gates, kept,
-                                 self.activation)
+        kind = hidden_states.device.type  # under autocast, weights cast once per version (not at every call)
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        w1, b1, w2, b2 = self._weights(dtype)
+        return ops.gated_glu_ffn(hidden_states, w1, b1, w2, b2, gates, kept, self.activation)
 
 
 class DecoderFamily(Family):
