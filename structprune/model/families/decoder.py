@@ -18,6 +18,7 @@ stores), calls the HF cache's ``update`` between the two decoder ops, and attend
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from structprune.model.families.base import Family, Sizes
@@ -173,6 +174,32 @@ class GatedDecoderMLP(nn.Module):
         return ops.gated_glu_ffn(hidden_states, w1, b1, w2, b2, gates, kept, self.activation)
 
 
+class DecoderLMHead(nn.Linear):
+    """The LM head of a patched decoder (``nn.Linear`` with the same parameters and state dict): under autocast
+    without gradients its weight is cast once per version (HF's head casts the whole [vocab, hidden] matrix at every
+    call) and the GEMM runs on 2-D rows (a 3-D bf16 input goes through a batched matmul that copies the transposed
+    weight on the CPU). Otherwise it is ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling() or self.weight.is_inference() or \
+                (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(kind)
+        w, b = self.weight, self.bias
+        key = (dtype, id(w), w.data_ptr(), w._version, w.shape, w.device, None if b is None else b._version)
+        cached = self.__dict__.get("_cast")
+        if cached is None or cached[0] != key:
+            self.__dict__["_cast"] = None
+            cached = self.__dict__["_cast"] = (key, w.to(dtype), None if b is None else b.to(dtype))
+        y = F.linear(x.reshape(-1, x.shape[-1]).to(dtype), cached[1], cached[2])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def __getstate__(self):  # pickling and deepcopy: the cast copy is rebuilt on use
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_cast": None}
+
+
 class DecoderFamily(Family):
     name = "decoder"
     model_types = tuple(_PREFIXES)
@@ -252,6 +279,17 @@ class DecoderFamily(Family):
         stash_hf_module(gated_mlp, mlp, ("gate_proj", "up_proj", "down_proj"))
         layer.mlp = gated_mlp
 
+    def patch_model(self, model: nn.Module) -> None:
+        head = getattr(model, "lm_head", None)
+        if type(head) is nn.Linear:
+            head.__class__ = DecoderLMHead
+
+    def unpatch_model(self, model: nn.Module) -> None:
+        head = getattr(model, "lm_head", None)
+        if type(head) is DecoderLMHead:
+            head.__dict__.pop("_cast", None)
+            head.__class__ = nn.Linear
+
     def unpatch_reason(self, parts) -> str | None:
         """HF's attention repeats each KV head for ``H / Hkv`` query heads: a layer whose kept groups are unequal
         cannot go back to it (save it with ``sp.save_pretrained``, which plain transformers loads)."""
@@ -278,4 +316,4 @@ class DecoderFamily(Family):
         layer.mlp = unstash_hf_module(mlp, gate_proj=mlp.gate_proj, up_proj=mlp.up_proj, down_proj=mlp.down_proj)
 
 
-__all__ = ["DecoderFamily", "GatedDecoderAttention", "GatedDecoderMLP"]
+__all__ = ["DecoderFamily", "DecoderLMHead", "GatedDecoderAttention", "GatedDecoderMLP"]
