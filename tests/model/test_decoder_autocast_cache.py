@@ -10,7 +10,7 @@ from torch import nn
 
 import structprune as sp
 from helpers.decoders import greedy, left_padded, masks, outputs, tiny_model
-from helpers.models import one_thread_reference_backend  # noqa: F401  (autouse fixture)
+from helpers import models as _models
 from structprune.model.families.decoder import DecoderLMHead
 from structprune.ops import reference
 
@@ -18,6 +18,8 @@ cpp_ops = pytest.importorskip("structprune.backends.cpp.ops")
 if cpp_ops.load_error() is not None:
     pytest.skip(f"C++ extension unavailable: {cpp_ops.load_error()}", allow_module_level=True)
 from structprune.backends.cpp import decoder as dec  # noqa: E402
+
+one_thread_reference_backend = _models.one_thread_reference_backend  # the autouse fixture
 
 
 def _masked(family="llama"):
