@@ -176,3 +176,42 @@ def test_the_masks_a_layer_may_get_give_the_same_outputs(window):
     with sp.use_backend("cpp"):
         torch.testing.assert_close(dispatch.gated_decoder_attention(*tensors, active, q_to_kv, window, attn_mask=one),
                                    want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window", [-1, 3, 64])
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("q_len", [1, 5], ids=["decode", "chunk"])
+@pytest.mark.parametrize("kept", ["all", "equal", "unequal", "one"])
+def test_decode_kernel_matches_the_reference(kept, q_len, padding, window, dtype, monkeypatch):
+    """Without gradients a few queries run csrc/cpu/decoder_cpu.cpp (no repeat_kv, no mask tensor): equal to the
+    fp32 reference on the same rounded inputs, left and right key padding (a fully padded query row included)."""
+    tensors, active, q_to_kv, _ = attention_case(kept, q_len, seed=7 * q_len + window)
+    key_mask = None
+    if padding != "none":
+        key_mask = torch.ones(B, S, dtype=torch.bool)
+        if padding == "left":
+            key_mask[1, :S - 2] = False  # row 1: the first queries of a chunk see no key
+        else:
+            key_mask[0, S - 3:] = False
+    low = [None if t is None else t.to(dtype) for t in tensors]
+    calls, real = [], torch.ops.structprune.cpp_decoder_decode_attention
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+    monkeypatch.setattr(torch.ops.structprune, "cpp_decoder_decode_attention", spy)
+    got = dec.gated_decoder_attention(*low, active, q_to_kv, key_mask, window)
+    assert calls or not active.numel(), "the decode kernel did not run"
+    want32 = reference.gated_decoder_attention(*[None if t is None else t.float() for t in low], active, q_to_kv,
+                                               window, key_mask=key_mask)
+    plain = reference.gated_decoder_attention(*low, active, q_to_kv, window, key_mask=key_mask)
+    check_close("y", got, want32, plain, dtype)
+
+
+def test_decode_kernel_refuses_a_bad_map():
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="q_to_kv\\[1\\] = 1 is not a KV head"):
+        torch.ops.structprune.cpp_decoder_decode_attention(q, k, k, torch.tensor([0, 1]), None, -1, 0.3)
+    with pytest.raises(RuntimeError, match="key_mask must be bool"):
+        torch.ops.structprune.cpp_decoder_decode_attention(q, k, k, torch.tensor([0, 0]), torch.ones(1, 4), -1, 0.3)

@@ -141,6 +141,25 @@ def _group_layout(q_to_kv: torch.Tensor, num_kv: int):
     return G, q_to_kv * G + rank
 
 
+_DECODE_MAX_QUERIES = 16  # queries per head up to which the C++ decode kernel runs (one pass per query row)
+
+
+def _decode_kernel(q, k, v, head_gates, wo, bo) -> bool:
+    """Whether :func:`gated_decoder_attention` runs ``cpp_decoder_decode_attention``: CPU tensors, at most
+    ``_DECODE_MAX_QUERIES`` queries per head, and no gradient to any input (the kernel has no backward)."""
+    if q.device.type != "cpu" or q.shape[2] > _DECODE_MAX_QUERIES or torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (q, k, v, head_gates, wo, bo))
+
+
+def register() -> None:
+    """The fake kernel of ``cpp_decoder_decode_attention`` (called once, when the extension loads)."""
+    @torch.library.register_fake("structprune::cpp_decoder_decode_attention")
+    def _decode_fake(q, k, v, q_to_kv, key_mask, window, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, key_mask, window: int):
     """Equal to :func:`structprune.ops.reference.gated_decoder_attention` with ``key_mask`` and ``window``, without
     repeating k and v (see the module docstring). Biases may be None."""
@@ -151,6 +170,12 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
     active = torch.arange(A, device=q.device) if active_heads is None else active_heads.to(q.device)
     if A == 0:
         return F.linear(q.new_zeros(B, Sq, 0), wo[:, :0], bo)
+    if _decode_kernel(q, k, v, head_gates, wo, bo):  # a few queries, no gradient: csrc/cpu/decoder_cpu.cpp
+        ctx = torch.ops.structprune.cpp_decoder_decode_attention(
+            q, k.to(q.dtype), v.to(q.dtype), _packed(("map", _tensor_key(q_to_kv)), lambda: q_to_kv.cpu().long(),
+                                                     (q_to_kv,)),
+            None if key_mask is None else key_mask.to(torch.bool), int(window), D ** -0.5)
+        return _project(ctx, wo, bo, head_gates, active, D)
     G, pos = _packed(("layout", _tensor_key(q_to_kv), Akv, q.device), lambda: _group_layout(q_to_kv.to(q.device), Akv),
                      (q_to_kv,))
     if G * Akv == A and bool((pos == torch.arange(A, device=q.device)).all()):
@@ -165,6 +190,12 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
     ctx = ctx.reshape(B, Akv * G, Sq, D)
     if ctx.shape[1] != A or q_pad is not q:
         ctx = ctx.index_select(1, pos)
+    return _project(ctx, wo, bo, head_gates, active, D)
+
+
+def _project(ctx, wo, bo, head_gates, active, D: int):
+    """The gated contexts [B, A, Sq, D] of the heads ``active`` through their columns of ``wo``: [B, Sq, E]."""
+    B, A, Sq, _ = ctx.shape
     ctx = ctx * head_gates.index_select(0, active).to(ctx.dtype)[None, :, None, None]
     cols = head_rows(active, D)
     dt = _cast_dtype(ctx, (wo, bo))
