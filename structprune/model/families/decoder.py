@@ -13,7 +13,8 @@ Gates: one per query head and one per FFN unit. Each patched attention keeps a p
 (``kv_index``, a saved buffer): a KV head is kept while one of its query heads is, so compaction removes the
 ``k_proj``/``v_proj`` rows (and the KV-cache slot) of a KV head whose query heads are all pruned, and groups may
 end unequal. The gated attention computes q of the kept heads and k/v of the kept KV heads (what the cache
-stores), calls the HF cache's ``update`` between the two decoder ops, and attends through the map.
+stores), appends them to the HF cache between the two decoder ops (into a growing buffer for a ``DynamicCache``:
+:mod:`structprune.model.families.kv_cache`), and attends through the map.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from structprune.model.families.kv_cache import update as cache_update
 from structprune.model.families.base import Family, Sizes
 from structprune.model.gates import HardConcreteGate
 from structprune.model.modules import gate_values, stash_hf_module, unstash_hf_module
@@ -106,7 +108,7 @@ class GatedDecoderAttention(nn.Module):
             self.v_proj.weight, self.v_proj.bias, getattr(self.q_norm, "weight", None),
             getattr(self.k_norm, "weight", None), self.eps, cos, sin, self.head_dim, active, active_kv)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+            k, v = cache_update(cache, k, v, self.layer_idx, kwargs=kwargs)
         impl = "eager" if getattr(self.config, "_attn_implementation", "sdpa") == "eager" else "sdpa"
         out = ops.gated_decoder_attention(q, k, v, self.o_proj.weight, self.o_proj.bias, gates, active, q_to_kv,
                                           self.window, attn_mask=attention_mask,
