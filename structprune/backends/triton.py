@@ -9,6 +9,9 @@ with fake and autograd registrations; the backwards are custom ops too) and its 
 * :mod:`.attention` -- ``gated_attention``: gathered QKV GEMMs over active heads, flash attention with the
   gate in the epilogue, gathered output projection; flash backward for dq/dk/dv.
 * :mod:`.ffn` -- ``gated_ffn``: gathered GEMM1 with bias/activation/gate epilogue, gathered GEMM2.
+* :mod:`.decoder_attention` -- ``gated_decoder_attention``: flash attention through the head -> KV-head map
+  (causal, sliding window, key padding; forward and backward), gates and ``wo`` as torch ops;
+  ``gated_decoder_qkv`` as torch ops on the kept heads' rows.
 * :mod:`.hard_concrete` -- ``hard_concrete_sample`` / ``hard_concrete_uniform``: fused Philox sampling.
 * :mod:`._common` -- the gathered GEMM shared by both, launch configs, checks.
 
@@ -26,12 +29,13 @@ import torch
 
 from structprune.ops.support import Backend
 
-__all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "hard_concrete_sample", "hard_concrete_uniform",
-           "supports_attention_dropout", "attention_dropout_scale"]
+__all__ = ["BACKEND", "availability", "gated_attention", "gated_decoder_attention", "gated_decoder_qkv", "gated_ffn",
+           "hard_concrete_sample", "hard_concrete_uniform", "supports_attention_dropout", "attention_dropout_scale"]
 
 try:
     from structprune._kernels import _common
     from structprune._kernels.attention import attention_dropout_scale, gated_attention, supports_attention_dropout
+    from structprune._kernels.decoder_attention import gated_decoder_attention, gated_decoder_qkv
     from structprune._kernels.ffn import gated_ffn
     from structprune._kernels.hard_concrete import hard_concrete_sample, hard_concrete_uniform
     _IMPORT_ERROR: str | None = None
@@ -42,6 +46,7 @@ except Exception as exc:  # triton missing, or an incompatible version
         raise RuntimeError(f"structprune Triton backend unavailable: {_IMPORT_ERROR}")
 
     gated_attention = gated_ffn = hard_concrete_sample = hard_concrete_uniform = _unavailable
+    gated_decoder_attention = gated_decoder_qkv = _unavailable
     attention_dropout_scale = _unavailable
 
     def supports_attention_dropout(device) -> bool:
@@ -70,4 +75,5 @@ def availability(device: torch.device) -> str | None:
 
 BACKEND = Backend(name="triton", availability=availability, supports_attention_dropout=supports_attention_dropout,
                   gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
-                  hard_concrete_uniform=hard_concrete_uniform, module=sys.modules[__name__])
+                  hard_concrete_uniform=hard_concrete_uniform, gated_decoder_qkv=gated_decoder_qkv,
+                  gated_decoder_attention=gated_decoder_attention, module=sys.modules[__name__])
