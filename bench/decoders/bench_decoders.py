@@ -57,10 +57,18 @@ def build(layers: int, seed: int = 0):
     return {"dense": dense, "masked": masked, "compacted": compacted}
 
 
-def weight_bytes(model) -> int:
-    """Bytes of the weights one decode step reads: every parameter but the input embedding (one row is read)."""
+def touched_params(model) -> int:
+    """Parameters one decode step reads: all but the input embedding (of which one row is read)."""
     emb = model.get_input_embeddings().weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb) + emb.shape[1] * 4
+    return sum(p.numel() for p in model.parameters() if p is not emb) + emb.shape[1]
+
+
+def bytes_per_param(name: str, dtype: str) -> int:
+    """What a decode step moves per weight: fp32 reads 4 bytes; under bf16 autocast HF's linears cast the fp32
+    weight at every call (read 4, write 2, read 2), the patched models' cached bf16 copies read 2."""
+    if dtype == "fp32":
+        return 4
+    return 8 if name == "dense" else 2
 
 
 def kv_bytes(cache) -> int:
@@ -134,14 +142,15 @@ def summarise(t, models, dtype=None, decode_step=False, prompt=0, new_tokens=0) 
     out["masked_vs_compacted"] = {"median": ratio[len(ratio) // 2], "q1": ratio[len(ratio) // 4],
                                   "q3": ratio[(3 * len(ratio)) // 4], "meaning": "compacted time / masked time"}
     if decode_step:
-        elem = 2 if dtype == "bf16" else 4
+        params = {"dense": touched_params(models["dense"])}
+        params["masked"] = params["compacted"] = touched_params(models["compacted"])  # the packed kept weights
         for n in t.names:
-            weights = weight_bytes(models[n]) * (1 if dtype == "fp32" else 1)  # fp32 params, also under autocast
+            weights = params[n] * bytes_per_param(n, dtype)
             kv_mid = (t.notes["kv_bytes_after_prompt"][n] + t.notes["kv_bytes_at_end"][n]) // 2
             read = weights + kv_mid
             secs = out["sides"][n]["median_ms"] / 1e3
-            out["sides"][n].update(bytes_read_per_step=read, weight_bytes=weights, kv_bytes_mid=kv_mid,
-                                   achieved_gb_s=read / secs / 1e9, kv_elem_bytes=elem)
+            out["sides"][n].update(params_read=params[n], weight_bytes_read=weights, kv_bytes_mid=kv_mid,
+                                   bytes_read_per_step=read, achieved_gb_s=read / secs / 1e9)
         d = out["sides"]["dense"]["bytes_read_per_step"]
         out["byte_ideal_dense_over"] = {n: d / out["sides"][n]["bytes_read_per_step"] for n in t.names}
         out.update({k: v for k, v in t.notes.items()})
