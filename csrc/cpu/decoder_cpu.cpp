@@ -7,6 +7,12 @@
 // in one pass per query (online softmax). The (batch, head) rows are split over threads only when each thread gets
 // enough work (kMinWorkPerThread multiply-adds): a decode step runs in the calling thread, with no parallel region
 // to wait on. Forward only: the Python side calls it when no gradient is needed.
+//
+// cpp_decoder_rotary(qkv [B, S, (A + 2 Akv) D], cos, sin [B|1, S, D], q_norm?, k_norm? [D], eps, head_dim, A, Akv)
+// -> (q [B, A, S, D], k, v [B, Akv, S, D]): the epilogue of the fused q/k/v GEMM in one pass (one parallel region
+// at most): Qwen3's per-head RMSNorm (fp32 statistics, normalised value rounded to the dtype, times the weight),
+// HF's rotary positions (x * cos + rotate_half(x) * sin, in fp32, rounded once) and the [B, S, H, D] ->
+// [B, H, S, D] layout the attention and the KV cache take. Forward only.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -123,9 +129,95 @@ at::Tensor decoder_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k
   return out;
 }
 
+template <typename T>
+void rotary_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const float* qn,
+                 const float* kn, float eps, int64_t D, int64_t A, int64_t Akv, at::Tensor& q, at::Tensor& k,
+                 at::Tensor& v) {
+  const int64_t B = qkv.size(0), S = qkv.size(1), N = qkv.size(2), H = A + 2 * Akv, half = D / 2;
+  const bool cos_batched = cos.size(0) == B && B > 1;
+  const T* src = qkv.data_ptr<T>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  T* qp = q.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  T* vp = v.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, H * D));
+  at::parallel_for(0, B * S, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(D);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / S, s = row % S;
+      const T* in = src + row * N;
+      const float* c = cp + ((cos_batched ? b : 0) * S + s) * D;
+      const float* sn = sp + ((cos_batched ? b : 0) * S + s) * D;
+      for (int64_t h = 0; h < H; ++h) {
+        const T* xi = in + h * D;
+        if (h >= A + Akv) {  // v: the layout only
+          T* out = vp + ((b * Akv + (h - A - Akv)) * S + s) * D;
+          std::copy(xi, xi + D, out);
+          continue;
+        }
+        const bool is_q = h < A;
+        const float* norm = is_q ? qn : kn;
+        for (int64_t d = 0; d < D; ++d) x[d] = static_cast<float>(xi[d]);
+        if (norm != nullptr) {
+          float ss = 0.f;
+          for (int64_t d = 0; d < D; ++d) ss += x[d] * x[d];
+          const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+          for (int64_t d = 0; d < D; ++d) {
+            const float n = static_cast<float>(static_cast<T>(x[d] * r));
+            x[d] = static_cast<float>(static_cast<T>(norm[d] * n));
+          }
+        }
+        T* out = is_q ? qp + ((b * A + h) * S + s) * D : kp + ((b * Akv + (h - A)) * S + s) * D;
+        for (int64_t d = 0; d < half; ++d) {
+          out[d] = static_cast<T>(x[d] * c[d] - x[d + half] * sn[d]);
+          out[d + half] = static_cast<T>(x[d + half] * c[d + half] + x[d] * sn[d + half]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_rotary_cpu(
+    const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& q_norm,
+    const c10::optional<at::Tensor>& k_norm, double eps, int64_t head_dim, int64_t num_q, int64_t num_kv) {
+  const int64_t D = head_dim;
+  TORCH_CHECK(qkv.dim() == 3 && D > 0 && D % 2 == 0 && num_q >= 0 && num_kv >= 0 &&
+                  qkv.size(2) == (num_q + 2 * num_kv) * D,
+              "structprune::cpp_decoder_rotary: expected qkv [B, S, (A + 2 Akv) * D] with an even D, got ",
+              qkv.sizes(), " for A=", num_q, ", Akv=", num_kv, ", D=", D);
+  const int64_t B = qkv.size(0), S = qkv.size(1);
+  for (const auto* t : {&cos, &sin}) {
+    TORCH_CHECK(t->dim() == 3 && (t->size(0) == 1 || t->size(0) == B) && t->size(1) == S && t->size(2) == D,
+                "structprune::cpp_decoder_rotary: cos and sin must be [B or 1, S, D] = [", B, ", ", S, ", ", D,
+                "], got ", t->sizes());
+  }
+  at::Tensor qn, kn;
+  for (auto [opt, out, name] : {std::make_tuple(&q_norm, &qn, "q_norm"), std::make_tuple(&k_norm, &kn, "k_norm")}) {
+    if (opt->has_value() && (*opt)->defined()) {
+      TORCH_CHECK((*opt)->dim() == 1 && (*opt)->size(0) == D, "structprune::cpp_decoder_rotary: ", name,
+                  " must be [D=", D, "], got ", (*opt)->sizes());
+      *out = (*opt)->to(at::kFloat).contiguous();
+    }
+  }
+  const auto x = qkv.contiguous();
+  const auto c = cos.to(at::kFloat).contiguous(), sn = sin.to(at::kFloat).contiguous();
+  auto q = at::empty({B, num_q, S, D}, x.options());
+  auto k = at::empty({B, num_kv, S, D}, x.options());
+  auto v = at::empty({B, num_kv, S, D}, x.options());
+  if (x.numel() == 0) return {q, k, v};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cpp_decoder_rotary", [&] {
+    rotary_rows<scalar_t>(x, c, sn, qn.defined() ? qn.data_ptr<float>() : nullptr,
+                          kn.defined() ? kn.data_ptr<float>() : nullptr, static_cast<float>(eps), D, num_q, num_kv,
+                          q, k, v);
+  });
+  return {q, k, v};
+}
+
 }  // namespace
 }  // namespace structprune
 
 TORCH_LIBRARY_IMPL(structprune, CPU, m) {
   m.impl("cpp_decoder_decode_attention", &structprune::decoder_decode_attention_cpu);
+  m.impl("cpp_decoder_rotary", &structprune::decoder_rotary_cpu);
 }

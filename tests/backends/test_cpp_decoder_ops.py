@@ -80,6 +80,38 @@ def test_qkv_matches_the_reference(kept, bias, norm, dtype):
     _compare(names, ker, ref, tensors, dtype, torch.cat(grad_outs, dim=1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias,norm,batched", [(True, True, False), (False, False, True), (False, True, True)])
+@pytest.mark.parametrize("kept", ["all", "unequal", "one", "none"])
+@pytest.mark.parametrize("seq", [S, 1], ids=["prefill", "decode"])
+def test_qkv_epilogue_without_gradients_matches_the_reference(seq, kept, bias, norm, batched, dtype, monkeypatch):
+    """No gradient: the q/k norm + rotary + layout run as one C++ pass (cpp_decoder_rotary), fp32 math rounded
+    once: equal to the fp32 reference on the same rounded inputs (per-sequence or shared rotary tables)."""
+    g = torch.Generator().manual_seed(len(kept) + bias + seq)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(dtype)  # noqa: E731
+    tensors = [r(B, seq, E), r(H * D, E), r(H * D) if bias else None, r(KV * D, E), r(KV * D) if bias else None,
+               r(KV * D, E), r(KV * D) if bias else None, r(D) + 1 if norm else None, r(D) + 1 if norm else None]
+    cos, sin = rotary_tables(S + 3)
+    cos, sin = cos[:, 3:3 + seq], sin[:, 3:3 + seq]  # positions 3.. (a decode step: not position 0)
+    if batched:
+        cos, sin = torch.cat([cos, cos.roll(1, 1)]), torch.cat([sin, sin.roll(1, 1)])
+    active = torch.tensor(HEADS[kept], dtype=torch.long)
+    active_kv = torch.unique(active // 2)
+    calls, real = [], torch.ops.structprune.cpp_decoder_rotary
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(torch.ops.structprune, "cpp_decoder_rotary", spy)
+    got = torch.cat(dec.gated_decoder_qkv(*tensors, 1e-6, cos, sin, D, active, active_kv), dim=1)
+    assert calls, "the epilogue kernel did not run"
+    f32 = [None if t is None else t.float() for t in tensors]
+    want32 = torch.cat(reference.gated_decoder_qkv(*f32, 1e-6, cos, sin, D, active, active_kv), dim=1)
+    plain = torch.cat(reference.gated_decoder_qkv(*tensors, 1e-6, cos, sin, D, active, active_kv), dim=1)
+    assert got.dtype == dtype
+    check_close("qkv", got, want32, plain, dtype)
+
+
 def attention_case(kept, q_len, seed=0, bias=True, padding=True):
     g = torch.Generator().manual_seed(seed)
     active = torch.tensor(HEADS[kept], dtype=torch.long)

@@ -3,23 +3,30 @@ the kept heads, so that on the CPU a kernel backend, not the reference, runs a g
 
 ``gated_decoder_qkv`` projects with one GEMM over the packed rows of the active query heads of ``wq`` and of the
 active KV heads of ``wk``/``wv`` (pruned heads cost nothing), then applies Qwen3's per-head RMSNorm and the
-rotary positions as HF does. The packed weights are cached per (weights, versions, kept heads) while no gradient
-is needed (inference, generation); in training they are gathered per call so that gradients reach the full weights.
+rotary positions as HF does: without gradients in one pass, the C++ epilogue ``cpp_decoder_rotary``
+(``csrc/cpu/decoder_cpu.cpp``: fp32 math rounded once, the [B, H, S, D] layout written directly). The packed weights are cached per (weights, versions, kept heads) while no gradient
+is needed (inference, generation), under autocast in the autocast dtype (cast once per weight version, not at
+every call); in training they are gathered per call so that gradients reach the full weights. GEMMs run on 2-D
+rows (a 3-D one-row bf16 input takes a batched matmul that copies the transposed weight on the CPU).
 
-``gated_decoder_attention`` never materialises ``repeat_kv``: the query heads of each KV head are folded into the
+``gated_decoder_attention`` never materialises ``repeat_kv``. Without gradients and with at most
+``_DECODE_MAX_QUERIES`` queries per head (decode steps, short chunks) it runs the C++ kernel
+``cpp_decoder_decode_attention`` (``csrc/cpu/decoder_cpu.cpp``): each query row reads its KV head through the map,
+the causal band, window and key padding come from indices, the softmax is online in fp32, and a small problem
+runs in the calling thread (no parallel region). Otherwise the query heads of each KV head are folded into the
 query axis (group ``j``'s ``g_j`` heads become ``g_j * Sq`` query rows against KV head ``j``, as HF's decode path
 ``pack_gqa`` does for one query), padded to the largest group ``G`` of the layer with zero queries whose rows are
 dropped afterwards (groups may be unequal after pruning), and one ``scaled_dot_product_attention`` call runs over
 the ``Akv`` KV heads with the causal band, the window and the key padding as one boolean ``[B, 1, G*Sq, Sk]`` mask
-(a query with no visible key gets a zero context). The contexts are gated and projected with the kept columns of
-``wo`` (cached like the input weights). Autograd runs through the ATen ops.
+(a query with no visible key gets a zero context; no mask for a decode step that sees every key). The contexts
+are gated and projected with the kept columns of ``wo`` (cached like the input weights). Autograd runs through
+the ATen ops.
 
-What a fused kernel (C++ or Triton) would still have to do: one flash-attention pass per (batch, KV head, query
-tile) whose row tile holds the group's query heads (no padding rows, no mask tensor: causal and window from the
-indices, key padding from the [B, Sk] row, fully masked tiles skipped), a split-K (flash-decoding) path for one
-query against a long cache, the q/k/v GEMM with the RMSNorm + rotary epilogue writing k/v straight into a
-preallocated cache (DynamicCache concatenates the whole cache at every step), the packed weights kept in the C++
-pack cache (keyed like ``csrc/pack_cache.cpp``), and a backward that recomputes the probabilities.
+What a fused prefill kernel (C++) would still have to do: one flash-attention pass per (batch, KV head, query
+tile) whose row tile holds the group's query heads (no padding rows, no mask tensor, fully masked tiles skipped:
+the Triton kernels of ``kernels/decoder_attention.py`` do this on GPU), the q/k/v GEMM with the RMSNorm + rotary
+epilogue writing k/v straight into the cache buffer, the packed weights kept in the C++ pack cache (keyed like
+``csrc/pack_cache.cpp``), and a backward that recomputes the probabilities.
 """
 from __future__ import annotations
 
@@ -121,6 +128,11 @@ def gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, 
     b = None if bq is None and bk is None and bv is None else _packed(
         key + ("b",), bias if dt is None else lambda: bias().to(dt), tensors)
     qkv = _linear(x if dt is None else x.to(dt), w, b)
+    norms = [t for t in (q_norm, k_norm) if t is not None]
+    if not _needs_grad(x, wq, wk, wv, bq, bk, bv, q_norm, k_norm, cos, sin) and qkv.device.type == "cpu" and \
+            all(t.dtype == qkv.dtype for t in norms):  # the epilogue in one pass: csrc/cpu/decoder_cpu.cpp
+        return torch.ops.structprune.cpp_decoder_rotary(qkv, cos, sin, q_norm, k_norm, float(eps), D, nq // D,
+                                                        nkv // D)
     q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
 
     def heads(t, norm):
@@ -144,20 +156,32 @@ def _group_layout(q_to_kv: torch.Tensor, num_kv: int):
 _DECODE_MAX_QUERIES = 16  # queries per head up to which the C++ decode kernel runs (one pass per query row)
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether a gradient flows to one of ``tensors`` (or we are compiling): the forward-only kernels then stand
+    aside for the ATen compositions."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors))
+
+
 def _decode_kernel(q, k, v, head_gates, wo, bo) -> bool:
     """Whether :func:`gated_decoder_attention` runs ``cpp_decoder_decode_attention``: CPU tensors, at most
     ``_DECODE_MAX_QUERIES`` queries per head, and no gradient to any input (the kernel has no backward)."""
-    if q.device.type != "cpu" or q.shape[2] > _DECODE_MAX_QUERIES or torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad for t in (q, k, v, head_gates, wo, bo))
+    return q.device.type == "cpu" and q.shape[2] <= _DECODE_MAX_QUERIES and not _needs_grad(
+        q, k, v, head_gates, wo, bo)
 
 
 def register() -> None:
-    """The fake kernel of ``cpp_decoder_decode_attention`` (called once, when the extension loads)."""
+    """The fake kernels of ``cpp_decoder_decode_attention`` and ``cpp_decoder_rotary`` (called once, when the
+    extension loads)."""
     @torch.library.register_fake("structprune::cpp_decoder_decode_attention")
     def _decode_fake(q, k, v, q_to_kv, key_mask, window, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("structprune::cpp_decoder_rotary")
+    def _rotary_fake(qkv, cos, sin, q_norm, k_norm, eps, head_dim, num_q, num_kv):
+        B, S = qkv.shape[:2]
+        return (qkv.new_empty(B, num_q, S, head_dim), qkv.new_empty(B, num_kv, S, head_dim),
+                qkv.new_empty(B, num_kv, S, head_dim))
 
 
 def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, key_mask, window: int):
