@@ -247,3 +247,18 @@ def test_decode_kernel_refuses_a_bad_map():
         torch.ops.structprune.cpp_decoder_decode_attention(q, k, k, torch.tensor([0, 1]), None, -1, 0.3)
     with pytest.raises(RuntimeError, match="key_mask must be bool"):
         torch.ops.structprune.cpp_decoder_decode_attention(q, k, k, torch.tensor([0, 0]), torch.ones(1, 4), -1, 0.3)
+
+
+def test_forward_only_kernels_pass_opcheck():
+    """Schema, fake kernel and dispatch of the two forward-only C++ ops (torch.library.opcheck; no autograd: the
+    Python side runs them only without gradients)."""
+    g = torch.Generator().manual_seed(0)
+    cos, sin = rotary_tables()
+    qkv = torch.randn(B, S, (3 + 2 * 2) * D, generator=g)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(torch.ops.structprune.cpp_decoder_rotary.default,
+                          (qkv, cos, sin, torch.rand(D, generator=g), None, 1e-6, D, 3, 2), test_utils=tests)
+    q, k = torch.randn(B, 3, 2, D, generator=g), torch.randn(B, 2, S, D, generator=g)
+    torch.library.opcheck(torch.ops.structprune.cpp_decoder_decode_attention.default,
+                          (q, k, k.clone(), torch.tensor([0, 1, 1]), torch.ones(B, S, dtype=torch.bool), 4, 0.25),
+                          test_utils=tests)

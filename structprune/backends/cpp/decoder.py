@@ -130,7 +130,7 @@ def gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, 
     qkv = _linear(x if dt is None else x.to(dt), w, b)
     norms = [t for t in (q_norm, k_norm) if t is not None]
     if not _needs_grad(x, wq, wk, wv, bq, bk, bv, q_norm, k_norm, cos, sin) and qkv.device.type == "cpu" and \
-            all(t.dtype == qkv.dtype for t in norms):  # the epilogue in one pass: csrc/cpu/decoder_cpu.cpp
+            all(t.dtype == qkv.dtype for t in norms) and _has_op("cpp_decoder_rotary"):  # the epilogue in one pass: csrc/cpu/decoder_cpu.cpp
         return torch.ops.structprune.cpp_decoder_rotary(qkv, cos, sin, q_norm, k_norm, float(eps), D, nq // D,
                                                         nkv // D)
     q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
@@ -156,6 +156,17 @@ def _group_layout(q_to_kv: torch.Tensor, num_kv: int):
 _DECODE_MAX_QUERIES = 16  # queries per head up to which the C++ decode kernel runs (one pass per query row)
 
 
+_OPS: dict = {}
+
+
+def _has_op(name: str) -> bool:
+    """Whether the loaded extension has ``structprune::name`` (an extension built before it was added lacks it: the
+    ATen compositions then run)."""
+    if name not in _OPS:
+        _OPS[name] = hasattr(torch.ops.structprune, name)
+    return _OPS[name]
+
+
 def _needs_grad(*tensors) -> bool:
     """Whether a gradient flows to one of ``tensors`` (or we are compiling): the forward-only kernels then stand
     aside for the ATen compositions."""
@@ -167,21 +178,23 @@ def _decode_kernel(q, k, v, head_gates, wo, bo) -> bool:
     """Whether :func:`gated_decoder_attention` runs ``cpp_decoder_decode_attention``: CPU tensors, at most
     ``_DECODE_MAX_QUERIES`` queries per head, and no gradient to any input (the kernel has no backward)."""
     return q.device.type == "cpu" and q.shape[2] <= _DECODE_MAX_QUERIES and not _needs_grad(
-        q, k, v, head_gates, wo, bo)
+        q, k, v, head_gates, wo, bo) and _has_op("cpp_decoder_decode_attention")
 
 
 def register() -> None:
     """The fake kernels of ``cpp_decoder_decode_attention`` and ``cpp_decoder_rotary`` (called once, when the
     extension loads)."""
-    @torch.library.register_fake("structprune::cpp_decoder_decode_attention")
     def _decode_fake(q, k, v, q_to_kv, key_mask, window, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("structprune::cpp_decoder_rotary")
     def _rotary_fake(qkv, cos, sin, q_norm, k_norm, eps, head_dim, num_q, num_kv):
         B, S = qkv.shape[:2]
         return (qkv.new_empty(B, num_q, S, head_dim), qkv.new_empty(B, num_kv, S, head_dim),
                 qkv.new_empty(B, num_kv, S, head_dim))
+
+    for name, fake in (("cpp_decoder_decode_attention", _decode_fake), ("cpp_decoder_rotary", _rotary_fake)):
+        if _has_op(name):
+            torch.library.register_fake("structprune::" + name)(fake)
 
 
 def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, key_mask, window: int):
