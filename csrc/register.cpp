@@ -90,6 +90,15 @@ TORCH_LIBRARY(structprune, m) {
   m.def(
       "cpp_hard_concrete_sample_backward(Tensor grad, Tensor log_alpha, int seed, int offset, float beta, "
       "Tensor? mask=None) -> Tensor");
+  // A decoder's attention of a few queries (decode steps) against a KV cache through the head -> KV-head map
+  // (cpu/decoder_cpu.cpp); forward only.
+  m.def(
+      "cpp_decoder_decode_attention(Tensor q, Tensor k, Tensor v, Tensor q_to_kv, Tensor? key_mask, int window, "
+      "float scale) -> Tensor");
+  // The q/k/v GEMM's epilogue: Qwen3's q/k RMSNorm, rotary positions, [B, H, S, D] layout; forward only.
+  m.def(
+      "cpp_decoder_rotary(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm, Tensor? k_norm, float eps, "
+      "int head_dim, int num_q, int num_kv) -> (Tensor, Tensor, Tensor)");
   m.def("attention_dropout_scale(int batch, int num_heads, int seq, Tensor heads, float p, int seed, int offset) -> "
         "Tensor", &attention_dropout_scale_op);
   m.def("pack_cache_clear() -> ()", &structprune::pack_cache_clear);

@@ -12,6 +12,9 @@ with fake and autograd registrations; the backwards are custom ops too) and its 
 * :mod:`.glu_ffn` -- ``gated_glu_ffn``: the GLU FFN over packed kept units (both halves of a unit in one tile).
 * :mod:`.rotary_attention` -- ``gated_rotary_attention``: :mod:`.attention` with rotary positions in the flash
   kernels' prologue and a sliding-window band that bounds the key (and, backward, query) blocks visited.
+* :mod:`.decoder_attention` -- ``gated_decoder_attention``: flash attention through the head -> KV-head map
+  (causal, sliding window, key padding; forward and backward), gates and ``wo`` as torch ops;
+  ``gated_decoder_qkv`` as torch ops on the kept heads' rows.
 * :mod:`.hard_concrete` -- ``hard_concrete_sample`` / ``hard_concrete_uniform``: fused Philox sampling.
 * :mod:`._common` -- the gathered GEMM shared by both, launch configs, checks.
 
@@ -29,13 +32,15 @@ import torch
 
 from structprune.ops.support import Backend
 
-__all__ = ["BACKEND", "availability", "gated_attention", "gated_ffn", "gated_glu_ffn", "gated_rotary_attention",
-           "hard_concrete_sample", "hard_concrete_uniform", "supports_attention_dropout", "attention_dropout_scale"]
+__all__ = ["BACKEND", "availability", "gated_attention", "gated_decoder_attention", "gated_decoder_qkv", "gated_ffn",
+           "gated_glu_ffn", "gated_rotary_attention", "hard_concrete_sample", "hard_concrete_uniform",
+           "supports_attention_dropout", "attention_dropout_scale"]
 
 try:
     from structprune._kernels import _common
     from structprune._kernels.attention import attention_dropout_scale, gated_attention, supports_attention_dropout
     from structprune._kernels.attention_seeded import TAKES_TENSOR_SEED
+    from structprune._kernels.decoder_attention import gated_decoder_attention, gated_decoder_qkv
     from structprune._kernels.ffn import gated_ffn
     from structprune._kernels.glu_ffn import gated_glu_ffn
     from structprune._kernels.rotary_attention import gated_rotary_attention
@@ -49,6 +54,7 @@ except Exception as exc:  # triton missing, or an incompatible version
 
     gated_attention = gated_ffn = hard_concrete_sample = hard_concrete_uniform = _unavailable
     gated_glu_ffn = gated_rotary_attention = _unavailable
+    gated_decoder_attention = gated_decoder_qkv = _unavailable
     attention_dropout_scale = _unavailable
 
     def supports_attention_dropout(device) -> bool:
@@ -81,4 +87,5 @@ BACKEND = Backend(name="triton", availability=availability, supports_attention_d
                   gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,
                   hard_concrete_uniform=hard_concrete_uniform, gated_glu_ffn=gated_glu_ffn,
                   gated_rotary_attention=gated_rotary_attention, takes_tensor_seed=TAKES_TENSOR_SEED,
+                  gated_decoder_qkv=gated_decoder_qkv, gated_decoder_attention=gated_decoder_attention,
                   module=sys.modules[__name__])

@@ -311,6 +311,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         zeroed_slot(parts)
         family.unpatch_layer(layer, model.config)
         layer.__class__ = type(layer)._structprune_original
+    family.unpatch_model(model)
     return model
 
 

@@ -94,6 +94,7 @@ def patch(model: nn.Module, sampling: bool = False, sublayers: bool = False, hid
         layer.train(layer.training)  # the new modules in the layer's mode
     if hidden:
         install_hidden_gate(model, family, layers, sampling).train(model.training)
+    family.patch_model(model)
     return model
 
 

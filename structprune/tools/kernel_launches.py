@@ -1,7 +1,7 @@
 """Recording the Triton kernel launches of ``structprune kernels``: the Triton ops' implementations run on ``meta``
 tensors (forward with and without saved intermediates, backward for the gradient sets training uses, with and
-without a padding mask and attention dropout, hard-concrete sampling) while every launch is recorded instead of
-run. :mod:`structprune.tools.kernel_report` compiles and reports them."""
+without a padding mask and attention dropout, hard-concrete sampling, the decoder attention) while every launch is
+recorded instead of run. :mod:`structprune.tools.kernel_report` compiles and reports them."""
 from __future__ import annotations
 
 import contextlib
@@ -204,7 +204,35 @@ def _matmul_precision(precision: str):
         torch.set_float32_matmul_precision(saved)
 
 
-OPS = ("attention", "ffn", "gates", "rotary_attention", "glu_ffn")
+def _decoder_launches(shape: Shape, dtype, heads_kept: float, batch: int, seq: int, sink: list) -> None:
+    """The decoder attention (grouped queries: a KV head per 4 query heads, Llama-3's ratio): prefill with and
+    without key padding and a sliding window, its backward, and a decode step (one query against ``seq`` keys)."""
+    from structprune._kernels import decoder_attention as DA
+
+    H, D = shape.heads, shape.head_dim
+    A = max(1, round(H * heads_kept))
+    kv = max(1, min(A, H // 4))
+
+    def meta(*s, dt=dtype):
+        return torch.empty(s, dtype=dt, device="meta")
+
+    q_to_kv = torch.empty((A,), dtype=torch.int64, device="meta")
+    forward, backward = _impl(DA.triton_decoder_attention), _impl(DA.triton_decoder_attention_backward)
+    for key_mask, window in ((None, -1), (meta(batch, seq, dt=torch.bool), -1), (None, 4096)):
+        what = ("padded" if key_mask is not None else "unpadded") + (", window" if window > 0 else "")
+        k, v = meta(batch, kv, seq, D), meta(batch, kv, seq, D)
+        with record_launches(sink, f"decoder attention forward, {what}"):
+            ctx, stats = _call(forward, q=meta(batch, A, seq, D), k=k, v=v, q_to_kv=q_to_kv, key_mask=key_mask,
+                               window=window, scale=D ** -0.5)
+        with record_launches(sink, f"decoder attention backward, {what}"):
+            _call(backward, dctx=meta(batch, A, seq, D), q=meta(batch, A, seq, D), k=k, v=v, ctx=ctx, stats=stats,
+                  q_to_kv=q_to_kv, key_mask=key_mask, window=window, scale=D ** -0.5)
+    with record_launches(sink, "decoder attention forward, decode step"):
+        _call(forward, q=meta(batch, A, 1, D), k=meta(batch, kv, seq, D), v=meta(batch, kv, seq, D), q_to_kv=q_to_kv,
+              key_mask=None, window=-1, scale=D ** -0.5)
+
+
+OPS = ("attention", "ffn", "gates", "rotary_attention", "glu_ffn", "decoder")
 
 
 def collect_launches(shape: Shape, cc: tuple[int, int], dtype_name: str, heads_kept: float, ffn_kept: float,
@@ -225,4 +253,6 @@ def collect_launches(shape: Shape, cc: tuple[int, int], dtype_name: str, heads_k
             _rotary_attention_launches(shape, dtype, heads_kept, batch, seq, sink)
         if "glu_ffn" in ops:
             _glu_ffn_launches(shape, dtype, ffn_kept, batch, seq, sink)
+        if "decoder" in ops:
+            _decoder_launches(shape, dtype, heads_kept, batch, seq, sink)
     return sink

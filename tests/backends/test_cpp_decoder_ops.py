@@ -80,6 +80,38 @@ def test_qkv_matches_the_reference(kept, bias, norm, dtype):
     _compare(names, ker, ref, tensors, dtype, torch.cat(grad_outs, dim=1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias,norm,batched", [(True, True, False), (False, False, True), (False, True, True)])
+@pytest.mark.parametrize("kept", ["all", "unequal", "one", "none"])
+@pytest.mark.parametrize("seq", [S, 1], ids=["prefill", "decode"])
+def test_qkv_epilogue_without_gradients_matches_the_reference(seq, kept, bias, norm, batched, dtype, monkeypatch):
+    """No gradient: the q/k norm + rotary + layout run as one C++ pass (cpp_decoder_rotary), fp32 math rounded
+    once: equal to the fp32 reference on the same rounded inputs (per-sequence or shared rotary tables)."""
+    g = torch.Generator().manual_seed(len(kept) + bias + seq)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(dtype)  # noqa: E731
+    tensors = [r(B, seq, E), r(H * D, E), r(H * D) if bias else None, r(KV * D, E), r(KV * D) if bias else None,
+               r(KV * D, E), r(KV * D) if bias else None, r(D) + 1 if norm else None, r(D) + 1 if norm else None]
+    cos, sin = rotary_tables(S + 3)
+    cos, sin = cos[:, 3:3 + seq], sin[:, 3:3 + seq]  # positions 3.. (a decode step: not position 0)
+    if batched:
+        cos, sin = torch.cat([cos, cos.roll(1, 1)]), torch.cat([sin, sin.roll(1, 1)])
+    active = torch.tensor(HEADS[kept], dtype=torch.long)
+    active_kv = torch.unique(active // 2)
+    calls, real = [], torch.ops.structprune.cpp_decoder_rotary
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(torch.ops.structprune, "cpp_decoder_rotary", spy)
+    got = torch.cat(dec.gated_decoder_qkv(*tensors, 1e-6, cos, sin, D, active, active_kv), dim=1)
+    assert calls, "the epilogue kernel did not run"
+    f32 = [None if t is None else t.float() for t in tensors]
+    want32 = torch.cat(reference.gated_decoder_qkv(*f32, 1e-6, cos, sin, D, active, active_kv), dim=1)
+    plain = torch.cat(reference.gated_decoder_qkv(*tensors, 1e-6, cos, sin, D, active, active_kv), dim=1)
+    assert got.dtype == dtype
+    check_close("qkv", got, want32, plain, dtype)
+
+
 def attention_case(kept, q_len, seed=0, bias=True, padding=True):
     g = torch.Generator().manual_seed(seed)
     active = torch.tensor(HEADS[kept], dtype=torch.long)
@@ -176,3 +208,57 @@ def test_the_masks_a_layer_may_get_give_the_same_outputs(window):
     with sp.use_backend("cpp"):
         torch.testing.assert_close(dispatch.gated_decoder_attention(*tensors, active, q_to_kv, window, attn_mask=one),
                                    want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window", [-1, 3, 64])
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("q_len", [1, 5], ids=["decode", "chunk"])
+@pytest.mark.parametrize("kept", ["all", "equal", "unequal", "one"])
+def test_decode_kernel_matches_the_reference(kept, q_len, padding, window, dtype, monkeypatch):
+    """Without gradients a few queries run csrc/cpu/decoder_cpu.cpp (no repeat_kv, no mask tensor): equal to the
+    fp32 reference on the same rounded inputs, left and right key padding (a fully padded query row included)."""
+    tensors, active, q_to_kv, _ = attention_case(kept, q_len, seed=7 * q_len + window)
+    key_mask = None
+    if padding != "none":
+        key_mask = torch.ones(B, S, dtype=torch.bool)
+        if padding == "left":
+            key_mask[1, :S - 2] = False  # row 1: the first queries of a chunk see no key
+        else:
+            key_mask[0, S - 3:] = False
+    low = [None if t is None else t.to(dtype) for t in tensors]
+    calls, real = [], torch.ops.structprune.cpp_decoder_decode_attention
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+    monkeypatch.setattr(torch.ops.structprune, "cpp_decoder_decode_attention", spy)
+    got = dec.gated_decoder_attention(*low, active, q_to_kv, key_mask, window)
+    assert calls or not active.numel(), "the decode kernel did not run"
+    want32 = reference.gated_decoder_attention(*[None if t is None else t.float() for t in low], active, q_to_kv,
+                                               window, key_mask=key_mask)
+    plain = reference.gated_decoder_attention(*low, active, q_to_kv, window, key_mask=key_mask)
+    check_close("y", got, want32, plain, dtype)
+
+
+def test_decode_kernel_refuses_a_bad_map():
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="q_to_kv\\[1\\] = 1 is not a KV head"):
+        torch.ops.structprune.cpp_decoder_decode_attention(q, k, k, torch.tensor([0, 1]), None, -1, 0.3)
+    with pytest.raises(RuntimeError, match="key_mask must be bool"):
+        torch.ops.structprune.cpp_decoder_decode_attention(q, k, k, torch.tensor([0, 0]), torch.ones(1, 4), -1, 0.3)
+
+
+def test_forward_only_kernels_pass_opcheck():
+    """Schema, fake kernel and dispatch of the two forward-only C++ ops (torch.library.opcheck; no autograd: the
+    Python side runs them only without gradients)."""
+    g = torch.Generator().manual_seed(0)
+    cos, sin = rotary_tables()
+    qkv = torch.randn(B, S, (3 + 2 * 2) * D, generator=g)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(torch.ops.structprune.cpp_decoder_rotary.default,
+                          (qkv, cos, sin, torch.rand(D, generator=g), None, 1e-6, D, 3, 2), test_utils=tests)
+    q, k = torch.randn(B, 3, 2, D, generator=g), torch.randn(B, 2, S, D, generator=g)
+    torch.library.opcheck(torch.ops.structprune.cpp_decoder_decode_attention.default,
+                          (q, k, k.clone(), torch.tensor([0, 1, 1]), torch.ones(B, S, dtype=torch.bool), 4, 0.25),
+                          test_utils=tests)

@@ -3,23 +3,30 @@ the kept heads, so that on the CPU a kernel backend, not the reference, runs a g
 
 ``gated_decoder_qkv`` projects with one GEMM over the packed rows of the active query heads of ``wq`` and of the
 active KV heads of ``wk``/``wv`` (pruned heads cost nothing), then applies Qwen3's per-head RMSNorm and the
-rotary positions as HF does. The packed weights are cached per (weights, versions, kept heads) while no gradient
-is needed (inference, generation); in training they are gathered per call so that gradients reach the full weights.
+rotary positions as HF does: without gradients in one pass, the C++ epilogue ``cpp_decoder_rotary``
+(``csrc/cpu/decoder_cpu.cpp``: fp32 math rounded once, the [B, H, S, D] layout written directly). The packed weights are cached per (weights, versions, kept heads) while no gradient
+is needed (inference, generation), under autocast in the autocast dtype (cast once per weight version, not at
+every call); in training they are gathered per call so that gradients reach the full weights. GEMMs run on 2-D
+rows (a 3-D one-row bf16 input takes a batched matmul that copies the transposed weight on the CPU).
 
-``gated_decoder_attention`` never materialises ``repeat_kv``: the query heads of each KV head are folded into the
+``gated_decoder_attention`` never materialises ``repeat_kv``. Without gradients and with at most
+``_DECODE_MAX_QUERIES`` queries per head (decode steps, short chunks) it runs the C++ kernel
+``cpp_decoder_decode_attention`` (``csrc/cpu/decoder_cpu.cpp``): each query row reads its KV head through the map,
+the causal band, window and key padding come from indices, the softmax is online in fp32, and a small problem
+runs in the calling thread (no parallel region). Otherwise the query heads of each KV head are folded into the
 query axis (group ``j``'s ``g_j`` heads become ``g_j * Sq`` query rows against KV head ``j``, as HF's decode path
 ``pack_gqa`` does for one query), padded to the largest group ``G`` of the layer with zero queries whose rows are
 dropped afterwards (groups may be unequal after pruning), and one ``scaled_dot_product_attention`` call runs over
 the ``Akv`` KV heads with the causal band, the window and the key padding as one boolean ``[B, 1, G*Sq, Sk]`` mask
-(a query with no visible key gets a zero context). The contexts are gated and projected with the kept columns of
-``wo`` (cached like the input weights). Autograd runs through the ATen ops.
+(a query with no visible key gets a zero context; no mask for a decode step that sees every key). The contexts
+are gated and projected with the kept columns of ``wo`` (cached like the input weights). Autograd runs through
+the ATen ops.
 
-What a fused kernel (C++ or Triton) would still have to do: one flash-attention pass per (batch, KV head, query
-tile) whose row tile holds the group's query heads (no padding rows, no mask tensor: causal and window from the
-indices, key padding from the [B, Sk] row, fully masked tiles skipped), a split-K (flash-decoding) path for one
-query against a long cache, the q/k/v GEMM with the RMSNorm + rotary epilogue writing k/v straight into a
-preallocated cache (DynamicCache concatenates the whole cache at every step), the packed weights kept in the C++
-pack cache (keyed like ``csrc/pack_cache.cpp``), and a backward that recomputes the probabilities.
+What a fused prefill kernel (C++) would still have to do: one flash-attention pass per (batch, KV head, query
+tile) whose row tile holds the group's query heads (no padding rows, no mask tensor, fully masked tiles skipped:
+the Triton kernels of ``kernels/decoder_attention.py`` do this on GPU), the q/k/v GEMM with the RMSNorm + rotary
+epilogue writing k/v straight into the cache buffer, the packed weights kept in the C++ pack cache (keyed like
+``csrc/pack_cache.cpp``), and a backward that recomputes the probabilities.
 """
 from __future__ import annotations
 
@@ -70,6 +77,24 @@ def _packed(key, make, tensors):
     return value
 
 
+def _cast_dtype(x, tensors):
+    """The autocast dtype when ``x``'s device is under autocast and no gradient flows to ``tensors`` (the packed
+    weights are then cached in that dtype instead of cast at every call), else None."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return None
+    dt = torch.get_autocast_dtype(kind)
+    return dt if x.is_floating_point() and x.dtype != torch.float64 else None
+
+
+def _linear(x, w, b):
+    """``F.linear`` over the rows of ``x`` as one 2-D GEMM (a 3-D bf16 input with one row goes through a batched
+    matmul that copies the transposed weight on the CPU)."""
+    return F.linear(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[0])
+
+
 def _rows(t, rows):
     return t if rows is None or t is None else t.index_select(0, rows)
 
@@ -97,10 +122,17 @@ def gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, 
         return torch.cat(parts)
 
     tensors = (wq, wk, wv, bq, bk, bv)
-    key = ("qkv",) + tuple(_tensor_key(t) for t in tensors) + (_index_key(active_heads), _index_key(active_kv))
-    w = _packed(key + ("w",), weight, tensors)
-    b = None if bq is None and bk is None and bv is None else _packed(key + ("b",), bias, tensors)
-    qkv = F.linear(x, w, b)
+    dt = _cast_dtype(x, tensors)
+    key = ("qkv", dt) + tuple(_tensor_key(t) for t in tensors) + (_index_key(active_heads), _index_key(active_kv))
+    w = _packed(key + ("w",), weight if dt is None else lambda: weight().to(dt), tensors)
+    b = None if bq is None and bk is None and bv is None else _packed(
+        key + ("b",), bias if dt is None else lambda: bias().to(dt), tensors)
+    qkv = _linear(x if dt is None else x.to(dt), w, b)
+    norms = [t for t in (q_norm, k_norm) if t is not None]
+    if not _needs_grad(x, wq, wk, wv, bq, bk, bv, q_norm, k_norm, cos, sin) and qkv.device.type == "cpu" and \
+            all(t.dtype == qkv.dtype for t in norms) and _has_op("cpp_decoder_rotary"):  # the epilogue in one pass: csrc/cpu/decoder_cpu.cpp
+        return torch.ops.structprune.cpp_decoder_rotary(qkv, cos, sin, q_norm, k_norm, float(eps), D, nq // D,
+                                                        nkv // D)
     q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
 
     def heads(t, norm):
@@ -121,6 +153,50 @@ def _group_layout(q_to_kv: torch.Tensor, num_kv: int):
     return G, q_to_kv * G + rank
 
 
+_DECODE_MAX_QUERIES = 16  # queries per head up to which the C++ decode kernel runs (one pass per query row)
+
+
+_OPS: dict = {}
+
+
+def _has_op(name: str) -> bool:
+    """Whether the loaded extension has ``structprune::name`` (an extension built before it was added lacks it: the
+    ATen compositions then run)."""
+    if name not in _OPS:
+        _OPS[name] = hasattr(torch.ops.structprune, name)
+    return _OPS[name]
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether a gradient flows to one of ``tensors`` (or we are compiling): the forward-only kernels then stand
+    aside for the ATen compositions."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors))
+
+
+def _decode_kernel(q, k, v, head_gates, wo, bo) -> bool:
+    """Whether :func:`gated_decoder_attention` runs ``cpp_decoder_decode_attention``: CPU tensors, at most
+    ``_DECODE_MAX_QUERIES`` queries per head, and no gradient to any input (the kernel has no backward)."""
+    return q.device.type == "cpu" and q.shape[2] <= _DECODE_MAX_QUERIES and not _needs_grad(
+        q, k, v, head_gates, wo, bo) and _has_op("cpp_decoder_decode_attention")
+
+
+def register() -> None:
+    """The fake kernels of ``cpp_decoder_decode_attention`` and ``cpp_decoder_rotary`` (called once, when the
+    extension loads)."""
+    def _decode_fake(q, k, v, q_to_kv, key_mask, window, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    def _rotary_fake(qkv, cos, sin, q_norm, k_norm, eps, head_dim, num_q, num_kv):
+        B, S = qkv.shape[:2]
+        return (qkv.new_empty(B, num_q, S, head_dim), qkv.new_empty(B, num_kv, S, head_dim),
+                qkv.new_empty(B, num_kv, S, head_dim))
+
+    for name, fake in (("cpp_decoder_decode_attention", _decode_fake), ("cpp_decoder_rotary", _rotary_fake)):
+        if _has_op(name):
+            torch.library.register_fake("structprune::" + name)(fake)
+
+
 def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, key_mask, window: int):
     """Equal to :func:`structprune.ops.reference.gated_decoder_attention` with ``key_mask`` and ``window``, without
     repeating k and v (see the module docstring). Biases may be None."""
@@ -131,20 +207,39 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
     active = torch.arange(A, device=q.device) if active_heads is None else active_heads.to(q.device)
     if A == 0:
         return F.linear(q.new_zeros(B, Sq, 0), wo[:, :0], bo)
+    if _decode_kernel(q, k, v, head_gates, wo, bo):  # a few queries, no gradient: csrc/cpu/decoder_cpu.cpp
+        ctx = torch.ops.structprune.cpp_decoder_decode_attention(
+            q, k.to(q.dtype), v.to(q.dtype), _packed(("map", _tensor_key(q_to_kv)), lambda: q_to_kv.cpu().long(),
+                                                     (q_to_kv,)),
+            None if key_mask is None else key_mask.to(torch.bool), int(window), D ** -0.5)
+        return _project(ctx, wo, bo, head_gates, active, D)
     G, pos = _packed(("layout", _tensor_key(q_to_kv), Akv, q.device), lambda: _group_layout(q_to_kv.to(q.device), Akv),
                      (q_to_kv,))
     if G * Akv == A and bool((pos == torch.arange(A, device=q.device)).all()):
         q_pad = q  # equal groups in order: the fold is a view
     else:
         q_pad = q.new_zeros(B, Akv * G, Sq, D).index_copy(1, pos, q)
-    mask = decoder_mask(key_mask, Sq, Sk, window, q.device)  # [B|1, 1, Sq, Sk]
-    ctx = F.scaled_dot_product_attention(q_pad.reshape(B, Akv, G * Sq, D), k, v, attn_mask=mask.repeat(1, 1, G, 1),
-                                         scale=D ** -0.5)
+    if Sq == 1 and key_mask is None and (window <= 0 or Sk <= window):
+        mask = None  # a decode step that sees every key
+    else:
+        mask = decoder_mask(key_mask, Sq, Sk, window, q.device).repeat(1, 1, G, 1)  # [B|1, 1, G*Sq, Sk]
+    ctx = F.scaled_dot_product_attention(q_pad.reshape(B, Akv, G * Sq, D), k, v, attn_mask=mask, scale=D ** -0.5)
     ctx = ctx.reshape(B, Akv * G, Sq, D)
     if ctx.shape[1] != A or q_pad is not q:
         ctx = ctx.index_select(1, pos)
+    return _project(ctx, wo, bo, head_gates, active, D)
+
+
+def _project(ctx, wo, bo, head_gates, active, D: int):
+    """The gated contexts [B, A, Sq, D] of the heads ``active`` through their columns of ``wo``: [B, Sq, E]."""
+    B, A, Sq, _ = ctx.shape
     ctx = ctx * head_gates.index_select(0, active).to(ctx.dtype)[None, :, None, None]
     cols = head_rows(active, D)
-    w = _packed(("wo", _tensor_key(wo), _index_key(active)), lambda: wo.index_select(1, cols), (wo,))
-    return F.linear(ctx.transpose(1, 2).reshape(B, Sq, A * D), w, bo)
+    dt = _cast_dtype(ctx, (wo, bo))
+    w = _packed(("wo", dt, _tensor_key(wo), _index_key(active)),
+                lambda: wo.index_select(1, cols) if dt is None else wo.index_select(1, cols).to(dt), (wo,))
+    if dt is not None:
+        ctx = ctx.to(dt)
+        bo = None if bo is None else _packed(("bo", dt, _tensor_key(bo)), lambda: bo.to(dt), (bo,))
+    return _linear(ctx.transpose(1, 2).reshape(B, Sq, A * D), w, bo)
 

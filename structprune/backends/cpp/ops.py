@@ -292,6 +292,7 @@ if load_error() is None:
         _register_python_parts()
         _register_seeded_parts()
         modernbert.register()
+        decoder.register()
     except Exception as exc:  # e.g. an incompatible torch.library
         if "already" in str(exc):  # this module was reloaded: the registrations from the first import stand
             pass

@@ -249,4 +249,10 @@ class Family:
         """Put plain HF modules back in a patched layer, holding its current (possibly compacted) linears."""
         raise NotImplementedError
 
+    def patch_model(self, model: nn.Module) -> None:
+        """Model-level changes besides the layers (after they are patched); none by default."""
+
+    def unpatch_model(self, model: nn.Module) -> None:
+        """Undo :meth:`patch_model`."""
+
     layer_mixin: type | None = None  # mixed into a patched layer's class (overrides of the HF layer's methods)

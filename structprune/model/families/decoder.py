@@ -13,13 +13,16 @@ Gates: one per query head and one per FFN unit. Each patched attention keeps a p
 (``kv_index``, a saved buffer): a KV head is kept while one of its query heads is, so compaction removes the
 ``k_proj``/``v_proj`` rows (and the KV-cache slot) of a KV head whose query heads are all pruned, and groups may
 end unequal. The gated attention computes q of the kept heads and k/v of the kept KV heads (what the cache
-stores), calls the HF cache's ``update`` between the two decoder ops, and attends through the map.
+stores), appends them to the HF cache between the two decoder ops (into a growing buffer for a ``DynamicCache``:
+:mod:`structprune.model.families.kv_cache`), and attends through the map.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from structprune.model.families.kv_cache import update as cache_update
 from structprune.model.families.base import Family, Sizes
 from structprune.model.gates import HardConcreteGate
 from structprune.model.modules import gate_values, stash_hf_module, unstash_hf_module
@@ -105,7 +108,7 @@ class GatedDecoderAttention(nn.Module):
             self.v_proj.weight, self.v_proj.bias, getattr(self.q_norm, "weight", None),
             getattr(self.k_norm, "weight", None), self.eps, cos, sin, self.head_dim, active, active_kv)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+            k, v = cache_update(cache, k, v, self.layer_idx, kwargs=kwargs)
         impl = "eager" if getattr(self.config, "_attn_implementation", "sdpa") == "eager" else "sdpa"
         out = ops.gated_decoder_attention(q, k, v, self.o_proj.weight, self.o_proj.bias, gates, active, q_to_kv,
                                           self.window, attn_mask=attention_mask,
@@ -116,7 +119,8 @@ class GatedDecoderAttention(nn.Module):
 class GatedDecoderMLP(nn.Module):
     """Drop-in for ``LlamaMLP``: ``down_proj(act(gate_proj(x)) * up_proj(x) * gate)``, one gate per unit; holds
     HF's very linears. Runs ``gated_glu_ffn`` on ``[gate_proj; up_proj]`` (concatenated once per weight change
-    while no gradient is needed, so the kernels' packed weights stay cached; per call in training)."""
+    while no gradient is needed, so the kernels' packed weights stay cached; per call in training); under autocast
+    without gradients the weights are cast once per version to the autocast dtype, not at every call."""
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, activation: str,
                  sampling: bool = False):
@@ -130,23 +134,33 @@ class GatedDecoderMLP(nn.Module):
     def extra_repr(self) -> str:
         return f"units={self.down_proj.in_features}, activation={self.activation}"
 
-    def fused_input(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``([gate_proj.weight; up_proj.weight], [gate_proj.bias; up_proj.bias] or None)``."""
-        g, u = self.gate_proj, self.up_proj
-        tensors = [t for t in (g.weight, u.weight, g.bias, u.bias) if t is not None]
+    def fused_input(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([gate_proj.weight; up_proj.weight], [gate_proj.bias; up_proj.bias] or None)``, cast to ``dtype``
+        when given."""
+        return self._weights(dtype)[:2]
+
+    def _weights(self, dtype: torch.dtype | None):
+        """(w1, b1, w2, b2): the fused input weights and ``down_proj``'s, in ``dtype`` (None: as they are); cached
+        per weight version and dtype while no gradient is needed."""
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        tensors = [t for t in (g.weight, u.weight, g.bias, u.bias, d.weight, d.bias) if t is not None]
+
+        def cast(t):
+            return t if t is None or dtype is None else t.to(dtype)
 
         def fuse():
             bias = None if g.bias is None and u.bias is None else torch.cat(
                 [g.weight.new_zeros(g.out_features) if g.bias is None else g.bias,
                  u.weight.new_zeros(u.out_features) if u.bias is None else u.bias])
-            return torch.cat([g.weight, u.weight]), bias
+            return cast(torch.cat([g.weight, u.weight])), cast(bias), cast(d.weight), cast(d.bias)
 
         if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or torch.compiler.is_compiling() \
                 or any(t.is_inference() for t in tensors):
             return fuse()
-        key = tuple((id(t), t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
+        key = (dtype,) + tuple((id(t), t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
         cached = self.__dict__.get("_fused")
         if cached is None or cached[0] != key:
+            self.__dict__["_fused"] = None  # the old copy goes before the new one is made
             cached = self.__dict__["_fused"] = (key, fuse())
         return cached[1]
 
@@ -156,9 +170,36 @@ class GatedDecoderMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gates, kept = gate_values(self.unit_gate)
-        w1, b1 = self.fused_input()
-        return ops.gated_glu_ffn(hidden_states, w1, b1, self.down_proj.weight, self.down_proj.bias, gates, kept,
-                                 self.activation)
+        kind = hidden_states.device.type  # under autocast, weights cast once per version (not at every call)
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        w1, b1, w2, b2 = self._weights(dtype)
+        return ops.gated_glu_ffn(hidden_states, w1, b1, w2, b2, gates, kept, self.activation)
+
+
+class DecoderLMHead(nn.Linear):
+    """The LM head of a patched decoder (``nn.Linear`` with the same parameters and state dict): under autocast
+    without gradients its weight is cast once per version (HF's head casts the whole [vocab, hidden] matrix at every
+    call) and the GEMM runs on 2-D rows (a 3-D bf16 input goes through a batched matmul that copies the transposed
+    weight on the CPU). Otherwise it is ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling() or self.weight.is_inference() or \
+                (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(kind)
+        w, b = self.weight, self.bias
+        key = (dtype, id(w), w.data_ptr(), w._version, w.shape, w.device, None if b is None else b._version)
+        cached = self.__dict__.get("_cast")
+        if cached is None or cached[0] != key:
+            self.__dict__["_cast"] = None
+            cached = self.__dict__["_cast"] = (key, w.to(dtype), None if b is None else b.to(dtype))
+        y = F.linear(x.reshape(-1, x.shape[-1]).to(dtype), cached[1], cached[2])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def __getstate__(self):  # pickling and deepcopy: the cast copy is rebuilt on use
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_cast": None}
 
 
 class DecoderFamily(Family):
@@ -240,6 +281,17 @@ class DecoderFamily(Family):
         stash_hf_module(gated_mlp, mlp, ("gate_proj", "up_proj", "down_proj"))
         layer.mlp = gated_mlp
 
+    def patch_model(self, model: nn.Module) -> None:
+        head = getattr(model, "lm_head", None)
+        if type(head) is nn.Linear:
+            head.__class__ = DecoderLMHead
+
+    def unpatch_model(self, model: nn.Module) -> None:
+        head = getattr(model, "lm_head", None)
+        if type(head) is DecoderLMHead:
+            head.__dict__.pop("_cast", None)
+            head.__class__ = nn.Linear
+
     def unpatch_reason(self, parts) -> str | None:
         """HF's attention repeats each KV head for ``H / Hkv`` query heads: a layer whose kept groups are unequal
         cannot go back to it (save it with ``sp.save_pretrained``, which plain transformers loads)."""
@@ -266,4 +318,4 @@ class DecoderFamily(Family):
         layer.mlp = unstash_hf_module(mlp, gate_proj=mlp.gate_proj, up_proj=mlp.up_proj, down_proj=mlp.down_proj)
 
 
-__all__ = ["DecoderFamily", "GatedDecoderAttention", "GatedDecoderMLP"]
+__all__ = ["DecoderFamily", "DecoderLMHead", "GatedDecoderAttention", "GatedDecoderMLP"]
