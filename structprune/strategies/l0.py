@@ -152,14 +152,7 @@ class L0Controller:
         self.lagrangian = Lagrangian({s: len(self._groups[s]) for s in self.structures}, lambda_init).to(device)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for s in gated:
-                for gate in layer_gates(model, s):
-                    if init_log_alpha is not None:
-                        noise = torch.randn(gate.n, generator=gen) * init_noise
-                        value = (init_log_alpha + noise).to(gate.log_alpha)
-                        gate.log_alpha.copy_(torch.where(gate.mask != 0, value, gate.log_alpha))
-                    gate.sampling = True
-            for gate in self.extra.gates:
+            for gate in [g for s in gated for g in layer_gates(model, s)] + self.extra.gates:
                 if init_log_alpha is not None:
                     noise = torch.randn(gate.n, generator=gen) * init_noise
                     value = (init_log_alpha + noise).to(gate.log_alpha)
