@@ -400,3 +400,18 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
                                               int(window))
     _last["attention"] = backend.name
     return out
+
+
+# --- HF's RMSNorm ------------------------------------------------------------------------------------------------
+def rms_norm(x, weight, eps: float):
+    """HF's RMSNorm of ``x`` over its last axis (:func:`structprune.ops.reference.rms_norm`). Without a gradient
+    on the CPU the backend's one-pass kernel runs where it has one (cpp's ``rms_norm``); otherwise, and under
+    ``torch.compile``, the reference. ``last_backends()["norm"]`` says which ran."""
+    out, ran = None, "torch"
+    if not torch.compiler.is_compiling():
+        chosen = resolve_backend(x.device)
+        kernel = getattr(backends.module(chosen), "rms_norm", None) if chosen != "torch" else None
+        out = kernel(x, weight, float(eps)) if kernel is not None else None
+        ran = chosen if out is not None else "torch"
+    _last["norm"] = ran
+    return out if out is not None else reference.rms_norm(x, weight, float(eps))

@@ -181,9 +181,26 @@ def _decode_kernel(q, k, v, head_gates, wo, bo) -> bool:
         q, k, v, head_gates, wo, bo) and _has_op("cpp_decoder_decode_attention")
 
 
+_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def inference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """HF's RMSNorm of ``x`` over its last axis (:func:`structprune.ops.reference.rms_norm`) by the one-pass kernel
+    ``cpp_rms_norm`` (``csrc/cpu/norm_cpu.cpp``: fp32 statistics, vectorised for the CPU found at load time, one
+    parallel region at most); None where it does not apply (a gradient to ``x`` or ``weight``, torch.compile
+    tracing, a non-CPU tensor, a dtype it does not take, an extension built before it): the caller then runs the
+    reference."""
+    if _needs_grad(x, weight) or x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() == 0 or \
+            x.shape[-1] == 0 or weight.shape != x.shape[-1:] or x.dtype not in _NORM_DTYPES or \
+            weight.dtype not in _NORM_DTYPES or (weight.dtype not in (x.dtype, torch.float32) and
+                                                 x.dtype != torch.float32) or not _has_op("cpp_rms_norm"):
+        return None
+    return torch.ops.structprune.cpp_rms_norm(x, weight, float(eps))
+
+
 def register() -> None:
-    """The fake kernels of ``cpp_decoder_decode_attention`` and ``cpp_decoder_rotary`` (called once, when the
-    extension loads)."""
+    """The fake kernels of ``cpp_decoder_decode_attention``, ``cpp_decoder_rotary`` and ``cpp_rms_norm`` (called
+    once, when the extension loads)."""
     def _decode_fake(q, k, v, q_to_kv, key_mask, window, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
@@ -192,7 +209,11 @@ def register() -> None:
         return (qkv.new_empty(B, num_q, S, head_dim), qkv.new_empty(B, num_kv, S, head_dim),
                 qkv.new_empty(B, num_kv, S, head_dim))
 
-    for name, fake in (("cpp_decoder_decode_attention", _decode_fake), ("cpp_decoder_rotary", _rotary_fake)):
+    def _rms_fake(x, weight, eps):
+        return x.new_empty(x.shape, dtype=torch.result_type(weight, x))
+
+    for name, fake in (("cpp_decoder_decode_attention", _decode_fake), ("cpp_decoder_rotary", _rotary_fake),
+                       ("cpp_rms_norm", _rms_fake)):
         if _has_op(name):
             torch.library.register_fake("structprune::" + name)(fake)
 

@@ -300,6 +300,9 @@ if load_error() is None:
             record_error(f"registering fake/autograd kernels failed ({type(exc).__name__}: {exc})")
 
 
+# HF's RMSNorm for inference (None where the kernel does not apply): the dispatcher reads it through BACKEND.module
+rms_norm = decoder.inference_rms_norm
+
 BACKEND = Backend(name="cpp", availability=availability, supports_attention_dropout=supports_attention_dropout,
                   takes_tensor_seed=True,
                   gated_attention=gated_attention, gated_ffn=gated_ffn, hard_concrete_sample=hard_concrete_sample,

@@ -30,6 +30,7 @@ from structprune.ops import dispatch as ops
 from structprune.ops.activations import check_activation
 
 _PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
 class GatedDecoderAttention(nn.Module):
@@ -176,6 +177,39 @@ class GatedDecoderMLP(nn.Module):
         return ops.gated_glu_ffn(hidden_states, w1, b1, w2, b2, gates, kept, self.activation)
 
 
+class DecoderRMSNorm(nn.Module):
+    """Stands in for HF's RMSNorm (``LlamaRMSNorm`` and its Mistral/Qwen copies) in a patched decoder, holding its
+    very weight (the state dict is unchanged): :func:`structprune.ops.dispatch.rms_norm`, whose cpp kernel does in
+    one pass what HF's six element-wise ops do when no gradient is needed, and HF's formula otherwise."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = float(norm.variance_epsilon)
+        stash_hf_module(self, norm, ())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+    @staticmethod
+    def swap(owner: nn.Module, name: str) -> None:
+        """Put a :class:`DecoderRMSNorm` in place of ``owner.<name>`` when that is an HF RMSNorm."""
+        norm = getattr(owner, name, None)
+        if isinstance(norm, nn.Module) and not isinstance(norm, DecoderRMSNorm) and \
+                type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon"):
+            setattr(owner, name, DecoderRMSNorm(norm))
+
+    @staticmethod
+    def unswap(owner: nn.Module, name: str) -> None:
+        """Give ``owner.<name>`` its HF RMSNorm back (with the current weight)."""
+        norm = getattr(owner, name, None)
+        if isinstance(norm, DecoderRMSNorm):
+            setattr(owner, name, unstash_hf_module(norm, weight=norm.weight))
+
+
 class DecoderLMHead(nn.Linear):
     """The LM head of a patched decoder (``nn.Linear`` with the same parameters and state dict): under autocast
     without gradients its weight is cast once per version (HF's head casts the whole [vocab, hidden] matrix at every
@@ -280,13 +314,17 @@ class DecoderFamily(Family):
                                     sampling=sampling)
         stash_hf_module(gated_mlp, mlp, ("gate_proj", "up_proj", "down_proj"))
         layer.mlp = gated_mlp
+        for name in _LAYER_NORMS:
+            DecoderRMSNorm.swap(layer, name)
 
     def patch_model(self, model: nn.Module) -> None:
         head = getattr(model, "lm_head", None)
         if type(head) is nn.Linear:
             head.__class__ = DecoderLMHead
+        DecoderRMSNorm.swap(getattr(model, "model", model), "norm")
 
     def unpatch_model(self, model: nn.Module) -> None:
+        DecoderRMSNorm.unswap(getattr(model, "model", model), "norm")
         head = getattr(model, "lm_head", None)
         if type(head) is DecoderLMHead:
             head.__dict__.pop("_cast", None)
@@ -316,6 +354,8 @@ class DecoderFamily(Family):
         layer.self_attn.num_key_value_groups = groups
         mlp = layer.mlp
         layer.mlp = unstash_hf_module(mlp, gate_proj=mlp.gate_proj, up_proj=mlp.up_proj, down_proj=mlp.down_proj)
+        for name in _LAYER_NORMS:
+            DecoderRMSNorm.unswap(layer, name)
 
 
-__all__ = ["DecoderFamily", "DecoderLMHead", "GatedDecoderAttention", "GatedDecoderMLP"]
+__all__ = ["DecoderFamily", "DecoderLMHead", "DecoderRMSNorm", "GatedDecoderAttention", "GatedDecoderMLP"]
