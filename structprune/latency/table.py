@@ -258,6 +258,8 @@ class LatencyTable:
         """What one layer with ``heads``/``units`` (and, decoders, ``kv_heads``) kept adds over an emptied layer
         (scaled), at width ``hidden``."""
         if kv_heads is not None:
+            if not isinstance(heads, torch.Tensor) and float(heads) == 0:
+                kv_heads = 0  # no query head reads a KV head (a compacted layer may hold a zeroed one)
             attn = self.attention(heads, hidden, kv_heads) - self._attn[0]
         else:
             d = self._width(hidden)
