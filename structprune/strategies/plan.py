@@ -368,7 +368,7 @@ def _flat_table(model) -> LatencyTable:
     from structprune.latency.cost_model import model_key
     from structprune.latency.table import TableKey
 
-    key = model_key(model)
+    key = {k: v for k, v in model_key(model).items() if k not in ("kv_heads", "prefill")}  # no KV-head curve
     return LatencyTable(TableKey(model=key, backend="none", dtype="fp32", batch=1, seq_len=1, threads=1, machine={}),
                         attention_ms=[0.0] * (key["heads"] + 1), ffn_grid=[0, key["intermediate"]], ffn_ms=[0.0, 0.0],
                         empty_ms=1.0, dense_measured_ms=1.0)
