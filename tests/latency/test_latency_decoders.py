@@ -163,7 +163,7 @@ def test_strategies_meet_a_speedup_on_a_decoder(table, strategy):
         masks = gain_masks(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}], target)
     else:
         ctl = L0Controller(model, target, seed=0)
-        counts = {s: [float(g.expected_l0().sum()) for g in sp.iter_gates(model) if g.n == n] for s, n in
+        counts = {s: [float(g.expected_l0().detach().sum()) for g in sp.iter_gates(model) if g.n == n] for s, n in
                   (("heads", H), ("ffn", I))}
         kv = ctl._expected_kv().detach()
         assert float(ctl.expected("latency")) == pytest.approx(float(table.predict(counts["heads"], counts["ffn"],
