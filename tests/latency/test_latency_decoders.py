@@ -72,6 +72,19 @@ def test_probes_run_and_the_table_loads(family, tmp_path):
     assert "-kv4-" in real.key.filename()
 
 
+def test_probes_run_on_the_cpp_backend_in_inference_mode():
+    """The table times every probe under ``torch.inference_mode()``, where the cpp decoder attention must run too."""
+    model = sp.patch(tiny_model("llama"))
+    table = measure_table(model, 1, 8, backend="cpp", timer=compare_timer(0, 1), machine_info=MACHINE, ffn_points=2)
+    assert table.key.backend == "cpp" and len(table.kv_attention_ms) == KV
+    ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with sp.use_backend("cpp"):
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        with torch.inference_mode():
+            torch.testing.assert_close(model(input_ids=ids).logits, want)
+
+
 def test_prediction_is_separable_and_reproduces_the_anchors(table):
     assert table.dense_ms == pytest.approx(table.dense_measured_ms) and table.scale == pytest.approx(1.0)
     assert float(table.predict([0] * L, [0] * L, kv_heads=[0] * L)) == pytest.approx(table.empty_ms)
