@@ -28,6 +28,8 @@ CASES = [
     ([4, 4, 4, 4], [1, 1, 1, 1], [1536] * 4),          # the same heads in one KV group: a KV head fewer per layer
     ([8, 4, 2, 0], [2, 1, 1, 0], [1536, 768, 384, 0]),  # mixed, a layer emptied
     ([6, 2, 4, 8], [2, 1, 2, 2], [960, 576, 1152, 1536]),
+    ([6, 6, 6, 6], [2, 2, 2, 2], [1536] * 4),          # 3 + 3 heads per KV group
+    ([6, 6, 6, 6], None, [1536] * 4),                  # the first 6 heads: 4 + 2 (the table's default grouping)
 ]
 
 
@@ -36,8 +38,8 @@ def main() -> None:
     p.add_argument("--at", default="1x256", help="batch x sequence length of the prefill")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", default="cpp")
-    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds of the table's probes")
-    p.add_argument("--check-repeats", type=int, default=25, help="interleaved rounds of check_predictions")
+    p.add_argument("--repeats", type=int, default=31, help="interleaved rounds of the table's probes")
+    p.add_argument("--check-repeats", type=int, default=31, help="interleaved rounds of check_predictions")
     p.add_argument("--ffn-points", type=int, default=8)
     p.add_argument("--out", default=None, help="write the table and the rows here (JSON)")
     args = p.parse_args()
@@ -54,7 +56,8 @@ def main() -> None:
     print(format_table(table))
     print(f"(measured in {measured_s:.0f} s)")
     start = time.time()
-    rows = check_predictions(model, table, CASES, timer=compare_timer(2, args.check_repeats))
+    cases = [(h, u) if g is None else (h, u, g) for h, g, u in CASES]
+    rows = check_predictions(model, table, cases, timer=compare_timer(2, args.check_repeats))
     print(f"(checked in {time.time() - start:.0f} s)")
     print("heads | KV heads | units | predicted ms | measured ms | predicted speed-up | measured speed-up (IQR)")
     for r in rows:

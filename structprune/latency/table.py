@@ -34,6 +34,13 @@ whatever the timing noise says, and skipping sublayers never makes the model slo
 medians are kept in the JSON. Counts, widths and kept-probabilities may be floats or tensors (expected values during
 L0 training): the prediction is then differentiable. :meth:`LatencyTable.view` gives the table at a decided width
 and set of sublayers, for planners that choose heads and units (:func:`structprune.strategies.plan.plan_masks`).
+
+Decoders with grouped-query attention (version 3; :mod:`structprune.latency.decoder_probes`): measured at
+``generate()``'s prefill, full width with every sublayer kept (they have no hidden-dimension or sublayer gates, so
+``hidden``, ``attn_kept`` and ``ffn_kept`` are refused), with ``kv_attention_ms`` (the attention block at ``H``
+query heads over ``g = 1..Hkv`` KV heads) besides ``attention_ms``; ``A(h, g)`` is the separable
+:class:`~structprune.latency.kv.KVCurves`, and ``predict(heads, units, kv_heads=...)`` takes the KV heads kept per
+layer (default: those the first ``heads`` query heads read). Encoder tables are written as version 2, unchanged.
 """
 from __future__ import annotations
 
