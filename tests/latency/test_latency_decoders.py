@@ -203,3 +203,25 @@ def test_get_table_caches_decoder_tables(tmp_path):
     first = get_table(model, 1, 8, **kw)
     assert (tmp_path / first.key.filename()).is_file()
     assert get_table(model, 1, 8, **kw).kv_attention_ms == first.kv_attention_ms
+
+
+def test_per_layer_speed_target_on_a_decoder(table):
+    model = sp.patch(tiny_model("llama"))
+    masks = random_masks(model, PruneTarget(speedup=1.5, table=table, per_layer=True), seed=4)
+    kv = [int(k.sum()) for k in kv_kept(masks.heads_per_layer(), kv_maps(model), kv_sizes(model))]
+    share = (table.dense_ms / 1.5 - table.empty_ms) / L
+    for h, u, g in zip(masks.heads_per_layer(), masks.ffn, kv):
+        assert table.layer_ms(int(h.sum()), int(u.sum()), kv_heads=g) <= share + 1e-9
+
+
+def test_summary_predicts_a_decoder_with_its_kv_heads(table):
+    model = sp.patch(tiny_model("llama"))
+    masks = random_masks(model, PruneTarget(speedup=1.5, table=table), seed=5)
+    apply_masks(model, masks)
+    sp.compact(model)
+    report = sp.summary(model, latency=table)
+    heads = [layer.self_attn.num_heads for layer in model.model.layers]
+    kv = [layer.self_attn.num_kv_heads if h else 0 for h, layer in zip(heads, model.model.layers)]
+    units = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert report.latency["predicted_speedup"] == pytest.approx(table.speedup(heads, units, kv_heads=kv))
+    assert report.latency["predicted_speedup"] >= 1.5 * (1 - 1e-9)
