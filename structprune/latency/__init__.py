@@ -7,6 +7,7 @@ that meet a speed target.
     table.predict(heads, units, hidden=288, attn_kept=[1, 1, 0, 1, 1, 1], ffn_kept=[1] * 6)
     table.view(288, attn_kept, ffn_kept)                           # the same interface, width and sublayers fixed
     PruneTarget(speedup=2.0, table=table)                          # strategies prune to it
+    table.predict(heads, units, kv_heads=kv_heads_per_layer)       # decoders (grouped-query attention)
 """
 from structprune.latency.cost_model import (check_predictions, default_cache_dir, ffn_grid, get_table, machine, measure_table,
                          model_key, table_key)

@@ -52,8 +52,9 @@ def plot_table(table, path: Path) -> Path:
 
 def format_table(table) -> str:
     d = table.to_dict()["derived"]
-    lines = [f"latency table: {table.key.model['architecture']} ({table.num_layers} layers, {table.num_heads} heads, "
-             f"{table.intermediate} FFN units, hidden {table.hidden}), {table.describe()}",
+    kv = f", {table.num_kv_heads} KV heads" if table.num_kv_heads is not None else ""
+    lines = [f"latency table: {table.key.model['architecture']} ({table.num_layers} layers, {table.num_heads} heads"
+             f"{kv}, {table.intermediate} FFN units, hidden {table.hidden}), {table.describe()}",
              f"whole model: {table.dense_measured_ms:.2f} ms dense, {table.empty_ms:.2f} ms with every head and unit "
              f"removed; blocks scaled by {d['scale']:.3f} to match"]
     if table.measures_skipping:
@@ -61,6 +62,11 @@ def format_table(table) -> str:
                   f"{d['fixed_scale']:.3f} to match",
                   "hidden width    " + " ".join(f"{w:>6}" for w in table.hidden_grid),
                   "skipped ms      " + " ".join(f"{v:6.2f}" for v in table.skipped_measured_ms)]
+    elif table.num_kv_heads is not None:
+        lines += [f"a decoder at generate()'s prefill ({table.key.model.get('prefill')}); full width, every sublayer "
+                  f"kept (decoders have no hidden-dimension or sublayer gates): at most {table.max_speedup:.1f}x",
+                  "KV heads kept   " + " ".join(f"{g:>6}" for g in range(1, table.num_kv_heads + 1)),
+                  f"attention ms @{table.num_heads} heads " + " ".join(f"{v:6.2f}" for v in table.kv_attention_ms)]
     else:
         lines.append(f"(full width only, no skipped sublayers: at most {table.max_speedup:.1f}x)")
     lines.append("heads kept      " + " ".join(f"{h:>6}" for h in range(table.num_heads + 1)))
@@ -92,7 +98,10 @@ def command(args: argparse.Namespace) -> int:
         from structprune.tools.demo import default_model_path
 
         path = default_model_path()
-    model = transformers.AutoModelForQuestionAnswering.from_pretrained(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    causal = any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForQuestionAnswering
+    model = auto.from_pretrained(path)  # a decoder's table is timed at generate()'s prefill, with its LM head
     batch, seq = parse_at(args.at)
     table = get_table(model, batch, seq, backend=args.backend, dtype=args.dtype, cache_dir=args.cache_dir,
                       refresh=args.refresh, timer=compare_timer(2, args.repeats), ffn_points=args.ffn_points,

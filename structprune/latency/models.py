@@ -23,13 +23,20 @@ def fresh_model(model: nn.Module, dtype: torch.dtype, seed: int = 0) -> nn.Modul
 
 
 def model_inputs(model: nn.Module, batch: int, seq_len: int, seed: int = 0) -> dict:
-    """Random token ids, no padding (``attention_mask`` of ones), segment ids 0."""
+    """Random token ids, no padding (``attention_mask`` of ones), segment ids 0; for decoders, as ``generate()``'s
+    prefill runs (:func:`~structprune.latency.decoder_probes.prefill_inputs`)."""
     gen = torch.Generator().manual_seed(seed)
     c = model.config
     inputs = {"input_ids": torch.randint(0, c.vocab_size, (batch, seq_len), generator=gen),
               "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
     if getattr(c, "type_vocab_size", 0):
         inputs["token_type_ids"] = torch.zeros(batch, seq_len, dtype=torch.long)
+    from structprune.model.families import family_of
+
+    if family_of(model).grouped_kv:  # decoders: generate()'s prefill (the KV cache, the last position's logits)
+        from structprune.latency.decoder_probes import prefill_inputs
+
+        inputs = prefill_inputs(model, inputs)
     return inputs
 
 

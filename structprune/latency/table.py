@@ -34,6 +34,13 @@ whatever the timing noise says, and skipping sublayers never makes the model slo
 medians are kept in the JSON. Counts, widths and kept-probabilities may be floats or tensors (expected values during
 L0 training): the prediction is then differentiable. :meth:`LatencyTable.view` gives the table at a decided width
 and set of sublayers, for planners that choose heads and units (:func:`structprune.strategies.plan.plan_masks`).
+
+Decoders with grouped-query attention (version 3; :mod:`structprune.latency.decoder_probes`): measured at
+``generate()``'s prefill, full width with every sublayer kept (they have no hidden-dimension or sublayer gates, so
+``hidden``, ``attn_kept`` and ``ffn_kept`` are refused), with ``kv_attention_ms`` (the attention block at ``H``
+query heads over ``g = 1..Hkv`` KV heads) besides ``attention_ms``; ``A(h, g)`` is the separable
+:class:`~structprune.latency.kv.KVCurves`, and ``predict(heads, units, kv_heads=...)`` takes the KV heads kept per
+layer (default: those the first ``heads`` query heads read). Encoder tables are written as version 2, unchanged.
 """
 from __future__ import annotations
 
@@ -45,9 +52,11 @@ from typing import Sequence
 import torch
 
 from structprune.latency.fits import bilinear, isotonic, isotonic_grid, width_segment
+from structprune.latency.kv import KVCurves
 
-TABLE_VERSION = 2
-READ_VERSIONS = (1, 2)  # version 1: full width only, no skipped-sublayer measurement (heads and FFN units only)
+TABLE_VERSION = 3  # version 3: decoders (the KV-head curve); encoder tables are still written as version 2
+ENCODER_TABLE_VERSION = 2
+READ_VERSIONS = (1, 2, 3)  # version 1: full width only, no skipped-sublayer measurement (heads and FFN units only)
 
 
 @dataclass
@@ -61,11 +70,12 @@ class TableKey:
     seq_len: int
     threads: int
     machine: dict          # cpu model, cores, torch version
-    version: int = TABLE_VERSION
+    version: int = ENCODER_TABLE_VERSION
 
     def filename(self) -> str:
         m = self.model
-        return (f"{m['model_type']}-h{m['hidden']}-a{m['heads']}-i{m['intermediate']}-l{m['layers']}-"
+        kv = f"-kv{m['kv_heads']}" if "kv_heads" in m else ""
+        return (f"{m['model_type']}-h{m['hidden']}-a{m['heads']}{kv}-i{m['intermediate']}-l{m['layers']}-"
                 f"{self.backend}-{self.dtype}-b{self.batch}xl{self.seq_len}-t{self.threads}.json")
 
     def differences(self, other: "TableKey") -> dict:
@@ -93,6 +103,7 @@ class LatencyTable:
     narrow_attention_ms: list[list[float]] = field(default_factory=list)  # [width below full][heads kept]
     narrow_ffn_ms: list[list[float]] = field(default_factory=list)        # [width below full][ffn_grid point]
     skipped_measured_ms: list[float] | None = None  # per hidden_grid width: whole model, every sublayer skipped
+    kv_attention_ms: list[float] | None = None  # decoders: attention at H query heads with g = 1..Hkv KV heads
 
     def __post_init__(self):
         heads, units, hidden = self.key.model["heads"], self.key.model["intermediate"], self.key.model["hidden"]
@@ -118,6 +129,15 @@ class LatencyTable:
                              f"got {len(self.skipped_measured_ms)}")
         self._attn_rows = isotonic_grid([*self.narrow_attention_ms, self.attention_ms])
         self._ffn_rows = isotonic_grid([*self.narrow_ffn_ms, self.ffn_ms])
+        self._kv = None
+        if ("kv_heads" in self.key.model) != (self.kv_attention_ms is not None):
+            raise ValueError("a decoder table (kv_heads in its model key) needs kv_attention_ms, and only it")
+        if self.kv_attention_ms is not None:
+            if narrow or self.skipped_measured_ms is not None:
+                raise ValueError("a decoder table is full width with every sublayer kept (no hidden_grid below the "
+                                 "model's width, no skipped_measured_ms)")
+            self._kv = KVCurves(self._attn_rows[-1], self.kv_attention_ms, heads, int(self.key.model["kv_heads"]))
+            self._attn_rows = [self._kv.default]
         self._attn, self._ffn = self._attn_rows[-1], self._ffn_rows[-1]
 
     # ---- shape -------------------------------------------------------------------------------------
@@ -128,6 +148,11 @@ class LatencyTable:
     @property
     def num_heads(self) -> int:
         return int(self.key.model["heads"])
+
+    @property
+    def num_kv_heads(self) -> int | None:
+        """KV heads per layer of a decoder's table (None for encoders)."""
+        return None if self._kv is None else self._kv.num_kv
 
     @property
     def intermediate(self) -> int:
@@ -154,9 +179,17 @@ class LatencyTable:
         return (f"{self.at}, {k.backend} backend, {k.dtype}, {k.threads} thread(s), on {k.machine.get('cpu', '?')}")
 
     # ---- the cost curves (monotone fit) -------------------------------------------------------------
-    def attention(self, heads, hidden=None):
+    def attention(self, heads, hidden=None, kv_heads=None):
         """Predicted attention-block ms of one layer with ``heads`` kept at hidden width ``hidden`` (default: the
-        model's); ints, floats or tensors."""
+        model's); ints, floats or tensors. Decoders: with ``kv_heads`` KV heads kept (default: those the first
+        ``heads`` query heads read), :class:`~structprune.latency.kv.KVCurves`."""
+        if kv_heads is not None:
+            if self._kv is None:
+                raise ValueError("kv_heads is for decoder tables (grouped-query attention); this table is an "
+                                 "encoder's, with one KV head per query head")
+            self._check_decoder(hidden)
+            self._kv.check(heads, kv_heads)
+            return self._kv.attention(heads, kv_heads)
         return bilinear(heads, list(range(self.num_heads + 1)), self._attn_rows, self._width(hidden), self.hidden_grid)
 
     def ffn(self, units, hidden=None):
@@ -204,7 +237,13 @@ class LatencyTable:
         i, j, t = width_segment(self._width(hidden), self.hidden_grid)
         return curve[i] if i == j else curve[i] + (curve[j] - curve[i]) * t
 
+    def _check_decoder(self, hidden=None, *kept, what: str = "a hidden width or kept sublayers") -> None:
+        if self._kv is not None and (hidden is not None or any(k is not None for k in kept)):
+            raise ValueError(f"{what}: a decoder's latency table is full width with every sublayer kept (decoders "
+                             "have no hidden-dimension or sublayer gates); give heads, units and kv_heads only")
+
     def _need_skipping(self, what: str) -> None:
+        self._check_decoder(True, what=what)
         if not self.measures_skipping:
             raise ValueError(f"{what} needs a latency table measured with hidden widths and skipped sublayers; this "
                              f"one (version {self.key.version}) has neither: measure it again "
@@ -222,22 +261,40 @@ class LatencyTable:
         empty = self.ffn(0, d)
         return self.fixed_scale * empty + self.scale * (self.ffn(units, d) - empty)
 
-    def layer_ms(self, heads, units, hidden=None):
-        """What one layer with ``heads``/``units`` kept adds over an emptied layer (scaled), at width ``hidden``."""
+    def layer_ms(self, heads, units, hidden=None, kv_heads=None):
+        """What one layer with ``heads``/``units`` (and, decoders, ``kv_heads``) kept adds over an emptied layer
+        (scaled), at width ``hidden``."""
+        if kv_heads is not None:
+            if not isinstance(heads, torch.Tensor) and float(heads) == 0:
+                kv_heads = 0  # no query head reads a KV head (a compacted layer may hold a zeroed one)
+            attn = self.attention(heads, hidden, kv_heads) - self._attn[0]
+        else:
+            d = self._width(hidden)
+            attn = self.attention(heads, d) - self.attention(0, d)
         d = self._width(hidden)
-        return self.scale * (self.attention(heads, d) - self.attention(0, d) + self.ffn(units, d) - self.ffn(0, d))
+        return self.scale * (attn + self.ffn(units, d) - self.ffn(0, d))
 
     def predict(self, heads: Sequence, units: Sequence, hidden=None, attn_kept: Sequence | None = None,
-                ffn_kept: Sequence | None = None):
+                ffn_kept: Sequence | None = None, kv_heads: Sequence | None = None):
         """Predicted end-to-end ms (see the module docstring) for per-layer kept counts ``heads`` / ``units``
         (lists of ints/floats, or tensors ``[L]``) at hidden width ``hidden`` (a number or scalar tensor; default
         the model's), with per-layer attention / FFN sublayers kept with probability ``attn_kept`` / ``ffn_kept``
         (bools, numbers in [0, 1] or tensors ``[L]``; default every one kept). The counts of a skipped sublayer
-        do not matter. Differentiable in every tensor argument."""
+        do not matter. Decoders: ``kv_heads`` the KV heads kept per layer (default: those the first ``heads``
+        query heads read); ``hidden``, ``attn_kept``, ``ffn_kept`` are refused. Differentiable in every tensor
+        argument."""
         layers = self.num_layers
         if len(heads) != layers or len(units) != layers:
             raise ValueError(f"need one kept count per layer ({layers}), got {len(heads)} head and "
                              f"{len(units)} FFN counts")
+        self._check_decoder(hidden, attn_kept, ffn_kept)
+        if kv_heads is not None:
+            if len(kv_heads) != layers:
+                raise ValueError(f"need one KV-head count per layer ({layers}), got {len(kv_heads)}")
+            total = self.empty_ms
+            for h, u, g in zip(heads, units, kv_heads):
+                total = total + self.layer_ms(h, u, kv_heads=g)
+            return total
         for name, kept in (("attn_kept", attn_kept), ("ffn_kept", ffn_kept)):
             _check_fractions(name, kept, layers)
         if hidden is None and attn_kept is None and ffn_kept is None:
@@ -267,9 +324,9 @@ class LatencyTable:
         return self.dense_ms / float(self.skipped_ms(self.hidden_grid[0]))
 
     def speedup(self, heads: Sequence, units: Sequence, hidden=None, attn_kept: Sequence | None = None,
-                ffn_kept: Sequence | None = None) -> float:
+                ffn_kept: Sequence | None = None, kv_heads: Sequence | None = None) -> float:
         """``dense_ms`` over :meth:`predict` of the same arguments."""
-        return self.dense_ms / float(self.predict(heads, units, hidden, attn_kept, ffn_kept))
+        return self.dense_ms / float(self.predict(heads, units, hidden, attn_kept, ffn_kept, kv_heads))
 
     def view(self, hidden: int, attn_kept: Sequence[bool], ffn_kept: Sequence[bool]):
         """This table at a decided hidden width and set of kept sublayers: a
@@ -328,7 +385,11 @@ class LatencyTable:
         if self.measures_skipping:
             curve, fixed_scale = self._skipped_fit()
             derived.update(skipped_fit_ms=curve, fixed_scale=fixed_scale)
-        return {"key": asdict(self.key), "attention_ms": self.attention_ms, "ffn_grid": self.ffn_grid,
+        extra = {}
+        if self._kv is not None:  # decoders only: an encoder table's JSON is that of version 2
+            extra["kv_attention_ms"] = self.kv_attention_ms
+            derived.update(query_fit_ms=self._kv.query, kv_fit_ms=self._kv.kv)
+        return {**extra, "key": asdict(self.key), "attention_ms": self.attention_ms, "ffn_grid": self.ffn_grid,
                 "ffn_ms": self.ffn_ms, "empty_ms": self.empty_ms, "dense_measured_ms": self.dense_measured_ms,
                 "hidden_grid": self.hidden_grid, "narrow_attention_ms": self.narrow_attention_ms,
                 "narrow_ffn_ms": self.narrow_ffn_ms, "skipped_measured_ms": self.skipped_measured_ms,
@@ -341,7 +402,10 @@ class LatencyTable:
         version = data.get("key", {}).get("version")
         if version not in READ_VERSIONS:
             raise ValueError(f"latency table version {version!r}, this structprune reads versions {READ_VERSIONS}")
-        skipped = data.get("skipped_measured_ms")
+        skipped, kv = data.get("skipped_measured_ms"), data.get("kv_attention_ms")
+        if (kv is not None) != (version == TABLE_VERSION):
+            raise ValueError(f"a latency table of version {version} with{'' if kv is not None else 'out'} "
+                             "kv_attention_ms: version 3 is the decoders' (with it), versions 1 and 2 the encoders'")
         return cls(key=TableKey(**data["key"]), attention_ms=list(data["attention_ms"]),
                    ffn_grid=[int(g) for g in data["ffn_grid"]], ffn_ms=list(data["ffn_ms"]),
                    empty_ms=float(data["empty_ms"]), dense_measured_ms=float(data["dense_measured_ms"]),
@@ -349,7 +413,8 @@ class LatencyTable:
                    hidden_grid=[int(w) for w in data.get("hidden_grid") or [data["key"]["model"]["hidden"]]],
                    narrow_attention_ms=[list(r) for r in data.get("narrow_attention_ms", [])],
                    narrow_ffn_ms=[list(r) for r in data.get("narrow_ffn_ms", [])],
-                   skipped_measured_ms=None if skipped is None else [float(v) for v in skipped])
+                   skipped_measured_ms=None if skipped is None else [float(v) for v in skipped],
+                   kv_attention_ms=None if kv is None else [float(v) for v in kv])
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

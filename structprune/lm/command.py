@@ -13,8 +13,7 @@ from structprune import atomic
 
 TASKS = ("qa", "causal-lm")
 _LM_ONLY = ("data", "kv_heads")
-_UNSUPPORTED = {"speedup": "--speedup (latency tables do not time decoders yet)",
-                "latency_ms": "--latency-ms (latency tables do not time decoders yet)", "teacher_logits": "--teacher-logits", "distill_layers": "--distill-layers",
+_UNSUPPORTED = {"teacher_logits": "--teacher-logits", "distill_layers": "--distill-layers",
                 "keep_layers": "--keep-layers", "stop_after_seconds": "--stop-after-seconds (no resuming yet)",
                 "eval_every": "--eval-every"}
 _UNSUPPORTED_FLAGS = {"full": "--full", "bf16": "--bf16", "l0_steps": "--l0-steps", "l0_until_target":
@@ -51,7 +50,36 @@ def _check(args, command: str) -> None:
             given.append("--method layerdrop")
         if given:
             raise UsageError(f"{', '.join(given)}: not available with --task causal-lm (fractions of heads, KV heads "
-                             "and FFN units, or --max-params; methods random, gain, l0)")
+                             "and FFN units, --speedup / --latency-ms, or --max-params; methods random, gain, l0)")
+        if args.kv_heads is not None and (args.speedup is not None or args.latency_ms is not None):
+            raise UsageError("--kv-heads with --speedup / --latency-ms: a speed target chooses the KV groups itself "
+                             "(a KV head goes with its last query head); give one of them")
+
+
+def lm_target(args, model):
+    """The :class:`PruneTarget` of ``prune --task causal-lm``: fractions kept, ``--max-params``, or a speed target
+    (``--speedup`` / ``--latency-ms``) on ``--latency-table`` or the machine's cached table at ``--at BxL``
+    (measured when missing: :func:`structprune.latency.get_table`, at ``generate()``'s prefill)."""
+    from structprune.cli import UsageError
+    from structprune.latency import LatencyTable, get_table
+    from structprune.strategies import PruneTarget
+    from structprune.strategies.targets import parse_at
+
+    table, at = None, None
+    if args.speedup is not None or args.latency_ms is not None:
+        if args.latency_table:
+            table = LatencyTable.load(args.latency_table)
+            at = (table.key.batch, table.key.seq_len)
+        elif args.at is None:
+            raise UsageError("--speedup / --latency-ms need --at BATCHxSEQ_LEN (the prefill shape the latency refers "
+                             "to) or --latency-table")
+        else:
+            at = parse_at(args.at)
+            table = get_table(model, *at, backend=args.latency_backend, cache_dir=args.latency_cache,
+                              refresh=args.refresh_latency)
+    return PruneTarget(heads=args.heads or 1.0, ffn=args.ffn or 1.0, kv_heads=args.kv_heads, params=args.max_params,
+                       per_layer=args.per_layer, speedup=args.speedup, latency_ms=args.latency_ms, at=at,
+                       backend=args.latency_backend, table=table)
 
 
 def prune_cmd(args) -> int:
@@ -62,7 +90,6 @@ def prune_cmd(args) -> int:
     from structprune.model.io import save_pretrained
     from structprune.model.summary import summary
     from structprune.qa.runs import _start_run
-    from structprune.strategies import PruneTarget
 
     _check(args, "prune")
     out = _start_run(args)
@@ -73,8 +100,7 @@ def prune_cmd(args) -> int:
     dense = perplexity(model, batches(dev, args.eval_batch_size))
     n_batches = math.ceil(blocks["input_ids"].shape[0] / args.batch_size)
     steps = args.max_steps if args.max_steps is not None else math.ceil(args.epochs * n_batches)
-    target = PruneTarget(heads=args.heads or 1.0, ffn=args.ffn or 1.0, kv_heads=args.kv_heads,
-                         params=args.max_params, per_layer=args.per_layer)
+    target = lm_target(args, model)
     log_path = out / "log.jsonl"
     log_path.write_text("")
 
@@ -95,6 +121,11 @@ def prune_cmd(args) -> int:
                **pruned, "dense_perplexity": dense["perplexity"], "heads_kept": masks.num_heads_kept,
                "kv_heads_kept": [r.kv_heads_kept for r in s.layers], "ffn_kept": masks.num_ffn_kept,
                "heads_per_layer": [r.heads_kept for r in s.layers], "ffn_per_layer": [r.ffn_kept for r in s.layers]}
+    if target.table is not None:  # the table's prediction for what was kept, at its prefill shape
+        metrics["predicted_speedup"] = target.table.speedup(metrics["heads_per_layer"], metrics["ffn_per_layer"],
+                                                            kv_heads=metrics["kv_heads_kept"])
+        metrics["latency_at"] = target.table.at
+        print(f"predicted speed-up {metrics['predicted_speedup']:.2f}x at {target.table.at} ({target.table.describe()})")
     atomic.write_json(out / "metrics.json", metrics)
     print(f"perplexity {dense['perplexity']:.3f} dense -> {pruned['perplexity']:.3f} pruned; model in {out / 'model'}")
     return 0

@@ -141,6 +141,8 @@ def summary(model: nn.Module, seq_len: int = 128, latency=None, measure: bool = 
         if out.skipped:
             kept["attn_kept"] = [f"attention {i}" not in out.skipped for i in range(len(out.layers))]
             kept["ffn_kept"] = [f"ffn {i}" not in out.skipped for i in range(len(out.layers))]
+        if getattr(latency, "num_kv_heads", None) is not None:  # decoders: the KV heads the kept query heads read
+            kept["kv_heads"] = [r.kv_heads_kept for r in out.layers]
         out.latency = latency.report(model, [r.heads_kept for r in out.layers], [r.ffn_kept for r in out.layers],
                                      measure=measure, repeats=repeats, **kept)
     return out

@@ -210,16 +210,19 @@ def _gain_budget_masks(model: nn.Module, batches, target: PruneTarget, loss_fn, 
     table = table_for(model, target) if target.has_latency else None
     final = budget_of(model, target, table)
     start = current_masks(model)
-    now_ms = None
-    if table is not None:
-        now_ms = table.predict([int(m.sum()) for m in start["heads"]], [int(m.sum()) for m in start["ffn"]])
     unit = model_unit_params(model)
     now_params = sum(int(m.sum()) * unit[s] for s in STRUCTURES for m in start[s])
     total_params = sum(m.numel() * unit[s] for s in STRUCTURES for m in start[s])
+    kv = None
     if "kv_heads" in unit:  # decoders: the KV heads the kept query heads read
         kv = kv_kept(start["heads"], kv_maps(model), kv_sizes(model))
         now_params += sum(int(k.sum()) for k in kv) * unit["kv_heads"]
         total_params += sum(k.numel() for k in kv) * unit["kv_heads"]
+    now_ms = None
+    if table is not None:
+        kv_counts = [int(k.sum()) for k in kv] if kv is not None and getattr(table, "num_kv_heads", None) else None
+        now_ms = table.predict([int(m.sum()) for m in start["heads"]], [int(m.sum()) for m in start["ffn"]],
+                               kv_heads=kv_counts)
     saved = [g.mask.clone() for s in STRUCTURES for g in layer_gates(model, s)]
     masks = start
     try:

@@ -208,10 +208,13 @@ class L0Controller:
             # below the narrowest width timed the table cannot tell: the constraint pushes the other gates instead
             extra["hidden"] = extra["hidden"].clamp(min=float(self.table.hidden_grid[0]))
         if name == "latency":
+            if getattr(self.table, "num_kv_heads", None) is not None:  # decoders: the expected KV heads kept
+                extra["kv_heads"] = counts["kv_heads"]
             if not self.target.per_layer:
                 return torch.stack([self.table.predict(counts["heads"], counts["ffn"], **extra)]).float()
-            return torch.stack([self.table.layer_ms(counts["heads"][g[0]], counts["ffn"][g[0]])
-                                for g in groups]).float()
+            kv = extra.get("kv_heads")
+            return torch.stack([self.table.layer_ms(counts["heads"][g[0]], counts["ffn"][g[0]],
+                                                    kv_heads=None if kv is None else kv[g[0]]) for g in groups]).float()
         unit = self._unit
         if "hidden" in extra:  # a head and a unit carry fewer parameters in a narrower model
             c = sizes_of(self.model)
@@ -356,6 +359,9 @@ class L0Controller:
             kept = {s: [int((g.deterministic() != 0).sum()) for g in layer_gates(self.model, s)] for s in STRUCTURES}
             full = {k: v.tolist() if v.dim() else float(v) for k, v in
                     self.extra.values(lambda g: (g.deterministic() != 0).float()).items()}
+            if getattr(self.table, "num_kv_heads", None) is not None:
+                on = [g.deterministic() != 0 for g in layer_gates(self.model, "heads")]
+                full["kv_heads"] = [int(k.sum()) for k in kv_kept(on, *self._kv)]
             out["predicted_speedup"] = (self.table.speedup(kept["heads"], kept["ffn"], **full) if full
                                         else self.table.speedup(kept["heads"], kept["ffn"]))
         return out

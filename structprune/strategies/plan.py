@@ -91,6 +91,16 @@ class _State:
         self.allowed = {"heads": [list(range(n + 1)) for n in self.kept["heads"]],
                         "ffn": [sorted({g for g in grid if g <= n} | {n}) for n in self.kept["ffn"]]}
         self.unit = sizes_params
+        self.kv_latency = kv_maps is not None and getattr(table, "num_kv_heads", None) is not None
+        if self.kv_latency:  # a decoder's table: heads go along each layer's path, KV groups whole when cheaper
+            from structprune.strategies.kv_plan import kv_removal_path
+
+            for l, m in enumerate(kv_maps):
+                order, steps = kv_removal_path(self.order["heads"][l], self.imp["heads"][l], m.tolist(),
+                                               lambda h, g: table.attention(h, None, g))
+                scores = importance["heads"][l].detach().double().cpu().flatten()
+                self.order["heads"][l], self.imp["heads"][l] = order, scores[order].tolist()
+                self.allowed["heads"][l] = steps
         self.kv = None  # grouped-query attention: per layer, the KV heads the top-k heads read, for every k
         if kv_maps is not None:
             self.kv = [[0] + [len({int(m[h]) for h in order[len(order) - k:]}) for k in range(1, len(order) + 1)]
@@ -106,6 +116,8 @@ class _State:
     def layer_lat(self, l, s=None, k=None) -> float:
         h = k if s == "heads" else self.kept["heads"][l]
         u = k if s == "ffn" else self.kept["ffn"][l]
+        if self.kv_latency:
+            return float(self.table.layer_ms(h, u, kv_heads=self.kv[l][h]))
         return float(self.table.layer_ms(h, u))
 
     def removed_importance(self, s, l, k_from, k_to) -> float:
@@ -276,11 +288,11 @@ def table_for(model, target) -> LatencyTable:
     from structprune.latency.cost_model import get_table, model_key
 
     if target.table is not None:
-        shape = ("hidden", "heads", "intermediate", "layers")
         mine, theirs = model_key(model), target.table.key.model
-        if any(mine[k] != theirs[k] for k in shape):
-            raise ValueError(f"the latency table was measured for {({k: theirs[k] for k in shape})}, but the model "
-                             f"has {({k: mine[k] for k in shape})}")
+        shape = ("hidden", "heads", "intermediate", "layers") + (("kv_heads",) if "kv_heads" in mine else ())
+        if any(mine[k] != theirs.get(k) for k in shape):
+            raise ValueError(f"the latency table was measured for {({k: theirs.get(k) for k in shape})}, but the "
+                             f"model has {({k: mine[k] for k in shape})}")
         return target.table
     return get_table(model, *target.at, backend=target.backend, dtype=target.dtype)
 
@@ -356,7 +368,7 @@ def _flat_table(model) -> LatencyTable:
     from structprune.latency.cost_model import model_key
     from structprune.latency.table import TableKey
 
-    key = model_key(model)
+    key = {k: v for k, v in model_key(model).items() if k not in ("kv_heads", "prefill")}  # no KV-head curve
     return LatencyTable(TableKey(model=key, backend="none", dtype="fp32", batch=1, seq_len=1, threads=1, machine={}),
                         attention_ms=[0.0] * (key["heads"] + 1), ffn_grid=[0, key["intermediate"]], ffn_ms=[0.0, 0.0],
                         empty_ms=1.0, dense_measured_ms=1.0)

@@ -105,6 +105,51 @@ def test_prune_to_a_parameter_budget(lm_dir, tmp_path):
     assert 0.4 * gated(model) < gated(pruned) <= 0.5 * gated(model)
 
 
+@pytest.fixture(scope="module")
+def lm_table(lm_dir, tmp_path_factory):
+    """A latency table of the tiny Llama measured by ``structprune latency-table`` (3 rounds, one thread)."""
+    root = tmp_path_factory.mktemp("table")
+    argv = ["latency-table", "--model", str(lm_dir / "model"), "--at", "1x16", "--backend", "torch", "--threads", "1",
+            "--repeats", "3", "--ffn-points", "2", "--cache-dir", str(root / "cache"), "--out", str(root / "t.json")]
+    assert main(argv) == 0
+    return root / "t.json"
+
+
+def test_latency_table_of_a_causal_lm(lm_table, lm_dir, capsys):
+    from structprune.latency import LatencyTable
+
+    table = LatencyTable.load(lm_table)
+    assert table.key.model["architecture"] == "LlamaForCausalLM" and table.num_kv_heads == 2
+    assert table.key.model["prefill"] == "use_cache, logits_to_keep=1" and table.hidden_grid == [32]
+    assert len(table.attention_ms) == 5 and len(table.kv_attention_ms) == 2 and table.ffn_grid == [0, 12, 24]
+    assert main(["latency-table", "--model", str(lm_dir / "model"), "--at", "1x16", "--hidden-grid", "0.5"]) == 2
+    assert "drop hidden_grid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["l0", "gain", "random"])
+def test_prune_to_a_speedup(lm_dir, lm_table, tmp_path, method):
+    """``--speedup`` on a measured decoder table: the saved model's query heads, KV heads and units meet it."""
+    from structprune.latency import LatencyTable
+
+    table = LatencyTable.load(lm_table)
+    speedup = 1 + 0.5 * (table.max_speedup - 1)  # within reach whatever the timing noise gave
+    argv = ["prune", "--task", "causal-lm", "--model", str(lm_dir / "model"), "--data", str(lm_dir / "train.txt"),
+            "--method", method, "--speedup", f"{speedup:.6f}", "--latency-table", str(lm_table), "--block-size", "16",
+            "--batch-size", "4", "--max-steps", "3", "--l0-warmup-steps", "2", "--gate-lr", "0.1", "--threads", "1",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    model = sp.from_pretrained(tmp_path / "model")
+    layers = model.model.layers
+    heads, kv = [a.self_attn.num_heads for a in layers], [a.self_attn.num_kv_heads for a in layers]
+    units = [a.mlp.down_proj.in_features for a in layers]
+    assert metrics["kv_heads_kept"] == [k if h else 0 for h, k in zip(heads, kv)] and metrics["latency_at"] == "B1xL16"
+    assert metrics["predicted_speedup"] >= speedup * (1 - 1e-6)
+    assert table.speedup(metrics["heads_per_layer"], metrics["ffn_per_layer"], kv_heads=metrics["kv_heads_kept"]) == \
+        pytest.approx(metrics["predicted_speedup"])
+    assert sum(metrics["heads_per_layer"]) <= sum(heads) and sum(metrics["ffn_per_layer"]) <= sum(units)
+
+
 def test_eval_of_a_plain_hf_model_matches_the_perplexity_function(lm_dir, tmp_path):
     assert main(["eval", "--task", "causal-lm", "--model", str(lm_dir / "model"), "--data", str(lm_dir / "dev.txt"),
                  "--block-size", "4", "--out", str(tmp_path)]) == 0
@@ -121,7 +166,9 @@ def test_bad_input_is_one_line(lm_dir, tmp_path, capsys):
             str(tmp_path)]
     assert main(base) == 2 and "needs --data" in capsys.readouterr().err
     assert main(base + ["--data", str(lm_dir / "train.txt"), "--speedup", "2"]) == 2
-    assert "--speedup (latency tables do not time decoders yet): not available" in capsys.readouterr().err
+    assert "--speedup / --latency-ms need --at" in capsys.readouterr().err
+    assert main(base + ["--data", str(lm_dir / "train.txt"), "--speedup", "2", "--kv-heads", "0.5"]) == 2
+    assert "--kv-heads with --speedup / --latency-ms" in capsys.readouterr().err
     assert main(base + ["--data", str(lm_dir / "train.txt"), "--bf16", "--l0-steps", "3"]) == 2
     assert "--bf16, --l0-steps: not available" in capsys.readouterr().err
     assert main(["prune", "--method", "l0", "--kv-heads", "0.5", "--out", str(tmp_path)]) == 2

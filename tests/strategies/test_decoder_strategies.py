@@ -208,7 +208,14 @@ def test_l0_parameter_lagrangian_counts_kv_heads():
     assert 0.5 * dense - unit["heads"] - unit["kv_heads"] - unit["ffn"] < _gated_params(model) <= 0.5 * dense
 
 
-def test_latency_targets_say_decoders_are_not_timed():
-    model = sp.patch(tiny_model("llama"))
-    with pytest.raises(ValueError, match="not measured yet"):
-        random_masks(model, PruneTarget(speedup=1.5, at=(1, 16)))
+def test_a_latency_table_of_another_kv_grouping_is_refused():
+    """Speed targets on decoders: tests/latency/test_latency_decoders.py; a table must be the model's shape."""
+    from structprune.latency import measure_table
+
+    def timer(fns):
+        return {name: [1e-3 * (1 + ("dense" in name))] for name in fns}
+
+    other = measure_table(sp.patch(tiny_model("llama", num_key_value_heads=2)), 1, 8, backend="torch", timer=timer,
+                          ffn_points=2)
+    with pytest.raises(ValueError, match="kv_heads"):
+        random_masks(sp.patch(tiny_model("llama")), PruneTarget(speedup=1.2, table=other))

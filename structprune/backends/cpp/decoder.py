@@ -53,7 +53,8 @@ def clear_pack_cache() -> None:
 def _tensor_key(t):
     if t is None:
         return None
-    return (id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+    version = None if t.is_inference() else t._version  # inference tensors have none (and _packed never caches them)
+    return (id(t), t.data_ptr(), version, tuple(t.shape), t.dtype, t.device)
 
 
 def _index_key(idx):
