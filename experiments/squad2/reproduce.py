@@ -70,11 +70,15 @@ def student_runs() -> list[tuple[str, float, float, str, bool]]:
 
 
 def commands(runs: Path, data: Path, threads: int, student_epochs: str = STUDENT_EPOCHS, frontier: bool = False,
-             bf16: bool = False, bf16_check: bool = False) -> list[tuple[Path, list[str]]]:
-    """(what the step produces, command) in order; issue 27's steps too with ``frontier``."""
+             bf16: bool = False, bf16_check: bool = False, frontier_only: bool = False) -> list[tuple[Path, list[str]]]:
+    """(what the step produces, command) in order; issue 27's steps too with ``frontier``; with ``frontier_only``
+    the teacher and issue 27's steps alone (steps 1 and 6)."""
     teacher = runs / "teacher"
     common = SETTINGS + ["--threads", str(threads), "--train", str(data / "train.json"), "--dev", str(data / "dev.json")]
     plan = [(teacher / "metrics.json", ["structprune", "finetune", "--out", str(teacher)] + common + TEACHER)]
+    if frontier_only:
+        return plan + frontier_commands(runs, data, common, student_epochs, frontier=frontier, bf16=bf16,
+                                        bf16_check=bf16_check)
     logits = runs / "teacher-logits.safetensors"
     for name, heads, ffn, method, distill in student_runs():
         cmd = ["structprune", "prune", "--model", str(teacher / "model"), "--method", method, "--heads", str(heads),
@@ -176,13 +180,15 @@ def main() -> int:
     parser.add_argument("--bf16", action="store_true", help="train the frontier's students under bf16 autocast")
     parser.add_argument("--bf16-check", action="store_true",
                         help="the 3-layer layer-drop student in fp32 and in bf16 (the paired check of bf16's cost)")
+    parser.add_argument("--frontier-only", action="store_true",
+                        help="the teacher and issue 27's steps only (with --frontier and/or --bf16-check)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     threads = max(1, args.threads // args.workers)
     plan = commands(runs, Path(args.data), threads, args.student_epochs, frontier=args.frontier, bf16=args.bf16,
-                    bf16_check=args.bf16_check)
+                    bf16_check=args.bf16_check, frontier_only=args.frontier_only)
     (runs / "commands.txt").write_text("\n".join(shlex.join(cmd) for _, cmd in plan) + "\n")
     todo = [(product, cmd) for product, cmd in plan if not product.is_file()]
     # a latency table is measured only for a step that will read it

@@ -92,3 +92,22 @@ def test_bf16_frontier_and_the_bf16_check(reproduce, tmp_path):
     names = {Path(a.out).name for a, cmd in parse_plan(check).values() if cmd[1] == "prune"}
     assert names - {n for n, *_ in reproduce.student_runs()} - {f"l0-speed{reproduce.LATENCY_SPEEDUP}-distill"} == {
         "layerdrop-k3-distill", "layerdrop-k3-distill-bf16"}
+
+
+def test_frontier_only_is_the_teacher_and_the_frontier_steps(reproduce, tmp_path):
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    plan = reproduce.commands(runs, data, threads=1, frontier=True, frontier_only=True)
+    full = reproduce.commands(runs, data, threads=1, frontier=True)
+    assert plan[0] == full[0] and plan[1:] == full[-(len(plan) - 1):]  # the teacher, then the frontier's own steps
+    trained = [Path(cmd[cmd.index("--out") + 1]).name for _, cmd in plan if cmd[1] == "prune"]
+    assert trained == list(reproduce.frontier_students())  # no student of steps 3-4
+    made = {"teacher", *trained}
+    # the existing L0 students' predictions run only where their models already are (from an earlier full run)
+    elsewhere = {Path(cmd[cmd.index("--model") + 1]).parent.name for _, cmd in plan
+                 if cmd[1] == "predict" and Path(cmd[cmd.index("--model") + 1]).parent.name not in made}
+    assert elsewhere and all(name.startswith("l0-") and "full" not in name for name in elsewhere)
+    parse_plan([step for step in plan if not (step[1][1] == "predict" and any(f"/{n}/" in str(step[0])
+                                                                              for n in elsewhere))])
+    check = reproduce.commands(runs, data, threads=1, bf16_check=True, frontier_only=True)
+    names = [Path(cmd[cmd.index("--out") + 1]).name for _, cmd in check if cmd[1] == "prune"]
+    assert names == ["layerdrop-k3-distill", "layerdrop-k3-distill-bf16"]
