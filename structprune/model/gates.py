@@ -69,12 +69,20 @@ class HardConcreteGate(nn.Module):
         return self.training and self.sampling
 
     def forward(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Gate values, shape ``[n]``, fp32, on the device of ``log_alpha``."""
+        """Gate values, shape ``[n]``, fp32, on the device of ``log_alpha``. Deterministic values that need no
+        gradient are cached until ``mask`` or ``log_alpha`` change (a decode step reads them once per layer)."""
         if self.stochastic:
-            z = ops.hard_concrete_sample(self.log_alpha, self.beta, generator)
-        else:
-            z = deterministic_gate(self.log_alpha)
-        return z * self.mask
+            return ops.hard_concrete_sample(self.log_alpha, self.beta, generator) * self.mask
+        la, mask = self.log_alpha, self.mask
+        if (torch.is_grad_enabled() and la.requires_grad) or torch.compiler.is_compiling() or la.is_inference() \
+                or mask.is_inference():
+            return deterministic_gate(la) * mask
+        key = (id(la), la._version, la.data_ptr(), id(mask), mask._version, mask.data_ptr(),
+               torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_value_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_value_cache"] = (key, deterministic_gate(la) * mask)
+        return cached[1]
 
     def expected_l0(self) -> torch.Tensor:
         """Expected number of non-zero gates (differentiable), counting only unmasked entries."""
@@ -128,6 +136,7 @@ class HardConcreteGate(nn.Module):
         self.mask = self.mask[index].clone()
         self.n = int(index.numel())
         self._index_cache = None
+        self.__dict__.pop("_value_cache", None)
         self.refresh_mask_index()
 
 

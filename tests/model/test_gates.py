@@ -68,6 +68,29 @@ def test_kept_index_cache_follows_log_alpha_updates():
     assert gate.kept_index().tolist() == [0, 2]
 
 
+def test_deterministic_values_cache_follows_updates_and_never_holds_a_gradient():
+    """Without a gradient the eval-time values are computed once and reused, until the mask or log_alpha change
+    (in place, or replaced by loading or compaction); with a gradient they are computed each time, in the graph."""
+    gate = HardConcreteGate(4).eval()
+    with torch.no_grad():
+        first = gate()
+        assert gate() is first
+        gate.log_alpha[1] = -10.0
+        assert gate().tolist() == [1.0, 0.0, 1.0, 1.0]
+        gate.set_mask(torch.tensor([1.0, 1.0, 0.0, 1.0]))
+        assert gate().tolist() == [1.0, 0.0, 0.0, 1.0]
+    gate.load_state_dict({"log_alpha": torch.full((4,), 3.0), "mask": torch.ones(4)})
+    with torch.no_grad():
+        assert gate().tolist() == [1.0] * 4
+        gate.keep_only_(torch.tensor([0, 3]))
+        assert gate().tolist() == [1.0, 1.0]
+    values = gate()
+    assert values.grad_fn is not None and gate() is not values
+    with torch.inference_mode():
+        assert gate().is_inference()
+    assert not gate().is_inference()
+
+
 def test_kept_index_made_under_inference_mode_is_not_reused_for_training():
     """An evaluation (inference_mode) inside a training run must not leave an index autograd cannot save."""
     gate = HardConcreteGate(4).eval()

@@ -78,6 +78,15 @@ def _packed(key, make, tensors):
     return value
 
 
+def _head_rows(heads, head_dim: int, device):
+    """:func:`~structprune.ops.reference.head_rows` of ``heads`` (None: None), cached with that very index tensor
+    (the gates' kept indices live as long as their masks) while no gradient is needed."""
+    if heads is None:
+        return None
+    return _packed(("rows", _tensor_key(heads), head_dim, device), lambda: head_rows(heads.to(device), head_dim),
+                   (heads,))
+
+
 def _cast_dtype(x, tensors):
     """The autocast dtype when ``x``'s device is under autocast and no gradient flows to ``tensors`` (the packed
     weights are then cached in that dtype instead of cast at every call), else None."""
@@ -109,8 +118,7 @@ def gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps, cos, sin, 
                              active_kv)
     B, S, _ = x.shape
     D = head_dim
-    rq = None if active_heads is None else head_rows(active_heads.to(x.device), D)
-    rkv = None if active_kv is None else head_rows(active_kv.to(x.device), D)
+    rq, rkv = _head_rows(active_heads, D, x.device), _head_rows(active_kv, D, x.device)
     nq = wq.shape[0] if rq is None else rq.numel()
     nkv = wk.shape[0] if rkv is None else rkv.numel()
 
@@ -226,7 +234,8 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
     check_decoder_attention_inputs(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, window, key_mask)
     B, A, Sq, D = q.shape
     Akv, Sk = k.shape[1], k.shape[2]
-    active = torch.arange(A, device=q.device) if active_heads is None else active_heads.to(q.device)
+    active = _packed(("all heads", A, q.device, torch.is_inference_mode_enabled()), lambda: torch.arange(A, device=q.device), ()) \
+        if active_heads is None else active_heads.to(q.device)
     if A == 0:
         return F.linear(q.new_zeros(B, Sq, 0), wo[:, :0], bo)
     if _decode_kernel(q, k, v, head_gates, wo, bo):  # a few queries, no gradient: csrc/cpu/decoder_cpu.cpp
@@ -256,7 +265,7 @@ def _project(ctx, wo, bo, head_gates, active, D: int):
     """The gated contexts [B, A, Sq, D] of the heads ``active`` through their columns of ``wo``: [B, Sq, E]."""
     B, A, Sq, _ = ctx.shape
     ctx = ctx * head_gates.index_select(0, active).to(ctx.dtype)[None, :, None, None]
-    cols = head_rows(active, D)
+    cols = _head_rows(active, D, ctx.device)
     dt = _cast_dtype(ctx, (wo, bo))
     w = _packed(("wo", dt, _tensor_key(wo), _index_key(active)),
                 lambda: wo.index_select(1, cols) if dt is None else wo.index_select(1, cols).to(dt), (wo,))
