@@ -99,8 +99,10 @@ TORCH_LIBRARY(structprune, m) {
   m.def(
       "cpp_decoder_rotary(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm, Tensor? k_norm, float eps, "
       "int head_dim, int num_q, int num_kv) -> (Tensor, Tensor, Tensor)");
-  // HF's RMSNorm for inference (cpu/norm_cpu.cpp), one pass per row; forward only.
+  // Row norms for inference (cpu/norm_cpu.cpp): HF's RMSNorm, and LayerNorm with fp32 weight and bias (the serving
+  // module's); forward only.
   m.def("cpp_rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("cpp_layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
   m.def("attention_dropout_scale(int batch, int num_heads, int seq, Tensor heads, float p, int seed, int offset) -> "
         "Tensor", &attention_dropout_scale_op);
   m.def("pack_cache_clear() -> ()", &structprune::pack_cache_clear);

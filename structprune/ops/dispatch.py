@@ -402,16 +402,27 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
     return out
 
 
-# --- HF's RMSNorm ------------------------------------------------------------------------------------------------
+# --- row norms for inference ------------------------------------------------------------------------------------
 def rms_norm(x, weight, eps: float):
     """HF's RMSNorm of ``x`` over its last axis (:func:`structprune.ops.reference.rms_norm`). Without a gradient
-    on the CPU the backend's one-pass kernel runs where it has one (cpp's ``rms_norm``); otherwise, and under
-    ``torch.compile``, the reference. ``last_backends()["norm"]`` says which ran."""
+    on the CPU the backend's one-pass kernel runs where it has one (cpp's); otherwise, and under ``torch.compile``,
+    the reference. ``last_backends()["norm"]`` says which ran."""
+    return _row_norm("rms_norm", lambda: reference.rms_norm(x, weight, float(eps)), x, weight, float(eps))
+
+
+def layer_norm(x, weight, bias, eps: float):
+    """``F.layer_norm(x, x.shape[-1:], weight, bias, eps)``, with the backend's kernel as :func:`rms_norm` (cpp's
+    takes fp32 or bf16 ``x`` with fp32 weight and bias: statistics and affine map in fp32, rounded once)."""
+    return _row_norm("layer_norm", lambda: torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps),
+                     x, weight, bias, float(eps))
+
+
+def _row_norm(name: str, reference_fn, x, *args):
     out, ran = None, "torch"
     if not torch.compiler.is_compiling():
         chosen = resolve_backend(x.device)
-        kernel = getattr(backends.module(chosen), "rms_norm", None) if chosen != "torch" else None
-        out = kernel(x, weight, float(eps)) if kernel is not None else None
+        kernel = getattr(backends.module(chosen), name, None) if chosen != "torch" else None
+        out = kernel(x, *args) if kernel is not None else None
         ran = chosen if out is not None else "torch"
     _last["norm"] = ran
-    return out if out is not None else reference.rms_norm(x, weight, float(eps))
+    return out if out is not None else reference_fn()

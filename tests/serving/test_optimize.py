@@ -48,6 +48,8 @@ def test_bf16_within_twice_the_plain_bf16_error(family):
     x = inputs()
     got = logits(sp.optimize(model, torch.bfloat16)(**x))
     check_close(f"{family} bf16", got, reference(model, x), reference(model, x, torch.bfloat16), torch.bfloat16)
+    if sp.ops.resolve_backend("cpu") == "cpp":
+        assert sp.last_backends()["norm"] == "cpp"  # the LayerNorms ran the cpp kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -207,9 +207,23 @@ def inference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return torch.ops.structprune.cpp_rms_norm(x, weight, float(eps))
 
 
+def inference_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         eps: float) -> torch.Tensor | None:
+    """``F.layer_norm(x, x.shape[-1:], weight, bias, eps)`` for a float32 or bfloat16 ``x`` with float32 weight and
+    bias, by the kernel ``cpp_layer_norm`` (``csrc/cpu/norm_cpu.cpp``); None where it does not apply (as
+    :func:`inference_rms_norm`)."""
+    if weight is None or bias is None or _needs_grad(x, weight, bias) or \
+            any(t.device.type != "cpu" for t in (x, weight, bias)) or x.dim() == 0 or x.shape[-1] == 0 or \
+            x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != torch.float32 or \
+            bias.dtype != torch.float32 or weight.shape != x.shape[-1:] or bias.shape != x.shape[-1:] or \
+            not _has_op("cpp_layer_norm"):
+        return None
+    return torch.ops.structprune.cpp_layer_norm(x, weight, bias, float(eps))
+
+
 def register() -> None:
-    """The fake kernels of ``cpp_decoder_decode_attention``, ``cpp_decoder_rotary`` and ``cpp_rms_norm`` (called
-    once, when the extension loads)."""
+    """The fake kernels of ``cpp_decoder_decode_attention``, ``cpp_decoder_rotary``, ``cpp_rms_norm`` and
+    ``cpp_layer_norm`` (called once, when the extension loads)."""
     def _decode_fake(q, k, v, q_to_kv, key_mask, window, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
@@ -221,8 +235,11 @@ def register() -> None:
     def _rms_fake(x, weight, eps):
         return x.new_empty(x.shape, dtype=torch.result_type(weight, x))
 
+    def _ln_fake(x, weight, bias, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     for name, fake in (("cpp_decoder_decode_attention", _decode_fake), ("cpp_decoder_rotary", _rotary_fake),
-                       ("cpp_rms_norm", _rms_fake)):
+                       ("cpp_rms_norm", _rms_fake), ("cpp_layer_norm", _ln_fake)):
         if _has_op(name):
             torch.library.register_fake("structprune::" + name)(fake)
 

@@ -300,8 +300,8 @@ if load_error() is None:
             record_error(f"registering fake/autograd kernels failed ({type(exc).__name__}: {exc})")
 
 
-# HF's RMSNorm for inference (None where the kernel does not apply): the dispatcher reads it through BACKEND.module
-rms_norm = decoder.inference_rms_norm
+# row norms for inference (None where the kernel does not apply): the dispatcher reads them through BACKEND.module
+rms_norm, layer_norm = decoder.inference_rms_norm, decoder.inference_layer_norm
 
 BACKEND = Backend(name="cpp", availability=availability, supports_attention_dropout=supports_attention_dropout,
                   takes_tensor_seed=True,
