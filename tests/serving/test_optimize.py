@@ -48,7 +48,7 @@ def test_bf16_within_twice_the_plain_bf16_error(family):
     x = inputs()
     got = logits(sp.optimize(model, torch.bfloat16)(**x))
     check_close(f"{family} bf16", got, reference(model, x), reference(model, x, torch.bfloat16), torch.bfloat16)
-    if sp.ops.resolve_backend("cpu") == "cpp":
+    if "cpp" in sp.available_backends("cpu") and sp.get_backend() in ("auto", "cpp"):
         assert sp.last_backends()["norm"] == "cpp"  # the LayerNorms ran the cpp kernel
 
 
