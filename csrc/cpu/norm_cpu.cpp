@@ -83,9 +83,8 @@ inline void rms_row(const T* x, const W* w, O* out, int64_t n, float eps) {
 // vectorised for the clone's target).
 #define STRUCTPRUNE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #define STRUCTPRUNE_RMS(T, W, O, NAME)                                                              \
-  STRUCTPRUNE_CLONES void NAME(const T* x, const W* w, O* out, int64_t rows, int64_t n, float eps,  \
-                               int64_t begin, int64_t end) {                                        \
-    (void)rows;                                                                                     \
+  STRUCTPRUNE_CLONES void NAME(const T* x, const W* w, O* out, int64_t n, float eps, int64_t begin,  \
+                               int64_t end) {                                                       \
     for (int64_t r = begin; r < end; ++r) rms_row(x + r * n, w, out + r * n, n, eps);               \
   }
 STRUCTPRUNE_RMS(float, float, float, rms_f32)
@@ -96,7 +95,6 @@ STRUCTPRUNE_RMS(c10::Half, c10::Half, c10::Half, rms_f16)
 STRUCTPRUNE_RMS(float, c10::BFloat16, float, rms_f32_wbf16)
 STRUCTPRUNE_RMS(float, c10::Half, float, rms_f32_wf16)
 #undef STRUCTPRUNE_RMS
-
 #undef STRUCTPRUNE_CLONES
 
 int64_t grain(int64_t n) { return std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(n, 1)); }
@@ -105,12 +103,13 @@ void check_row_input(const at::Tensor& x, const at::Tensor& w, const char* op, c
   TORCH_CHECK(x.device().is_cpu(), "structprune::", op, ": x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "structprune::", op, ": x must be [..., E] with E > 0, got ",
               x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && x.scalar_type() != at::kDouble, "structprune::", op,
-              ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf, "structprune::", op,
+              ": x must be float32, bfloat16 or float16, got ", xt);
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == x.size(-1), "structprune::", op, ": ", what,
               " must be a CPU tensor of shape [", x.size(-1), "], got ", w.sizes(), " on ", w.device());
-  TORCH_CHECK(w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat ||
-                  (x.scalar_type() == at::kFloat && w.scalar_type() != at::kDouble),
+  const auto wt = w.scalar_type();
+  TORCH_CHECK(wt == xt || wt == at::kFloat || (xt == at::kFloat && (wt == at::kBFloat16 || wt == at::kHalf)),
               "structprune::", op, ": ", what, " must be in x's dtype (", x.scalar_type(), ") or float32, got ",
               w.scalar_type());
 }
@@ -228,22 +227,22 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, double e
   const float e = static_cast<float>(eps);
   at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
     if (xt == at::kFloat && wt == at::kFloat) {
-      rms_f32(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), rows, n, e, begin, end);
+      rms_f32(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), n, e, begin, end);
     } else if (xt == at::kBFloat16 && wt == at::kFloat) {
-      rms_bf16_wf32(x.data_ptr<c10::BFloat16>(), w.data_ptr<float>(), out.data_ptr<float>(), rows, n, e, begin,
+      rms_bf16_wf32(x.data_ptr<c10::BFloat16>(), w.data_ptr<float>(), out.data_ptr<float>(), n, e, begin,
                     end);
     } else if (xt == at::kBFloat16) {
-      rms_bf16(x.data_ptr<c10::BFloat16>(), w.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, n, e,
+      rms_bf16(x.data_ptr<c10::BFloat16>(), w.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), n, e,
                begin, end);
     } else if (xt == at::kHalf && wt == at::kFloat) {
-      rms_f16_wf32(x.data_ptr<c10::Half>(), w.data_ptr<float>(), out.data_ptr<float>(), rows, n, e, begin, end);
+      rms_f16_wf32(x.data_ptr<c10::Half>(), w.data_ptr<float>(), out.data_ptr<float>(), n, e, begin, end);
     } else if (xt == at::kHalf) {
-      rms_f16(x.data_ptr<c10::Half>(), w.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), rows, n, e, begin, end);
+      rms_f16(x.data_ptr<c10::Half>(), w.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), n, e, begin, end);
     } else if (wt == at::kBFloat16) {
-      rms_f32_wbf16(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), out.data_ptr<float>(), rows, n, e, begin,
+      rms_f32_wbf16(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), out.data_ptr<float>(), n, e, begin,
                     end);
     } else {
-      rms_f32_wf16(x.data_ptr<float>(), w.data_ptr<c10::Half>(), out.data_ptr<float>(), rows, n, e, begin, end);
+      rms_f32_wf16(x.data_ptr<float>(), w.data_ptr<c10::Half>(), out.data_ptr<float>(), n, e, begin, end);
     }
   });
   return out;
