@@ -32,7 +32,7 @@ from structprune.ops import registry as backends
 from structprune.ops import reference
 from structprune.ops.checks import check_attention_inputs, check_ffn_inputs  # noqa: F401  (part of the op boundary)
 from structprune.ops.checks import check_glu_ffn_inputs, check_rotary_attention_inputs
-from structprune.ops.checks import check_decoder_attention_inputs, check_decoder_qkv_inputs
+from structprune.ops.checks import check_decoder_attention_inputs, check_decoder_qkv_inputs, run_checked
 from structprune.ops.support import OpInputs
 from structprune.ops.padding import banded_key_row, fully_padded, kernel_key_bias, key_bias_from_mask, padded_sequence_output
 from structprune.ops.padding import allowed, causal_key_mask
@@ -270,9 +270,8 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
         # and the backend's op takes it as a tensor; eager draws it on the host. Either way torch.manual_seed
         # reproduces the run.
         seed = (_graph_seed() if torch.compiler.is_compiling() else _host_seed()) if dropout_p > 0.0 else 0
-        out = backend.gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                                      kernel_key_bias(attn_mask, x.shape[0]), num_heads, dropout_p=float(dropout_p),
-                                      seed=seed)
+        out = run_checked(backend.gated_attention, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
+                          kernel_key_bias(attn_mask, x.shape[0]), num_heads, dropout_p=float(dropout_p), seed=seed)
         if attn_mask is not None:  # fully padded sequences get what the reference gives them
             out = padded_sequence_output(out, (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates), num_heads,
                                          attn_mask, dropout_p, impl)
@@ -288,7 +287,7 @@ def gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "gelu
     if backend.name == "torch":
         out = reference.gated_ffn(x, w1, b1, w2, b2, unit_gates, activation)
     else:
-        out = backend.gated_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+        out = run_checked(backend.gated_ffn, x, w1, b1, w2, b2, unit_gates, kept_units, activation)
     _last["ffn"] = backend.name
     return out
 
@@ -315,8 +314,8 @@ def gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active
                                                window=window, attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
     else:
         row = banded_key_row(attn_mask)
-        out = backend.gated_rotary_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                                             kernel_key_bias(row, x.shape[0]), cos, sin, int(window), num_heads)
+        out = run_checked(backend.gated_rotary_attention, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates,
+                          active_heads, kernel_key_bias(row, x.shape[0]), cos, sin, int(window), num_heads)
         if row is not None and not torch.compiler.is_compiling():  # fully padded sequences: the reference's output
             dead = fully_padded(row).expand(x.shape[0])
             if bool(dead.any()):
@@ -341,7 +340,7 @@ def gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation: str = "
     if backend.name == "torch":
         out = reference.gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, activation)
     else:
-        out = backend.gated_glu_ffn(x, w1, b1, w2, b2, unit_gates, kept_units, activation)
+        out = run_checked(backend.gated_glu_ffn, x, w1, b1, w2, b2, unit_gates, kept_units, activation)
     _last["ffn"] = backend.name
     return out
 
@@ -360,8 +359,8 @@ def gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, eps: float, cos
         out = reference.gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, float(eps), cos, sin, head_dim,
                                           active_heads, active_kv)
     else:
-        out = backend.gated_decoder_qkv(x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, float(eps), cos, sin, head_dim,
-                                        active_heads, active_kv)
+        out = run_checked(backend.gated_decoder_qkv, x, wq, bq, wk, bk, wv, bv, q_norm, k_norm, float(eps), cos,
+                          sin, head_dim, active_heads, active_kv)
     _last["qkv"] = backend.name
     return out
 
@@ -396,8 +395,8 @@ def gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, 
         out = reference.gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, int(window),
                                                 attn_mask=attn_mask, dropout_p=dropout_p, impl=impl)
     else:
-        out = backend.gated_decoder_attention(q, k, v, wo, bo, head_gates, active_heads, q_to_kv, key_mask,
-                                              int(window))
+        out = run_checked(backend.gated_decoder_attention, q, k, v, wo, bo, head_gates, active_heads, q_to_kv,
+                          key_mask, int(window))
     _last["attention"] = backend.name
     return out
 

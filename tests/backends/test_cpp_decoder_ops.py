@@ -175,6 +175,7 @@ def test_packed_weights_follow_in_place_updates():
 def test_dispatcher_runs_both_decoder_ops_on_cpp():
     tensors, active, q_to_kv, key_mask = attention_case("unequal", S)
     mask = reference.decoder_mask(key_mask, S, S, -1, "cpu")
+    dispatch.reset_last_backends()  # reasons other tests' ops left behind
     with sp.use_backend("cpp"):
         got = dispatch.gated_decoder_attention(*tensors, active, q_to_kv, attn_mask=mask)
         assert sp.last_backends()["attention"] == "cpp" and not sp.fallback_reasons()

@@ -164,3 +164,27 @@ def test_good_entry_inputs_pass_the_checks(backend):
     for lead in ((10,), (2, 5), (1, 2, 5)):
         x = torch.randn(*lead, 8)
         assert entry.gated_ffn(**{**_ffn_args(), "x": x}).shape == (*lead, 8)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_the_dispatcher_checks_once_and_the_entry_still_refuses_what_it_cannot_run(backend, monkeypatch):
+    """Through the dispatcher the inputs are checked once (its copy; ``run_checked`` skips the entry's), and the
+    result is the same; a kernel entry run inside ``run_checked`` without its index still says what it needs."""
+    from structprune.ops import checks
+
+    calls = []
+    real = checks._check_x
+    monkeypatch.setattr(checks, "_check_x", lambda *a: calls.append(a) or real(*a))
+    args = _ffn_args()
+    with ops.use_backend(backend):
+        got = ops.gated_ffn(**args)
+    assert ops.last_backends()["ffn"] == backend and len(calls) == 1
+    torch.testing.assert_close(got, backends.load("torch").gated_ffn(**args), atol=1e-5, rtol=1e-5)
+    entry = backends.load(backend)
+    with pytest.raises(ValueError, match="kept_units must be a 1-D int64 tensor, got NoneType"):
+        checks.run_checked(entry.gated_ffn, **{**args, "kept_units": None})
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1"):
+        checks.run_checked(entry.gated_attention, **_entry_attention_args(_attention_args(H=0)))
+    assert not checks._checked_upstream()  # the depth is back to 0 after the errors
+    with pytest.raises(ValueError, match="x must be a float32"):  # outside run_checked the entry checks again
+        entry.gated_ffn(**{**args, "x": torch.ones(2, 5, 8, dtype=torch.int64)})
