@@ -39,6 +39,7 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
+from structprune.strategies.param_groups import CONSTANT_LR_GROUPS, constant_lr
 from structprune.training.losses import qa_task_loss
 from structprune.qa.checkpoints import (_find_checkpoint, _load_extra_params, _log, _model_device, _save_best,
                                         _save_checkpoint, _set_rng_state)
@@ -190,7 +191,9 @@ def train_qa(
 
     groups = list(param_groups) if param_groups is not None else default_param_groups(model, weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup_steps, total_steps))
+    decay = linear_warmup_decay(warmup_steps, total_steps)  # the weights'; the gates and lambdas keep theirs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [constant_lr if g.get("name") in CONSTANT_LR_GROUPS else decay for g in optimizer.param_groups])
     clip_params = [p for g in optimizer.param_groups for p in g["params"]]
 
     settings = {

@@ -1,4 +1,5 @@
-"""Optimizer groups of a model's trainable weights: decayed, except biases, norms and other 1-D parameters."""
+"""Optimizer groups of a model's trainable weights: decayed, except biases, norms and other 1-D parameters; and
+which groups keep a constant learning rate."""
 from __future__ import annotations
 
 from torch import nn
@@ -24,4 +25,13 @@ def weight_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     return [g for g in groups if g["params"]]
 
 
-__all__ = ["weight_param_groups"]
+CONSTANT_LR_GROUPS = ("gates", "lagrangian")  # CoFi's L0 and Lagrangian optimizers have no schedule
+
+
+def constant_lr(_step: int) -> float:
+    """The LR multiplier of the :data:`CONSTANT_LR_GROUPS`: the gates and the Lagrange multipliers keep their
+    learning rate while the weights' decays; decaying them too freezes the L0 selection short of its target."""
+    return 1.0
+
+
+__all__ = ["weight_param_groups", "CONSTANT_LR_GROUPS", "constant_lr"]

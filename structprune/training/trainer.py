@@ -38,6 +38,7 @@ from structprune.training.distill import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, Te
 from structprune.training.losses import qa_task_loss
 from structprune.model.patching import gate_parameters
 from structprune.strategies.l0 import LAGRANGIAN_FILE, L0Controller
+from structprune.strategies.param_groups import CONSTANT_LR_GROUPS, constant_lr
 
 logger = logging.get_logger(__name__)
 DEFAULT_INDEX_KEY = "feature_index"
@@ -184,10 +185,6 @@ class PruningCallback(TrainerCallback):
         return control
 
 
-def _constant(_step: int) -> float:
-    return 1.0
-
-
 class PruningTrainer(Trainer):
     """A :class:`transformers.Trainer` for L0 pruning and/or distillation of a patched QA model or causal LM.
 
@@ -279,8 +276,8 @@ class PruningTrainer(Trainer):
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 opt = scheduler.optimizer
                 for i, group in enumerate(opt.param_groups):
-                    if group.get("name") in ("gates", "lagrangian"):
-                        scheduler.lr_lambdas[i] = _constant
+                    if group.get("name") in CONSTANT_LR_GROUPS:
+                        scheduler.lr_lambdas[i] = constant_lr
                         group["lr"] = scheduler.base_lrs[i]
             else:
                 logger.warning(f"structprune: {type(scheduler).__name__} is not a LambdaLR; gate and lambda "

@@ -339,6 +339,18 @@ def test_train_qa_extra_loss_and_param_groups(dev, tokenizer, tmp_path):
     torch.testing.assert_close(model.qa_outputs.weight, frozen)  # lr 0 group untouched
 
 
+def test_train_qa_keeps_the_gate_and_lambda_learning_rates_constant(dev, tokenizer, tmp_path):
+    """The weights' LR warms up and decays to 0; groups named "gates" / "lagrangian" keep theirs (CoFi's)."""
+    model = tiny_bert(tokenizer)
+    head = list(model.qa_outputs.parameters())
+    rest = [p for n, p in model.named_parameters() if not n.startswith("qa_outputs")]
+    _train(model, tokenizer, dev, tmp_path, max_steps=4, stop_at_step=3,
+           param_groups=[{"params": rest, "name": "weights"}, {"params": head[:1], "lr": 0.1, "name": "gates"},
+                         {"params": head[1:], "lr": 0.2, "name": "lagrangian"}])
+    lrs = torch.load(tmp_path / "checkpoint" / "scheduler.pt", weights_only=True)["_last_lr"]
+    assert lrs[0] == pytest.approx(1e-3 * (4 - 3) / (4 - 1)) and lrs[1:] == [0.1, 0.2]
+
+
 def test_train_qa_stop_fn_ends_the_run_finished_and_is_consulted_on_resume(dev, tokenizer, tmp_path):
     calls = []
 
