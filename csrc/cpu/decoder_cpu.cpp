@@ -3,8 +3,10 @@
 // window, scale) -> ctx [B, A, Sq, D] in q's dtype. Query head a reads KV head q_to_kv[a] directly (no repeat_kv,
 // no padded group rows, no mask tensor): query i sits at key position Sk - Sq + i and sees the keys j <= that
 // position, within `window` of it when window > 0 (pos - j < window), whose key_mask entry is true. A query with
-// no visible key gets a zero context (as SDPA gives it). Scores, softmax and the weighted sum are computed in fp32
-// in one pass per query (online softmax). The (batch, head) rows are split over threads only when each thread gets
+// no visible key gets a zero context (as SDPA gives it). Scores, softmax and the weighted sum are computed in fp32:
+// for fp32 or bf16 with D a multiple of 8 (up to 128) on an AVX2 + FMA CPU by the row primitives of
+// attention_rows.h (the scores of the visible keys into a row buffer, their softmax, the context; k and v read in
+// their own dtype), otherwise in one scalar pass per query (online softmax). The (batch, head) rows are split over threads only when each thread gets
 // enough work (kMinWorkPerThread multiply-adds): a decode step runs in the calling thread, with no parallel region
 // to wait on. Forward only: the Python side calls it when no gradient is needed.
 //
@@ -18,9 +20,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "attention_rows.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace structprune {
@@ -42,6 +47,45 @@ inline float dot(const T* a, const T* b, int64_t n) {
   return (s0 + s1) + (s2 + s3);
 }
 
+// Query rows i of head a of sequence b with the AVX2 + FMA row primitives (fp32 or bf16, D a multiple of 8, up
+// to 128): scores of the visible keys, softmax, context; keys the mask hides get no weight.
+template <typename T>
+__attribute__((target("avx2,fma"))) void decode_row_avx2(const T* qh, int64_t qs2, const T* kb, int64_t ks2,
+                                                         const T* vb, int64_t vs2, const bool* mb, int64_t Sq,
+                                                         int64_t Sk, int64_t D, int64_t window, float scale, T* oh,
+                                                         float* row) {
+  const int64_t V = D / rows::kLanes;
+  __m256 qv[rows::kMaxVectors];
+  for (int64_t i = 0; i < Sq; ++i) {
+    const int64_t pos = Sk - Sq + i;
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, n = pos - lo + 1;
+    int64_t visible = n;
+    if (mb != nullptr) {
+      for (int64_t j = lo; j <= pos; ++j) visible -= mb[j] ? 0 : 1;
+    }
+    T* oi = oh + i * D;
+    if (visible == 0) {
+      std::fill(oi, oi + D, static_cast<T>(0.f));
+      continue;
+    }
+    rows::load_query(qh + i * qs2, V, scale, qv);
+    rows::scores(qv, V, kb + lo * ks2, ks2, n, row);
+    if (visible < n) {
+      for (int64_t j = 0; j < n; ++j) row[j] = mb[lo + j] ? row[j] : -std::numeric_limits<float>::infinity();
+    }
+    float l = rows::softmax_numerators(row, n);
+    if (visible < n) {
+      for (int64_t j = 0; j < n; ++j) {
+        if (!mb[lo + j]) {
+          l -= row[j];
+          row[j] = 0.f;
+        }
+      }
+    }
+    rows::context(row, vb + lo * vs2, vs2, n, V, 1.f / l, oi);
+  }
+}
+
 template <typename T>
 void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* map,
                  const bool* mask, int64_t window, float scale, at::Tensor& out) {
@@ -53,13 +97,22 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
   const int64_t work = std::max<int64_t>(1, Sq * Sk * D * 2);
   const int64_t grain = std::max<int64_t>(1, (kMinWorkPerThread + work - 1) / work);
+  constexpr bool vectorised_type = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+  const bool avx2 = vectorised_type && rows::attention_rows_avx2(D);
   at::parallel_for(0, B * A, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D);
+    std::vector<float> acc(D), scores(avx2 ? Sk : 0);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / A, a = row % A, kv = map[a];
       const T* kb = kp + b * ks[0] + kv * ks[1];
       const T* vb = vp + b * vs[0] + kv * vs[1];
       const bool* mb = mask == nullptr ? nullptr : mask + b * Sk;
+      if constexpr (vectorised_type) {
+        if (avx2) {
+          decode_row_avx2(qp + b * qs[0] + a * qs[1], qs[2], kb, ks[2], vb, vs[2], mb, Sq, Sk, D, window, scale,
+                          op + (b * A + a) * Sq * D, scores.data());
+          continue;
+        }
+      }
       for (int64_t i = 0; i < Sq; ++i) {
         const T* qi = qp + b * qs[0] + a * qs[1] + i * qs[2];
         const int64_t pos = Sk - Sq + i;

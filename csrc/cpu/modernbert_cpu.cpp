@@ -20,6 +20,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "attention_rows.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,19 +38,8 @@ struct Operand {  // a [B, A, S, D] fp32 tensor with a contiguous last dimension
   const float* row(int64_t b, int64_t a, int64_t s) const { return p + b * sb + a * sa + s * ss; }
 };
 
-// exp(x) for x <= 0 (scores minus the row max): round-to-nearest range reduction x = n ln2 + r, |r| <= ln2 / 2,
-// degree-6 Taylor polynomial (error below 2e-7 relative), 2^n built in the exponent bits; x < -87 gives ~1e-38.
-__attribute__((always_inline)) inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // trunc toward 0 of a negative: round
-  const float nf = static_cast<float>(n);
-  const float r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
-  float poly = 1.3888889e-3f;  // 1/720, then Horner down to 1
-  for (const float c : {8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.0f, 1.0f}) poly = poly * r + c;
-  return poly * __builtin_bit_cast(float, (n + 127) << 23);
-}
-
-constexpr int64_t kLanes = 8;  // the fixed-width inner loops below become one AVX2 vector (two SSE ones)
+using rows::exp_nonpositive;
+using rows::kLanes;  // the fixed-width inner loops below become one AVX2 vector (two SSE ones)
 
 __attribute__((always_inline)) inline float lane_sum(const float* a) {
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
@@ -141,93 +132,23 @@ __attribute__((always_inline)) inline void banded_unit(const Operand& q, const O
   }
 }
 
-// The same unit with AVX2 + FMA intrinsics (D a multiple of 8): the q row in registers, four keys per step for the
-// scores, an 8-wide polynomial exp, the context accumulated in registers eight columns at a time.
-__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 nf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.3888889e-3f);
-  for (const float c : {8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.0f, 1.0f}) {
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  }
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
+// The same unit with the AVX2 + FMA row primitives of attention_rows.h (D a multiple of 8, up to 128).
 __attribute__((target("avx2,fma"))) void banded_unit_avx2(const Operand& q, const Operand& k, const Operand& v,
                                                           const float* kb, float* out, int64_t b, int64_t a,
                                                           int64_t q0, int64_t q1, int64_t S, int64_t A, int64_t D,
                                                           int64_t window, float scale, float* row) {
-  const int64_t V = D / kLanes;  // vectors per row (D % 8 == 0 here)
-  __m256 qv[16];
+  const int64_t V = D / kLanes;
+  __m256 qv[rows::kMaxVectors];
   for (int64_t pos = q0; pos < q1; ++pos) {
     const int64_t first = std::max<int64_t>(0, pos - window), n = std::min(S, pos + window + 1) - first;
-    const float* qr = q.row(b, a, pos);
-    for (int64_t c = 0; c < V; ++c) qv[c] = _mm256_mul_ps(_mm256_loadu_ps(qr + c * kLanes), _mm256_set1_ps(scale));
-    const float* bias = kb ? kb + b * S + first : nullptr;
-    int64_t j = 0;
-    for (; j + 3 < n; j += 4) {
-      const float* k0 = k.row(b, a, first + j);
-      const float* k1 = k.row(b, a, first + j + 1);
-      const float* k2 = k.row(b, a, first + j + 2);
-      const float* k3 = k.row(b, a, first + j + 3);
-      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-      for (int64_t c = 0; c < V; ++c) {
-        s0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k0 + c * kLanes), s0);
-        s1 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k1 + c * kLanes), s1);
-        s2 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k2 + c * kLanes), s2);
-        s3 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k3 + c * kLanes), s3);
-      }
-      row[j] = hsum8(s0);
-      row[j + 1] = hsum8(s1);
-      row[j + 2] = hsum8(s2);
-      row[j + 3] = hsum8(s3);
+    rows::load_query(q.row(b, a, pos), V, scale, qv);
+    rows::scores(qv, V, k.row(b, a, first), k.ss, n, row);
+    if (kb) {
+      const float* bias = kb + b * S + first;
+      for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
     }
-    for (; j < n; ++j) {
-      const float* k0 = k.row(b, a, first + j);
-      __m256 s0 = _mm256_setzero_ps();
-      for (int64_t c = 0; c < V; ++c) s0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k0 + c * kLanes), s0);
-      row[j] = hsum8(s0);
-    }
-    if (bias) {
-      for (j = 0; j < n; ++j) row[j] += bias[j];
-    }
-    float m = row[0];
-    for (j = 1; j < n; ++j) m = std::max(m, row[j]);
-    const __m256 mv = _mm256_set1_ps(m);
-    __m256 lv = _mm256_setzero_ps();
-    for (j = 0; j + kLanes <= n; j += kLanes) {
-      const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(row + j), mv));
-      _mm256_storeu_ps(row + j, e);
-      lv = _mm256_add_ps(lv, e);
-    }
-    float l = hsum8(lv);
-    for (; j < n; ++j) {
-      row[j] = exp_nonpositive(row[j] - m);
-      l += row[j];
-    }
-    const __m256 inv = _mm256_set1_ps(1.0f / l);
-    float* o = out + ((b * S + pos) * A + a) * D;
-    for (int64_t c0 = 0; c0 < V; c0 += 4) {  // four output vectors (32 columns) per pass over the keys
-      const int64_t nc = std::min<int64_t>(4, V - c0);
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (j = 0; j < n; ++j) {
-        const __m256 pj = _mm256_set1_ps(row[j]);
-        const float* vr = v.row(b, a, first + j) + c0 * kLanes;
-        for (int64_t c = 0; c < nc; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + c * kLanes), acc[c]);
-      }
-      for (int64_t c = 0; c < nc; ++c) _mm256_storeu_ps(o + (c0 + c) * kLanes, _mm256_mul_ps(acc[c], inv));
-    }
+    const float l = rows::softmax_numerators(row, n);
+    rows::context(row, v.row(b, a, first), v.ss, n, V, 1.0f / l, out + ((b * S + pos) * A + a) * D);
   }
 }
 
@@ -262,8 +183,7 @@ at::Tensor banded_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   const float* kbp = kb.defined() ? kb.data_ptr<float>() : nullptr;
   float* outp = out.data_ptr<float>();
   const int64_t nblocks = (S + block - 1) / block;
-  static const bool cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx2 = cpu_avx2 && D % kLanes == 0 && D <= 16 * kLanes;
+  const bool avx2 = rows::attention_rows_avx2(D);
   at::parallel_for(0, B * A * nblocks, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> row(static_cast<size_t>(2 * window + 1));
     for (int64_t u = u0; u < u1; ++u) {

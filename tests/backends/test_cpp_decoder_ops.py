@@ -242,6 +242,29 @@ def test_decode_kernel_matches_the_reference(kept, q_len, padding, window, dtype
     check_close("y", got, want32, plain, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dim", [16, 12], ids=["vector-path", "scalar-path"])
+def test_decode_kernel_on_a_long_cache(dim, dtype):
+    """The vectorised rows (fp32 / bf16, head_dim a multiple of 8: csrc/cpu/attention_rows.h) and the scalar pass
+    (any other head_dim, fp16) on 70 keys (every remainder of the 4-key and 8-lane loops), left padding and a
+    window, against SDPA in fp32 on the same rounded inputs."""
+    g = torch.Generator().manual_seed(dim)
+    Sk, Sq, A, Akv = 70, 3, 4, 2
+    q, k, v = (torch.randn(2, n, s, dim, generator=g).to(dtype) for n, s in ((A, Sq), (Akv, Sk), (Akv, Sk)))
+    q_to_kv = torch.tensor([1, 0, 1, 1])
+    key_mask = torch.ones(2, Sk, dtype=torch.bool)
+    key_mask[1, :9] = False
+    for window in (-1, 33):
+        got = torch.ops.structprune.cpp_decoder_decode_attention(q, k, v, q_to_kv, key_mask, window, dim ** -0.5)
+        pos = torch.arange(Sk - Sq, Sk)[:, None]
+        keys = torch.arange(Sk)[None, :]
+        allowed = (keys <= pos) & ((pos - keys < window) if window > 0 else True) & key_mask[:, None, None, :]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float()[:, q_to_kv], v.float()[:, q_to_kv], attn_mask=allowed)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+
+
 def test_decode_kernel_refuses_a_bad_map():
     q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="q_to_kv\\[1\\] = 1 is not a KV head"):
