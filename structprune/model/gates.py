@@ -77,12 +77,19 @@ class HardConcreteGate(nn.Module):
         if (torch.is_grad_enabled() and la.requires_grad) or torch.compiler.is_compiling() or la.is_inference() \
                 or mask.is_inference():
             return deterministic_gate(la) * mask
-        key = (id(la), la._version, la.data_ptr(), id(mask), mask._version, mask.data_ptr(),
-               torch.is_inference_mode_enabled())
+        key = self._state_key()
         cached = self.__dict__.get("_value_cache")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_value_cache"] = (key, deterministic_gate(la) * mask)
         return cached[1]
+
+    def _state_key(self) -> tuple:
+        """What the cached gate values and kept index depend on: which ``log_alpha`` and ``mask`` tensors, their
+        in-place versions and storage, and inference mode (a tensor made under it cannot be saved for backward,
+        so such entries serve inference only)."""
+        la, mask = self.log_alpha, self.mask
+        return (id(la), la._version, la.data_ptr(), id(mask), mask._version, mask.data_ptr(),
+                torch.is_inference_mode_enabled())
 
     def expected_l0(self) -> torch.Tensor:
         """Expected number of non-zero gates (differentiable), counting only unmasked entries."""
@@ -100,9 +107,7 @@ class HardConcreteGate(nn.Module):
         if torch.compiler.is_compiling() or self.mask.is_inference() or self.log_alpha.is_inference():
             # traced, or no version counter to key a cache on
             return torch.nonzero(self.deterministic() != 0, as_tuple=False).flatten()
-        # an index made under inference_mode cannot be saved for backward: such entries serve inference only
-        key = (self.mask._version, self.log_alpha._version, self.mask.data_ptr(), self.log_alpha.data_ptr(),
-               torch.is_inference_mode_enabled())
+        key = self._state_key()
         if self._index_cache is None or self._index_cache[0] != key:
             idx = torch.nonzero(self.deterministic() != 0, as_tuple=False).flatten()
             self._index_cache = (key, idx)
