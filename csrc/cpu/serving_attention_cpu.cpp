@@ -1,0 +1,287 @@
+// Exact softmax attention for CPU inference in fp32 with a small head_dim (the serving module's encoder layers,
+// structprune/serving/encoder.py): ATen's flash kernel runs tiny BLAS GEMMs per 32-wide head and reaches about a
+// third of the core's FMA peak there; this kernel is tiled like a GEMM instead.
+//
+//   out[b, s, h, :] = softmax_k(q[b, h, s] . k[b, h, k] * scale + key_bias[b, k]) @ v[b, h, k]
+//
+// q: [B, H, Sq, D], k and v: [B, H, Sk, D], fp32 of any strides whose last dimension is contiguous (views of the
+// fused projection's [B, S, 3, H, D] output); key_bias: [B, Sk] fp32 additive (0 = attend, finfo.min = padding) or
+// absent. out: [B, Sq, H, D] fp32 contiguous (the layout the output projection reads as [B * Sq, H * D]).
+//
+// Algorithm (AVX-512F, D a multiple of 16 up to 128): work units (b, h, block of kBlock queries) run in parallel
+// (at::parallel_for); a thread packs k^T of its current (b, h) into a [D, Sk16] buffer (Sk rounded up to 16, zero
+// columns) and the key bias of its batch row into [Sk16] (-inf past Sk), only when (b, h) changes. Per block:
+//   1. scores: tiles of kScoreRows query rows x 64 keys, kScoreRows x 4 zmm accumulators over d (broadcast q[i][d],
+//      FMA with 4 vectors of k^T row d), stored as acc * scale + bias into the block's [kBlock, Sk16] buffer;
+//   2. softmax numerators, exactly (two passes, not online): the row max, then p = exp(x - max) with a 16-lane
+//      polynomial exp (attention_rows.h's, with exp(x) = 0 below -87) and the row sum;
+//   3. context: tiles of up to 8 rows x up to 4 output vectors accumulate p[i][j] * v[j] over the keys (broadcast
+//      p, FMA with the value row's vectors), scaled by 1 / sum on the store.
+// A row whose keys are all padded gets equal scores (finfo.min + a small score rounds to finfo.min), so uniform
+// weights, as ATen's SDPA with the same additive mask. Buffers are allocated once per parallel chunk; no BLAS or
+// ATen op runs inside the parallel region. Other CPUs and head dims are refused (the Python entry,
+// structprune/backends/cpp/serving_attention.py, calls the op only where it applies). No autograd.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace structprune {
+namespace {
+
+constexpr int64_t kLanes = 16;     // floats per zmm
+constexpr int64_t kMaxD = 128;     // 8 vectors per row
+constexpr int kScoreRows = 6;      // query rows per score tile (6 x 4 accumulators)
+constexpr int kScoreVectors = 4;   // 64 keys per score tile
+constexpr int64_t kBlock = 24;     // query rows per work unit: a multiple of 6 and of 8
+
+bool avx512f() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+struct Operand {  // a [B, H, S, D] fp32 tensor with a contiguous last dimension
+  const float* p;
+  int64_t sb, sh, ss;
+  const float* row(int64_t b, int64_t h, int64_t s) const { return p + b * sb + h * sh + s * ss; }
+};
+
+// exp(x) for x <= 0 (scores minus the row max), 16 lanes: attention_rows.h's range reduction x = n ln2 + r and
+// degree-6 polynomial, 2^n applied by scalef; lanes below -87 (padding, -inf) give exactly 0.
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive16(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.3888889e-3f);
+  for (const float c : {8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.0f, 1.0f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, nf));
+}
+
+// Scores of R query rows (q[r] + d) against NV * 16 keys of the packed k^T (row d at kt + d * ldk), stored as
+// acc * scale + bias into s + r * lds.
+template <int R, int NV>
+__attribute__((target("avx512f"))) void score_tile(const float* const* q, const float* kt, int64_t ldk, int64_t D,
+                                                   float scale, const float* bias, float* s, int64_t lds) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 kv[NV];
+    for (int c = 0; c < NV; ++c) kv[c] = _mm512_loadu_ps(kt + d * ldk + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r][d]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int c = 0; c < NV; ++c) {
+    const __m512 bv = _mm512_loadu_ps(bias + c * kLanes);
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(s + r * lds + c * kLanes, _mm512_fmadd_ps(acc[r][c], sc, bv));
+  }
+}
+
+// Context of R rows of probabilities (p + r * ldp, n keys) over NV output vectors starting at column c0 of the
+// value rows (v + j * vs): out[r] + c0 = (sum_j p[r][j] v[j]) * inv[r].
+template <int R, int NV>
+__attribute__((target("avx512f"))) void context_tile(const float* p, int64_t ldp, int64_t n, const float* v,
+                                                     int64_t vs, int64_t c0, float* const* out, const float* inv) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(v + j * vs + c0 + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * ldp + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 iv = _mm512_set1_ps(inv[r]);
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out[r] + c0 + c * kLanes, _mm512_mul_ps(acc[r][c], iv));
+  }
+}
+
+template <int NV>
+void score_rows(int rows, const float* const* q, const float* kt, int64_t ldk, int64_t D, float scale,
+                const float* bias, float* s, int64_t lds) {
+  switch (rows) {
+    case 1: return score_tile<1, NV>(q, kt, ldk, D, scale, bias, s, lds);
+    case 2: return score_tile<2, NV>(q, kt, ldk, D, scale, bias, s, lds);
+    case 3: return score_tile<3, NV>(q, kt, ldk, D, scale, bias, s, lds);
+    case 4: return score_tile<4, NV>(q, kt, ldk, D, scale, bias, s, lds);
+    case 5: return score_tile<5, NV>(q, kt, ldk, D, scale, bias, s, lds);
+    default: return score_tile<6, NV>(q, kt, ldk, D, scale, bias, s, lds);
+  }
+}
+
+// Up to 8 rows for 1-3 output vectors (24 accumulators at most), up to 6 rows for 4.
+template <int NV>
+void context_rows(int rows, const float* p, int64_t ldp, int64_t n, const float* v, int64_t vs, int64_t c0,
+                  float* const* out, const float* inv) {
+  switch (rows) {
+    case 1: return context_tile<1, NV>(p, ldp, n, v, vs, c0, out, inv);
+    case 2: return context_tile<2, NV>(p, ldp, n, v, vs, c0, out, inv);
+    case 3: return context_tile<3, NV>(p, ldp, n, v, vs, c0, out, inv);
+    case 4: return context_tile<4, NV>(p, ldp, n, v, vs, c0, out, inv);
+    case 5: return context_tile<5, NV>(p, ldp, n, v, vs, c0, out, inv);
+    case 6: return context_tile<6, NV>(p, ldp, n, v, vs, c0, out, inv);
+    case 7: if constexpr (NV < 4) return context_tile<7, NV>(p, ldp, n, v, vs, c0, out, inv); break;
+    default: if constexpr (NV < 4) return context_tile<8, NV>(p, ldp, n, v, vs, c0, out, inv); break;
+  }
+}
+
+constexpr int context_tile_rows(int64_t nv) { return nv < 4 ? 8 : 6; }
+
+// Softmax numerators of one row of n scores in place (x -> exp(x - max)); returns 1 / their sum.
+__attribute__((target("avx512f"))) float softmax_row(float* x, int64_t n) {
+  const int64_t nv = n - n % kLanes;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n % kLanes)) - 1u);
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m = lowest;
+  for (int64_t j = 0; j < nv; j += kLanes) m = _mm512_max_ps(m, _mm512_loadu_ps(x + j));
+  if (tail) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(lowest, tail, x + nv));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nv; j += kLanes) {
+    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(x + j), mx));
+    _mm512_storeu_ps(x + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (tail) {
+    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_mask_loadu_ps(lowest, tail, x + nv), mx));
+    _mm512_mask_storeu_ps(x + nv, tail, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// One work unit: query rows [i0, i1) of head (b, h); kt, bias: the packed keys and bias of (b, h); s: the
+// [kBlock, ldk] scores buffer.
+void attend_block(const Operand& q, const Operand& v, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t H,
+                  int64_t Sq, int64_t Sk, int64_t D, float scale, const float* kt, int64_t ldk, const float* bias,
+                  float* s, float* out) {
+  const int64_t rows = i1 - i0;
+  const float* qrow[kBlock];
+  float* orow[kBlock];
+  float inv[kBlock];
+  for (int64_t r = 0; r < rows; ++r) {
+    qrow[r] = q.row(b, h, i0 + r);
+    orow[r] = out + ((b * Sq + i0 + r) * H + h) * D;
+  }
+  for (int64_t r = 0; r < rows; r += kScoreRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kScoreRows, rows - r));
+    for (int64_t j = 0; j < ldk; j += kScoreVectors * kLanes) {
+      const int64_t nv = std::min<int64_t>(kScoreVectors, (ldk - j) / kLanes);
+      float* st = s + r * ldk + j;
+      switch (nv) {
+        case 1: score_rows<1>(n, qrow + r, kt + j, ldk, D, scale, bias + j, st, ldk); break;
+        case 2: score_rows<2>(n, qrow + r, kt + j, ldk, D, scale, bias + j, st, ldk); break;
+        case 3: score_rows<3>(n, qrow + r, kt + j, ldk, D, scale, bias + j, st, ldk); break;
+        default: score_rows<4>(n, qrow + r, kt + j, ldk, D, scale, bias + j, st, ldk); break;
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row(s + r * ldk, Sk);
+  const float* vp = v.row(b, h, 0);
+  for (int64_t c = 0; c < D / kLanes; c += kScoreVectors) {
+    const int64_t nv = std::min<int64_t>(kScoreVectors, D / kLanes - c);
+    const int tile = context_tile_rows(nv);
+    for (int64_t r = 0; r < rows; r += tile) {
+      const int n = static_cast<int>(std::min<int64_t>(tile, rows - r));
+      const float* p = s + r * ldk;
+      switch (nv) {
+        case 1: context_rows<1>(n, p, ldk, Sk, vp, v.ss, c * kLanes, orow + r, inv + r); break;
+        case 2: context_rows<2>(n, p, ldk, Sk, vp, v.ss, c * kLanes, orow + r, inv + r); break;
+        case 3: context_rows<3>(n, p, ldk, Sk, vp, v.ss, c * kLanes, orow + r, inv + r); break;
+        default: context_rows<4>(n, p, ldk, Sk, vp, v.ss, c * kLanes, orow + r, inv + r); break;
+      }
+    }
+  }
+}
+
+void check_operand(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "structprune: cpp_serving_attention takes CPU tensors; ", name, " is on ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "structprune: cpp_serving_attention takes float32 q, k, v (bf16 and "
+              "fp16 run ATen's SDPA); ", name, " is ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, "structprune: cpp_serving_attention expects ", name, " as [batch, heads, seq, head_dim], "
+              "got ", t.dim(), " dims");
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, "structprune: cpp_serving_attention needs a contiguous last "
+              "dimension (head_dim) in ", name, ", got strides ", t.strides());
+}
+
+at::Tensor serving_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& key_bias_in, double scale_in) {
+  check_operand(q, "q");
+  check_operand(k, "k");
+  check_operand(v, "v");
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Sk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(),
+              "structprune: cpp_serving_attention expects k and v as [", B, ", ", H, ", Sk, ", D,
+              "] like q [batch, heads, Sq, head_dim]; got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(D % kLanes == 0 && D > 0 && D <= kMaxD, "structprune: cpp_serving_attention needs head_dim a multiple "
+              "of 16 up to 128, got ", D);
+  TORCH_CHECK(avx512f(), "structprune: cpp_serving_attention needs a CPU with AVX-512F (use "
+              "torch.nn.functional.scaled_dot_product_attention elsewhere)");
+  TORCH_CHECK(Sk > 0 || Sq == 0, "structprune: cpp_serving_attention needs at least one key, got k ", k.sizes());
+  at::Tensor key_bias;
+  if (key_bias_in.has_value()) {
+    key_bias = key_bias_in->contiguous();
+    TORCH_CHECK(key_bias.device().is_cpu() && key_bias.scalar_type() == at::kFloat && key_bias.dim() == 2 &&
+                    key_bias.size(0) == B && key_bias.size(1) == Sk,
+                "structprune: cpp_serving_attention expects key_bias as a float32 CPU tensor [", B, ", ", Sk,
+                "] (batch, keys), got ", key_bias.scalar_type(), " ", key_bias.sizes());
+  }
+  at::Tensor out = at::empty({B, Sq, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const auto operand = [](const at::Tensor& t) {
+    return Operand{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+  };
+  const Operand qo = operand(q), ko = operand(k), vo = operand(v);
+  const float* bias_p = key_bias.defined() ? key_bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const float scale = static_cast<float>(scale_in);
+  const int64_t ldk = (Sk + kLanes - 1) / kLanes * kLanes;
+  const int64_t nblocks = (Sq + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * H * nblocks, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> kt(D * ldk, 0.0f), bias(ldk, -std::numeric_limits<float>::infinity()), s(kBlock * ldk);
+    int64_t cur_b = -1, cur_h = -1;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t blk = u % nblocks, bh = u / nblocks, h = bh % H, b = bh / H;
+      if (b != cur_b) {
+        for (int64_t j = 0; j < Sk; ++j) bias[j] = bias_p ? bias_p[b * Sk + j] : 0.0f;
+      }
+      if (b != cur_b || h != cur_h) {  // pack k^T of (b, h): kt[d * ldk + j] = k[j][d]; columns past Sk stay 0
+        for (int64_t j = 0; j < Sk; ++j) {
+          const float* kr = ko.row(b, h, j);
+          for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = kr[d];
+        }
+        cur_b = b;
+        cur_h = h;
+      }
+      const int64_t i0 = blk * kBlock;
+      attend_block(qo, vo, b, h, i0, std::min(Sq, i0 + kBlock), H, Sq, Sk, D, scale, kt.data(), ldk, bias.data(),
+                   s.data(), op);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace structprune
+
+TORCH_LIBRARY_IMPL(structprune, CPU, m) {
+  m.impl("cpp_serving_attention", &structprune::serving_attention_cpu);
+}
