@@ -9,17 +9,20 @@
 // absent. out: [B, Sq, H, D] fp32 contiguous (the layout the output projection reads as [B * Sq, H * D]).
 //
 // Algorithm (AVX-512F, D a multiple of 16 up to 128): work units (b, h, block of kBlock queries) run in parallel
-// (at::parallel_for); a thread packs k^T of its current (b, h) into a [D, Sk16] buffer (Sk rounded up to 16, zero
-// columns) and the key bias of its batch row into [Sk16] (-inf past Sk), only when (b, h) changes. Per block:
+// (at::parallel_for). A thread packs its current (b, h) when it changes: k^T in panels of 64 keys ([D, 64] each, the
+// last one 16/32/48 wide; columns past Sk zero; 16 keys per gather), the values as contiguous [Sk, D] rows (the
+// projection's row stride would put them in a few cache sets), and the key bias of its batch row (-inf past Sk).
+// Its buffers are 64-byte aligned (a zmm load across two cache lines costs two) and allocated once per parallel
+// chunk; the next unit's query rows are prefetched. Per block:
 //   1. scores: tiles of kScoreRows query rows x 64 keys, kScoreRows x 4 zmm accumulators over d (broadcast q[i][d],
-//      FMA with 4 vectors of k^T row d), stored as acc * scale + bias into the block's [kBlock, Sk16] buffer;
-//   2. softmax numerators, exactly (two passes, not online): the row max, then p = exp(x - max) with a 16-lane
-//      polynomial exp (attention_rows.h's, with exp(x) = 0 below -87) and the row sum;
+//      FMA with the 4 vectors of the panel's row d), stored as acc * scale + bias into the block's [kBlock, Sk16]
+//      buffer, the row max kept on the way;
+//   2. softmax numerators, exactly (the full row, not online): p = exp(x - max) with a 16-lane polynomial exp
+//      (attention_rows.h's; ~1e-38 for a padded key) and the row sum;
 //   3. context: tiles of up to 8 rows x up to 4 output vectors accumulate p[i][j] * v[j] over the keys (broadcast
 //      p, FMA with the value row's vectors), scaled by 1 / sum on the store.
 // A row whose keys are all padded gets equal scores (finfo.min + a small score rounds to finfo.min), so uniform
-// weights, as ATen's SDPA with the same additive mask. Buffers are allocated once per parallel chunk; no BLAS or
-// ATen op runs inside the parallel region. Other CPUs and head dims are refused (the Python entry,
+// weights, as ATen's SDPA with the same additive mask. No BLAS or ATen op runs inside the parallel region. Other CPUs and head dims are refused (the Python entry,
 // structprune/backends/cpp/serving_attention.py, calls the op only where it applies). No autograd.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,6 +42,7 @@ constexpr int64_t kLanes = 16;     // floats per zmm
 constexpr int64_t kMaxD = 128;     // 8 vectors per row
 constexpr int kScoreRows = 6;      // query rows per score tile (6 x 4 accumulators)
 constexpr int kScoreVectors = 4;   // 64 keys per score tile
+constexpr int64_t kPanel = kScoreVectors * 16;  // keys per panel of the packed k^T
 constexpr int64_t kBlock = 24;     // query rows per work unit: a multiple of 6 and of 8
 
 bool avx512f() {
@@ -53,9 +57,8 @@ struct Operand {  // a [B, H, S, D] fp32 tensor with a contiguous last dimension
 };
 
 // exp(x) for x <= 0 (scores minus the row max), 16 lanes: attention_rows.h's range reduction x = n ln2 + r and
-// degree-6 polynomial, 2^n applied by scalef; lanes below -87 (padding, -inf) give exactly 0.
+// degree-6 polynomial, 2^n applied by scalef; x < -87 (a padded key: finfo.min) gives ~1e-38.
 __attribute__((target("avx512f"))) inline __m512 exp_nonpositive16(__m512 x) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -65,14 +68,15 @@ __attribute__((target("avx512f"))) inline __m512 exp_nonpositive16(__m512 x) {
   for (const float c : {8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.0f, 1.0f}) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   }
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, nf));
+  return _mm512_scalef_ps(p, nf);
 }
 
 // Scores of R query rows (q[r] + d) against NV * 16 keys of the packed k^T (row d at kt + d * ldk), stored as
-// acc * scale + bias into s + r * lds.
+// acc * scale + bias into s + r * lds; mx + 16 r: the lanes of row r's running max.
 template <int R, int NV>
 __attribute__((target("avx512f"))) void score_tile(const float* const* q, const float* kt, int64_t ldk, int64_t D,
-                                                   float scale, const float* bias, float* s, int64_t lds) {
+                                                   float scale, const float* bias, float* s, int64_t lds,
+                                                   float* mx) {
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -85,10 +89,17 @@ __attribute__((target("avx512f"))) void score_tile(const float* const* q, const 
     }
   }
   const __m512 sc = _mm512_set1_ps(scale);
+  __m512 m[R];
+  for (int r = 0; r < R; ++r) m[r] = _mm512_loadu_ps(mx + r * kLanes);
   for (int c = 0; c < NV; ++c) {
     const __m512 bv = _mm512_loadu_ps(bias + c * kLanes);
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(s + r * lds + c * kLanes, _mm512_fmadd_ps(acc[r][c], sc, bv));
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_fmadd_ps(acc[r][c], sc, bv);
+      _mm512_storeu_ps(s + r * lds + c * kLanes, x);
+      m[r] = _mm512_max_ps(m[r], x);
+    }
   }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(mx + r * kLanes, m[r]);
 }
 
 // Context of R rows of probabilities (p + r * ldp, n keys) over NV output vectors starting at column c0 of the
@@ -115,14 +126,14 @@ __attribute__((target("avx512f"))) void context_tile(const float* p, int64_t ldp
 
 template <int NV>
 void score_rows(int rows, const float* const* q, const float* kt, int64_t ldk, int64_t D, float scale,
-                const float* bias, float* s, int64_t lds) {
+                const float* bias, float* s, int64_t lds, float* mx) {
   switch (rows) {
-    case 1: return score_tile<1, NV>(q, kt, ldk, D, scale, bias, s, lds);
-    case 2: return score_tile<2, NV>(q, kt, ldk, D, scale, bias, s, lds);
-    case 3: return score_tile<3, NV>(q, kt, ldk, D, scale, bias, s, lds);
-    case 4: return score_tile<4, NV>(q, kt, ldk, D, scale, bias, s, lds);
-    case 5: return score_tile<5, NV>(q, kt, ldk, D, scale, bias, s, lds);
-    default: return score_tile<6, NV>(q, kt, ldk, D, scale, bias, s, lds);
+    case 1: return score_tile<1, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
+    case 2: return score_tile<2, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
+    case 3: return score_tile<3, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
+    case 4: return score_tile<4, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
+    case 5: return score_tile<5, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
+    default: return score_tile<6, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
   }
 }
 
@@ -144,15 +155,13 @@ void context_rows(int rows, const float* p, int64_t ldp, int64_t n, const float*
 
 constexpr int context_tile_rows(int64_t nv) { return nv < 4 ? 8 : 6; }
 
-// Softmax numerators of one row of n scores in place (x -> exp(x - max)); returns 1 / their sum.
-__attribute__((target("avx512f"))) float softmax_row(float* x, int64_t n) {
+// Softmax numerators of one row of n scores in place (x -> exp(x - max)), given the lanes of its max (lanes past
+// n hold -inf scores); returns 1 / their sum.
+__attribute__((target("avx512f"))) float softmax_row(float* x, int64_t n, const float* max_lanes) {
   const int64_t nv = n - n % kLanes;
   const __mmask16 tail = static_cast<__mmask16>((1u << (n % kLanes)) - 1u);
   const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 m = lowest;
-  for (int64_t j = 0; j < nv; j += kLanes) m = _mm512_max_ps(m, _mm512_loadu_ps(x + j));
-  if (tail) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(lowest, tail, x + nv));
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_loadu_ps(max_lanes)));
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < nv; j += kLanes) {
     const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(x + j), mx));
@@ -167,34 +176,59 @@ __attribute__((target("avx512f"))) float softmax_row(float* x, int64_t n) {
   return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
-// One work unit: query rows [i0, i1) of head (b, h); kt, bias: the packed keys and bias of (b, h); s: the
-// [kBlock, ldk] scores buffer.
-void attend_block(const Operand& q, const Operand& v, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t H,
-                  int64_t Sq, int64_t Sk, int64_t D, float scale, const float* kt, int64_t ldk, const float* bias,
-                  float* s, float* out) {
+// Packs the keys and values of one head: k^T in panels of kPanel keys, kt[p * D + d * width + j - p] = k[j][d] for
+// the panel p = j - j % kPanel of width min(kPanel, ldk - p) (16 keys per gather; the columns past Sk keep their
+// zeros) and vp[j * D + d] = v[j][d] (contiguous rows: no cache-set conflicts of the projection's row stride).
+__attribute__((target("avx512f"))) void pack_head(const float* k, int64_t ks, const float* v, int64_t vs, int64_t Sk,
+                                                  int64_t D, float* kt, int64_t ldk, float* vp) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int32_t>(ks)));
+  for (int64_t j = 0; j < Sk; j += kLanes) {
+    const __mmask16 m = Sk - j >= kLanes ? static_cast<__mmask16>(0xFFFF)
+                                         : static_cast<__mmask16>((1u << (Sk - j)) - 1u);
+    const float* kj = k + j * ks;
+    const int64_t panel = j - j % kPanel, width = std::min(kPanel, ldk - panel);
+    for (int64_t d = 0; d < D; ++d) {
+      _mm512_storeu_ps(kt + panel * D + d * width + (j - panel),
+                       _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, kj + d, 4));
+    }
+  }
+  for (int64_t j = 0; j < Sk; ++j) {
+    for (int64_t d = 0; d < D; d += kLanes) _mm512_storeu_ps(vp + j * D + d, _mm512_loadu_ps(v + j * vs + d));
+  }
+}
+
+// One work unit: query rows [i0, i1) of head (b, h); kt, vp, bias: the packed keys, values and bias of (b, h);
+// s: the [kBlock, ldk] scores buffer (ldk: Sk rounded up to 16).
+void attend_block(const Operand& q, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t H, int64_t Sq,
+                  int64_t Sk, int64_t D, float scale, const float* kt, int64_t ldk, const float* vp,
+                  const float* bias, float* s, float* out) {
   const int64_t rows = i1 - i0;
   const float* qrow[kBlock];
   float* orow[kBlock];
   float inv[kBlock];
+  float mx[kBlock * kLanes];
+  std::fill(mx, mx + rows * kLanes, -std::numeric_limits<float>::infinity());
   for (int64_t r = 0; r < rows; ++r) {
     qrow[r] = q.row(b, h, i0 + r);
     orow[r] = out + ((b * Sq + i0 + r) * H + h) * D;
   }
   for (int64_t r = 0; r < rows; r += kScoreRows) {
     const int n = static_cast<int>(std::min<int64_t>(kScoreRows, rows - r));
-    for (int64_t j = 0; j < ldk; j += kScoreVectors * kLanes) {
+    for (int64_t j = 0; j < ldk; j += kPanel) {
       const int64_t nv = std::min<int64_t>(kScoreVectors, (ldk - j) / kLanes);
+      const float* panel = kt + j * D;  // [D, nv * 16]
       float* st = s + r * ldk + j;
+      float* m = mx + r * kLanes;
       switch (nv) {
-        case 1: score_rows<1>(n, qrow + r, kt + j, ldk, D, scale, bias + j, st, ldk); break;
-        case 2: score_rows<2>(n, qrow + r, kt + j, ldk, D, scale, bias + j, st, ldk); break;
-        case 3: score_rows<3>(n, qrow + r, kt + j, ldk, D, scale, bias + j, st, ldk); break;
-        default: score_rows<4>(n, qrow + r, kt + j, ldk, D, scale, bias + j, st, ldk); break;
+        case 1: score_rows<1>(n, qrow + r, panel, 1 * kLanes, D, scale, bias + j, st, ldk, m); break;
+        case 2: score_rows<2>(n, qrow + r, panel, 2 * kLanes, D, scale, bias + j, st, ldk, m); break;
+        case 3: score_rows<3>(n, qrow + r, panel, 3 * kLanes, D, scale, bias + j, st, ldk, m); break;
+        default: score_rows<4>(n, qrow + r, panel, 4 * kLanes, D, scale, bias + j, st, ldk, m); break;
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row(s + r * ldk, Sk);
-  const float* vp = v.row(b, h, 0);
+  for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row(s + r * ldk, Sk, mx + r * kLanes);
   for (int64_t c = 0; c < D / kLanes; c += kScoreVectors) {
     const int64_t nv = std::min<int64_t>(kScoreVectors, D / kLanes - c);
     const int tile = context_tile_rows(nv);
@@ -202,12 +236,23 @@ void attend_block(const Operand& q, const Operand& v, int64_t b, int64_t h, int6
       const int n = static_cast<int>(std::min<int64_t>(tile, rows - r));
       const float* p = s + r * ldk;
       switch (nv) {
-        case 1: context_rows<1>(n, p, ldk, Sk, vp, v.ss, c * kLanes, orow + r, inv + r); break;
-        case 2: context_rows<2>(n, p, ldk, Sk, vp, v.ss, c * kLanes, orow + r, inv + r); break;
-        case 3: context_rows<3>(n, p, ldk, Sk, vp, v.ss, c * kLanes, orow + r, inv + r); break;
-        default: context_rows<4>(n, p, ldk, Sk, vp, v.ss, c * kLanes, orow + r, inv + r); break;
+        case 1: context_rows<1>(n, p, ldk, Sk, vp, D, c * kLanes, orow + r, inv + r); break;
+        case 2: context_rows<2>(n, p, ldk, Sk, vp, D, c * kLanes, orow + r, inv + r); break;
+        case 3: context_rows<3>(n, p, ldk, Sk, vp, D, c * kLanes, orow + r, inv + r); break;
+        default: context_rows<4>(n, p, ldk, Sk, vp, D, c * kLanes, orow + r, inv + r); break;
       }
     }
+  }
+}
+
+// Software prefetch of the query rows of unit u into L1 while the unit before it runs (the projection's row stride,
+// 3 * H * D floats, is beyond the hardware prefetchers' reach).
+void prefetch_queries(const Operand& q, int64_t u, int64_t nblocks, int64_t H, int64_t Sq, int64_t D) {
+  constexpr int64_t kLine = 64 / sizeof(float);
+  const int64_t blk = u % nblocks, bh = u / nblocks;
+  for (int64_t i = blk * kBlock; i < std::min(Sq, (blk + 1) * kBlock); ++i) {
+    const float* row = q.row(bh / H, bh % H, i);
+    for (int64_t d = 0; d < D; d += kLine) _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
   }
 }
 
@@ -236,6 +281,8 @@ at::Tensor serving_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(avx512f(), "structprune: cpp_serving_attention needs a CPU with AVX-512F (use "
               "torch.nn.functional.scaled_dot_product_attention elsewhere)");
   TORCH_CHECK(Sk > 0 || Sq == 0, "structprune: cpp_serving_attention needs at least one key, got k ", k.sizes());
+  TORCH_CHECK(k.stride(2) >= 0 && k.stride(2) <= std::numeric_limits<int32_t>::max() / kLanes,
+              "structprune: cpp_serving_attention needs k's row stride (dim 2) in [0, 2^31 / 16), got ", k.stride(2));
   at::Tensor key_bias;
   if (key_bias_in.has_value()) {
     key_bias = key_bias_in->contiguous();
@@ -256,24 +303,28 @@ at::Tensor serving_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
   const int64_t ldk = (Sk + kLanes - 1) / kLanes * kLanes;
   const int64_t nblocks = (Sq + kBlock - 1) / kBlock;
   at::parallel_for(0, B * H * nblocks, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> kt(D * ldk, 0.0f), bias(ldk, -std::numeric_limits<float>::infinity()), s(kBlock * ldk);
+    // one buffer, each part 64-byte aligned (a zmm load across two cache lines costs two): k^T panels, values,
+    // key bias, scores
+    std::vector<float> buffer(D * ldk + Sk * D + ldk + kBlock * ldk + 4 * kLanes, 0.0f);
+    float* kt = buffer.data() + (-reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float) & (kLanes - 1));
+    float* vp = kt + D * ldk;
+    float* bias = vp + (Sk * D + kLanes - 1) / kLanes * kLanes;
+    float* s = bias + ldk;
+    std::fill(bias, bias + ldk, -std::numeric_limits<float>::infinity());
     int64_t cur_b = -1, cur_h = -1;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t blk = u % nblocks, bh = u / nblocks, h = bh % H, b = bh / H;
       if (b != cur_b) {
         for (int64_t j = 0; j < Sk; ++j) bias[j] = bias_p ? bias_p[b * Sk + j] : 0.0f;
       }
-      if (b != cur_b || h != cur_h) {  // pack k^T of (b, h): kt[d * ldk + j] = k[j][d]; columns past Sk stay 0
-        for (int64_t j = 0; j < Sk; ++j) {
-          const float* kr = ko.row(b, h, j);
-          for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = kr[d];
-        }
+      if (b != cur_b || h != cur_h) {
+        pack_head(ko.row(b, h, 0), ko.ss, vo.row(b, h, 0), vo.ss, Sk, D, kt, ldk, vp);
         cur_b = b;
         cur_h = h;
       }
       const int64_t i0 = blk * kBlock;
-      attend_block(qo, vo, b, h, i0, std::min(Sq, i0 + kBlock), H, Sq, Sk, D, scale, kt.data(), ldk, bias.data(),
-                   s.data(), op);
+      if (u + 1 < u1) prefetch_queries(qo, u + 1, nblocks, H, Sq, D);
+      attend_block(qo, b, h, i0, std::min(Sq, i0 + kBlock), H, Sq, Sk, D, scale, kt, ldk, vp, bias, s, op);
     }
   });
   return out;
