@@ -19,7 +19,7 @@
 //      buffer, the row max kept on the way;
 //   2. softmax numerators, exactly (the full row, not online): p = exp(x - max) with a 16-lane polynomial exp
 //      (attention_rows.h's; ~1e-38 for a padded key) and the row sum;
-//   3. context: tiles of up to 8 rows x up to 4 output vectors accumulate p[i][j] * v[j] over the keys (broadcast
+//   3. context: tiles of up to 12 rows x up to 4 output vectors accumulate p[i][j] * v[j] over the keys (broadcast
 //      p, FMA with the value row's vectors), scaled by 1 / sum on the store.
 // A row whose keys are all padded gets equal scores (finfo.min + a small score rounds to finfo.min), so uniform
 // weights, as ATen's SDPA with the same additive mask. No BLAS or ATen op runs inside the parallel region. Other CPUs and head dims are refused (the Python entry,
@@ -43,7 +43,7 @@ constexpr int64_t kMaxD = 128;     // 8 vectors per row
 constexpr int kScoreRows = 6;      // query rows per score tile (6 x 4 accumulators)
 constexpr int kScoreVectors = 4;   // 64 keys per score tile
 constexpr int64_t kPanel = kScoreVectors * 16;  // keys per panel of the packed k^T
-constexpr int64_t kBlock = 24;     // query rows per work unit: a multiple of 6 and of 8
+constexpr int64_t kBlock = 24;     // query rows per work unit: a multiple of 6, 8 and 12
 
 bool avx512f() {
   static const bool ok = __builtin_cpu_supports("avx512f");
@@ -124,36 +124,27 @@ __attribute__((target("avx512f"))) void context_tile(const float* p, int64_t ldp
   }
 }
 
-template <int NV>
+// The tiles for `rows` rows (1 .. kScoreRows), chosen at compile time.
+template <int NV, int R = 1>
 void score_rows(int rows, const float* const* q, const float* kt, int64_t ldk, int64_t D, float scale,
                 const float* bias, float* s, int64_t lds, float* mx) {
-  switch (rows) {
-    case 1: return score_tile<1, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
-    case 2: return score_tile<2, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
-    case 3: return score_tile<3, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
-    case 4: return score_tile<4, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
-    case 5: return score_tile<5, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
-    default: return score_tile<6, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
+  if constexpr (R < kScoreRows) {
+    if (rows > R) return score_rows<NV, R + 1>(rows, q, kt, ldk, D, scale, bias, s, lds, mx);
   }
+  score_tile<R, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
 }
 
-// Up to 8 rows for 1-3 output vectors (24 accumulators at most), up to 6 rows for 4.
-template <int NV>
+// Context tiles: at most 24 accumulators, so up to 12 rows for 1-2 output vectors, 8 for 3, 6 for 4.
+constexpr int context_tile_rows(int64_t nv) { return nv <= 2 ? 12 : (nv == 3 ? 8 : 6); }
+
+template <int NV, int R = 1>
 void context_rows(int rows, const float* p, int64_t ldp, int64_t n, const float* v, int64_t vs, int64_t c0,
                   float* const* out, const float* inv) {
-  switch (rows) {
-    case 1: return context_tile<1, NV>(p, ldp, n, v, vs, c0, out, inv);
-    case 2: return context_tile<2, NV>(p, ldp, n, v, vs, c0, out, inv);
-    case 3: return context_tile<3, NV>(p, ldp, n, v, vs, c0, out, inv);
-    case 4: return context_tile<4, NV>(p, ldp, n, v, vs, c0, out, inv);
-    case 5: return context_tile<5, NV>(p, ldp, n, v, vs, c0, out, inv);
-    case 6: return context_tile<6, NV>(p, ldp, n, v, vs, c0, out, inv);
-    case 7: if constexpr (NV < 4) return context_tile<7, NV>(p, ldp, n, v, vs, c0, out, inv); break;
-    default: if constexpr (NV < 4) return context_tile<8, NV>(p, ldp, n, v, vs, c0, out, inv); break;
+  if constexpr (R < context_tile_rows(NV)) {
+    if (rows > R) return context_rows<NV, R + 1>(rows, p, ldp, n, v, vs, c0, out, inv);
   }
+  context_tile<R, NV>(p, ldp, n, v, vs, c0, out, inv);
 }
-
-constexpr int context_tile_rows(int64_t nv) { return nv < 4 ? 8 : 6; }
 
 // Softmax numerators of one row of n scores in place (x -> exp(x - max)), given the lanes of its max (lanes past
 // n hold -inf scores); returns 1 / their sum.
