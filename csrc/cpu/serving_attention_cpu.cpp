@@ -17,8 +17,8 @@
 //   1. scores: tiles of kScoreRows query rows x 64 keys, kScoreRows x 4 zmm accumulators over d (broadcast q[i][d],
 //      FMA with the 4 vectors of the panel's row d), stored as acc * scale + bias into the block's [kBlock, Sk16]
 //      buffer, the row max kept on the way;
-//   2. softmax numerators, exactly (the full row, not online): p = exp(x - max) with a 16-lane polynomial exp
-//      (attention_rows.h's; ~1e-38 for a padded key) and the row sum;
+//   2. softmax numerators, exactly (the full row, not online): p = exp(x - max) = 2^(x log2 e - max log2 e) with a
+//      16-lane polynomial (~1e-38 for a padded key) and the row sum;
 //   3. context: tiles of up to 12 rows x up to 4 output vectors accumulate p[i][j] * v[j] over the keys (broadcast
 //      p, FMA with the value row's vectors), scaled by 1 / sum on the store.
 // A row whose keys are all padded gets equal scores (finfo.min + a small score rounds to finfo.min), so uniform
@@ -56,17 +56,18 @@ struct Operand {  // a [B, H, S, D] fp32 tensor with a contiguous last dimension
   const float* row(int64_t b, int64_t h, int64_t s) const { return p + b * sb + h * sh + s * ss; }
 };
 
-// exp(x) for x <= 0 (scores minus the row max), 16 lanes: attention_rows.h's range reduction x = n ln2 + r and
-// degree-6 polynomial, 2^n applied by scalef; x < -87 (a padded key: finfo.min) gives ~1e-38.
-__attribute__((target("avx512f"))) inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.3888889e-3f);
-  for (const float c : {8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.0f, 1.0f}) {
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+// exp(x - m) for scores x <= m, 16 lanes, as 2^t with t = x log2(e) - m log2(e): one FMA (the rounding of
+// m log2(e) is common to the row and cancels in the normalisation), t = n + f with n = round(t), |f| <= 1/2,
+// 2^f = exp(f ln 2) by the degree-6 Taylor polynomial (relative error ~1e-7, as attention_rows.h's), 2^n applied by
+// scalef; t < -126 (a padded key: finfo.min) gives ~1e-38.
+__attribute__((target("avx512f"))) inline __m512 exp_shifted16(__m512 x, __m512 m_log2e) {
+  const __m512 t = _mm512_max_ps(_mm512_fmsub_ps(x, _mm512_set1_ps(1.44269504088896341f), m_log2e),
+                                 _mm512_set1_ps(-126.0f));
+  const __m512 nf = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, nf);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);  // ln2^6 / 6!, then Horner down to 1
+  for (const float c : {1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f, 6.9314718e-1f, 1.0f}) {
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
   }
   return _mm512_scalef_ps(p, nf);
 }
@@ -152,15 +153,20 @@ __attribute__((target("avx512f"))) float softmax_row(float* x, int64_t n, const 
   const int64_t nv = n - n % kLanes;
   const __mmask16 tail = static_cast<__mmask16>((1u << (n % kLanes)) - 1u);
   const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_loadu_ps(max_lanes)));
+  float m = _mm512_reduce_max_ps(_mm512_loadu_ps(max_lanes));
+  if (m < -1e30f) {  // every key padded (finfo.min): m log2(e) would overflow, so shift the row by m first
+    for (int64_t j = 0; j < n; ++j) x[j] -= m;
+    m = 0.0f;
+  }
+  const __m512 mx = _mm512_set1_ps(m * 1.44269504088896341f);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < nv; j += kLanes) {
-    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(x + j), mx));
+    const __m512 e = exp_shifted16(_mm512_loadu_ps(x + j), mx);
     _mm512_storeu_ps(x + j, e);
     sum = _mm512_add_ps(sum, e);
   }
   if (tail) {
-    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_mask_loadu_ps(lowest, tail, x + nv), mx));
+    const __m512 e = exp_shifted16(_mm512_mask_loadu_ps(lowest, tail, x + nv), mx);
     _mm512_mask_storeu_ps(x + nv, tail, e);
     sum = _mm512_add_ps(sum, e);
   }
