@@ -84,6 +84,9 @@ TORCH_LIBRARY(structprune, m) {
   // Sliding-window attention for inference (cpu/modernbert_cpu.cpp): q, k, v [B, A, S, D] -> [B, S, A, D].
   m.def("cpp_banded_attention(Tensor q, Tensor k, Tensor v, Tensor? key_bias, int window, float scale, int block) -> "
         "Tensor");
+  // Exact softmax attention for fp32 inference with a small head_dim (cpu/serving_attention_cpu.cpp, the serving
+  // module's): q [B, H, Sq, D], k, v [B, H, Sk, D] -> [B, Sq, H, D]; forward only.
+  m.def("cpp_serving_attention(Tensor q, Tensor k, Tensor v, Tensor? key_bias, float scale) -> Tensor");
   // Rotary positions on q and k of the fused projection [B, S, P, A, D] -> [B, S, 2, A, D] (the same file).
   m.def("cpp_rotary_qk(Tensor qkv, Tensor cos, Tensor sin) -> Tensor");
   m.def("cpp_hard_concrete_sample(Tensor log_alpha, int seed, int offset, float beta, Tensor? mask=None) -> Tensor");

@@ -425,3 +425,31 @@ def _row_norm(name: str, reference_fn, x, *args):
         ran = chosen if out is not None else "torch"
     _last["norm"] = ran
     return out if out is not None else reference_fn()
+
+
+# --- attention for the serving module ---------------------------------------------------------------------------
+def serving_attention(q, k, v, key_bias=None, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + key_bias) v`` for inference as ``[B, Sq, H, D]`` contiguous (``.view(B * Sq, H * D)``
+    feeds the output projection); q ``[B, H, Sq, D]``, k and v ``[B, H, Sk, D]``, key_bias ``[B, Sk]`` additive (0 =
+    attend, finfo.min = padding) or None; scale defaults to ``1 / sqrt(D)``. The backend's kernel runs where it has
+    one that applies (cpp's: fp32, AVX-512F, head_dim a multiple of 16 up to 128), ATen's SDPA with the mask
+    ``key_bias[:, None, None, :]`` otherwise; ``last_backends()["attention"]`` says which ("cpp" or "sdpa")."""
+    return serving_attention_ran(q, k, v, key_bias, scale)[0]
+
+
+def serving_attention_ran(q, k, v, key_bias=None, scale: float | None = None) -> tuple[torch.Tensor, str]:
+    """:func:`serving_attention` and the name of what ran ("cpp" or "sdpa"), for callers that record it per module
+    (several threads may call it at once)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, ran = None, "sdpa"
+    if not torch.compiler.is_compiling():
+        chosen = resolve_backend(q.device)
+        kernel = getattr(backends.module(chosen), "serving_attention", None) if chosen != "torch" else None
+        out = kernel(q, k, v, key_bias, scale) if kernel is not None else None
+        ran = chosen if out is not None else "sdpa"
+    if out is None:
+        mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = out.transpose(1, 2).contiguous()
+    _last["attention"] = ran
+    return out, ran

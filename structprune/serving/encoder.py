@@ -4,7 +4,7 @@ XLM-R) at its compacted per-layer sizes, run as a few fused CPU calls per layer.
 Per layer (``h``: ``[tokens, hidden]``, activations in the serving dtype, fp32 accumulation inside oneDNN):
 
     qkv  = h @ Wqkv^T + bqkv                      one GEMM for query, key and value (kept heads only)
-    ctx  = SDPA(q, k, v, additive padding mask)   ATen's flash-attention CPU kernel (fp32 or bf16)
+    ctx  = attention(q, k, v, key bias)           fp32: the cpp kernel (AVX-512F); bf16: ATen's flash kernel
     h    = LayerNorm(ctx @ Wo^T + bo + h)         GEMM with the bias and the residual add as oneDNN post-ops
     a    = gelu(h @ Wi^T + bi)                    GEMM with bias + GELU post-op (kept FFN units only)
     h    = LayerNorm(a @ Wo2^T + bo2 + h)         GEMM with bias + residual post-op
@@ -14,7 +14,9 @@ GEMMs run with ``torch.ops.mkldnn._linear_pointwise``; where that op is missing 
 plain ``F.linear`` with separate bias/activation/residual takes its place. A layer with 0 heads (0 FFN units) adds
 only its output bias and the residual before its LayerNorm, as the model does. Embeddings run in fp32 through the
 model's own embedding module (position ids, token types and its LayerNorm as the family defines them), the QA head
-in the serving dtype; start/end logits come back in fp32.
+in the serving dtype; start/end logits come back in fp32. Attention runs through
+:func:`structprune.ops.dispatch.serving_attention` (``cpp_serving_attention`` in fp32 where the extension is built
+and the CPU has AVX-512F, ATen's SDPA otherwise); ``ServingLayer.attention_kernel`` says which ran last.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ class ServingLayer(nn.Module):
                  pad_units: int = 1):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
+        self.attention_kernel: str | None = None  # "cpp" or "sdpa": what ran at the last call
         q, k, v = parts["query"], parts["key"], parts["value"]
         self.qkv = None
         if heads > 0:
@@ -95,11 +98,11 @@ class ServingLayer(nn.Module):
         self.ln2 = ServingLayerNorm(parts["ln2"])
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
+        """``h``: ``[batch * seq, hidden]``; ``mask``: the additive key bias ``[batch, seq]`` or None."""
         if self.heads > 0:
             qkv = self.qkv(h).view(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            ctx = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
-            ctx = ctx.transpose(1, 2).reshape(batch * seq, self.heads * self.head_dim)
-            h = self.ln1(self.attn_out(ctx, h))
+            ctx = self._attention(qkv[0], qkv[1], qkv[2], mask)
+            h = self.ln1(self.attn_out(ctx.view(batch * seq, self.heads * self.head_dim), h))
         else:
             h = self.ln1(h + self.attn_out_bias)
         return self._ffn(h)
@@ -116,12 +119,21 @@ class ServingLayer(nn.Module):
             barrier.wait()
             q = qkv.view(1, rows, 3, self.heads, self.head_dim)[:, :, 0].transpose(1, 2)
             kv = qkv_all.view(1, seq, 3, self.heads, self.head_dim)
-            ctx = F.scaled_dot_product_attention(q, kv[:, :, 1].transpose(1, 2), kv[:, :, 2].transpose(1, 2),
-                                                 attn_mask=mask)
-            h = self.ln1(self.attn_out(ctx.transpose(1, 2).reshape(rows, self.heads * self.head_dim), h))
+            ctx = self._attention(q, kv[:, :, 1].transpose(1, 2), kv[:, :, 2].transpose(1, 2), mask)
+            h = self.ln1(self.attn_out(ctx.view(rows, self.heads * self.head_dim), h))
         else:
             h = self.ln1(h + self.attn_out_bias)
         return self._ffn(h)
+
+    def _attention(self, q, k, v, key_bias):
+        """``[B, Sq, H, D]`` contiguous; key_bias: ``[B, Sk]`` additive in the serving dtype, or None."""
+        if key_bias is not None and q.dtype == torch.float32:
+            key_bias = key_bias.float()
+        ctx, self.attention_kernel = ops.serving_attention_ran(q, k, v, key_bias)
+        return ctx
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, attention_kernel={self.attention_kernel}"
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         if self.units > 0:

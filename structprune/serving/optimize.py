@@ -124,11 +124,12 @@ class ServingModel(nn.Module):
         return torch.cat(list(workers.map(work, range(n)))).view(1, seq, -1)
 
     def _mask(self, attention_mask, batch: int, seq: int) -> torch.Tensor | None:
-        """The additive key-padding mask ``[batch, 1, 1, seq]`` in the serving dtype, or None when nothing is padded."""
+        """The additive key bias ``[batch, seq]`` (0 = attend, finfo.min = padding) in the serving dtype, or None when
+        nothing is padded."""
         if attention_mask is None or bool(attention_mask.all()):
             return None
-        mask = torch.zeros(batch, 1, 1, seq, dtype=self.dtype)
-        return mask.masked_fill_(attention_mask.view(batch, 1, 1, seq) == 0, torch.finfo(self.dtype).min)
+        mask = torch.zeros(batch, seq, dtype=self.dtype)
+        return mask.masked_fill_(attention_mask.view(batch, seq) == 0, torch.finfo(self.dtype).min)
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, source={self.source}, batch_parallel={self.batch_parallel}"

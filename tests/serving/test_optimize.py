@@ -21,6 +21,18 @@ def inputs(batch=4, seq=13):
     return x
 
 
+def cpp_attention_expected() -> bool:
+    """Whether fp32 attention should run the cpp kernel here (extension built, AVX-512F, backend auto or cpp)."""
+    from structprune.backends.cpp.serving_attention import supported_cpu
+
+    return "cpp" in sp.available_backends("cpu") and sp.get_backend() in ("auto", "cpp") and supported_cpu()
+
+
+def attention_kernels(fast) -> set:
+    """What ran the attention of the layers with heads at the last call."""
+    return {layer.attention_kernel for layer in fast.layers if layer.heads > 0}
+
+
 def reference(model, x, dtype=torch.float32):
     import copy
 
@@ -40,13 +52,16 @@ def test_fp32_matches_within_1e5_on_padded_batches(family, batch_parallel):
         got, want = logits(fast(**x)), reference(model, x)
         assert got.dtype == torch.float32 and got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert attention_kernels(fast) == ({"cpp"} if cpp_attention_expected() else {"sdpa"})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_within_twice_the_plain_bf16_error(family):
     model = pruned(family)
     x = inputs()
-    got = logits(sp.optimize(model, torch.bfloat16)(**x))
+    fast = sp.optimize(model, torch.bfloat16)
+    got = logits(fast(**x))
+    assert attention_kernels(fast) == {"sdpa"}  # bf16: ATen's flash kernel
     check_close(f"{family} bf16", got, reference(model, x), reference(model, x, torch.bfloat16), torch.bfloat16)
     if "cpp" in sp.available_backends("cpu") and sp.get_backend() in ("auto", "cpp"):
         assert sp.last_backends()["norm"] == "cpp"  # the LayerNorms ran the cpp kernel
@@ -60,6 +75,9 @@ def test_one_sequence_split_by_rows_matches_unsplit(dtype):
     x["attention_mask"][0, 41:] = 0
     fast.threads = 3
     rows = logits(fast(**x))
+    expected = "cpp" if dtype == torch.float32 and cpp_attention_expected() else "sdpa"
+    assert attention_kernels(fast) == {expected}  # forward_rows: this thread's query rows against every key
+    assert f"attention_kernel={expected}" in repr(fast)
     fast.batch_parallel = False
     whole = logits(fast(**x))
     tol = 1e-6 if dtype == torch.float32 else 2e-2

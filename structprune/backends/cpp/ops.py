@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from structprune.backends.cpp import build, decoder, modernbert, packing
+from structprune.backends.cpp import build, decoder, modernbert, packing, serving_attention as _serving
 from structprune.backends.cpp.build import _require, availability, build_info, cache_size, load_error, record_error
 from structprune.ops.checks import check_attention_inputs, check_dropout, check_ffn_inputs
 from structprune.backends.cpp.autograd import ffn_autograd
@@ -293,6 +293,7 @@ if load_error() is None:
         _register_seeded_parts()
         modernbert.register()
         decoder.register()
+        _serving.register()
     except Exception as exc:  # e.g. an incompatible torch.library
         if "already" in str(exc):  # this module was reloaded: the registrations from the first import stand
             pass
@@ -302,6 +303,7 @@ if load_error() is None:
 
 # row norms for inference (None where the kernel does not apply): the dispatcher reads them through BACKEND.module
 rms_norm, layer_norm = decoder.inference_rms_norm, decoder.inference_layer_norm
+serving_attention = _serving.serving_attention  # fp32 attention for inference (the serving module's)
 
 BACKEND = Backend(name="cpp", availability=availability, supports_attention_dropout=supports_attention_dropout,
                   takes_tensor_seed=True,

@@ -1,0 +1,131 @@
+"""The fp32 serving attention kernel ``cpp_serving_attention`` (csrc/cpu/serving_attention_cpu.cpp) against ATen's
+SDPA with the same additive key mask: strided views of a fused q|k|v projection, odd sequence lengths, head dims
+16/32/64, 1 and 6 heads, key padding and a fully padded sequence, fewer queries than keys (the serving module's
+row split); opcheck of schema and fake kernel; refusals; the dispatcher's choice and its SDPA fallback."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import structprune.backends.cpp.ops as ext
+from structprune.backends.cpp import serving_attention as sa
+from structprune.ops import dispatch
+
+if ext.load_error() is not None:
+    pytest.skip(f"C++ extension unavailable: {ext.load_error()}", allow_module_level=True)
+if not sa.supported_cpu():
+    pytest.skip("cpp_serving_attention needs a CPU with AVX-512F (and an extension built with it)",
+                allow_module_level=True)
+
+op = torch.ops.structprune.cpp_serving_attention
+NEG = torch.finfo(torch.float32).min
+
+
+def fused_qkv(B, S, H, D, seed=0):
+    """q, k, v as the serving module makes them: views [B, H, S, D] of one [B, S, 3, H, D] projection."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B * S, 3 * H * D, generator=g) * 2.0
+    return qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)
+
+
+def padding_bias(B, S, lengths):
+    bias = torch.zeros(B, S)
+    for b, n in enumerate(lengths):
+        bias[b, n:] = NEG
+    return bias
+
+
+def sdpa(q, k, v, bias, scale):
+    mask = None if bias is None else bias[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+@pytest.mark.parametrize("S", [1, 7, 33, 192, 200])
+@pytest.mark.parametrize("D", [16, 32, 64])
+@pytest.mark.parametrize("H", [1, 6])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_matches_sdpa(S, D, H, padded):
+    B = 3
+    q, k, v = fused_qkv(B, S, H, D, seed=S * D + H)
+    # batch row 1 partly padded, row 2 fully padded (SDPA: equal scores, the mean of v)
+    bias = padding_bias(B, S, [S, max(1, S // 2), 0]) if padded else None
+    scale = D ** -0.5
+    out = op(q, k, v, bias, scale)
+    assert out.shape == (B, S, H, D) and out.is_contiguous()
+    torch.testing.assert_close(out, sdpa(q, k, v, bias, scale), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [(0, 5), (5, 192), (96, 200)])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_fewer_queries_than_keys(rows, padded):
+    """The row split of one sequence: a block of query rows against every key."""
+    S, H, D = 200, 6, 32
+    q, k, v = fused_qkv(1, S, H, D, seed=1)
+    q = q[:, :, rows[0]:rows[1]]
+    bias = padding_bias(1, S, [150]) if padded else None
+    out = op(q, k, v, bias, 0.3)
+    torch.testing.assert_close(out, sdpa(q, k, v, bias, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_large_scores_and_parallel_chunks():
+    """Sharp softmax rows (large logits) and several threads splitting the work units mid-head."""
+    q, k, v = fused_qkv(2, 77, 3, 48, seed=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = op(q * 6, k * 6, v, None, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, sdpa(q * 6, k * 6, v, None, 0.125), atol=1e-5, rtol=1e-5)
+
+
+def test_passes_opcheck():
+    """Schema, fake kernel and dispatch (forward only: the Python side calls it without gradients)."""
+    q, k, v = fused_qkv(2, 9, 2, 16)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(op.default, (q, k, v, padding_bias(2, 9, [9, 4]), 0.25), test_utils=tests)
+    torch.library.opcheck(op.default, (q.contiguous(), k.contiguous(), v.contiguous(), None, 0.25), test_utils=tests)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("bf16", "float32"), ("head_dim", "multiple of 16"), ("rank", r"\[batch, heads, seq, head_dim\]"),
+    ("kv_shape", "k and v"), ("bias", "key_bias"), ("last_stride", "contiguous last dimension")])
+def test_refusals(case, message):
+    q, k, v = fused_qkv(1, 8, 2, 16)
+    bias = None
+    if case == "bf16":
+        q = q.bfloat16()
+    elif case == "head_dim":
+        q, k, v = fused_qkv(1, 8, 2, 24)
+    elif case == "rank":
+        q = q[0]
+    elif case == "kv_shape":
+        v = v[:, :1]
+    elif case == "bias":
+        bias = torch.zeros(1, 7)
+    elif case == "last_stride":
+        q = q.transpose(2, 3)
+    with pytest.raises(RuntimeError, match=message):
+        op(q, k, v, bias, 0.25)
+
+
+def test_python_entry_declines_what_it_cannot_run():
+    q, k, v = fused_qkv(1, 8, 2, 16)
+    assert sa.serving_attention(q, k, v, None, 0.25) is not None
+    assert sa.serving_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25) is None
+    assert sa.serving_attention(*fused_qkv(1, 8, 2, 24), None, 0.25) is None
+    assert sa.serving_attention(q.requires_grad_(), k, v, None, 0.25) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dispatcher_runs_the_kernel_in_fp32_and_sdpa_otherwise(dtype):
+    q, k, v = (t.to(dtype) for t in fused_qkv(2, 13, 6, 32))
+    bias = padding_bias(2, 13, [13, 5]).to(dtype)
+    out, ran = dispatch.serving_attention_ran(q, k, v, bias)
+    assert ran == ("cpp" if dtype == torch.float32 else "sdpa")
+    assert dispatch.last_backends()["attention"] == ran
+    assert out.shape == (2, 13, 6, 32) and out.is_contiguous()
+    ref = sdpa(q.float(), k.float(), v.float(), bias.float(), 32 ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=1e-5 if dtype == torch.float32 else 2e-2,
+                               rtol=1e-5 if dtype == torch.float32 else 2e-2)
+    with dispatch.use_backend("torch"):
+        assert dispatch.serving_attention_ran(q, k, v, bias)[1] == "sdpa"
