@@ -106,6 +106,9 @@ TORCH_LIBRARY(structprune, m) {
   // module's); forward only.
   m.def("cpp_rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("cpp_layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
+  // A BERT-layout embedding block for inference (the same file): the three lookups, their sum and the LayerNorm.
+  m.def("cpp_embedding_layer_norm(Tensor ids, Tensor? type_ids, Tensor position_ids, Tensor word, Tensor? types, "
+        "Tensor positions, Tensor weight, Tensor bias, float eps, bool bf16_out) -> Tensor");
   m.def("attention_dropout_scale(int batch, int num_heads, int seq, Tensor heads, float p, int seed, int offset) -> "
         "Tensor", &attention_dropout_scale_op);
   m.def("pack_cache_clear() -> ()", &structprune::pack_cache_clear);

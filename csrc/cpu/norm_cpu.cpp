@@ -10,6 +10,9 @@
 // cpp_layer_norm(x [..., E] fp32 or bf16, weight [E] fp32, bias [E] fp32, eps): LayerNorm as ATen's with fp32
 //   affine parameters (the serving module's): statistics and affine map in fp32, rounded once to x's dtype; AVX-512
 //   intrinsics where the CPU has them (ATen's bf16 LayerNorm runs at a fraction of the memory bandwidth).
+// cpp_embedding_layer_norm(ids, type_ids?, position_ids, word, types?, positions, weight, bias, eps, bf16_out): the
+//   serving module's embedding block (the three table rows summed in HF's order, then that LayerNorm), one pass per
+//   token, out in fp32 or bf16.
 //
 // Rows are split over threads only when each thread gets kMinElementsPerThread elements: a decode step's one row
 // runs in the calling thread, with no parallel region.
@@ -24,6 +27,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 namespace structprune {
 namespace {
@@ -118,12 +123,12 @@ void check_row_input(const at::Tensor& x, const at::Tensor& w, const char* op, c
 // Statistics in two passes over the row (mean, then the centred sum of squares: no cancellation), then
 // y = (x - mean) * rstd * w + b in fp32, rounded once. The AVX-512 path takes 16 lanes per step (bf16 widened by a
 // shift, narrowed with round-to-nearest-even, a masked tail); the portable path is the same arithmetic in scalars.
-template <typename T>
-void layer_norm_rows_portable(const T* x, const float* w, const float* b, T* out, int64_t n, float eps,
+template <typename T, typename O>
+void layer_norm_rows_portable(const T* x, const float* w, const float* b, O* out, int64_t n, float eps,
                               int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = x + r * n;
-    T* yr = out + r * n;
+    O* yr = out + r * n;
     float s = 0.f;
     for (int64_t i = 0; i < n; ++i) s += get(xr, i);
     const float mean = s / static_cast<float>(n);
@@ -150,14 +155,14 @@ STRUCTPRUNE_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) 
   _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p), m, _mm512_cvtepi32_epi16(r));
 }
 
-template <typename T>
-STRUCTPRUNE_AVX512 void layer_norm_rows_avx512(const T* x, const float* w, const float* b, T* out, int64_t n,
+template <typename T, typename O>
+STRUCTPRUNE_AVX512 void layer_norm_rows_avx512(const T* x, const float* w, const float* b, O* out, int64_t n,
                                                float eps, int64_t begin, int64_t end) {
   const int64_t full = n / 16 * 16;
   const __mmask16 all = 0xFFFF, tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = x + r * n;
-    T* yr = out + r * n;
+    O* yr = out + r * n;
     // four accumulators per pass: the adds of a row do not wait on one another (a 384-wide row: 24 vectors)
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t i = 0; i < full; i += 16) acc[(i >> 4) & 3] = _mm512_add_ps(acc[(i >> 4) & 3], load16(xr + i, all));
@@ -220,6 +225,73 @@ at::Tensor layer_norm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const 
   return out;
 }
 
+// cpp_embedding_layer_norm: a BERT-layout embedding block for inference, one pass per token:
+//   out[t] = LayerNorm((word[ids[t]] + types[type_ids[t]]) + positions[position_ids[t]]) * weight + bias
+// (the adds in HF's order, in fp32; no types table: no type term), written as fp32 or rounded once to bf16, instead
+// of three index_selects, two [N, E] adds, a LayerNorm and a cast, each a pass over memory.
+at::Tensor embedding_layer_norm_cpu(const at::Tensor& ids_in, const c10::optional<at::Tensor>& type_ids_in,
+                                    const at::Tensor& position_ids_in, const at::Tensor& word_in,
+                                    const c10::optional<at::Tensor>& types_in, const at::Tensor& positions_in,
+                                    const at::Tensor& w_in, const at::Tensor& b_in, double eps, bool bf16_out) {
+  const bool typed = types_in.has_value() && types_in->defined();
+  TORCH_CHECK(typed == (type_ids_in.has_value() && type_ids_in->defined()),
+              "structprune::cpp_embedding_layer_norm: type_ids and the types table come together or not at all");
+  const int64_t n = word_in.dim() == 2 ? word_in.size(1) : -1;
+  std::vector<const at::Tensor*> tables = {&word_in, &positions_in};
+  if (typed) tables.push_back(&*types_in);
+  for (const auto* t : tables)
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == n && n > 0,
+                "structprune::cpp_embedding_layer_norm: the tables must be float32 CPU [rows, E] of one E, got ",
+                t->scalar_type(), " ", t->sizes());
+  for (const auto* t : {&w_in, &b_in})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == n,
+                "structprune::cpp_embedding_layer_norm: weight and bias must be float32 CPU [", n, "], got ",
+                t->scalar_type(), " ", t->sizes());
+  const int64_t N = ids_in.numel();
+  std::vector<std::pair<const at::Tensor*, const at::Tensor*>> index = {{&ids_in, &word_in},
+                                                                         {&position_ids_in, &positions_in}};
+  if (typed) index.push_back({&*type_ids_in, &*types_in});
+  std::vector<at::Tensor> flat;
+  for (const auto& [idx, table] : index) {
+    TORCH_CHECK(idx->device().is_cpu() && idx->scalar_type() == at::kLong && idx->numel() == N,
+                "structprune::cpp_embedding_layer_norm: ids, position_ids and type_ids must be int64 CPU tensors of "
+                "one size, got ", idx->scalar_type(), " ", idx->sizes(), " for ", N, " ids");
+    flat.push_back(idx->reshape({N}).contiguous());
+    const int64_t* p = flat.back().data_ptr<int64_t>();
+    for (int64_t t = 0; t < N; ++t)
+      TORCH_CHECK(p[t] >= 0 && p[t] < table->size(0), "structprune::cpp_embedding_layer_norm: index ", p[t],
+                  " out of range for a table of ", table->size(0), " rows");
+  }
+  const auto word = word_in.contiguous(), pos = positions_in.contiguous(), w = w_in.contiguous(),
+             b = b_in.contiguous();
+  const auto types = typed ? types_in->contiguous() : at::Tensor();
+  auto out = at::empty({N, n}, word.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  const int64_t *ip = flat[0].data_ptr<int64_t>(), *pp = flat[1].data_ptr<int64_t>();
+  const int64_t* tp = typed ? flat[2].data_ptr<int64_t>() : nullptr;
+  const float *wp = word.data_ptr<float>(), *posp = pos.data_ptr<float>(), *typ = typed ? types.data_ptr<float>() : nullptr;
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, N, grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(n);
+    for (int64_t t = begin; t < end; ++t) {
+      const float *wr = wp + ip[t] * n, *pr = posp + pp[t] * n, *tr = typed ? typ + tp[t] * n : nullptr;
+      for (int64_t i = 0; i < n; ++i) row[i] = (tr ? wr[i] + tr[i] : wr[i]) + pr[i];
+      const float *lw = w.data_ptr<float>(), *lb = b.data_ptr<float>();
+      if (bf16_out) {
+        auto* o = out.data_ptr<c10::BFloat16>() + t * n;
+        avx512 ? layer_norm_rows_avx512(row.data(), lw, lb, o, n, e, 0, 1)
+               : layer_norm_rows_portable(row.data(), lw, lb, o, n, e, 0, 1);
+      } else {
+        float* o = out.data_ptr<float>() + t * n;
+        avx512 ? layer_norm_rows_avx512(row.data(), lw, lb, o, n, e, 0, 1)
+               : layer_norm_rows_portable(row.data(), lw, lb, o, n, e, 0, 1);
+      }
+    }
+  });
+  return out;
+}
+
 at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
   check_row_input(x_in, w_in, "cpp_rms_norm", "weight");
   const auto x = x_in.contiguous();
@@ -257,4 +329,5 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, double e
 TORCH_LIBRARY_IMPL(structprune, CPU, m) {
   m.impl("cpp_rms_norm", &structprune::rms_norm_cpu);
   m.impl("cpp_layer_norm", &structprune::layer_norm_cpu);
+  m.impl("cpp_embedding_layer_norm", &structprune::embedding_layer_norm_cpu);
 }

@@ -427,6 +427,22 @@ def _row_norm(name: str, reference_fn, x, *args):
     return out if out is not None else reference_fn()
 
 
+def embedding_layer_norm(ids, type_ids, position_ids, word, types, positions, weight, bias, eps: float,
+                         bf16_out: bool = False):
+    """``LayerNorm((word[ids] + types[type_ids]) + positions[position_ids])`` (BERT's embedding block, fp32 tables)
+    as ``[ids.numel(), E]``, fp32 or bf16, by the backend's kernel (cpp's); None where none applies, and the caller
+    runs the model's own module. ``last_backends()["embeddings"]`` says which ran ("cpp" or "torch")."""
+    out, ran = None, "torch"
+    if not torch.compiler.is_compiling():
+        chosen = resolve_backend(ids.device)
+        kernel = getattr(backends.module(chosen), "embedding_layer_norm", None) if chosen != "torch" else None
+        out = kernel(ids, type_ids, position_ids, word, types, positions, weight, bias, float(eps),
+                     bool(bf16_out)) if kernel is not None else None
+        ran = chosen if out is not None else "torch"
+    _last["embeddings"] = ran
+    return out
+
+
 # --- attention for the serving module ---------------------------------------------------------------------------
 def serving_attention(q, k, v, key_bias=None, scale: float | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale + key_bias) v`` for inference as ``[B, Sq, H, D]`` contiguous (``.view(B * Sq, H * D)``

@@ -27,6 +27,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, QuestionAnsweringModelOutput
 
 from structprune.serving.encoder import ACTIVATIONS, PackedLinear, ServingLayer
+from structprune.serving.embeddings import ServingEmbeddings
 from structprune.serving.threads import pool
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -38,10 +39,10 @@ class ServingModel(nn.Module):
     """What :func:`optimize` returns: called like the model (``input_ids``, ``attention_mask``,
     ``token_type_ids``), returning ``QuestionAnsweringModelOutput`` (or ``BaseModelOutput`` for a bare encoder)."""
 
-    def __init__(self, embeddings: nn.Module, project: nn.Module | None, layers: list[ServingLayer],
-                 qa_outputs: nn.Linear | None, dtype: torch.dtype, source: str):
+    def __init__(self, embeddings: ServingEmbeddings, layers: list[ServingLayer], qa_outputs: nn.Linear | None,
+                 dtype: torch.dtype, source: str):
         super().__init__()
-        self.embeddings, self.project = embeddings, project
+        self.embeddings = embeddings
         self.layers = nn.ModuleList(layers)
         self.qa_outputs = qa_outputs
         self.dtype, self.source = dtype, source
@@ -81,10 +82,7 @@ class ServingModel(nn.Module):
     def _forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         """Logits ``[batch, seq, 2]`` (or the last hidden state) in fp32, for one chunk of the batch."""
         batch, seq = input_ids.shape
-        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        if self.project is not None:
-            h = self.project(h)
-        h = h.to(self.dtype).reshape(batch * seq, -1)
+        h = self.embeddings(input_ids, token_type_ids)  # [batch * seq, hidden] in the serving dtype
         mask = self._mask(attention_mask, batch, seq)
         for layer in self.layers:
             h = layer(h, mask, batch, seq)
@@ -105,10 +103,7 @@ class ServingModel(nn.Module):
             try:
                 with torch.inference_mode():
                     if i == 0:
-                        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-                        if self.project is not None:
-                            h = self.project(h)
-                        shared["h"] = h.to(self.dtype).reshape(seq, -1)
+                        shared["h"] = self.embeddings(input_ids, token_type_ids)
                         shared["mask"] = self._mask(attention_mask, 1, seq)
                         shared["qkv"] = [torch.empty(seq, 3 * layer.heads * layer.head_dim, dtype=self.dtype)
                                          for layer in self.layers]
@@ -207,4 +202,4 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, *, packed: bo
     qa = getattr(model, "qa_outputs", None)
     if qa is not None:
         qa = PackedLinear(qa, dtype, packed=False)
-    return ServingModel(embeddings, project, layers, qa, dtype, source).eval()
+    return ServingModel(ServingEmbeddings(embeddings, project, dtype, config), layers, qa, dtype, source).eval()

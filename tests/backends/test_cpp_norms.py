@@ -122,3 +122,53 @@ def test_layer_norm_dispatch_and_refusals():
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         torch.ops.structprune.cpp_layer_norm(x.half(), w, b, 1e-5)
     torch.library.opcheck(torch.ops.structprune.cpp_layer_norm.default, (x, w, b, 1e-5), test_utils=TESTS)
+
+
+def _embedding_case(width, typed=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N, V, P, T = 37, 50, 40, 2
+    tensors = dict(ids=torch.randint(0, V, (N,), generator=g),
+                   type_ids=torch.randint(0, T, (N,), generator=g) if typed else None,
+                   position_ids=torch.randint(0, P, (N,), generator=g), word=torch.randn(V, width, generator=g),
+                   types=torch.randn(T, width, generator=g) if typed else None,
+                   positions=torch.randn(P, width, generator=g), weight=torch.rand(width, generator=g) + 0.5,
+                   bias=torch.randn(width, generator=g))
+    x = tensors["word"][tensors["ids"]]
+    if typed:
+        x = x + tensors["types"][tensors["type_ids"]]
+    x = x + tensors["positions"][tensors["position_ids"]]  # HF's order: (word + type) + position
+    return tensors, F.layer_norm(x, (width,), tensors["weight"], tensors["bias"], 1e-12)
+
+
+@pytest.mark.parametrize("typed", [True, False])
+@pytest.mark.parametrize("width", [384, 40, 7])
+def test_embedding_layer_norm_matches_the_composition(width, typed):
+    """The serving module's embedding block in one pass: equal to HF's lookups, adds and LayerNorm in fp32, and
+    to that rounded once in bf16; dispatch runs it and says so."""
+    t, want = _embedding_case(width, typed)
+    got = torch.ops.structprune.cpp_embedding_layer_norm(*t.values(), 1e-12, False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got16 = torch.ops.structprune.cpp_embedding_layer_norm(*t.values(), 1e-12, True)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), want.bfloat16().float(), atol=0, rtol=2 ** -7)
+    with sp.use_backend("cpp"):
+        torch.testing.assert_close(dispatch.embedding_layer_norm(*t.values(), 1e-12), want, atol=1e-5, rtol=1e-5)
+        assert sp.last_backends()["embeddings"] == "cpp"
+    with sp.use_backend("torch"):
+        assert dispatch.embedding_layer_norm(*t.values(), 1e-12) is None  # the caller runs the model's module
+        assert sp.last_backends()["embeddings"] == "torch"
+
+
+def test_embedding_layer_norm_refusals_and_opcheck():
+    t, _ = _embedding_case(16)
+    op = torch.ops.structprune.cpp_embedding_layer_norm
+    with pytest.raises(RuntimeError, match="index 50 out of range for a table of 50 rows"):
+        op(*{**t, "ids": torch.full((37,), 50)}.values(), 1e-12, False)
+    with pytest.raises(RuntimeError, match="must be int64 CPU tensors of one size"):
+        op(*{**t, "position_ids": t["position_ids"][:5]}.values(), 1e-12, False)
+    with pytest.raises(RuntimeError, match="the tables must be float32"):
+        op(*{**t, "word": t["word"].double()}.values(), 1e-12, False)
+    with pytest.raises(RuntimeError, match="come together or not at all"):
+        op(*{**t, "types": None}.values(), 1e-12, False)
+    torch.library.opcheck(op.default, (*t.values(), 1e-12, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -28,6 +28,11 @@ def cpp_attention_expected() -> bool:
     return "cpp" in sp.available_backends("cpu") and sp.get_backend() in ("auto", "cpp") and supported_cpu()
 
 
+def cpp_expected() -> bool:
+    """Whether the cpp backend's kernels should run (extension built, backend auto or cpp)."""
+    return "cpp" in sp.available_backends("cpu") and sp.get_backend() in ("auto", "cpp")
+
+
 def attention_kernels(fast) -> set:
     """What ran the attention of the layers with heads at the last call."""
     return {layer.attention_kernel for layer in fast.layers if layer.heads > 0}
@@ -53,6 +58,7 @@ def test_fp32_matches_within_1e5_on_padded_batches(family, batch_parallel):
         assert got.dtype == torch.float32 and got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert attention_kernels(fast) == ({"cpp"} if cpp_attention_expected() else {"sdpa"})
+        assert fast.embeddings.kernel == ("cpp" if cpp_expected() else "module")  # the fused embedding block
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -62,6 +68,7 @@ def test_bf16_within_twice_the_plain_bf16_error(family):
     fast = sp.optimize(model, torch.bfloat16)
     got = logits(fast(**x))
     assert attention_kernels(fast) == {"sdpa"}  # bf16: ATen's flash kernel
+    assert fast.embeddings.kernel == ("cpp" if cpp_expected() else "module")
     check_close(f"{family} bf16", got, reference(model, x), reference(model, x, torch.bfloat16), torch.bfloat16)
     if "cpp" in sp.available_backends("cpu") and sp.get_backend() in ("auto", "cpp"):
         assert sp.last_backends()["norm"] == "cpp"  # the LayerNorms ran the cpp kernel

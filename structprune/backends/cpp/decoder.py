@@ -221,9 +221,24 @@ def inference_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return torch.ops.structprune.cpp_layer_norm(x, weight, bias, float(eps))
 
 
+def inference_embedding_layer_norm(ids, type_ids, position_ids, word, types, positions, weight, bias, eps: float,
+                                   bf16_out: bool) -> torch.Tensor | None:
+    """``LayerNorm((word[ids] + types[type_ids]) + positions[position_ids])`` as ``[ids.numel(), E]`` (fp32, or bf16
+    when ``bf16_out``) by ``cpp_embedding_layer_norm`` (``csrc/cpu/norm_cpu.cpp``); None where it does not apply
+    (fp32 CPU tables, int64 CPU indices of one size, no gradient, the op built)."""
+    tables = [t for t in (word, types, positions, weight, bias) if t is not None]
+    index = [i for i in (ids, type_ids, position_ids) if i is not None]
+    if _needs_grad(*tables) or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tables) or \
+            any(i.device.type != "cpu" or i.dtype != torch.int64 or i.shape != ids.shape for i in index) or \
+            (types is None) != (type_ids is None) or not _has_op("cpp_embedding_layer_norm"):
+        return None
+    return torch.ops.structprune.cpp_embedding_layer_norm(ids, type_ids, position_ids, word, types, positions,
+                                                          weight, bias, float(eps), bool(bf16_out))
+
+
 def register() -> None:
-    """The fake kernels of ``cpp_decoder_decode_attention``, ``cpp_decoder_rotary``, ``cpp_rms_norm`` and
-    ``cpp_layer_norm`` (called once, when the extension loads)."""
+    """The fake kernels of ``cpp_decoder_decode_attention``, ``cpp_decoder_rotary``, ``cpp_rms_norm``,
+    ``cpp_layer_norm`` and ``cpp_embedding_layer_norm`` (called once, when the extension loads)."""
     def _decode_fake(q, k, v, q_to_kv, key_mask, window, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
@@ -238,8 +253,12 @@ def register() -> None:
     def _ln_fake(x, weight, bias, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    def _embed_fake(ids, type_ids, position_ids, word, types, positions, weight, bias, eps, bf16_out):
+        return word.new_empty((ids.numel(), word.shape[1]), dtype=torch.bfloat16 if bf16_out else torch.float32)
+
     for name, fake in (("cpp_decoder_decode_attention", _decode_fake), ("cpp_decoder_rotary", _rotary_fake),
-                       ("cpp_rms_norm", _rms_fake), ("cpp_layer_norm", _ln_fake)):
+                       ("cpp_rms_norm", _rms_fake), ("cpp_layer_norm", _ln_fake),
+                       ("cpp_embedding_layer_norm", _embed_fake)):
         if _has_op(name):
             torch.library.register_fake("structprune::" + name)(fake)
 

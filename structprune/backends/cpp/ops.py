@@ -303,6 +303,7 @@ if load_error() is None:
 
 # row norms for inference (None where the kernel does not apply): the dispatcher reads them through BACKEND.module
 rms_norm, layer_norm = decoder.inference_rms_norm, decoder.inference_layer_norm
+embedding_layer_norm = decoder.inference_embedding_layer_norm  # the serving module's embedding block
 serving_attention = _serving.serving_attention  # fp32 attention for inference (the serving module's)
 
 BACKEND = Backend(name="cpp", availability=availability, supports_attention_dropout=supports_attention_dropout,
