@@ -18,10 +18,14 @@
 // Needs AVX512-BF16 (checked at run time; the Python entry returns None without it, so ATen's SDPA runs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -162,20 +166,21 @@ SP_BF16_TARGET float softmax_row(float* x, int64_t n, const float* max_lanes, ui
   return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
-// Packs the keys and values of one head: k^T as pairs in panels of kPanel keys, kt[p * D + d2 * 2 width +
-// 2 (j - p) + e] = k[j][2 d2 + e] for the panel p = j - j % kPanel of width min(kPanel, ldk - p) (columns past Sk
-// stay 0), and vp[j2 * 2D + 2 d + e] = v[2 j2 + e][d] (a zero row past an odd Sk).
+// Packs the keys and values of one head: k^T as pairs in panels of panel_width keys, kt[p * Dp + d2 * 2 width +
+// 2 (j - p) + e] = k[j][2 d2 + e] for the panel p = j - j % panel_width of width min(panel_width, ldk - p)
+// (columns past Sk and pair rows past D / 2, up to Dp / 2, stay 0), and vp[j2 * 2D + 2 d + e] = v[2 j2 + e][d] (a
+// zero row past an odd Sk).
 SP_BF16_TARGET void pack_head(const uint16_t* k, int64_t ks, const uint16_t* v, int64_t vs, int64_t Sk, int64_t D,
-                              uint16_t* kt, int64_t ldk, uint16_t* vp) {
+                              int64_t Dp, int64_t panel_width, uint16_t* kt, int64_t ldk, uint16_t* vp) {
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(static_cast<int32_t>(ks)));
   for (int64_t j = 0; j < Sk; j += kLanes) {
     const __mmask16 m = Sk - j >= kLanes ? static_cast<__mmask16>(0xFFFF)
                                          : static_cast<__mmask16>((1u << (Sk - j)) - 1u);
     const uint16_t* kj = k + j * ks;
-    const int64_t panel = j - j % kPanel, width = std::min(kPanel, ldk - panel);
+    const int64_t panel = j - j % panel_width, width = std::min(panel_width, ldk - panel);
     for (int64_t d2 = 0; d2 < D / 2; ++d2) {  // index in bf16 elements, scale 2 (bytes)
-      _mm512_storeu_si512(kt + panel * D + d2 * 2 * width + 2 * (j - panel),
+      _mm512_storeu_si512(kt + panel * Dp + d2 * 2 * width + 2 * (j - panel),
                           _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, kj + 2 * d2, 2));
     }
   }
@@ -242,12 +247,153 @@ void attend_block(const Operand& q, int64_t b, int64_t h, int64_t i0, int64_t i1
   }
 }
 
-void prefetch_queries(const Operand& q, int64_t u, int64_t nblocks, int64_t H, int64_t Sq, int64_t D) {
+void prefetch_queries(const Operand& q, int64_t u, int64_t nblocks, int64_t block, int64_t H, int64_t Sq,
+                      int64_t D) {
   constexpr int64_t kLine = 64 / sizeof(uint16_t);
   const int64_t blk = u % nblocks, bh = u / nblocks;
-  for (int64_t i = blk * kBlock; i < std::min(Sq, (blk + 1) * kBlock); ++i) {
+  for (int64_t i = blk * block; i < std::min(Sq, (blk + 1) * block); ++i) {
     const uint16_t* row = q.row(bh / H, bh % H, i);
     for (int64_t d = 0; d < D; d += kLine) _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
+  }
+}
+
+// --- AMX: the same packed operands, products as 16 x 16 tiles (tdpbf16ps) --------------------------------------
+// Tiles 0-3: fp32 accumulators, 4-5: the two 16-row halves of the A operand (queries or probabilities), 6-7: the
+// B operand (16 pair rows of keys or values); every tile 16 rows x 64 bytes.
+#define SP_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+#define SP_MEMORY_BARRIER() __asm__ volatile("" ::: "memory")  // GCC's tile loads and stores declare no memory
+
+constexpr int64_t kAmxBlock = 32;  // query rows per work unit: two tiles
+
+bool amx_bf16() {  // AMX-TILE and AMX-BF16 (CPUID 7.0 EDX bits 24, 22) and the kernel's permission for tile data
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+bool use_amx() {  // STRUCTPRUNE_SERVING_ATTENTION_AMX=0 runs the vdpbf16ps path instead (read per call, for tests)
+  const char* env = std::getenv("STRUCTPRUNE_SERVING_ATTENTION_AMX");
+  return amx_bf16() && !(env != nullptr && env[0] == '0');
+}
+
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+SP_AMX_TARGET void amx_release() { _tile_release(); }
+
+SP_AMX_TARGET void amx_configure() {
+  TileConfig c{};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  __asm__ volatile("ldtilecfg %0" ::"m"(c));  // GCC 12's _tile_loadconfig declares only 8 bytes read
+}
+
+// Raw scores s[r][j] (fp32, row stride ldk) of the 32 query rows of qb ([32, Dp] bf16) against the ldk keys of kt
+// (key block j / 16 at kt + j * Dp: [Dp / 2, 16, 2]).
+SP_AMX_TARGET void amx_scores(const uint16_t* qb, int64_t Dp, const uint16_t* kt, int64_t ldk, float* s) {
+  SP_MEMORY_BARRIER();
+  for (int64_t j = 0; j < ldk; j += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const uint16_t* k0 = kt + j * Dp;
+    for (int64_t d = 0; d < Dp; d += 32) {
+      _tile_loadd(4, qb + d, Dp * 2);
+      _tile_loadd(5, qb + 16 * Dp + d, Dp * 2);
+      _tile_loadd(6, k0 + d * 16, 64);
+      _tile_loadd(7, k0 + 16 * Dp + d * 16, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, s + j, ldk * 4);
+    _tile_stored(1, s + j + 16, ldk * 4);
+    _tile_stored(2, s + 16 * ldk + j, ldk * 4);
+    _tile_stored(3, s + 16 * ldk + j + 16, ldk * 4);
+  }
+  SP_MEMORY_BARRIER();
+}
+
+// c[r][0 .. D) = sum_j pb[r][j] v[j] (fp32, row stride D) for the 32 rows of pb ([32, ldk] bf16) over the
+// pair-packed values vp ([ldk / 2, D, 2], zero past Sk).
+SP_AMX_TARGET void amx_context(const uint16_t* pb, int64_t ldk, const uint16_t* vp, int64_t D, float* c) {
+  SP_MEMORY_BARRIER();
+  for (int64_t c0 = 0; c0 < D; c0 += 32) {
+    const bool two = c0 + 16 < D;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t j = 0; j < ldk; j += 32) {
+      _tile_loadd(4, pb + j, ldk * 2);
+      _tile_loadd(5, pb + 16 * ldk + j, ldk * 2);
+      const uint16_t* v0 = vp + j * D + 2 * c0;
+      _tile_loadd(6, v0, D * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 5, 6);
+      if (two) {
+        _tile_loadd(7, v0 + 32, D * 4);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, c + c0, D * 4);
+    _tile_stored(2, c + 16 * D + c0, D * 4);
+    if (two) {
+      _tile_stored(1, c + c0 + 16, D * 4);
+      _tile_stored(3, c + 16 * D + c0 + 16, D * 4);
+    }
+  }
+  SP_MEMORY_BARRIER();
+}
+
+// x[0 .. n16) <- x * scale + bias (bias -inf past Sk), its lanes' max into mx.
+SP_BF16_TARGET void scale_bias_max(float* x, int64_t n16, float scale, const float* bias, float* mx) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n16; j += kLanes) {
+    const __m512 y = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), sc, _mm512_loadu_ps(bias + j));
+    _mm512_storeu_ps(x + j, y);
+    m = _mm512_max_ps(m, y);
+  }
+  _mm512_storeu_ps(mx, m);
+}
+
+// One AMX work unit: query rows [i0, i1) (at most 32) of head (b, h), copied into qb ([32, Dp], columns past D
+// zero); s, pb: [32, ldk] fp32 scores and bf16 probabilities; cb: [32, D] fp32 context.
+SP_AMX_TARGET void attend_block_amx(const Operand& q, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t H,
+                                    int64_t Sq, int64_t Sk, int64_t D, int64_t Dp, float scale, const uint16_t* kt,
+                                    int64_t ldk, const uint16_t* vp, const float* bias, uint16_t* qb, float* s,
+                                    uint16_t* pb, float* cb, uint16_t* out) {
+  const int64_t rows = i1 - i0, n16 = (Sk + kLanes - 1) / kLanes * kLanes;
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(qb + r * Dp, q.row(b, h, i0 + r), D * sizeof(uint16_t));
+  amx_scores(qb, Dp, kt, ldk, s);
+  float inv[kAmxBlock];
+  alignas(64) float mx[kLanes];
+  for (int64_t r = 0; r < rows; ++r) {
+    scale_bias_max(s + r * ldk, n16, scale, bias, mx);
+    inv[r] = softmax_row(s + r * ldk, Sk, mx, pb + r * ldk);
+  }
+  amx_context(pb, ldk, vp, D, cb);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* o = out + ((b * Sq + i0 + r) * H + h) * D;
+    const __m512 iv = _mm512_set1_ps(inv[r]);
+    for (int64_t d = 0; d < D; d += kLanes) {
+      const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(cb + r * D + d), iv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), (__m256i)y);
+    }
   }
 }
 
@@ -268,21 +414,28 @@ at::Tensor serving_attention_bf16(const at::Tensor& q, const at::Tensor& k, cons
   const float* bias_p = key_bias.defined() ? key_bias.data_ptr<float>() : nullptr;
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const float scale = static_cast<float>(scale_in);
-  const int64_t ldk = (Sk + kLanes - 1) / kLanes * kLanes;
-  const int64_t vsize = (Sk + 1) / 2 * 2 * D;
-  const int64_t nblocks = (Sq + kBlock - 1) / kBlock;
+  const bool amx = use_amx();
+  // AMX: head_dim padded to 32 (a tile's depth), keys to 32, key panels of 16, blocks of 32 query rows
+  const int64_t Dp = amx ? (D + 31) / 32 * 32 : D, kround = amx ? 32 : kLanes;
+  const int64_t ldk = (Sk + kround - 1) / kround * kround, panel_width = amx ? kLanes : kPanel;
+  const int64_t block = amx ? kAmxBlock : kBlock;
+  const int64_t vsize = ldk / 2 * 2 * D;
+  const int64_t nblocks = (Sq + block - 1) / block;
   at::parallel_for(0, B * H * nblocks, 1, [&](int64_t u0, int64_t u1) {
-    // one fp32 buffer, each part 64-byte aligned: key bias and scores (fp32), then k^T pairs, value pairs and
-    // probabilities (bf16; every size a multiple of 32 bf16)
-    constexpr int64_t kAlign = 2 * kLanes;  // bf16 per 64 bytes
-    const int64_t bf16_size = D * ldk + (vsize + kAlign - 1) / kAlign * kAlign + kBlock * ldk;
-    std::vector<float> buffer(ldk + kBlock * ldk + bf16_size / 2 + 2 * kLanes, 0.0f);
+    // one fp32 buffer, each part 64-byte aligned: key bias, scores and context (fp32), then k^T pairs, value
+    // pairs, probabilities and queries (bf16; every size a multiple of 32 bf16)
+    const int64_t cb_size = amx ? block * D : 0, qb_size = amx ? block * Dp : 0;
+    const int64_t bf16_size = Dp * ldk + vsize + block * ldk + qb_size;
+    std::vector<float> buffer(ldk + block * ldk + cb_size + bf16_size / 2 + kLanes, 0.0f);
     float* bias = buffer.data() + (-reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float) & (kLanes - 1));
     float* s = bias + ldk;
-    uint16_t* kt = reinterpret_cast<uint16_t*>(s + kBlock * ldk);
-    uint16_t* vp = kt + D * ldk;
-    uint16_t* pb = vp + (vsize + kAlign - 1) / kAlign * kAlign;
+    float* cb = s + block * ldk;
+    uint16_t* kt = reinterpret_cast<uint16_t*>(cb + cb_size);
+    uint16_t* vp = kt + Dp * ldk;
+    uint16_t* pb = vp + vsize;
+    uint16_t* qb = pb + block * ldk;
     std::fill(bias, bias + ldk, -std::numeric_limits<float>::infinity());
+    if (amx) amx_configure();
     int64_t cur_b = -1, cur_h = -1;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t blk = u % nblocks, bh = u / nblocks, h = bh % H, b = bh / H;
@@ -290,14 +443,19 @@ at::Tensor serving_attention_bf16(const at::Tensor& q, const at::Tensor& k, cons
         for (int64_t j = 0; j < Sk; ++j) bias[j] = bias_p ? bias_p[b * Sk + j] : 0.0f;
       }
       if (b != cur_b || h != cur_h) {
-        pack_head(ko.row(b, h, 0), ko.ss, vo.row(b, h, 0), vo.ss, Sk, D, kt, ldk, vp);
+        pack_head(ko.row(b, h, 0), ko.ss, vo.row(b, h, 0), vo.ss, Sk, D, Dp, panel_width, kt, ldk, vp);
         cur_b = b;
         cur_h = h;
       }
-      const int64_t i0 = blk * kBlock;
-      if (u + 1 < u1) prefetch_queries(qo, u + 1, nblocks, H, Sq, D);
-      attend_block(qo, b, h, i0, std::min(Sq, i0 + kBlock), H, Sq, Sk, D, scale, kt, ldk, vp, bias, s, pb, op);
+      const int64_t i0 = blk * block, i1 = std::min(Sq, i0 + block);
+      if (u + 1 < u1) prefetch_queries(qo, u + 1, nblocks, block, H, Sq, D);
+      if (amx) {
+        attend_block_amx(qo, b, h, i0, i1, H, Sq, Sk, D, Dp, scale, kt, ldk, vp, bias, qb, s, pb, cb, op);
+      } else {
+        attend_block(qo, b, h, i0, i1, H, Sq, Sk, D, scale, kt, ldk, vp, bias, s, pb, op);
+      }
     }
+    if (amx) amx_release();
   });
   return out;
 }
