@@ -22,8 +22,10 @@
 //   3. context: tiles of up to 12 rows x up to 4 output vectors accumulate p[i][j] * v[j] over the keys (broadcast
 //      p, FMA with the value row's vectors), scaled by 1 / sum on the store.
 // A row whose keys are all padded gets equal scores (finfo.min + a small score rounds to finfo.min), so uniform
-// weights, as ATen's SDPA with the same additive mask. No BLAS or ATen op runs inside the parallel region. Other CPUs and head dims are refused (the Python entry,
-// structprune/backends/cpp/serving_attention.py, calls the op only where it applies). No autograd.
+// weights, as ATen's SDPA with the same additive mask. No BLAS or ATen op runs inside the parallel region. Other CPUs
+// and head dims are refused (the Python entry, structprune/backends/cpp/serving_attention.py, calls the op only where
+// it applies). No autograd. bf16 q, k, v (same rules, key_bias fp32, output bf16) pass the same checks and run
+// serving_attention_bf16_cpu.cpp's path (AMX tiles or AVX512-BF16 dot products).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -153,8 +153,8 @@ def test_passes_opcheck():
 
 
 @pytest.mark.parametrize("case,message", [
-    ("fp16", "float32 or bfloat16"), ("mixed", "one dtype"), ("head_dim", "multiple of 16"), ("rank", r"\[batch, heads, seq, head_dim\]"),
-    ("kv_shape", "k and v"), ("bias", "key_bias"), ("last_stride", "contiguous last dimension")])
+    ("fp16", "float32 or bfloat16"), ("mixed", "one dtype"), ("head_dim", "multiple of 16"),
+    ("rank", r"\[batch, heads, seq, head_dim\]"), ("kv_shape", "k and v"), ("bias", "key_bias"), ("last_stride", "contiguous last dimension")])
 def test_refusals(case, message):
     q, k, v = fused_qkv(1, 8, 2, 16)
     bias = None
