@@ -18,8 +18,8 @@
 // Where the CPU has AMX-BF16 (and Linux grants the tile data permission), both products run on AMX tiles instead
 // (tdpbf16ps, 16 x 16 fp32 tiles over a depth of 32 bf16): blocks of 32 query rows copied to [32, D rounded up to
 // 32]; k^T packed the same way in panels of 16 keys (one B tile per 16 keys x 32 head-dim entries); raw scores
-// stored as tiles, then scale + bias + row max and the softmax as above; P (bf16, keys padded to 32 with zeros)
-// times the pair-packed values as tiles, scaled by 1 / sum and rounded to bf16 on the way out. Measured on this
+// stored as tiles, then the softmax as above with scale and bias applied in both passes; P (bf16, keys padded to 32
+// with zeros) times the pair-packed values as tiles, scaled by 1 / sum and rounded to bf16 on the way out. Measured on this
 // machine's Xeon (AMX + AVX512-BF16): vdpbf16ps zmm issues at a quarter of the rate of an fp32 FMA, so its path is
 // 2x slower per flop than the fp32 kernel; the AMX path is the fast one. STRUCTPRUNE_SERVING_ATTENTION_AMX=0 (read
 // per call) forces the vdpbf16ps path (tests). Needs AVX512-BF16 (checked at run time; the Python entry returns None
@@ -367,16 +367,32 @@ SP_AMX_TARGET void amx_context(const uint16_t* pb, int64_t ldk, const uint16_t* 
   SP_MEMORY_BARRIER();
 }
 
-// x[0 .. n16) <- x * scale + bias (bias -inf past Sk), its lanes' max into mx.
-SP_BF16_TARGET void scale_bias_max(float* x, int64_t n16, float scale, const float* bias, float* mx) {
+// Softmax numerators of one row of n raw AMX scores x: p = exp(x * scale + bias - max) (bias -inf past n; two passes,
+// as softmax_row), written as bf16 into pb[0 .. n rounded up to 16) (0 past n); returns 1 / the sum of the fp32 p.
+SP_BF16_TARGET float softmax_raw_row(const float* x, int64_t n, float scale, const float* bias, uint16_t* pb) {
+  const int64_t n16 = (n + kLanes - 1) / kLanes * kLanes;
   const __m512 sc = _mm512_set1_ps(scale);
-  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n16; j += kLanes) {
-    const __m512 y = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), sc, _mm512_loadu_ps(bias + j));
-    _mm512_storeu_ps(x + j, y);
-    m = _mm512_max_ps(m, y);
+    mv = _mm512_max_ps(mv, _mm512_fmadd_ps(_mm512_loadu_ps(x + j), sc, _mm512_loadu_ps(bias + j)));
   }
-  _mm512_storeu_ps(mx, m);
+  float m = _mm512_reduce_max_ps(mv), shift = 0.0f;
+  if (m < -1e30f) {  // every key padded (finfo.min): m log2(e) would overflow, so shift the row by m first
+    shift = m;
+    m = 0.0f;
+  }
+  const __m512 mx = _mm512_set1_ps(m * 1.44269504088896341f), sh = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n16; j += kLanes) {
+    __m512 y = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), sc, _mm512_loadu_ps(bias + j));
+    if (shift != 0.0f) y = _mm512_sub_ps(y, sh);
+    const __mmask16 keep = n - j >= kLanes ? static_cast<__mmask16>(0xFFFF)
+                                           : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 e = _mm512_maskz_mov_ps(keep, exp_shifted16(y, mx));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j), (__m256i)_mm512_cvtneps_pbh(e));
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
 // One AMX work unit: query rows [i0, i1) (at most 32) of head (b, h), copied into qb ([32, Dp], columns past D
@@ -385,15 +401,11 @@ SP_AMX_TARGET void attend_block_amx(const Operand& q, int64_t b, int64_t h, int6
                                     int64_t Sq, int64_t Sk, int64_t D, int64_t Dp, float scale, const uint16_t* kt,
                                     int64_t ldk, const uint16_t* vp, const float* bias, uint16_t* qb, float* s,
                                     uint16_t* pb, float* cb, uint16_t* out) {
-  const int64_t rows = i1 - i0, n16 = (Sk + kLanes - 1) / kLanes * kLanes;
+  const int64_t rows = i1 - i0;
   for (int64_t r = 0; r < rows; ++r) std::memcpy(qb + r * Dp, q.row(b, h, i0 + r), D * sizeof(uint16_t));
   amx_scores(qb, Dp, kt, ldk, s);
   float inv[kAmxBlock];
-  alignas(64) float mx[kLanes];
-  for (int64_t r = 0; r < rows; ++r) {
-    scale_bias_max(s + r * ldk, n16, scale, bias, mx);
-    inv[r] = softmax_row(s + r * ldk, Sk, mx, pb + r * ldk);
-  }
+  for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_raw_row(s + r * ldk, Sk, scale, bias, pb + r * ldk);
   amx_context(pb, ldk, vp, D, cb);
   for (int64_t r = 0; r < rows; ++r) {
     uint16_t* o = out + ((b * Sq + i0 + r) * H + h) * D;
