@@ -21,9 +21,9 @@
 // stored as tiles, then the softmax as above with scale and bias applied in both passes; P (bf16, keys padded to 32
 // with zeros) times the pair-packed values as tiles, scaled by 1 / sum and rounded to bf16 on the way out. Measured
 // on this machine's Xeon (AMX + AVX512-BF16): vdpbf16ps zmm issues at a quarter of the rate of an fp32 FMA, so its
-// path is 2x slower per flop than the fp32 kernel; the AMX path is the fast one. STRUCTPRUNE_SERVING_ATTENTION_AMX=0 (read
-// per call) forces the vdpbf16ps path (tests). Needs AVX512-BF16 (checked at run time; the Python entry returns None
-// without it, so ATen's SDPA runs).
+// path is 2x slower per flop than the fp32 kernel; the AMX path is the fast one.
+// STRUCTPRUNE_SERVING_ATTENTION_AMX=0 (read per call) forces the vdpbf16ps path (tests). Needs AVX512-BF16 (checked
+// at run time; the Python entry returns None without it, so ATen's SDPA runs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cpuid.h>
