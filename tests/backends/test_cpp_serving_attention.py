@@ -77,7 +77,7 @@ def check_bf16(out, q, k, v, bias, scale):
 @needs_bf16
 @BF16_PATHS
 @pytest.mark.parametrize("S", [1, 7, 33, 192, 200])
-@pytest.mark.parametrize("D", [16, 32, 64])
+@pytest.mark.parametrize("D", [16, 32, 48, 64])  # AMX: 16 and 48 padded to a tile depth of 32
 @pytest.mark.parametrize("H", [1, 6])
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
 def test_bf16_matches_fp32_sdpa_within_the_bf16_rule(S, D, H, padded, path, monkeypatch):
