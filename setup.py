@@ -107,8 +107,8 @@ setup(
     packages=find_packages(include=["structprune", "structprune.*"]) + ["structprune.csrc"],
     package_dir={"structprune": "structprune", "structprune.csrc": CSRC},
     package_data={"structprune.model": ["templates/*.py"],  # the modeling file save_pretrained writes
-                  "structprune.csrc": ["*.cpp", "*.h", "*.md", "*.sh", "build_recipe.py", "cpu/*.cpp", "cuda/*.cu",
-                                       "cuda/*.h", "cuda/*.cpp"]},
+                  "structprune.csrc": ["*.cpp", "*.h", "*.md", "*.sh", "build_recipe.py", "cpu/*.cpp", "cpu/*.h",
+                                       "cuda/*.cu", "cuda/*.h", "cuda/*.cpp"]},
     cmdclass=_cmdclass(_EXT),
     **_EXT,
 )

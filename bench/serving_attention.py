@@ -1,13 +1,14 @@
-"""The serving module's fp32 attention: the cpp kernel ``cpp_serving_attention`` against ATen's SDPA, as the module
-calls each (issue 28), on one thread, in interleaved rounds.
+"""The serving module's attention: the cpp kernel ``cpp_serving_attention`` against ATen's SDPA, as the module calls
+each (issue 28), on one thread, in interleaved rounds.
 
     python bench/serving_attention.py [--batch 16] [--heads 6] [--seq 192] [--head-dim 32] [--rounds 40]
-                                      [--reps 5] [--threads 1] [--padded]
+                                      [--reps 5] [--threads 1] [--padded] [--dtype fp32|bf16]
 
-Inputs: q, k, v as views [B, H, S, D] of one fused projection [B * S, 3 * H * D] (random, fp32), the layout
-``ServingLayer.forward`` produces. ``--padded``: the second half of the batch rows has its last quarter of keys
-padded (key bias finfo.min; the SDPA side gets it as the mask [B, 1, 1, S]); otherwise no mask (as bench/cpu_serving.py's
-all-ones attention mask gives).
+Inputs: q, k, v as views [B, H, S, D] of one fused projection [B * S, 3 * H * D] (random, in ``--dtype``), the
+layout ``ServingLayer.forward`` produces. ``--padded``: the second half of the batch rows has its last quarter of
+keys padded (key bias finfo(dtype).min, fp32 for the kernel; the SDPA side gets it in the dtype as the mask
+[B, 1, 1, S]); otherwise no mask (as bench/cpu_serving.py's all-ones attention mask gives). bf16: the kernel's
+output is checked against the fp32 SDPA of the same inputs by the half-precision rule before timing.
 - sdpa: ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B * S, H * D)`` (the
   module's call before the kernel);
 - cpp: ``cpp_serving_attention(q, k, v, key_bias, D ** -0.5).view(B * S, H * D)``.
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import structprune.backends.cpp.ops as ext
-from structprune.backends.cpp.serving_attention import supported_cpu
+from structprune.backends.cpp.serving_attention import supported_bf16, supported_cpu
 
 
 def quartiles(xs):
@@ -46,19 +47,21 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--padded", action="store_true")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     a = p.parse_args()
-    if ext.load_error() is not None or not supported_cpu():
-        raise SystemExit(f"cpp_serving_attention unavailable: {ext.load_error() or 'no AVX-512F'}")
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    if ext.load_error() is not None or not supported_cpu() or (dtype == torch.bfloat16 and not supported_bf16()):
+        raise SystemExit(f"cpp_serving_attention unavailable: {ext.load_error() or 'no AVX-512F / AVX512-BF16'}")
     torch.set_num_threads(a.threads)
     B, H, S, D = a.batch, a.heads, a.seq, a.head_dim
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(B * S, 3 * H * D, generator=g).view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)
+    qkv = torch.randn(B * S, 3 * H * D, generator=g).to(dtype).view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     bias = None
     if a.padded:
         bias = torch.zeros(B, S)
-        bias[B // 2:, S - S // 4:] = torch.finfo(torch.float32).min
-    mask = None if bias is None else bias[:, None, None, :]
+        bias[B // 2:, S - S // 4:] = torch.finfo(dtype).min
+    mask = None if bias is None else bias[:, None, None, :].to(dtype)
     op = torch.ops.structprune.cpp_serving_attention
 
     sides = {
@@ -66,7 +69,16 @@ def main() -> None:
         "cpp": lambda: op(q, k, v, bias, D ** -0.5).view(B * S, H * D),
     }
     with torch.inference_mode():
-        torch.testing.assert_close(sides["cpp"](), sides["sdpa"](), atol=1e-5, rtol=1e-5)
+        if dtype == torch.float32:
+            torch.testing.assert_close(sides["cpp"](), sides["sdpa"](), atol=1e-5, rtol=1e-5)
+        else:  # within twice the plain bf16 SDPA's error against the fp32 SDPA of the same inputs (+ eps * scale)
+            m32 = None if mask is None else mask.float()
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m32)
+            ref = ref.transpose(1, 2).reshape(B * S, H * D)
+            err, base = ((sides[n]().float() - ref).abs().max().item() for n in ("cpp", "sdpa"))
+            bound = 2 * base + torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
+            if err > bound:
+                raise SystemExit(f"cpp bf16 error {err:.3g} > {bound:.3g} (plain bf16 SDPA: {base:.3g})")
         times = {clock: {name: [] for name in sides} for clock in ("wall", "thread cpu")}
         for _ in range(2):  # warm-up
             for fn in sides.values():
@@ -80,7 +92,7 @@ def main() -> None:
                 times["wall"][name].append((time.perf_counter() - t0) / a.reps * 1e3)
                 times["thread cpu"][name].append((time.thread_time() - c0) / a.reps * 1e3)
     flop = 4.0 * B * H * S * S * D
-    print(f"B{B} x H{H} x L{S} x D{D} fp32, {a.threads} thread(s), {'padded' if a.padded else 'no mask'}, "
+    print(f"B{B} x H{H} x L{S} x D{D} {a.dtype}, {a.threads} thread(s), {'padded' if a.padded else 'no mask'}, "
           f"{a.rounds} rounds x {a.reps} calls")
     for clock, per_side in times.items():
         print(f" {clock} time")

@@ -14,7 +14,7 @@ from typing import Mapping
 # Translation units, relative to csrc/ (headers are found through the include path, csrc/ itself).
 CPU_SOURCES = ("register.cpp", "attention.cpp", "ffn.cpp", "glu_ffn.cpp", "pack_cache.cpp", "checks.cpp",
                "cpu/ops_cpu.cpp", "cpu/modernbert_cpu.cpp", "cpu/decoder_cpu.cpp",
-               "cpu/norm_cpu.cpp", "cpu/serving_attention_cpu.cpp")
+               "cpu/norm_cpu.cpp", "cpu/serving_attention_cpu.cpp", "cpu/serving_attention_bf16_cpu.cpp")
 CUDA_SOURCES = ("cuda/kernels.cu", "cuda/ops_cuda.cpp")  # only with a CUDA torch and toolkit
 
 CXX_FLAGS = ("-O3",)

@@ -22,12 +22,16 @@
 //   3. context: tiles of up to 12 rows x up to 4 output vectors accumulate p[i][j] * v[j] over the keys (broadcast
 //      p, FMA with the value row's vectors), scaled by 1 / sum on the store.
 // A row whose keys are all padded gets equal scores (finfo.min + a small score rounds to finfo.min), so uniform
-// weights, as ATen's SDPA with the same additive mask. No BLAS or ATen op runs inside the parallel region. Other CPUs and head dims are refused (the Python entry,
-// structprune/backends/cpp/serving_attention.py, calls the op only where it applies). No autograd.
+// weights, as ATen's SDPA with the same additive mask. No BLAS or ATen op runs inside the parallel region. Other CPUs
+// and head dims are refused (the Python entry, structprune/backends/cpp/serving_attention.py, calls the op only where
+// it applies). No autograd. bf16 q, k, v (same rules, key_bias fp32, output bf16) pass the same checks and run
+// serving_attention_bf16_cpu.cpp's path (AMX tiles or AVX512-BF16 dot products).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
+
+#include "serving_attention_exp.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -36,6 +40,12 @@
 #include <vector>
 
 namespace structprune {
+
+// The bf16 path (serving_attention_bf16_cpu.cpp), called after the checks below with key_bias contiguous or
+// undefined.
+at::Tensor serving_attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& key_bias, double scale);
+
 namespace {
 
 constexpr int64_t kLanes = 16;     // floats per zmm
@@ -55,22 +65,6 @@ struct Operand {  // a [B, H, S, D] fp32 tensor with a contiguous last dimension
   int64_t sb, sh, ss;
   const float* row(int64_t b, int64_t h, int64_t s) const { return p + b * sb + h * sh + s * ss; }
 };
-
-// exp(x - m) for scores x <= m, 16 lanes, as 2^t with t = x log2(e) - m log2(e): one FMA (the rounding of
-// m log2(e) is common to the row and cancels in the normalisation), t = n + f with n = round(t), |f| <= 1/2,
-// 2^f = exp(f ln 2) by the degree-6 Taylor polynomial (relative error ~1e-7, as attention_rows.h's), 2^n applied by
-// scalef; t < -126 (a padded key: finfo.min) gives ~1e-38.
-__attribute__((target("avx512f"))) inline __m512 exp_shifted16(__m512 x, __m512 m_log2e) {
-  const __m512 t = _mm512_max_ps(_mm512_fmsub_ps(x, _mm512_set1_ps(1.44269504088896341f), m_log2e),
-                                 _mm512_set1_ps(-126.0f));
-  const __m512 nf = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, nf);
-  __m512 p = _mm512_set1_ps(1.5403530e-4f);  // ln2^6 / 6!, then Horner down to 1
-  for (const float c : {1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f, 6.9314718e-1f, 1.0f}) {
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  }
-  return _mm512_scalef_ps(p, nf);
-}
 
 // Scores of R query rows (q[r] + d) against NV * 16 keys of the packed k^T (row d at kt + d * ldk), stored as
 // acc * scale + bias into s + r * lds; mx + 16 r: the lanes of row r's running max.
@@ -256,8 +250,9 @@ void prefetch_queries(const Operand& q, int64_t u, int64_t nblocks, int64_t H, i
 void check_operand(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "structprune: cpp_serving_attention takes CPU tensors; ", name, " is on ",
               t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "structprune: cpp_serving_attention takes float32 q, k, v (bf16 and "
-              "fp16 run ATen's SDPA); ", name, " is ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "structprune: "
+              "cpp_serving_attention takes float32 or bfloat16 q, k, v (fp16 runs ATen's SDPA); ", name, " is ",
+              t.scalar_type());
   TORCH_CHECK(t.dim() == 4, "structprune: cpp_serving_attention expects ", name, " as [batch, heads, seq, head_dim], "
               "got ", t.dim(), " dims");
   TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, "structprune: cpp_serving_attention needs a contiguous last "
@@ -269,6 +264,9 @@ at::Tensor serving_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
   check_operand(q, "q");
   check_operand(k, "k");
   check_operand(v, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "structprune: "
+              "cpp_serving_attention takes q, k, v of one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Sk = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(),
               "structprune: cpp_serving_attention expects k and v as [", B, ", ", H, ", Sk, ", D,
@@ -288,6 +286,7 @@ at::Tensor serving_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
                 "structprune: cpp_serving_attention expects key_bias as a float32 CPU tensor [", B, ", ", Sk,
                 "] (batch, keys), got ", key_bias.scalar_type(), " ", key_bias.sizes());
   }
+  if (q.scalar_type() == at::kBFloat16) return serving_attention_bf16(q, k, v, key_bias, scale_in);
   at::Tensor out = at::empty({B, Sq, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const auto operand = [](const at::Tensor& t) {

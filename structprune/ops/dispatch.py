@@ -448,8 +448,9 @@ def serving_attention(q, k, v, key_bias=None, scale: float | None = None) -> tor
     """``softmax(q k^T * scale + key_bias) v`` for inference as ``[B, Sq, H, D]`` contiguous (``.view(B * Sq, H * D)``
     feeds the output projection); q ``[B, H, Sq, D]``, k and v ``[B, H, Sk, D]``, key_bias ``[B, Sk]`` additive (0 =
     attend, finfo.min = padding) or None; scale defaults to ``1 / sqrt(D)``. The backend's kernel runs where it has
-    one that applies (cpp's: fp32, AVX-512F, head_dim a multiple of 16 up to 128), ATen's SDPA with the mask
-    ``key_bias[:, None, None, :]`` otherwise; ``last_backends()["attention"]`` says which ("cpp" or "sdpa")."""
+    one that applies (cpp's: fp32 with AVX-512F or bf16 with AVX512-BF16, head_dim a multiple of 16 up to 128), ATen's
+    SDPA with the mask ``key_bias[:, None, None, :]`` otherwise; ``last_backends()["attention"]`` says which ("cpp"
+    or "sdpa")."""
     return serving_attention_ran(q, k, v, key_bias, scale)[0]
 
 

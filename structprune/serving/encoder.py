@@ -4,7 +4,7 @@ XLM-R) at its compacted per-layer sizes, run as a few fused CPU calls per layer.
 Per layer (``h``: ``[tokens, hidden]``, activations in the serving dtype, fp32 accumulation inside oneDNN):
 
     qkv  = h @ Wqkv^T + bqkv                      one GEMM for query, key and value (kept heads only)
-    ctx  = attention(q, k, v, key bias)           fp32: the cpp kernel (AVX-512F); bf16: ATen's flash kernel
+    ctx  = attention(q, k, v, key bias)           the cpp kernel (fp32: AVX-512F; bf16: AMX or AVX512-BF16)
     h    = LayerNorm(ctx @ Wo^T + bo + h)         GEMM with the bias and the residual add as oneDNN post-ops
     a    = gelu(h @ Wi^T + bi)                    GEMM with bias + GELU post-op (kept FFN units only)
     h    = LayerNorm(a @ Wo2^T + bo2 + h)         GEMM with bias + residual post-op
@@ -15,8 +15,9 @@ plain ``F.linear`` with separate bias/activation/residual takes its place. A lay
 only its output bias and the residual before its LayerNorm, as the model does. Embeddings run in fp32 through the
 model's own embedding module (position ids, token types and its LayerNorm as the family defines them), the QA head
 in the serving dtype; start/end logits come back in fp32. Attention runs through
-:func:`structprune.ops.dispatch.serving_attention` (``cpp_serving_attention`` in fp32 where the extension is built
-and the CPU has AVX-512F, ATen's SDPA otherwise); ``ServingLayer.attention_kernel`` says which ran last.
+:func:`structprune.ops.dispatch.serving_attention` (``cpp_serving_attention`` where the extension is built and the
+CPU has AVX-512F, and AVX512-BF16 for bf16; ATen's SDPA otherwise); ``ServingLayer.attention_kernel`` says which ran
+last.
 """
 from __future__ import annotations
 
@@ -126,8 +127,9 @@ class ServingLayer(nn.Module):
         return self._ffn(h)
 
     def _attention(self, q, k, v, key_bias):
-        """``[B, Sq, H, D]`` contiguous; key_bias: ``[B, Sk]`` additive in the serving dtype, or None."""
-        if key_bias is not None and q.dtype == torch.float32:
+        """``[B, Sq, H, D]`` contiguous in q's dtype; key_bias: ``[B, Sk]`` additive in the serving dtype (passed on
+        as fp32: exact for finfo(bf16).min), or None."""
+        if key_bias is not None:
             key_bias = key_bias.float()
         ctx, self.attention_kernel = ops.serving_attention_ran(q, k, v, key_bias)
         return ctx

@@ -1,7 +1,9 @@
-"""The fp32 serving attention kernel ``cpp_serving_attention`` (csrc/cpu/serving_attention_cpu.cpp) against ATen's
-SDPA with the same additive key mask: strided views of a fused q|k|v projection, odd sequence lengths, head dims
-16/32/64, 1 and 6 heads, key padding and a fully padded sequence, fewer queries than keys (the serving module's
-row split); opcheck of schema and fake kernel; refusals; the dispatcher's choice and its SDPA fallback."""
+"""The serving attention kernel ``cpp_serving_attention`` (csrc/cpu/serving_attention_cpu.cpp, fp32, and
+serving_attention_bf16_cpu.cpp, bf16 on AMX tiles or vdpbf16ps) against ATen's SDPA with the same additive key mask:
+strided views of a fused q|k|v projection, odd sequence lengths, head dims 16/32/64, 1 and 6 heads, key padding and
+a fully padded sequence, fewer queries than keys (the serving module's row split); fp32 to 1e-5, bf16 against the
+fp32 SDPA of the same bf16 inputs by the half-precision rule (twice the plain bf16 SDPA's error); opcheck of schema
+and fake kernel; refusals; the dispatcher's choice and its SDPA fallback."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,8 @@ import torch.nn.functional as F
 import structprune.backends.cpp.ops as ext
 from structprune.backends.cpp import serving_attention as sa
 from structprune.ops import dispatch
+
+from helpers.tolerances import check_close
 
 if ext.load_error() is not None:
     pytest.skip(f"C++ extension unavailable: {ext.load_error()}", allow_module_level=True)
@@ -18,6 +22,14 @@ if not sa.supported_cpu():
 
 op = torch.ops.structprune.cpp_serving_attention
 NEG = torch.finfo(torch.float32).min
+NEG16 = torch.finfo(torch.bfloat16).min  # the serving module's bf16 padding bias (exact in fp32)
+needs_bf16 = pytest.mark.skipif(not sa.supported_bf16(), reason="the bf16 path needs AVX512-BF16")
+# the two bf16 paths: AMX tiles (where the CPU has AMX-BF16) and vdpbf16ps (STRUCTPRUNE_SERVING_ATTENTION_AMX=0)
+BF16_PATHS = pytest.mark.parametrize("path", ["amx", "vdpbf16ps"])
+
+
+def bf16_path(monkeypatch, path):
+    monkeypatch.setenv("STRUCTPRUNE_SERVING_ATTENTION_AMX", "1" if path == "amx" else "0")
 
 
 def fused_qkv(B, S, H, D, seed=0):
@@ -27,10 +39,10 @@ def fused_qkv(B, S, H, D, seed=0):
     return qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)
 
 
-def padding_bias(B, S, lengths):
+def padding_bias(B, S, lengths, neg=NEG):
     bias = torch.zeros(B, S)
     for b, n in enumerate(lengths):
-        bias[b, n:] = NEG
+        bias[b, n:] = neg
     return bias
 
 
@@ -52,6 +64,57 @@ def test_matches_sdpa(S, D, H, padded):
     out = op(q, k, v, bias, scale)
     assert out.shape == (B, S, H, D) and out.is_contiguous()
     torch.testing.assert_close(out, sdpa(q, k, v, bias, scale), atol=1e-5, rtol=1e-5)
+
+
+def check_bf16(out, q, k, v, bias, scale):
+    """The bf16 kernel's output against the fp32 SDPA of the same (bf16) inputs, the plain bf16 SDPA the yardstick."""
+    assert out.dtype == torch.bfloat16 and out.is_contiguous()
+    ref = sdpa(q.float(), k.float(), v.float(), bias, scale)
+    plain = sdpa(q, k, v, None if bias is None else bias.bfloat16(), scale)
+    check_close("cpp bf16 attention", out, ref, plain, torch.bfloat16)
+
+
+@needs_bf16
+@BF16_PATHS
+@pytest.mark.parametrize("S", [1, 7, 33, 192, 200])
+@pytest.mark.parametrize("D", [16, 32, 48, 64])  # AMX: 16 and 48 padded to a tile depth of 32
+@pytest.mark.parametrize("H", [1, 6])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_bf16_matches_fp32_sdpa_within_the_bf16_rule(S, D, H, padded, path, monkeypatch):
+    bf16_path(monkeypatch, path)
+    B = 3
+    q, k, v = (t.bfloat16() for t in fused_qkv(B, S, H, D, seed=S * D + H))
+    bias = padding_bias(B, S, [S, max(1, S // 2), 0], NEG16) if padded else None
+    out = op(q, k, v, bias, D ** -0.5)
+    assert out.shape == (B, S, H, D)
+    check_bf16(out, q, k, v, bias, D ** -0.5)
+
+
+@needs_bf16
+@BF16_PATHS
+@pytest.mark.parametrize("rows", [(0, 5), (5, 192), (96, 200)])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_bf16_fewer_queries_than_keys(rows, padded, path, monkeypatch):
+    bf16_path(monkeypatch, path)
+    S, H, D = 200, 6, 32
+    q, k, v = (t.bfloat16() for t in fused_qkv(1, S, H, D, seed=1))
+    q = q[:, :, rows[0]:rows[1]]
+    bias = padding_bias(1, S, [150], NEG16) if padded else None
+    check_bf16(op(q, k, v, bias, 0.3), q, k, v, bias, 0.3)
+
+
+@needs_bf16
+@BF16_PATHS
+def test_bf16_large_scores_head_dim_128_and_parallel_chunks(path, monkeypatch):
+    bf16_path(monkeypatch, path)
+    q, k, v = (t.bfloat16() for t in fused_qkv(2, 77, 3, 128, seed=2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = op(q * 6, k * 6, v, None, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    check_bf16(out, q * 6, k * 6, v, None, 0.125)
 
 
 @pytest.mark.parametrize("rows", [(0, 5), (5, 192), (96, 200)])
@@ -84,15 +147,20 @@ def test_passes_opcheck():
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
     torch.library.opcheck(op.default, (q, k, v, padding_bias(2, 9, [9, 4]), 0.25), test_utils=tests)
     torch.library.opcheck(op.default, (q.contiguous(), k.contiguous(), v.contiguous(), None, 0.25), test_utils=tests)
+    if sa.supported_bf16():
+        q, k, v = (t.bfloat16() for t in (q, k, v))
+        torch.library.opcheck(op.default, (q, k, v, padding_bias(2, 9, [9, 4], NEG16), 0.25), test_utils=tests)
 
 
 @pytest.mark.parametrize("case,message", [
-    ("bf16", "float32"), ("head_dim", "multiple of 16"), ("rank", r"\[batch, heads, seq, head_dim\]"),
-    ("kv_shape", "k and v"), ("bias", "key_bias"), ("last_stride", "contiguous last dimension")])
+    ("fp16", "float32 or bfloat16"), ("mixed", "one dtype"), ("head_dim", "multiple of 16"),
+    ("rank", r"\[batch, heads, seq, head_dim\]"), ("kv_shape", "k and v"), ("bias", "key_bias"), ("last_stride", "contiguous last dimension")])
 def test_refusals(case, message):
     q, k, v = fused_qkv(1, 8, 2, 16)
     bias = None
-    if case == "bf16":
+    if case == "fp16":
+        q, k, v = q.half(), k.half(), v.half()
+    elif case == "mixed":
         q = q.bfloat16()
     elif case == "head_dim":
         q, k, v = fused_qkv(1, 8, 2, 24)
@@ -108,20 +176,27 @@ def test_refusals(case, message):
         op(q, k, v, bias, 0.25)
 
 
-def test_python_entry_declines_what_it_cannot_run():
+def test_python_entry_declines_what_it_cannot_run(monkeypatch):
     q, k, v = fused_qkv(1, 8, 2, 16)
+    b16 = (q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert sa.serving_attention(q, k, v, None, 0.25) is not None
-    assert sa.serving_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25) is None
+    assert (sa.serving_attention(*b16, None, 0.25) is not None) == sa.supported_bf16()
+    assert sa.serving_attention(q.half(), k.half(), v.half(), None, 0.25) is None
+    assert sa.serving_attention(q.bfloat16(), k, v, None, 0.25) is None
+    assert sa.serving_attention(q, k, v, torch.zeros(1, 8, dtype=torch.bfloat16), 0.25) is None
     assert sa.serving_attention(*fused_qkv(1, 8, 2, 24), None, 0.25) is None
     assert sa.serving_attention(q.requires_grad_(), k, v, None, 0.25) is None
+    monkeypatch.setattr(sa, "supported_bf16", lambda: False)  # a CPU without AVX512-BF16: SDPA runs
+    assert sa.serving_attention(*b16, None, 0.25) is None
+    assert sa.serving_attention(q.detach(), k, v, None, 0.25) is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_dispatcher_runs_the_kernel_in_fp32_and_sdpa_otherwise(dtype):
+def test_dispatcher_runs_the_kernel_where_it_applies_and_sdpa_otherwise(dtype):
     q, k, v = (t.to(dtype) for t in fused_qkv(2, 13, 6, 32))
-    bias = padding_bias(2, 13, [13, 5]).to(dtype)
+    bias = padding_bias(2, 13, [13, 5], torch.finfo(dtype).min).to(dtype)
     out, ran = dispatch.serving_attention_ran(q, k, v, bias)
-    assert ran == ("cpp" if dtype == torch.float32 else "sdpa")
+    assert ran == ("cpp" if dtype == torch.float32 or sa.supported_bf16() else "sdpa")
     assert dispatch.last_backends()["attention"] == ran
     assert out.shape == (2, 13, 6, 32) and out.is_contiguous()
     ref = sdpa(q.float(), k.float(), v.float(), bias.float(), 32 ** -0.5)

@@ -21,11 +21,13 @@ def inputs(batch=4, seq=13):
     return x
 
 
-def cpp_attention_expected() -> bool:
-    """Whether fp32 attention should run the cpp kernel here (extension built, AVX-512F, backend auto or cpp)."""
-    from structprune.backends.cpp.serving_attention import supported_cpu
+def cpp_attention_expected(dtype=torch.float32) -> bool:
+    """Whether attention should run the cpp kernel here (extension built, AVX-512F, AVX512-BF16 for bf16, backend
+    auto or cpp)."""
+    from structprune.backends.cpp.serving_attention import supported_bf16, supported_cpu
 
-    return "cpp" in sp.available_backends("cpu") and sp.get_backend() in ("auto", "cpp") and supported_cpu()
+    supported = supported_cpu() if dtype == torch.float32 else supported_bf16()
+    return "cpp" in sp.available_backends("cpu") and sp.get_backend() in ("auto", "cpp") and supported
 
 
 def cpp_expected() -> bool:
@@ -67,7 +69,7 @@ def test_bf16_within_twice_the_plain_bf16_error(family):
     x = inputs()
     fast = sp.optimize(model, torch.bfloat16)
     got = logits(fast(**x))
-    assert attention_kernels(fast) == {"sdpa"}  # bf16: ATen's flash kernel
+    assert attention_kernels(fast) == ({"cpp"} if cpp_attention_expected(torch.bfloat16) else {"sdpa"})
     assert fast.embeddings.kernel == ("cpp" if cpp_expected() else "module")
     check_close(f"{family} bf16", got, reference(model, x), reference(model, x, torch.bfloat16), torch.bfloat16)
     if "cpp" in sp.available_backends("cpu") and sp.get_backend() in ("auto", "cpp"):
@@ -82,7 +84,7 @@ def test_one_sequence_split_by_rows_matches_unsplit(dtype):
     x["attention_mask"][0, 41:] = 0
     fast.threads = 3
     rows = logits(fast(**x))
-    expected = "cpp" if dtype == torch.float32 and cpp_attention_expected() else "sdpa"
+    expected = "cpp" if cpp_attention_expected(dtype) else "sdpa"
     assert attention_kernels(fast) == {expected}  # forward_rows: this thread's query rows against every key
     assert f"attention_kernel={expected}" in repr(fast)
     fast.batch_parallel = False
