@@ -12,9 +12,9 @@ Per layer (``h``: ``[tokens, hidden]``, activations in the serving dtype, fp32 a
 Weights are reordered once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and the
 GEMMs run with ``torch.ops.mkldnn._linear_pointwise``; where that op is missing (a torch built without oneDNN),
 plain ``F.linear`` with separate bias/activation/residual takes its place. A layer with 0 heads (0 FFN units) adds
-only its output bias and the residual before its LayerNorm, as the model does. Embeddings run in fp32 through the
-model's own embedding module (position ids, token types and its LayerNorm as the family defines them), the QA head
-in the serving dtype; start/end logits come back in fp32. Attention runs through
+only its output bias and the residual before its LayerNorm, as the model does. The embeddings (fp32 tables) are
+:class:`structprune.serving.embeddings.ServingEmbeddings`' one pass per token, written in the serving dtype; the QA head
+runs in the serving dtype; start/end logits come back in fp32. Attention runs through
 :func:`structprune.ops.dispatch.serving_attention` (``cpp_serving_attention`` where the extension is built and the
 CPU has AVX-512F, and AVX512-BF16 for bf16; ATen's SDPA otherwise); ``ServingLayer.attention_kernel`` says which ran
 last.
