@@ -127,10 +127,7 @@ class ServingLayer(nn.Module):
         return self._ffn(h)
 
     def _attention(self, q, k, v, key_bias):
-        """``[B, Sq, H, D]`` contiguous in q's dtype; key_bias: ``[B, Sk]`` additive in the serving dtype (passed on
-        as fp32: exact for finfo(bf16).min), or None."""
-        if key_bias is not None:
-            key_bias = key_bias.float()
+        """``[B, Sq, H, D]`` contiguous in q's dtype; key_bias: the model's ``[B, Sk]`` fp32 additive bias, or None."""
         ctx, self.attention_kernel = ops.serving_attention_ran(q, k, v, key_bias)
         return ctx
 

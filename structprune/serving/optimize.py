@@ -119,11 +119,11 @@ class ServingModel(nn.Module):
         return torch.cat(list(workers.map(work, range(n)))).view(1, seq, -1)
 
     def _mask(self, attention_mask, batch: int, seq: int) -> torch.Tensor | None:
-        """The additive key bias ``[batch, seq]`` (0 = attend, finfo.min = padding) in the serving dtype, or None when
-        nothing is padded."""
+        """The additive key bias ``[batch, seq]`` in fp32 (0 = attend, the serving dtype's finfo.min = padding: exact
+        in fp32), or None when nothing is padded; built once per call for every layer's attention."""
         if attention_mask is None or bool(attention_mask.all()):
             return None
-        mask = torch.zeros(batch, seq, dtype=self.dtype)
+        mask = torch.zeros(batch, seq)
         return mask.masked_fill_(attention_mask.view(batch, seq) == 0, torch.finfo(self.dtype).min)
 
     def extra_repr(self) -> str:

@@ -46,6 +46,16 @@ def padding_bias(B, S, lengths, neg=NEG):
     return bias
 
 
+def on_two_threads(fn, *args):
+    """``fn(*args)`` with 2 intra-op threads (work units split mid-head), the thread count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sdpa(q, k, v, bias, scale):
     mask = None if bias is None else bias[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
@@ -108,12 +118,7 @@ def test_bf16_fewer_queries_than_keys(rows, padded, path, monkeypatch):
 def test_bf16_large_scores_head_dim_128_and_parallel_chunks(path, monkeypatch):
     bf16_path(monkeypatch, path)
     q, k, v = (t.bfloat16() for t in fused_qkv(2, 77, 3, 128, seed=2))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        out = op(q * 6, k * 6, v, None, 0.125)
-    finally:
-        torch.set_num_threads(threads)
+    out = on_two_threads(op, q * 6, k * 6, v, None, 0.125)
     check_bf16(out, q * 6, k * 6, v, None, 0.125)
 
 
@@ -132,12 +137,7 @@ def test_fewer_queries_than_keys(rows, padded):
 def test_large_scores_and_parallel_chunks():
     """Sharp softmax rows (large logits) and several threads splitting the work units mid-head."""
     q, k, v = fused_qkv(2, 77, 3, 48, seed=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        out = op(q * 6, k * 6, v, None, 0.125)
-    finally:
-        torch.set_num_threads(threads)
+    out = on_two_threads(op, q * 6, k * 6, v, None, 0.125)
     torch.testing.assert_close(out, sdpa(q * 6, k * 6, v, None, 0.125), atol=1e-5, rtol=1e-5)
 
 
