@@ -12,7 +12,8 @@ Per layer (``h``: ``[tokens, hidden]``, activations in the serving dtype, fp32 a
 Weights are reordered once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and the
 GEMMs run with ``torch.ops.mkldnn._linear_pointwise``; where that op is missing (a torch built without oneDNN),
 plain ``F.linear`` with separate bias/activation/residual takes its place. A layer with 0 heads (0 FFN units) adds
-only its output bias and the residual before its LayerNorm, as the model does. The embeddings (fp32 tables) are
+only its output bias and the residual before its LayerNorm, as the model does; a whole sublayer that pruning removed
+(CoFi: its sublayer gate closed) is skipped with its LayerNorm, as the compacted model skips it. The embeddings (fp32 tables) are
 :class:`structprune.serving.embeddings.ServingEmbeddings`' one pass per token, written in the serving dtype; the QA head
 runs in the serving dtype; start/end logits come back in fp32. Attention runs through
 :func:`structprune.ops.dispatch.serving_attention` (``cpp_serving_attention`` where the extension is built and the
@@ -75,9 +76,12 @@ class ServingLayer(nn.Module):
     """One encoder layer at its compacted sizes (see the module docstring)."""
 
     def __init__(self, parts: dict, heads: int, head_dim: int, activation: str, dtype: torch.dtype, packed: bool,
-                 pad_units: int = 1):
+                 pad_units: int = 1, skip_attention: bool = False, skip_ffn: bool = False):
         super().__init__()
+        if (skip_attention and heads) or (skip_ffn and parts["ffn_in"].out_features):
+            raise ValueError("ServingLayer: a skipped sublayer must have been compacted to 0 heads (FFN units)")
         self.heads, self.head_dim = heads, head_dim
+        self.skip_attention, self.skip_ffn = skip_attention, skip_ffn
         self.attention_kernel: str | None = None  # "cpp" or "sdpa": what ran at the last call
         q, k, v = parts["query"], parts["key"], parts["value"]
         self.qkv = None
@@ -104,7 +108,7 @@ class ServingLayer(nn.Module):
             qkv = self.qkv(h).view(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
             ctx = self._attention(qkv[0], qkv[1], qkv[2], mask)
             h = self.ln1(self.attn_out(ctx.view(batch * seq, self.heads * self.head_dim), h))
-        else:
+        elif not self.skip_attention:
             h = self.ln1(h + self.attn_out_bias)
         return self._ffn(h)
 
@@ -122,7 +126,7 @@ class ServingLayer(nn.Module):
             kv = qkv_all.view(1, seq, 3, self.heads, self.head_dim)
             ctx = self._attention(q, kv[:, :, 1].transpose(1, 2), kv[:, :, 2].transpose(1, 2), mask)
             h = self.ln1(self.attn_out(ctx.view(rows, self.heads * self.head_dim), h))
-        else:
+        elif not self.skip_attention:
             h = self.ln1(h + self.attn_out_bias)
         return self._ffn(h)
 
@@ -132,9 +136,13 @@ class ServingLayer(nn.Module):
         return ctx
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, head_dim={self.head_dim}, attention_kernel={self.attention_kernel}"
+        skipped = [name for name, skip in (("attention", self.skip_attention), ("ffn", self.skip_ffn)) if skip]
+        return (f"heads={self.heads}, head_dim={self.head_dim}, attention_kernel={self.attention_kernel}"
+                + (f", skipped={skipped}" if skipped else ""))
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        if self.skip_ffn:
+            return h
         if self.units > 0:
             return self.ln2(self.ffn_out(self.ffn_in(h), h))
         return self.ln2(h + self.ffn_out_bias)

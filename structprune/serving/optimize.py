@@ -5,7 +5,8 @@
     out.start_logits, out.end_logits                  # fp32, shapes as the model's
 
 What it accepts (decided here, documented in README "Serving a pruned model"):
-- a compacted structprune model (``sp.compact``, ``sp.from_pretrained``): served at its per-layer sizes;
+- a compacted structprune model (``sp.compact``, ``sp.from_pretrained``): served at its per-layer sizes, its
+  hidden width and without the whole sublayers it skips (``patch(..., sublayers=True, hidden=True)``, issue 27);
 - a patched model whose gates are still masked or fractional: compacted on a copy first (a UserWarning says so;
   the outputs are the masked model's, the model passed in is not touched);
 - a plain Hugging Face model (never patched): served dense, as it is.
@@ -168,6 +169,12 @@ def _prepared(model: nn.Module) -> tuple[nn.Module, str]:
     return compact(copy.deepcopy(model)), "compacted copy"
 
 
+def _skipped(sublayer_gate) -> bool:
+    """Whether a whole-sublayer gate (CoFi; None where the model has none) is closed: the model skips that sublayer,
+    its residual add and its LayerNorm."""
+    return sublayer_gate is not None and sublayer_gate.kept_index().numel() == 0
+
+
 def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, *, packed: bool = True,
              pad_units: int | None = None) -> ServingModel:
     """A :class:`ServingModel` computing ``model``'s outputs (eval mode) in ``dtype`` on the CPU.
@@ -194,8 +201,9 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, *, packed: bo
                  "attn_out": attention.output.dense, "ln1": attention.output.LayerNorm,
                  "ffn_in": layer.intermediate.dense, "ffn_out": layer.output.dense, "ln2": layer.output.LayerNorm}
         heads = parts["query"].out_features // head_dim
-        layers.append(ServingLayer(parts, heads, head_dim, ACTIVATIONS[config.hidden_act], dtype, packed,
-                                   pad_units))
+        layers.append(ServingLayer(parts, heads, head_dim, ACTIVATIONS[config.hidden_act], dtype, packed, pad_units,
+                                   skip_attention=_skipped(getattr(attention, "sublayer_gate", None)),
+                                   skip_ffn=_skipped(getattr(layer.intermediate, "sublayer_gate", None))))
     embeddings = copy.deepcopy(base.embeddings).float().eval().requires_grad_(False)
     project = getattr(base, "embeddings_project", None)  # ELECTRA with embedding_size != hidden_size
     project = copy.deepcopy(project).float().eval().requires_grad_(False) if project is not None else None

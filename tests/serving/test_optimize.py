@@ -114,6 +114,27 @@ def test_from_pretrained_compacted_model(tmp_path):
     torch.testing.assert_close(logits(sp.optimize(back)(**x)), reference(model, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skipped_sublayers_and_hidden_dimensions(dtype):
+    """An l0-full (CoFi) model: a skipped sublayer is the identity, LayerNorm included, in every serving path (batch
+    chunks, one sequence split by rows) and in bf16 (issue 27: served with the LayerNorm it had lost, it was wrong)."""
+    from model.test_cofi import masks
+
+    model = sp.patch(tiny_model("bert", "qa"), sublayers=True, hidden=True)
+    sp.set_masks(model, **masks())
+    sp.compact(model)
+    fast = sp.optimize(model, dtype)
+    fast.threads = 2
+    assert [(layer.skip_attention, layer.skip_ffn) for layer in fast.layers] == [(False, False), (True, False),
+                                                                                 (False, True)]
+    for batch, seq in ((4, 13), (1, 45)):
+        x = inputs(batch, seq)
+        if dtype == torch.float32:
+            torch.testing.assert_close(logits(fast(**x)), reference(model, x), atol=1e-5, rtol=1e-5)
+        else:
+            check_close("cofi bf16", logits(fast(**x)), reference(model, x), reference(model, x, dtype), dtype)
+
+
 def test_masked_model_is_served_compacted_on_a_copy():
     model = pruned(compact=False)
     x = inputs()
