@@ -34,14 +34,15 @@ COLUMNS = ["run", "method", "distill", "target", "steps", "l0_selection_steps", 
            "speedup", "l0_rank_cut_heads", "l0_rank_cut_ffn", "l0_rank_fill_heads", "l0_rank_fill_ffn",
            "heads_kept_speaking", "ffn_kept_speaking", "speedup_drop_silent", "layers_kept", "always_f1",
            "always_HasAns_f1", "always_f1_diff", "always_f1_diff_lo", "always_f1_diff_hi", "always_HasAns_f1_diff",
-           "always_HasAns_f1_diff_lo", "always_HasAns_f1_diff_hi"]
+           "always_HasAns_f1_diff_lo", "always_HasAns_f1_diff_hi", "speedup_served", "speedup_served_same_runtime"]
 CURVE = ["step", "epoch", "f1", "HasAns_f1", "NoAns_f1", "best_f1"]
 ALWAYS = "predictions_always.json"  # structprune predict --always-answer, or written by eval beside the metrics
 # Frontier methods compared at equal measured speed (a minus b, the issue's expected order), and what counts as
 # equal: measured speed-ups within SPEED_TOLERANCE of each other (relative).
 SPEED_PAIRS = (("l0-full", "layerdrop"), ("l0-full", "l0"), ("l0", "layerdrop"))
 SPEED_TOLERANCE = 0.15
-RECORDS = ("config.json", "metrics.json", "speed.json", "speed_drop_silent.json", "best_eval.json", "summary.txt",
+RECORDS = ("config.json", "metrics.json", "speed.json", "speed_drop_silent.json", "speed_serving.json", "best_eval.json",
+           "summary.txt",
            "masks.json", "l0_log.jsonl", "l0_stats.json", "log.jsonl")
 
 
@@ -128,6 +129,9 @@ def student_rows(runs: Path, teacher_predictions: dict, teacher_thr: dict | None
             silent = json.loads((run / "speed_drop_silent.json").read_text())
             m.update(heads_kept_speaking=silent["heads_kept"], ffn_kept_speaking=silent["ffn_kept"],
                      speedup_drop_silent=silent["speedup"])
+        if (run / "speed_serving.json").is_file():  # experiments/squad2/speed.py --serving
+            served = json.loads((run / "speed_serving.json").read_text())
+            m.update(speedup_served=served["speedup"], speedup_served_same_runtime=served["speedup_same_runtime"])
         start = next((r for r in read_jsonl(run / "train" / "log.jsonl") if r.get("event") == "start"), {})
         config = json.loads((run / "config.json").read_text())
         m["steps"] = start.get("total_steps")
@@ -170,9 +174,10 @@ def fmt(value, spec: str = ".2f") -> str:
 
 def table(teacher: dict, rows: list[dict]) -> str:
     lines = ["| run | method | distill | target | steps | heads kept | FFN kept | F1 | HasAns F1 | NoAns | best F1 | "
-             "ΔF1 [95% CI] | ΔHasAns F1 [95% CI] | speed-up |", "|" + "---|" * 14]
+             "ΔF1 [95% CI] | ΔHasAns F1 [95% CI] | speed-up | served (same runtime) |", "|" + "---|" * 15]
     lines.append(f"| teacher | - | - | - | {fmt(teacher.get('steps'), 'd')} | all | all | {teacher['f1']:.2f} | "
-                 f"{teacher['HasAns_f1']:.2f} | {teacher['NoAns_f1']:.2f} | {teacher['best_f1']:.2f} | - | - | 1.00x |")
+                 f"{teacher['HasAns_f1']:.2f} | {teacher['NoAns_f1']:.2f} | {teacher['best_f1']:.2f} | - | - | 1.00x | "
+                 "1.00x |")
     for r in rows:
         lines.append(
             f"| {r['run']} | {r['method']} | {r['distill']} | {r['target']} | {fmt(r['steps'], 'd')} | "
@@ -180,8 +185,14 @@ def table(teacher: dict, rows: list[dict]) -> str:
             f"{fmt(r.get('ffn_kept'), 'd')}/{fmt(r.get('ffn_total'), 'd')} | {r['f1']:.2f} | {r['HasAns_f1']:.2f} | {r['NoAns_f1']:.2f} | "
             f"{r['best_f1']:.2f} | {r['f1_diff']:+.2f} [{r['f1_diff_lo']:+.2f}, {r['f1_diff_hi']:+.2f}] | "
             f"{r['HasAns_f1_diff']:+.2f} [{r['HasAns_f1_diff_lo']:+.2f}, {r['HasAns_f1_diff_hi']:+.2f}] | "
-            f"{fmt(r.get('speedup'))}x |")
+            f"{fmt(r.get('speedup'))}x | {served(r)} |")
     return "\n".join(lines)
+
+
+def served(r: dict) -> str:
+    """The student under sp.optimize over the teacher under sp.optimize ("-" where speed.py --serving has not run)."""
+    value = r.get("speedup_served_same_runtime")
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def table_thresholded(teacher: dict, rows: list[dict]) -> str:
@@ -208,14 +219,15 @@ def table_always(teacher: dict, rows: list[dict]) -> str:
             return "-"
         return f"{r[key + '_diff']:+.2f} [{r[key + '_diff_lo']:+.2f}, {r[key + '_diff_hi']:+.2f}]"
 
-    lines = ["| run | method | target | F1 | HasAns F1 | ΔF1 [95% CI] | ΔHasAns F1 [95% CI] | speed-up |",
-             "|" + "---|" * 8,
-             f"| teacher | - | - | {teacher['always_f1']:.2f} | {teacher['always_HasAns_f1']:.2f} | - | - | 1.00x |"]
+    lines = ["| run | method | target | F1 | HasAns F1 | ΔF1 [95% CI] | ΔHasAns F1 [95% CI] | speed-up | "
+             "served (same runtime) |", "|" + "---|" * 9,
+             f"| teacher | - | - | {teacher['always_f1']:.2f} | {teacher['always_HasAns_f1']:.2f} | - | - | 1.00x | "
+             "1.00x |"]
     for r in rows:
         if "always_f1" in r:
             lines.append(f"| {r['run']} | {r['method']} | {r['target']} | {r['always_f1']:.2f} | "
                          f"{r['always_HasAns_f1']:.2f} | {ci(r, 'always_f1')} | {ci(r, 'always_HasAns_f1')} | "
-                         f"{fmt(r.get('speedup'))}x |")
+                         f"{fmt(r.get('speedup'))}x | {served(r)} |")
     return "\n".join(lines)
 
 

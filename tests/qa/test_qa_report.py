@@ -96,6 +96,8 @@ def results(report, dev_file, tmp_path_factory, monkeypatch_module):
         write_run(runs, name, {"method": method, "distill": True, "speedup": speedup, "heads_kept": kept,
                                "heads_total": 72, "ffn_kept": kept * 128, "ffn_total": 9216, **layers},
                   {"distill": True, **config}, dev, 10 * (i + 1), right)
+    (runs / "l0-full-speed4-distill" / "speed_serving.json").write_text(json.dumps(  # speed.py --serving
+        {"speedup": 3.6, "speedup_same_runtime": 3.1}))
     monkeypatch_module.setattr(sys, "argv", ["report.py", "--runs", str(runs), "--out", str(out), "--dev",
                                              str(dev_file)])
     assert report.main() == 0
@@ -117,6 +119,9 @@ def test_rows_name_the_new_methods_and_their_structure(results):
     assert rows["layerdrop-k3-distill"]["target"] == "layers 1,3,5 of 6"
     assert rows["layerdrop-k3-distill"]["layers_kept"] == "3" and rows["teacher"]["layers_kept"] == "6"
     assert rows["l0-full-speed4-distill"]["target"] == "speedup 4.0 @ 32x192"
+    served = rows["l0-full-speed4-distill"]
+    assert (served["speedup_served"], served["speedup_served_same_runtime"]) == ("3.6", "3.1")
+    assert rows["l0-full-speed3-distill"]["speedup_served"] == ""  # not measured: left empty
 
 
 def test_always_answering_columns_score_the_always_predictions_against_the_teachers(results):
