@@ -7,10 +7,10 @@
 //   T       element type of q, k, v, the probabilities and the output (float, or uint16_t holding bf16 bits);
 //   Vec     a zmm of T as the products read it (__m512 / __m512i);
 //   kPair   elements per fp32 lane of one product step (1: an FMA; 2: vdpbf16ps over a pair);
-//   load(p), broadcast(p): NV-th vector of a packed row / p[0 .. kPair) in every lane;
-//   dot(acc, a, b): acc + a * b per lane (over the kPair pair);
-//   store(p, x): 16 fp32 lanes as 16 T; store_tail(p, m, x): the lanes of mask m (returns x as it enters the row
-//   sum: fp32 keeps every lane, bf16 zeroes the lanes past m).
+//   load(p): the zmm of packed keys or values at p; broadcast(p): p[0 .. kPair) in every lane;
+//   dot(acc, a, b): acc + a * b per fp32 lane (summed over the kPair products: FMA / vdpbf16ps);
+//   store(p, x): 16 fp32 lanes as 16 T; store_tail(p, m, x): a row's last, partial vector (fp32: the lanes of m
+//   only; bf16: 16 lanes, 0 past m), returning x as it enters the row sum (fp32: every lane; bf16: 0 past m).
 //
 // The templates that use intrinsics carry SP_SERVING_TARGET, which the including .cpp defines as its target
 // attribute (avx512f, or avx512f + avx512bw + avx512vl + avx512bf16); a GCC template cannot take its target from a
