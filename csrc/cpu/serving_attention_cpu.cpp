@@ -25,19 +25,22 @@
 // weights, as ATen's SDPA with the same additive mask. No BLAS or ATen op runs inside the parallel region. Other CPUs
 // and head dims are refused (the Python entry, structprune/backends/cpp/serving_attention.py, calls the op only where
 // it applies). No autograd. bf16 q, k, v (same rules, key_bias fp32, output bf16) pass the same checks and run
-// serving_attention_bf16_cpu.cpp's path (AMX tiles or AVX512-BF16 dot products).
+// serving_attention_bf16_cpu.cpp's path (AMX tiles or AVX512-BF16 dot products). Steps 1-3, the packing of k^T and
+// the work loop are serving_attention_core.h's, shared with that path; this file holds the fp32 traits (F32), the
+// values' packing, the checks and the fp32 driver.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
-
-#include "serving_attention_exp.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <vector>
+
+#define SP_SERVING_TARGET __attribute__((target("avx512f")))
+#include "serving_attention_core.h"
 
 namespace structprune {
 
@@ -48,202 +51,34 @@ at::Tensor serving_attention_bf16(const at::Tensor& q, const at::Tensor& k, cons
 
 namespace {
 
-constexpr int64_t kLanes = 16;     // floats per zmm
-constexpr int64_t kMaxD = 128;     // 8 vectors per row
-constexpr int kScoreRows = 6;      // query rows per score tile (6 x 4 accumulators)
-constexpr int kScoreVectors = 4;   // 64 keys per score tile
-constexpr int64_t kPanel = kScoreVectors * 16;  // keys per panel of the packed k^T
-constexpr int64_t kBlock = 24;     // query rows per work unit: a multiple of 6, 8 and 12
+constexpr int64_t kMaxD = 128;  // 8 vectors per row
 
 bool avx512f() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
 }
 
-struct Operand {  // a [B, H, S, D] fp32 tensor with a contiguous last dimension
-  const float* p;
-  int64_t sb, sh, ss;
-  const float* row(int64_t b, int64_t h, int64_t s) const { return p + b * sb + h * sh + s * ss; }
+#define SP_F32 __attribute__((target("avx512f"), always_inline))
+
+struct F32 {  // serving_attention_core.h's element traits: fp32, one FMA per step
+  using T = float;
+  using Vec = __m512;
+  static constexpr int64_t kPair = 1;
+  SP_F32 static inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  SP_F32 static inline __m512 broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  SP_F32 static inline __m512 dot(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
+  SP_F32 static inline void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+  SP_F32 static inline __m512 store_tail(float* p, __mmask16 m, __m512 x) {
+    _mm512_mask_storeu_ps(p, m, x);
+    return x;
+  }
 };
 
-// Scores of R query rows (q[r] + d) against NV * 16 keys of the packed k^T (row d at kt + d * ldk), stored as
-// acc * scale + bias into s + r * lds; mx + 16 r: the lanes of row r's running max.
-template <int R, int NV>
-__attribute__((target("avx512f"))) void score_tile(const float* const* q, const float* kt, int64_t ldk, int64_t D,
-                                                   float scale, const float* bias, float* s, int64_t lds,
-                                                   float* mx) {
-  __m512 acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    __m512 kv[NV];
-    for (int c = 0; c < NV; ++c) kv[c] = _mm512_loadu_ps(kt + d * ldk + c * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const __m512 qb = _mm512_set1_ps(q[r][d]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
-    }
-  }
-  const __m512 sc = _mm512_set1_ps(scale);
-  __m512 m[R];
-  for (int r = 0; r < R; ++r) m[r] = _mm512_loadu_ps(mx + r * kLanes);
-  for (int c = 0; c < NV; ++c) {
-    const __m512 bv = _mm512_loadu_ps(bias + c * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_fmadd_ps(acc[r][c], sc, bv);
-      _mm512_storeu_ps(s + r * lds + c * kLanes, x);
-      m[r] = _mm512_max_ps(m[r], x);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(mx + r * kLanes, m[r]);
-}
-
-// Context of R rows of probabilities (p + r * ldp, n keys) over NV output vectors starting at column c0 of the
-// value rows (v + j * vs): out[r] + c0 = (sum_j p[r][j] v[j]) * inv[r].
-template <int R, int NV>
-__attribute__((target("avx512f"))) void context_tile(const float* p, int64_t ldp, int64_t n, const float* v,
-                                                     int64_t vs, int64_t c0, float* const* out, const float* inv) {
-  __m512 acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(v + j * vs + c0 + c * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * ldp + j]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const __m512 iv = _mm512_set1_ps(inv[r]);
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out[r] + c0 + c * kLanes, _mm512_mul_ps(acc[r][c], iv));
-  }
-}
-
-// The tiles for `rows` rows (1 .. kScoreRows), chosen at compile time.
-template <int NV, int R = 1>
-void score_rows(int rows, const float* const* q, const float* kt, int64_t ldk, int64_t D, float scale,
-                const float* bias, float* s, int64_t lds, float* mx) {
-  if constexpr (R < kScoreRows) {
-    if (rows > R) return score_rows<NV, R + 1>(rows, q, kt, ldk, D, scale, bias, s, lds, mx);
-  }
-  score_tile<R, NV>(q, kt, ldk, D, scale, bias, s, lds, mx);
-}
-
-// Context tiles: at most 24 accumulators, so up to 12 rows for 1-2 output vectors, 8 for 3, 6 for 4.
-constexpr int context_tile_rows(int64_t nv) { return nv <= 2 ? 12 : (nv == 3 ? 8 : 6); }
-
-template <int NV, int R = 1>
-void context_rows(int rows, const float* p, int64_t ldp, int64_t n, const float* v, int64_t vs, int64_t c0,
-                  float* const* out, const float* inv) {
-  if constexpr (R < context_tile_rows(NV)) {
-    if (rows > R) return context_rows<NV, R + 1>(rows, p, ldp, n, v, vs, c0, out, inv);
-  }
-  context_tile<R, NV>(p, ldp, n, v, vs, c0, out, inv);
-}
-
-// Softmax numerators of one row of n scores in place (x -> exp(x - max)), given the lanes of its max (lanes past
-// n hold -inf scores); returns 1 / their sum.
-__attribute__((target("avx512f"))) float softmax_row(float* x, int64_t n, const float* max_lanes) {
-  const int64_t nv = n - n % kLanes;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n % kLanes)) - 1u);
-  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  float m = _mm512_reduce_max_ps(_mm512_loadu_ps(max_lanes));
-  if (m < -1e30f) {  // every key padded (finfo.min): m log2(e) would overflow, so shift the row by m first
-    for (int64_t j = 0; j < n; ++j) x[j] -= m;
-    m = 0.0f;
-  }
-  const __m512 mx = _mm512_set1_ps(m * 1.44269504088896341f);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < nv; j += kLanes) {
-    const __m512 e = exp_shifted16(_mm512_loadu_ps(x + j), mx);
-    _mm512_storeu_ps(x + j, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  if (tail) {
-    const __m512 e = exp_shifted16(_mm512_mask_loadu_ps(lowest, tail, x + nv), mx);
-    _mm512_mask_storeu_ps(x + nv, tail, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  return 1.0f / _mm512_reduce_add_ps(sum);
-}
-
-// Packs the keys and values of one head: k^T in panels of kPanel keys, kt[p * D + d * width + j - p] = k[j][d] for
-// the panel p = j - j % kPanel of width min(kPanel, ldk - p) (16 keys per gather; the columns past Sk keep their
-// zeros) and vp[j * D + d] = v[j][d] (contiguous rows: no cache-set conflicts of the projection's row stride).
-__attribute__((target("avx512f"))) void pack_head(const float* k, int64_t ks, const float* v, int64_t vs, int64_t Sk,
-                                                  int64_t D, float* kt, int64_t ldk, float* vp) {
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int32_t>(ks)));
-  for (int64_t j = 0; j < Sk; j += kLanes) {
-    const __mmask16 m = Sk - j >= kLanes ? static_cast<__mmask16>(0xFFFF)
-                                         : static_cast<__mmask16>((1u << (Sk - j)) - 1u);
-    const float* kj = k + j * ks;
-    const int64_t panel = j - j % kPanel, width = std::min(kPanel, ldk - panel);
-    for (int64_t d = 0; d < D; ++d) {
-      _mm512_storeu_ps(kt + panel * D + d * width + (j - panel),
-                       _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, kj + d, 4));
-    }
-  }
+// The values of one head as contiguous [Sk, D] rows, vp[j * D + d] = v[j][d] (no cache-set conflicts of the
+// projection's row stride).
+__attribute__((target("avx512f"))) void pack_values(const float* v, int64_t vs, int64_t Sk, int64_t D, float* vp) {
   for (int64_t j = 0; j < Sk; ++j) {
     for (int64_t d = 0; d < D; d += kLanes) _mm512_storeu_ps(vp + j * D + d, _mm512_loadu_ps(v + j * vs + d));
-  }
-}
-
-// One work unit: query rows [i0, i1) of head (b, h); kt, vp, bias: the packed keys, values and bias of (b, h);
-// s: the [kBlock, ldk] scores buffer (ldk: Sk rounded up to 16).
-void attend_block(const Operand& q, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t H, int64_t Sq,
-                  int64_t Sk, int64_t D, float scale, const float* kt, int64_t ldk, const float* vp,
-                  const float* bias, float* s, float* out) {
-  const int64_t rows = i1 - i0;
-  const float* qrow[kBlock];
-  float* orow[kBlock];
-  float inv[kBlock];
-  float mx[kBlock * kLanes];
-  std::fill(mx, mx + rows * kLanes, -std::numeric_limits<float>::infinity());
-  for (int64_t r = 0; r < rows; ++r) {
-    qrow[r] = q.row(b, h, i0 + r);
-    orow[r] = out + ((b * Sq + i0 + r) * H + h) * D;
-  }
-  for (int64_t r = 0; r < rows; r += kScoreRows) {
-    const int n = static_cast<int>(std::min<int64_t>(kScoreRows, rows - r));
-    for (int64_t j = 0; j < ldk; j += kPanel) {
-      const int64_t nv = std::min<int64_t>(kScoreVectors, (ldk - j) / kLanes);
-      const float* panel = kt + j * D;  // [D, nv * 16]
-      float* st = s + r * ldk + j;
-      float* m = mx + r * kLanes;
-      switch (nv) {
-        case 1: score_rows<1>(n, qrow + r, panel, 1 * kLanes, D, scale, bias + j, st, ldk, m); break;
-        case 2: score_rows<2>(n, qrow + r, panel, 2 * kLanes, D, scale, bias + j, st, ldk, m); break;
-        case 3: score_rows<3>(n, qrow + r, panel, 3 * kLanes, D, scale, bias + j, st, ldk, m); break;
-        default: score_rows<4>(n, qrow + r, panel, 4 * kLanes, D, scale, bias + j, st, ldk, m); break;
-      }
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row(s + r * ldk, Sk, mx + r * kLanes);
-  for (int64_t c = 0; c < D / kLanes; c += kScoreVectors) {
-    const int64_t nv = std::min<int64_t>(kScoreVectors, D / kLanes - c);
-    const int tile = context_tile_rows(nv);
-    for (int64_t r = 0; r < rows; r += tile) {
-      const int n = static_cast<int>(std::min<int64_t>(tile, rows - r));
-      const float* p = s + r * ldk;
-      switch (nv) {
-        case 1: context_rows<1>(n, p, ldk, Sk, vp, D, c * kLanes, orow + r, inv + r); break;
-        case 2: context_rows<2>(n, p, ldk, Sk, vp, D, c * kLanes, orow + r, inv + r); break;
-        case 3: context_rows<3>(n, p, ldk, Sk, vp, D, c * kLanes, orow + r, inv + r); break;
-        default: context_rows<4>(n, p, ldk, Sk, vp, D, c * kLanes, orow + r, inv + r); break;
-      }
-    }
-  }
-}
-
-// Software prefetch of the query rows of unit u into L1 while the unit before it runs (the projection's row stride,
-// 3 * H * D floats, is beyond the hardware prefetchers' reach).
-void prefetch_queries(const Operand& q, int64_t u, int64_t nblocks, int64_t H, int64_t Sq, int64_t D) {
-  constexpr int64_t kLine = 64 / sizeof(float);
-  const int64_t blk = u % nblocks, bh = u / nblocks;
-  for (int64_t i = blk * kBlock; i < std::min(Sq, (blk + 1) * kBlock); ++i) {
-    const float* row = q.row(bh / H, bh % H, i);
-    for (int64_t d = 0; d < D; d += kLine) _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
   }
 }
 
@@ -290,9 +125,9 @@ at::Tensor serving_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
   at::Tensor out = at::empty({B, Sq, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const auto operand = [](const at::Tensor& t) {
-    return Operand{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+    return Operand<float>{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
   };
-  const Operand qo = operand(q), ko = operand(k), vo = operand(v);
+  const Operand<float> qo = operand(q), ko = operand(k), vo = operand(v);
   const float* bias_p = key_bias.defined() ? key_bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const float scale = static_cast<float>(scale_in);
@@ -307,21 +142,14 @@ at::Tensor serving_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
     float* bias = vp + (Sk * D + kLanes - 1) / kLanes * kLanes;
     float* s = bias + ldk;
     std::fill(bias, bias + ldk, -std::numeric_limits<float>::infinity());
-    int64_t cur_b = -1, cur_h = -1;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t blk = u % nblocks, bh = u / nblocks, h = bh % H, b = bh / H;
-      if (b != cur_b) {
-        for (int64_t j = 0; j < Sk; ++j) bias[j] = bias_p ? bias_p[b * Sk + j] : 0.0f;
-      }
-      if (b != cur_b || h != cur_h) {
-        pack_head(ko.row(b, h, 0), ko.ss, vo.row(b, h, 0), vo.ss, Sk, D, kt, ldk, vp);
-        cur_b = b;
-        cur_h = h;
-      }
-      const int64_t i0 = blk * kBlock;
-      if (u + 1 < u1) prefetch_queries(qo, u + 1, nblocks, H, Sq, D);
-      attend_block(qo, b, h, i0, std::min(Sq, i0 + kBlock), H, Sq, Sk, D, scale, kt, ldk, vp, bias, s, op);
-    }
+    const auto pack = [&](int64_t b, int64_t h) {
+      pack_keys<F32>(ko.row(b, h, 0), ko.ss, Sk, D, D, kPanel, kt, ldk);
+      pack_values(vo.row(b, h, 0), vo.ss, Sk, D, vp);
+    };
+    const auto attend = [&](int64_t b, int64_t h, int64_t i0, int64_t i1) {
+      attend_block<F32>(qo, b, h, i0, i1, H, Sq, Sk, D, scale, kt, ldk, vp, bias, s, s, op);
+    };
+    run_units(u0, u1, nblocks, kBlock, H, Sq, Sk, D, qo, bias_p, bias, pack, attend);
   });
   return out;
 }
