@@ -260,6 +260,22 @@ def _mapped(idx_ptr, p, mask, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] tile of an [M, N] output (program axes 0 and 1):
+    ``(pid_m, offs_m, offs_n, mask_m, mask_n)``."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _tile_ptrs(ptr, offs_m, offs_n, stride_m, stride_n):
+    """Pointers [len(offs_m), len(offs_n)] of rows ``offs_m``, columns ``offs_n`` (int64 offsets)."""
+    return ptr + offs_m.to(tl.int64)[:, None] * stride_m + offs_n.to(tl.int64)[None, :] * stride_n
+
+
+@triton.jit
 def _gemm_tile(a_ptr, b_ptr, idx_ptr, M, N, K,
                stride_am, stride_ak, stride_bk, stride_bn,
                offs_m, offs_n, GATHER: tl.constexpr, GROUP: tl.constexpr,
@@ -290,6 +306,20 @@ def _gemm_tile(a_ptr, b_ptr, idx_ptr, M, N, K,
 
 
 @triton.jit
+def _unit_grad_tile(dy_ptr, w2_ptr, idx_ptr, gate_ptr, M, N, E, stride_dym, stride_dye, stride_w2e, stride_w2i,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    """Prologue of the FFN backward epilogue kernels: this program's tile of ``dh = dy @ w2[:, kept]`` (M rows x N
+    kept units, reduction over E; fp32) and its units' gates: ``(pid_m, offs_m, offs_n, mask_n, mask, dh, gate)``."""
+    pid_m, offs_m, offs_n, mask_m, mask_n = _tile(M, N, BLOCK_M, BLOCK_N)
+    dh = _gemm_tile(dy_ptr, w2_ptr, idx_ptr, M, N, E, stride_dym, stride_dye, stride_w2e, stride_w2i,
+                    offs_m, offs_n, 2, 1, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
+    mask = mask_m[:, None] & mask_n[None, :]
+    units = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
+    gate = tl.load(gate_ptr + units, mask=mask_n, other=0.0).to(tl.float32)
+    return pid_m, offs_m, offs_n, mask_n, mask, dh, gate
+
+
+@triton.jit
 def gemm_kernel(a_ptr, b_ptr, c_ptr, idx_ptr, bias_ptr, gate_ptr, pre_ptr,
                 M, N, K,
                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_pm, stride_pn,
@@ -303,12 +333,7 @@ def gemm_kernel(a_ptr, b_ptr, c_ptr, idx_ptr, bias_ptr, gate_ptr, pre_ptr,
     the pre-activation to ``pre``; activation ``ACT``; ``* gate[col]`` (gathered likewise); ``+ C`` when
     ``ACCUMULATE`` (C read back, so several GEMMs can sum into one fp32 buffer); store, cast to C's dtype.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    _, offs_m, offs_n, mask_m, mask_n = _tile(M, N, BLOCK_M, BLOCK_N)
     acc = _gemm_tile(a_ptr, b_ptr, idx_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                      offs_m, offs_n, GATHER, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
     if GATHER == 2:
@@ -319,8 +344,7 @@ def gemm_kernel(a_ptr, b_ptr, c_ptr, idx_ptr, bias_ptr, gate_ptr, pre_ptr,
         acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if STORE_PRE:
-        tl.store(pre_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n.to(tl.int64)[None, :] * stride_pn,
-                 cast_ptr(acc, pre_ptr), mask=mask)
+        tl.store(_tile_ptrs(pre_ptr, offs_m, offs_n, stride_pm, stride_pn), cast_ptr(acc, pre_ptr), mask=mask)
     acc = _act_fwd(acc, ACT)
     if HAS_GATE:
         acc *= tl.load(gate_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]

@@ -30,7 +30,7 @@ from structprune.ops.checks import check_decoder_attention_inputs, check_decoder
 from structprune.ops.reference import apply_rotary_native, head_rows, rms_norm
 from structprune.ops.support import register_autocast
 
-from . import _common as C
+from . import _common as C, _flash as FL
 
 
 @triton.jit
@@ -57,35 +57,47 @@ def _key_range(m_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Sq, Sk, wi
 
 
 @triton.jit
+def _query_block(q_ptr, map_ptr, A, Akv, Sq, Sk, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's queries and the KV head they read: ``(pid_bh, b, kv_base, offs_m, mask_m, offs_d, mask_d, tile_m,
+    mask_md, q)`` (axis 0: batch x query heads, as axes 1 and 2 allow only 65,535 programs; axis 1: query blocks)."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // A
+    kv = tl.load(map_ptr + pid_bh % A)
+    kv_base = (b * Akv + kv).to(tl.int64) * Sk * D
+    offs_m, mask_m = FL.span(tl.program_id(1) * BLOCK_M, BLOCK_M, Sq)
+    offs_d, mask_d = FL.span(0, BLOCK_D, D)
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    tile_m = FL.rows(pid_bh.to(tl.int64) * Sq * D, offs_m, D, offs_d)
+    q = tl.load(q_ptr + tile_m, mask=mask_md, other=0.0)
+    return pid_bh, b, kv_base, offs_m, mask_m, offs_d, mask_d, tile_m, mask_md, q
+
+
+@triton.jit
+def _key_block(q, k_ptr, v_ptr, kv_base, km_row, n0, offs_m, offs_d, mask_d, Sq, Sk, D, window, sm_scale,
+               HAS_KM: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Keys and values ``n0 .. n0 + BLOCK_N`` of the KV head, which of them queries ``offs_m`` see, and the scaled
+    scores (unmasked): ``(k, v, ok, s)``."""
+    offs_n, mask_n = FL.span(n0, BLOCK_N, Sk)
+    _, _, k, v = FL.kv_block(k_ptr, v_ptr, kv_base, offs_n, mask_n, D, offs_d, mask_d)
+    ok = _visible(offs_m, offs_n, Sq, Sk, km_row, window, HAS_KM, WINDOW)
+    return k, v, ok, FL.dot_t(q, k, DOT, BLOCK_M, BLOCK_N) * sm_scale
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, map_ptr, km_ptr, ctx_ptr, stats_ptr, A, Akv, Sq, Sk, D, window, sm_scale,
                 stats_plane, HAS_KM: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_bh = tl.program_id(0)  # batch x query heads on axis 0 (axes 1 and 2 allow only 65,535 programs)
-    pid_m = tl.program_id(1)
-    b = pid_bh // A
-    a = pid_bh % A
-    kv = tl.load(map_ptr + a)
-    q_base = pid_bh.to(tl.int64) * Sq * D
-    kv_base = (b * Akv + kv).to(tl.int64) * Sk * D
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    mask_md = (offs_m < Sq)[:, None] & mask_d[None, :]
-    tile_m = q_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
-    q = tl.load(q_ptr + tile_m, mask=mask_md, other=0.0)
+    pid_bh, b, kv_base, offs_m, mask_m, offs_d, mask_d, tile_m, mask_md, q = _query_block(
+        q_ptr, map_ptr, A, Akv, Sq, Sk, D, BLOCK_M, BLOCK_D)
     km_row = km_ptr + b.to(tl.int64) * Sk
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    lo, hi = _key_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, Sq, Sk, window, WINDOW)
+    lo, hi = _key_range(tl.program_id(1) * BLOCK_M, BLOCK_M, BLOCK_N, Sq, Sk, window, WINDOW)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        tile_n = kv_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
-        mask_nd = (offs_n < Sk)[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + tile_n, mask=mask_nd, other=0.0)
-        v = tl.load(v_ptr + tile_n, mask=mask_nd, other=0.0)
-        ok = _visible(offs_m, offs_n, Sq, Sk, km_row, window, HAS_KM, WINDOW)
-        s = C._dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT) * sm_scale
+        k, v, ok, s = _key_block(q, k_ptr, v_ptr, kv_base, km_row, n0, offs_m, offs_d, mask_d, Sq, Sk, D, window,
+                                 sm_scale, HAS_KM, WINDOW, DOT, BLOCK_M, BLOCK_N)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
@@ -98,46 +110,26 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, map_ptr, km_ptr, ctx_ptr, stats_ptr, A, Akv
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(ctx_ptr + tile_m, C.cast_ptr(o, ctx_ptr), mask=mask_md)
     srow = stats_ptr + pid_bh.to(tl.int64) * Sq + offs_m
-    tl.store(srow, tl.where(seen, m_i, 0.0), mask=offs_m < Sq)
-    tl.store(srow + stats_plane, tl.where(seen, tl.log(tl.where(seen, l_i, 1.0)), 0.0), mask=offs_m < Sq)
+    tl.store(srow, tl.where(seen, m_i, 0.0), mask=mask_m)
+    tl.store(srow + stats_plane, tl.where(seen, tl.log(tl.where(seen, l_i, 1.0)), 0.0), mask=mask_m)
 
 
 @triton.jit
 def _dq_kernel(q_ptr, k_ptr, v_ptr, map_ptr, km_ptr, do_ptr, stats_ptr, delta_ptr, dq_ptr, A, Akv, Sq, Sk, D,
                window, sm_scale, stats_plane, HAS_KM: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = pid_bh // A
-    a = pid_bh % A
-    kv = tl.load(map_ptr + a)
-    q_base = pid_bh.to(tl.int64) * Sq * D
-    kv_base = (b * Akv + kv).to(tl.int64) * Sk * D
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Sq
-    mask_d = offs_d < D
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    tile_m = q_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
-    q = tl.load(q_ptr + tile_m, mask=mask_md, other=0.0)
+    pid_bh, b, kv_base, offs_m, mask_m, offs_d, mask_d, tile_m, mask_md, q = _query_block(
+        q_ptr, map_ptr, A, Akv, Sq, Sk, D, BLOCK_M, BLOCK_D)
     do = tl.load(do_ptr + tile_m, mask=mask_md, other=0.0)
-    srow = stats_ptr + pid_bh.to(tl.int64) * Sq + offs_m
-    m_i = tl.load(srow, mask=mask_m, other=0.0)
-    logl = tl.load(srow + stats_plane, mask=mask_m, other=0.0)
-    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * Sq + offs_m, mask=mask_m, other=0.0)
+    m_i, logl, delta = FL.row_stats(stats_ptr, delta_ptr, pid_bh.to(tl.int64) * Sq, offs_m, mask_m, stats_plane)
     km_row = km_ptr + b.to(tl.int64) * Sk
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    lo, hi = _key_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, Sq, Sk, window, WINDOW)
+    lo, hi = _key_range(tl.program_id(1) * BLOCK_M, BLOCK_M, BLOCK_N, Sq, Sk, window, WINDOW)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        tile_n = kv_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
-        mask_nd = (offs_n < Sk)[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + tile_n, mask=mask_nd, other=0.0)
-        v = tl.load(v_ptr + tile_n, mask=mask_nd, other=0.0)
-        ok = _visible(offs_m, offs_n, Sq, Sk, km_row, window, HAS_KM, WINDOW)
-        s = C._dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT) * sm_scale
+        k, v, ok, s = _key_block(q, k_ptr, v_ptr, kv_base, km_row, n0, offs_m, offs_d, mask_d, Sq, Sk, D, window,
+                                 sm_scale, HAS_KM, WINDOW, DOT, BLOCK_M, BLOCK_N)
         p = tl.where(ok, tl.exp((s - m_i[:, None]) - logl[:, None]), 0.0)
-        dp = C._dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
+        dp = FL.dot_t(do, v, DOT, BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = C._dot(C.cast_like(ds, k), k, dq, DOT)
     tl.store(dq_ptr + tile_m, C.cast_ptr(dq * sm_scale, dq_ptr), mask=mask_md)
@@ -151,14 +143,9 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, map_ptr, km_ptr, do_ptr, stats_ptr, delta_
     pid_n = tl.program_id(1)
     b = pid_bkv // Akv
     kv = pid_bkv % Akv
-    kv_base = pid_bkv.to(tl.int64) * Sk * D
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    mask_nd = (offs_n < Sk)[:, None] & mask_d[None, :]
-    tile_n = kv_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
-    k = tl.load(k_ptr + tile_n, mask=mask_nd, other=0.0)
-    v = tl.load(v_ptr + tile_n, mask=mask_nd, other=0.0)
+    offs_n, mask_n = FL.span(pid_n * BLOCK_N, BLOCK_N, Sk)
+    offs_d, mask_d = FL.span(0, BLOCK_D, D)
+    tile_n, mask_nd, k, v = FL.kv_block(k_ptr, v_ptr, pid_bkv.to(tl.int64) * Sk * D, offs_n, mask_n, D, offs_d, mask_d)
     km_row = km_ptr + b.to(tl.int64) * Sk
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -172,21 +159,17 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, map_ptr, km_ptr, do_ptr, stats_ptr, delta_
         if tl.load(map_ptr + a) == kv:
             bh = (b * A + a).to(tl.int64)
             for m0 in range(m_lo, m_hi, BLOCK_M):
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                mask_m = offs_m < Sq
+                offs_m, mask_m = FL.span(m0, BLOCK_M, Sq)
                 mask_md = mask_m[:, None] & mask_d[None, :]
-                tile_m = bh * Sq * D + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+                tile_m = FL.rows(bh * Sq * D, offs_m, D, offs_d)
                 q = tl.load(q_ptr + tile_m, mask=mask_md, other=0.0)
                 do = tl.load(do_ptr + tile_m, mask=mask_md, other=0.0)
-                srow = stats_ptr + bh * Sq + offs_m
-                m_i = tl.load(srow, mask=mask_m, other=0.0)
-                logl = tl.load(srow + stats_plane, mask=mask_m, other=0.0)
-                delta = tl.load(delta_ptr + bh * Sq + offs_m, mask=mask_m, other=0.0)
+                m_i, logl, delta = FL.row_stats(stats_ptr, delta_ptr, bh * Sq, offs_m, mask_m, stats_plane)
                 ok = _visible(offs_m, offs_n, Sq, Sk, km_row, window, HAS_KM, WINDOW)
-                s = C._dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT) * sm_scale
+                s = FL.dot_t(q, k, DOT, BLOCK_M, BLOCK_N) * sm_scale
                 p = tl.where(ok, tl.exp((s - m_i[:, None]) - logl[:, None]), 0.0)
                 dv = C._dot(tl.trans(C.cast_like(p, k)), do, dv, DOT)
-                dp = C._dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
+                dp = FL.dot_t(do, v, DOT, BLOCK_M, BLOCK_N)
                 ds = p * (dp - delta[:, None])
                 dk = C._dot(tl.trans(C.cast_like(ds, k)), q, dk, DOT)
     tl.store(dk_ptr + tile_n, C.cast_ptr(dk * sm_scale, dk_ptr), mask=mask_nd)

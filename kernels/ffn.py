@@ -43,19 +43,10 @@ def _ffn_bwd_act_kernel(dy_ptr, w2_ptr, idx_ptr, pre_ptr, gate_ptr, da_ptr, pg_p
     Writes ``da = dh * gate * act'(pre)`` and, for this row tile, ``sum_rows(dh * act(pre))`` to ``pg[pid_m]``
     and ``sum_rows(da)`` to ``pb[pid_m]`` (both fp32 [num_row_tiles, N]); each only when its ``STORE_*`` is set.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    dh = C._gemm_tile(dy_ptr, w2_ptr, idx_ptr, M, N, E, stride_dym, stride_dye, stride_w2e, stride_w2i,
-                      offs_m, offs_n, 2, 1, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
-    mask = mask_m[:, None] & mask_n[None, :]
-    units = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
-    g = tl.load(gate_ptr + units, mask=mask_n, other=0.0).to(tl.float32)
-    pre = tl.load(pre_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n.to(tl.int64)[None, :] * stride_pn,
-                  mask=mask, other=0.0).to(tl.float32)
+    pid_m, offs_m, offs_n, mask_n, mask, dh, g = C._unit_grad_tile(
+        dy_ptr, w2_ptr, idx_ptr, gate_ptr, M, N, E, stride_dym, stride_dye, stride_w2e, stride_w2i,
+        BLOCK_M, BLOCK_N, BLOCK_K, DOT)
+    pre = tl.load(C._tile_ptrs(pre_ptr, offs_m, offs_n, stride_pm, stride_pn), mask=mask, other=0.0).to(tl.float32)
     if STORE_PG:
         act = C._act_fwd(pre, ACT)
         # Round the activation like the forward stored it, so the gate grad matches h / gate.
@@ -66,11 +57,97 @@ def _ffn_bwd_act_kernel(dy_ptr, w2_ptr, idx_ptr, pre_ptr, gate_ptr, da_ptr, pg_p
         da = dh * g[None, :] * C._act_bwd(pre, ACT)
         da = tl.where(mask, da, 0.0)
         da_lo = C.cast_ptr(da, da_ptr)
-        tl.store(da_ptr + offs_m.to(tl.int64)[:, None] * stride_dam + offs_n.to(tl.int64)[None, :] * stride_dan,
-                 da_lo, mask=mask)
+        tl.store(C._tile_ptrs(da_ptr, offs_m, offs_n, stride_dam, stride_dan), da_lo, mask=mask)
         if STORE_PB:
             pb = tl.sum(da, axis=0)
             tl.store(pb_ptr + pid_m * N + offs_n, pb, mask=mask_n)
+
+
+# -------------------------------------------------------- around the kernels (shared with .glu_ffn, whose pre is [a | g])
+def _no_unit_outputs(x, b2, N, K, pre_cols, save):
+    """The forward's ``(y, pre, h)`` with no kept unit (or no token): ``y`` is ``b2`` broadcast (0 without ``b2``);
+    ``pre`` [N, pre_cols] and ``h`` [N, K] zeros when ``save``, else empty."""
+    E = x.shape[-1]
+    y = b2.expand(N, E).clone() if b2 is not None else x.new_zeros((N, E))
+    pre = x.new_zeros((N, pre_cols)) if save else x.new_empty((0,))
+    h = x.new_zeros((N, K)) if save else x.new_empty((0,))
+    return y.reshape(x.shape), pre, h
+
+
+def _project_down(x, h, w2, b2, kept_units, pre, save):
+    """The forward's ``(y, pre, h)``: ``y = h @ w2[:, kept].T (+ b2)`` shaped like x (gathered GEMM over the kept
+    columns of ``w2``), the saved ``pre`` and ``h`` unless ``save`` is off (then empty)."""
+    N, K = h.shape
+    E = x.shape[-1]
+    y = torch.empty((N, E), dtype=x.dtype, device=x.device)
+    C.gemm(h, w2, y, M=N, N=E, K=K, a_strides=h.stride(), b_strides=(w2.stride(1), w2.stride(0)),
+           out_strides=y.stride(), idx=kept_units, gather=C.GATHER_BK, bias=b2)
+    if not save:
+        return y.reshape(x.shape), x.new_empty((0,)), x.new_empty((0,))
+    return y.reshape(x.shape), pre, h
+
+
+def _fake_outputs(x, kept_units, pre_per_unit, save):
+    """Fake ``(y, pre, h)``: ``pre`` [N, pre_per_unit * K] and ``h`` [N, K] when ``save``, else empty."""
+    E = x.shape[-1]
+    N = x.numel() // E if E else 0
+    K = kept_units.shape[0]
+    if save:
+        return x.new_empty(x.shape), x.new_empty((N, pre_per_unit * K)), x.new_empty((N, K))
+    return x.new_empty(x.shape), x.new_empty((0,)), x.new_empty((0,))
+
+
+def _grads_like(mask, x, w1, w2, unit_gates, factory, biases=(True, True)):
+    """(dx, dw1, db1, dw2, db2, d_unit_gates): :func:`grad_placeholders`, the biases shaped from their weights
+    ([0] for a bias absent in ``biases``: b1, b2)."""
+    b1 = (w1, w1.shape[:1] if biases[0] else (0,))
+    b2 = (w2, w2.shape[:1] if biases[1] else (0,))
+    return list(grad_placeholders(mask, x, [w1, b1, w2, b2], unit_gates, factory))
+
+
+def _units_backward(dy, x, w1, w2, unit_gates, kept_units, h, output_mask, biases, rows, epilogue):
+    """The backward of a gated FFN whose first GEMM reads ``w1``'s rows ``rows`` and whose GEMM + activation-backward
+    kernel is launched by ``epilogue(cfg, tiles_m, dy2, da, pg, pb, need_da, need_g, need_pb)``: it fills ``da``
+    [N, R] (the gradient of the ``R = len(rows)`` pre-activations), the per-row-tile partial sums ``pg`` [tiles, K]
+    (gate grad) and ``pb`` [tiles, R] (``b1`` grad), each when asked (else they stand for nothing); then
+    ``dx = da @ w1[rows]``, ``dw1[rows] = da.T @ x``, ``dw2[:, kept] = dy.T @ h``. ``biases``: whether b1, b2
+    exist. Returns ``(dx, dw1, db1, dw2, db2, d_unit_gates)`` as the backward ops do."""
+    need_x, need_w, need_g = C.unpack_output_mask(output_mask)
+    E = x.shape[-1]
+    x2 = x.reshape(-1, E)
+    dy2 = dy.reshape(-1, E).to(x.dtype)
+    N, K, R = x2.shape[0], kept_units.numel(), rows.numel()
+    # Zero-filled (scattered stores leave pruned units at 0); dx is written later.
+    dx, dw1, db1, dw2, db2, dgate = _grads_like((False, need_w, need_g), x, w1, w2, unit_gates, torch.zeros, biases)
+    if need_w and biases[1]:
+        db2 = dy2.sum(0, dtype=torch.float32).to(w2.dtype)
+    if K == 0 or N == 0 or not (need_x or need_w or need_g):
+        if need_x:
+            dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        return dx, dw1, db1, dw2, db2, dgate
+    cfg = C.gemm_config(x.device, N, K, E, x.dtype)
+    tiles_m = triton.cdiv(N, cfg["BLOCK_M"])
+    need_da, need_pb = need_x or need_w, need_w and biases[0]
+    dummy = dy2  # stands for the buffers the kernel does not write (their STORE_* off); x's dtype, as da's
+    da = torch.empty((N, R), dtype=x.dtype, device=x.device) if need_da else dummy
+    pg = torch.empty((tiles_m, K), dtype=torch.float32, device=x.device) if need_g else dummy
+    pb = torch.empty((tiles_m, R), dtype=torch.float32, device=x.device) if need_pb else dummy
+    epilogue(cfg, tiles_m, dy2, da, pg, pb, need_da, need_g, need_pb)
+    if need_g:
+        dgate.index_copy_(0, kept_units, pg.sum(0).to(dgate.dtype))
+    if need_x:
+        dx = torch.empty((N, E), dtype=x.dtype, device=x.device)
+        C.gemm(da, w1, dx, M=N, N=E, K=R, a_strides=da.stride(), b_strides=(w1.stride(0), w1.stride(1)),
+               out_strides=dx.stride(), idx=rows, gather=C.GATHER_BK)
+        dx = dx.reshape(x.shape)
+    if need_w:
+        if need_pb:
+            db1.index_copy_(0, rows, pb.sum(0).to(db1.dtype))
+        C.gemm(da, x2, dw1, M=R, N=E, K=N, a_strides=(da.stride(1), da.stride(0)), b_strides=x2.stride(),
+               out_strides=dw1.stride(), idx=rows, gather=C.SCATTER_CM)
+        C.gemm(dy2, h, dw2, M=E, N=K, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=h.stride(),
+               out_strides=dw2.stride(), idx=kept_units, gather=C.SCATTER_CN)
+    return dx, dw1, db1, dw2, db2, dgate
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -85,31 +162,18 @@ def triton_gated_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: to
     x2 = x.reshape(-1, E)
     N, K = x2.shape[0], kept_units.numel()
     if K == 0 or N == 0:  # nothing kept: y is b2 broadcast, no GEMM
-        y = b2.expand(N, E).clone()
-        pre = x.new_zeros((N, K)) if save_for_backward else x.new_empty((0,))
-        h = x.new_zeros((N, K)) if save_for_backward else x.new_empty((0,))
-        return y.reshape(x.shape), pre, h
+        return _no_unit_outputs(x, b2, N, K, K, save_for_backward)
     act = C.ACTIVATION_CODES[activation]
     h = torch.empty((N, K), dtype=x.dtype, device=x.device)
     pre = torch.empty((N, K), dtype=x.dtype, device=x.device) if save_for_backward else None
     C.gemm(x2, w1, h, M=N, N=K, K=E, a_strides=x2.stride(), b_strides=(w1.stride(1), w1.stride(0)),
            out_strides=h.stride(), idx=kept_units, gather=C.GATHER_BN, bias=b1, gate=unit_gates, act=act, pre=pre)
-    y = torch.empty((N, E), dtype=x.dtype, device=x.device)
-    C.gemm(h, w2, y, M=N, N=E, K=K, a_strides=h.stride(), b_strides=(w2.stride(1), w2.stride(0)),
-           out_strides=y.stride(), idx=kept_units, gather=C.GATHER_BK, bias=b2)
-    if not save_for_backward:
-        return y.reshape(x.shape), x.new_empty((0,)), x.new_empty((0,))
-    return y.reshape(x.shape), pre, h
+    return _project_down(x, h, w2, b2, kept_units, pre, save_for_backward)
 
 
 @triton_gated_ffn.register_fake
 def _(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save_for_backward):
-    E = x.shape[-1]
-    N = x.numel() // E if E else 0
-    K = kept_units.shape[0]
-    if save_for_backward:
-        return x.new_empty(x.shape), x.new_empty((N, K)), x.new_empty((N, K))
-    return x.new_empty(x.shape), x.new_empty((0,)), x.new_empty((0,))
+    return _fake_outputs(x, kept_units, 1, save_for_backward)
 
 
 # ----------------------------------------------------------------------------------------- backward
@@ -122,53 +186,18 @@ def triton_gated_ffn_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tenso
                                          torch.Tensor]:
     """Returns ``(dx, dw1, db1, dw2, db2, d_unit_gates)``, full-size, zero for pruned units; those left out by
     ``output_mask`` (x, weights and biases, gates; None: all) are empty ``[0]``."""
-    need_x, need_w, need_g = C.unpack_output_mask(output_mask)
-    E = x.shape[-1]
-    x2 = x.reshape(-1, E)
-    dy2 = dy.reshape(-1, E).to(x.dtype)
-    N, K = x2.shape[0], kept_units.numel()
-    # Zero-filled (scattered stores leave pruned units at 0); dx is written later.
-    dx, dw1, db1, dw2, db2, dgate = _grads_like((False, need_w, need_g), x, w1, w2, unit_gates, torch.zeros)
-    if need_w:
-        db2 = dy2.sum(0, dtype=torch.float32).to(w2.dtype)
-    if K == 0 or N == 0 or not (need_x or need_w or need_g):
-        if need_x:
-            dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
-        return dx, dw1, db1, dw2, db2, dgate
-    cfg = C.gemm_config(x.device, N, K, E, x.dtype)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    tiles_m = triton.cdiv(N, bm)
-    need_da = need_x or need_w
-    dummy = dy2  # stands for the buffers the kernel does not write (their STORE_* off); x's dtype, as da's
-    da = torch.empty((N, K), dtype=x.dtype, device=x.device) if need_da else dummy
-    da_strides = (K, 1)
-    pg = torch.empty((tiles_m, K), dtype=torch.float32, device=x.device) if need_g else dummy
-    pb = torch.empty((tiles_m, K), dtype=torch.float32, device=x.device) if need_w else dummy
-    _ffn_bwd_act_kernel[(tiles_m, triton.cdiv(K, bn))](
-        dy2, w2, kept_units, pre, unit_gates, da, pg, pb, N, K, E,
-        dy2.stride(0), dy2.stride(1), w2.stride(0), w2.stride(1), pre.stride(0), pre.stride(1),
-        *da_strides, ACT=C.ACTIVATION_CODES[activation], DOT=C.dot_mode(x.dtype),
-        STORE_DA=need_da, STORE_PG=need_g, STORE_PB=need_w,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if need_g:
-        dgate.index_copy_(0, kept_units, pg.sum(0).to(dgate.dtype))
-    if need_x:
-        dx = torch.empty((N, E), dtype=x.dtype, device=x.device)
-        C.gemm(da, w1, dx, M=N, N=E, K=K, a_strides=da_strides, b_strides=(w1.stride(0), w1.stride(1)),
-               out_strides=dx.stride(), idx=kept_units, gather=C.GATHER_BK)
-        dx = dx.reshape(x.shape)
-    if need_w:
-        db1.index_copy_(0, kept_units, pb.sum(0).to(db1.dtype))
-        C.gemm(da, x2, dw1, M=K, N=E, K=N, a_strides=da_strides[::-1], b_strides=x2.stride(),
-               out_strides=dw1.stride(), idx=kept_units, gather=C.SCATTER_CM)
-        C.gemm(dy2, h, dw2, M=E, N=K, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=h.stride(),
-               out_strides=dw2.stride(), idx=kept_units, gather=C.SCATTER_CN)
-    return dx, dw1, db1, dw2, db2, dgate
 
+    def epilogue(cfg, tiles_m, dy2, da, pg, pb, need_da, need_g, need_pb):
+        N, K, E = dy2.shape[0], kept_units.numel(), x.shape[-1]
+        _ffn_bwd_act_kernel[(tiles_m, triton.cdiv(K, cfg["BLOCK_N"]))](
+            dy2, w2, kept_units, pre, unit_gates, da, pg, pb, N, K, E,
+            dy2.stride(0), dy2.stride(1), w2.stride(0), w2.stride(1), pre.stride(0), pre.stride(1),
+            K, 1, ACT=C.ACTIVATION_CODES[activation], DOT=C.dot_mode(x.dtype),
+            STORE_DA=need_da, STORE_PG=need_g, STORE_PB=need_pb,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
 
-def _grads_like(mask, x, w1, w2, unit_gates, factory):
-    """(dx, dw1, db1, dw2, db2, d_unit_gates): :func:`grad_placeholders`, the biases shaped from their weights."""
-    return list(grad_placeholders(mask, x, [w1, (w1, w1.shape[:1]), w2, (w2, w2.shape[:1])], unit_gates, factory))
+    return _units_backward(dy, x, w1, w2, unit_gates, kept_units, h, output_mask, (True, True), kept_units, epilogue)
 
 
 @triton_gated_ffn_backward.register_fake

@@ -28,9 +28,10 @@ import triton
 import triton.language as tl
 
 from structprune.ops.checks import check_glu_ffn_inputs
-from structprune.ops.support import grad_output_mask, grad_placeholders, masked_grads, register_autocast
+from structprune.ops.support import grad_output_mask, masked_grads, register_autocast
 
 from . import _common as C
+from .ffn import _fake_outputs, _grads_like, _no_unit_outputs, _project_down, _units_backward
 
 
 @triton.jit
@@ -41,12 +42,7 @@ def _glu_fwd_kernel(x_ptr, w1_ptr, idx_ptr, b1_ptr, gate_ptr, h_ptr, pre_ptr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``h[M, N] = act(a) * g * gate`` for the N kept units (see the module docstring); ``pre`` [M, 2N] = [a | g]
     when ``STORE_PRE``. ``gate_row_off`` = ``I * stride_wr``: where the gate half of ``w1`` starts."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    _, offs_m, offs_n, mask_m, mask_n = C._tile(M, N, BLOCK_M, BLOCK_N)
     units = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
     x_rows = offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = units[None, :] * stride_wr
@@ -68,13 +64,12 @@ def _glu_fwd_kernel(x_ptr, w1_ptr, idx_ptr, b1_ptr, gate_ptr, h_ptr, pre_ptr,
     g = C.cast_ptr(acc_g, h_ptr)
     mask = mask_m[:, None] & mask_n[None, :]
     if STORE_PRE:
-        p_ptrs = pre_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n.to(tl.int64)[None, :] * stride_pn
+        p_ptrs = C._tile_ptrs(pre_ptr, offs_m, offs_n, stride_pm, stride_pn)
         tl.store(p_ptrs, a, mask=mask)
         tl.store(p_ptrs + N * stride_pn, g, mask=mask)
     gate = tl.load(gate_ptr + units, mask=mask_n, other=0.0).to(tl.float32)
     h = C._act_fwd(a.to(tl.float32), ACT) * g.to(tl.float32) * gate[None, :]
-    tl.store(h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_n.to(tl.int64)[None, :] * stride_hn,
-             C.cast_ptr(h, h_ptr), mask=mask)
+    tl.store(C._tile_ptrs(h_ptr, offs_m, offs_n, stride_hm, stride_hn), C.cast_ptr(h, h_ptr), mask=mask)
 
 
 @triton.jit
@@ -87,18 +82,10 @@ def _glu_bwd_kernel(dy_ptr, w2_ptr, idx_ptr, pre_ptr, gate_ptr, dpre_ptr, pg_ptr
     """``dh = dy @ w2[:, kept]`` (M rows x N kept units) and the GLU backward epilogue: ``dpre = [da | dg]``
     [M, 2N]; for this row tile ``sum_rows(dh * act(a) * g)`` to ``pg[pid_m]`` [tiles, N] and ``sum_rows(dpre)`` to
     ``pb[pid_m]`` [tiles, 2N] (fp32); each only when its ``STORE_*`` is set."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    dh = C._gemm_tile(dy_ptr, w2_ptr, idx_ptr, M, N, E, stride_dym, stride_dye, stride_w2e, stride_w2i,
-                      offs_m, offs_n, 2, 1, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
-    mask = mask_m[:, None] & mask_n[None, :]
-    units = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
-    gate = tl.load(gate_ptr + units, mask=mask_n, other=0.0).to(tl.float32)
-    p_ptrs = pre_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n.to(tl.int64)[None, :] * stride_pn
+    pid_m, offs_m, offs_n, mask_n, mask, dh, gate = C._unit_grad_tile(
+        dy_ptr, w2_ptr, idx_ptr, gate_ptr, M, N, E, stride_dym, stride_dye, stride_w2e, stride_w2i,
+        BLOCK_M, BLOCK_N, BLOCK_K, DOT)
+    p_ptrs = C._tile_ptrs(pre_ptr, offs_m, offs_n, stride_pm, stride_pn)
     a = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(p_ptrs + N * stride_pn, mask=mask, other=0.0).to(tl.float32)
     act = C._act_fwd(a, ACT)
@@ -110,7 +97,7 @@ def _glu_bwd_kernel(dy_ptr, w2_ptr, idx_ptr, pre_ptr, gate_ptr, dpre_ptr, pg_ptr
         dhg = dh * gate[None, :]
         da = tl.where(mask, dhg * g * C._act_bwd(a, ACT), 0.0)
         dg = tl.where(mask, dhg * act, 0.0)
-        d_ptrs = dpre_ptr + offs_m.to(tl.int64)[:, None] * stride_dm + offs_n.to(tl.int64)[None, :] * stride_dn
+        d_ptrs = C._tile_ptrs(dpre_ptr, offs_m, offs_n, stride_dm, stride_dn)
         tl.store(d_ptrs, C.cast_ptr(da, dpre_ptr), mask=mask)
         tl.store(d_ptrs + N * stride_dn, C.cast_ptr(dg, dpre_ptr), mask=mask)
         if STORE_PB:
@@ -132,10 +119,7 @@ def triton_gated_glu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.T
     x2 = x.reshape(-1, E)
     N, K, I = x2.shape[0], kept_units.numel(), w1.shape[0] // 2
     if K == 0 or N == 0:  # nothing kept: y is b2 broadcast (or 0), no GEMM
-        y = b2.expand(N, E).clone() if b2 is not None else x.new_zeros((N, E))
-        pre = x.new_zeros((N, 2 * K)) if save_for_backward else x.new_empty((0,))
-        h = x.new_zeros((N, K)) if save_for_backward else x.new_empty((0,))
-        return y.reshape(x.shape), pre, h
+        return _no_unit_outputs(x, b2, N, K, 2 * K, save_for_backward)
     h = torch.empty((N, K), dtype=x.dtype, device=x.device)
     pre = torch.empty((N, 2 * K), dtype=x.dtype, device=x.device) if save_for_backward else h
     cfg = C.glu_config(x.device, N, K, x.dtype)
@@ -145,22 +129,12 @@ def triton_gated_glu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.T
         h.stride(0), h.stride(1), pre.stride(0), pre.stride(1),
         HAS_BIAS=b1 is not None, ACT=C.ACTIVATION_CODES[activation], STORE_PRE=save_for_backward,
         DOT=C.dot_mode(x.dtype), **cfg)
-    y = torch.empty((N, E), dtype=x.dtype, device=x.device)
-    C.gemm(h, w2, y, M=N, N=E, K=K, a_strides=h.stride(), b_strides=(w2.stride(1), w2.stride(0)),
-           out_strides=y.stride(), idx=kept_units, gather=C.GATHER_BK, bias=b2)
-    if not save_for_backward:
-        return y.reshape(x.shape), x.new_empty((0,)), x.new_empty((0,))
-    return y.reshape(x.shape), pre, h
+    return _project_down(x, h, w2, b2, kept_units, pre, save_for_backward)
 
 
 @triton_gated_glu_ffn.register_fake
 def _(x, w1, b1, w2, b2, unit_gates, kept_units, activation, save_for_backward):
-    E = x.shape[-1]
-    N = x.numel() // E if E else 0
-    K = kept_units.shape[0]
-    if save_for_backward:
-        return x.new_empty(x.shape), x.new_empty((N, 2 * K)), x.new_empty((N, K))
-    return x.new_empty(x.shape), x.new_empty((0,)), x.new_empty((0,))
+    return _fake_outputs(x, kept_units, 2, save_for_backward)
 
 
 # ----------------------------------------------------------------------------------------- backward
@@ -174,60 +148,22 @@ def triton_gated_glu_ffn_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.T
                                              torch.Tensor]:
     """Returns ``(dx, dw1, db1, dw2, db2, d_unit_gates)``, full-size, zero for pruned units; those left out by
     ``output_mask`` (x, weights and biases, gates; None: all) and the gradients of absent biases are empty [0]."""
-    need_x, need_w, need_g = C.unpack_output_mask(output_mask)
-    E = x.shape[-1]
-    x2 = x.reshape(-1, E)
-    dy2 = dy.reshape(-1, E).to(x.dtype)
-    N, K, I = x2.shape[0], kept_units.numel(), w1.shape[0] // 2
-    dx, dw1, db1, dw2, db2, dgate = _grads_like((False, need_w, need_g), x, w1, w2, unit_gates, has_b1, has_b2,
-                                                torch.zeros)
-    if need_w and has_b2:
-        db2 = dy2.sum(0, dtype=torch.float32).to(w2.dtype)
-    if K == 0 or N == 0 or not (need_x or need_w or need_g):
-        if need_x:
-            dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
-        return dx, dw1, db1, dw2, db2, dgate
-    cfg = C.gemm_config(x.device, N, K, E, x.dtype)
-    tiles_m = triton.cdiv(N, cfg["BLOCK_M"])
-    need_d = need_x or need_w
-    dummy = dy2  # stands for the buffers the kernel does not write (their STORE_* off)
-    dpre = torch.empty((N, 2 * K), dtype=x.dtype, device=x.device) if need_d else dummy
-    pg = torch.empty((tiles_m, K), dtype=torch.float32, device=x.device) if need_g else dummy
-    pb = torch.empty((tiles_m, 2 * K), dtype=torch.float32, device=x.device) if need_w and has_b1 else dummy
-    _glu_bwd_kernel[(tiles_m, triton.cdiv(K, cfg["BLOCK_N"]))](
-        dy2, w2, kept_units, pre, unit_gates, dpre, pg, pb, N, K, E,
-        dy2.stride(0), dy2.stride(1), w2.stride(0), w2.stride(1), pre.stride(0), pre.stride(1),
-        dpre.stride(0) if need_d else 0, dpre.stride(1) if need_d else 0, ACT=C.ACTIVATION_CODES[activation],
-        DOT=C.dot_mode(x.dtype), STORE_D=need_d, STORE_PG=need_g, STORE_PB=need_w and has_b1, **cfg)
-    if need_g:
-        dgate.index_copy_(0, kept_units, pg.sum(0).to(dgate.dtype))
-    rows = torch.cat([kept_units, kept_units + I])  # w1's rows of the kept units: input half, then gate half
-    if need_x:
-        dx = torch.empty((N, E), dtype=x.dtype, device=x.device)
-        C.gemm(dpre, w1, dx, M=N, N=E, K=2 * K, a_strides=dpre.stride(), b_strides=(w1.stride(0), w1.stride(1)),
-               out_strides=dx.stride(), idx=rows, gather=C.GATHER_BK)
-        dx = dx.reshape(x.shape)
-    if need_w:
-        if has_b1:
-            db1.index_copy_(0, rows, pb.sum(0).to(db1.dtype))
-        C.gemm(dpre, x2, dw1, M=2 * K, N=E, K=N, a_strides=(dpre.stride(1), dpre.stride(0)), b_strides=x2.stride(),
-               out_strides=dw1.stride(), idx=rows, gather=C.SCATTER_CM)
-        C.gemm(dy2, h, dw2, M=E, N=K, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=h.stride(),
-               out_strides=dw2.stride(), idx=kept_units, gather=C.SCATTER_CN)
-    return dx, dw1, db1, dw2, db2, dgate
 
+    def epilogue(cfg, tiles_m, dy2, dpre, pg, pb, need_d, need_g, need_pb):
+        N, K, E = dy2.shape[0], kept_units.numel(), x.shape[-1]
+        _glu_bwd_kernel[(tiles_m, triton.cdiv(K, cfg["BLOCK_N"]))](
+            dy2, w2, kept_units, pre, unit_gates, dpre, pg, pb, N, K, E,
+            dy2.stride(0), dy2.stride(1), w2.stride(0), w2.stride(1), pre.stride(0), pre.stride(1),
+            dpre.stride(0) if need_d else 0, dpre.stride(1) if need_d else 0, ACT=C.ACTIVATION_CODES[activation],
+            DOT=C.dot_mode(x.dtype), STORE_D=need_d, STORE_PG=need_g, STORE_PB=need_pb, **cfg)
 
-def _grads_like(mask, x, w1, w2, unit_gates, has_b1, has_b2, factory):
-    """(dx, dw1, db1, dw2, db2, d_unit_gates): :func:`grad_placeholders`, the biases shaped from their weights
-    (empty [0] when absent)."""
-    b1 = (w1, w1.shape[:1] if has_b1 else (0,))
-    b2 = (w2, w2.shape[:1] if has_b2 else (0,))
-    return list(grad_placeholders(mask, x, [w1, b1, w2, b2], unit_gates, factory))
+    rows = torch.cat([kept_units, kept_units + w1.shape[0] // 2])  # w1's rows of the kept units: input, gate half
+    return _units_backward(dy, x, w1, w2, unit_gates, kept_units, h, output_mask, (has_b1, has_b2), rows, epilogue)
 
 
 @triton_gated_glu_ffn_backward.register_fake
 def _(dy, x, w1, w2, unit_gates, kept_units, pre, h, activation, has_b1, has_b2, output_mask=None):
-    return tuple(_grads_like(C.unpack_output_mask(output_mask), x, w1, w2, unit_gates, has_b1, has_b2, torch.empty))
+    return tuple(_grads_like(C.unpack_output_mask(output_mask), x, w1, w2, unit_gates, torch.empty, (has_b1, has_b2)))
 
 
 def _setup_context(ctx, inputs, output):

@@ -28,16 +28,17 @@ import triton
 import triton.language as tl
 
 from structprune.ops.checks import check_rotary_attention_inputs
-from structprune.ops.support import grad_output_mask, grad_placeholders, masked_grads, register_autocast
+from structprune.ops.support import grad_output_mask, masked_grads, register_autocast
 
-from . import _common as C
-from .attention import _attn_bwd_pre_kernel, _placeholders, _saved_shapes
+from . import _common as C, _flash as FL
+from .attention import (_grads_like, _heads_backward, _no_head_outputs, _placeholders, _project_out, _project_qkv,
+                        _saved_shapes)
 
 
 @triton.jit
 def _tile_halves(ptr, base, offs, mask_r, offs_h, mask_h, HALF, stride_row):
     """The two halves [R, BLOCK_H] of rows ``offs`` of one head."""
-    p = ptr + base + offs.to(tl.int64)[:, None] * stride_row + offs_h[None, :]
+    p = ptr + FL.rows(base, offs, stride_row, offs_h)
     m = mask_r[:, None] & mask_h[None, :]
     return tl.load(p, mask=m, other=0.0), tl.load(p + HALF, mask=m, other=0.0)
 
@@ -45,7 +46,7 @@ def _tile_halves(ptr, base, offs, mask_r, offs_h, mask_h, HALF, stride_row):
 @triton.jit
 def _cos_sin(cos_ptr, sin_ptr, cs_base, offs, mask_r, offs_h, mask_h, HALF, stride_cs):
     """fp32 (c1, c2, s1, s2): the halves of the cos and sin rows of positions ``offs``."""
-    p = cs_base + offs.to(tl.int64)[:, None] * stride_cs + offs_h[None, :]
+    p = FL.rows(cs_base, offs, stride_cs, offs_h)
     m = mask_r[:, None] & mask_h[None, :]
     c1 = tl.load(cos_ptr + p, mask=m, other=0.0).to(tl.float32)
     c2 = tl.load(cos_ptr + p + HALF, mask=m, other=0.0).to(tl.float32)
@@ -68,7 +69,7 @@ def _store_unrotated(ptr, d1, d2, cos_ptr, sin_ptr, base, cs_base, offs, mask_r,
                      stride_cs, scale):
     """Store the gradient of the un-rotated rows from ``(d1, d2)``, that of the rotated halves (times ``scale``)."""
     c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, cs_base, offs, mask_r, offs_h, mask_h, HALF, stride_cs)
-    p = ptr + base + offs.to(tl.int64)[:, None] * stride_row + offs_h[None, :]
+    p = ptr + FL.rows(base, offs, stride_row, offs_h)
     m = mask_r[:, None] & mask_h[None, :]
     tl.store(p, C.cast_ptr((d1 * c1 + d2 * s2) * scale, ptr), mask=m)
     tl.store(p + HALF, C.cast_ptr((d2 * c2 - d1 * s1) * scale, ptr), mask=m)
@@ -90,8 +91,7 @@ def _band(start, size, S, WINDOW, BLOCK: tl.constexpr, BANDED: tl.constexpr):
 def _scores(q1, q2, k1, k2, kb_ptrs, offs_m, offs_n, mask_n, sm_scale, WINDOW, HAS_KB: tl.constexpr,
             BANDED: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """fp32 ``(r1_q r1_k^T + r2_q r2_k^T) * scale + key_bias``; keys past the sequence or out of the band: -inf."""
-    s = C._dot(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
-    s = C._dot(q2, tl.trans(k2), s, DOT) * sm_scale
+    s = C._dot(q2, tl.trans(k2), FL.dot_t(q1, k1, DOT, BLOCK_M, BLOCK_N), DOT) * sm_scale
     if HAS_KB:
         s += tl.load(kb_ptrs, mask=mask_n, other=0.0)[None, :]
     keep = mask_n[None, :]
@@ -101,57 +101,56 @@ def _scores(q1, q2, k1, k2, kb_ptrs, offs_m, offs_n, mask_n, sm_scale, WINDOW, H
 
 
 @triton.jit
+def _rotated_kv(k_ptr, v_ptr, cos_ptr, sin_ptr, base, cs_base, offs_n, mask_n, offs_h, mask_h, offs_d, mask_d, HALF,
+                stride_row, stride_cs):
+    """``(k1, k2, v, tile_n, mask_nd)``: the rotated halves of keys ``offs_n`` of one head and their values."""
+    k1, k2 = _rotated(k_ptr, cos_ptr, sin_ptr, base, cs_base, offs_n, mask_n, offs_h, mask_h, HALF, stride_row,
+                      stride_cs)
+    tile_n = FL.rows(base, offs_n, stride_row, offs_d)
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    return k1, k2, tl.load(v_ptr + tile_n, mask=mask_nd, other=0.0), tile_n, mask_nd
+
+
+@triton.jit
+def _key_block(q1, q2, k_ptr, v_ptr, cos_ptr, sin_ptr, kb_row, base, cs_base, n0, offs_m, offs_h, mask_h, offs_d,
+               mask_d, S, HALF, WINDOW, sm_scale, stride_row, stride_cs, stride_kbs, HAS_KB: tl.constexpr,
+               BANDED: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``n0 .. n0 + BLOCK_N`` of the head, rotated, their values, and the scores of the rotated queries
+    ``(q1, q2)`` of rows ``offs_m`` against them: ``(k1, k2, v, s)``."""
+    offs_n, mask_n = FL.span(n0, BLOCK_N, S)
+    k1, k2, v, _, _ = _rotated_kv(k_ptr, v_ptr, cos_ptr, sin_ptr, base, cs_base, offs_n, mask_n, offs_h, mask_h, offs_d,
+                                  mask_d, HALF, stride_row, stride_cs)
+    s = _scores(q1, q2, k1, k2, kb_row + offs_n * stride_kbs, offs_m, offs_n, mask_n, sm_scale, WINDOW, HAS_KB,
+                BANDED, DOT, BLOCK_M, BLOCK_N)
+    return k1, k2, v, s
+
+
+@triton.jit
 def _rot_fwd_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kb_ptr, gate_ptr, act_ptr, ctx_ptr, o_ptr, stats_ptr,
                     S, A, D, HALF, WINDOW, sm_scale, stride_row, stride_cb, stride_cs, stride_kbb, stride_kbs,
                     stats_plane,
                     HAS_KB: tl.constexpr, BANDED: tl.constexpr, STORE_O: tl.constexpr, DOT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid_bh = tl.program_id(0)  # batch x heads on grid axis 0 (axes 1 and 2 allow only 65,535 programs)
-    pid_m = tl.program_id(1)
-    b = pid_bh // A
-    a = pid_bh % A
-    base = b.to(tl.int64) * S * stride_row + a * D
+    pid_bh, b, a, base, offs_m, mask_m, offs_d, mask_d = FL.head_block(A, S, D, stride_row, BLOCK_M, BLOCK_D)
     cs_base = b.to(tl.int64) * stride_cb
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_h = tl.arange(0, BLOCK_H)
-    mask_m = offs_m < S
-    mask_d = offs_d < D
-    mask_h = offs_h < HALF
+    offs_h, mask_h = FL.span(0, BLOCK_H, HALF)
     q1, q2 = _rotated(q_ptr, cos_ptr, sin_ptr, base, cs_base, offs_m, mask_m, offs_h, mask_h, HALF, stride_row,
                       stride_cs)
     kb_row = kb_ptr + b.to(tl.int64) * stride_kbb
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    lo, hi = _band(pid_m * BLOCK_M, BLOCK_M, S, WINDOW, BLOCK_N, BANDED)
+    lo, hi = _band(tl.program_id(1) * BLOCK_M, BLOCK_M, S, WINDOW, BLOCK_N, BANDED)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < S
-        k1, k2 = _rotated(k_ptr, cos_ptr, sin_ptr, base, cs_base, offs_n, mask_n, offs_h, mask_h, HALF, stride_row,
-                          stride_cs)
-        v = tl.load(v_ptr + base + offs_n.to(tl.int64)[:, None] * stride_row + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        s = _scores(q1, q2, k1, k2, kb_row + offs_n * stride_kbs, offs_m, offs_n, mask_n, sm_scale, WINDOW, HAS_KB,
-                    BANDED, DOT, BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a row may meet no key of its band in this block (-inf throughout): subtract 0 there, not -inf
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_sub)
-        p = tl.exp(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        k1, k2, v, s = _key_block(q1, q2, k_ptr, v_ptr, cos_ptr, sin_ptr, kb_row, base, cs_base, n0, offs_m, offs_h,
+                                  mask_h, offs_d, mask_d, S, HALF, WINDOW, sm_scale, stride_row, stride_cs, stride_kbs,
+                                  HAS_KB, BANDED, DOT, BLOCK_M, BLOCK_N)
+        m_new, alpha, p, l_i = FL.softmax_step(m_i, l_i, s, True)
         acc = C._dot(C.cast_like(p, v), v, acc * alpha[:, None], DOT)
         m_i = m_new
-    o = acc / l_i[:, None]
-    g = tl.load(gate_ptr + tl.load(act_ptr + a)).to(tl.float32)
-    tile_m = base + offs_m.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    tl.store(ctx_ptr + tile_m, C.cast_ptr(o * g, ctx_ptr), mask=mask_md)
-    if STORE_O:
-        tl.store(o_ptr + tile_m, C.cast_ptr(o, o_ptr), mask=mask_md)
-        srow = stats_ptr + pid_bh.to(tl.int64) * S + offs_m  # row max and log row sum, kept apart
-        tl.store(srow, m_i, mask=mask_m)
-        tl.store(srow + stats_plane, tl.log(l_i), mask=mask_m)
+    FL.store_fwd(acc, m_i, l_i, FL.head_gate(gate_ptr, act_ptr, a), ctx_ptr, o_ptr, stats_ptr,
+                FL.rows(base, offs_m, stride_row, offs_d), mask_m[:, None] & mask_d[None, :], pid_bh.to(tl.int64) * S,
+                offs_m, mask_m, stats_plane, STORE_O)
 
 
 @triton.jit
@@ -161,43 +160,24 @@ def _rot_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kb_ptr, gate_ptr, 
                        stats_plane,
                        HAS_KB: tl.constexpr, BANDED: tl.constexpr, DOT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = pid_bh // A
-    a = pid_bh % A
-    base = b.to(tl.int64) * S * stride_row + a * D
+    pid_bh, b, a, base, offs_m, mask_m, offs_d, mask_d = FL.head_block(A, S, D, stride_row, BLOCK_M, BLOCK_D)
     cs_base = b.to(tl.int64) * stride_cb
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_h = tl.arange(0, BLOCK_H)
-    mask_m = offs_m < S
-    mask_d = offs_d < D
-    mask_h = offs_h < HALF
+    offs_h, mask_h = FL.span(0, BLOCK_H, HALF)
     q1, q2 = _rotated(q_ptr, cos_ptr, sin_ptr, base, cs_base, offs_m, mask_m, offs_h, mask_h, HALF, stride_row,
                       stride_cs)
-    g = tl.load(gate_ptr + tl.load(act_ptr + a)).to(tl.float32)
-    tile_m = base + offs_m.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    do = C.cast_like(tl.load(dctx_ptr + tile_m, mask=mask_md, other=0.0).to(tl.float32) * g, q1)
-    srow = stats_ptr + pid_bh.to(tl.int64) * S + offs_m
-    m_i = tl.load(srow, mask=mask_m, other=0.0)
-    logl = tl.load(srow + stats_plane, mask=mask_m, other=0.0)
-    delta = g * tl.load(drow_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mask_m, other=0.0)
+    do, m_i, logl, delta = FL.gated_grad_rows(dctx_ptr, stats_ptr, drow_ptr, FL.head_gate(gate_ptr, act_ptr, a),
+                                             FL.rows(base, offs_m, stride_row, offs_d), mask_m[:, None] & mask_d[None, :],
+                                             pid_bh.to(tl.int64) * S, offs_m, mask_m, stats_plane, q1)
     kb_row = kb_ptr + b.to(tl.int64) * stride_kbb
     dq1 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     dq2 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    lo, hi = _band(pid_m * BLOCK_M, BLOCK_M, S, WINDOW, BLOCK_N, BANDED)
+    lo, hi = _band(tl.program_id(1) * BLOCK_M, BLOCK_M, S, WINDOW, BLOCK_N, BANDED)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < S
-        k1, k2 = _rotated(k_ptr, cos_ptr, sin_ptr, base, cs_base, offs_n, mask_n, offs_h, mask_h, HALF, stride_row,
-                          stride_cs)
-        v = tl.load(v_ptr + base + offs_n.to(tl.int64)[:, None] * stride_row + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        s = _scores(q1, q2, k1, k2, kb_row + offs_n * stride_kbs, offs_m, offs_n, mask_n, sm_scale, WINDOW, HAS_KB,
-                    BANDED, DOT, BLOCK_M, BLOCK_N)
+        k1, k2, v, s = _key_block(q1, q2, k_ptr, v_ptr, cos_ptr, sin_ptr, kb_row, base, cs_base, n0, offs_m, offs_h,
+                                  mask_h, offs_d, mask_d, S, HALF, WINDOW, sm_scale, stride_row, stride_cs, stride_kbs,
+                                  HAS_KB, BANDED, DOT, BLOCK_M, BLOCK_N)
         p = tl.exp((s - m_i[:, None]) - logl[:, None])
-        dp = C._dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
+        dp = FL.dot_t(do, v, DOT, BLOCK_M, BLOCK_N)
         ds = C.cast_like(p * (dp - delta[:, None]), k1)
         dq1 = C._dot(ds, k1, dq1, DOT)
         dq2 = C._dot(ds, k2, dq2, DOT)
@@ -213,46 +193,30 @@ def _rot_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kb_ptr, gate_ptr
                          HAS_KB: tl.constexpr, BANDED: tl.constexpr, DOT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_H: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = pid_bh // A
-    a = pid_bh % A
-    base = b.to(tl.int64) * S * stride_row + a * D
+    pid_bh, b, a, base, offs_n, mask_n, offs_d, mask_d = FL.head_block(A, S, D, stride_row, BLOCK_N, BLOCK_D)
     cs_base = b.to(tl.int64) * stride_cb
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_h = tl.arange(0, BLOCK_H)
-    mask_n = offs_n < S
-    mask_d = offs_d < D
-    mask_h = offs_h < HALF
-    k1, k2 = _rotated(k_ptr, cos_ptr, sin_ptr, base, cs_base, offs_n, mask_n, offs_h, mask_h, HALF, stride_row,
-                      stride_cs)
-    tile_n = base + offs_n.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    v = tl.load(v_ptr + tile_n, mask=mask_nd, other=0.0)
-    g = tl.load(gate_ptr + tl.load(act_ptr + a)).to(tl.float32)
+    offs_h, mask_h = FL.span(0, BLOCK_H, HALF)
+    k1, k2, v, tile_n, mask_nd = _rotated_kv(k_ptr, v_ptr, cos_ptr, sin_ptr, base, cs_base, offs_n, mask_n, offs_h,
+                                             mask_h, offs_d, mask_d, HALF, stride_row, stride_cs)
+    g = FL.head_gate(gate_ptr, act_ptr, a)
     kb_ptrs = kb_ptr + b.to(tl.int64) * stride_kbb + offs_n * stride_kbs
     dk1 = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     dk2 = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    lo, hi = _band(pid_n * BLOCK_N, BLOCK_N, S, WINDOW, BLOCK_M, BANDED)
+    lo, hi = _band(tl.program_id(1) * BLOCK_N, BLOCK_N, S, WINDOW, BLOCK_M, BANDED)
     for m0 in range(lo, hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < S
+        offs_m, mask_m = FL.span(m0, BLOCK_M, S)
         q1, q2 = _rotated(q_ptr, cos_ptr, sin_ptr, base, cs_base, offs_m, mask_m, offs_h, mask_h, HALF, stride_row,
                           stride_cs)
-        tile_m = base + offs_m.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
-        do = C.cast_like(tl.load(dctx_ptr + tile_m, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-                         .to(tl.float32) * g, k1)
-        srow = stats_ptr + pid_bh.to(tl.int64) * S + offs_m
-        m_i = tl.load(srow, mask=mask_m, other=0.0)
-        logl = tl.load(srow + stats_plane, mask=mask_m, other=0.0)
-        delta = g * tl.load(drow_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=mask_m, other=0.0)
+        do, m_i, logl, delta = FL.gated_grad_rows(dctx_ptr, stats_ptr, drow_ptr, g, FL.rows(base, offs_m, stride_row,
+                                                                                          offs_d),
+                                                 mask_m[:, None] & mask_d[None, :], pid_bh.to(tl.int64) * S, offs_m,
+                                                 mask_m, stats_plane, k1)
         s = _scores(q1, q2, k1, k2, kb_ptrs, offs_m, offs_n, mask_n, sm_scale, WINDOW, HAS_KB, BANDED, DOT,
                     BLOCK_M, BLOCK_N)
         p = tl.where(mask_m[:, None], tl.exp((s - m_i[:, None]) - logl[:, None]), 0.0)
         dv = C._dot(tl.trans(C.cast_like(p, k1)), do, dv, DOT)
-        dp = C._dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
+        dp = FL.dot_t(do, v, DOT, BLOCK_M, BLOCK_N)
         ds = tl.trans(C.cast_like(p * (dp - delta[:, None]), k1))
         dk1 = C._dot(ds, q1, dk1, DOT)
         dk2 = C._dot(ds, q2, dk2, DOT)
@@ -289,34 +253,16 @@ def triton_gated_rotary_attention(x: torch.Tensor, wq: torch.Tensor, bq: Optiona
     B, S, E = x.shape
     D = wq.shape[0] // num_heads
     A = active_heads.numel()
-    N = B * S
-    saved_shapes = _saved_shapes(B, S, A, D, save_for_backward)
-    if A == 0 or N == 0:  # no active head: y is bo broadcast (or 0), nothing else runs
-        y = bo.expand(B, S, E).clone() if bo is not None else x.new_zeros((B, S, E))
-        return (y,) + _placeholders(x, saved_shapes, torch.zeros)
-    x2 = x.reshape(N, E)
-    proj = []
-    for w, bias in ((wq, bq), (wk, bk), (wv, bv)):
-        out = torch.empty((N, A * D), dtype=x.dtype, device=x.device)
-        C.gemm(x2, w, out, M=N, N=A * D, K=E, a_strides=x2.stride(), b_strides=(w.stride(1), w.stride(0)),
-               out_strides=out.stride(), idx=active_heads, gather=C.GATHER_BN, group=D, bias=bias)
-        proj.append(out)
-    q, k, v = proj
-    ctx = torch.empty((N, A * D), dtype=x.dtype, device=x.device)
-    o = torch.empty((N, A * D), dtype=x.dtype, device=x.device) if save_for_backward else ctx
-    stats = torch.empty((2, B * A, S), dtype=torch.float32, device=x.device) if save_for_backward else ctx
+    if A == 0 or B * S == 0:  # no active head: y is bo broadcast (or 0), nothing else runs
+        return _no_head_outputs(x, bo, _saved_shapes(B, S, A, D, save_for_backward))
+    saved = _project_qkv(x, ((wq, bq), (wk, bk), (wv, bv)), active_heads, D, save_for_backward)
+    q, k, v, ctx, o, stats = saved
     cfg = C.rotary_flash_config(x.device, D, x.dtype, backward=False)
     args, flags = _flash_args(B, S, A, D, window, cos, key_bias)
     _rot_fwd_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_M"]))](
         q, k, v, cos, sin, key_bias if key_bias is not None else ctx, head_gates, active_heads, ctx, o, stats,
         *args, STORE_O=save_for_backward, DOT=C.dot_mode(x.dtype), BLOCK_H=_block_h(cfg, D), **flags, **cfg)
-    y = torch.empty((N, E), dtype=x.dtype, device=x.device)
-    C.gemm(ctx, wo, y, M=N, N=E, K=A * D, a_strides=ctx.stride(), b_strides=(wo.stride(1), wo.stride(0)),
-           out_strides=y.stride(), idx=active_heads, gather=C.GATHER_BK, group=D, bias=bo)
-    y = y.view(B, S, E)
-    if not save_for_backward:
-        return (y,) + _placeholders(x, saved_shapes, torch.empty)
-    return y, q, k, v, ctx, o, stats
+    return _project_out(x, wo, bo, active_heads, D, saved, save_for_backward)
 
 
 @triton_gated_rotary_attention.register_fake
@@ -340,66 +286,26 @@ def triton_gated_rotary_attention_backward(
            torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, d_head_gates)``, full-size, zero for inactive heads;
     those left out by ``output_mask`` and the gradients of the biases absent in ``biases`` (bq, bk, bv, bo) are [0]."""
-    need_x, need_w, need_g = C.unpack_output_mask(output_mask)
-    B, S, E = x.shape
-    H, D, A, N = num_heads, wq.shape[0] // num_heads, active_heads.numel(), B * S
-    dy2 = dy.reshape(N, E).to(x.dtype)
-    dx, *dws, dgate = _grads_like((False, need_w, need_g), x, wq, wk, wv, wo, head_gates, biases, torch.zeros)
-    if need_w and biases[3]:
-        dws[7] = dy2.sum(0, dtype=torch.float32).to(wo.dtype)
-    if A == 0 or N == 0 or not (need_x or need_w or need_g):
-        return (x.new_zeros((B, S, E)) if need_x else dx), *dws, dgate
-    x2 = x.reshape(N, E)
-    dctx = torch.empty((N, A * D), dtype=x.dtype, device=x.device)
-    C.gemm(dy2, wo, dctx, M=N, N=A * D, K=E, a_strides=dy2.stride(), b_strides=(wo.stride(0), wo.stride(1)),
-           out_strides=dctx.stride(), idx=active_heads, gather=C.GATHER_BN, group=D)
-    if need_w:
-        C.gemm(dy2, ctx, dws[6], M=E, N=A * D, K=N, a_strides=(dy2.stride(1), dy2.stride(0)), b_strides=ctx.stride(),
-               out_strides=dws[6].stride(), idx=active_heads, gather=C.SCATTER_CN, group=D)
-    cfg = C.rotary_flash_config(x.device, D, x.dtype, backward=True)
-    drow = torch.empty((B * A, S), dtype=torch.float32, device=x.device)
-    _attn_bwd_pre_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_M"]))](
-        dctx, o, drow, S, A, D, A * D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
-    if need_g:
-        dgate.index_copy_(0, active_heads, drow.view(B, A, S).sum((0, 2)).to(dgate.dtype))
-    if not (need_x or need_w):
-        return dx, *dws, dgate
-    dq, dk, dv = (torch.empty((N, A * D), dtype=x.dtype, device=x.device) for _ in range(3))
-    args, flags = _flash_args(B, S, A, D, window, cos, key_bias)
-    kb = key_bias if key_bias is not None else drow
-    meta = dict(DOT=C.dot_mode(x.dtype), BLOCK_H=_block_h(cfg, D), **flags, **cfg)
-    _rot_bwd_dq_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_M"]))](
-        q, k, v, cos, sin, kb, head_gates, active_heads, dctx, stats, drow, dq, *args, **meta)
-    _rot_bwd_dkdv_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_N"]))](
-        q, k, v, cos, sin, kb, head_gates, active_heads, dctx, stats, drow, dk, dv, *args, **meta)
-    dx32 = torch.empty((N, E), dtype=torch.float32, device=x.device) if need_x else None
-    for i, (w, dproj) in enumerate(((wq, dq), (wk, dk), (wv, dv))):
-        if need_x:
-            C.gemm(dproj, w, dx32, M=N, N=E, K=A * D, a_strides=dproj.stride(), b_strides=(w.stride(0), w.stride(1)),
-                   out_strides=dx32.stride(), idx=active_heads, gather=C.GATHER_BK, group=D, accumulate=i > 0)
-        if need_w:
-            dw, db = dws[2 * i], dws[2 * i + 1]
-            C.gemm(dproj, x2, dw, M=A * D, N=E, K=N, a_strides=(dproj.stride(1), dproj.stride(0)),
-                   b_strides=x2.stride(), out_strides=dw.stride(), idx=active_heads, gather=C.SCATTER_CM, group=D)
-            if biases[i]:
-                db.view(H, D).index_copy_(0, active_heads,
-                                          dproj.sum(0, dtype=torch.float32).view(A, D).to(db.dtype))
-    if need_x:
-        dx = dx32.to(x.dtype).view(B, S, E)
-    return dx, *dws, dgate
+    B, S, _ = x.shape
+    D, A = wq.shape[0] // num_heads, active_heads.numel()
 
+    def flash(cfg, dctx, drow, dq, dk, dv):
+        args, flags = _flash_args(B, S, A, D, window, cos, key_bias)
+        kb = key_bias if key_bias is not None else drow
+        meta = dict(DOT=C.dot_mode(x.dtype), BLOCK_H=_block_h(cfg, D), **flags, **cfg)
+        _rot_bwd_dq_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_M"]))](
+            q, k, v, cos, sin, kb, head_gates, active_heads, dctx, stats, drow, dq, *args, **meta)
+        _rot_bwd_dkdv_kernel[(B * A, triton.cdiv(S, cfg["BLOCK_N"]))](
+            q, k, v, cos, sin, kb, head_gates, active_heads, dctx, stats, drow, dk, dv, *args, **meta)
 
-def _grads_like(mask, x, wq, wk, wv, wo, head_gates, biases, factory):
-    """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, d_head_gates): :func:`grad_placeholders`, each bias's shaped
-    from its weight, [0] for an absent bias."""
-    weights = [part for w, has in zip((wq, wk, wv, wo), biases) for part in (w, (w, w.shape[:1] if has else (0,)))]
-    return list(grad_placeholders(mask, x, weights, head_gates, factory))
+    return _heads_backward(dy, x, wq, wk, wv, wo, head_gates, active_heads, num_heads, ctx, o, output_mask, biases,
+                           C.rotary_flash_config, flash)
 
 
 @triton_gated_rotary_attention_backward.register_fake
 def _(dy, x, wq, wk, wv, wo, head_gates, active_heads, key_bias, cos, sin, window, num_heads, biases, q, k, v, ctx,
       o, stats, output_mask=None):
-    return tuple(_grads_like(C.unpack_output_mask(output_mask), x, wq, wk, wv, wo, head_gates, biases, torch.empty))
+    return tuple(_grads_like(C.unpack_output_mask(output_mask), x, wq, wk, wv, wo, head_gates, torch.empty, biases))
 
 
 def _setup_context(ctx, inputs, output):

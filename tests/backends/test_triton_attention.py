@@ -9,24 +9,20 @@ Tolerances: fp32 absolute/relative 1e-4; fp16/bf16 follow the rule "error of the
 reference <= 2x the error of the plain PyTorch computation in that dtype against the same reference, + eps"
 with eps = 1 ulp of the dtype at max(1, largest |reference|).
 """
-import os
-
 import pytest
 import torch
 
-from helpers.grad_masks import check_against_unmasked, check_masked_shapes, frozen_names, spy_backward
+from helpers.grad_masks import check_against_unmasked
 from helpers.tolerances import check_close
+from helpers.triton_cases import (check_compiled_matches_eager, check_compiled_with_frozen_leaves, check_frozen_leaves,
+                                  check_outputs, run_and_grads, triton_devices)
+from helpers.triton_cases import cast_except_gates as cast
 
-triton = pytest.importorskip("triton")
+DEVICES = triton_devices()
 
 from structprune.ops import reference  # noqa: E402
 import structprune.backends.triton as K  # noqa: E402
 from structprune._kernels import attention as kernel_attention, ffn as kernel_ffn  # noqa: E402
-
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
-    ["cuda"] if torch.cuda.is_available() else [])
-if not DEVICES or K.availability(torch.device(DEVICES[0])) is not None:
-    pytest.skip("Triton backend unavailable: " + str(K.availability(torch.device("cpu"))), allow_module_level=True)
 
 NEG = torch.finfo(torch.float32).min
 NAMES = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "head_gates")
@@ -65,13 +61,6 @@ def make_inputs(B, S, E, H, D, kept, device, pad=False, seed=0):
     return [x, *w, gates], active, key_bias
 
 
-def run_and_grads(fn, leaves, dy):
-    leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, dy.to(out.dtype))
-    return out, grads
-
-
 def kernel_fn(active, key_bias, H):
     return lambda x, wq, bq, wk, bk, wv, bv, wo, bo, g: K.gated_attention(
         x, wq, bq, wk, bk, wv, bv, wo, bo, g, active, key_bias, H)
@@ -80,11 +69,6 @@ def kernel_fn(active, key_bias, H):
 def reference_fn(key_bias, H, impl="sdpa"):
     return lambda x, wq, bq, wk, bk, wv, bv, wo, bo, g: reference.gated_attention(
         x, wq, bq, wk, bk, wv, bv, wo, bo, g, H, key_bias=key_bias, impl=impl)
-
-
-def cast(leaves, dtype):
-    # Gates stay fp32 (as the modules pass them); everything else in the compute dtype.
-    return [t.to(dtype) for t in leaves[:-1]] + [leaves[-1]]
 
 
 def compare(leaves, active, key_bias, H, dtype, impl="sdpa"):
@@ -97,16 +81,7 @@ def compare(leaves, active, key_bias, H, dtype, impl="sdpa"):
     else:
         plain, plain_grads = run_and_grads(reference_fn(key_bias, H, impl), cast(leaves, dtype), dy)
     assert out.dtype == dtype and out.shape == (B, S, E)
-    check_close("out", out, ref, plain, dtype)
-    inactive = torch.ones(H, dtype=torch.bool, device=out.device)
-    inactive[active] = False
-    for name, got, r, p in zip(NAMES, grads, ref_grads, plain_grads):
-        assert got.dtype == (torch.float32 if name == "head_gates" else dtype), name
-        if name == "head_gates":
-            # The reference also differentiates pruned gates; the kernel skips those heads: zero there.
-            assert torch.all(got[inactive] == 0), "head_gates grad must be 0 for inactive heads"
-            got, r, p = got[active], r[active], p[active]
-        check_close(f"grad {name}", got, r, p, dtype)
+    check_outputs("", (out, grads), (ref, ref_grads), (plain, plain_grads), NAMES, active, dtype)
 
 
 # B, S, E, H, D, kept, pad, dtype: the tile sizes of the flash kernels (test_op_contract.py runs the common grid)
@@ -176,31 +151,11 @@ FROZEN = {"weights": [True, False, True], "gates": [True, True, False], "x": [Fa
 def test_frozen_inputs_get_no_gradient(frozen, monkeypatch):
     """Leaves requiring grad get the reference gradients; frozen ones get None, and the backward op was asked for
     no more than needed (output_mask), returning empty tensors for the rest."""
-    device = DEVICES[0]
     H = 4
-    leaves, active, key_bias = make_inputs(2, 9, 64, H, 16, "random", device, pad=True, seed=3)
-    dy = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1)).to(device)
-    ref, ref_grads = run_and_grads(reference_fn(key_bias, H), leaves, dy)
-    off = frozen_names(frozen, NAMES)
-    mine = [t.detach().clone().requires_grad_(name not in off) for name, t in zip(NAMES, leaves)]
-    calls = spy_backward(monkeypatch, "triton_gated_attention_backward")
-    out = kernel_fn(active, key_bias, H)(*mine)
-    check_close("out", out, ref, ref, torch.float32)
-    out.backward(dy)
-    mask = FROZEN[frozen]
-    assert [c[0] for c in calls] == [mask]
-    inactive = torch.ones(H, dtype=torch.bool, device=device)
-    inactive[active] = False
-    check_masked_shapes(calls[0][1], mask, dict(zip(NAMES, mine)))
-    for name, t, r in zip(NAMES, mine, ref_grads):
-        if name in off:
-            assert t.grad is None, f"{name} is frozen but got a gradient"
-            continue
-        got = t.grad
-        if name == "head_gates":
-            assert torch.all(got[inactive] == 0)
-            got, r = got[active], r[active]
-        check_close(f"grad {name}", got, r, r, torch.float32)
+    leaves, active, key_bias = make_inputs(2, 9, 64, H, 16, "random", DEVICES[0], pad=True, seed=3)
+    dy = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1)).to(DEVICES[0])
+    check_frozen_leaves(monkeypatch, "triton_gated_attention_backward", kernel_fn(active, key_bias, H),
+                        reference_fn(key_bias, H), leaves, NAMES, frozen, FROZEN[frozen], dy, active)
 
 
 def _backward_args(device, pad=True, kept="random"):
@@ -235,35 +190,16 @@ def test_opcheck_backward_with_output_mask():
 
 def test_torch_compile_fullgraph_frozen_weights():
     """aot_eager with frozen weights: the masked backward is traced through its fake kernel."""
-    device = DEVICES[0]
-    leaves, active, key_bias = make_inputs(2, 9, 32, 2, 16, "one", device, pad=True)
-    fn = kernel_fn(active, key_bias, 2)
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    dy = torch.randn(2, 9, 32, device=device)
-    results = []
-    for f in (compiled, fn):
-        mine = [t.detach().clone().requires_grad_(name in ("x", "head_gates")) for name, t in zip(NAMES, leaves)]
-        f(*mine).backward(dy)
-        results.append([t.grad for t in mine])
-    for name, a, b in zip(NAMES, *results):
-        assert (a is None) == (b is None) == (name not in ("x", "head_gates")), name
-        if a is not None:
-            torch.testing.assert_close(a, b)
+    leaves, active, key_bias = make_inputs(2, 9, 32, 2, 16, "one", DEVICES[0], pad=True)
+    check_compiled_with_frozen_leaves(kernel_fn(active, key_bias, 2), leaves, NAMES, ("x", "head_gates"),
+                                      torch.randn(2, 9, 32, device=DEVICES[0]))
 
 
 def test_torch_compile_fullgraph():
     """aot_eager: the graph (forward and the backward op) is traced through the fake registrations and run
     eagerly; inductor would also work on GPU but is slow to compile around interpreted kernels on CPU."""
-    device = DEVICES[0]
-    leaves, active, key_bias = make_inputs(2, 9, 32, 2, 16, "one", device, pad=True)
-    fn = kernel_fn(active, key_bias, 2)
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    dy = torch.randn(2, 9, 32, device=device)
-    out_c, grads_c = run_and_grads(compiled, leaves, dy)
-    out_e, grads_e = run_and_grads(fn, leaves, dy)
-    torch.testing.assert_close(out_c, out_e)
-    for a, b in zip(grads_c, grads_e):
-        torch.testing.assert_close(a, b)
+    leaves, active, key_bias = make_inputs(2, 9, 32, 2, 16, "one", DEVICES[0], pad=True)
+    check_compiled_matches_eager(kernel_fn(active, key_bias, 2), leaves, torch.randn(2, 9, 32, device=DEVICES[0]))
 
 
 def test_input_errors():

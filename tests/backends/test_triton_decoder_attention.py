@@ -3,23 +3,17 @@ q, k, v, wo, bo and the gates, fp32 and bf16 (the half-precision rule of tests/h
 unequal / one head kept (groups of unequal size through the head -> KV map), prefill, a decode step and a chunk
 against a longer cache, key padding left and right (rows that see no key), a sliding window. Runs under the
 Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1) and on CUDA when present; tiny shapes."""
-import os
-
 import pytest
 import torch
 
 from helpers.tolerances import check_close
+from helpers.triton_cases import triton_devices
 
-triton = pytest.importorskip("triton")
+DEVICES = triton_devices()
 
 from structprune.ops import dispatch, reference  # noqa: E402
 import structprune as sp  # noqa: E402
 import structprune.backends.triton as K  # noqa: E402
-
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
-    ["cuda"] if torch.cuda.is_available() else [])
-if not DEVICES or K.availability(torch.device(DEVICES[0])) is not None:
-    pytest.skip("Triton backend unavailable: " + str(K.availability(torch.device("cpu"))), allow_module_level=True)
 
 B, S, E, H, D = 2, 37, 24, 6, 16  # 37 keys: two key tiles of 32, a ragged tail
 HEADS = {"all": (0, 1, 2, 3, 4, 5), "equal": (2, 3, 4, 5), "unequal": (0, 1, 3, 5), "one": (4,)}

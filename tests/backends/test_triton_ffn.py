@@ -5,25 +5,22 @@ Here: x with other than three dimensions, strided inputs, the saved tensors, the
 torch.compile, the kernels' own input checks and TF32. Runs on CPU under the Triton interpreter (conftest sets
 TRITON_INTERPRET=1 when there is no CUDA) and on CUDA when present; tolerances from tests/helpers/tolerances.py.
 """
-import os
 import re
 
 import pytest
 import torch
 
-from helpers.grad_masks import check_against_unmasked, check_masked_shapes, frozen_names, spy_backward
+from helpers.grad_masks import check_against_unmasked
 from helpers.tolerances import check_close
+from helpers.triton_cases import (check_compiled_matches_eager, check_compiled_with_frozen_leaves, check_frozen_leaves,
+                                  check_outputs, run_and_grads, triton_devices)
+from helpers.triton_cases import cast_except_gates as cast
 
-triton = pytest.importorskip("triton")
+DEVICES = triton_devices()
 
 from structprune.ops import reference  # noqa: E402
 from structprune.ops.activations import ACTIVATIONS  # noqa: E402
 import structprune.backends.triton as K  # noqa: E402
-
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
-    ["cuda"] if torch.cuda.is_available() else [])
-if not DEVICES or K.availability(torch.device(DEVICES[0])) is not None:
-    pytest.skip("Triton backend unavailable: " + str(K.availability(torch.device("cpu"))), allow_module_level=True)
 
 NAMES = ("x", "w1", "b1", "w2", "b2", "unit_gates")
 
@@ -47,16 +44,6 @@ def make_inputs(lead, E, I, kept, device, seed=0):
     return [x, w1, b1, w2, b2, gates], torch.nonzero(gates != 0).flatten()
 
 
-def run_and_grads(fn, leaves, dy):
-    leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    out = fn(*leaves)
-    return out, torch.autograd.grad(out, leaves, dy.to(out.dtype))
-
-
-def cast(leaves, dtype):
-    return [t.to(dtype) for t in leaves[:-1]] + [leaves[-1]]  # gates stay fp32
-
-
 def compare(leaves, kept_units, activation, dtype):
     dy = torch.randn(leaves[0].shape, generator=torch.Generator().manual_seed(1)).to(leaves[0].device)
 
@@ -70,16 +57,7 @@ def compare(leaves, kept_units, activation, dtype):
     r, r_grads = run_and_grads(ref, leaves, dy)
     p, p_grads = (r, r_grads) if dtype == torch.float32 else run_and_grads(ref, cast(leaves, dtype), dy)
     assert out.dtype == dtype and out.shape == leaves[0].shape
-    check_close("out", out, r, p, dtype)
-    pruned = torch.ones(leaves[1].shape[0], dtype=torch.bool, device=out.device)
-    pruned[kept_units] = False
-    for name, got, rg, pg in zip(NAMES, grads, r_grads, p_grads):
-        assert got.dtype == (torch.float32 if name == "unit_gates" else dtype), name
-        if name == "unit_gates":
-            # The reference also differentiates pruned gates; the kernel skips those units: zero there.
-            assert torch.all(got[pruned] == 0), "unit_gates grad must be 0 for pruned units"
-            got, rg, pg = got[kept_units], rg[kept_units], pg[kept_units]
-        check_close(f"grad {name}", got, rg, pg, dtype)
+    check_outputs("", (out, grads), (r, r_grads), (p, p_grads), NAMES, kept_units, dtype)
 
 
 # lead dims, E, I, kept, activation, dtype
@@ -135,30 +113,11 @@ FROZEN = {"weights": [True, False, True], "gates": [True, True, False], "x": [Fa
 def test_frozen_inputs_get_no_gradient(frozen, activation, monkeypatch):
     """Leaves requiring grad get the reference gradients; frozen ones get None, and the backward op was asked for
     no more than needed (output_mask), returning empty tensors for the rest."""
-    device = DEVICES[0]
-    leaves, kept_units = make_inputs((2, 7), 32, 48, "random", device, seed=3)
-    dy = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1)).to(device)
-    ref, ref_grads = run_and_grads(lambda *t: reference.gated_ffn(*t, activation), leaves, dy)
-    off = frozen_names(frozen, NAMES)
-    mine = [t.detach().clone().requires_grad_(name not in off) for name, t in zip(NAMES, leaves)]
-    calls = spy_backward(monkeypatch, "triton_gated_ffn_backward")
-    out = K.gated_ffn(*mine, kept_units, activation)
-    check_close("out", out, ref, ref, torch.float32)
-    out.backward(dy)
-    mask = FROZEN[frozen]
-    assert [c[0] for c in calls] == [mask]
-    pruned = torch.ones(48, dtype=torch.bool, device=device)
-    pruned[kept_units] = False
-    check_masked_shapes(calls[0][1], mask, dict(zip(NAMES, mine)))
-    for name, t, r in zip(NAMES, mine, ref_grads):
-        if name in off:
-            assert t.grad is None, f"{name} is frozen but got a gradient"
-            continue
-        got = t.grad
-        if name == "unit_gates":
-            assert torch.all(got[pruned] == 0)
-            got, r = got[kept_units], r[kept_units]
-        check_close(f"grad {name}", got, r, r, torch.float32)
+    leaves, kept_units = make_inputs((2, 7), 32, 48, "random", DEVICES[0], seed=3)
+    dy = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1)).to(DEVICES[0])
+    check_frozen_leaves(monkeypatch, "triton_gated_ffn_backward", lambda *t: K.gated_ffn(*t, kept_units, activation),
+                        lambda *t: reference.gated_ffn(*t, activation), leaves, NAMES, frozen, FROZEN[frozen], dy,
+                        kept_units)
 
 
 def _backward_args(device, activation="gelu", kept="random"):
@@ -189,40 +148,16 @@ def test_opcheck_backward_with_output_mask():
 
 def test_torch_compile_fullgraph_frozen_weights():
     """aot_eager with frozen weights: the masked backward is traced through its fake kernel."""
-    device = DEVICES[0]
-    leaves, kept_units = make_inputs((2, 5), 32, 48, "random", device)
-
-    def fn(*t):
-        return K.gated_ffn(*t, kept_units, "gelu")
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    dy = torch.randn(2, 5, 32, device=device)
-    results = []
-    for f in (compiled, fn):
-        mine = [t.detach().clone().requires_grad_(name in ("x", "unit_gates")) for name, t in zip(NAMES, leaves)]
-        f(*mine).backward(dy)
-        results.append([t.grad for t in mine])
-    for name, a, b in zip(NAMES, *results):
-        assert (a is None) == (b is None) == (name not in ("x", "unit_gates")), name
-        if a is not None:
-            torch.testing.assert_close(a, b)
+    leaves, kept_units = make_inputs((2, 5), 32, 48, "random", DEVICES[0])
+    check_compiled_with_frozen_leaves(lambda *t: K.gated_ffn(*t, kept_units, "gelu"), leaves, NAMES,
+                                      ("x", "unit_gates"), torch.randn(2, 5, 32, device=DEVICES[0]))
 
 
 def test_torch_compile_fullgraph():
     """aot_eager: traced through the fake registrations (forward and backward ops), run eagerly."""
-    device = DEVICES[0]
-    leaves, kept_units = make_inputs((2, 5), 32, 48, "random", device)
-
-    def fn(*t):
-        return K.gated_ffn(*t, kept_units, "gelu_tanh")
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    dy = torch.randn(2, 5, 32, device=device)
-    out_c, grads_c = run_and_grads(compiled, leaves, dy)
-    out_e, grads_e = run_and_grads(fn, leaves, dy)
-    torch.testing.assert_close(out_c, out_e)
-    for a, b in zip(grads_c, grads_e):
-        torch.testing.assert_close(a, b)
+    leaves, kept_units = make_inputs((2, 5), 32, 48, "random", DEVICES[0])
+    check_compiled_matches_eager(lambda *t: K.gated_ffn(*t, kept_units, "gelu_tanh"), leaves,
+                                 torch.randn(2, 5, 32, device=DEVICES[0]))
 
 
 def test_input_errors():

@@ -3,29 +3,20 @@ bf16, odd shapes, 0 / some / all units kept, biases present or None, every activ
 (called on the op directly, ahead of the table), the backward op's output_mask, opcheck and the dispatcher.
 Runs under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1) or on CUDA; tolerances from
 tests/helpers/tolerances.py."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.tolerances import check_close
+from helpers.grad_masks import check_against_unmasked
+from helpers.triton_cases import check_outputs, run_with_optional as run, triton_devices
 
-triton = pytest.importorskip("triton")
+DEV = triton_devices()[0]
 
 import structprune as sp  # noqa: E402
-import structprune.backends.triton as K  # noqa: E402
 from structprune.ops import dispatch, reference  # noqa: E402
 from structprune.ops.activations import ACTIVATIONS  # noqa: E402
-
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
-    ["cuda"] if torch.cuda.is_available() else [])
-if not DEVICES or K.availability(torch.device(DEVICES[0])) is not None:
-    pytest.skip("Triton backend unavailable: " + str(K.availability(torch.device("cpu"))), allow_module_level=True)
-
 from structprune._kernels import glu_ffn as G  # noqa: E402
 
-DEV = DEVICES[0]
 B, S, E, I = 2, 5, 24, 13  # odd sizes: every tile has a ragged edge
 NAMES = ("x", "w1", "b1", "w2", "b2", "unit_gates")
 
@@ -41,14 +32,6 @@ def case(kept="some", bias=True, seed=0, lead=(B, S)):
     return params, gates.to(DEV), index.to(DEV)
 
 
-def run(fn, params, gates, dtype, dy):
-    leaves = [None if t is None else t.to(dtype).requires_grad_() for t in params] + [gates.clone().requires_grad_()]
-    y = fn(*leaves)
-    live = [t for t in leaves if t is not None]
-    grads = iter(torch.autograd.grad(y, live, dy.to(y.dtype)))
-    return y, [None if t is None else next(grads) for t in leaves]
-
-
 def compare(name, fn, ref, params, gates, kept, dtype):
     dy = torch.randn(params[0].shape, generator=torch.Generator().manual_seed(1)).to(DEV)
     got = run(fn, params, gates, dtype, dy)
@@ -56,17 +39,7 @@ def compare(name, fn, ref, params, gates, kept, dtype):
     ref32 = run(ref, rounded, gates, torch.float32, dy)
     plain = ref32 if dtype == torch.float32 else run(ref, params, gates, dtype, dy)
     assert got[0].dtype == dtype and got[0].shape == params[0].shape
-    check_close(f"{name} y", got[0], ref32[0], plain[0], dtype)
-    for n, a, r, p in zip(NAMES, got[1], ref32[1], plain[1]):
-        if r is None:
-            assert a is None, n
-            continue
-        if n == "unit_gates":  # pruned units: 0 (the kernel never forms their activations)
-            pruned = torch.ones(I, dtype=torch.bool, device=a.device)
-            pruned[kept] = False
-            assert (a[pruned] == 0).all()
-            a, r, p = a[kept], r[kept], p[kept]
-        check_close(f"{name} d{n}", a, r, p, dtype)
+    check_outputs(f"{name} ", got, ref32, plain, NAMES, kept, dtype)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -123,11 +96,7 @@ def test_backward_honours_the_output_mask(mask):
     args = (torch.randn_like(x), x, w1, w2, gates, index, pre, h, "relu", True, True)
     full = torch.ops.structprune.triton_gated_glu_ffn_backward(*args)
     part = torch.ops.structprune.triton_gated_glu_ffn_backward(*args, output_mask=mask)
-    for f, p, want in zip(full, part, [mask[0]] + [mask[1]] * 4 + [mask[2]]):
-        if want:
-            torch.testing.assert_close(p, f, rtol=0, atol=0)
-        else:
-            assert p.shape == (0,)
+    check_against_unmasked(part, full, mask, NAMES)
     nb = torch.ops.structprune.triton_gated_glu_ffn_backward(*args[:-2], False, False)
     assert nb[2].shape == (0,) and nb[4].shape == (0,) and nb[1].shape == (2 * I, E)
 

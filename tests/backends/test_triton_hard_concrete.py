@@ -1,19 +1,14 @@
 """What is specific to the fused Triton hard-concrete sampler (structprune._kernels): its Philox counter layout,
 torch.compile and its input checks. Sampling against the reference, gradients, dtypes, noise statistics and opcheck
 are the op contract, tests/ops/test_op_contract.py."""
-import os
-
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from helpers.triton_cases import triton_devices
+
+DEVICES = triton_devices()
 
 import structprune.backends.triton as K  # noqa: E402
-
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
-    ["cuda"] if torch.cuda.is_available() else [])
-if not DEVICES or K.availability(torch.device(DEVICES[0])) is not None:
-    pytest.skip("Triton backend unavailable: " + str(K.availability(torch.device("cpu"))), allow_module_level=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,27 +6,18 @@ interpreter on CPU (conftest sets TRITON_INTERPRET=1) or on CUDA; tolerances fro
 
 Padding queries of a padded sequence are compared nowhere (their band may hold only padded keys, where every
 implementation's output is arbitrary), as in tests/backends/test_cpp_modernbert_ops.py."""
-import os
-
 import pytest
 import torch
 
-from helpers.tolerances import check_close
+from helpers.grad_masks import check_against_unmasked
+from helpers.triton_cases import check_outputs, run_with_optional, triton_devices
 
-triton = pytest.importorskip("triton")
+DEV = triton_devices()[0]
 
 import structprune as sp  # noqa: E402
-import structprune.backends.triton as K  # noqa: E402
 from structprune.ops import dispatch, reference  # noqa: E402
-
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
-    ["cuda"] if torch.cuda.is_available() else [])
-if not DEVICES or K.availability(torch.device(DEVICES[0])) is not None:
-    pytest.skip("Triton backend unavailable: " + str(K.availability(torch.device("cpu"))), allow_module_level=True)
-
 from structprune._kernels import rotary_attention as R  # noqa: E402
 
-DEV = DEVICES[0]
 B, S, E, NH, D = 2, 37, 24, 3, 8  # S: two 32-row blocks under the interpreter, the second ragged
 PAD = 30  # sequence 1 is padded from here on
 NAMES = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "head_gates")
@@ -58,11 +49,9 @@ def case(kept="some", bias=True, padding=True, seed=0):
 
 
 def run(fn, params, gates, dtype, dy, keep):
-    leaves = [None if t is None else t.to(dtype).requires_grad_() for t in params] + [gates.clone().requires_grad_()]
-    y = fn(*leaves)
-    live = [t for t in leaves if t is not None]
-    grads = iter(torch.autograd.grad(y, live, dy.to(y.dtype)))
-    return y * keep.to(y.dtype), [None if t is None else next(grads) for t in leaves]
+    """The output (padding queries zeroed by ``keep``) and the gradients."""
+    y, grads = run_with_optional(fn, params, gates, dtype, dy)
+    return y * keep.to(y.dtype), grads
 
 
 def compare(params, gates, active, key_bias, window, dtype, cos_sin=None):
@@ -84,17 +73,7 @@ def compare(params, gates, active, key_bias, window, dtype, cos_sin=None):
     ref32 = run(ref, rounded, gates, torch.float32, dy, keep)
     plain = ref32 if dtype == torch.float32 else run(ref, params, gates, dtype, dy, keep)
     assert got[0].dtype == dtype
-    check_close(f"y[w={window}]", got[0], ref32[0], plain[0], dtype)
-    for n, a, r, p in zip(NAMES, got[1], ref32[1], plain[1]):
-        if r is None:
-            assert a is None, n
-            continue
-        if n == "head_gates":  # pruned heads: 0 (the kernels never form their contexts)
-            pruned = torch.ones(NH, dtype=torch.bool, device=a.device)
-            pruned[active] = False
-            assert (a[pruned] == 0).all()
-            a, r, p = a[active], r[active], p[active]
-        check_close(f"d{n}[w={window}]", a, r, p, dtype)
+    check_outputs(f"[w={window}] ", got, ref32, plain, NAMES, active, dtype)
 
 
 @pytest.mark.parametrize("window", [-1, 0, 3, 40])
@@ -144,11 +123,7 @@ def test_backward_honours_the_output_mask(mask):
     args = (torch.randn_like(x), x, wq, wk, wv, wo, gates, active, key_bias, cos, sin, 3, NH, [True] * 4, *out[1:])
     full = torch.ops.structprune.triton_gated_rotary_attention_backward(*args)
     part = torch.ops.structprune.triton_gated_rotary_attention_backward(*args, output_mask=mask)
-    for f, p, want in zip(full, part, [mask[0]] + [mask[1]] * 8 + [mask[2]]):
-        if want:
-            torch.testing.assert_close(p, f, rtol=0, atol=0)
-        else:
-            assert p.shape == (0,)
+    check_against_unmasked(part, full, mask, NAMES)
 
 
 def test_opcheck():
