@@ -11,6 +11,7 @@ from structprune.model.cofi import embeddings_of, hidden_gate, hidden_readers
 from structprune.model.families import LayerParts
 from structprune.model.families import family_of
 from structprune.model.hidden import HiddenGatedLayerNorm, select_embedding, select_norm
+from structprune.model.modules import sublayer_closed
 from structprune.model.patching import NotPatchedError, gated_layers, layer_parts
 
 
@@ -167,10 +168,6 @@ def _scale_norm(norm: nn.LayerNorm, scale: torch.Tensor) -> None:
         norm.bias.mul_(scale.to(norm.bias))
 
 
-def _closed(gate) -> bool:
-    return gate is not None and int(gate.kept_index().numel()) == 0
-
-
 @torch.no_grad()
 def compact_layer(layer, drop_silent: bool = False) -> None:
     """Physically remove the pruned heads and FFN units of one patched layer (or its parts), in place; a whole
@@ -182,9 +179,9 @@ def compact_layer(layer, drop_silent: bool = False) -> None:
     """
     parts = parts_of(layer)
     heads, units = parts.head_gate.kept_index(), parts.unit_gate.kept_index()
-    if _closed(parts.get("attn_sublayer_gate")):
+    if sublayer_closed(parts.get("attn_sublayer_gate")):
         heads = heads[:0]
-    if _closed(parts.get("ffn_sublayer_gate")):
+    if sublayer_closed(parts.get("ffn_sublayer_gate")):
         units = units[:0]
     fold_gate_values(parts)
     if drop_silent:
@@ -299,7 +296,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if reason is not None:
             raise ValueError(f"cannot unpatch layer {i} of {type(model).__name__}: {reason}")
     skipped = [i for i, parts in enumerate(layer_parts(model))
-               if _closed(parts.get("attn_sublayer_gate")) or _closed(parts.get("ffn_sublayer_gate"))]
+               if any(sublayer_closed(parts.get(g)) for g in ("attn_sublayer_gate", "ffn_sublayer_gate"))]
     if skipped:
         raise ValueError(f"layers {skipped} skip a whole sublayer, which plain Hugging Face modules cannot express; "
                          "save the model with structprune.save_pretrained (its standalone modeling file can)")

@@ -32,6 +32,12 @@ def gate_values(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor | No
     return values, gate.kept_index()
 
 
+def sublayer_closed(gate: HardConcreteGate | None) -> bool:
+    """Whether a whole-sublayer gate (one entry; None: no such gate) is closed at eval: the sublayer, its residual and
+    its LayerNorm are skipped (compaction keeps it skipped, serving skips it too)."""
+    return gate is not None and int(gate.kept_index().numel()) == 0
+
+
 def sublayer_scale(gate: HardConcreteGate | None) -> tuple[torch.Tensor | None, bool]:
     """(what a sublayer's output is multiplied by, whether the sublayer is skipped) for a whole-sublayer gate (one
     entry; None: no such gate). A gate at exactly 0 skips the sublayer, its residual and its LayerNorm (CoFi): at
@@ -41,7 +47,7 @@ def sublayer_scale(gate: HardConcreteGate | None) -> tuple[torch.Tensor | None, 
     if gate.stochastic:
         value = gate()
         return value, bool(value.detach().item() == 0)
-    if gate.kept_index().numel() == 0:
+    if sublayer_closed(gate):
         return None, True
     value = gate.deterministic()
     return (None if gate.is_fully_open() else value), False

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, QuestionAnsweringModelOutput
 
+from structprune.model.modules import sublayer_closed
 from structprune.serving.encoder import ACTIVATIONS, PackedLinear, ServingLayer
 from structprune.serving.embeddings import ServingEmbeddings
 from structprune.serving.threads import pool
@@ -169,12 +170,6 @@ def _prepared(model: nn.Module) -> tuple[nn.Module, str]:
     return compact(copy.deepcopy(model)), "compacted copy"
 
 
-def _skipped(sublayer_gate) -> bool:
-    """Whether a whole-sublayer gate (CoFi; None where the model has none) is closed: the model skips that sublayer,
-    its residual add and its LayerNorm."""
-    return sublayer_gate is not None and sublayer_gate.kept_index().numel() == 0
-
-
 def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, *, packed: bool = True,
              pad_units: int | None = None) -> ServingModel:
     """A :class:`ServingModel` computing ``model``'s outputs (eval mode) in ``dtype`` on the CPU.
@@ -202,8 +197,8 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, *, packed: bo
                  "ffn_in": layer.intermediate.dense, "ffn_out": layer.output.dense, "ln2": layer.output.LayerNorm}
         heads = parts["query"].out_features // head_dim
         layers.append(ServingLayer(parts, heads, head_dim, ACTIVATIONS[config.hidden_act], dtype, packed, pad_units,
-                                   skip_attention=_skipped(getattr(attention, "sublayer_gate", None)),
-                                   skip_ffn=_skipped(getattr(layer.intermediate, "sublayer_gate", None))))
+                                   skip_attention=sublayer_closed(getattr(attention, "sublayer_gate", None)),
+                                   skip_ffn=sublayer_closed(getattr(layer.intermediate, "sublayer_gate", None))))
     embeddings = copy.deepcopy(base.embeddings).float().eval().requires_grad_(False)
     project = getattr(base, "embeddings_project", None)  # ELECTRA with embedding_size != hidden_size
     project = copy.deepcopy(project).float().eval().requires_grad_(False) if project is not None else None
