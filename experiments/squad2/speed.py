@@ -27,7 +27,7 @@ import torch
 from transformers import AutoTokenizer
 
 import structprune as sp
-from structprune.qa.pruning import measure_speedup
+from structprune.qa.pruning import measure_speedup, speed_batch
 from structprune.qa.runs import load_qa_model
 from structprune.tools.timing import Spread
 
@@ -88,7 +88,7 @@ def versus(runs: Path, teacher, tokenizer, args) -> int:
         raise SystemExit(f"--versus {args.versus}: expected RUN_A:RUN_B, two runs with a model/ in {runs}")
     config = argparse.Namespace(**json.loads((runs / names[0] / "config.json").read_text()))
     torch.set_num_threads(args.threads)
-    batch = dev_batch(config, tokenizer)
+    batch = speed_batch(tokenizer, config)
     models = {"teacher": teacher.eval(), **{n: load_qa_model(str(runs / n / "model")).eval() for n in names}}
     with torch.inference_mode():
         timing = compare({n: (lambda m=m: m(**batch)) for n, m in models.items()}, warmup=1, repeats=args.repeats,
@@ -105,23 +105,12 @@ def versus(runs: Path, teacher, tokenizer, args) -> int:
     return 0
 
 
-def dev_batch(settings, tokenizer) -> dict:
-    """The first ``eval_batch_size`` dev features (``dev``, ``max_length``, ``doc_stride`` of a run's settings), as
-    ``measure_speedup`` times them."""
-    from structprune.qa.features import build_eval_features, collate
-    from structprune.qa.runs import _data
-
-    feats = build_eval_features(_data(settings.dev, "dev", 64), tokenizer, settings.max_length, settings.doc_stride)
-    cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in feats.column_names]
-    return collate(feats[: settings.eval_batch_size], tokenizer, cols)
-
-
 def serving_speed(teacher, student, tokenizer, settings, repeats: int) -> dict:
     """The four sides of ``--serving`` timed round by round on the first dev batch (see the module docstring)."""
     from structprune.tools.timing import compare
 
     torch.set_num_threads(settings.threads)
-    batch = dev_batch(settings, tokenizer)
+    batch = speed_batch(tokenizer, settings)
     models = {"teacher": teacher.eval(), "teacher_served": sp.optimize(teacher.eval()),
               "student": student.eval(), "student_served": sp.optimize(student.eval())}
     with torch.inference_mode():

@@ -223,6 +223,16 @@ def _decided_only(student, tokenizer, target, args, out: Path) -> int:
     return 0
 
 
+def speed_batch(tokenizer, args) -> dict:
+    """The batch speed-ups are timed on: the first ``args.eval_batch_size`` features of ``args.dev`` (at
+    ``args.max_length`` / ``args.doc_stride``)."""
+    from structprune.qa.features import build_eval_features, collate
+
+    feats = build_eval_features(_data(args.dev, "dev", 64), tokenizer, args.max_length, args.doc_stride)
+    cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in feats.column_names]
+    return collate(feats[: args.eval_batch_size], tokenizer, cols)
+
+
 @torch.inference_mode()
 def measure_speedup(dense, pruned, tokenizer, args, repeats: int = 5) -> dict:
     """Forward time of the dense teacher and the pruned model on the same real dev batch, the two alternated
@@ -230,13 +240,8 @@ def measure_speedup(dense, pruned, tokenizer, args, repeats: int = 5) -> dict:
     reported with its quartiles."""
     from structprune.tools.timing import compare
 
-    from structprune.qa.features import build_eval_features, collate
-
     torch.set_num_threads(args.threads)
-    dev = _data(args.dev, "dev", 64)
-    feats = build_eval_features(dev, tokenizer, args.max_length, args.doc_stride)
-    cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in feats.column_names]
-    batch = collate(feats[: args.eval_batch_size], tokenizer, cols)
+    batch = speed_batch(tokenizer, args)
     dense.eval()
     pruned.eval()
     shape = tuple(batch["input_ids"].shape)
