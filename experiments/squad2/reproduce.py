@@ -30,6 +30,9 @@
    always answering (``--always-answer``: ``heldout/<run>/predictions_always.json``). ``--bf16`` trains the
    frontier students under bf16 autocast (their names end in ``-bf16``); ``--bf16-check`` adds the 3-layer
    layer-drop student in bf16 beside its fp32 run, for report.py's ``--pair`` to show whether bf16 costs accuracy.
+   With both, the later bf16 students run too: the heads/FFN-only L0 student distilled the same way, and the
+   ``l0-full`` variants of FULL_VARIANTS (the teacher's learning rate, a 4.3-4.4x target, a shorter selection,
+   more weight on the teacher's logits), each with its own flags.
 
 Each step is one ``structprune`` command (printed, and stored in commands.txt); a step whose output exists is
 skipped, and a step that was interrupted resumes from its checkpoint when the script is run again. On a GPU machine
@@ -61,6 +64,17 @@ LATENCY_SPEEDUP, LATENCY_AT = "2.52", "32x192"  # the table's prediction for the
 # issue 27's frontier: layers kept by the layer-drop students, predicted speed-ups of the l0-full students
 LAYERDROP_KEEP = (3, 2)
 FULL_SPEEDUPS = ("3", "4", "6")
+# the bf16 frontier's later students (sessions 33-34), name suffix after "l0-full-speed{speedup}-distill-bf16" ->
+# (predicted speed-up, their flags beyond the frontier's): the teacher's learning rate, a shorter selection phase
+# (more continued training at the final shape), more weight on the teacher's logits
+FULL_VARIANTS = {
+    ("4", "-lr1e-4"): ["--lr", "1e-4"],
+    ("4.4", "-lr1e-4"): ["--lr", "1e-4"],
+    ("4.3", "-lr1e-4-sel200"): ["--lr", "1e-4", "--l0-warmup-steps", "200", "--l0-steps", "500"],
+    ("4.3", "-lr2e-4-sel200"): ["--lr", "2e-4", "--l0-warmup-steps", "200", "--l0-steps", "500"],
+    ("4.3", "-lr1e-4-sel200-a0.9"): ["--lr", "1e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
+                                     "--distill-alpha", "0.9"],
+}
 
 def student_runs() -> list[tuple[str, float, float, str, bool]]:
     """(name, heads, ffn, method, distill) of every student, the paper's point first."""
@@ -119,11 +133,31 @@ def frontier_students(bf16: bool = False, bf16_check: bool = False, frontier: bo
     students = {f"layerdrop-k{k}{tail(in_bf16)}": ["--method", "layerdrop", "--keep-layers", str(k),
                                                     "--distill-layers"] + ["--bf16"] * in_bf16
                 for k, in_bf16 in layerdrop}
+    def full(speedup: str) -> list[str]:
+        return (["--method", "l0", "--full", "--speedup", speedup, "--latency-table", "{full_table}",
+                 "--latency-backend", "cpp"] + L0_FLAGS + ["--distill-layers"] + ["--bf16"] * bf16)
+
     for speedup in FULL_SPEEDUPS if frontier else ():
-        students[f"l0-full-speed{speedup}{tail(bf16)}"] = (
-            ["--method", "l0", "--full", "--speedup", speedup, "--latency-table", "{full_table}", "--latency-backend",
-             "cpp"] + L0_FLAGS + ["--distill-layers"] + ["--bf16"] * bf16)
-    return students
+        students[f"l0-full-speed{speedup}{tail(bf16)}"] = full(speedup)
+    if frontier and bf16:  # the later bf16 students: the heads/FFN-only L0 distilled the same way, then the variants
+        h, f = LEVELS[0]
+        students[f"l0-h{h}-f{f}-distill-bf16"] = (["--method", "l0", "--heads", str(h), "--ffn", str(f)] + L0_FLAGS
+                                                  + ["--distill-layers", "--bf16"])
+        for (speedup, suffix), flags in FULL_VARIANTS.items():
+            students[f"l0-full-speed{speedup}{tail(bf16)}{suffix}"] = with_values(["--lr", STUDENT_LR] + full(speedup),
+                                                                                 flags)
+    return {name: flags if "--lr" in flags else ["--lr", STUDENT_LR] + flags for name, flags in students.items()}
+
+
+def with_values(flags: list[str], changes: list[str]) -> list[str]:
+    """``flags`` with each ``--flag value`` pair of ``changes`` set: in place where the flag is, appended where not."""
+    flags = list(flags)
+    for flag, value in zip(changes[::2], changes[1::2]):
+        if flag in flags:
+            flags[flags.index(flag) + 1] = value
+        else:
+            flags += [flag, value]
+    return flags
 
 
 def frontier_commands(runs: Path, data: Path, common: list[str], student_epochs: str = STUDENT_EPOCHS,
@@ -143,7 +177,7 @@ def frontier_commands(runs: Path, data: Path, common: list[str], student_epochs:
         distill = ["--distill"] + ([] if "--distill-layers" in flags else ["--teacher-logits", str(logits)])
         plan.append((runs / name / "metrics.json",
                      ["structprune", "prune", "--model", str(teacher), "--out", str(runs / name)] + flags + distill
-                     + ["--lr", STUDENT_LR, "--epochs", student_epochs, "--eval-every", STUDENT_EVAL_EVERY] + common))
+                     + ["--epochs", student_epochs, "--eval-every", STUDENT_EVAL_EVERY] + common))
     existing = ["teacher"] + [name for name, _, _, method, distill in student_runs() if method == "l0" and distill]
     existing.append(f"l0-speed{LATENCY_SPEEDUP}-distill")
     threads = common[common.index("--threads") + 1]

@@ -88,6 +88,17 @@ def test_bf16_frontier_and_the_bf16_check(reproduce, tmp_path):
     assert students["layerdrop-k3-distill-bf16"].bf16 and students["layerdrop-k2-distill-bf16"].bf16
     assert not students["layerdrop-k3-distill"].bf16  # the check's fp32 twin
     assert all("--bf16" in cmd for _, cmd in plan if "--full" in cmd)
+    # the later students: each variant with its own flags, set once (no flag repeated for argparse to pick)
+    assert students["l0-h0.5-f0.3-distill-bf16"].method == "l0" and students["l0-h0.5-f0.3-distill-bf16"].distill_layers
+    for (speedup, suffix), changes in reproduce.FULL_VARIANTS.items():
+        a = students[f"l0-full-speed{speedup}-distill-bf16{suffix}"]
+        assert a.speedup == float(speedup) and a.bf16 and a.distill_layers
+        for flag, value in zip(changes[::2], changes[1::2]):
+            assert float(getattr(a, flag[2:].replace("-", "_"))) == float(value), (suffix, flag)
+    for _, cmd in plan:
+        flags = [f for f in cmd if f.startswith("--")]
+        assert len(flags) == len(set(flags)), cmd
+    assert students["l0-full-speed4-distill-bf16"].lr == 5e-5
     check = reproduce.commands(runs, tmp_path / "data", threads=1, bf16_check=True)
     names = {Path(a.out).name for a, cmd in parse_plan(check).values() if cmd[1] == "prune"}
     assert names - {n for n, *_ in reproduce.student_runs()} - {f"l0-speed{reproduce.LATENCY_SPEEDUP}-distill"} == {
