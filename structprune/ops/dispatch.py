@@ -34,7 +34,8 @@ from structprune.ops.checks import check_attention_inputs, check_ffn_inputs  # n
 from structprune.ops.checks import check_glu_ffn_inputs, check_rotary_attention_inputs
 from structprune.ops.checks import check_decoder_attention_inputs, check_decoder_qkv_inputs, run_checked
 from structprune.ops.support import OpInputs
-from structprune.ops.padding import banded_key_row, fully_padded, kernel_key_bias, key_bias_from_mask, padded_sequence_output
+from structprune.ops.padding import (banded_key_row, fully_padded, kernel_key_bias, key_bias_from_mask, mask_row,
+                                     padded_sequence_output)
 from structprune.ops.padding import allowed, causal_key_mask
 
 BACKENDS = backends.names()  # the registered backends at import: ("torch", "triton", "cpp")
@@ -270,11 +271,12 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
         # and the backend's op takes it as a tensor; eager draws it on the host. Either way torch.manual_seed
         # reproduces the run.
         seed = (_graph_seed() if torch.compiler.is_compiling() else _host_seed()) if dropout_p > 0.0 else 0
+        row = None if attn_mask is None else mask_row(attn_mask)  # a [B, 1, Q, K] mask is checked once per call
         out = run_checked(backend.gated_attention, x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
-                          kernel_key_bias(attn_mask, x.shape[0]), num_heads, dropout_p=float(dropout_p), seed=seed)
+                          kernel_key_bias(row, x.shape[0]), num_heads, dropout_p=float(dropout_p), seed=seed)
         if attn_mask is not None:  # fully padded sequences get what the reference gives them
             out = padded_sequence_output(out, (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates), num_heads,
-                                         attn_mask, dropout_p, impl)
+                                         attn_mask, dropout_p, impl, row=row)
     _last["attention"] = backend.name
     return out
 

@@ -29,13 +29,29 @@ def mask_row(attn_mask: torch.Tensor) -> torch.Tensor:
     if attn_mask.shape[2] > 1 and attn_mask.stride(2) != 0 and not torch.compiler.is_compiling():
         if _checked_mask and _checked_mask[0][0]() is attn_mask and _checked_mask[0][1] == attn_mask._version:
             return row
-        if not bool((attn_mask == row[:, None, None, :]).all()):
+        if not _same_row_for_every_query(attn_mask, row):
             raise ValueError("the kernel backends take padding masks only (the same key mask for every query); "
                              "this [B, 1, Q, K] attention mask varies over the query axis. Use "
                              "sp.set_backend('torch') for causal or other per-query masks")
         if not attn_mask.is_inference():
             _checked_mask[:] = [(weakref.ref(attn_mask), attn_mask._version)]
     return row
+
+
+def _same_row_for_every_query(attn_mask: torch.Tensor, row: torch.Tensor) -> bool:
+    """Whether every query's row of the [B, 1, Q, K] mask equals ``row`` ([B, K]). Bool masks whose rows are whole
+    8-byte words are compared as int64 words (8 keys per compare: the check is a pass over the mask at memory speed,
+    once per layer in inference mode, where masks have no version counter to cache it on)."""
+    K = attn_mask.shape[-1]
+    if attn_mask.dtype == torch.bool and K % 8 == 0 and attn_mask.stride(-1) == 1 and attn_mask.stride(-2) == K and \
+            attn_mask.storage_offset() % 8 == 0:
+        try:
+            words = attn_mask.view(torch.uint8).view(torch.int64)  # [B, 1, Q, K / 8]; bool bytes are 0 or 1
+        except RuntimeError:  # strides a wider dtype cannot view: compare key by key
+            words = None
+        if words is not None:
+            return bool((words == words[:, :, :1, :]).all())
+    return bool((attn_mask == row[:, None, None, :]).all())
 
 
 def key_bias_from_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -68,8 +84,9 @@ def fully_padded(attn_mask: torch.Tensor) -> torch.Tensor:
     return (row.float() <= torch.finfo(row.dtype).min / 2).all(-1)
 
 
-def padded_sequence_output(y, args, num_heads, attn_mask, dropout_p, impl):
-    """Give fully padded sequences what the reference (and HF's attention) gives them.
+def padded_sequence_output(y, args, num_heads, attn_mask, dropout_p, impl, row=None):
+    """Give fully padded sequences what the reference (and HF's attention) gives them; ``row``: the mask's
+    :func:`mask_row` when the caller has it (the mask is then not checked again).
 
     Boolean masks (HF's SDPA layers): SDPA returns a zero context for a query with no key to attend to, so
     the output is the bias ``bo``. Additive masks (HF's eager layers): every score is ``finfo.min`` after the
@@ -77,9 +94,13 @@ def padded_sequence_output(y, args, num_heads, attn_mask, dropout_p, impl):
     one host sync to find) run through the reference, so that gradients match too. The kernels got a zero key
     bias for them (finite in every dtype) and their rows of ``y`` are replaced here.
     """
-    dead = fully_padded(attn_mask).expand(y.shape[0])  # a mask may have batch 1, broadcast over the batch
+    row = mask_row(attn_mask) if row is None else row
+    dead = fully_padded(row).expand(y.shape[0])  # a mask may have batch 1, broadcast over the batch
     bo = args[8]
-    if mask_row(attn_mask).dtype == torch.bool:
+    if row.dtype == torch.bool:
+        # on the CPU the host sync is free and saves a pass over y when (as almost always) no sequence is dead
+        if y.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
+            return y
         return torch.where(dead[:, None, None], bo.to(y.dtype).expand_as(y), y)
     if torch.compiler.is_compiling() or not bool(dead.any()):
         return y

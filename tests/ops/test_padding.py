@@ -109,3 +109,25 @@ def test_banded_key_row_of_an_hf_sliding_mask_is_its_padding_row(kind):
     row = banded_key_row(mask)
     want = allowed[:, 0].any(dim=1) if kind == "bool" else mask[:, 0].amax(dim=1)
     assert torch.equal(row, want)
+
+
+@pytest.mark.parametrize("keys", [8, 16, 24, 13])
+def test_query_varying_bool_mask_is_found_at_every_position(keys):
+    """The mask check compares bool masks 8 keys per int64 word when the rows allow it: one flipped key anywhere,
+    in any word, is found; so in inference mode, where no check is cached; views fall back to key-by-key."""
+    from structprune.ops.padding import mask_row
+
+    g = torch.Generator().manual_seed(keys)
+    B, Q = 3, 5
+    mask = (torch.rand(B, 1, 1, keys, generator=g) > 0.3).expand(B, 1, Q, keys).contiguous()
+    with torch.inference_mode():
+        assert torch.equal(mask_row(mask), mask[:, 0, 0, :])
+        for b, q, k in [(0, 1, 0), (1, Q - 1, keys - 1), (2, 2, keys // 2), (2, 4, 7 % keys)]:
+            bad = mask.clone()
+            bad[b, 0, q, k] = ~bad[b, 0, q, k]
+            with pytest.raises(ValueError, match="varies over the query axis"):
+                mask_row(bad)
+            wide = torch.cat([bad, bad], dim=-1)[..., keys // 2: keys // 2 + keys]  # a view: not word-aligned
+            if not torch.equal(wide, wide[:, :, :1, :].expand_as(wide)):
+                with pytest.raises(ValueError, match="varies over the query axis"):
+                    mask_row(wide)
