@@ -104,31 +104,31 @@ class ServingLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
         """``h``: ``[batch * seq, hidden]``; ``mask``: the additive key bias ``[batch, seq]`` or None."""
-        if self.heads > 0:
-            qkv = self.qkv(h).view(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            ctx = self._attention(qkv[0], qkv[1], qkv[2], mask)
-            h = self.ln1(self.attn_out(ctx.view(batch * seq, self.heads * self.head_dim), h))
-        elif not self.skip_attention:
-            h = self.ln1(h + self.attn_out_bias)
-        return self._ffn(h)
+        if self.heads == 0:
+            return self._ffn(self._headless(h))
+        qkv = self.qkv(h).view(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        ctx = self._attention(qkv[0], qkv[1], qkv[2], mask)
+        return self._ffn(self.ln1(self.attn_out(ctx.view(batch * seq, self.heads * self.head_dim), h)))
 
     def forward_rows(self, h: torch.Tensor, mask: torch.Tensor | None, seq: int, start: int, qkv_all: torch.Tensor,
                      barrier) -> torch.Tensor:
         """Rows ``start:start + len(h)`` of ONE sequence (``h``: ``[rows, hidden]``), while other threads run the
         other rows: the query/key/value rows are written into ``qkv_all`` (``[seq, 3 * heads * head_dim]``, one
         buffer per layer and call), one ``barrier.wait()``, then this thread's queries attend to every key."""
-        if self.heads > 0:
-            rows = h.shape[0]
-            qkv = self.qkv(h)
-            qkv_all[start:start + rows] = qkv
-            barrier.wait()
-            q = qkv.view(1, rows, 3, self.heads, self.head_dim)[:, :, 0].transpose(1, 2)
-            kv = qkv_all.view(1, seq, 3, self.heads, self.head_dim)
-            ctx = self._attention(q, kv[:, :, 1].transpose(1, 2), kv[:, :, 2].transpose(1, 2), mask)
-            h = self.ln1(self.attn_out(ctx.view(rows, self.heads * self.head_dim), h))
-        elif not self.skip_attention:
-            h = self.ln1(h + self.attn_out_bias)
-        return self._ffn(h)
+        if self.heads == 0:
+            return self._ffn(self._headless(h))
+        rows = h.shape[0]
+        qkv = self.qkv(h)
+        qkv_all[start:start + rows] = qkv
+        barrier.wait()
+        q = qkv.view(1, rows, 3, self.heads, self.head_dim)[:, :, 0].transpose(1, 2)
+        kv = qkv_all.view(1, seq, 3, self.heads, self.head_dim)
+        ctx = self._attention(q, kv[:, :, 1].transpose(1, 2), kv[:, :, 2].transpose(1, 2), mask)
+        return self._ffn(self.ln1(self.attn_out(ctx.view(rows, self.heads * self.head_dim), h)))
+
+    def _headless(self, h: torch.Tensor) -> torch.Tensor:
+        """The attention sublayer of a layer with 0 heads: its output bias and LayerNorm, or nothing when skipped."""
+        return h if self.skip_attention else self.ln1(h + self.attn_out_bias)
 
     def _attention(self, q, k, v, key_bias):
         """``[B, Sq, H, D]`` contiguous in q's dtype; key_bias: the model's ``[B, Sk]`` fp32 additive bias, or None."""
