@@ -74,6 +74,10 @@ FULL_VARIANTS = {
     ("4.3", "-lr2e-4-sel200"): ["--lr", "2e-4", "--l0-warmup-steps", "200", "--l0-steps", "500"],
     ("4.3", "-lr1e-4-sel200-a0.9"): ["--lr", "1e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
                                      "--distill-alpha", "0.9"],
+    ("4.3", "-lr2e-4-sel200-a0.9"): ["--lr", "2e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
+                                     "--distill-alpha", "0.9"],
+    ("4.3", "-lr3e-4-sel200-a0.9"): ["--lr", "3e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
+                                     "--distill-alpha", "0.9"],
 }
 
 def student_runs() -> list[tuple[str, float, float, str, bool]]:
