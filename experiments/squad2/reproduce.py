@@ -64,9 +64,9 @@ LATENCY_SPEEDUP, LATENCY_AT = "2.52", "32x192"  # the table's prediction for the
 # issue 27's frontier: layers kept by the layer-drop students, predicted speed-ups of the l0-full students
 LAYERDROP_KEEP = (3, 2)
 FULL_SPEEDUPS = ("3", "4", "6")
-# the bf16 frontier's later students (sessions 33-34), name suffix after "l0-full-speed{speedup}-distill-bf16" ->
-# (predicted speed-up, their flags beyond the frontier's): the teacher's learning rate, a shorter selection phase
-# (more continued training at the final shape), more weight on the teacher's logits
+# the bf16 frontier's later students (sessions 33-34): (predicted speed-up, name suffix after
+# "l0-full-speed{speedup}-distill-bf16") -> their flags beyond the frontier's: the teacher's learning rate and more,
+# a shorter selection phase (more continued training at the final shape), more weight on the teacher's logits
 FULL_VARIANTS = {
     ("4", "-lr1e-4"): ["--lr", "1e-4"],
     ("4.4", "-lr1e-4"): ["--lr", "1e-4"],

@@ -19,7 +19,8 @@ def mask_row(attn_mask: torch.Tensor) -> torch.Tensor:
     """The [B, K] key row of an HF padding mask [B, K] or [B, 1, Q|1, K]; refuses masks that vary over queries.
 
     HF materialises [B, 1, Q, K]; the check (a pass over the mask and a host sync) is done once per mask, not
-    once per layer."""
+    once per layer, where the mask has a version counter to key that on; inference tensors have none, and are
+    checked at every call (8 keys per compare for bool masks)."""
     if attn_mask.dim() == 2:
         return attn_mask
     if attn_mask.dim() != 4 or attn_mask.shape[1] != 1:
