@@ -276,7 +276,7 @@ def gated_attention(x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates, active_heads,
                           kernel_key_bias(row, x.shape[0]), num_heads, dropout_p=float(dropout_p), seed=seed)
         if attn_mask is not None:  # fully padded sequences get what the reference gives them
             out = padded_sequence_output(out, (x, wq, bq, wk, bk, wv, bv, wo, bo, head_gates), num_heads,
-                                         attn_mask, dropout_p, impl, row=row)
+                                         attn_mask, row, dropout_p, impl)
     _last["attention"] = backend.name
     return out
 

@@ -85,9 +85,9 @@ def fully_padded(attn_mask: torch.Tensor) -> torch.Tensor:
     return (row.float() <= torch.finfo(row.dtype).min / 2).all(-1)
 
 
-def padded_sequence_output(y, args, num_heads, attn_mask, dropout_p, impl, row=None):
+def padded_sequence_output(y, args, num_heads, attn_mask, row, dropout_p, impl):
     """Give fully padded sequences what the reference (and HF's attention) gives them; ``row``: the mask's
-    :func:`mask_row` when the caller has it (the mask is then not checked again).
+    :func:`mask_row`, which the caller already has (the mask is not checked again).
 
     Boolean masks (HF's SDPA layers): SDPA returns a zero context for a query with no key to attend to, so
     the output is the bias ``bo``. Additive masks (HF's eager layers): every score is ``finfo.min`` after the
@@ -95,7 +95,6 @@ def padded_sequence_output(y, args, num_heads, attn_mask, dropout_p, impl, row=N
     one host sync to find) run through the reference, so that gradients match too. The kernels got a zero key
     bias for them (finite in every dtype) and their rows of ``y`` are replaced here.
     """
-    row = mask_row(attn_mask) if row is None else row
     dead = fully_padded(row).expand(y.shape[0])  # a mask may have batch 1, broadcast over the batch
     bo = args[8]
     if row.dtype == torch.bool:

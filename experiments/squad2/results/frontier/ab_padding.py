@@ -23,7 +23,7 @@ old = types.ModuleType("padding_old")  # structprune/ops/padding.py as it was at
 exec(subprocess.run(["git", "show", "92a60de:structprune/ops/padding.py"], check=True, capture_output=True,
                     text=True).stdout, old.__dict__)
 new = (dispatch.mask_row, dispatch.kernel_key_bias, dispatch.padded_sequence_output)
-before = (lambda m: m, old.kernel_key_bias, lambda *a, row=None: old.padded_sequence_output(*a))
+before = (lambda m: m, old.kernel_key_bias, lambda y, args, heads, mask, row, p, impl: old.padded_sequence_output(y, args, heads, mask, p, impl))
 tok = AutoTokenizer.from_pretrained("runs/qa2/teacher/model")
 cfg = json.load(open(f"runs/qa2/{run}/config.json"))
 args = argparse.Namespace(threads=1, dev=cfg["dev"], max_length=cfg["max_length"], doc_stride=cfg["doc_stride"],
