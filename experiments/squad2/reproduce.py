@@ -148,8 +148,7 @@ def frontier_students(bf16: bool = False, bf16_check: bool = False, frontier: bo
         students[f"l0-h{h}-f{f}-distill-bf16"] = (["--method", "l0", "--heads", str(h), "--ffn", str(f)] + L0_FLAGS
                                                   + ["--distill-layers", "--bf16"])
         for (speedup, suffix), flags in FULL_VARIANTS.items():
-            students[f"l0-full-speed{speedup}{tail(bf16)}{suffix}"] = with_values(["--lr", STUDENT_LR] + full(speedup),
-                                                                                 flags)
+            students[f"l0-full-speed{speedup}{tail(bf16)}{suffix}"] = with_values(full(speedup), flags)
     return {name: flags if "--lr" in flags else ["--lr", STUDENT_LR] + flags for name, flags in students.items()}
 
 
