@@ -26,6 +26,7 @@ def finetune(args) -> int:
     model_path = args.model or _default_model()
     import transformers
 
+    torch.manual_seed(args.seed)  # a checkpoint without a QA head gets it freshly initialised: from the run's seed
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(model_path)
     tokenizer = _tokenizer(model_path)
     train = _data(args.train, "train", args.train_limit)

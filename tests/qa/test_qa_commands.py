@@ -34,6 +34,28 @@ def test_finetune_writes_a_run_directory(teacher):
     assert json.loads((teacher / "config.json").read_text())["command_line"].startswith("structprune finetune")
 
 
+def test_finetune_seeds_a_fresh_qa_head(tmp_path):
+    """A checkpoint without a QA head (the bundled MiniLM is one): the head is drawn from --seed, so a run is
+    reproducible from its command alone, and another seed draws another head."""
+    import transformers
+
+    base = tmp_path / "encoder"
+    tiny = save_tiny_qa_model(tmp_path / "qa", minilm.get_model_path())
+    transformers.BertModel(tiny.config).save_pretrained(base)  # no qa_outputs
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "qa").save_pretrained(base)
+
+    def head(seed: str, name: str) -> torch.Tensor:
+        out = tmp_path / name
+        torch.manual_seed(1234 + len(name))  # the global RNG differs before every run: only --seed may matter
+        assert main(["finetune", "--model", str(base), "--out", str(out), "--max-steps", "1", "--no-eval",
+                     "--seed", seed] + SMALL) == 0
+        return transformers.AutoModelForQuestionAnswering.from_pretrained(out / "model").qa_outputs.weight.detach()
+
+    first, again, other = head("7", "a"), head("7", "bb"), head("8", "ccc")
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
 @pytest.mark.parametrize("method, extra", [("random", []), ("gain", ["--gain-examples", "4"]),
                                            ("l0", ["--distill", "--l0-warmup-steps", "1"])])
 def test_prune_hits_the_target_compacts_and_evaluates(teacher, tmp_path, method, extra):
