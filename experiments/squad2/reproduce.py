@@ -64,7 +64,7 @@ LATENCY_SPEEDUP, LATENCY_AT = "2.52", "32x192"  # the table's prediction for the
 # issue 27's frontier: layers kept by the layer-drop students, predicted speed-ups of the l0-full students
 LAYERDROP_KEEP = (3, 2)
 FULL_SPEEDUPS = ("3", "4", "6")
-# the bf16 frontier's later students (sessions 33-34): (predicted speed-up, name suffix after
+# the bf16 frontier's later students (sessions 33-35): (predicted speed-up, name suffix after
 # "l0-full-speed{speedup}-distill-bf16") -> their flags beyond the frontier's: the teacher's learning rate and more,
 # a shorter selection phase (more continued training at the final shape), more weight on the teacher's logits
 FULL_VARIANTS = {
@@ -77,6 +77,8 @@ FULL_VARIANTS = {
     ("4.3", "-lr2e-4-sel200-a0.9"): ["--lr", "2e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
                                      "--distill-alpha", "0.9"],
     ("4.3", "-lr3e-4-sel200-a0.9"): ["--lr", "3e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
+                                     "--distill-alpha", "0.9"],
+    ("4.1", "-lr3e-4-sel200-a0.9"): ["--lr", "3e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
                                      "--distill-alpha", "0.9"],
 }
 
