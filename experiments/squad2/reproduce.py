@@ -31,8 +31,8 @@
    frontier students under bf16 autocast (their names end in ``-bf16``); ``--bf16-check`` adds the 3-layer
    layer-drop student in bf16 beside its fp32 run, for report.py's ``--pair`` to show whether bf16 costs accuracy.
    With both, the later bf16 students run too: the heads/FFN-only L0 student distilled the same way, and the
-   ``l0-full`` variants of FULL_VARIANTS (the teacher's learning rate, a 4.3-4.4x target, a shorter selection,
-   more weight on the teacher's logits), each with its own flags.
+   ``l0-full`` variants of FULL_VARIANTS (the teacher's learning rate, a 4.1-4.5x target, a shorter selection,
+   more weight on the teacher's logits, widths in multiples of 16), each with its own flags.
 
 Each step is one ``structprune`` command (printed, and stored in commands.txt); a step whose output exists is
 skipped, and a step that was interrupted resumes from its checkpoint when the script is run again. On a GPU machine
@@ -64,7 +64,7 @@ LATENCY_SPEEDUP, LATENCY_AT = "2.52", "32x192"  # the table's prediction for the
 # issue 27's frontier: layers kept by the layer-drop students, predicted speed-ups of the l0-full students
 LAYERDROP_KEEP = (3, 2)
 FULL_SPEEDUPS = ("3", "4", "6")
-# the bf16 frontier's later students (sessions 33-35): (predicted speed-up, name suffix after
+# the bf16 frontier's later students (sessions 33-36): (predicted speed-up, name suffix after
 # "l0-full-speed{speedup}-distill-bf16") -> their flags beyond the frontier's: the teacher's learning rate and more,
 # a shorter selection phase (more continued training at the final shape), more weight on the teacher's logits
 FULL_VARIANTS = {
@@ -80,6 +80,11 @@ FULL_VARIANTS = {
                                      "--distill-alpha", "0.9"],
     ("4.1", "-lr3e-4-sel200-a0.9"): ["--lr", "3e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
                                      "--distill-alpha", "0.9"],
+    # session 36: the same, at widths that are multiples of 16 (odd GEMM widths ran slow on the AMD EPYC)
+    ("4.3", "-lr3e-4-sel200-a0.9-m16"): ["--lr", "3e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
+                                         "--distill-alpha", "0.9", "--multiple-of", "16"],
+    ("4.5", "-lr3e-4-sel200-a0.9-m16"): ["--lr", "3e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
+                                         "--distill-alpha", "0.9", "--multiple-of", "16"],
 }
 
 def student_runs() -> list[tuple[str, float, float, str, bool]]:

@@ -38,6 +38,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max-params", type=fraction, default=None,
                    help="keep at most this fraction of the heads' and FFN units' parameters (alone or with a speed "
                         "target; default: no parameter budget)")
+    p.add_argument("--multiple-of", type=int, default=1, metavar="N",
+                   help="with a budget: keep every layer's FFN units, and the hidden width (--full), in multiples of N "
+                        "(16 suits CPUs and tensor cores: odd GEMM widths can run far slower than a latency table "
+                        "predicts; default: 1, any count)")
     p.add_argument("--latency-backend", default="cpp", choices=["torch", "triton", "cpp"],
                    help="backend the latency table is measured on")
     p.add_argument("--latency-table", default=None, metavar="JSON",

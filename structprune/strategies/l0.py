@@ -427,7 +427,8 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
 
     When training ended below the target, some units ranked in have deterministic value 0: they would compute
     zeros, so they are dropped too (the model keeps fewer than ``target``, with the same outputs, and is faster);
-    ``keep_dead=True`` keeps them, zeroed, to hold the count exactly. For a speed or parameter budget, a closed
+    ``keep_dead=True`` keeps them, zeroed, to hold the count exactly (so does ``target.multiple_of`` above 1 for FFN
+    units, to keep every width aligned). For a speed or parameter budget, a closed
     gate counts as no importance (the plan never keeps one in place of an open one) and FFN counts are not
     rounded to the latency table's grid. Returns the :class:`~structprune.Masks`.
 
@@ -439,7 +440,8 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
     target = as_target(target)
     extra = ExtraGates(model)
     grid = getattr(table if table is not None else target.table, "hidden_grid", None) if target.has_latency else None
-    decided = extra.decide(min_hidden=grid[0] if grid else 0) if extra.present else {}
+    align = target.multiple_of
+    decided = extra.decide(min_hidden=grid[0] if grid else 0, multiple_of=align) if extra.present else {}
     gates = {s: layer_gates(model, s) for s in STRUCTURES}
     is_open = {s: [g.deterministic() != 0 for g in gates[s]] for s in STRUCTURES}
     if target.has_budget:  # commensurate across heads and units: each gate's probability of being non-zero
@@ -467,15 +469,17 @@ def finalize_l0(model: nn.Module, target: PruneTarget, fold: bool = True, keep_d
 
         full_table = table if table is not None else table_for(model, target)
         latency = full_table.dense_ms / float(target.speedup) if target.speedup is not None else target.latency_ms
-        decided = extra.tighten(decided, full_table, float(latency), min_hidden=grid[0] if grid else 0)
+        decided = extra.tighten(decided, full_table, float(latency), min_hidden=grid[0] if grid else 0,
+                                multiple_of=align)
         start = without_skipped(start, decided)
         plan_table = planning_table(full_table, decided)
     # A budget is planned with the interpolated FFN costs the Lagrangian trained against, not on the table's
     # grid: rounding a layer's open units down to a grid point would close units (or whole heads) that trained open.
     masks = masks_for_scores(model, target, scores, start=start, ffn_on_grid=False, table=plan_table)
     kept = {"heads": masks.heads_per_layer(), "ffn": masks.ffn}
-    if not keep_dead:  # ranked in, but the gate is closed: the unit would add exactly zero
-        kept = {s: [m & o.to(m.device) for o, m in zip(is_open[s], kept[s])] for s in STRUCTURES}
+    if not keep_dead:  # ranked in, but the gate is closed: the unit would add exactly zero (kept for alignment)
+        kept = {s: [m & o.to(m.device) for o, m in zip(is_open[s], kept[s])] if s == "heads" or align == 1
+                else kept[s] for s in STRUCTURES}
         masks = Masks(heads=kept["heads"], ffn=kept["ffn"])
     for s in STRUCTURES:
         for gate, m in zip(gates[s], kept[s]):

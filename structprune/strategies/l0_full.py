@@ -61,11 +61,13 @@ class ExtraGates:
         return per_layer * expected[key] if key in expected else per_layer
 
     @torch.no_grad()
-    def decide(self, hidden_count: int | None = None, min_hidden: int = 0) -> dict:
+    def decide(self, hidden_count: int | None = None, min_hidden: int = 0, multiple_of: int = 1) -> dict:
         """The deterministic decision, set as masks: a sublayer is kept when its gate's probability of being non-zero
         is at least 0.5 and its deterministic value is non-zero; ``hidden_count`` dimensions (default: the expected
         count, rounded) are kept, the highest ``log_alpha`` first, among the unmasked ones whose deterministic value
-        is non-zero, at least ``min_hidden`` of them (the narrowest width a latency table timed). Returns ``{"hidden": int, "attn_kept": [bool], "ffn_kept": [bool]}`` (the keys present)."""
+        is non-zero, at least ``min_hidden`` of them (the narrowest width a latency table timed); with ``multiple_of``
+        the count is rounded to the nearest multiple of it (down when fewer are available). Returns
+        ``{"hidden": int, "attn_kept": [bool], "ffn_kept": [bool]}`` (the keys present)."""
         out = {}
         for key, gates in (("attn_kept", self.attn), ("ffn_kept", self.ffn)):
             if gates is None:
@@ -83,6 +85,10 @@ class ExtraGates:
             count = int(round(float(g.expected_l0()))) if hidden_count is None else int(hidden_count)
             count = max(int(min_hidden), 0, min(count, int(available.sum())))
             count = min(count, int(available.sum()))
+            if multiple_of > 1:
+                m, n = multiple_of, int(available.sum())
+                count = max(m * int(count / m + 0.5), -(-int(min_hidden) // m) * m)  # nearest, at least min_hidden
+                count = min(count, n - n % m)
             score = torch.where(available, g.log_alpha.detach(), torch.full_like(g.log_alpha, -float("inf")))
             mask = torch.zeros_like(g.mask)
             mask[torch.topk(score, count).indices] = 1.0
@@ -91,12 +97,14 @@ class ExtraGates:
         return out
 
     @torch.no_grad()
-    def tighten(self, decided: dict, table, latency_ms: float, min_hidden: int = 0) -> dict:
+    def tighten(self, decided: dict, table, latency_ms: float, min_hidden: int = 0, multiple_of: int = 1) -> dict:
         """Close more of the decision until removing every head and unit left could meet ``latency_ms`` on ``table``
         (the discrete decision may keep more than the expected values trained toward): each time, the kept sublayer
-        or the step of hidden dimensions (1/16 of the width, never below ``min_hidden``) least likely kept, by the
-        gates' probability of being non-zero. Masks and ``decided`` are updated; returns ``decided``."""
+        or the step of hidden dimensions (1/16 of the width, rounded down to a multiple of ``multiple_of``, never below
+        ``min_hidden``) least likely kept, by the gates' probability of being non-zero. Masks and ``decided`` are
+        updated; returns ``decided``."""
         step = max(1, (self.hidden.n if self.hidden is not None else 0) // 16)
+        step = multiple_of * max(1, step // multiple_of)
         while planning_table(table, decided).empty_ms > latency_ms * (1 + 1e-9):
             options = []
             for key, gates in (("attn_kept", self.attn), ("ffn_kept", self.ffn)):

@@ -10,7 +10,7 @@ result is the top-importance set of each layer at the chosen counts.
 Importances must be commensurate across heads and FFN units (an estimate of the loss each one's removal costs):
 gain passes the un-normalised ``E|dL/dgate|``, random passes uniform draws scaled by each unit's parameter count,
 L0 the gates' probability of being non-zero. FFN counts stay on the table's grid (where they were timed) unless
-``ffn_on_grid=False``.
+``ffn_on_grid=False``, and on multiples of ``multiple_of`` (aligned GEMM widths) when it is above 1.
 """
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ class Budget:
 
 
 class _State:
-    def __init__(self, table, importance, available, sizes_params, ffn_on_grid: bool, kv_maps=None):
+    def __init__(self, table, importance, available, sizes_params, ffn_on_grid: bool, kv_maps=None,
+                 multiple_of: int = 1):
         self.table = table
         self.L = table.num_layers
         self.order, self.imp, self.kept = {}, {}, {}
@@ -90,6 +91,10 @@ class _State:
         grid = list(table.ffn_grid) if ffn_on_grid else list(range(table.intermediate + 1))
         self.allowed = {"heads": [list(range(n + 1)) for n in self.kept["heads"]],
                         "ffn": [sorted({g for g in grid if g <= n} | {n}) for n in self.kept["ffn"]]}
+        if multiple_of > 1:  # aligned widths only: start from the largest one available, even within the budget
+            self.allowed["ffn"] = [sorted({k for k in a if k % multiple_of == 0} | {n - n % multiple_of})
+                                   for a, n in zip(self.allowed["ffn"], self.kept["ffn"])]
+            self.kept["ffn"] = [a[-1] for a in self.allowed["ffn"]]
         self.unit = sizes_params
         self.kv_latency = kv_maps is not None and getattr(table, "num_kv_heads", None) is not None
         if self.kv_latency:  # a decoder's table: heads go along each layer's path, KV groups whole when cheaper
@@ -148,13 +153,15 @@ def _groups(L: int, per_layer: bool) -> list[list[int]]:
 def plan_masks(table: LatencyTable, importance: dict[str, Sequence[torch.Tensor]],
                available: dict[str, Sequence[torch.Tensor]], budget: Budget, hidden: int, head_dim: int,
                ffn_on_grid: bool = True, unit: dict | None = None,
-               kv_maps: Sequence[torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
+               kv_maps: Sequence[torch.Tensor] | None = None, multiple_of: int = 1) -> dict[str, list[torch.Tensor]]:
     """Per-layer bool keep masks meeting ``budget`` (see the module docstring); units not ``available``
     (already pruned) stay pruned. With ``ffn_on_grid`` FFN counts are limited to the table's grid points (where
     the cost was measured, not interpolated). ``unit``: the parameters per unit (default :func:`unit_params`);
     ``kv_maps`` (decoders: each layer's head -> KV-head map) counts the KV heads the kept heads read, at
-    ``unit["kv_heads"]`` each. Raises ValueError when no choice meets it."""
-    st = _State(table, importance, available, unit or unit_params(hidden, head_dim), ffn_on_grid, kv_maps)
+    ``unit["kv_heads"]`` each; ``multiple_of``: every layer's FFN count a multiple of it (the largest such count
+    available is where the plan starts). Raises ValueError when no choice meets it."""
+    st = _State(table, importance, available, unit or unit_params(hidden, head_dim), ffn_on_grid, kv_maps,
+                multiple_of)
     groups = _groups(st.L, budget.per_layer)
     eps = 1e-9
     lat_budget = None
@@ -361,7 +368,7 @@ def budget_masks(model, target, scores: dict, start: dict, ffn_on_grid: bool = T
 
         maps = kv_maps(model)
     return plan_masks(table, scores, start, budget, c.hidden, c.head_dim, ffn_on_grid=on_grid, unit=unit,
-                      kv_maps=maps)
+                      kv_maps=maps, multiple_of=getattr(target, "multiple_of", 1))
 
 
 def _flat_table(model) -> LatencyTable:

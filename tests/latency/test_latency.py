@@ -196,6 +196,24 @@ def test_ffn_counts_off_grid_when_asked(model):
     assert table.predict([HEADS] * LAYERS, units) <= table.dense_ms / 1.3 + 1e-9
 
 
+def test_ffn_counts_on_multiples_when_asked(model):
+    """``multiple_of``: every layer's FFN count a multiple of it, off the grid too; a layer whose available units are
+    not one starts at the largest multiple below them (here 13 units pruned already: 83 -> 80)."""
+    table = synthetic_table(model)
+    imp = {"heads": [torch.full((HEADS,), 100.0)] * LAYERS, "ffn": [torch.rand(UNITS)] * LAYERS}
+    avail = current_masks(model)
+    avail["ffn"][1] = avail["ffn"][1].clone()
+    avail["ffn"][1][:13] = False
+    for budget in (table.dense_ms / 1.01, table.dense_ms / 1.3):
+        free = plan_masks(table, imp, avail, Budget(latency_ms=budget), 64, 16, ffn_on_grid=False)
+        out = plan_masks(table, imp, avail, Budget(latency_ms=budget), 64, 16, ffn_on_grid=False, multiple_of=8)
+        units = [int(m.sum()) for m in out["ffn"]]
+        assert all(u % 8 == 0 for u in units), units
+        assert any(int(m.sum()) % 8 for m in free["ffn"])  # the same plan without it is not aligned
+        assert units[1] <= 80 and not (out["ffn"][1] & ~avail["ffn"][1]).any()
+        assert table.predict([int(h.sum()) for h in out["heads"]], units) <= budget + 1e-9
+
+
 def test_cheapest_importance_goes_first(model):
     """With every head far more important per ms than FFN units, the plan removes FFN units only."""
     table = synthetic_table(model)

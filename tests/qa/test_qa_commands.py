@@ -122,6 +122,13 @@ def test_l0_until_target_needs_a_selection_phase(teacher, tmp_path):
         main(["--debug"] + args)
 
 
+def test_multiple_of_needs_a_budget(teacher, tmp_path):
+    args = ["prune", "--model", str(teacher / "model"), "--method", "random", "--heads", "0.5", "--ffn", "0.25",
+            "--out", str(tmp_path / "bad"), "--multiple-of", "8"] + SMALL
+    with pytest.raises(Exception, match="--multiple-of needs a budget"):
+        main(["--debug"] + args)
+
+
 def test_prune_l0_warmup_longer_than_selection_is_refused(teacher, tmp_path):
     args = ["prune", "--model", str(teacher / "model"), "--method", "l0", "--heads", "0.5", "--ffn", "0.25",
             "--out", str(tmp_path / "bad"), "--l0-steps", "2", "--l0-warmup-steps", "5"] + SMALL
@@ -236,7 +243,7 @@ def test_full_needs_l0(teacher, tmp_path, capsys):
 def test_prune_l0_full_to_a_measured_speed_target_with_layerwise_distillation(teacher, tmp_path):
     """The frontier's l0-full command on a tiny model: a version-2 latency table measured here (hidden widths and
     the skipped-sublayer model), then L0 over every structure toward a speed-up, distilled by logits and layers; the
-    decided model's predicted speed-up meets the target."""
+    decided model's predicted speed-up meets the target, at widths that are multiples of 8 (``--multiple-of``)."""
     table = tmp_path / "table.json"
     assert main(["latency-table", "--model", str(teacher / "model"), "--at", "2x32", "--backend", "cpp", "--threads",
                  "1", "--repeats", "2", "--hidden-grid", "16,32", "--out", str(table),
@@ -245,9 +252,11 @@ def test_prune_l0_full_to_a_measured_speed_target_with_layerwise_distillation(te
     assert main(["prune", "--model", str(teacher / "model"), "--method", "l0", "--full", "--speedup", "1.5",
                  "--latency-table", str(table), "--out", str(out), "--max-steps", "40", "--l0-steps", "39",
                  "--l0-warmup-steps", "3", "--gate-lr", "0.5", "--l0-train-weights", "--l0-until-target", "--distill",
-                 "--distill-layers"]
+                 "--distill-layers", "--multiple-of", "8"]
                 + SMALL) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "l0-full" and metrics["predicted_speedup"] >= 1.5 * (1 - 1e-6)
+    masks = json.loads((out / "masks.json").read_text())
+    assert sum(masks["hidden"]) % 8 == 0 and all(sum(f) % 8 == 0 for f in masks["ffn"]), masks
     state = json.loads((out / "train" / "checkpoint" / "state.json").read_text())
     assert state["settings"]["model_kwargs"] == {"output_hidden_states": True}  # the layer loss read the states

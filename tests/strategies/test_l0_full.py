@@ -7,6 +7,7 @@ from helpers.models import tiny_batch, tiny_model
 from structprune.model.cofi import hidden_gate
 from structprune.strategies import PruneTarget
 from structprune.strategies.l0 import L0Controller
+from structprune.strategies.targets import layer_gates
 
 
 def full_model():
@@ -102,3 +103,59 @@ def test_the_decision_tightens_width_and_sublayers_until_the_speed_target_is_rea
     units = [int(f.sum()) if a else 0 for f, a in zip(masks.ffn, kept["ffn_kept"])]
     assert table.speedup(heads, units, **kept) >= 4.0 * (1 - 1e-6)
     assert kept["hidden"] < 64 or not all(kept["attn_kept"] + kept["ffn_kept"])
+
+
+def _odd_gates(model, seed=0):
+    """Gates at random log_alpha, a few FFN units and hidden dimensions closed for good: the decision's counts
+    come out at odd widths unless it aligns them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in sp.iter_gates(model):
+            gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=g) * 2 + 1)
+        hidden_gate(model).log_alpha[:5] = -20.0
+        for gate in layer_gates(model, "ffn"):
+            gate.log_alpha[:3] = -20.0
+
+
+def _decided_widths(multiple_of):
+    from helpers.latency_tables import synthetic_v2_table
+
+    model = full_model()
+    table = synthetic_v2_table(model)
+    target = PruneTarget(speedup=1.6, table=table, at=(table.key.batch, table.key.seq_len), multiple_of=multiple_of)
+    ctl = L0Controller(model, target)
+    _odd_gates(model)  # after the controller, which sets every gate's initial log_alpha
+    model.eval()
+    masks = ctl.finalize()
+    kept = {"hidden": int(masks.hidden.sum()), "attn_kept": masks.attn_sublayers.tolist(),
+            "ffn_kept": masks.ffn_sublayers.tolist()}
+    heads = [int(h.sum()) if a else 0 for h, a in zip(masks.heads_per_layer(), kept["attn_kept"])]
+    units = [int(f.sum()) if a else 0 for f, a in zip(masks.ffn, kept["ffn_kept"])]
+    return model, table, kept, heads, units
+
+
+def test_multiple_of_aligns_the_decided_hidden_width_and_ffn_units():
+    """With ``multiple_of=8`` the decided width and every layer's FFN units are multiples of 8 (dead units ranked in
+    stay, zeroed), the target is still met, and the compacted model computes what the masked one does with
+    projections at those widths. The same gates decided without it give odd widths (so the check can fail)."""
+    _, _, kept, _, units = _decided_widths(1)
+    assert kept["hidden"] % 8 or any(u % 8 for u in units)
+    model, table, kept, heads, units = _decided_widths(8)
+    assert kept["hidden"] % 8 == 0 and all(u % 8 == 0 for u in units), (kept, units)
+    assert table.speedup(heads, units, **kept) >= 1.6 * (1 - 1e-6)
+    batch = tiny_batch()
+    with torch.no_grad():
+        masked = model(**batch)
+        small = sp.compact(model)
+        out = small(**batch)
+    torch.testing.assert_close(out.start_logits, masked.start_logits, atol=1e-4, rtol=1e-4)
+    for m in small.bert.encoder.modules():
+        if isinstance(m, torch.nn.Linear):
+            assert m.in_features % 8 == 0 and m.out_features % 8 == 0, m
+
+
+def test_multiple_of_needs_a_budget_and_a_positive_int():
+    with pytest.raises(ValueError, match="budget targets"):
+        PruneTarget(heads=0.5, ffn=0.5, multiple_of=8)
+    with pytest.raises(ValueError, match="int >= 1"):
+        PruneTarget(params=0.5, multiple_of=0)
