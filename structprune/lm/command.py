@@ -79,7 +79,7 @@ def lm_target(args, model):
                               refresh=args.refresh_latency)
     return PruneTarget(heads=args.heads or 1.0, ffn=args.ffn or 1.0, kv_heads=args.kv_heads, params=args.max_params,
                        per_layer=args.per_layer, speedup=args.speedup, latency_ms=args.latency_ms, at=at,
-                       backend=args.latency_backend, table=table, multiple_of=getattr(args, "multiple_of", 1))
+                       backend=args.latency_backend, table=table, multiple_of=args.multiple_of)
 
 
 def prune_cmd(args) -> int:

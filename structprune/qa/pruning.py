@@ -180,7 +180,7 @@ def prune_target(args, model):
         if args.heads is None or args.ffn is None:
             raise UsageError("prune needs --heads and --ffn (fractions kept), or a budget: --speedup / --latency-ms "
                              "with --at BATCHxSEQ_LEN, or --max-params")
-        if getattr(args, "multiple_of", 1) != 1:
+        if args.multiple_of != 1:
             raise UsageError("--multiple-of needs a budget (--speedup, --latency-ms or --max-params): with --heads and "
                              "--ffn alone the fractions are kept as asked")
         return PruneTarget(heads=args.heads, ffn=args.ffn, per_layer=args.per_layer)
@@ -198,7 +198,7 @@ def prune_target(args, model):
     return PruneTarget(heads=1.0 if args.heads is None else args.heads, ffn=1.0 if args.ffn is None else args.ffn,
                        per_layer=args.per_layer, speedup=args.speedup, latency_ms=args.latency_ms,
                        params=args.max_params, at=at, backend=args.latency_backend, table=table,
-                       multiple_of=getattr(args, "multiple_of", 1))
+                       multiple_of=args.multiple_of)
 
 
 def _compact_and_save(student, tokenizer, target, args, out: Path):

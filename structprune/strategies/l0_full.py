@@ -83,12 +83,11 @@ class ExtraGates:
             g = self.hidden
             available = (g.mask != 0) & (g.deterministic() != 0)
             count = int(round(float(g.expected_l0()))) if hidden_count is None else int(hidden_count)
-            count = max(int(min_hidden), 0, min(count, int(available.sum())))
-            count = min(count, int(available.sum()))
-            if multiple_of > 1:
-                m, n = multiple_of, int(available.sum())
-                count = max(m * int(count / m + 0.5), -(-int(min_hidden) // m) * m)  # nearest, at least min_hidden
-                count = min(count, n - n % m)
+            low, high = int(min_hidden), int(available.sum())
+            if multiple_of > 1:  # the nearest multiple, at least min_hidden, at most what is available
+                m = multiple_of
+                count, low, high = m * int(count / m + 0.5), -(-low // m) * m, high - high % m
+            count = min(max(low, 0, count), high)
             score = torch.where(available, g.log_alpha.detach(), torch.full_like(g.log_alpha, -float("inf")))
             mask = torch.zeros_like(g.mask)
             mask[torch.topk(score, count).indices] = 1.0

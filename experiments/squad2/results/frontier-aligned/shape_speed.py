@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 import structprune as sp
 from structprune.qa.pruning import speed_batch
@@ -27,15 +28,11 @@ from structprune.tools.timing import compare
 
 def rounded(mask: list[int], multiple: int = 16) -> list[int]:
     """``mask`` with as many ones as the nearest multiple of ``multiple`` (ones added or removed in index order)."""
-    want = multiple * int(sum(mask) / multiple + 0.5)
-    out, have = list(mask), sum(mask)
-    for i in (range(len(out)) if want > have else reversed(range(len(out)))):
-        if have == want:
-            break
-        if out[i] != (want > have):
-            out[i] = int(want > have)
-            have += 1 if want > have else -1
-    return out
+    ones = [i for i, v in enumerate(mask) if v]
+    zeros = [i for i, v in enumerate(mask) if not v]
+    want = multiple * int(len(ones) / multiple + 0.5)
+    keep = set(ones[:want] + zeros[:max(0, want - len(ones))])
+    return [int(i in keep) for i in range(len(mask))]
 
 
 def shape_model(teacher_dir: str, masks: dict, folder: Path):
@@ -65,8 +62,6 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     teacher = load_qa_model(args.teacher)
-    from transformers import AutoTokenizer
-
     batch = speed_batch(AutoTokenizer.from_pretrained(args.teacher),
                         argparse.Namespace(dev=args.dev, max_length=192, doc_stride=64, eval_batch_size=32))
     models, shapes = {"teacher": teacher}, {}
