@@ -8,7 +8,8 @@ Loading, in order (importing this module never fails because the extension is mi
    ``$STRUCTPRUNE_BUILD_DIR`` or torch's default extensions directory (``$TORCH_EXTENSIONS_DIR``); the CUDA
    sources are compiled only when torch itself has CUDA (and fall back to a CPU-only build if that fails).
    Sources, flags, CUDA arch list and ``MAX_JOBS`` default are ``csrc/build_recipe.py``'s, as for setup.py; a
-   build that compiles (not one loaded from the cache) says so on stderr first, unless ``STRUCTPRUNE_QUIET=1``;
+   build that compiles (not one loaded from the cache) says so on stderr first, unless ``STRUCTPRUNE_QUIET=1``.
+   Builds of one directory are serialised by an OS lock, so a build killed part-way blocks nothing after it;
 3. otherwise the reason is recorded: :func:`availability` returns it (``structprune.ops.dispatch`` reports it) and it is
    logged once.
 
@@ -102,6 +103,42 @@ def _build_notice(where: Path) -> None:
               file=sys.stderr, flush=True)
 
 
+_TORCH_BATON = "lock"  # torch.utils.cpp_extension's FileBaton in the build directory (polled, never expires)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold an exclusive OS lock on ``build_dir`` (``flock``: released when its holder exits, even killed by
+    SIGKILL) for one JIT build, and clear torch's own lock file when it is stale.
+
+    torch's ``FileBaton`` is a plain file that a build killed part-way leaves behind; every later build of that
+    directory then waits on it forever. Every structprune build holds this lock first, so a baton found while
+    holding it was left by a dead process: it is removed, with a warning. A live build elsewhere is waited for
+    (said once on stderr)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's baton alone
+        yield
+        return
+    with open(build_dir / ".structprune_build.flock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if os.environ.get("STRUCTPRUNE_QUIET") != "1":
+                print(f"structprune: waiting for another process building the C++ extension in {build_dir}",
+                      file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            baton = build_dir / _TORCH_BATON
+            if baton.exists():
+                baton.unlink(missing_ok=True)
+                warnings.warn(f"structprune: removed a stale build lock {baton} (left by a build that was killed "
+                              f"part-way; torch would have waited on it forever)", RuntimeWarning, stacklevel=3)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _jit_build() -> str:
     """JIT-build csrc/ with ninja; returns where it was built. Raises with the reason when it cannot."""
     from torch.utils import cpp_extension
@@ -131,7 +168,7 @@ def _jit_build() -> str:
             _build_notice(build_dir)
             noticed = True
         try:
-            with _environ(recipe.build_env(os.environ, with_cuda)):  # MAX_JOBS default, TORCH_CUDA_ARCH_LIST
+            with _build_lock(build_dir), _environ(recipe.build_env(os.environ, with_cuda)):  # MAX_JOBS, arch list
                 cpp_extension.load(name=name, sources=[str(src / s) for s in recipe.sources(with_cuda)],
                                    extra_cflags=recipe.cxx_flags(with_cuda, sanitizers=sanitizers),
                                    extra_cuda_cflags=recipe.nvcc_flags(), extra_ldflags=recipe.ld_flags(sanitizers),
