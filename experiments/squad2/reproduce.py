@@ -31,7 +31,7 @@
    frontier students under bf16 autocast (their names end in ``-bf16``); ``--bf16-check`` adds the 3-layer
    layer-drop student in bf16 beside its fp32 run, for report.py's ``--pair`` to show whether bf16 costs accuracy.
    With both, the later bf16 students run too: the heads/FFN-only L0 student distilled the same way, and the
-   ``l0-full`` variants of FULL_VARIANTS (the teacher's learning rate, a 4.1-4.5x target, a shorter selection,
+   ``l0-full`` variants of FULL_VARIANTS (the teacher's learning rate, a 4.0-4.5x target, a shorter selection,
    more weight on the teacher's logits, widths in multiples of 16), each with its own flags.
 
 Each step is one ``structprune`` command (printed, and stored in commands.txt); a step whose output exists is
@@ -84,6 +84,9 @@ FULL_VARIANTS = {
     ("4.3", "-lr3e-4-sel200-a0.9-m16"): ["--lr", "3e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
                                          "--distill-alpha", "0.9", "--multiple-of", "16"],
     ("4.5", "-lr3e-4-sel200-a0.9-m16"): ["--lr", "3e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
+                                         "--distill-alpha", "0.9", "--multiple-of", "16"],
+    # session 37: a lower target, for margin on accuracy above the 4.0x line
+    ("4.0", "-lr3e-4-sel200-a0.9-m16"): ["--lr", "3e-4", "--l0-warmup-steps", "200", "--l0-steps", "500",
                                          "--distill-alpha", "0.9", "--multiple-of", "16"],
 }
 
